@@ -1,0 +1,142 @@
+"""Settings, read once at the edge (environment, options) into one frozen object.
+
+The environment variable names are the seed design's: RECONCILIATION_INTERVAL,
+FILE_WATCHER_DEBOUNCE, RECONCILIATION_BATCH_SIZE, RECONCILIATION_MAX_CONCURRENCY,
+RECONCILIATION_CALCULATE_HASHES, plus FSLEDGER_* for fsledger's own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import time
+from pathlib import Path
+
+from fsledger.errors import ConfigError
+from fsledger.hashing import ALGORITHMS
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|s|m|h|d)")
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(name: str, value: str) -> float:
+    """Parse a duration such as ``500ms``, ``30s``, ``5m``, ``24h``, ``1h30m`` or ``0``, in seconds.
+
+    Raises:
+        ConfigError: naming ``name`` and the expected form.
+    """
+    text = value.strip().lower()
+    if text in ("0", "off", "never"):
+        return 0.0
+    pos, total = 0, 0.0
+    for m in _DURATION_RE.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ConfigError(
+            f"{name}={value!r} is not a duration: expected e.g. 500ms, 30s, 5m, 24h, 1h30m or 0"
+        )
+    return total
+
+
+def parse_bool(name: str, value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={value!r} is not a boolean: expected true or false")
+
+
+def parse_int(name: str, value: str, minimum: int, maximum: int) -> int:
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a whole number") from None
+    if not minimum <= number <= maximum:
+        raise ConfigError(f"{name}={value!r} is out of range: expected {minimum}..{maximum}")
+    return number
+
+
+def parse_clock(name: str, value: str) -> time | None:
+    text = value.strip().lower()
+    if text in ("", "off", "none", "never"):
+        return None
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", text)
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
+        raise ConfigError(f"{name}={value!r} is not a time of day: expected HH:MM or off")
+    return time(int(m.group(1)), int(m.group(2)))
+
+
+def default_database_url(env: Mapping[str, str]) -> str:
+    """``sqlite:///$XDG_DATA_HOME/fsledger/fsledger.db``, falling back to ``~/.local/share``."""
+    base = env.get("XDG_DATA_HOME") or os.path.join(
+        env.get("HOME") or os.path.expanduser("~"), ".local", "share"
+    )
+    return "sqlite://" + str(Path(base).absolute() / "fsledger" / "fsledger.db")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything configurable, with the seed's defaults."""
+
+    database_url: str
+    reconciliation_interval_s: float = 24 * 3600.0
+    """0 turns periodic reconciliation off (startup and recovery reconciliations still run)."""
+    daily_at: time | None = time(2, 0)
+    """Local time of the daily reconciliation; None turns it off."""
+    debounce_s: float = 0.5
+    batch_size: int = 100
+    max_concurrency: int = os.cpu_count() or 1
+    calculate_hashes: bool = True
+    hash_algo: str = "blake3"
+    hash_timeout_s: float = 60.0
+    """Minimum time one file's hash may take before it is abandoned (plus 20 s per GiB)."""
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from environment variables, then apply explicit overrides.
+
+        Raises:
+            ConfigError: a variable has a value that cannot be used; the message names it.
+        """
+        env = os.environ if env is None else env
+        kw: dict[str, object] = {
+            "database_url": env.get("FSLEDGER_DATABASE_URL") or default_database_url(env)
+        }
+        if v := env.get("RECONCILIATION_INTERVAL"):
+            kw["reconciliation_interval_s"] = parse_duration("RECONCILIATION_INTERVAL", v)
+        if (v := env.get("RECONCILIATION_DAILY_AT")) is not None:
+            kw["daily_at"] = parse_clock("RECONCILIATION_DAILY_AT", v)
+        if v := env.get("FILE_WATCHER_DEBOUNCE"):
+            kw["debounce_s"] = parse_duration("FILE_WATCHER_DEBOUNCE", v)
+        if v := env.get("RECONCILIATION_BATCH_SIZE"):
+            kw["batch_size"] = parse_int("RECONCILIATION_BATCH_SIZE", v, 1, 1_000_000)
+        if v := env.get("RECONCILIATION_MAX_CONCURRENCY"):
+            kw["max_concurrency"] = parse_int("RECONCILIATION_MAX_CONCURRENCY", v, 1, 256)
+        if v := env.get("RECONCILIATION_CALCULATE_HASHES"):
+            kw["calculate_hashes"] = parse_bool("RECONCILIATION_CALCULATE_HASHES", v)
+        if v := env.get("FSLEDGER_HASH_ALGO"):
+            if v not in ALGORITHMS:
+                raise ConfigError(
+                    f"FSLEDGER_HASH_ALGO={v!r} is not supported: expected one of "
+                    + ", ".join(sorted(ALGORITHMS))
+                )
+            kw["hash_algo"] = v
+        if v := env.get("FSLEDGER_HASH_TIMEOUT"):
+            kw["hash_timeout_s"] = parse_duration("FSLEDGER_HASH_TIMEOUT", v)
+        if v := env.get("FSLEDGER_LOG_LEVEL"):
+            if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+                raise ConfigError(
+                    f"FSLEDGER_LOG_LEVEL={v!r} is not a log level: expected DEBUG, INFO, "
+                    "WARNING or ERROR"
+                )
+            kw["log_level"] = v.upper()
+        settings = cls(**kw)  # type: ignore[arg-type]
+        clean = {k: v for k, v in overrides.items() if v is not None}
+        return replace(settings, **clean) if clean else settings  # type: ignore[arg-type]

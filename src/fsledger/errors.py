@@ -1,0 +1,56 @@
+"""The exception tree. Every error fsledger raises on purpose is one of these::
+
+FsledgerError                 exit code 1 unless a subclass says otherwise
+├── ConfigError               a bad setting or argument (exit 2)
+├── RepositoryNotFound        no repository matches the reference given (exit 2)
+├── RepositoryExists          a repository with that name or root already exists (exit 2)
+├── RootUnavailable           the root is missing, not a directory or unreadable (exit 4)
+│   └── GuardRefused          the mass-deletion guard refused a scan (exit 4)
+├── StoreError                the database failed
+│   └── StoreUnavailable      the database cannot be reached (after retries)
+└── CorruptionFound           ``scan --verify`` found silent corruption (exit 3)
+"""
+
+from __future__ import annotations
+
+
+class FsledgerError(Exception):
+    """Base of every error fsledger raises deliberately."""
+
+    exit_code = 1
+
+
+class ConfigError(FsledgerError):
+    """A setting (environment variable, option or file) has a value that cannot be used."""
+
+    exit_code = 2
+
+
+class RepositoryNotFound(FsledgerError):
+    exit_code = 2
+
+
+class RepositoryExists(FsledgerError):
+    exit_code = 2
+
+
+class RootUnavailable(FsledgerError):
+    """The repository root cannot be used right now: nothing is deleted."""
+
+    exit_code = 4
+
+
+class GuardRefused(RootUnavailable):
+    """The scan would delete records because the root looks unmounted or emptied."""
+
+
+class StoreError(FsledgerError):
+    """The database failed an operation."""
+
+
+class StoreUnavailable(StoreError):
+    """The database could not be reached."""
+
+
+class CorruptionFound(FsledgerError):
+    exit_code = 3

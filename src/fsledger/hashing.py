@@ -1,0 +1,170 @@
+"""Content hashes, named with their algorithm, computed in-thread or in worker processes.
+
+A file is hashed through one open descriptor and ``fstat``-ed before and after, so a
+file that changed while it was read is reported as unsettled instead of being
+recorded with a hash of content it no longer has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import multiprocessing.pool
+import os
+import stat as stat_mod
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import blake3
+
+log = logging.getLogger(__name__)
+
+BLOCK = 1 << 20
+"""Read size: large reads keep the per-call overhead of Python out of the way."""
+
+
+class _Hasher(Protocol):
+    def update(self, data: Any, /) -> Any: ...
+    def hexdigest(self) -> str: ...
+
+
+def _blake3(threads: int = 1) -> _Hasher:
+    return blake3.blake3(max_threads=threads)
+
+
+def _sha256(threads: int = 1) -> _Hasher:
+    return hashlib.sha256()
+
+
+ALGORITHMS: dict[str, Callable[[int], _Hasher]] = {"blake3": _blake3, "sha256": _sha256}
+DEFAULT_ALGO = "blake3"
+BIG_FILE = 64 << 20
+"""From this size, blake3 uses its own threads in-process."""
+
+
+@dataclass(frozen=True, slots=True)
+class HashOutcome:
+    """The result of hashing one file.
+
+    Exactly one of (``hex``), (``error``) and (``unsettled``) describes it: a hash with
+    the ``fstat`` key it belongs to, an error message, or "changed while being read".
+    """
+
+    hex: str | None
+    size: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    inode: int = 0
+    error: str | None = None
+    unsettled: bool = False
+
+
+def _key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def hash_file(path: bytes, algo: str = DEFAULT_ALGO, threads: int = 1) -> HashOutcome:
+    """Hash one file by path without following a final symlink.
+
+    Never raises for file-level problems: they come back as ``error``.
+    """
+    factory = ALGORITHMS[algo]
+    for _attempt in range(2):
+        try:
+            # O_NONBLOCK: if a FIFO took the file's place, open must not hang.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            return HashOutcome(None, error=f"{exc.strerror or exc} (errno {exc.errno})")
+        try:
+            before = os.fstat(fd)
+            if not stat_mod.S_ISREG(before.st_mode):
+                return HashOutcome(None, error="not a regular file any more")
+            hasher = factory(threads if before.st_size >= BIG_FILE else 1)
+            buf = bytearray(BLOCK)
+            view = memoryview(buf)
+            while n := os.readv(fd, [buf]):
+                hasher.update(view[:n])
+            after = os.fstat(fd)
+        except OSError as exc:
+            return HashOutcome(None, error=f"{exc.strerror or exc} (errno {exc.errno})")
+        finally:
+            os.close(fd)
+        if _key(before) == _key(after):
+            return HashOutcome(hasher.hexdigest(), *_key(after))
+    return HashOutcome(None, *_key(after), unsettled=True)
+
+
+def hash_many(paths: Sequence[bytes], algo: str) -> list[HashOutcome]:
+    """Hash a chunk of files (the unit of work a worker process receives)."""
+    return [hash_file(p, algo) for p in paths]
+
+
+class HashPool:
+    """Worker processes that hash chunks of files; owned by one object that starts and stops them.
+
+    A chunk that takes longer than its budget (a hung network mount) is abandoned:
+    its files come back as errors, a warning is logged and the workers are replaced.
+    """
+
+    def __init__(self, workers: int, algo: str, timeout_s: float) -> None:
+        self.workers = max(1, workers)
+        self.algo = algo
+        self.timeout_s = timeout_s
+        self._pool: multiprocessing.pool.Pool | None = None
+        self._lock = threading.Lock()
+
+    def _get_pool(self) -> multiprocessing.pool.Pool:
+        with self._lock:
+            if self._pool is None:
+                # forkserver: the parent may run threads (watcher, HTTP), which fork would copy
+                # mid-flight; the server process is small and starts workers quickly.
+                ctx = multiprocessing.get_context("forkserver")
+                ctx.set_forkserver_preload(["fsledger.hashing"])
+                self._pool = ctx.Pool(self.workers)
+            return self._pool
+
+    def budget(self, sizes: Sequence[int]) -> float:
+        """Seconds a chunk of files of these sizes may take: the timeout plus 20 s a GiB."""
+        return self.timeout_s + 20.0 * sum(sizes) / (1 << 30)
+
+    def submit(self, paths: Sequence[bytes]) -> multiprocessing.pool.AsyncResult[list[HashOutcome]]:
+        return self._get_pool().apply_async(hash_many, (list(paths), self.algo))
+
+    def collect(
+        self,
+        result: multiprocessing.pool.AsyncResult[list[HashOutcome]],
+        paths: Sequence[bytes],
+        sizes: Sequence[int],
+    ) -> list[HashOutcome]:
+        """Wait for a submitted chunk within its budget; abandon it past that."""
+        budget = self.budget(sizes)
+        try:
+            return result.get(timeout=budget)
+        except multiprocessing.TimeoutError:
+            for p in paths:
+                log.warning("Failed to calculate hash for %s: timeout after %.0fs", p, budget)
+            self._abandon()
+            return [HashOutcome(None, error=f"hash timed out after {budget:.0f}s") for _ in paths]
+
+    def _abandon(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            # terminate() may block on a worker stuck in the kernel: never in our thread.
+            threading.Thread(target=pool.terminate, daemon=True, name="hash-pool-reaper").start()
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+    def __enter__(self) -> HashPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

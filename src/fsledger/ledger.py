@@ -1,0 +1,263 @@
+"""The library API: what the CLI, the HTTP API and the SyncManager call.
+
+``Ledger`` holds one store, one ``RepoWriter`` per repository (the only path by
+which records change) and the reconciler with its hashing workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat as stat_mod
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from uuid import UUID
+
+from fsledger.config import Settings
+from fsledger.errors import (
+    ConfigError,
+    FsledgerError,
+    RepositoryExists,
+    RepositoryNotFound,
+    RootUnavailable,
+)
+from fsledger.ignore import IgnoreRules
+from fsledger.model import (
+    FileRecord,
+    OperationStatus,
+    OperationType,
+    RelPath,
+    RepoSettings,
+    Repository,
+    RepoState,
+    ScanStats,
+    SyncOperation,
+    SyncStatus,
+    utcnow,
+)
+from fsledger.reconcile import Progress, Reconciler
+from fsledger.store import Store, open_store
+from fsledger.writer import RepoWriter
+
+log = logging.getLogger(__name__)
+
+
+def normalize_root(path: str | bytes) -> bytes:
+    """An absolute, symlink-resolved root path as bytes."""
+    raw = os.fsencode(path)
+    if not raw:
+        raise ConfigError("a repository path cannot be empty")
+    return os.path.realpath(os.path.abspath(raw))
+
+
+class Ledger:
+    """One store and everything that writes to it.
+
+    Args:
+        settings: the configuration, read once at the edge.
+        store: an open store; opened from ``settings.database_url`` when omitted.
+    """
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.store = store or open_store(settings.database_url)
+        self.reconciler = Reconciler(self.store, settings)
+        self._writers: dict[UUID, RepoWriter] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.reconciler.close()
+        self.store.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- repositories -------------------------------------------------------------------
+    def add_repository(
+        self,
+        path: str | bytes,
+        name: str | None = None,
+        settings: RepoSettings | None = None,
+    ) -> Repository:
+        """Register a directory tree (without scanning it).
+
+        Raises:
+            RootUnavailable: the path is not an existing directory.
+            RepositoryExists: the name or the root is taken.
+        """
+        root = normalize_root(path)
+        try:
+            st = os.stat(root)
+        except OSError as exc:
+            raise RootUnavailable(
+                f"cannot add {os.fsdecode(root)}: {exc.strerror} (errno {exc.errno})"
+            ) from exc
+        if not stat_mod.S_ISDIR(st.st_mode):
+            raise RootUnavailable(f"cannot add {os.fsdecode(root)}: not a directory")
+        repo_name = name or os.fsdecode(os.path.basename(root)) or "root"
+        for other in self.store.list_repositories():
+            inside = root.startswith(other.root + b"/") or other.root.startswith(root + b"/")
+            if inside:
+                raise RepositoryExists(
+                    f"{os.fsdecode(root)} overlaps repository {other.name!r} "
+                    f"({other.root_str}); repositories cannot nest"
+                )
+        repo = Repository(
+            id=uuid.uuid4(), name=repo_name, root=root, settings=settings or RepoSettings()
+        )
+        self.store.add_repository(repo)
+        log.info("Repository %s added: %s (%s)", repo.id, repo.name, repo.root_str)
+        return repo
+
+    def list_repositories(self) -> list[Repository]:
+        return self.store.list_repositories()
+
+    def resolve(self, ref: str) -> Repository:
+        """Find a repository by id, name or root path.
+
+        Raises:
+            RepositoryNotFound: nothing matches.
+        """
+        repos = self.store.list_repositories()
+        try:
+            rid = UUID(ref)
+        except ValueError:
+            rid = None
+        for repo in repos:
+            if repo.id == rid or repo.name == ref:
+                return repo
+        root = normalize_root(ref) if ref else b""
+        for repo in repos:
+            if repo.root == root:
+                return repo
+        known = ", ".join(r.name for r in repos) or "none yet; add one with 'fsledger repo add'"
+        raise RepositoryNotFound(f"no repository {ref!r} (known: {known})")
+
+    def remove_repository(self, repo: Repository, purge: bool = False) -> None:
+        with self._lock:
+            self._writers.pop(repo.id, None)
+        self.store.delete_repository(repo.id, purge)
+        log.info(
+            "Repository %s removed from sync manager%s",
+            repo.id,
+            " (records purged)" if purge else "",
+        )
+
+    def set_state(self, repo: Repository, state: RepoState) -> Repository:
+        """Mark a repository online or offline (records are kept either way)."""
+        current = self.store.get_repository(repo.id) or repo
+        if current.state is state:
+            return current
+        updated = replace(current, state=state)
+        self.store.update_repository(updated)
+        with self._lock:
+            if (w := self._writers.get(repo.id)) is not None:
+                w.repo = updated
+        log.warning("Repository %s is now %s", repo.id, state.value)
+        return updated
+
+    # --- writing ------------------------------------------------------------------------
+    def rules(self, repo: Repository) -> IgnoreRules:
+        return IgnoreRules.default(repo.settings.ignore_patterns)
+
+    def writer(self, repo: Repository) -> RepoWriter:
+        """The one writer of ``repo`` in this process."""
+        with self._lock:
+            w = self._writers.get(repo.id)
+            if w is None:
+                w = RepoWriter(self.store, repo, self.rules(repo))
+                self._writers[repo.id] = w
+            return w
+
+    def scan(
+        self,
+        repo: Repository,
+        *,
+        verify: bool = False,
+        force: bool = False,
+        op_type: OperationType = OperationType.RECONCILIATION,
+        progress: Progress | None = None,
+    ) -> ScanStats:
+        """Reconcile one repository with its tree on disk (tier 2).
+
+        A root that fails the guard marks the repository offline and raises; a
+        successful scan marks it online.
+        """
+        writer = self.writer(repo)
+        try:
+            stats = self.reconciler.reconcile(
+                writer, op_type=op_type, verify=verify, force=force, progress=progress
+            )
+        except RootUnavailable:
+            self.set_state(repo, RepoState.OFFLINE)
+            raise
+        if writer.repo.state is not RepoState.ONLINE:
+            self.set_state(writer.repo, RepoState.ONLINE)
+        return stats
+
+    # --- reading ------------------------------------------------------------------------
+    def files(self, repo: Repository, prefix: RelPath = b"") -> Iterator[FileRecord]:
+        """Every record of a repository (below ``prefix``), in path byte order."""
+        after: RelPath | None = None
+        while batch := self.store.page_records(repo.id, after, 5000, prefix):
+            yield from batch
+            after = batch[-1].path
+
+    def status(self, repo: Repository, is_watching: bool = False) -> SyncStatus:
+        ops = self.store.recent_operations(repo.id, 1)
+        return SyncStatus(
+            repository=self.store.get_repository(repo.id) or repo,
+            total_files=self.store.count_records(repo.id),
+            last_scan_time=self.store.last_completed_scan(repo.id),
+            is_watching=is_watching,
+            last_sync_operation=ops[0] if ops else None,
+        )
+
+    def operations(self, repo: Repository | None, limit: int = 20) -> list[SyncOperation]:
+        return self.store.recent_operations(repo.id if repo else None, limit)
+
+    # --- recovery -----------------------------------------------------------------------
+    def recover_interrupted(self) -> int:
+        """Mark operations left "running" by a process that died as failed (interrupted).
+
+        Only operations owned by a process of this host that no longer exists are
+        touched: another process's scan in progress is left alone.
+        """
+        host = socket.gethostname()
+        count = 0
+        for op, owner in self.store.running_operations():
+            owner_host, _, pid = owner.rpartition(":")
+            if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+                continue
+            self.store.finish_operation(
+                op.id,
+                OperationStatus.FAILED,
+                None,
+                f"interrupted: process {pid} ended before the operation finished",
+                utcnow(),
+            )
+            count += 1
+        if count:
+            log.warning("Marked %d interrupted operation(s) as failed", count)
+        return count
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+__all__ = ["Ledger", "FsledgerError", "normalize_root"]

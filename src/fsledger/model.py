@@ -1,0 +1,346 @@
+"""The data that crosses module boundaries: records, changes, operations, statistics.
+
+Everything here is a frozen dataclass or an enum. A path inside a repository is
+``RelPath`` (``bytes``, relative to the repository root, ``/``-separated): file
+names on Linux are bytes, and a name that is not UTF-8 is still a file to keep.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import os
+import stat as stat_mod
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+RelPath = bytes
+"""A path relative to a repository root, as the bytes the kernel knows it by."""
+
+NS_PER_S = 1_000_000_000
+
+
+def utcnow() -> datetime:
+    """The current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+def ns_to_datetime(ns: int) -> datetime:
+    """Convert nanoseconds since the epoch to an aware UTC datetime (microsecond precision)."""
+    return datetime.fromtimestamp(ns / NS_PER_S, UTC)
+
+
+def path_to_json(path: RelPath) -> dict[str, str]:
+    """The two JSON forms of a path: ``path`` (text via ``os.fsdecode``: a non-UTF-8 byte
+    becomes a lone surrogate, which ``json`` writes as ``\\udcXX`` and reads back losslessly)
+    and ``path_b64`` (the exact bytes)."""
+    return {"path": os.fsdecode(path), "path_b64": base64.b64encode(path).decode("ascii")}
+
+
+class ChangeKind(enum.StrEnum):
+    """What happened to a file, as both tiers report it."""
+
+    CREATED = "created"
+    MODIFIED = "modified"
+    """Content (size or hash) changed."""
+    META = "meta"
+    """Only metadata (mtime, ctime, inode) changed; the content is the same. Not in the feed."""
+    DELETED = "deleted"
+    MOVED = "moved"
+    """A file moved from ``old_path`` to ``path``, content unchanged."""
+    DIR_MOVED = "dir_moved"
+    """Every record below ``old_path/`` now lives below ``path/``."""
+
+
+class OperationType(enum.StrEnum):
+    STARTUP = "startup"
+    RECONCILIATION = "reconciliation"
+    REALTIME = "realtime"
+
+
+class OperationStatus(enum.StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class RepoState(enum.StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+@dataclass(frozen=True, slots=True)
+class FileStat:
+    """What ``lstat`` says about a regular file: the "maybe changed" key."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result) -> FileStat:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def is_regular(st: os.stat_result) -> bool:
+    return stat_mod.S_ISREG(st.st_mode)
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A content hash with the algorithm that produced it."""
+
+    algo: str
+    hex: str
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """One row of ``file_records``: a regular file as the ledger knows it."""
+
+    path: RelPath
+    stat: FileStat
+    digest: Digest | None
+    last_scanned: datetime
+
+    @property
+    def size(self) -> int:
+        return self.stat.size
+
+    @property
+    def content_hash(self) -> str | None:
+        return self.digest.hex if self.digest else None
+
+    @property
+    def hash_algo(self) -> str | None:
+        return self.digest.algo if self.digest else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **path_to_json(self.path),
+            "size": self.stat.size,
+            "mtime_ns": self.stat.mtime_ns,
+            "ctime_ns": self.stat.ctime_ns,
+            "inode": self.stat.inode,
+            "hash": self.content_hash,
+            "hash_algo": self.hash_algo,
+            "last_scanned": self.last_scanned.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change to the ledger of a repository, produced by either tier.
+
+    ``record`` is the new state for CREATED/MODIFIED/META/MOVED, ``None`` for
+    DELETED and DIR_MOVED. ``old_path`` is set for MOVED and DIR_MOVED.
+    """
+
+    kind: ChangeKind
+    path: RelPath
+    record: FileRecord | None = None
+    old_path: RelPath | None = None
+
+    def __post_init__(self) -> None:
+        needs_record = self.kind in (
+            ChangeKind.CREATED,
+            ChangeKind.MODIFIED,
+            ChangeKind.META,
+            ChangeKind.MOVED,
+        )
+        if needs_record != (self.record is not None):
+            raise ValueError(f"{self.kind} change for {self.path!r}: record mismatch")
+        if (self.kind in (ChangeKind.MOVED, ChangeKind.DIR_MOVED)) != (self.old_path is not None):
+            raise ValueError(f"{self.kind} change for {self.path!r}: old_path mismatch")
+
+    @property
+    def in_feed(self) -> bool:
+        """Whether downstream consumers hear of it (metadata-only updates are not news)."""
+        return self.kind is not ChangeKind.META
+
+
+@dataclass(frozen=True, slots=True)
+class FeedEntry:
+    """One entry of the durable change feed."""
+
+    seq: int
+    repository_id: UUID
+    kind: ChangeKind
+    path: RelPath
+    old_path: RelPath | None
+    size: int | None
+    content_hash: str | None
+    hash_algo: str | None
+    recorded_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "seq": self.seq,
+            "repository_id": str(self.repository_id),
+            "kind": self.kind.value,
+            **path_to_json(self.path),
+            "size": self.size,
+            "hash": self.content_hash,
+            "hash_algo": self.hash_algo,
+            "recorded_at": self.recorded_at.isoformat(),
+        }
+        if self.old_path is not None:
+            old = path_to_json(self.old_path)
+            out["old_path"] = old["path"]
+            out["old_path_b64"] = old["path_b64"]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RepoSettings:
+    """Per-repository settings, stored with the repository (and from its YAML, if any)."""
+
+    ignore_patterns: tuple[str, ...] = ()
+    quick_scan_interval_s: float | None = None
+    full_scan_interval_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ignore_patterns": list(self.ignore_patterns),
+            "quick_scan_interval_s": self.quick_scan_interval_s,
+            "full_scan_interval_s": self.full_scan_interval_s,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RepoSettings:
+        return cls(
+            ignore_patterns=tuple(data.get("ignore_patterns") or ()),
+            quick_scan_interval_s=data.get("quick_scan_interval_s"),
+            full_scan_interval_s=data.get("full_scan_interval_s"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Repository:
+    """A directory tree the ledger keeps true."""
+
+    id: UUID
+    name: str
+    root: bytes
+    """Absolute path of the root, as bytes."""
+    settings: RepoSettings = field(default_factory=RepoSettings)
+    root_dev: int | None = None
+    """``st_dev`` of the root when last seen healthy: another one means an unmounted disk."""
+    state: RepoState = RepoState.ONLINE
+    created_at: datetime = field(default_factory=utcnow)
+
+    @property
+    def root_str(self) -> str:
+        return os.fsdecode(self.root)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "name": self.name,
+            **path_to_json(self.root),
+            "settings": self.settings.to_json(),
+            "root_dev": self.root_dev,
+            "state": self.state.value,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+@dataclass(slots=True)
+class ScanStats:
+    """What one reconciliation saw and did. Mutable while the scan runs."""
+
+    files_scanned: int = 0
+    files_added: int = 0
+    files_updated: int = 0
+    files_removed: int = 0
+    files_moved: int = 0
+    metadata_updated: int = 0
+    """Records refreshed because only metadata (mtime, ctime, inode) changed."""
+    files_hashed: int = 0
+    bytes_hashed: int = 0
+    skipped_special: int = 0
+    """FIFOs, sockets, devices: not regular files, never recorded."""
+    unsettled: int = 0
+    """Files that changed while they were being looked at; the next pass settles them."""
+    errors: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    duration_ms: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "files_scanned": self.files_scanned,
+            "files_added": self.files_added,
+            "files_updated": self.files_updated,
+            "files_removed": self.files_removed,
+            "files_moved": self.files_moved,
+            "metadata_updated": self.metadata_updated,
+            "files_hashed": self.files_hashed,
+            "bytes_hashed": self.bytes_hashed,
+            "skipped_special": self.skipped_special,
+            "unsettled": self.unsettled,
+            "errors": list(self.errors),
+            "corrupt": list(self.corrupt),
+            "duration_ms": self.duration_ms,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SyncOperation:
+    """One row of ``sync_operations``."""
+
+    id: int
+    repository_id: UUID
+    operation_type: OperationType
+    status: OperationStatus
+    start_time: datetime
+    end_time: datetime | None = None
+    duration_ms: int | None = None
+    files_scanned: int = 0
+    files_added: int = 0
+    files_updated: int = 0
+    files_removed: int = 0
+    error_message: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "repository_id": str(self.repository_id),
+            "operation_type": self.operation_type.value,
+            "status": self.status.value,
+            "start_time": self.start_time.isoformat(),
+            "end_time": self.end_time.isoformat() if self.end_time else None,
+            "duration_ms": self.duration_ms,
+            "files_scanned": self.files_scanned,
+            "files_added": self.files_added,
+            "files_updated": self.files_updated,
+            "files_removed": self.files_removed,
+            "error_message": self.error_message,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SyncStatus:
+    """The seed's SyncStatus."""
+
+    repository: Repository
+    total_files: int
+    last_scan_time: datetime | None
+    is_watching: bool
+    last_sync_operation: SyncOperation | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "repository_id": str(self.repository.id),
+            "name": self.repository.name,
+            "path": os.fsdecode(self.repository.root),
+            "state": self.repository.state.value,
+            "total_files": self.total_files,
+            "last_scan_time": self.last_scan_time.isoformat() if self.last_scan_time else None,
+            "is_watching": self.is_watching,
+            "last_sync_operation": (
+                self.last_sync_operation.to_json() if self.last_sync_operation else None
+            ),
+        }

@@ -1,0 +1,487 @@
+"""Tier 2: walk the tree, compare it with the stored records, and repair the ledger.
+
+The walk and the records are two streams sorted by path bytes; reconciliation is
+their merge, so memory is bounded by the changes found, not by the size of the tree.
+A file is hashed only when its ``lstat`` key (size, mtime_ns, ctime_ns, inode)
+differs from its record, when its record has no hash, or when its mtime was "racy"
+(within ``RACY_WINDOW_NS`` of the moment it was hashed: a later write could have
+kept the same coarse mtime). A no-change rescan hashes nothing.
+
+Nothing is deleted unless the root is healthy before *and* after the walk
+(exists, same device, not suddenly empty), and nothing below a directory that
+could not be listed is deleted at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import socket
+import stat as stat_mod
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from multiprocessing.pool import AsyncResult
+
+from fsledger.config import Settings
+from fsledger.errors import GuardRefused, RootUnavailable
+from fsledger.hashing import HashOutcome, HashPool, hash_many
+from fsledger.ignore import IgnoreRules
+from fsledger.model import (
+    NS_PER_S,
+    Change,
+    ChangeKind,
+    Digest,
+    FileRecord,
+    FileStat,
+    OperationStatus,
+    OperationType,
+    RelPath,
+    Repository,
+    ScanStats,
+    utcnow,
+)
+from fsledger.store.base import Store
+from fsledger.walk import FileEntry, Special, Unreadable, walk
+from fsledger.writer import RepoWriter
+
+log = logging.getLogger(__name__)
+
+RACY_WINDOW_NS = 2 * NS_PER_S
+CHUNK_FILES = 128
+CHUNK_BYTES = 64 << 20
+INITIAL_BATCH = 5000
+"""Changes per transaction while a repository is first indexed (RECONCILIATION_BATCH_SIZE
+bounds the incremental work; the first index would be slowed by 100-row transactions)."""
+
+Progress = Callable[[ScanStats], None]
+
+
+def owner_tag() -> str:
+    """``host:pid`` of this process, stored with operations it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def check_root(repo: Repository, has_records: bool, rules: IgnoreRules, force: bool) -> int:
+    """The mass-deletion guard. Returns the root's device number.
+
+    Raises:
+        RootUnavailable: the root is missing, not a directory, or cannot be listed.
+        GuardRefused: the root is on another device than recorded, or empty while records
+            exist (an unmounted disk looks exactly like that); ``force`` overrides.
+    """
+    root = repo.root_str
+    try:
+        st = os.stat(repo.root)
+    except OSError as exc:
+        raise RootUnavailable(
+            f"repository {repo.name!r}: root {root} is unavailable ({exc.strerror}); is the "
+            "disk mounted? Nothing was changed."
+        ) from exc
+    if not stat_mod.S_ISDIR(st.st_mode):
+        raise RootUnavailable(
+            f"repository {repo.name!r}: root {root} is not a directory; nothing was changed."
+        )
+    try:
+        names = os.listdir(repo.root)
+    except OSError as exc:
+        raise RootUnavailable(
+            f"repository {repo.name!r}: root {root} cannot be listed ({exc.strerror}); "
+            "nothing was changed."
+        ) from exc
+    if force:
+        return st.st_dev
+    if repo.root_dev is not None and st.st_dev != repo.root_dev:
+        raise GuardRefused(
+            f"repository {repo.name!r}: root {root} is on device {st.st_dev:#x}, but was on "
+            f"{repo.root_dev:#x}: the disk may not be mounted. Nothing was changed. If the "
+            "library really moved to another disk, scan once with --force."
+        )
+    visible = [n for n in names if not rules.ignores_name(os.fsencode(n), os.fsencode(n))]
+    if has_records and not visible:
+        raise GuardRefused(
+            f"repository {repo.name!r}: root {root} is empty but the ledger holds files: "
+            "the disk may not be mounted. Nothing was deleted. If the files really are gone, "
+            "scan once with --force."
+        )
+    return st.st_dev
+
+
+@dataclass(slots=True)
+class _Job:
+    """A file waiting to be hashed: what the walk saw and what the ledger had."""
+
+    entry: FileEntry
+    old: FileRecord | None
+
+
+class Reconciler:
+    """Runs reconciliations. Owns (lazily) the worker processes that hash.
+
+    Args:
+        store: the ledger.
+        settings: batch size, concurrency, hashing choices.
+    """
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self._pool: HashPool | None = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _hash_pool(self) -> HashPool:
+        if self._pool is None:
+            self._pool = HashPool(
+                self.settings.max_concurrency, self.settings.hash_algo, self.settings.hash_timeout_s
+            )
+        return self._pool
+
+    def reconcile(
+        self,
+        writer: RepoWriter,
+        *,
+        op_type: OperationType = OperationType.RECONCILIATION,
+        verify: bool = False,
+        force: bool = False,
+        progress: Progress | None = None,
+    ) -> ScanStats:
+        """Make the ledger of ``writer.repo`` equal to its tree on disk.
+
+        Records a ``sync_operations`` row for the run.
+
+        Raises:
+            RootUnavailable, GuardRefused: the root failed the guard; nothing was changed.
+            StoreError: the database failed; the operation is marked failed.
+        """
+        repo = writer.repo
+        started = utcnow()
+        t0 = time.monotonic()
+        has_records = self.store.count_records(repo.id) > 0
+        op = self.store.start_operation(repo.id, op_type, owner_tag(), started)
+        log.info("Starting %s for repository %s (%s)", op_type.value, repo.id, repo.root_str)
+        stats = ScanStats()
+        try:
+            dev = check_root(repo, has_records, writer.rules, force)
+            _Run(self, writer, stats, verify, has_records, progress).run()
+            # The guard again: a disk unmounted during the walk looks like a mass deletion.
+        except Exception as exc:
+            stats.duration_ms = int((time.monotonic() - t0) * 1000)
+            self.store.finish_operation(op.id, OperationStatus.FAILED, stats, str(exc), utcnow())
+            log.error("Reconciliation failed for repository %s: %s", repo.id, exc)
+            raise
+        stats.duration_ms = int((time.monotonic() - t0) * 1000)
+        if repo.root_dev != dev:
+            repo = _with_dev(repo, dev)
+            self.store.update_repository(repo)
+            writer.repo = repo
+        self.store.finish_operation(op.id, OperationStatus.COMPLETED, stats, None, utcnow())
+        log.info(
+            "Reconciliation completed: scanned=%d added=%d updated=%d removed=%d moved=%d "
+            "hashed=%d errors=%d duration=%.1fs",
+            stats.files_scanned,
+            stats.files_added,
+            stats.files_updated,
+            stats.files_removed,
+            stats.files_moved,
+            stats.files_hashed,
+            len(stats.errors),
+            stats.duration_ms / 1000,
+        )
+        return stats
+
+
+def _with_dev(repo: Repository, dev: int) -> Repository:
+    from dataclasses import replace
+
+    return replace(repo, root_dev=dev)
+
+
+class _Run:
+    """One reconciliation's state: the merge, the hashing pipeline and the batches."""
+
+    def __init__(
+        self,
+        owner: Reconciler,
+        writer: RepoWriter,
+        stats: ScanStats,
+        verify: bool,
+        has_records: bool,
+        progress: Progress | None,
+    ) -> None:
+        self.owner = owner
+        self.store = owner.store
+        self.settings = owner.settings
+        self.writer = writer
+        self.repo = writer.repo
+        self.stats = stats
+        self.verify = verify
+        self.has_records = has_records
+        self.progress = progress
+        self.algo = self.settings.hash_algo
+        self.hashing = self.settings.calculate_hashes
+        self.batch_size = (
+            self.settings.batch_size
+            if has_records
+            else max(self.settings.batch_size, INITIAL_BATCH)
+        )
+        self.pending: list[Change] = []
+        self.deletions: dict[RelPath, FileRecord] = {}
+        self.moved_from: set[RelPath] = set()
+        self.chunk: list[_Job] = []
+        self.chunk_bytes = 0
+        self.in_flight: collections.deque[tuple[list[_Job], AsyncResult[list[HashOutcome]]]] = (
+            collections.deque()
+        )
+        self.now = utcnow()
+        self._last_progress = 0
+
+    # --- the merge ----------------------------------------------------------------------
+    def run(self) -> None:
+        records: Iterator[FileRecord] = self.store.iter_records(self.repo.id)
+        rec = next(records, None)
+        for item in walk(self.repo.root, self.writer.rules):
+            if isinstance(item, Special):
+                self.stats.skipped_special += 1
+                continue
+            key = item.path
+            while rec is not None and rec.path < key:
+                self._absent(rec)
+                rec = next(records, None)
+            if isinstance(item, Unreadable):
+                self._error(key, item.error, item.is_dir)
+                # What cannot be seen is not gone: keep its records.
+                lo = key + b"/"
+                while rec is not None and (
+                    rec.path == key or (item.is_dir and rec.path.startswith(lo))
+                ):
+                    rec = next(records, None)
+                continue
+            self.stats.files_scanned += 1
+            old = None
+            if rec is not None and rec.path == key:
+                old, rec = rec, next(records, None)
+            self._compare(item, old)
+            if self.progress and self.stats.files_scanned - self._last_progress >= 1000:
+                self._last_progress = self.stats.files_scanned
+                self.progress(self.stats)
+        while rec is not None:
+            self._absent(rec)
+            rec = next(records, None)
+        self._dispatch_chunk(final=True)
+        while self.in_flight:
+            self._collect_one()
+        self._flush()
+        self._apply_deletions()
+        if self.progress:
+            self.progress(self.stats)
+
+    def _error(self, path: RelPath, message: str, is_dir: bool = False) -> None:
+        text = f"{os.fsdecode(path) or '.'}{'/' if is_dir else ''}: {message}"
+        self.stats.errors.append(text)
+        log.warning("Repository %s: %s", self.repo.id, text)
+
+    def _absent(self, rec: FileRecord) -> None:
+        if rec.path not in self.moved_from:
+            self.deletions[rec.path] = rec
+
+    def _racy(self, old: FileRecord) -> bool:
+        scanned_ns = int(old.last_scanned.timestamp() * NS_PER_S)
+        return old.stat.mtime_ns >= scanned_ns - RACY_WINDOW_NS
+
+    def _compare(self, entry: FileEntry, old: FileRecord | None) -> None:
+        if not self.hashing:
+            if old is None:
+                self._emit(Change(ChangeKind.CREATED, entry.path, self._record(entry, None)))
+            elif old.stat != entry.stat:
+                kind = (
+                    ChangeKind.MODIFIED
+                    if old.stat.size != entry.stat.size or old.stat.mtime_ns != entry.stat.mtime_ns
+                    else ChangeKind.META
+                )
+                self._emit(Change(kind, entry.path, self._record(entry, None)))
+            return
+        if (
+            old is None
+            or self.verify
+            or old.stat != entry.stat
+            or old.digest is None
+            or old.digest.algo != self.algo
+            or self._racy(old)
+        ):
+            self._queue(_Job(entry, old))
+
+    def _record(
+        self, entry: FileEntry, digest: Digest | None, stat: FileStat | None = None
+    ) -> FileRecord:
+        return FileRecord(entry.path, stat or entry.stat, digest, self.now)
+
+    # --- hashing pipeline ---------------------------------------------------------------
+    def _queue(self, job: _Job) -> None:
+        self.chunk.append(job)
+        self.chunk_bytes += job.entry.stat.size
+        if len(self.chunk) >= CHUNK_FILES or self.chunk_bytes >= CHUNK_BYTES:
+            self._dispatch_chunk(final=False)
+
+    def _dispatch_chunk(self, final: bool) -> None:
+        jobs, self.chunk, self.chunk_bytes = self.chunk, [], 0
+        if not jobs:
+            return
+        jobs = self._detect_moves(jobs)
+        if not jobs:
+            return
+        paths = [self.repo.root + b"/" + j.entry.path for j in jobs]
+        if final and not self.in_flight:
+            # Everything fits in one chunk: hashing here beats starting worker processes.
+            self._finish_jobs(jobs, hash_many(paths, self.algo))
+            return
+        pool = self.owner._hash_pool()
+        self.in_flight.append((jobs, pool.submit(paths)))
+        while len(self.in_flight) > 2 * pool.workers:
+            self._collect_one()
+
+    def _collect_one(self) -> None:
+        jobs, result = self.in_flight.popleft()
+        pool = self.owner._hash_pool()
+        outcomes = pool.collect(
+            result,
+            [j.entry.path for j in jobs],
+            [j.entry.stat.size for j in jobs],
+        )
+        self._finish_jobs(jobs, outcomes)
+
+    def _detect_moves(self, jobs: list[_Job]) -> list[_Job]:
+        """New paths whose inode, size and mtime match a record whose path is gone are moves:
+        the record follows the file and keeps its hash."""
+        if not self.has_records:
+            return jobs
+        new = [j for j in jobs if j.old is None]
+        if not new:
+            return jobs
+        by_inode: dict[int, list[FileRecord]] = collections.defaultdict(list)
+        for r in self.store.records_by_inode(self.repo.id, [j.entry.stat.inode for j in new]):
+            by_inode[r.stat.inode].append(r)
+        rest: list[_Job] = []
+        for job in jobs:
+            source = None
+            if job.old is None:
+                source = next(
+                    (
+                        r
+                        for r in by_inode.get(job.entry.stat.inode, ())
+                        if r.path != job.entry.path
+                        and r.digest is not None
+                        and r.digest.algo == self.algo
+                        and r.stat.size == job.entry.stat.size
+                        and r.stat.mtime_ns == job.entry.stat.mtime_ns
+                        and r.path not in self.moved_from
+                        and self._gone(r)
+                    ),
+                    None,
+                )
+            if source is None:
+                rest.append(job)
+                continue
+            self.moved_from.add(source.path)
+            self.deletions.pop(source.path, None)
+            record = self._record(job.entry, source.digest)
+            self._emit(Change(ChangeKind.MOVED, job.entry.path, record, old_path=source.path))
+        return rest
+
+    def _gone(self, rec: FileRecord) -> bool:
+        try:
+            st = os.lstat(self.repo.root + b"/" + rec.path)
+        except OSError as exc:
+            return exc.errno in (errno.ENOENT, errno.ENOTDIR)
+        return st.st_ino != rec.stat.inode or not stat_mod.S_ISREG(st.st_mode)
+
+    def _finish_jobs(self, jobs: list[_Job], outcomes: list[HashOutcome]) -> None:
+        for job, out in zip(jobs, outcomes, strict=True):
+            entry, old = job.entry, job.old
+            if out.error is not None:
+                self._error(entry.path, f"cannot hash: {out.error}")
+                if old is None:
+                    self._emit(Change(ChangeKind.CREATED, entry.path, self._record(entry, None)))
+                elif old.stat != entry.stat:
+                    self._emit(Change(ChangeKind.MODIFIED, entry.path, self._record(entry, None)))
+                continue
+            if out.hex is None:  # unsettled: it changed while read; the next look settles it
+                self.stats.unsettled += 1
+                continue
+            self.stats.files_hashed += 1
+            self.stats.bytes_hashed += out.size
+            stat = FileStat(out.size, out.mtime_ns, out.ctime_ns, out.inode)
+            digest = Digest(self.algo, out.hex)
+            record = self._record(entry, digest, stat)
+            if old is None:
+                self._emit(Change(ChangeKind.CREATED, entry.path, record))
+            elif (
+                self.verify
+                and old.digest is not None
+                and old.digest.algo == self.algo
+                and old.digest != digest
+                and old.stat.size == stat.size
+                and old.stat.mtime_ns == stat.mtime_ns
+            ):
+                self.stats.corrupt.append(os.fsdecode(entry.path))
+                log.error(
+                    "Suspected silent corruption in repository %s: %s (content changed, size "
+                    "and mtime did not; stored hash %s kept, now %s)",
+                    self.repo.id,
+                    os.fsdecode(entry.path),
+                    old.digest.hex,
+                    digest.hex,
+                )
+            elif old.digest != digest or old.stat.size != stat.size:
+                self._emit(Change(ChangeKind.MODIFIED, entry.path, record))
+            elif old.stat != stat or self._racy(old):
+                self._emit(Change(ChangeKind.META, entry.path, record))
+
+    # --- writing ------------------------------------------------------------------------
+    def _emit(self, change: Change) -> None:
+        self.pending.append(change)
+        if len(self.pending) >= self.batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        applied = self.writer.apply(batch)
+        self.stats.unsettled += len(applied.dropped)
+        for change in applied.changes:
+            kind = change.kind
+            if kind is ChangeKind.CREATED:
+                self.stats.files_added += 1
+                log.debug("File record created: %s", os.fsdecode(change.path))
+            elif kind is ChangeKind.MODIFIED:
+                self.stats.files_updated += 1
+            elif kind is ChangeKind.META:
+                self.stats.metadata_updated += 1
+            elif kind is ChangeKind.MOVED:
+                self.stats.files_moved += 1
+            elif kind is ChangeKind.DELETED:
+                self.stats.files_removed += 1
+
+    def _apply_deletions(self) -> None:
+        if not self.deletions:
+            return
+        # The guard again, now that the walk is over: a root unmounted during the walk
+        # looks like a tree that lost everything.
+        check_root(self.repo, True, self.writer.rules, force=True)
+        try:
+            dev = os.stat(self.repo.root).st_dev
+        except OSError as exc:
+            raise RootUnavailable(f"root {self.repo.root_str} vanished during the scan") from exc
+        if self.repo.root_dev is not None and dev != self.repo.root_dev:
+            raise GuardRefused(
+                f"root {self.repo.root_str} changed device during the scan; nothing was deleted"
+            )
+        for path in sorted(self.deletions):
+            self._emit(Change(ChangeKind.DELETED, path))
+        self._flush()

@@ -1,0 +1,33 @@
+"""Stores: where the ledger lives. ``open_store(url)`` picks the implementation."""
+
+from __future__ import annotations
+
+from fsledger.errors import ConfigError
+from fsledger.store.base import Store
+
+
+def open_store(url: str) -> Store:
+    """Open (and migrate) the store a URL names.
+
+    ``sqlite:///ABSOLUTE/PATH`` (or ``sqlite:///:memory:``) selects SQLite;
+    ``postgresql://...`` (or ``postgres://``) selects PostgreSQL.
+
+    Raises:
+        ConfigError: the URL names no known store.
+        StoreUnavailable: the database cannot be reached.
+    """
+    if url.startswith("sqlite:///"):
+        from fsledger.store.sqlite import SqliteStore
+
+        path = url.removeprefix("sqlite://")
+        return SqliteStore(":memory:" if path == "/:memory:" else path)
+    if url.startswith(("postgresql://", "postgres://")):
+        from fsledger.store.postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ConfigError(
+        f"database URL {url!r} is not supported: expected sqlite:///PATH or postgresql://..."
+    )
+
+
+__all__ = ["Store", "open_store"]

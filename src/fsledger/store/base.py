@@ -1,0 +1,109 @@
+"""The ``Store`` protocol: everything the core needs from a database, nothing more.
+
+Two implementations share one contract test suite: ``SqliteStore`` (the embedded
+default) and ``PostgresStore`` (production). Paths are bytes and sort bytewise in
+both, so ``page_records`` returns them in the order the walker yields them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Protocol
+from uuid import UUID
+
+from fsledger.model import (
+    Change,
+    FeedEntry,
+    FileRecord,
+    OperationStatus,
+    OperationType,
+    RelPath,
+    Repository,
+    ScanStats,
+    SyncOperation,
+)
+
+
+class Store(Protocol):
+    """Durable state of the ledger: repositories, file records, operations, the change feed.
+
+    Every method is one transaction. Connection failures raise ``StoreUnavailable``;
+    other database failures raise ``StoreError``.
+    """
+
+    url: str
+
+    def close(self) -> None: ...
+
+    # --- repositories -------------------------------------------------------------
+    def add_repository(self, repo: Repository) -> None:
+        """Insert a repository; ``RepositoryExists`` if its name or root is taken."""
+
+    def update_repository(self, repo: Repository) -> None: ...
+
+    def get_repository(self, repo_id: UUID) -> Repository | None: ...
+
+    def list_repositories(self) -> list[Repository]: ...
+
+    def delete_repository(self, repo_id: UUID, purge: bool) -> None:
+        """Remove a repository; its records, operations and feed entries too when ``purge``.
+
+        Without ``purge`` the records stay (orphaned, keyed by the id) so that adding the
+        same root back under the same id finds them again.
+        """
+
+    # --- file records -------------------------------------------------------------
+    def page_records(
+        self, repo_id: UUID, after: RelPath | None, limit: int, prefix: RelPath = b""
+    ) -> list[FileRecord]:
+        """Up to ``limit`` records with path > ``after`` (and starting with ``prefix``), sorted
+        by path bytes."""
+        ...
+
+    def iter_records(self, repo_id: UUID, page: int = 5000) -> Iterator[FileRecord]:
+        """All records of a repository in path order, fetched a page at a time."""
+        ...
+
+    def get_record(self, repo_id: UUID, path: RelPath) -> FileRecord | None: ...
+
+    def records_by_inode(self, repo_id: UUID, inodes: Sequence[int]) -> list[FileRecord]: ...
+
+    def count_records(self, repo_id: UUID) -> int: ...
+
+    def add_to_operation(self, op_id: int, stats: ScanStats, end_time: datetime) -> None:
+        """Add counts to an operation (realtime rows aggregate a minute of events)."""
+
+    def apply(self, repo_id: UUID, changes: Sequence[Change]) -> int | None:
+        """Write a batch of changes in one transaction, appending the feed-worthy ones to the
+        change feed. Returns the feed's last sequence number written, if any."""
+        ...
+
+    # --- sync operations ----------------------------------------------------------
+    def start_operation(
+        self, repo_id: UUID, op_type: OperationType, owner: str, start_time: datetime
+    ) -> SyncOperation: ...
+
+    def finish_operation(
+        self,
+        op_id: int,
+        status: OperationStatus,
+        stats: ScanStats | None,
+        error: str | None,
+        end_time: datetime,
+    ) -> None: ...
+
+    def recent_operations(self, repo_id: UUID | None, limit: int) -> list[SyncOperation]: ...
+
+    def running_operations(self) -> list[tuple[SyncOperation, str]]:
+        """Operations still marked running, with their owner (``host:pid``)."""
+        ...
+
+    def last_completed_scan(self, repo_id: UUID) -> datetime | None: ...
+
+    # --- change feed --------------------------------------------------------------
+    def changes_since(
+        self, after_seq: int, limit: int, repo_id: UUID | None = None
+    ) -> list[FeedEntry]: ...
+
+    def latest_seq(self) -> int: ...

@@ -1,0 +1,140 @@
+"""Versioned schema migrations, one list per dialect. Applied at start-up, idempotently.
+
+Append a new version to both lists to change the schema; never edit a released one.
+"""
+
+from __future__ import annotations
+
+# The seed's tables, plus what exactness needs: the path as bytes, mtime_ns, ctime_ns,
+# inode and hash_algo next to content_hash; repositories as rows; the change feed.
+SQLITE: list[str] = [
+    """
+    CREATE TABLE repositories (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        root_path BLOB NOT NULL UNIQUE,
+        settings TEXT NOT NULL DEFAULT '{}',
+        root_dev INTEGER,
+        state TEXT NOT NULL DEFAULT 'online',
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE file_records (
+        id INTEGER PRIMARY KEY,
+        repository_id TEXT NOT NULL,
+        file_path BLOB NOT NULL,
+        file_size INTEGER NOT NULL,
+        mod_time TEXT NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL,
+        content_hash TEXT,
+        hash_algo TEXT,
+        last_scanned TEXT NOT NULL,
+        scan_generation INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        CONSTRAINT file_records_unique UNIQUE (repository_id, file_path)
+    );
+    CREATE INDEX idx_file_records_repo ON file_records(repository_id);
+    CREATE INDEX idx_file_records_hash ON file_records(content_hash);
+    CREATE INDEX idx_file_records_scanned ON file_records(last_scanned);
+    CREATE INDEX idx_file_records_inode ON file_records(repository_id, inode);
+    CREATE TABLE sync_operations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        repository_id TEXT NOT NULL,
+        operation_type TEXT NOT NULL,
+        files_scanned INTEGER NOT NULL DEFAULT 0,
+        files_added INTEGER NOT NULL DEFAULT 0,
+        files_updated INTEGER NOT NULL DEFAULT 0,
+        files_removed INTEGER NOT NULL DEFAULT 0,
+        start_time TEXT NOT NULL,
+        end_time TEXT,
+        duration_ms INTEGER,
+        status TEXT NOT NULL,
+        error_message TEXT,
+        stats TEXT,
+        owner TEXT,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'))
+    );
+    CREATE INDEX idx_sync_ops_repo ON sync_operations(repository_id);
+    CREATE INDEX idx_sync_ops_time ON sync_operations(start_time DESC);
+    CREATE TABLE change_log (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        repository_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        file_path BLOB NOT NULL,
+        old_path BLOB,
+        file_size INTEGER,
+        content_hash TEXT,
+        hash_algo TEXT,
+        recorded_at TEXT NOT NULL
+    );
+    CREATE INDEX idx_change_log_repo ON change_log(repository_id, seq);
+    """,
+]
+
+POSTGRES: list[str] = [
+    """
+    CREATE TABLE repositories (
+        id UUID PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        root_path BYTEA NOT NULL UNIQUE,
+        settings TEXT NOT NULL DEFAULT '{}',
+        root_dev BIGINT,
+        state TEXT NOT NULL DEFAULT 'online',
+        created_at TIMESTAMPTZ NOT NULL
+    );
+    CREATE TABLE file_records (
+        id BIGSERIAL PRIMARY KEY,
+        repository_id UUID NOT NULL,
+        file_path BYTEA NOT NULL,
+        file_size BIGINT NOT NULL,
+        mod_time TIMESTAMPTZ NOT NULL,
+        mtime_ns BIGINT NOT NULL,
+        ctime_ns BIGINT NOT NULL,
+        inode BIGINT NOT NULL,
+        content_hash TEXT,
+        hash_algo TEXT,
+        last_scanned TIMESTAMPTZ NOT NULL,
+        scan_generation INTEGER NOT NULL DEFAULT 0,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+        updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+        CONSTRAINT file_records_unique UNIQUE (repository_id, file_path)
+    );
+    CREATE INDEX idx_file_records_repo ON file_records(repository_id);
+    CREATE INDEX idx_file_records_hash ON file_records(content_hash);
+    CREATE INDEX idx_file_records_scanned ON file_records(last_scanned);
+    CREATE INDEX idx_file_records_inode ON file_records(repository_id, inode);
+    CREATE TABLE sync_operations (
+        id BIGSERIAL PRIMARY KEY,
+        repository_id UUID NOT NULL,
+        operation_type TEXT NOT NULL,
+        files_scanned INTEGER NOT NULL DEFAULT 0,
+        files_added INTEGER NOT NULL DEFAULT 0,
+        files_updated INTEGER NOT NULL DEFAULT 0,
+        files_removed INTEGER NOT NULL DEFAULT 0,
+        start_time TIMESTAMPTZ NOT NULL,
+        end_time TIMESTAMPTZ,
+        duration_ms BIGINT,
+        status TEXT NOT NULL,
+        error_message TEXT,
+        stats TEXT,
+        owner TEXT,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
+    );
+    CREATE INDEX idx_sync_ops_repo ON sync_operations(repository_id);
+    CREATE INDEX idx_sync_ops_time ON sync_operations(start_time DESC);
+    CREATE TABLE change_log (
+        seq BIGSERIAL PRIMARY KEY,
+        repository_id UUID NOT NULL,
+        kind TEXT NOT NULL,
+        file_path BYTEA NOT NULL,
+        old_path BYTEA,
+        file_size BIGINT,
+        content_hash TEXT,
+        hash_algo TEXT,
+        recorded_at TIMESTAMPTZ NOT NULL
+    );
+    CREATE INDEX idx_change_log_repo ON change_log(repository_id, seq);
+    """,
+]

@@ -1,0 +1,125 @@
+"""The production store: PostgreSQL through psycopg 3 and a connection pool."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from fsledger.errors import StoreError, StoreUnavailable
+from fsledger.store import migrations
+from fsledger.store.sql import Cursor, SqlStore, prefix_range
+
+log = logging.getLogger(__name__)
+
+_FEED_LOCK = 0x6673_6C65  # "fsle": serialises change-feed appends across connections
+
+
+@lru_cache(maxsize=256)
+def _pg(query: str) -> str:
+    return query.replace("?", "%s")
+
+
+class _PgCursor:
+    """Adapts ``?`` placeholders to psycopg's ``%s``."""
+
+    def __init__(self, cur: psycopg.Cursor[Any]) -> None:
+        self._cur = cur
+
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
+    def execute(self, query: str, params: Any = None) -> Any:
+        return self._cur.execute(_pg(query), params)
+
+    def executemany(self, query: str, params_seq: Any) -> Any:
+        return self._cur.executemany(_pg(query), params_seq)
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._cur.fetchall()
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+class PostgresStore(SqlStore):
+    """``Store`` on a PostgreSQL database (``postgresql://user@host:port/db``)."""
+
+    def __init__(self, url: str, max_connections: int = 4, connect_timeout: float = 10.0) -> None:
+        self.url = url
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_connections,
+            timeout=connect_timeout,
+            check=ConnectionPool.check_connection,
+            open=False,
+            name="fsledger",
+        )
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout)
+        except PoolTimeout as exc:
+            self._pool.close()
+            raise StoreUnavailable(
+                f"PostgreSQL at {_redact(url)} cannot be reached within {connect_timeout:.0f}s; "
+                "is the server running and the URL right?"
+            ) from exc
+        self.migrate()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Cursor]:
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                yield _PgCursor(cur)
+        except PoolTimeout as exc:
+            raise StoreUnavailable(f"PostgreSQL at {_redact(self.url)} is unreachable") from exc
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(
+                f"PostgreSQL at {_redact(self.url)} is unreachable: {exc}"
+            ) from exc
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL at {_redact(self.url)} failed: {exc}") from exc
+
+    def migrate(self) -> None:
+        with self._tx() as cur:
+            # Two processes starting at once must not both migrate.
+            cur.execute("SELECT pg_advisory_xact_lock(?)", (_FEED_LOCK + 1,))
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                "applied_at TIMESTAMPTZ NOT NULL DEFAULT NOW())"
+            )
+            cur.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
+            current = int(cur.fetchone()[0])
+            for version, script in enumerate(migrations.POSTGRES, start=1):
+                if version <= current:
+                    continue
+                log.info("Applying PostgreSQL schema migration %d", version)
+                cur.execute(script)
+                cur.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
+
+    def _lock_feed(self, cur: Cursor) -> None:
+        # Without this, two transactions could commit seq 6 before seq 5 and a reader
+        # at cursor 6 would never see 5.
+        cur.execute("SELECT pg_advisory_xact_lock(?)", (_FEED_LOCK,))
+
+    def _move_prefix(self, cur: Cursor, rid: Any, old: bytes, new: bytes, now: Any) -> None:
+        lo, hi = prefix_range(old)
+        cur.execute(
+            "UPDATE file_records SET file_path = ? || substring(file_path from ?), "
+            "updated_at = ? WHERE repository_id = ? AND file_path >= ? AND file_path < ?",
+            (new, len(old) + 1, now, rid, lo, hi),
+        )
+
+    def close(self) -> None:
+        self._pool.close()

@@ -1,0 +1,532 @@
+"""The SQL both stores share. Subclasses supply connections, type adapters and migrations.
+
+Queries are written with ``?`` placeholders; the PostgreSQL store rewrites them to
+``%s``. No ORM: the statements are the documentation of what is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from datetime import datetime
+from typing import Any, Protocol
+from uuid import UUID
+
+from fsledger.model import (
+    Change,
+    ChangeKind,
+    Digest,
+    FeedEntry,
+    FileRecord,
+    FileStat,
+    OperationStatus,
+    OperationType,
+    RelPath,
+    RepoSettings,
+    Repository,
+    RepoState,
+    ScanStats,
+    SyncOperation,
+    ns_to_datetime,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+_U64 = 1 << 64
+_I63 = 1 << 63
+
+
+def inode_in(inode: int) -> int:
+    """Store a 64-bit unsigned inode number in a signed 64-bit column."""
+    return inode - _U64 if inode >= _I63 else inode
+
+
+def inode_out(value: int) -> int:
+    return value + _U64 if value < 0 else value
+
+
+def prefix_range(prefix: RelPath) -> tuple[bytes, bytes]:
+    """The half-open byte range [lo, hi) holding every path below directory ``prefix``."""
+    return prefix + b"/", prefix + b"0"  # "0" is the byte after "/"
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, query: Any, params: Sequence[Any] = ..., /) -> Any: ...
+    def executemany(self, query: Any, params_seq: Any, /) -> Any: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+
+
+_RECORD_COLS = (
+    "file_path, file_size, mtime_ns, ctime_ns, inode, content_hash, hash_algo, last_scanned"
+)
+_OP_COLS = (
+    "id, repository_id, operation_type, status, start_time, end_time, duration_ms, "
+    "files_scanned, files_added, files_updated, files_removed, error_message"
+)
+_FEED_COLS = (
+    "seq, repository_id, kind, file_path, old_path, file_size, content_hash, hash_algo, recorded_at"
+)
+
+
+class SqlStore:
+    """Shared implementation of the ``Store`` protocol over a DB-API connection."""
+
+    url: str
+
+    # --- what a dialect provides ------------------------------------------------------
+    def _tx(self) -> AbstractContextManager[Cursor]:
+        """A cursor inside one transaction: committed on success, rolled back on error."""
+        raise NotImplementedError
+
+    def _uuid_in(self, value: UUID) -> Any:
+        return value
+
+    def _uuid_out(self, value: Any) -> UUID:
+        return value if isinstance(value, UUID) else UUID(str(value))
+
+    def _ts_in(self, value: datetime) -> Any:
+        return value
+
+    def _ts_out(self, value: Any) -> datetime:
+        return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+    def _blob_out(self, value: Any) -> bytes:
+        return bytes(value)
+
+    def _lock_feed(self, cur: Cursor) -> None:
+        """Serialise feed appends so sequence numbers become visible in order."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # --- row mapping --------------------------------------------------------------------
+    def _record(self, row: Sequence[Any]) -> FileRecord:
+        path, size, mtime_ns, ctime_ns, inode, chash, algo, scanned = row
+        return FileRecord(
+            path=self._blob_out(path),
+            stat=FileStat(size, mtime_ns, ctime_ns, inode_out(inode)),
+            digest=Digest(algo, chash) if chash is not None else None,
+            last_scanned=self._ts_out(scanned),
+        )
+
+    def _repo(self, row: Sequence[Any]) -> Repository:
+        rid, name, root, settings, dev, state, created = row
+        return Repository(
+            id=self._uuid_out(rid),
+            name=name,
+            root=self._blob_out(root),
+            settings=RepoSettings.from_json(json.loads(settings or "{}")),
+            root_dev=inode_out(dev) if dev is not None else None,
+            state=RepoState(state),
+            created_at=self._ts_out(created),
+        )
+
+    def _op(self, row: Sequence[Any]) -> SyncOperation:
+        return SyncOperation(
+            id=row[0],
+            repository_id=self._uuid_out(row[1]),
+            operation_type=OperationType(row[2]),
+            status=OperationStatus(row[3]),
+            start_time=self._ts_out(row[4]),
+            end_time=self._ts_out(row[5]) if row[5] is not None else None,
+            duration_ms=row[6],
+            files_scanned=row[7] or 0,
+            files_added=row[8] or 0,
+            files_updated=row[9] or 0,
+            files_removed=row[10] or 0,
+            error_message=row[11],
+        )
+
+    def _feed(self, row: Sequence[Any]) -> FeedEntry:
+        return FeedEntry(
+            seq=row[0],
+            repository_id=self._uuid_out(row[1]),
+            kind=ChangeKind(row[2]),
+            path=self._blob_out(row[3]),
+            old_path=self._blob_out(row[4]) if row[4] is not None else None,
+            size=row[5],
+            content_hash=row[6],
+            hash_algo=row[7],
+            recorded_at=self._ts_out(row[8]),
+        )
+
+    # --- repositories -------------------------------------------------------------------
+    def _repo_params(self, repo: Repository) -> tuple[Any, ...]:
+        return (
+            repo.name,
+            repo.root,
+            json.dumps(repo.settings.to_json()),
+            inode_in(repo.root_dev) if repo.root_dev is not None else None,
+            repo.state.value,
+        )
+
+    def add_repository(self, repo: Repository) -> None:
+        from fsledger.errors import RepositoryExists
+
+        with self._tx() as cur:
+            cur.execute(
+                "SELECT name FROM repositories WHERE name = ? OR root_path = ?",
+                (repo.name, repo.root),
+            )
+            if row := cur.fetchone():
+                raise RepositoryExists(
+                    f"a repository named {row[0]!r} already has that name or root "
+                    f"({repo.root_str}); pick another --name or remove it first"
+                )
+            cur.execute(
+                "INSERT INTO repositories (name, root_path, settings, root_dev, state, id, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (*self._repo_params(repo), self._uuid_in(repo.id), self._ts_in(repo.created_at)),
+            )
+
+    def update_repository(self, repo: Repository) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "UPDATE repositories SET name = ?, root_path = ?, settings = ?, root_dev = ?, "
+                "state = ? WHERE id = ?",
+                (*self._repo_params(repo), self._uuid_in(repo.id)),
+            )
+
+    _REPO_SELECT = (
+        "SELECT id, name, root_path, settings, root_dev, state, created_at FROM repositories"
+    )
+
+    def get_repository(self, repo_id: UUID) -> Repository | None:
+        with self._tx() as cur:
+            cur.execute(self._REPO_SELECT + " WHERE id = ?", (self._uuid_in(repo_id),))
+            row = cur.fetchone()
+        return self._repo(row) if row else None
+
+    def list_repositories(self) -> list[Repository]:
+        with self._tx() as cur:
+            cur.execute(self._REPO_SELECT + " ORDER BY name")
+            return [self._repo(r) for r in cur.fetchall()]
+
+    def delete_repository(self, repo_id: UUID, purge: bool) -> None:
+        rid = self._uuid_in(repo_id)
+        with self._tx() as cur:
+            cur.execute("DELETE FROM repositories WHERE id = ?", (rid,))
+            if purge:
+                for table in ("file_records", "sync_operations", "change_log"):
+                    cur.execute(f"DELETE FROM {table} WHERE repository_id = ?", (rid,))
+
+    # --- file records -------------------------------------------------------------------
+    def page_records(
+        self, repo_id: UUID, after: RelPath | None, limit: int, prefix: RelPath = b""
+    ) -> list[FileRecord]:
+        where, params = ["repository_id = ?"], [self._uuid_in(repo_id)]
+        if after is not None:
+            where.append("file_path > ?")
+            params.append(after)
+        if prefix:
+            lo, hi = prefix_range(prefix.rstrip(b"/"))
+            where.append("file_path >= ? AND file_path < ?")
+            params += [lo, hi]
+        with self._tx() as cur:
+            cur.execute(
+                f"SELECT {_RECORD_COLS} FROM file_records WHERE {' AND '.join(where)} "
+                "ORDER BY file_path LIMIT ?",
+                (*params, limit),
+            )
+            return [self._record(r) for r in cur.fetchall()]
+
+    def iter_records(self, repo_id: UUID, page: int = 5000) -> Iterator[FileRecord]:
+        """All records of a repository in path order, fetched a page at a time."""
+        after: RelPath | None = None
+        while batch := self.page_records(repo_id, after, page):
+            yield from batch
+            after = batch[-1].path
+            if len(batch) < page:
+                return
+
+    def get_record(self, repo_id: UUID, path: RelPath) -> FileRecord | None:
+        with self._tx() as cur:
+            cur.execute(
+                f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
+                "AND file_path = ?",
+                (self._uuid_in(repo_id), path),
+            )
+            row = cur.fetchone()
+        return self._record(row) if row else None
+
+    def records_by_inode(self, repo_id: UUID, inodes: Sequence[int]) -> list[FileRecord]:
+        if not inodes:
+            return []
+        out: list[FileRecord] = []
+        with self._tx() as cur:
+            for i in range(0, len(inodes), 500):
+                chunk = [inode_in(n) for n in inodes[i : i + 500]]
+                marks = ", ".join("?" * len(chunk))
+                cur.execute(
+                    f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
+                    f"AND inode IN ({marks})",
+                    (self._uuid_in(repo_id), *chunk),
+                )
+                out += [self._record(r) for r in cur.fetchall()]
+        return out
+
+    def count_records(self, repo_id: UUID) -> int:
+        with self._tx() as cur:
+            cur.execute(
+                "SELECT count(*) FROM file_records WHERE repository_id = ?",
+                (self._uuid_in(repo_id),),
+            )
+            return int(cur.fetchone()[0])
+
+    # --- apply --------------------------------------------------------------------------
+    _UPSERT = (
+        "INSERT INTO file_records (repository_id, file_path, file_size, mod_time, mtime_ns, "
+        "ctime_ns, inode, content_hash, hash_algo, last_scanned, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (repository_id, file_path) DO UPDATE SET file_size = excluded.file_size, "
+        "mod_time = excluded.mod_time, mtime_ns = excluded.mtime_ns, "
+        "ctime_ns = excluded.ctime_ns, inode = excluded.inode, "
+        "content_hash = excluded.content_hash, hash_algo = excluded.hash_algo, "
+        "last_scanned = excluded.last_scanned, updated_at = excluded.updated_at, "
+        "scan_generation = file_records.scan_generation + 1"
+    )
+
+    def _record_params(self, rid: Any, rec: FileRecord, now: Any) -> tuple[Any, ...]:
+        st = rec.stat
+        return (
+            rid,
+            rec.path,
+            st.size,
+            self._ts_in(ns_to_datetime(st.mtime_ns)),
+            st.mtime_ns,
+            st.ctime_ns,
+            inode_in(st.inode),
+            rec.content_hash,
+            rec.hash_algo,
+            self._ts_in(rec.last_scanned),
+            now,
+            now,
+        )
+
+    def _upsert_many(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
+        cur.executemany(self._UPSERT, rows)
+
+    def _delete_prefix(self, cur: Cursor, rid: Any, prefix: RelPath) -> None:
+        lo, hi = prefix_range(prefix)
+        cur.execute(
+            "DELETE FROM file_records WHERE repository_id = ? AND file_path >= ? AND file_path < ?",
+            (rid, lo, hi),
+        )
+
+    def _move_prefix(self, cur: Cursor, rid: Any, old: RelPath, new: RelPath, now: Any) -> None:
+        lo, hi = prefix_range(old)
+        cur.execute(
+            "SELECT id, file_path FROM file_records WHERE repository_id = ? "
+            "AND file_path >= ? AND file_path < ?",
+            (rid, lo, hi),
+        )
+        cut = len(old)
+        rows = [(new + self._blob_out(p)[cut:], now, i) for i, p in cur.fetchall()]
+        cur.executemany("UPDATE file_records SET file_path = ?, updated_at = ? WHERE id = ?", rows)
+
+    def apply(self, repo_id: UUID, changes: Sequence[Change]) -> int | None:
+        if not changes:
+            return None
+        rid = self._uuid_in(repo_id)
+        now = self._ts_in(utcnow())
+        feed = [c for c in changes if c.in_feed]
+        with self._tx() as cur:
+            upserts: list[tuple[Any, ...]] = []
+            deletes: list[tuple[Any, ...]] = []
+
+            def flush() -> None:
+                if upserts:
+                    self._upsert_many(cur, upserts)
+                    upserts.clear()
+                if deletes:
+                    cur.executemany(
+                        "DELETE FROM file_records WHERE repository_id = ? AND file_path = ?",
+                        deletes,
+                    )
+                    deletes.clear()
+
+            for ch in changes:
+                if ch.kind is ChangeKind.DELETED:
+                    if upserts:
+                        flush()
+                    deletes.append((rid, ch.path))
+                elif ch.kind is ChangeKind.MOVED or ch.kind is ChangeKind.DIR_MOVED:
+                    flush()
+                    assert ch.old_path is not None
+                    if ch.kind is ChangeKind.DIR_MOVED:
+                        self._delete_prefix(cur, rid, ch.path)
+                        self._move_prefix(cur, rid, ch.old_path, ch.path, now)
+                    else:
+                        assert ch.record is not None
+                        cur.execute(
+                            "DELETE FROM file_records WHERE repository_id = ? AND file_path = ?",
+                            (rid, ch.path),
+                        )
+                        cur.execute(
+                            "DELETE FROM file_records WHERE repository_id = ? AND file_path = ?",
+                            (rid, ch.old_path),
+                        )
+                        self._upsert_many(cur, [self._record_params(rid, ch.record, now)])
+                else:
+                    if deletes:
+                        flush()
+                    assert ch.record is not None
+                    upserts.append(self._record_params(rid, ch.record, now))
+            flush()
+            if not feed:
+                return None
+            self._lock_feed(cur)
+            cur.executemany(
+                "INSERT INTO change_log (repository_id, kind, file_path, old_path, file_size, "
+                "content_hash, hash_algo, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        rid,
+                        c.kind.value,
+                        c.path,
+                        c.old_path,
+                        c.record.size if c.record else None,
+                        c.record.content_hash if c.record else None,
+                        c.record.hash_algo if c.record else None,
+                        now,
+                    )
+                    for c in feed
+                ],
+            )
+            cur.execute("SELECT max(seq) FROM change_log")
+            return int(cur.fetchone()[0])
+
+    # --- sync operations --------------------------------------------------------------
+    def start_operation(
+        self, repo_id: UUID, op_type: OperationType, owner: str, start_time: datetime
+    ) -> SyncOperation:
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT INTO sync_operations (repository_id, operation_type, start_time, status, "
+                "owner) VALUES (?, ?, ?, ?, ?) RETURNING id",
+                (
+                    self._uuid_in(repo_id),
+                    op_type.value,
+                    self._ts_in(start_time),
+                    OperationStatus.RUNNING.value,
+                    owner,
+                ),
+            )
+            op_id = int(cur.fetchone()[0])
+        return SyncOperation(op_id, repo_id, op_type, OperationStatus.RUNNING, start_time)
+
+    def finish_operation(
+        self,
+        op_id: int,
+        status: OperationStatus,
+        stats: ScanStats | None,
+        error: str | None,
+        end_time: datetime,
+    ) -> None:
+        s = stats or ScanStats()
+        with self._tx() as cur:
+            cur.execute("SELECT start_time FROM sync_operations WHERE id = ?", (op_id,))
+            row = cur.fetchone()
+            start = self._ts_out(row[0]) if row else end_time
+            cur.execute(
+                "UPDATE sync_operations SET status = ?, end_time = ?, duration_ms = ?, "
+                "files_scanned = ?, files_added = ?, files_updated = ?, files_removed = ?, "
+                "error_message = ?, stats = ? WHERE id = ?",
+                (
+                    status.value,
+                    self._ts_in(end_time),
+                    int((end_time - start).total_seconds() * 1000),
+                    s.files_scanned,
+                    s.files_added,
+                    s.files_updated,
+                    s.files_removed,
+                    error,
+                    json.dumps(s.to_json()),
+                    op_id,
+                ),
+            )
+
+    def add_to_operation(self, op_id: int, stats: ScanStats, end_time: datetime) -> None:
+        """Add counts to an operation (realtime rows aggregate a minute of events)."""
+        with self._tx() as cur:
+            cur.execute(
+                "UPDATE sync_operations SET files_scanned = files_scanned + ?, "
+                "files_added = files_added + ?, files_updated = files_updated + ?, "
+                "files_removed = files_removed + ?, end_time = ? WHERE id = ?",
+                (
+                    stats.files_scanned,
+                    stats.files_added,
+                    stats.files_updated,
+                    stats.files_removed,
+                    self._ts_in(end_time),
+                    op_id,
+                ),
+            )
+
+    def recent_operations(self, repo_id: UUID | None, limit: int) -> list[SyncOperation]:
+        with self._tx() as cur:
+            if repo_id is None:
+                cur.execute(
+                    f"SELECT {_OP_COLS} FROM sync_operations ORDER BY start_time DESC, id DESC "
+                    "LIMIT ?",
+                    (limit,),
+                )
+            else:
+                cur.execute(
+                    f"SELECT {_OP_COLS} FROM sync_operations WHERE repository_id = ? "
+                    "ORDER BY start_time DESC, id DESC LIMIT ?",
+                    (self._uuid_in(repo_id), limit),
+                )
+            return [self._op(r) for r in cur.fetchall()]
+
+    def running_operations(self) -> list[tuple[SyncOperation, str]]:
+        with self._tx() as cur:
+            cur.execute(
+                f"SELECT {_OP_COLS}, owner FROM sync_operations WHERE status = ?",
+                (OperationStatus.RUNNING.value,),
+            )
+            return [(self._op(r), r[12] or "") for r in cur.fetchall()]
+
+    def last_completed_scan(self, repo_id: UUID) -> datetime | None:
+        with self._tx() as cur:
+            cur.execute(
+                "SELECT max(start_time) FROM sync_operations WHERE repository_id = ? "
+                "AND status = ? AND operation_type <> ?",
+                (
+                    self._uuid_in(repo_id),
+                    OperationStatus.COMPLETED.value,
+                    OperationType.REALTIME.value,
+                ),
+            )
+            row = cur.fetchone()
+        return self._ts_out(row[0]) if row and row[0] is not None else None
+
+    # --- change feed --------------------------------------------------------------------
+    def changes_since(
+        self, after_seq: int, limit: int, repo_id: UUID | None = None
+    ) -> list[FeedEntry]:
+        with self._tx() as cur:
+            if repo_id is None:
+                cur.execute(
+                    f"SELECT {_FEED_COLS} FROM change_log WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (after_seq, limit),
+                )
+            else:
+                cur.execute(
+                    f"SELECT {_FEED_COLS} FROM change_log WHERE seq > ? AND repository_id = ? "
+                    "ORDER BY seq LIMIT ?",
+                    (after_seq, self._uuid_in(repo_id), limit),
+                )
+            return [self._feed(r) for r in cur.fetchall()]
+
+    def latest_seq(self) -> int:
+        with self._tx() as cur:
+            cur.execute("SELECT coalesce(max(seq), 0) FROM change_log")
+            return int(cur.fetchone()[0])

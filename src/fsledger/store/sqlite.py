@@ -1,0 +1,107 @@
+"""The embedded default store: stdlib ``sqlite3`` in WAL mode."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from fsledger.errors import StoreError, StoreUnavailable
+from fsledger.store import migrations
+from fsledger.store.sql import Cursor, SqlStore
+
+log = logging.getLogger(__name__)
+
+
+def _translate(exc: sqlite3.Error, path: str) -> StoreError:
+    text = str(exc)
+    if "unable to open" in text or "readonly" in text or isinstance(exc, sqlite3.InterfaceError):
+        return StoreUnavailable(f"SQLite database {path} cannot be opened or written: {text}")
+    if "locked" in text or "busy" in text:
+        return StoreError(
+            f"SQLite database {path} is locked by another process (waited 30 s): {text}"
+        )
+    return StoreError(f"SQLite database {path} failed: {text}")
+
+
+class SqliteStore(SqlStore):
+    """``Store`` on one SQLite file.
+
+    One connection, guarded by a lock: SQLite has one writer at a time anyway, and
+    WAL lets other processes (a CLI next to the daemon) read meanwhile. Every
+    transaction is ``BEGIN IMMEDIATE`` so a write never upgrades from a read lock
+    (which SQLite would refuse rather than wait for).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.url = "sqlite://" + path if path.startswith("/") else "sqlite:///" + path
+        self._lock = threading.RLock()
+        try:
+            if path != ":memory:":
+                parent = os.path.dirname(path)
+                if parent:
+                    os.makedirs(parent, mode=0o700, exist_ok=True)
+                # Create the file 0600 ourselves: the ledger lists every file name a user has.
+                os.close(os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+            self._conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"SQLite database {path} cannot be created: {exc.strerror or exc}"
+            ) from exc
+        except sqlite3.Error as exc:
+            raise _translate(exc, path) from exc
+        self.migrate()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Cursor]:
+        with self._lock:
+            try:
+                cur = self._conn.cursor()
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    yield cur
+                except BaseException:
+                    self._conn.rollback()
+                    raise
+                else:
+                    self._conn.commit()
+            except sqlite3.Error as exc:
+                raise _translate(exc, self.path) from exc
+
+    def migrate(self) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                "applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+            )
+            cur.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
+            current = int(cur.fetchone()[0])
+            for version, script in enumerate(migrations.SQLITE, start=1):
+                if version <= current:
+                    continue
+                log.info("Applying SQLite schema migration %d to %s", version, self.path)
+                for statement in script.split(";"):
+                    if statement.strip():
+                        cur.execute(statement)
+                cur.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
+
+    def _uuid_in(self, value: UUID) -> Any:
+        return str(value)
+
+    def _ts_in(self, value: datetime) -> Any:
+        return value.isoformat()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,98 @@
+"""The one writer of a repository: both tiers hand it changes, it checks them against the
+disk and writes them to the store in one transaction per batch.
+
+Why it re-checks: a change is computed from a look at the disk (an lstat, a hash)
+and written a little later. If the file changed in between, the other tier has
+seen or will see that newer state; writing the older look would leave a stale row.
+So under the writer's lock every change is confirmed against ``lstat`` first, and
+one that no longer holds is dropped (and counted): the newer state wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat as stat_mod
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from fsledger.ignore import IgnoreRules
+from fsledger.model import Change, ChangeKind, FileStat, Repository
+from fsledger.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What a writer did with a batch."""
+
+    changes: tuple[Change, ...]
+    """The changes written (those still true on disk)."""
+    dropped: tuple[Change, ...]
+    """The changes the disk had already moved past."""
+    last_seq: int | None
+    """The change feed's last sequence number written, if any."""
+
+
+Listener = Callable[[Repository, Applied], None]
+
+
+class RepoWriter:
+    """Serialises every write to one repository's records.
+
+    Args:
+        store: where records live.
+        repo: the repository written.
+        rules: the repository's ignore rules (a deletion of a now-ignored path is true
+            even though the file is still on disk).
+        verify: confirm each change against the disk before writing it.
+    """
+
+    def __init__(
+        self, store: Store, repo: Repository, rules: IgnoreRules, verify: bool = True
+    ) -> None:
+        self.store = store
+        self.repo = repo
+        self.rules = rules
+        self.verify = verify
+        self.lock = threading.RLock()
+        self.listeners: list[Listener] = []
+
+    def _lstat_key(self, path: bytes) -> FileStat | None:
+        try:
+            st = os.lstat(self.repo.root + b"/" + path)
+        except OSError:
+            return None
+        return FileStat.from_stat(st) if stat_mod.S_ISREG(st.st_mode) else None
+
+    def still_true(self, change: Change) -> bool:
+        """Whether the disk still shows what ``change`` says."""
+        kind = change.kind
+        if kind is ChangeKind.DELETED:
+            return self.rules.ignores_path(change.path) or self._lstat_key(change.path) is None
+        if kind is ChangeKind.DIR_MOVED:
+            return os.path.isdir(self.repo.root + b"/" + change.path)
+        assert change.record is not None
+        return self._lstat_key(change.path) == change.record.stat
+
+    def apply(self, changes: Sequence[Change]) -> Applied:
+        """Confirm and write a batch of changes in one transaction.
+
+        Raises:
+            StoreError: the store failed; nothing of the batch was written.
+        """
+        with self.lock:
+            kept: list[Change] = []
+            dropped: list[Change] = []
+            for change in changes:
+                (kept if not self.verify or self.still_true(change) else dropped).append(change)
+            last_seq = self.store.apply(self.repo.id, kept) if kept else None
+            applied = Applied(tuple(kept), tuple(dropped), last_seq)
+            for listener in self.listeners:
+                try:
+                    listener(self.repo, applied)
+                except Exception:
+                    log.exception("Change listener failed for repository %s", self.repo.id)
+            return applied
