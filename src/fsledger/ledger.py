@@ -183,8 +183,9 @@ class Ledger:
         force: bool = False,
         op_type: OperationType = OperationType.RECONCILIATION,
         progress: Progress | None = None,
+        prefix: RelPath = b"",
     ) -> ScanStats:
-        """Reconcile one repository with its tree on disk (tier 2).
+        """Reconcile one repository (or the subtree below ``prefix``) with the disk (tier 2).
 
         A root that fails the guard marks the repository offline and raises; a
         successful scan marks it online.
@@ -192,7 +193,12 @@ class Ledger:
         writer = self.writer(repo)
         try:
             stats = self.reconciler.reconcile(
-                writer, op_type=op_type, verify=verify, force=force, progress=progress
+                writer,
+                op_type=op_type,
+                verify=verify,
+                force=force,
+                progress=progress,
+                prefix=prefix,
             )
         except RootUnavailable:
             self.set_state(repo, RepoState.OFFLINE)

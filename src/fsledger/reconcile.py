@@ -150,10 +150,21 @@ class Reconciler:
         verify: bool = False,
         force: bool = False,
         progress: Progress | None = None,
+        prefix: RelPath = b"",
+        record: bool = True,
     ) -> ScanStats:
         """Make the ledger of ``writer.repo`` equal to its tree on disk.
 
-        Records a ``sync_operations`` row for the run.
+        Args:
+            writer: the repository's writer.
+            op_type: what the ``sync_operations`` row says this run was.
+            verify: rehash every file; content that changed while size and mtime did not is
+                reported in ``stats.corrupt`` and its stored hash kept.
+            force: override the mass-deletion guard (empty root, other device).
+            progress: called with the running stats every thousand files.
+            prefix: reconcile only the subtree below this directory (the watcher uses it for
+                directories that moved in or were created).
+            record: write a ``sync_operations`` row for the run.
 
         Raises:
             RootUnavailable, GuardRefused: the root failed the guard; nothing was changed.
@@ -163,23 +174,28 @@ class Reconciler:
         started = utcnow()
         t0 = time.monotonic()
         has_records = self.store.count_records(repo.id) > 0
-        op = self.store.start_operation(repo.id, op_type, owner_tag(), started)
-        log.info("Starting %s for repository %s (%s)", op_type.value, repo.id, repo.root_str)
+        op = self.store.start_operation(repo.id, op_type, owner_tag(), started) if record else None
+        if record:
+            log.info("Starting %s for repository %s (%s)", op_type.value, repo.id, repo.root_str)
         stats = ScanStats()
         try:
             dev = check_root(repo, has_records, writer.rules, force)
-            _Run(self, writer, stats, verify, has_records, progress).run()
-            # The guard again: a disk unmounted during the walk looks like a mass deletion.
+            _Run(self, writer, stats, verify, has_records, progress, prefix).run()
         except Exception as exc:
             stats.duration_ms = int((time.monotonic() - t0) * 1000)
-            self.store.finish_operation(op.id, OperationStatus.FAILED, stats, str(exc), utcnow())
+            if op is not None:
+                self.store.finish_operation(
+                    op.id, OperationStatus.FAILED, stats, str(exc), utcnow()
+                )
             log.error("Reconciliation failed for repository %s: %s", repo.id, exc)
             raise
         stats.duration_ms = int((time.monotonic() - t0) * 1000)
-        if repo.root_dev != dev:
+        if repo.root_dev != dev and not prefix:
             repo = _with_dev(repo, dev)
             self.store.update_repository(repo)
             writer.repo = repo
+        if op is None:
+            return stats
         self.store.finish_operation(op.id, OperationStatus.COMPLETED, stats, None, utcnow())
         log.info(
             "Reconciliation completed: scanned=%d added=%d updated=%d removed=%d moved=%d "
@@ -213,8 +229,10 @@ class _Run:
         verify: bool,
         has_records: bool,
         progress: Progress | None,
+        prefix: RelPath = b"",
     ) -> None:
         self.owner = owner
+        self.prefix = prefix.strip(b"/")
         self.store = owner.store
         self.settings = owner.settings
         self.writer = writer
@@ -243,9 +261,9 @@ class _Run:
 
     # --- the merge ----------------------------------------------------------------------
     def run(self) -> None:
-        records: Iterator[FileRecord] = self.store.iter_records(self.repo.id)
+        records: Iterator[FileRecord] = self.store.iter_records(self.repo.id, prefix=self.prefix)
         rec = next(records, None)
-        for item in walk(self.repo.root, self.writer.rules):
+        for item in walk(self.repo.root, self.writer.rules, self.prefix):
             if isinstance(item, Special):
                 self.stats.skipped_special += 1
                 continue

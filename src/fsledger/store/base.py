@@ -61,8 +61,10 @@ class Store(Protocol):
         by path bytes."""
         ...
 
-    def iter_records(self, repo_id: UUID, page: int = 5000) -> Iterator[FileRecord]:
-        """All records of a repository in path order, fetched a page at a time."""
+    def iter_records(
+        self, repo_id: UUID, page: int = 5000, prefix: RelPath = b""
+    ) -> Iterator[FileRecord]:
+        """All records of a repository (below directory ``prefix``) in path order."""
         ...
 
     def get_record(self, repo_id: UUID, path: RelPath) -> FileRecord | None: ...

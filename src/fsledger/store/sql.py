@@ -237,10 +237,13 @@ class SqlStore:
             )
             return [self._record(r) for r in cur.fetchall()]
 
-    def iter_records(self, repo_id: UUID, page: int = 5000) -> Iterator[FileRecord]:
-        """All records of a repository in path order, fetched a page at a time."""
+    def iter_records(
+        self, repo_id: UUID, page: int = 5000, prefix: RelPath = b""
+    ) -> Iterator[FileRecord]:
+        """All records of a repository (below directory ``prefix``) in path order, fetched a
+        page at a time."""
         after: RelPath | None = None
-        while batch := self.page_records(repo_id, after, page):
+        while batch := self.page_records(repo_id, after, page, prefix):
             yield from batch
             after = batch[-1].path
             if len(batch) < page:

@@ -1,0 +1,420 @@
+"""The command line: a thin face over ``fsledger.ledger`` and ``fsledger.manager``.
+
+Every command takes ``--json`` for machine output. Errors are one line on stderr,
+never a traceback. Exit codes: 0 ok, 1 operational error (e.g. the database is
+unreachable), 2 usage or bad input, 3 corruption found by ``scan --verify``,
+4 refused by the root guard (missing or unmounted root).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import click
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from fsledger.config import Settings
+from fsledger.errors import (
+    ConfigError,
+    CorruptionFound,
+    FsledgerError,
+    RepositoryExists,
+    StoreUnavailable,
+)
+from fsledger.ledger import Ledger, normalize_root
+from fsledger.manager import LiveFactory, LiveSource, ResyncCallback, SyncManager
+from fsledger.model import OperationType, RepoSettings, Repository, ScanStats
+
+log = logging.getLogger("fsledger")
+
+
+def _fail(exc: FsledgerError) -> NoReturn:
+    click.echo(f"fsledger: error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _emit(obj: Any) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=True))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s [%(levelname)s] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+class Context:
+    """What every command gets: settings (read once, here at the edge) and a lazy ledger."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._ledger: Ledger | None = None
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self._ledger = _open_ledger(self.settings)
+        return self._ledger
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+
+
+def _open_ledger(settings: Settings, attempts: int = 3) -> Ledger:
+    """Open the store, retrying a database that is briefly unreachable."""
+    try:
+        for attempt in Retrying(
+            retry=retry_if_exception_type(StoreUnavailable),
+            stop=stop_after_attempt(attempts),
+            wait=wait_exponential(multiplier=0.5, max=4),
+            reraise=True,
+        ):
+            with attempt:
+                return Ledger(settings)
+    except RetryError as exc:  # pragma: no cover - reraise=True re-raises the last error
+        raise StoreUnavailable(str(exc)) from exc
+    raise AssertionError("unreachable")
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn fsledger errors into one clear line and the documented exit code."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FsledgerError as exc:
+            _fail(exc)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--db",
+    "database_url",
+    metavar="URL",
+    help="Database URL: sqlite:///PATH or postgresql://... "
+    "[env FSLEDGER_DATABASE_URL; default: SQLite in $XDG_DATA_HOME/fsledger]",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Log level on stderr [env FSLEDGER_LOG_LEVEL; default INFO for run, WARNING otherwise].",
+)
+@click.version_option(package_name="fsledger")
+@click.pass_context
+def main(ctx: click.Context, database_url: str | None, log_level: str | None) -> None:
+    """fsledger keeps a database of every file in your directory trees true to disk."""
+    try:
+        settings = Settings.from_env(database_url=database_url)
+    except ConfigError as exc:
+        _fail(exc)
+    default_level = "INFO" if ctx.invoked_subcommand == "run" else "WARNING"
+    explicit = log_level or os.environ.get("FSLEDGER_LOG_LEVEL")
+    _setup_logging((explicit or default_level).upper())
+    ctx.obj = Context(settings)
+    ctx.call_on_close(ctx.obj.close)
+
+
+# --- repositories ---------------------------------------------------------------------------
+@main.group()
+def repo() -> None:
+    """Add, list and remove repositories (directory trees kept in the ledger)."""
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[ScanStats], None] | None]:
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+
+    def show(stats: ScanStats) -> None:
+        mb = stats.bytes_hashed / (1 << 20)
+        click.echo(
+            f"\r  scanned {stats.files_scanned:,} files, hashed {stats.files_hashed:,} "
+            f"({mb:,.0f} MiB), added {stats.files_added:,}",
+            err=True,
+            nl=False,
+        )
+
+    try:
+        yield show
+    finally:
+        click.echo("", err=True)
+
+
+def _stats_line(repo: Repository, stats: ScanStats) -> str:
+    return (
+        f"{repo.name}: scanned={stats.files_scanned} added={stats.files_added} "
+        f"updated={stats.files_updated} removed={stats.files_removed} "
+        f"moved={stats.files_moved} hashed={stats.files_hashed} errors={len(stats.errors)} "
+        f"corrupt={len(stats.corrupt)} duration={stats.duration_ms / 1000:.1f}s"
+    )
+
+
+@repo.command("add")
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--name", help="Name of the repository [default: the directory's basename].")
+@click.option("--no-scan", is_flag=True, help="Register only; the next scan or run indexes it.")
+@click.option("--if-missing", is_flag=True, help="Succeed quietly if PATH is already added.")
+@click.option("--ignore", "ignore", multiple=True, help="Extra ignore pattern (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the repository as JSON.")
+@pass_ctx
+@_guard
+def repo_add(
+    ctx: Context,
+    path: str,
+    name: str | None,
+    no_scan: bool,
+    if_missing: bool,
+    ignore: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Add PATH as a repository and index it."""
+    ledger = ctx.ledger
+    try:
+        repository = ledger.add_repository(path, name, RepoSettings(ignore_patterns=ignore))
+    except RepositoryExists:
+        root = normalize_root(path)
+        existing = [r for r in ledger.list_repositories() if r.root == root]
+        if not (if_missing and existing):
+            raise
+        repository = existing[0]
+        if not as_json:
+            click.echo(f"{repository.name} ({repository.root_str}) is already a repository")
+    else:
+        if not as_json:
+            click.echo(f"added {repository.name} ({repository.root_str}) as {repository.id}")
+    out = repository.to_json()
+    if not no_scan:
+        with _progress(not as_json) as progress:
+            stats = ledger.scan(repository, op_type=OperationType.STARTUP, progress=progress)
+        out["scan"] = stats.to_json()
+        if not as_json:
+            click.echo(_stats_line(repository, stats))
+    if as_json:
+        _emit(out)
+
+
+@repo.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@_guard
+def repo_list(ctx: Context, as_json: bool) -> None:
+    """List repositories."""
+    repos = ctx.ledger.list_repositories()
+    if as_json:
+        _emit([r.to_json() for r in repos])
+        return
+    if not repos:
+        click.echo("no repositories yet: add one with 'fsledger repo add PATH'")
+    for r in repos:
+        click.echo(f"{r.id}  {r.name:<20} {r.state.value:<8} {r.root_str}")
+
+
+@repo.command("remove")
+@click.argument("ref", metavar="REPO")
+@click.option("--purge", is_flag=True, help="Also delete its file records and history.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@_guard
+def repo_remove(ctx: Context, ref: str, purge: bool, as_json: bool) -> None:
+    """Remove REPO (an id, a name or a root path). Records are kept unless --purge."""
+    repository = ctx.ledger.resolve(ref)
+    ctx.ledger.remove_repository(repository, purge)
+    if as_json:
+        _emit({"id": str(repository.id), "name": repository.name, "purged": purge})
+    else:
+        click.echo(f"removed {repository.name}{' and its records' if purge else ''}")
+
+
+# --- scanning and reading ---------------------------------------------------------------------
+def _repos(ctx: Context, refs: tuple[str, ...]) -> list[Repository]:
+    if refs:
+        return [ctx.ledger.resolve(r) for r in refs]
+    repos = ctx.ledger.list_repositories()
+    if not repos:
+        raise ConfigError("no repositories yet: add one with 'fsledger repo add PATH'")
+    return repos
+
+
+@main.command()
+@click.argument("refs", nargs=-1, metavar="[REPO]...")
+@click.option("--verify", is_flag=True, help="Rehash every file and report silent corruption.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Override the root guard (empty root or another device than recorded).",
+)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@_guard
+def scan(ctx: Context, refs: tuple[str, ...], verify: bool, force: bool, as_json: bool) -> None:
+    """Reconcile repositories with the disk (all of them without REPO)."""
+    corrupt = 0
+    failure: FsledgerError | None = None
+    for repository in _repos(ctx, refs):
+        try:
+            with _progress(not as_json) as progress:
+                stats = ctx.ledger.scan(repository, verify=verify, force=force, progress=progress)
+        except FsledgerError as exc:
+            click.echo(f"fsledger: error: {exc}", err=True)
+            if as_json:
+                _emit({"repository": repository.name, "id": str(repository.id), "error": str(exc)})
+            failure = failure or exc
+            continue
+        corrupt += len(stats.corrupt)
+        if as_json:
+            _emit({"repository": repository.name, "id": str(repository.id), **stats.to_json()})
+        else:
+            click.echo(_stats_line(repository, stats))
+            for err in stats.errors[:20]:
+                click.echo(f"  error: {err}", err=True)
+            for path in stats.corrupt:
+                click.echo(f"  CORRUPT: {path}", err=True)
+    if failure is not None:
+        sys.exit(failure.exit_code)
+    if corrupt:
+        sys.exit(CorruptionFound.exit_code)
+
+
+@main.command()
+@click.argument("ref", metavar="REPO")
+@click.option("--prefix", default="", help="Only files below this directory.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@pass_ctx
+@_guard
+def files(ctx: Context, ref: str, prefix: str, as_json: bool) -> None:
+    """List the files the ledger holds for REPO, in path byte order."""
+    repository = ctx.ledger.resolve(ref)
+    raw_prefix = os.fsencode(prefix).strip(b"/")
+    if b".." in raw_prefix.split(b"/"):
+        raise ConfigError(f"--prefix {prefix!r} must stay inside the repository")
+    out = sys.stdout
+    for rec in ctx.ledger.files(repository, raw_prefix):
+        if as_json:
+            out.write(json.dumps(rec.to_json(), ensure_ascii=True) + "\n")
+        else:
+            out.write(
+                f"{rec.size}\t{rec.content_hash or '-'}\t"
+                f"{rec.path.decode('utf-8', 'backslashreplace')}\n"
+            )
+
+
+@main.command()
+@click.argument("ref", metavar="[REPO]", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@_guard
+def status(ctx: Context, ref: str | None, as_json: bool) -> None:
+    """Show the sync status of one or every repository."""
+    repos = [ctx.ledger.resolve(ref)] if ref else ctx.ledger.list_repositories()
+    statuses = [ctx.ledger.status(r).to_json() for r in repos]
+    if as_json:
+        _emit(statuses[0] if ref else statuses)
+        return
+    if not statuses:
+        click.echo("no repositories yet: add one with 'fsledger repo add PATH'")
+    for s in statuses:
+        last = s["last_sync_operation"]
+        click.echo(
+            f"{s['name']}: {s['total_files']} files, {s['state']}, last scan "
+            f"{s['last_scan_time'] or 'never'}"
+            + (f", last operation {last['operation_type']} {last['status']}" if last else "")
+        )
+
+
+@main.command()
+@click.argument("ref", metavar="[REPO]", required=False)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@_guard
+def ops(ctx: Context, ref: str | None, limit: int, as_json: bool) -> None:
+    """Show recent sync operations."""
+    repository = ctx.ledger.resolve(ref) if ref else None
+    operations = ctx.ledger.operations(repository, limit)
+    if as_json:
+        _emit([o.to_json() for o in operations])
+        return
+    for o in operations:
+        click.echo(
+            f"{o.id:>6} {o.start_time:%Y-%m-%d %H:%M:%S} {o.operation_type.value:<14} "
+            f"{o.status.value:<9} scanned={o.files_scanned} added={o.files_added} "
+            f"updated={o.files_updated} removed={o.files_removed} "
+            f"{(o.duration_ms or 0) / 1000:.1f}s {o.error_message or ''}"
+        )
+
+
+# --- the daemon ------------------------------------------------------------------------------
+@main.command()
+@click.option("--no-watch", is_flag=True, help="Reconcile on schedule only, no live watcher.")
+@click.option("--once", is_flag=True, help="Run the startup reconciliation, then exit.")
+@pass_ctx
+@_guard
+def run(ctx: Context, no_watch: bool, once: bool) -> None:
+    """Keep every repository in sync: startup reconciliation, live watching, schedules.
+
+    Stops cleanly on SIGINT/SIGTERM (pending events are flushed first).
+    """
+    ledger = ctx.ledger
+    live_factory = None if (no_watch or once) else _live_factory()
+    manager = SyncManager(ledger, ctx.settings, live_factory=live_factory)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("Received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    if not ledger.list_repositories():
+        log.warning(
+            "No repositories yet: add one with 'fsledger repo add PATH' (this daemon picks it "
+            "up within seconds) or 'make run PHOTOS=PATH'"
+        )
+    manager.start()
+    try:
+        if once:
+            while not stop.is_set() and not manager.wait_idle(0.5):
+                pass
+        else:
+            while not stop.wait(1.0):
+                pass
+    finally:
+        manager.stop()
+
+
+def _live_factory() -> LiveFactory:
+    from fsledger.watch import Watcher
+
+    def build(ledger: Ledger, settings: Settings, on_resync: ResyncCallback) -> LiveSource:
+        return Watcher(ledger, settings, on_resync=on_resync)
+
+    return build
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

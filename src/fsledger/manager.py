@@ -1,0 +1,541 @@
+"""The SyncManager: runs both tiers for every repository, on one schedule.
+
+Threads it owns:
+
+* the *reconcile worker*: takes reconciliation requests from a priority queue
+  (startup, schedule, recovery after a watcher overflow, manual triggers) and runs
+  them one at a time; requests for a repository with recent events go first;
+* the *scheduler*: once a second decides what is due (periodic and daily runs,
+  per-repository quick/full intervals, polling of network filesystems, roots that
+  came back, repositories added or removed by another process);
+* the live source (the inotify watcher), when one is plugged in.
+
+Every write still goes through the one ``RepoWriter`` of each repository.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime
+from typing import Protocol
+from uuid import UUID
+
+import yaml
+
+from fsledger.config import Settings, parse_duration
+from fsledger.errors import ConfigError, FsledgerError, RootUnavailable, StoreError
+from fsledger.ledger import Ledger
+from fsledger.model import (
+    OperationType,
+    RelPath,
+    RepoSettings,
+    Repository,
+    RepoState,
+    ScanStats,
+    SyncStatus,
+)
+
+log = logging.getLogger(__name__)
+
+REPO_CONFIG_NAMES = (b".fsledger.yaml", b".fsledger.yml")
+"""Per-repository YAML in the root (hidden, so never recorded), with a ``sync_settings`` map."""
+REPO_POLL_S = 2.0
+"""How often the repository list is re-read (repositories added by another process)."""
+OFFLINE_POLL_S = 5.0
+"""How often an offline root is checked for its return."""
+NETWORK_POLL_S = 60.0
+"""Default rescan interval of a repository on a network filesystem (inotify is blind there)."""
+
+
+class LiveSource(Protocol):
+    """What the manager needs of a tier-1 watcher."""
+
+    def add(self, repo: Repository) -> None: ...
+    def remove(self, repo_id: UUID) -> None: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def is_watching(self, repo_id: UUID) -> bool: ...
+    def degraded(self, repo_id: UUID) -> bool: ...
+
+
+ResyncCallback = Callable[[Repository, RelPath, str], None]
+LiveFactory = Callable[[Ledger, Settings, ResyncCallback], LiveSource]
+
+
+def load_repo_yaml(root: bytes) -> RepoSettings | None:
+    """Read ``sync_settings`` from a repository's YAML file, if it has one.
+
+    Example file::
+
+        sync_settings:
+          quick_scan_interval: "5m"
+          full_scan_interval: "30m"
+          ignore_patterns: ["*.xmp", "exports/*"]
+
+    Raises:
+        ConfigError: the file exists but cannot be used.
+    """
+    for name in REPO_CONFIG_NAMES:
+        path = os.path.join(root, name)
+        try:
+            with open(path, "rb") as fh:
+                data = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            continue
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{os.fsdecode(path)}: cannot be read as YAML: {exc}") from exc
+        return _sync_settings(data, os.fsdecode(path))
+    return None
+
+
+def _sync_settings(data: object, where: str) -> RepoSettings:
+    sync = data.get("sync_settings") if isinstance(data, dict) else None
+    if sync is None:
+        return RepoSettings()
+    if not isinstance(sync, dict):
+        raise ConfigError(f"{where}: sync_settings must be a mapping")
+    patterns = sync.get("ignore_patterns") or []
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"{where}: sync_settings.ignore_patterns must be a list of strings")
+
+    def dur(key: str) -> float | None:
+        value = sync.get(key)
+        return None if value is None else parse_duration(f"{where}: {key}", str(value))
+
+    return RepoSettings(
+        ignore_patterns=tuple(patterns),
+        quick_scan_interval_s=dur("quick_scan_interval"),
+        full_scan_interval_s=dur("full_scan_interval"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SyncMetrics:
+    """The seed's SyncMetrics, over every repository this manager runs."""
+
+    watched_repositories: int
+    watched_directories: int
+    events_processed: int
+    events_ignored: int
+    event_latency_ms: float
+    last_reconciliation: datetime | None
+    reconciliation_duration_s: float
+    files_scanned: int
+    files_added: int
+    files_updated: int
+    files_removed: int
+    reconciliation_errors: int
+    reconciliations_queued: int
+    degraded_repositories: int
+    offline_repositories: int
+
+
+@dataclass(order=True)
+class _Request:
+    priority: float
+    seq: int
+    repo_id: UUID = field(compare=False)
+    prefix: RelPath = field(compare=False)
+    op_type: OperationType = field(compare=False)
+    reason: str = field(compare=False)
+    verify: bool = field(compare=False, default=False)
+
+
+@dataclass
+class _RepoRuntime:
+    repo: Repository
+    network: bool = False
+    last_event: float = 0.0
+    last_quick: float = 0.0
+    last_full: float = 0.0
+    last_offline_check: float = 0.0
+
+
+class SyncManager:
+    """Orchestrates the watcher and the reconciliation scanner for every repository.
+
+    Args:
+        ledger: the library API over the store.
+        settings: the configuration.
+        live_factory: builds the tier-1 watcher; ``None`` runs reconciliation only.
+        clock: local wall-clock time (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        settings: Settings,
+        live_factory: LiveFactory | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now().astimezone(),
+    ) -> None:
+        self.ledger = ledger
+        self.settings = settings
+        self.clock = clock
+        self.live: LiveSource | None = (
+            live_factory(ledger, settings, self._on_resync) if live_factory else None
+        )
+        self._repos: dict[UUID, _RepoRuntime] = {}
+        self._queue: list[_Request] = []
+        self._queued: dict[tuple[UUID, RelPath, bool], _Request] = {}
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._busy: UUID | None = None
+        self._last_daily: date | None = None
+        self._last_periodic = time.monotonic()
+        self._last_repo_poll = 0.0
+        self._last_stats: ScanStats | None = None
+        self._last_reconciliation: datetime | None = None
+        self._reconciliation_errors = 0
+        self._totals = ScanStats()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Recover interrupted operations, queue a startup reconciliation of every repository,
+        start watching, and start the worker and scheduler threads."""
+        self.ledger.recover_interrupted()
+        daily = self.settings.daily_at
+        if daily is not None and self.clock().time() < daily:
+            # Started before today's run time: today's run is still due (a later start
+            # counts the startup reconciliation as today's).
+            self._last_daily = date.min
+        if self.live is not None:
+            self.live.start()
+        for repo in self.ledger.list_repositories():
+            self._attach(repo, OperationType.STARTUP)
+        self._spawn(self._worker, "fsledger-reconcile")
+        self._spawn(self._scheduler, "fsledger-scheduler")
+        log.info("Sync manager started successfully")
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Flush pending events, finish the running reconciliation's batch, stop every thread."""
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        if self.live is not None:
+            self.live.stop()
+        for t in self._threads:
+            t.join(timeout)
+        log.info("Sync manager stopped")
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no reconciliation is queued or running (tests, ``run --once``)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._queue or self._busy is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.1))
+        return True
+
+    # --- repositories -------------------------------------------------------------------
+    def add_repository(self, path: str | bytes, name: str | None = None) -> Repository:
+        """Register a directory, queue its initial scan and start watching it."""
+        repo = self.ledger.add_repository(path, name)
+        self._attach(repo, OperationType.STARTUP)
+        return repo
+
+    def remove_repository(self, repo_id: UUID, purge: bool = False) -> None:
+        runtime = self._repos.get(repo_id)
+        if runtime is None:
+            raise FsledgerError(f"repository {repo_id} not found")
+        self._detach(repo_id)
+        self.ledger.remove_repository(runtime.repo, purge)
+
+    def trigger_reconciliation(
+        self, repo_id: UUID, *, verify: bool = False, reason: str = "manual"
+    ) -> None:
+        """Queue a reconciliation of a repository, ahead of scheduled ones."""
+        runtime = self._repos.get(repo_id)
+        if runtime is None:
+            raise FsledgerError(f"repository {repo_id} not found")
+        self._enqueue(runtime.repo, b"", OperationType.RECONCILIATION, reason, 0.0, verify)
+
+    def get_sync_status(self, repo_id: UUID) -> SyncStatus:
+        runtime = self._repos.get(repo_id)
+        repo = runtime.repo if runtime else self.ledger.store.get_repository(repo_id)
+        if repo is None:
+            raise FsledgerError(f"repository {repo_id} not found")
+        watching = self.live is not None and self.live.is_watching(repo_id)
+        return self.ledger.status(repo, is_watching=watching)
+
+    def repositories(self) -> list[Repository]:
+        return [r.repo for r in self._repos.values()]
+
+    def metrics(self) -> SyncMetrics:
+        live = getattr(self.live, "metrics", None)
+        last = self._last_stats or ScanStats()
+        latency = getattr(live, "latency_p50", None)
+        return SyncMetrics(
+            watched_repositories=getattr(live, "watched_repositories", 0),
+            watched_directories=getattr(live, "watched_directories", 0),
+            events_processed=getattr(live, "events_processed", 0),
+            events_ignored=getattr(live, "events_ignored", 0),
+            event_latency_ms=float(latency() if callable(latency) else 0.0),
+            last_reconciliation=self._last_reconciliation,
+            reconciliation_duration_s=last.duration_ms / 1000,
+            files_scanned=self._totals.files_scanned,
+            files_added=self._totals.files_added,
+            files_updated=self._totals.files_updated,
+            files_removed=self._totals.files_removed,
+            reconciliation_errors=self._reconciliation_errors,
+            reconciliations_queued=len(self._queue),
+            degraded_repositories=sum(
+                1 for rid in self._repos if self.live is not None and self.live.degraded(rid)
+            ),
+            offline_repositories=sum(
+                1 for r in self._repos.values() if r.repo.state is RepoState.OFFLINE
+            ),
+        )
+
+    def _with_yaml(self, repo: Repository) -> Repository:
+        try:
+            extra = load_repo_yaml(repo.root)
+        except ConfigError as exc:
+            log.error("Repository %s: %s (using stored settings)", repo.id, exc)
+            return repo
+        if extra is None:
+            return repo
+        merged = RepoSettings(
+            ignore_patterns=tuple(
+                dict.fromkeys(repo.settings.ignore_patterns + extra.ignore_patterns)
+            ),
+            quick_scan_interval_s=extra.quick_scan_interval_s
+            or repo.settings.quick_scan_interval_s,
+            full_scan_interval_s=extra.full_scan_interval_s or repo.settings.full_scan_interval_s,
+        )
+        if merged != repo.settings:
+            repo = replace(repo, settings=merged)
+            self.ledger.store.update_repository(repo)
+        return repo
+
+    def _attach(self, repo: Repository, op_type: OperationType) -> None:
+        repo = self._with_yaml(repo)
+        runtime = _RepoRuntime(repo, network=_network(repo.root))
+        now = time.monotonic()
+        runtime.last_quick = runtime.last_full = now
+        self._repos[repo.id] = runtime
+        if self.live is not None and not runtime.network:
+            try:
+                self.live.add(repo)
+            except FsledgerError as exc:
+                log.warning("Repository %s is not watched live: %s", repo.id, exc)
+        elif runtime.network:
+            log.warning(
+                "Repository %s is on a network filesystem, where inotify sees no changes made by "
+                "other machines: polling it every %.0fs instead",
+                repo.id,
+                self._network_interval(repo),
+            )
+        log.info("Repository %s added to sync manager", repo.id)
+        self._enqueue(repo, b"", op_type, "startup", 1.0)
+
+    def _detach(self, repo_id: UUID) -> None:
+        self._repos.pop(repo_id, None)
+        if self.live is not None:
+            self.live.remove(repo_id)
+        with self._cv:
+            self._queue = [r for r in self._queue if r.repo_id != repo_id]
+            heapq.heapify(self._queue)
+            self._queued = {k: v for k, v in self._queued.items() if k[0] != repo_id}
+        log.info("Repository %s removed from sync manager", repo_id)
+
+    def _network_interval(self, repo: Repository) -> float:
+        return repo.settings.quick_scan_interval_s or NETWORK_POLL_S
+
+    # --- requests -----------------------------------------------------------------------
+    def _on_resync(self, repo: Repository, prefix: RelPath, reason: str) -> None:
+        """Called by the watcher (any thread): events were lost or the root went away."""
+        runtime = self._repos.get(repo.id)
+        if runtime is not None:
+            runtime.last_event = time.monotonic()
+        log.warning("Repository %s needs a reconciliation: %s", repo.id, reason)
+        self._enqueue(repo, prefix, OperationType.RECONCILIATION, reason, 0.5)
+
+    def note_event(self, repo_id: UUID) -> None:
+        """Remember that a repository just had live events (priority processing)."""
+        if (runtime := self._repos.get(repo_id)) is not None:
+            runtime.last_event = time.monotonic()
+
+    def _enqueue(
+        self,
+        repo: Repository,
+        prefix: RelPath,
+        op_type: OperationType,
+        reason: str,
+        base_priority: float,
+        verify: bool = False,
+    ) -> None:
+        runtime = self._repos.get(repo.id)
+        # Repositories with recent events come first: lower is sooner.
+        recency = time.monotonic() - runtime.last_event if runtime and runtime.last_event else 1e9
+        priority = base_priority + min(recency, 1e9) / 1e10
+        key = (repo.id, prefix, verify)
+        with self._cv:
+            if key in self._queued:
+                return
+            req = _Request(priority, next(self._seq), repo.id, prefix, op_type, reason, verify)
+            heapq.heappush(self._queue, req)
+            self._queued[key] = req
+            self._cv.notify_all()
+
+    # --- threads ------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            with self._cv:
+                while not self._queue and not self._stop.is_set():
+                    self._cv.wait(1.0)
+                if self._stop.is_set():
+                    return
+                req = heapq.heappop(self._queue)
+                self._queued.pop((req.repo_id, req.prefix, req.verify), None)
+                self._busy = req.repo_id
+            try:
+                self._run_request(req)
+            finally:
+                with self._cv:
+                    self._busy = None
+                    self._cv.notify_all()
+
+    def _run_request(self, req: _Request) -> None:
+        runtime = self._repos.get(req.repo_id)
+        if runtime is None:
+            return
+        repo = self.ledger.store.get_repository(req.repo_id) or runtime.repo
+        repo = replace(repo, settings=runtime.repo.settings)
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                stats = self.ledger.scan(
+                    repo, op_type=req.op_type, verify=req.verify, prefix=req.prefix
+                )
+            except RootUnavailable as exc:
+                self._reconciliation_errors += 1
+                runtime.repo = replace(runtime.repo, state=RepoState.OFFLINE)
+                log.error("Repository %s is offline, records kept: %s", repo.id, exc)
+                return
+            except StoreError as exc:
+                # The database went away: wait and retry, the files will still be there.
+                attempt += 1
+                self._reconciliation_errors += 1
+                delay = min(60.0, 0.5 * 2**attempt)
+                log.error(
+                    "Reconciliation failed for %s: %s (retrying in %.0fs)", repo.id, exc, delay
+                )
+                if self._stop.wait(delay):
+                    return
+                continue
+            except Exception:
+                self._reconciliation_errors += 1
+                log.exception("Reconciliation failed for repository %s", repo.id)
+                return
+            self._record(stats)
+            if runtime.repo.state is not RepoState.ONLINE:
+                runtime.repo = replace(runtime.repo, state=RepoState.ONLINE)
+                if self.live is not None and not runtime.network:
+                    self.live.remove(repo.id)
+                    self.live.add(runtime.repo)
+            return
+
+    def _record(self, stats: ScanStats) -> None:
+        self._last_stats = stats
+        self._last_reconciliation = datetime.now().astimezone()
+        t = self._totals
+        t.files_scanned += stats.files_scanned
+        t.files_added += stats.files_added
+        t.files_updated += stats.files_updated
+        t.files_removed += stats.files_removed
+
+    def _scheduler(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("Scheduler tick failed")
+
+    def tick(self) -> None:
+        """Queue whatever is due now. Called once a second by the scheduler thread."""
+        now = time.monotonic()
+        if now - self._last_repo_poll >= REPO_POLL_S:
+            self._last_repo_poll = now
+            self._sync_repo_list()
+        interval = self.settings.reconciliation_interval_s
+        if interval > 0:
+            if self.settings.daily_at is not None and interval == 24 * 3600:
+                local = self.clock()
+                # Once per local date, at or after the time of day: a DST jump can neither
+                # skip the run nor make it run twice.
+                if local.time() >= self.settings.daily_at and self._last_daily != local.date():
+                    if self._last_daily is not None:
+                        self._queue_all("daily reconciliation")
+                    self._last_daily = local.date()
+            elif now - self._last_periodic >= interval:
+                self._last_periodic = now
+                self._queue_all("scheduled reconciliation")
+        for runtime in list(self._repos.values()):
+            self._tick_repo(runtime, now)
+
+    def _tick_repo(self, runtime: _RepoRuntime, now: float) -> None:
+        repo = runtime.repo
+        if repo.state is RepoState.OFFLINE:
+            if now - runtime.last_offline_check >= OFFLINE_POLL_S:
+                runtime.last_offline_check = now
+                if os.path.isdir(repo.root):
+                    log.info("Repository %s: root is back, reconciling", repo.id)
+                    self._enqueue(repo, b"", OperationType.RECONCILIATION, "root returned", 0.5)
+            return
+        quick = repo.settings.quick_scan_interval_s
+        if runtime.network:
+            quick = quick or NETWORK_POLL_S
+        elif self.live is not None and self.live.degraded(repo.id):
+            quick = quick or max(60.0, min(self.settings.reconciliation_interval_s, 3600.0))
+        if quick and now - runtime.last_quick >= quick:
+            runtime.last_quick = now
+            self._enqueue(repo, b"", OperationType.RECONCILIATION, "quick scan", 2.0)
+        full = repo.settings.full_scan_interval_s
+        if full and now - runtime.last_full >= full:
+            runtime.last_full = now
+            self._enqueue(repo, b"", OperationType.RECONCILIATION, "full scan", 3.0, verify=True)
+
+    def _queue_all(self, reason: str) -> None:
+        for runtime in list(self._repos.values()):
+            log.info("Starting %s for repository %s", reason, runtime.repo.id)
+            self._enqueue(runtime.repo, b"", OperationType.RECONCILIATION, reason, 2.0)
+
+    def _sync_repo_list(self) -> None:
+        """Pick up repositories added or removed by another process (the CLI)."""
+        try:
+            stored = {r.id: r for r in self.ledger.list_repositories()}
+        except StoreError as exc:
+            log.warning("Cannot re-read the repository list: %s", exc)
+            return
+        for rid in [rid for rid in self._repos if rid not in stored]:
+            self._detach(rid)
+        for rid, repo in stored.items():
+            if rid not in self._repos:
+                self._attach(repo, OperationType.STARTUP)
+
+
+def _network(root: bytes) -> bool:
+    try:
+        from fsledger.watch import is_network_fs
+    except ImportError:  # pragma: no cover - the watcher package is part of the distribution
+        return False
+    try:
+        return bool(is_network_fs(root))
+    except OSError:
+        return False
