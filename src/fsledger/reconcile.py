@@ -443,9 +443,11 @@ class _Run:
                 and old.digest is not None
                 and old.digest.algo == self.algo
                 and old.digest != digest
-                and old.stat.size == stat.size
-                and old.stat.mtime_ns == stat.mtime_ns
+                and old.stat == stat
             ):
+                # Content changed but nothing the filesystem tracks did: not size, not mtime,
+                # not even ctime (any write or utime through the kernel moves ctime, so a tool
+                # that restores mtime after an edit is a modification, not corruption).
                 self.stats.corrupt.append(os.fsdecode(entry.path))
                 log.error(
                     "Suspected silent corruption in repository %s: %s (content changed, size "

@@ -58,6 +58,14 @@ class PostgresStore(SqlStore):
 
     def __init__(self, url: str, max_connections: int = 4, connect_timeout: float = 10.0) -> None:
         self.url = url
+        # One direct attempt first: it fails at once with the server's own reason (refused,
+        # unknown database, auth), where the pool would keep retrying until its timeout.
+        try:
+            psycopg.connect(url, connect_timeout=max(1, int(connect_timeout))).close()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(
+                f"PostgreSQL at {_redact(url)} cannot be reached: {' '.join(str(exc).split())}"
+            ) from exc
         self._pool = ConnectionPool(
             url,
             min_size=1,
