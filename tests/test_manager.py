@@ -1,0 +1,226 @@
+"""The SyncManager: startup reconciliation, schedules, repositories picked up from another process,
+offline roots, per-repository YAML. Reconciliation-only here; the watcher has its own tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from fsledger.config import Settings
+from fsledger.errors import ConfigError
+from fsledger.ledger import Ledger
+from fsledger.manager import SyncManager, load_repo_yaml
+from fsledger.model import OperationType, RepoState
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached before the deadline")
+        time.sleep(0.02)
+
+
+def on_disk(root: Path) -> set[bytes]:
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
+        dirnames[:] = [d for d in dirnames if not d.startswith(b".")]
+        for name in filenames:
+            if not name.startswith(b"."):
+                out.add(os.path.relpath(os.path.join(dirpath, name), os.fsencode(root)))
+    return out
+
+
+class Clock:
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(database_url="sqlite://" + str(tmp_path / "m.db"), max_concurrency=2)
+
+
+@pytest.fixture
+def ledger(settings: Settings) -> Iterator[Ledger]:
+    with Ledger(settings) as led:
+        yield led
+
+
+def make_photos(root: Path, n: int = 5) -> Path:
+    (root / "album").mkdir(parents=True)
+    for i in range(n):
+        (root / "album" / f"{i}.jpg").write_bytes(bytes([i]) * (100 + i))
+    return root
+
+
+def test_startup_reconciliation_catches_changes_made_while_stopped(ledger, settings, tmp_path):
+    root = make_photos(tmp_path / "photos")
+    repo = ledger.add_repository(root)
+    ledger.scan(repo)
+    (root / "album" / "0.jpg").unlink()
+    (root / "album" / "new.jpg").write_bytes(b"new")
+    manager = SyncManager(ledger, settings)
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        assert {r.path for r in ledger.files(repo)} == on_disk(root)
+        ops = ledger.operations(repo)
+        assert ops[0].operation_type is OperationType.STARTUP
+        status = manager.get_sync_status(repo.id)
+        assert status.total_files == 5 and not status.is_watching
+    finally:
+        manager.stop()
+
+
+def test_repository_added_by_another_process_is_picked_up(ledger, settings, tmp_path):
+    manager = SyncManager(ledger, settings)
+    manager.start()
+    try:
+        root = make_photos(tmp_path / "later")
+        with Ledger(settings) as other:  # as the CLI in another process would
+            repo = other.add_repository(root)
+        wait_for(lambda: any(r.id == repo.id for r in manager.repositories()))
+        wait_for(lambda: ledger.store.count_records(repo.id) == 5)
+        with Ledger(settings) as other:
+            other.remove_repository(repo)
+        wait_for(lambda: not manager.repositories())
+    finally:
+        manager.stop()
+
+
+def test_daily_run_once_per_local_date_even_across_dst(ledger, settings, tmp_path):
+    root = make_photos(tmp_path / "p")
+    repo = ledger.add_repository(root)
+    tz = timezone(timedelta(hours=1))
+    clock = Clock(datetime(2026, 10, 24, 1, 0, tzinfo=tz))
+    manager = SyncManager(ledger, settings, clock=clock)
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+
+        def reconciliations() -> int:
+            return sum(
+                1
+                for op in ledger.operations(repo, 100)
+                if op.operation_type is OperationType.RECONCILIATION
+            )
+
+        manager.tick()
+        assert manager.wait_idle(30) and reconciliations() == 0  # 01:00: not yet
+        clock.now = datetime(2026, 10, 24, 2, 0, tzinfo=tz)
+        manager.tick()
+        assert manager.wait_idle(30) and reconciliations() == 1
+        manager.tick()
+        assert manager.wait_idle(30) and reconciliations() == 1  # not twice
+        # Fall back: 02:30 happens twice on the 25th; the run happens once.
+        clock.now = datetime(2026, 10, 25, 2, 30, tzinfo=tz)
+        manager.tick()
+        assert manager.wait_idle(30)
+        clock.now = datetime(2026, 10, 25, 2, 30, tzinfo=timezone(timedelta(hours=0)))
+        manager.tick()
+        assert manager.wait_idle(30) and reconciliations() == 2
+    finally:
+        manager.stop()
+
+
+def test_daily_run_not_repeated_when_started_after_run_time(ledger, settings, tmp_path):
+    repo = ledger.add_repository(make_photos(tmp_path / "p"))
+    clock = Clock(datetime(2026, 3, 1, 10, 0).astimezone())
+    manager = SyncManager(ledger, settings, clock=clock)
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        manager.tick()
+        assert manager.wait_idle(30)
+        types = [op.operation_type for op in ledger.operations(repo, 10)]
+        assert types == [OperationType.STARTUP]  # the startup run counts as today's
+    finally:
+        manager.stop()
+
+
+def test_offline_root_keeps_records_and_resumes_when_back(ledger, settings, tmp_path):
+    root = make_photos(tmp_path / "mnt")
+    repo = ledger.add_repository(root)
+    ledger.scan(repo)
+    manager = SyncManager(ledger, settings)
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        shutil.move(root, tmp_path / "unmounted")
+        manager.trigger_reconciliation(repo.id)
+        assert manager.wait_idle(30)
+        assert ledger.store.get_repository(repo.id).state is RepoState.OFFLINE
+        assert ledger.store.count_records(repo.id) == 5  # nothing deleted
+        assert manager.get_sync_status(repo.id).repository.state is RepoState.OFFLINE
+        shutil.move(tmp_path / "unmounted", root)
+        (root / "album" / "while-away.jpg").write_bytes(b"w")
+        wait_for(lambda: ledger.store.count_records(repo.id) == 6, timeout=30)
+        assert ledger.store.get_repository(repo.id).state is RepoState.ONLINE
+        assert metrics_offline(manager) == 0
+    finally:
+        manager.stop()
+
+
+def metrics_offline(manager: SyncManager) -> int:
+    return manager.metrics().offline_repositories
+
+
+def test_repository_yaml_sync_settings(ledger, settings, tmp_path):
+    root = make_photos(tmp_path / "p")
+    (root / "album" / "0.xmp").write_bytes(b"sidecar")
+    (root / ".fsledger.yaml").write_text(
+        "sync_settings:\n"
+        '  quick_scan_interval: "5m"\n'
+        '  full_scan_interval: "1h"\n'
+        '  ignore_patterns: ["*.xmp"]\n'
+    )
+    loaded = load_repo_yaml(os.fsencode(root))
+    assert loaded is not None
+    assert loaded.quick_scan_interval_s == 300 and loaded.full_scan_interval_s == 3600
+    repo = ledger.add_repository(root)
+    manager = SyncManager(ledger, settings)
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        paths = {r.path for r in ledger.files(repo)}
+        assert b"album/0.xmp" not in paths and len(paths) == 5
+    finally:
+        manager.stop()
+    (root / ".fsledger.yaml").write_text("sync_settings:\n  quick_scan_interval: soon\n")
+    with pytest.raises(ConfigError, match="quick_scan_interval"):
+        load_repo_yaml(os.fsencode(root))
+
+
+def test_interrupted_operation_marked_failed_at_start(ledger, settings, tmp_path):
+    import socket
+
+    from fsledger.model import OperationStatus, utcnow
+
+    repo = ledger.add_repository(make_photos(tmp_path / "p"))
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    op = ledger.store.start_operation(
+        repo.id, OperationType.RECONCILIATION, f"{socket.gethostname()}:{dead}", utcnow()
+    )
+    manager = SyncManager(ledger, settings)
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        stale = next(o for o in ledger.operations(repo, 10) if o.id == op.id)
+        assert stale.status is OperationStatus.FAILED
+        assert "interrupted" in (stale.error_message or "")
+        assert not ledger.store.running_operations()
+    finally:
+        manager.stop()
