@@ -149,6 +149,27 @@ class HashPool:
             self._abandon()
             return [HashOutcome(None, error=f"hash timed out after {budget:.0f}s") for _ in paths]
 
+    def hash_here(self, paths: Sequence[bytes], sizes: Sequence[int]) -> list[HashOutcome]:
+        """Hash a few files without worker processes, still within the budget.
+
+        The work runs in a daemon thread: a read stuck on a dead network mount cannot be
+        interrupted, but it can be left behind.
+        """
+        box: list[list[HashOutcome]] = []
+        worker = threading.Thread(
+            target=lambda: box.append(hash_many(paths, self.algo)),
+            name="hash-inline",
+            daemon=True,
+        )
+        worker.start()
+        budget = self.budget(sizes)
+        worker.join(budget)
+        if box:
+            return box[0]
+        for p in paths:
+            log.warning("Failed to calculate hash for %s: timeout after %.0fs", p, budget)
+        return [HashOutcome(None, error=f"hash timed out after {budget:.0f}s") for _ in paths]
+
     def _abandon(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None

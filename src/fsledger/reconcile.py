@@ -27,7 +27,7 @@ from multiprocessing.pool import AsyncResult
 
 from fsledger.config import Settings
 from fsledger.errors import GuardRefused, RootUnavailable
-from fsledger.hashing import HashOutcome, HashPool, hash_many
+from fsledger.hashing import HashOutcome, HashPool
 from fsledger.ignore import IgnoreRules
 from fsledger.model import (
     NS_PER_S,
@@ -180,7 +180,9 @@ class Reconciler:
         stats = ScanStats()
         try:
             dev = check_root(repo, has_records, writer.rules, force)
-            _Run(self, writer, stats, verify, has_records, progress, prefix).run()
+            _Run(
+                self, writer, stats, verify, has_records, progress, prefix, force=force, dev=dev
+            ).run()
         except Exception as exc:
             stats.duration_ms = int((time.monotonic() - t0) * 1000)
             if op is not None:
@@ -230,9 +232,15 @@ class _Run:
         has_records: bool,
         progress: Progress | None,
         prefix: RelPath = b"",
+        *,
+        force: bool = False,
+        dev: int | None = None,
     ) -> None:
         self.owner = owner
         self.prefix = prefix.strip(b"/")
+        self.force = force
+        self.start_dev = dev
+        """The root's device when the walk started (the guard accepted it)."""
         self.store = owner.store
         self.settings = owner.settings
         self.writer = writer
@@ -273,8 +281,14 @@ class _Run:
                 rec = next(records, None)
             if isinstance(item, Unreadable):
                 self._error(key, item.error, item.is_dir)
-                # What cannot be seen is not gone: keep its records.
-                lo = key + b"/"
+                # What cannot be seen is not gone: keep its records. A directory stands in
+                # the walk's order at ``key/``, after siblings such as ``key.txt`` whose
+                # records come first; the root (``b""``) holds every record.
+                lo = key + b"/" if key else b""
+                if item.is_dir:
+                    while rec is not None and rec.path < lo:
+                        self._absent(rec)
+                        rec = next(records, None)
                 while rec is not None and (
                     rec.path == key or (item.is_dir and rec.path.startswith(lo))
                 ):
@@ -356,7 +370,8 @@ class _Run:
         paths = [self.repo.root + b"/" + j.entry.path for j in jobs]
         if final and not self.in_flight:
             # Everything fits in one chunk: hashing here beats starting worker processes.
-            self._finish_jobs(jobs, hash_many(paths, self.algo))
+            sizes = [j.entry.stat.size for j in jobs]
+            self._finish_jobs(jobs, self.owner._hash_pool().hash_here(paths, sizes))
             return
         pool = self.owner._hash_pool()
         self.in_flight.append((jobs, pool.submit(paths)))
@@ -491,14 +506,11 @@ class _Run:
     def _apply_deletions(self) -> None:
         if not self.deletions:
             return
-        # The guard again, now that the walk is over: a root unmounted during the walk
-        # looks like a tree that lost everything.
-        check_root(self.repo, True, self.writer.rules, force=True)
-        try:
-            dev = os.stat(self.repo.root).st_dev
-        except OSError as exc:
-            raise RootUnavailable(f"root {self.repo.root_str} vanished during the scan") from exc
-        if self.repo.root_dev is not None and dev != self.repo.root_dev:
+        # The guard again, now that the walk is over: a root unmounted or emptied during the
+        # walk looks like a tree that lost everything. The device is compared with the one
+        # the walk started on, which ``force`` may have accepted in place of the recorded one.
+        dev = check_root(self.repo, True, self.writer.rules, self.force)
+        if self.start_dev is not None and dev != self.start_dev:
             raise GuardRefused(
                 f"root {self.repo.root_str} changed device during the scan; nothing was deleted"
             )
