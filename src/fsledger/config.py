@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import time
 from pathlib import Path
 
@@ -97,6 +97,18 @@ class Settings:
     hash_timeout_s: float = 60.0
     """Minimum time one file's hash may take before it is abandoned (plus 20 s per GiB)."""
     log_level: str = "INFO"
+    listen: str = "127.0.0.1:8750"
+    """Where ``fsledger run`` serves HTTP (HOST:PORT)."""
+    api_token: str | None = field(default=None, repr=False)
+    """Bearer token of the HTTP API; required to listen beyond loopback."""
+    webhooks: tuple[str, ...] = ()
+    """URLs that receive batches of the change feed."""
+    webhook_secret: str | None = field(default=None, repr=False)
+    """Key of the HMAC-SHA256 signature on every webhook delivery."""
+    feed_retention_s: float = 30 * 86400.0
+    """Change-feed entries older than this are pruned; 0 keeps them by age."""
+    feed_retention_entries: int = 1_000_000
+    """At most this many recent sequence numbers are kept; 0 keeps them by count."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -137,6 +149,25 @@ class Settings:
                     "WARNING or ERROR"
                 )
             kw["log_level"] = v.upper()
+        if v := env.get("FSLEDGER_LISTEN"):
+            kw["listen"] = v
+        if v := env.get("FSLEDGER_API_TOKEN"):
+            if len(v) < 16:
+                raise ConfigError(
+                    "FSLEDGER_API_TOKEN is too short: use at least 16 random characters "
+                    "(e.g. from 'python3 -c \"import secrets; print(secrets.token_urlsafe())\"')"
+                )
+            kw["api_token"] = v
+        if v := env.get("FSLEDGER_WEBHOOKS"):
+            kw["webhooks"] = tuple(u for u in re.split(r"[\s,]+", v) if u)
+        if v := env.get("FSLEDGER_WEBHOOK_SECRET"):
+            kw["webhook_secret"] = v
+        if v := env.get("FSLEDGER_FEED_RETENTION"):
+            kw["feed_retention_s"] = parse_duration("FSLEDGER_FEED_RETENTION", v)
+        if v := env.get("FSLEDGER_FEED_RETENTION_ENTRIES"):
+            kw["feed_retention_entries"] = parse_int(
+                "FSLEDGER_FEED_RETENTION_ENTRIES", v, 0, 1 << 62
+            )
         settings = cls(**kw)  # type: ignore[arg-type]
         clean = {k: v for k, v in overrides.items() if v is not None}
         return replace(settings, **clean) if clean else settings  # type: ignore[arg-type]

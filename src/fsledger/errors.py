@@ -8,7 +8,8 @@ FsledgerError                 exit code 1 unless a subclass says otherwise
 │   └── GuardRefused          the mass-deletion guard refused a scan (exit 4)
 ├── StoreError                the database failed
 │   └── StoreUnavailable      the database cannot be reached (after retries)
-└── CorruptionFound           ``scan --verify`` found silent corruption (exit 3)
+├── CorruptionFound           ``scan --verify`` found silent corruption (exit 3)
+└── ResyncNeeded              a change-feed cursor is older than the retention window (exit 5)
 """
 
 from __future__ import annotations
@@ -54,3 +55,15 @@ class StoreUnavailable(StoreError):
 
 class CorruptionFound(FsledgerError):
     exit_code = 3
+
+
+class ResyncNeeded(FsledgerError):
+    """A change-feed cursor predates what the feed still holds (retention pruned it, or it is
+    from another database). The reader must list the files again, then follow the feed from
+    ``cursor``, which was taken before the listing so no change falls in between."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, cursor: str) -> None:
+        super().__init__(message)
+        self.cursor = cursor

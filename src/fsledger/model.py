@@ -52,6 +52,10 @@ class ChangeKind(enum.StrEnum):
     """A file moved from ``old_path`` to ``path``, content unchanged."""
     DIR_MOVED = "dir_moved"
     """Every record below ``old_path/`` now lives below ``path/``."""
+    REPO_OFFLINE = "repository_offline"
+    """Feed only: the repository's root became unavailable (records are kept). ``path`` is empty."""
+    REPO_ONLINE = "repository_online"
+    """Feed only: the repository's root is back."""
 
 
 class OperationType(enum.StrEnum):
@@ -155,6 +159,8 @@ class Change:
             raise ValueError(f"{self.kind} change for {self.path!r}: record mismatch")
         if (self.kind in (ChangeKind.MOVED, ChangeKind.DIR_MOVED)) != (self.old_path is not None):
             raise ValueError(f"{self.kind} change for {self.path!r}: old_path mismatch")
+        if self.kind in (ChangeKind.REPO_OFFLINE, ChangeKind.REPO_ONLINE):
+            raise ValueError(f"{self.kind} is a feed event of the store, not a change to apply")
 
     @property
     def in_feed(self) -> bool:
@@ -192,6 +198,57 @@ class FeedEntry:
             out["old_path"] = old["path"]
             out["old_path_b64"] = old["path_b64"]
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class FeedInfo:
+    """Where the change feed stands.
+
+    ``feed_id`` is random per database, so a cursor from another database (or from one that
+    was recreated) is recognised instead of silently matching other sequence numbers.
+    Entries with ``seq <= pruned_through`` may have been removed by retention: a reader
+    whose cursor is older must resync.
+    """
+
+    feed_id: str
+    pruned_through: int
+    latest_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateFile:
+    """One member of a group of files with the same content."""
+
+    repository_id: UUID
+    path: RelPath
+
+    def to_json(self) -> dict[str, Any]:
+        return {"repository_id": str(self.repository_id), **path_to_json(self.path)}
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateGroup:
+    """Files sharing one content hash (of one algorithm)."""
+
+    content_hash: str
+    hash_algo: str
+    size: int
+    files: tuple[DuplicateFile, ...]
+
+    @property
+    def wasted_bytes(self) -> int:
+        """What keeping one copy would save."""
+        return self.size * (len(self.files) - 1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hash": self.content_hash,
+            "hash_algo": self.hash_algo,
+            "size": self.size,
+            "count": len(self.files),
+            "wasted_bytes": self.wasted_bytes,
+            "files": [f.to_json() for f in self.files],
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +323,8 @@ class ScanStats:
     unsettled: int = 0
     """Files that changed while they were being looked at; the next pass settles them."""
     errors: list[str] = field(default_factory=list)
+    """The first errors (up to a thousand), as "path: what happened"."""
+    error_count: int = 0
     corrupt: list[str] = field(default_factory=list)
     duration_ms: int = 0
 
@@ -282,6 +341,7 @@ class ScanStats:
             "skipped_special": self.skipped_special,
             "unsettled": self.unsettled,
             "errors": list(self.errors),
+            "error_count": max(self.error_count, len(self.errors)),
             "corrupt": list(self.corrupt),
             "duration_ms": self.duration_ms,
         }

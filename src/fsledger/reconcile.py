@@ -56,6 +56,9 @@ INITIAL_BATCH = 5000
 """Changes per transaction while a repository is first indexed (RECONCILIATION_BATCH_SIZE
 bounds the incremental work; the first index would be slowed by 100-row transactions)."""
 
+MAX_ERRORS_KEPT = 1000
+"""Errors listed in a scan's stats and logged one by one; the rest are only counted."""
+
 Progress = Callable[[ScanStats], None]
 
 
@@ -315,8 +318,12 @@ class _Run:
 
     def _error(self, path: RelPath, message: str, is_dir: bool = False) -> None:
         text = f"{os.fsdecode(path) or '.'}{'/' if is_dir else ''}: {message}"
-        self.stats.errors.append(text)
-        log.warning("Repository %s: %s", self.repo.id, text)
+        self.stats.error_count += 1
+        # A tree of a million unreadable files must not become a million-entry list.
+        if len(self.stats.errors) < MAX_ERRORS_KEPT:
+            self.stats.errors.append(text)
+        if self.stats.error_count <= MAX_ERRORS_KEPT:
+            log.warning("Repository %s: %s", self.repo.id, text)
 
     def _absent(self, rec: FileRecord) -> None:
         if rec.path not in self.moved_from:
