@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint unit bench bench-quick clean
+.PHONY: install system-deps run test lint unit bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Debian packages the tests and benchmarks drive (rsync, git, chromium, b3sum); needs root.
+system-deps:
+	bash .ci/system-deps
 
 run: $(STAMP)
 	@if [ -n "$(PHOTOS)" ]; then \
@@ -28,7 +32,7 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-test: lint unit
+test: system-deps lint unit
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
