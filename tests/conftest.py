@@ -1,0 +1,105 @@
+"""Shared fixtures: one store per backend (SQLite and PostgreSQL), settings and a ledger.
+
+Every test that takes ``store``, ``store_url``, ``settings`` or ``ledger`` runs twice, once
+per backend. PostgreSQL is the real server at 127.0.0.1:5432 (user ``postgres``, trust
+auth, database ``test``); each test gets a fresh schema, dropped afterwards. When the
+server cannot be reached the PostgreSQL half is skipped locally, and fails under CI
+(``CI=true``), where a silently skipped backend would hide regressions.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from fsledger.config import Settings
+from fsledger.ledger import Ledger
+from fsledger.store import Store, open_store
+
+PG_ADMIN_URL = os.environ.get("FSLEDGER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+BACKENDS = ("sqlite", "postgres")
+
+
+def make_settings(url: str, **overrides: Any) -> Settings:
+    """Settings for tests: the given database, two hashing workers, plus ``overrides``."""
+    kw: dict[str, Any] = {"database_url": url, "max_concurrency": 2}
+    kw.update(overrides)
+    return Settings(**kw)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    """The PostgreSQL admin URL, once it is known to answer (checked once per session)."""
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        message = f"PostgreSQL at {PG_ADMIN_URL} is unreachable: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} (CI=true: the PostgreSQL store must be tested)")
+        pytest.skip(message)
+    return PG_ADMIN_URL
+
+
+def _pg_schema_url(admin_url: str, schema: str) -> str:
+    sep = "&" if "?" in admin_url else "?"
+    return f"{admin_url}{sep}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL naming an empty database: a SQLite file in ``tmp_path``, or a fresh PostgreSQL
+    schema (dropped with everything in it at teardown)."""
+    if request.param == "sqlite":
+        yield "sqlite://" + str(tmp_path / "ledger.db")
+        return
+    admin: str = request.getfixturevalue("pg_admin_url")
+    schema = f"fsl_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield _pg_schema_url(admin, schema)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    """An open, migrated store of the backend ``store_url`` names (parametrized through it:
+    ``[sqlite]`` and ``[postgres]``)."""
+    s = open_store(store_url)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def settings(store_url: str) -> Settings:
+    return make_settings(store_url)
+
+
+@pytest.fixture
+def ledger(settings: Settings, store: Store) -> Iterator[Ledger]:
+    """A ledger on ``store``. Its hashing workers are stopped at teardown; the store is
+    closed by its own fixture."""
+    led = Ledger(settings, store)
+    try:
+        yield led
+    finally:
+        led.reconciler.close()
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> bytes:
+    """An empty directory for a repository root, as bytes."""
+    root = tmp_path / "tree"
+    root.mkdir()
+    return os.fsencode(str(root))

@@ -1,0 +1,176 @@
+"""Content hashes: the right digest, errors as values, files that change while read."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import multiprocessing
+import os
+from itertools import count
+from typing import Any
+
+import blake3
+import pytest
+
+import fsledger.hashing
+from fsledger.hashing import ALGORITHMS, BLOCK, HashOutcome, HashPool, hash_file, hash_many
+from treeutil import OsWith
+
+SIZES = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17]
+
+
+def write(tree: bytes, name: bytes, data: bytes) -> bytes:
+    path = os.path.join(tree, name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_blake3_matches_the_reference(tree: bytes, size: int) -> None:
+    data = os.urandom(size)
+    path = write(tree, b"f", data)
+    out = hash_file(path)
+    assert out.hex == blake3.blake3(data).hexdigest()
+    assert out.error is None and not out.unsettled
+    st = os.lstat(path)
+    assert (out.size, out.mtime_ns, out.ctime_ns, out.inode) == (
+        size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_ino,
+    )
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_sha256_matches_hashlib(tree: bytes, size: int) -> None:
+    data = os.urandom(size)
+    out = hash_file(write(tree, b"f", data), "sha256")
+    assert out.hex == hashlib.sha256(data).hexdigest()
+
+
+def test_blake3_threads_for_big_files(tree: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fsledger.hashing, "BIG_FILE", 1024)
+    data = os.urandom(2 * BLOCK + 5)
+    assert hash_file(write(tree, b"big", data), threads=4).hex == blake3.blake3(data).hexdigest()
+
+
+def test_awkward_path(tree: bytes) -> None:
+    path = write(tree, b"\xff\xfe new\nline", b"content")
+    assert hash_file(path).hex == blake3.blake3(b"content").hexdigest()
+
+
+def test_missing_file_is_an_error_not_an_exception(tree: bytes) -> None:
+    out = hash_file(os.path.join(tree, b"missing"))
+    assert out.hex is None
+    assert out.error is not None and "errno 2" in out.error
+
+
+def test_directory_is_not_a_regular_file(tree: bytes) -> None:
+    out = hash_file(tree)
+    assert out.hex is None
+    assert out.error == "not a regular file any more"
+
+
+def test_fifo_does_not_hang(tree: bytes) -> None:
+    fifo = os.path.join(tree, b"fifo")
+    os.mkfifo(fifo)
+    out = hash_file(fifo)
+    assert out.hex is None and out.error == "not a regular file any more"
+
+
+def test_symlink_is_not_followed(tree: bytes) -> None:
+    target = write(tree, b"target", b"x")
+    link = os.path.join(tree, b"link")
+    os.symlink(target, link)
+    out = hash_file(link)
+    assert out.hex is None
+    assert out.error is not None and f"errno {errno.ELOOP}" in out.error
+
+
+def test_file_changing_while_read_is_unsettled(
+    tree: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every fstat pair disagrees (as if the file were written all the time): after a
+    second try the outcome is "unsettled", never a hash of content the file no longer has."""
+    path = write(tree, b"busy", b"data")
+    ticks = count()
+
+    def fstat(fd: int) -> os.stat_result:
+        st = os.fstat(fd)
+        return os.stat_result(list(st), {"st_mtime_ns": st.st_mtime_ns + next(ticks)})
+
+    monkeypatch.setattr(fsledger.hashing, "os", OsWith(fstat=fstat))
+    out = hash_file(path)
+    assert out.hex is None and out.unsettled and out.error is None
+
+
+def test_file_changing_once_is_hashed_again(tree: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tree, b"busy", b"data")
+    calls = count()
+
+    def fstat(fd: int) -> os.stat_result:
+        st = os.fstat(fd)
+        if next(calls) == 1:  # the first "after" differs from its "before"
+            return os.stat_result(list(st), {"st_mtime_ns": st.st_mtime_ns + 1})
+        return st
+
+    monkeypatch.setattr(fsledger.hashing, "os", OsWith(fstat=fstat))
+    out = hash_file(path)
+    assert out.hex == blake3.blake3(b"data").hexdigest()
+
+
+def test_read_error_is_an_error(tree: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tree, b"f", b"data")
+
+    def readv(fd: int, buffers: Any) -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(fsledger.hashing, "os", OsWith(readv=readv))
+    out = hash_file(path)
+    assert out.hex is None and out.error == "Input/output error (errno 5)"
+
+
+def test_hash_many_keeps_order(tree: bytes) -> None:
+    paths = [write(tree, b"f%d" % i, b"x" * i) for i in range(5)]
+    paths.insert(2, os.path.join(tree, b"missing"))
+    outs = hash_many(paths, "sha256")
+    assert [o.hex for o in outs] == [hashlib.sha256(b"x" * i).hexdigest() for i in range(2)] + [
+        None
+    ] + [hashlib.sha256(b"x" * i).hexdigest() for i in range(2, 5)]
+
+
+def test_algorithms() -> None:
+    assert set(ALGORITHMS) == {"blake3", "sha256"}
+
+
+def test_pool_hashes_in_worker_processes(tree: bytes) -> None:
+    paths = [write(tree, b"f%d" % i, os.urandom(100 + i)) for i in range(20)]
+    with HashPool(2, "blake3", 60.0) as pool:
+        result = pool.submit(paths)
+        outs = pool.collect(result, paths, [os.path.getsize(p) for p in paths])
+    for path, out in zip(paths, outs, strict=True):
+        with open(path, "rb") as f:
+            assert out.hex == blake3.blake3(f.read()).hexdigest()
+
+
+class _NeverReady:
+    def get(self, timeout: float | None = None) -> list[HashOutcome]:
+        raise multiprocessing.TimeoutError
+
+
+def test_pool_abandons_a_chunk_past_its_budget() -> None:
+    """A chunk stuck on a dead mount comes back as errors (and the pool is replaced)."""
+    pool = HashPool(1, "blake3", 0.0)
+    try:
+        outs = pool.collect(_NeverReady(), [b"/a", b"/b"], [0, 0])  # type: ignore[arg-type]
+        assert [o.hex for o in outs] == [None, None]
+        assert all(o.error and "timed out" in o.error for o in outs)
+    finally:
+        pool.close()
+
+
+def test_pool_budget_grows_with_size() -> None:
+    pool = HashPool(1, "blake3", 60.0)
+    assert pool.budget([]) == 60.0
+    assert pool.budget([1 << 30, 1 << 30]) == pytest.approx(100.0)

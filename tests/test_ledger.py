@@ -1,0 +1,228 @@
+"""The library API: repositories, the one writer per repository, status, recovery."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_settings
+from fsledger.errors import RepositoryExists, RepositoryNotFound, RootUnavailable
+from fsledger.ledger import Ledger, normalize_root
+from fsledger.model import (
+    Change,
+    ChangeKind,
+    FileRecord,
+    FileStat,
+    OperationStatus,
+    OperationType,
+    RepoSettings,
+    RepoState,
+    utcnow,
+)
+from fsledger.reconcile import owner_tag
+from fsledger.store import Store
+from treeutil import age_tree, disk_snapshot, ledger_snapshot, make_tree
+
+
+def test_normalize_root(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert normalize_root(str(tmp_path / "link")) == os.fsencode(str(real))
+    assert normalize_root(os.fsencode(str(real)) + b"/./") == os.fsencode(str(real))
+
+
+def test_add_repository(ledger: Ledger, tree: bytes) -> None:
+    repo = ledger.add_repository(tree, settings=RepoSettings(ignore_patterns=("*.xmp",)))
+    assert repo.name == "tree"
+    assert repo.root == tree
+    assert repo.state is RepoState.ONLINE
+    assert ledger.list_repositories() == [repo]
+    assert ledger.store.count_records(repo.id) == 0  # added, not scanned
+
+
+def test_add_repository_through_a_symlink_stores_the_real_root(
+    ledger: Ledger, tree: bytes, tmp_path: Path
+) -> None:
+    link = tmp_path / "via-link"
+    link.symlink_to(os.fsdecode(tree))
+    repo = ledger.add_repository(str(link), name="linked")
+    assert repo.root == tree
+
+
+def test_add_repository_refuses_what_is_not_a_directory(ledger: Ledger, tmp_path: Path) -> None:
+    with pytest.raises(RootUnavailable):
+        ledger.add_repository(tmp_path / "missing")  # type: ignore[arg-type]
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(RootUnavailable, match="not a directory"):
+        ledger.add_repository(str(tmp_path / "file"))
+    assert ledger.list_repositories() == []
+
+
+def test_add_repository_refuses_duplicates_and_nesting(ledger: Ledger, tmp_path: Path) -> None:
+    for d in ("photos/inner", "photos2", "other"):
+        (tmp_path / d).mkdir(parents=True)
+    photos = ledger.add_repository(str(tmp_path / "photos"))
+    with pytest.raises(RepositoryExists):
+        ledger.add_repository(str(tmp_path / "photos"), name="again")
+    with pytest.raises(RepositoryExists):
+        ledger.add_repository(str(tmp_path / "other"), name="photos")
+    with pytest.raises(RepositoryExists, match="overlaps"):
+        ledger.add_repository(str(tmp_path / "photos" / "inner"))
+    with pytest.raises(RepositoryExists, match="overlaps"):
+        ledger.add_repository(str(tmp_path), name="parent")
+    # "/photos2" starts with the string "/photos" but is not inside it.
+    photos2 = ledger.add_repository(str(tmp_path / "photos2"))
+    assert ledger.list_repositories() == [photos, photos2]
+
+
+def test_resolve(ledger: Ledger, tree: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = ledger.add_repository(tree, name="family")
+    assert ledger.resolve(str(repo.id)) == repo
+    assert ledger.resolve("family") == repo
+    assert ledger.resolve(os.fsdecode(tree)) == repo
+    assert ledger.resolve(os.fsdecode(tree) + "/") == repo
+    monkeypatch.chdir(os.fsdecode(os.path.dirname(tree)))
+    assert ledger.resolve("tree") == repo  # a relative path, not the name
+    with pytest.raises(RepositoryNotFound, match="family"):
+        ledger.resolve("nope")
+
+
+def test_resolve_with_no_repositories(ledger: Ledger) -> None:
+    with pytest.raises(RepositoryNotFound, match="none yet"):
+        ledger.resolve("anything")
+
+
+def test_remove_repository(ledger: Ledger, tree: bytes) -> None:
+    make_tree(tree, {"a": b"a", "b": b"b"})
+    repo = ledger.add_repository(tree)
+    ledger.scan(repo)
+    ledger.remove_repository(repo)
+    assert ledger.list_repositories() == []
+    assert ledger.store.count_records(repo.id) == 2  # kept without purge
+
+    again = ledger.add_repository(tree)
+    ledger.scan(again)
+    ledger.remove_repository(again, purge=True)
+    assert ledger.store.count_records(again.id) == 0
+    assert ledger.operations(again) == []
+
+
+def test_set_state(ledger: Ledger, store: Store, tree: bytes) -> None:
+    repo = ledger.add_repository(tree)
+    offline = ledger.set_state(repo, RepoState.OFFLINE)
+    assert offline.state is RepoState.OFFLINE
+    stored = store.get_repository(repo.id)
+    assert stored is not None and stored.state is RepoState.OFFLINE
+    assert ledger.set_state(offline, RepoState.OFFLINE) == stored
+    # A successful scan brings it back online.
+    ledger.scan(offline)
+    stored = store.get_repository(repo.id)
+    assert stored is not None and stored.state is RepoState.ONLINE
+
+
+def test_one_writer_per_repository(ledger: Ledger, tree: bytes, tmp_path: Path) -> None:
+    repo = ledger.add_repository(tree)
+    (tmp_path / "second").mkdir()
+    other = ledger.add_repository(str(tmp_path / "second"))
+    assert ledger.writer(repo) is ledger.writer(repo)
+    assert ledger.writer(repo) is not ledger.writer(other)
+    ledger.remove_repository(repo)
+    assert ledger.writer(repo) is not None  # a fresh one, if asked again
+
+
+def test_writer_drops_changes_the_disk_has_moved_past(ledger: Ledger, tree: bytes) -> None:
+    make_tree(tree, {"a.jpg": b"a"})
+    repo = ledger.add_repository(tree)
+    path = os.path.join(tree, b"a.jpg")
+    st = os.lstat(path)
+    now = FileRecord(b"a.jpg", FileStat.from_stat(st), None, utcnow())
+    stale = FileRecord(
+        b"a.jpg",
+        FileStat(st.st_size + 1, st.st_mtime_ns, st.st_ctime_ns, st.st_ino),
+        None,
+        now.last_scanned,
+    )
+    writer = ledger.writer(repo)
+    applied = writer.apply(
+        [
+            Change(ChangeKind.CREATED, b"a.jpg", stale),  # the disk says otherwise
+            Change(
+                ChangeKind.CREATED,
+                b"gone.jpg",
+                FileRecord(b"gone.jpg", now.stat, None, now.last_scanned),
+            ),
+            Change(ChangeKind.DELETED, b"a.jpg"),  # the file is still there
+        ]
+    )
+    assert applied.changes == ()
+    assert len(applied.dropped) == 3
+    assert applied.last_seq is None
+    applied = writer.apply([Change(ChangeKind.CREATED, b"a.jpg", now)])
+    assert applied.changes and applied.last_seq == ledger.store.latest_seq()
+    assert [r.path for r in ledger.files(repo)] == [b"a.jpg"]
+
+
+def test_files_below_a_prefix(ledger: Ledger, tree: bytes) -> None:
+    make_tree(tree, {"a/x": b"", "a/y/z": b"", "a.txt": b"", "a0": b"", "b": b""})
+    repo = ledger.add_repository(tree)
+    ledger.scan(repo)
+    assert [r.path for r in ledger.files(repo, b"a")] == [b"a/x", b"a/y/z"]
+    assert [r.path for r in ledger.files(repo)] == [b"a.txt", b"a/x", b"a/y/z", b"a0", b"b"]
+
+
+def test_status_and_operations(ledger: Ledger, tree: bytes) -> None:
+    make_tree(tree, {"a": b"a", "b/c": b"c"})
+    repo = ledger.add_repository(tree)
+    empty = ledger.status(repo)
+    assert (empty.total_files, empty.last_scan_time, empty.last_sync_operation) == (0, None, None)
+
+    ledger.scan(repo)
+    status = ledger.status(repo, is_watching=True)
+    assert status.total_files == 2
+    assert status.is_watching
+    assert status.last_sync_operation is not None
+    assert status.last_sync_operation.status is OperationStatus.COMPLETED
+    assert status.last_scan_time == status.last_sync_operation.start_time
+    doc = status.to_json()
+    assert doc["total_files"] == 2 and doc["state"] == "online"
+    assert [o.id for o in ledger.operations(None)] == [status.last_sync_operation.id]
+
+
+def test_recover_interrupted_marks_dead_owners_failed(ledger: Ledger, tree: bytes) -> None:
+    repo = ledger.add_repository(tree)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    host = socket.gethostname()
+    store = ledger.store
+    dead = store.start_operation(repo.id, OperationType.STARTUP, f"{host}:{child.pid}", utcnow())
+    mine = store.start_operation(repo.id, OperationType.RECONCILIATION, owner_tag(), utcnow())
+    remote = store.start_operation(repo.id, OperationType.RECONCILIATION, "elsewhere:1", utcnow())
+
+    assert ledger.recover_interrupted() == 1
+
+    ops = {o.id: o for o in ledger.operations(repo)}
+    assert ops[dead.id].status is OperationStatus.FAILED
+    assert "interrupted" in (ops[dead.id].error_message or "")
+    assert ops[dead.id].end_time is not None
+    # A live process's scan, and another host's, are left alone.
+    assert ops[mine.id].status is OperationStatus.RUNNING
+    assert ops[remote.id].status is OperationStatus.RUNNING
+    assert ledger.recover_interrupted() == 0
+
+
+def test_ledger_opens_its_own_store(store_url: str, tree: bytes) -> None:
+    make_tree(tree, {"a": b"a"})
+    age_tree(tree)
+    with Ledger(make_settings(store_url)) as led:
+        repo = led.add_repository(tree)
+        led.scan(repo)
+        assert ledger_snapshot(led, repo) == disk_snapshot(tree)
+    with Ledger(make_settings(store_url)) as led:  # a second process, later
+        (again,) = led.list_repositories()
+        assert ledger_snapshot(led, again) == disk_snapshot(tree)

@@ -1,0 +1,553 @@
+"""The ``Store`` contract, run against SQLite and PostgreSQL through one fixture."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import pytest
+
+from fsledger.errors import RepositoryExists
+from fsledger.model import (
+    Change,
+    ChangeKind,
+    Digest,
+    FileRecord,
+    FileStat,
+    OperationStatus,
+    OperationType,
+    RelPath,
+    RepoSettings,
+    Repository,
+    RepoState,
+    ScanStats,
+)
+from fsledger.store import Store, open_store
+from fsledger.store.migrations import POSTGRES, SQLITE
+from fsledger.store.sql import SqlStore
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+_inodes = itertools.count(1000)
+
+
+def make_repo(name: str = "photos", root: bytes = b"/srv/photos", **kw: Any) -> Repository:
+    return Repository(id=uuid.uuid4(), name=name, root=root, created_at=T0, **kw)
+
+
+def make_record(
+    path: RelPath,
+    size: int = 10,
+    mtime_ns: int = 1_700_000_000_123_456_789,
+    inode: int | None = None,
+    digest: str | None = "ab" * 32,
+    algo: str = "blake3",
+    scanned: datetime = T0,
+) -> FileRecord:
+    return FileRecord(
+        path=path,
+        stat=FileStat(size, mtime_ns, mtime_ns + 1, next(_inodes) if inode is None else inode),
+        digest=Digest(algo, digest) if digest is not None else None,
+        last_scanned=scanned,
+    )
+
+
+def created(*paths: RelPath) -> list[Change]:
+    return [Change(ChangeKind.CREATED, p, make_record(p)) for p in paths]
+
+
+def all_records(store: Store, repo: Repository) -> dict[RelPath, FileRecord]:
+    return {r.path: r for r in store.iter_records(repo.id)}
+
+
+@pytest.fixture
+def repo(store: Store) -> Repository:
+    r = make_repo()
+    store.add_repository(r)
+    return r
+
+
+def _migration_versions(store: Store) -> list[int]:
+    with cast(SqlStore, store)._tx() as cur:
+        cur.execute("SELECT version FROM schema_migrations ORDER BY version")
+        return [int(row[0]) for row in cur.fetchall()]
+
+
+# --- migrations -----------------------------------------------------------------------
+
+
+def test_migrates_an_empty_database_and_reopens_idempotently(store_url: str) -> None:
+    first = open_store(store_url)
+    try:
+        expected = list(range(1, len(SQLITE if store_url.startswith("sqlite") else POSTGRES) + 1))
+        assert _migration_versions(first) == expected
+        assert first.list_repositories() == []
+        assert first.latest_seq() == 0
+        repo = make_repo()
+        first.add_repository(repo)
+        first.apply(repo.id, created(b"kept.jpg"))
+    finally:
+        first.close()
+
+    second = open_store(store_url)  # migrating again must be a no-op that keeps the data
+    try:
+        assert _migration_versions(second) == expected
+        assert second.list_repositories() == [repo]
+        assert list(all_records(second, repo)) == [b"kept.jpg"]
+    finally:
+        second.close()
+
+
+def test_two_open_stores_on_one_database_see_each_other(store_url: str, store: Store) -> None:
+    other = open_store(store_url)
+    try:
+        repo = make_repo()
+        store.add_repository(repo)
+        assert other.get_repository(repo.id) == repo
+    finally:
+        other.close()
+
+
+# --- repositories ---------------------------------------------------------------------
+
+
+def test_repository_round_trip(store: Store) -> None:
+    repo = make_repo(
+        name="Fotos é",
+        root=b"/mnt/\xff\xfe disk",
+        settings=RepoSettings(("*.xmp", "cache/*"), 30.0, 86400.0),
+        root_dev=2**63 + 5,  # st_dev values do not always fit a signed 64-bit column
+        state=RepoState.OFFLINE,
+    )
+    store.add_repository(repo)
+    assert store.get_repository(repo.id) == repo
+    assert store.list_repositories() == [repo]
+    assert store.get_repository(uuid.uuid4()) is None
+
+
+def test_list_repositories_sorted_by_name(store: Store) -> None:
+    b = make_repo("b", b"/b")
+    a = make_repo("a", b"/a")
+    store.add_repository(b)
+    store.add_repository(a)
+    assert [r.name for r in store.list_repositories()] == ["a", "b"]
+
+
+def test_duplicate_name_or_root_is_refused(store: Store, repo: Repository) -> None:
+    with pytest.raises(RepositoryExists):
+        store.add_repository(make_repo(name=repo.name, root=b"/elsewhere"))
+    with pytest.raises(RepositoryExists):
+        store.add_repository(make_repo(name="other", root=repo.root))
+    assert store.list_repositories() == [repo]
+
+
+def test_update_repository(store: Store, repo: Repository) -> None:
+    updated = replace(
+        repo,
+        name="renamed",
+        root=b"/srv/new",
+        settings=RepoSettings(("*.tmp2",)),
+        root_dev=42,
+        state=RepoState.OFFLINE,
+    )
+    store.update_repository(updated)
+    assert store.get_repository(repo.id) == updated
+
+
+def test_delete_repository_with_purge_removes_everything(store: Store, repo: Repository) -> None:
+    keep = make_repo("keep", b"/keep")
+    store.add_repository(keep)
+    store.apply(repo.id, created(b"a", b"b"))
+    store.apply(keep.id, created(b"c"))
+    op = store.start_operation(repo.id, OperationType.RECONCILIATION, "h:1", T0)
+    store.finish_operation(op.id, OperationStatus.COMPLETED, ScanStats(), None, T0)
+
+    store.delete_repository(repo.id, purge=True)
+
+    assert store.get_repository(repo.id) is None
+    assert store.count_records(repo.id) == 0
+    assert store.recent_operations(repo.id, 10) == []
+    assert store.changes_since(0, 100, repo.id) == []
+    # The other repository is untouched.
+    assert store.count_records(keep.id) == 1
+    assert [e.path for e in store.changes_since(0, 100, keep.id)] == [b"c"]
+
+
+def test_delete_repository_without_purge_keeps_records(store: Store, repo: Repository) -> None:
+    store.apply(repo.id, created(b"a", b"b"))
+    store.delete_repository(repo.id, purge=False)
+    assert store.get_repository(repo.id) is None
+    assert store.list_repositories() == []
+    assert list(all_records(store, repo)) == [b"a", b"b"]
+    # The same root can be added back under the same id and finds its records again.
+    store.add_repository(repo)
+    assert store.count_records(repo.id) == 2
+
+
+# --- apply ----------------------------------------------------------------------------
+
+
+def test_apply_created_round_trips_every_field(store: Store, repo: Repository) -> None:
+    rec = make_record(b"IMG_0001.jpg", size=123_456, inode=77, digest="cd" * 32)
+    no_hash = make_record(b"raw.cr2", digest=None)
+    store.apply(
+        repo.id,
+        [
+            Change(ChangeKind.CREATED, rec.path, rec),
+            Change(ChangeKind.CREATED, no_hash.path, no_hash),
+        ],
+    )
+    assert store.get_record(repo.id, rec.path) == rec
+    got = store.get_record(repo.id, no_hash.path)
+    assert got == no_hash
+    assert got is not None and got.digest is None and got.content_hash is None
+    assert store.get_record(repo.id, b"missing") is None
+    assert store.count_records(repo.id) == 2
+
+
+def test_apply_modified_meta_deleted(store: Store, repo: Repository) -> None:
+    store.apply(repo.id, created(b"a", b"b", b"c"))
+    a2 = make_record(b"a", size=99, digest="01" * 32, scanned=T0 + timedelta(seconds=5))
+    b2 = replace(
+        make_record(b"b", mtime_ns=1_800_000_000_000_000_001),
+        digest=all_records(store, repo)[b"b"].digest,
+    )
+    store.apply(
+        repo.id,
+        [
+            Change(ChangeKind.MODIFIED, b"a", a2),
+            Change(ChangeKind.META, b"b", b2),
+            Change(ChangeKind.DELETED, b"c"),
+        ],
+    )
+    assert all_records(store, repo) == {b"a": a2, b"b": b2}
+
+
+def test_apply_mixed_batch_keeps_order(store: Store, repo: Repository) -> None:
+    """Create, delete and re-create one path in one batch: the last change wins."""
+    first = make_record(b"x", size=1)
+    again = make_record(b"x", size=2)
+    store.apply(
+        repo.id,
+        [
+            Change(ChangeKind.CREATED, b"x", first),
+            Change(ChangeKind.DELETED, b"x"),
+            Change(ChangeKind.CREATED, b"x", again),
+            Change(ChangeKind.CREATED, b"y", make_record(b"y")),
+            Change(ChangeKind.DELETED, b"y"),
+        ],
+    )
+    assert all_records(store, repo) == {b"x": again}
+
+
+def test_apply_moved(store: Store, repo: Repository) -> None:
+    src = make_record(b"old/name.jpg", inode=5)
+    occupied = make_record(b"new/name.jpg", inode=6)
+    store.apply(
+        repo.id,
+        [Change(ChangeKind.CREATED, r.path, r) for r in (src, occupied)],
+    )
+    moved = replace(src, path=b"new/name.jpg", last_scanned=T0 + timedelta(seconds=1))
+    store.apply(repo.id, [Change(ChangeKind.MOVED, moved.path, moved, old_path=src.path)])
+    # The destination's previous record is replaced, the source's is gone.
+    assert all_records(store, repo) == {b"new/name.jpg": moved}
+
+
+def test_apply_dir_moved_moves_exactly_the_subtree(store: Store, repo: Repository) -> None:
+    paths = [
+        b"photos/a.jpg",
+        b"photos/sub/b.jpg",
+        b"photos.txt",  # '.' sorts before '/'
+        b"photos-old/c.jpg",  # '-' sorts before '/'
+        b"photos0/d.jpg",  # '0' is the byte right after '/'
+        b"photos2/e.jpg",  # a plain string prefix would catch this one
+        b"archive/stale.jpg",  # replaced by the move
+    ]
+    store.apply(repo.id, created(*paths))
+    before = all_records(store, repo)
+
+    store.apply(repo.id, [Change(ChangeKind.DIR_MOVED, b"archive", old_path=b"photos")])
+
+    after = all_records(store, repo)
+    assert sorted(after) == sorted(
+        [
+            b"archive/a.jpg",
+            b"archive/sub/b.jpg",
+            b"photos.txt",
+            b"photos-old/c.jpg",
+            b"photos0/d.jpg",
+            b"photos2/e.jpg",
+        ]
+    )
+    # Moved records keep everything but the path.
+    assert after[b"archive/a.jpg"] == replace(before[b"photos/a.jpg"], path=b"archive/a.jpg")
+    assert after[b"archive/sub/b.jpg"] == replace(
+        before[b"photos/sub/b.jpg"], path=b"archive/sub/b.jpg"
+    )
+    for p in (b"photos.txt", b"photos-old/c.jpg", b"photos0/d.jpg", b"photos2/e.jpg"):
+        assert after[p] == before[p]
+
+
+def test_apply_dir_moved_with_awkward_bytes(store: Store, repo: Repository) -> None:
+    store.apply(repo.id, created(b"\xff\xfe/\x01x", b"\xff\xfe/n\nl"))
+    store.apply(repo.id, [Change(ChangeKind.DIR_MOVED, b"d\xc3\xa9j\xe0", old_path=b"\xff\xfe")])
+    assert sorted(all_records(store, repo)) == [b"d\xc3\xa9j\xe0/\x01x", b"d\xc3\xa9j\xe0/n\nl"]
+
+
+def test_apply_empty_batch(store: Store, repo: Repository) -> None:
+    assert store.apply(repo.id, []) is None
+    assert store.count_records(repo.id) == 0
+
+
+def test_records_are_per_repository(store: Store, repo: Repository) -> None:
+    other = make_repo("other", b"/other")
+    store.add_repository(other)
+    store.apply(repo.id, created(b"same"))
+    store.apply(other.id, created(b"same", b"only-other"))
+    assert store.count_records(repo.id) == 1
+    assert store.count_records(other.id) == 2
+    store.apply(other.id, [Change(ChangeKind.DELETED, b"same")])
+    assert list(all_records(store, repo)) == [b"same"]
+
+
+# --- reading --------------------------------------------------------------------------
+
+AWKWARD: list[RelPath] = [
+    b"a.txt",
+    b"a/x",
+    b"a/y/z",
+    b"a-b",
+    b"a0",
+    b"a",
+    b"A",
+    b"\xff\xfe",
+    b"\xff",
+    b"\xc3\xa9t\xc3\xa9.jpg",
+    b"e\xcc\x81",
+    b"with\nnewline",
+    b"with space",
+    b"\x01ctl",
+    b"\x7f",
+    b"Z",
+    b"z",
+    b"b/\xff/c",
+]
+
+
+def test_page_records_order_is_python_bytes_order(store: Store, repo: Repository) -> None:
+    store.apply(repo.id, created(*reversed(AWKWARD)))
+    expected = sorted(AWKWARD)
+
+    paged: list[RelPath] = []
+    after: RelPath | None = None
+    while batch := store.page_records(repo.id, after, 3):
+        assert len(batch) <= 3
+        paged += [r.path for r in batch]
+        after = batch[-1].path
+    assert paged == expected
+    assert [r.path for r in store.iter_records(repo.id, page=4)] == expected
+    assert [r.path for r in store.page_records(repo.id, None, 1000)] == expected
+    # Paging resumes strictly after the cursor, even from a path that is not stored.
+    assert [r.path for r in store.page_records(repo.id, b"a/", 2)] == [b"a/x", b"a/y/z"]
+
+
+def test_page_records_prefix_is_a_directory_not_a_string_prefix(
+    store: Store, repo: Repository
+) -> None:
+    store.apply(repo.id, created(*AWKWARD))
+    assert [r.path for r in store.page_records(repo.id, None, 100, b"a")] == [b"a/x", b"a/y/z"]
+    assert [r.path for r in store.page_records(repo.id, None, 100, b"a/")] == [b"a/x", b"a/y/z"]
+    assert [r.path for r in store.page_records(repo.id, b"a/x", 100, b"a")] == [b"a/y/z"]
+    assert [r.path for r in store.page_records(repo.id, None, 1, b"a")] == [b"a/x"]
+    assert [r.path for r in store.page_records(repo.id, None, 100, b"b/\xff")] == [b"b/\xff/c"]
+    assert store.page_records(repo.id, None, 100, b"a.txt") == []
+    assert store.page_records(repo.id, None, 100, b"nothing") == []
+
+
+def test_records_by_inode_including_unsigned_64_bit(store: Store, repo: Repository) -> None:
+    big = make_record(b"big", inode=2**64 - 1)
+    half = make_record(b"half", inode=2**63)
+    small = make_record(b"small", inode=1)
+    twin = make_record(b"twin", inode=1)  # hard links share an inode
+    store.apply(repo.id, [Change(ChangeKind.CREATED, r.path, r) for r in (big, half, small, twin)])
+
+    assert store.get_record(repo.id, b"big") == big
+    assert store.get_record(repo.id, b"half") == half
+    assert {r.path for r in store.records_by_inode(repo.id, [2**64 - 1])} == {b"big"}
+    assert {r.path for r in store.records_by_inode(repo.id, [2**63])} == {b"half"}
+    assert {r.path for r in store.records_by_inode(repo.id, [1, 404])} == {b"small", b"twin"}
+    assert store.records_by_inode(repo.id, []) == []
+    other = make_repo("other", b"/other")
+    store.add_repository(other)
+    assert store.records_by_inode(other.id, [1]) == []
+
+
+def test_records_by_inode_many(store: Store, repo: Repository) -> None:
+    """More inodes than one IN (...) list holds."""
+    recs = [make_record(b"f%05d" % i, inode=10_000 + i) for i in range(1203)]
+    store.apply(repo.id, [Change(ChangeKind.CREATED, r.path, r) for r in recs])
+    found = store.records_by_inode(repo.id, [r.stat.inode for r in recs])
+    assert sorted(r.path for r in found) == [r.path for r in recs]
+    assert store.count_records(repo.id) == 1203
+
+
+# --- sync operations ------------------------------------------------------------------
+
+
+def test_operation_lifecycle(store: Store, repo: Repository) -> None:
+    op = store.start_operation(repo.id, OperationType.STARTUP, "host:123", T0)
+    assert op.status is OperationStatus.RUNNING
+    assert op.repository_id == repo.id
+    running = store.running_operations()
+    assert [(o.id, owner) for o, owner in running] == [(op.id, "host:123")]
+    assert running[0][0].status is OperationStatus.RUNNING
+    assert running[0][0].start_time == T0
+    assert store.recent_operations(repo.id, 5)[0].status is OperationStatus.RUNNING
+    assert store.last_completed_scan(repo.id) is None
+
+    stats = ScanStats(files_scanned=10, files_added=3, files_updated=2, files_removed=1)
+    end = T0 + timedelta(seconds=2, milliseconds=500)
+    store.finish_operation(op.id, OperationStatus.COMPLETED, stats, None, end)
+
+    assert store.running_operations() == []
+    (done,) = store.recent_operations(repo.id, 5)
+    assert done.id == op.id
+    assert done.operation_type is OperationType.STARTUP
+    assert done.status is OperationStatus.COMPLETED
+    assert done.start_time == T0
+    assert done.end_time == end
+    assert done.duration_ms == 2500
+    assert (done.files_scanned, done.files_added, done.files_updated, done.files_removed) == (
+        10,
+        3,
+        2,
+        1,
+    )
+    assert done.error_message is None
+    assert store.last_completed_scan(repo.id) == T0
+
+
+def test_failed_operation_keeps_its_message(store: Store, repo: Repository) -> None:
+    op = store.start_operation(repo.id, OperationType.RECONCILIATION, "h:1", T0)
+    store.finish_operation(op.id, OperationStatus.FAILED, None, "disk gone", T0)
+    (done,) = store.recent_operations(repo.id, 1)
+    assert done.status is OperationStatus.FAILED
+    assert done.error_message == "disk gone"
+    assert store.last_completed_scan(repo.id) is None
+
+
+def test_recent_operations_newest_first_and_limited(store: Store, repo: Repository) -> None:
+    other = make_repo("other", b"/other")
+    store.add_repository(other)
+    ids = []
+    for i in range(4):
+        target = repo if i % 2 == 0 else other
+        op = store.start_operation(
+            target.id, OperationType.RECONCILIATION, "h:1", T0 + timedelta(minutes=i)
+        )
+        ids.append(op.id)
+    assert [o.id for o in store.recent_operations(None, 10)] == ids[::-1]
+    assert [o.id for o in store.recent_operations(None, 2)] == ids[:1:-1]
+    assert [o.id for o in store.recent_operations(repo.id, 10)] == [ids[2], ids[0]]
+    assert [o.id for o in store.recent_operations(other.id, 1)] == [ids[3]]
+
+
+def test_last_completed_scan_ignores_realtime_rows(store: Store, repo: Repository) -> None:
+    scan = store.start_operation(repo.id, OperationType.RECONCILIATION, "h:1", T0)
+    store.finish_operation(scan.id, OperationStatus.COMPLETED, None, None, T0)
+    later = T0 + timedelta(hours=1)
+    rt = store.start_operation(repo.id, OperationType.REALTIME, "h:1", later)
+    store.finish_operation(rt.id, OperationStatus.COMPLETED, None, None, later)
+    assert store.last_completed_scan(repo.id) == T0
+
+
+def test_add_to_operation_accumulates(store: Store, repo: Repository) -> None:
+    op = store.start_operation(repo.id, OperationType.REALTIME, "h:1", T0)
+    store.add_to_operation(op.id, ScanStats(files_scanned=1, files_added=1), T0)
+    end = T0 + timedelta(seconds=60)
+    store.add_to_operation(op.id, ScanStats(files_scanned=2, files_updated=1, files_removed=1), end)
+    (row,) = store.recent_operations(repo.id, 1)
+    assert (row.files_scanned, row.files_added, row.files_updated, row.files_removed) == (
+        3,
+        1,
+        1,
+        1,
+    )
+    assert row.end_time == end
+
+
+# --- the change feed ------------------------------------------------------------------
+
+
+def test_change_feed(store: Store, repo: Repository) -> None:
+    assert store.latest_seq() == 0
+    a = make_record(b"a", size=3, digest="aa" * 32)
+    b = make_record(b"b\xff", size=4)
+    seq1 = store.apply(
+        repo.id,
+        [Change(ChangeKind.CREATED, b"a", a), Change(ChangeKind.CREATED, b"b\xff", b)],
+    )
+    assert seq1 is not None and seq1 == store.latest_seq()
+
+    a2 = replace(a, stat=replace(a.stat, size=5), digest=Digest("blake3", "a2" * 32))
+    b_meta = replace(b, stat=replace(b.stat, ctime_ns=b.stat.ctime_ns + 7))
+    moved = replace(a2, path=b"dir/a")
+    batch = [
+        Change(ChangeKind.MODIFIED, b"a", a2),
+        Change(ChangeKind.META, b"b\xff", b_meta),  # not news: no feed entry
+        Change(ChangeKind.MOVED, b"dir/a", moved, old_path=b"a"),
+        Change(ChangeKind.DIR_MOVED, b"dir2", old_path=b"dir"),
+        Change(ChangeKind.DELETED, b"b\xff"),
+    ]
+    seq2 = store.apply(repo.id, batch)
+    assert seq2 == store.latest_seq()
+
+    entries = store.changes_since(seq1, 100)
+    assert [e.seq for e in entries] == sorted(e.seq for e in entries)
+    assert entries[-1].seq == seq2
+    assert [(e.kind, e.path, e.old_path) for e in entries] == [
+        (ChangeKind.MODIFIED, b"a", None),
+        (ChangeKind.MOVED, b"dir/a", b"a"),
+        (ChangeKind.DIR_MOVED, b"dir2", b"dir"),
+        (ChangeKind.DELETED, b"b\xff", None),
+    ]
+    modified = entries[0]
+    assert (modified.size, modified.content_hash, modified.hash_algo) == (5, "a2" * 32, "blake3")
+    assert modified.repository_id == repo.id
+    deleted = entries[-1]
+    assert (deleted.size, deleted.content_hash, deleted.hash_algo) == (None, None, None)
+
+    everything = store.changes_since(0, 100)
+    assert [(e.kind, e.path) for e in everything[:2]] == [
+        (ChangeKind.CREATED, b"a"),
+        (ChangeKind.CREATED, b"b\xff"),
+    ]
+    assert everything[2:] == entries
+    assert store.changes_since(0, 2) == everything[:2]
+    assert store.changes_since(seq2, 100) == []
+    # The records agree with the feed's story.
+    assert all_records(store, repo) == {b"dir2/a": replace(moved, path=b"dir2/a")}
+
+
+def test_meta_only_batch_adds_nothing_to_the_feed(store: Store, repo: Repository) -> None:
+    store.apply(repo.id, created(b"a"))
+    before = store.latest_seq()
+    rec = replace(make_record(b"a"), last_scanned=T0 + timedelta(days=1))
+    assert store.apply(repo.id, [Change(ChangeKind.META, b"a", rec)]) is None
+    assert store.latest_seq() == before
+    assert store.changes_since(before, 10) == []
+    assert store.get_record(repo.id, b"a") == rec
+
+
+def test_change_feed_per_repository(store: Store, repo: Repository) -> None:
+    other = make_repo("other", b"/other")
+    store.add_repository(other)
+    store.apply(repo.id, created(b"r1"))
+    store.apply(other.id, created(b"o1"))
+    store.apply(repo.id, created(b"r2"))
+    assert [e.path for e in store.changes_since(0, 10)] == [b"r1", b"o1", b"r2"]
+    assert [e.path for e in store.changes_since(0, 10, repo.id)] == [b"r1", b"r2"]
+    assert [e.path for e in store.changes_since(0, 10, other.id)] == [b"o1"]
+    assert {e.repository_id for e in store.changes_since(0, 10, other.id)} == {other.id}

@@ -1,0 +1,140 @@
+"""Test helpers for real trees on disk: build them, age them, and read them back.
+
+``disk_snapshot`` is deliberately written without fsledger: it walks with ``os.walk``,
+filters with its own copy of the ignore rules and hashes with ``blake3``/``hashlib``
+directly, so "the ledger equals the disk" is checked against an independent oracle,
+not against the code under test.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import stat
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import blake3
+
+Snapshot = dict[bytes, tuple[int, int, str | None]]
+"""relative path -> (size, mtime_ns, content hash hex)."""
+
+# Written out here on purpose (not imported from fsledger.ignore): the seed's patterns.
+DEFAULT_IGNORES: tuple[str, ...] = (
+    ".DS_Store",
+    "Thumbs.db",
+    "desktop.ini",
+    "*.tmp",
+    "*.temp",
+    "*.swp",
+    "*.swo",
+    "*~",
+)
+
+AGE_S = 10
+"""How far in the past ``age_tree`` puts mtimes: well outside the 2 s racy window."""
+
+
+def _ignored(name: bytes, patterns: Iterable[str]) -> bool:
+    if name.startswith(b"."):
+        return True
+    text = name.decode("latin-1")
+    return any(fnmatch.fnmatchcase(text, p) for p in patterns)
+
+
+def hash_bytes(data: bytes, algo: str = "blake3") -> str:
+    """The hex digest of ``data``, computed without fsledger."""
+    if algo == "blake3":
+        return str(blake3.blake3(data).hexdigest())
+    return hashlib.new(algo, data).hexdigest()
+
+
+def hash_path(path: bytes, algo: str = "blake3") -> str:
+    with open(path, "rb") as f:
+        return hash_bytes(f.read(), algo)
+
+
+def disk_snapshot(
+    root: bytes | str,
+    rules: Iterable[str] | None = None,
+    algo: str | None = "blake3",
+) -> Snapshot:
+    """Every regular file below ``root`` that the ledger should hold.
+
+    Args:
+        root: the tree.
+        rules: extra ignore patterns (a repository's own), on top of the defaults.
+        algo: ``blake3``, ``sha256``, or ``None`` for "no hashes" (the hash is then None).
+    """
+    base = os.fsencode(root)
+    patterns = DEFAULT_IGNORES + tuple(rules or ())
+    out: Snapshot = {}
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not _ignored(d, patterns)]
+        for name in filenames:
+            if _ignored(name, patterns):
+                continue
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            rel = os.path.relpath(full, base)
+            out[rel] = (st.st_size, st.st_mtime_ns, hash_path(full, algo) if algo else None)
+    return out
+
+
+def ledger_snapshot(ledger: Any, repo: Any) -> Snapshot:
+    """The same shape as ``disk_snapshot``, read from ``ledger.files(repo)``."""
+    return {r.path: (r.size, r.stat.mtime_ns, r.content_hash) for r in ledger.files(repo)}
+
+
+TreeSpec = (
+    Mapping[str, bytes | None] | Mapping[bytes, bytes | None] | Mapping[str | bytes, bytes | None]
+)
+
+
+def make_tree(root: bytes | str, spec: TreeSpec) -> None:
+    """Create files (``path: content``) and empty directories (``path: None``) below ``root``.
+
+    Parent directories are created as needed; paths are ``/``-separated, relative.
+    """
+    base = os.fsencode(root)
+    os.makedirs(base, exist_ok=True)
+    for rel, content in spec.items():
+        full = os.path.join(base, os.fsencode(rel))
+        if content is None:
+            os.makedirs(full, exist_ok=True)
+            continue
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "wb") as f:
+            f.write(content)
+
+
+def age_tree(root: bytes | str) -> None:
+    """Put the mtime of every recent regular file at least ``AGE_S`` seconds in the past.
+
+    Files already that old are left alone, so calling this does not touch (and change the
+    ctime of) files an earlier scan recorded: a following no-change rescan stays no-change.
+    """
+    base = os.fsencode(root)
+    limit = time.time_ns() - AGE_S * 1_000_000_000
+    for dirpath, _dirnames, filenames in os.walk(base, followlinks=False):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if stat.S_ISREG(st.st_mode) and st.st_mtime_ns > limit:
+                os.utime(full, ns=(st.st_atime_ns, limit), follow_symlinks=False)
+
+
+class OsWith:
+    """The ``os`` module with some functions replaced: monkeypatch it over one module's
+    ``os`` global (``fsledger.walk.os``) to inject a failure at one path, without touching
+    the ``os`` every other module (and the test) uses."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
