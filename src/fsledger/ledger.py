@@ -191,6 +191,10 @@ class Ledger:
         successful scan marks it online.
         """
         writer = self.writer(repo)
+        # The stored copy is the newest: another process (or an earlier --force) may have
+        # changed its device, state or settings since this one was read.
+        repo = self.store.get_repository(repo.id) or repo
+        writer.refresh(repo, self.rules(repo))
         try:
             stats = self.reconciler.reconcile(
                 writer,

@@ -479,9 +479,14 @@ class _Run:
                     old.digest.hex,
                     digest.hex,
                 )
-            elif old.digest != digest or old.stat.size != stat.size:
+            elif old.stat.size != stat.size or (
+                old.digest != digest
+                and not (old.digest is not None and old.digest.algo != digest.algo)
+            ):
+                # (A hash of another algorithm proves nothing about the content: switching
+                # algorithms refreshes records quietly instead of flooding the feed.)
                 self._emit(Change(ChangeKind.MODIFIED, entry.path, record))
-            elif old.stat != stat or self._racy(old):
+            elif old.stat != stat or old.digest != digest or self._racy(old):
                 self._emit(Change(ChangeKind.META, entry.path, record))
 
     # --- writing ------------------------------------------------------------------------

@@ -60,6 +60,12 @@ class RepoWriter:
         self.lock = threading.RLock()
         self.listeners: list[Listener] = []
 
+    def refresh(self, repo: Repository, rules: IgnoreRules) -> None:
+        """Adopt the newest copy of the repository (settings, device, state) and its rules."""
+        with self.lock:
+            self.repo = repo
+            self.rules = rules
+
     def _lstat_key(self, path: bytes) -> FileStat | None:
         try:
             st = os.lstat(self.repo.root + b"/" + path)
@@ -71,7 +77,15 @@ class RepoWriter:
         """Whether the disk still shows what ``change`` says."""
         kind = change.kind
         if kind is ChangeKind.DELETED:
-            return self.rules.ignores_path(change.path) or self._lstat_key(change.path) is None
+            if self.rules.ignores_path(change.path):
+                return True
+            try:
+                st = os.lstat(self.repo.root + b"/" + change.path)
+            except (FileNotFoundError, NotADirectoryError):
+                return True
+            except OSError:
+                return False  # cannot know (EACCES, EIO, ESTALE): what cannot be seen is kept
+            return not stat_mod.S_ISREG(st.st_mode)
         if kind is ChangeKind.DIR_MOVED:
             return os.path.isdir(self.repo.root + b"/" + change.path)
         assert change.record is not None
