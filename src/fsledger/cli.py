@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
+from uuid import UUID
 
 import click
 from tenacity import (
@@ -37,7 +38,7 @@ from fsledger.errors import (
 )
 from fsledger.ledger import Ledger, normalize_root
 from fsledger.manager import LiveFactory, LiveSource, ResyncCallback, SyncManager
-from fsledger.model import OperationType, RepoSettings, Repository, ScanStats
+from fsledger.model import FeedEntry, OperationType, RepoSettings, Repository, ScanStats
 
 log = logging.getLogger("fsledger")
 
@@ -368,20 +369,160 @@ def ops(ctx: Context, ref: str | None, limit: int, as_json: bool) -> None:
         )
 
 
+# --- the change feed and duplicates ----------------------------------------------------------
+def _feed_line(entry: FeedEntry, names: dict[UUID, str]) -> str:
+    name = names.get(entry.repository_id, str(entry.repository_id))
+    line = (
+        f"{entry.seq:>8} {entry.recorded_at:%Y-%m-%d %H:%M:%S} {entry.kind.value:<18} "
+        f"{name}: {entry.path.decode('utf-8', 'backslashreplace')}"
+    )
+    if entry.old_path is not None:
+        line += f" (from {entry.old_path.decode('utf-8', 'backslashreplace')})"
+    return line
+
+
+@main.command()
+@click.option(
+    "--since",
+    metavar="CURSOR",
+    help="Only changes after this cursor (as printed before) [default: the oldest kept].",
+)
+@click.option("--repo", "ref", metavar="REPO", help="Only changes of this repository.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing changes as they happen.")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--json", "as_json", is_flag=True, help="The API's JSON (lines with --follow).")
+@pass_ctx
+@_guard
+def changes(
+    ctx: Context, since: str | None, ref: str | None, follow: bool, limit: int, as_json: bool
+) -> None:
+    """Print the change feed: exactly the changes after --since, and the cursor to continue from.
+
+    Without --follow, prints up to --limit changes; the cursor goes to stderr (or into the
+    JSON object). With --follow, prints one change per line as they are written, each with
+    its cursor in --json. A cursor older than the feed's retention exits with code 5: list
+    the files again, then continue from the cursor the error names.
+    """
+    from fsledger.api.feed import Cursor, Feed, entry_json
+
+    ledger = ctx.ledger
+    feed = Feed(ledger.store)
+    repo_id = ledger.resolve(ref).id if ref else None
+    cursor = Cursor.parse(since) if since else feed.oldest()
+    names = {r.id: r.name for r in ledger.list_repositories()}
+    if not follow:
+        page = feed.read(cursor, limit, repo_id)
+        if as_json:
+            _emit(page.to_json())
+            return
+        for entry in page.entries:
+            click.echo(_feed_line(entry, names))
+        more = " (more: run again with this cursor)" if page.has_more else ""
+        click.echo(f"cursor: {page.cursor}{more}", err=True)
+        return
+
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stop.is_set():
+        page = feed.read(cursor, limit, repo_id)
+        for entry in page.entries:
+            if entry.repository_id not in names:
+                names = {r.id: r.name for r in ledger.list_repositories()}
+            if as_json:
+                click.echo(json.dumps(entry_json(entry, page.cursor.feed_id), ensure_ascii=True))
+            else:
+                click.echo(_feed_line(entry, names))
+        sys.stdout.flush()
+        cursor = page.cursor
+        if not page.has_more:
+            # Another process writes the feed: poll its head, cheaply, until it moves.
+            while not stop.wait(0.25) and ledger.store.latest_seq() <= cursor.seq:
+                pass
+
+
+@main.command()
+@click.argument("ref", metavar="[REPO]", required=False)
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--min-size", default=1, show_default=True, type=click.IntRange(0), help="Bytes.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@_guard
+def duplicates(ctx: Context, ref: str | None, limit: int, min_size: int, as_json: bool) -> None:
+    """List groups of files with the same content, largest waste first (in REPO, or across
+    every repository)."""
+    ledger = ctx.ledger
+    repo_id = ledger.resolve(ref).id if ref else None
+    groups = ledger.store.duplicates(repo_id, limit, min_size)
+    wasted = sum(g.wasted_bytes for g in groups)
+    if as_json:
+        _emit({"groups": [g.to_json() for g in groups], "wasted_bytes": wasted})
+        return
+    names = {r.id: r.name for r in ledger.list_repositories()}
+    for g in groups:
+        click.echo(
+            f"{g.size} bytes x {len(g.files)} (wastes {g.wasted_bytes}) "
+            f"{g.hash_algo}:{g.content_hash[:16]}"
+        )
+        for f in g.files:
+            name = names.get(f.repository_id, str(f.repository_id))
+            click.echo(f"  {name}: {f.path.decode('utf-8', 'backslashreplace')}")
+    click.echo(f"{len(groups)} group(s), {wasted} bytes wasted", err=True)
+
+
 # --- the daemon ------------------------------------------------------------------------------
 @main.command()
 @click.option("--no-watch", is_flag=True, help="Reconcile on schedule only, no live watcher.")
 @click.option("--once", is_flag=True, help="Run the startup reconciliation, then exit.")
+@click.option(
+    "--listen",
+    metavar="HOST:PORT",
+    help="Serve the HTTP API and dashboard here [env FSLEDGER_LISTEN; default 127.0.0.1:8750]. "
+    "Beyond loopback FSLEDGER_API_TOKEN is required.",
+)
+@click.option("--no-http", is_flag=True, help="Serve no HTTP (webhooks still run).")
+@click.option(
+    "--webhook",
+    "webhooks",
+    multiple=True,
+    metavar="URL",
+    help="POST batches of changes here, signed with FSLEDGER_WEBHOOK_SECRET (repeatable; "
+    "env FSLEDGER_WEBHOOKS too).",
+)
 @pass_ctx
 @_guard
-def run(ctx: Context, no_watch: bool, once: bool) -> None:
-    """Keep every repository in sync: startup reconciliation, live watching, schedules.
+def run(
+    ctx: Context,
+    no_watch: bool,
+    once: bool,
+    listen: str | None,
+    no_http: bool,
+    webhooks: tuple[str, ...],
+) -> None:
+    """Keep every repository in sync: startup reconciliation, live watching, schedules; serve
+    the HTTP API, the change feed (SSE, webhooks) and the dashboard.
 
     Stops cleanly on SIGINT/SIGTERM (pending events are flushed first).
     """
+    from fsledger.api.server import Service
+
     ledger = ctx.ledger
     live_factory = None if (no_watch or once) else _live_factory()
     manager = SyncManager(ledger, ctx.settings, live_factory=live_factory)
+    # Checked and bound before anything starts: an unsafe or busy address fails at once.
+    service = (
+        None
+        if once
+        else Service(
+            ledger, manager, ctx.settings, http=not no_http, listen=listen, webhooks=webhooks
+        )
+    )
+    if service is not None:
+        service.bind()
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -397,6 +538,8 @@ def run(ctx: Context, no_watch: bool, once: bool) -> None:
         )
     manager.start()
     try:
+        if service is not None:
+            service.start()
         if once:
             while not stop.is_set() and not manager.wait_idle(0.5):
                 pass
@@ -404,6 +547,8 @@ def run(ctx: Context, no_watch: bool, once: bool) -> None:
             while not stop.wait(1.0):
                 pass
     finally:
+        if service is not None:
+            service.stop()
         manager.stop()
 
 

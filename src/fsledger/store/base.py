@@ -14,7 +14,9 @@ from uuid import UUID
 
 from fsledger.model import (
     Change,
+    DuplicateGroup,
     FeedEntry,
+    FeedInfo,
     FileRecord,
     OperationStatus,
     OperationType,
@@ -108,4 +110,30 @@ class Store(Protocol):
         self, after_seq: int, limit: int, repo_id: UUID | None = None
     ) -> list[FeedEntry]: ...
 
-    def latest_seq(self) -> int: ...
+    def latest_seq(self) -> int:
+        """The newest sequence number the feed ever held (0 for an empty feed)."""
+        ...
+
+    def feed_info(self) -> FeedInfo:
+        """The feed's id, retention low-water mark and newest sequence number, read at once."""
+        ...
+
+    def prune_changes(self, older_than: datetime | None, keep_last: int | None) -> int:
+        """Remove feed entries recorded before ``older_than`` or older than the newest
+        ``keep_last`` sequence numbers, and raise the low-water mark. Returns rows removed."""
+        ...
+
+    def get_consumer_cursor(self, name: str) -> int | None:
+        """The stored cursor (a sequence number) of a named feed reader, e.g. a webhook."""
+        ...
+
+    def set_consumer_cursor(self, name: str, seq: int) -> None: ...
+
+    # --- duplicates ---------------------------------------------------------------
+    def duplicates(
+        self, repo_id: UUID | None, limit: int, min_size: int = 1
+    ) -> list[DuplicateGroup]:
+        """Up to ``limit`` groups of at least two files with the same content hash and at
+        least ``min_size`` bytes, largest waste first (across repositories without
+        ``repo_id``)."""
+        ...

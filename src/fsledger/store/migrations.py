@@ -71,6 +71,24 @@ SQLITE: list[str] = [
     );
     CREATE INDEX idx_change_log_repo ON change_log(repository_id, seq);
     """,
+    # 2: what the HTTP service needs of the feed. feed_state holds the database's random feed
+    # id (a cursor names it) and the retention low-water mark; feed_consumers holds durable
+    # cursors of readers inside fsledger (webhooks), so they resume after a restart.
+    """
+    CREATE TABLE feed_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        feed_id TEXT NOT NULL,
+        pruned_through INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO feed_state (id, feed_id) VALUES (1, lower(hex(randomblob(8))));
+    CREATE TABLE feed_consumers (
+        name TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX idx_change_log_time ON change_log(recorded_at);
+    CREATE INDEX idx_file_records_dup ON file_records(content_hash, file_size);
+    """,
 ]
 
 POSTGRES: list[str] = [
@@ -136,5 +154,21 @@ POSTGRES: list[str] = [
         recorded_at TIMESTAMPTZ NOT NULL
     );
     CREATE INDEX idx_change_log_repo ON change_log(repository_id, seq);
+    """,
+    """
+    CREATE TABLE feed_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        feed_id TEXT NOT NULL,
+        pruned_through BIGINT NOT NULL DEFAULT 0
+    );
+    INSERT INTO feed_state (id, feed_id)
+        VALUES (1, substr(md5(random()::text || clock_timestamp()::text), 1, 16));
+    CREATE TABLE feed_consumers (
+        name TEXT PRIMARY KEY,
+        seq BIGINT NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL
+    );
+    CREATE INDEX idx_change_log_time ON change_log(recorded_at);
+    CREATE INDEX idx_file_records_dup ON file_records(content_hash, file_size);
     """,
 ]

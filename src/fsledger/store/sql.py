@@ -18,7 +18,10 @@ from fsledger.model import (
     Change,
     ChangeKind,
     Digest,
+    DuplicateFile,
+    DuplicateGroup,
     FeedEntry,
+    FeedInfo,
     FileRecord,
     FileStat,
     OperationStatus,
@@ -187,12 +190,29 @@ class SqlStore:
             )
 
     def update_repository(self, repo: Repository) -> None:
+        rid = self._uuid_in(repo.id)
         with self._tx() as cur:
+            cur.execute("SELECT state FROM repositories WHERE id = ?", (rid,))
+            row = cur.fetchone()
             cur.execute(
                 "UPDATE repositories SET name = ?, root_path = ?, settings = ?, root_dev = ?, "
                 "state = ? WHERE id = ?",
-                (*self._repo_params(repo), self._uuid_in(repo.id)),
+                (*self._repo_params(repo), rid),
             )
+            if row is not None and row[0] != repo.state.value:
+                # A root going away or coming back is news for feed readers too, written in
+                # the same transaction as the state so neither is ever seen without the other.
+                kind = (
+                    ChangeKind.REPO_OFFLINE
+                    if repo.state is RepoState.OFFLINE
+                    else ChangeKind.REPO_ONLINE
+                )
+                self._lock_feed(cur)
+                cur.execute(
+                    "INSERT INTO change_log (repository_id, kind, file_path, recorded_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (rid, kind.value, b"", self._ts_in(utcnow())),
+                )
 
     _REPO_SELECT = (
         "SELECT id, name, root_path, settings, root_dev, state, created_at FROM repositories"
@@ -531,5 +551,90 @@ class SqlStore:
 
     def latest_seq(self) -> int:
         with self._tx() as cur:
-            cur.execute("SELECT coalesce(max(seq), 0) FROM change_log")
-            return int(cur.fetchone()[0])
+            return self._latest_seq(cur)
+
+    def _latest_seq(self, cur: Cursor) -> int:
+        # Retention may have emptied the log: the newest number ever pruned still counts.
+        cur.execute("SELECT coalesce(max(seq), 0) FROM change_log")
+        latest = int(cur.fetchone()[0])
+        cur.execute("SELECT pruned_through FROM feed_state WHERE id = 1")
+        row = cur.fetchone()
+        return max(latest, int(row[0]) if row else 0)
+
+    def feed_info(self) -> FeedInfo:
+        with self._tx() as cur:
+            latest = self._latest_seq(cur)
+            cur.execute("SELECT feed_id, pruned_through FROM feed_state WHERE id = 1")
+            feed_id, pruned = cur.fetchone()
+        return FeedInfo(str(feed_id), int(pruned), latest)
+
+    def prune_changes(self, older_than: datetime | None, keep_last: int | None) -> int:
+        with self._tx() as cur:
+            # Appends wait for this, so the low-water mark never passes an uncommitted entry.
+            self._lock_feed(cur)
+            cutoff = 0
+            if older_than is not None:
+                cur.execute(
+                    "SELECT coalesce(max(seq), 0) FROM change_log WHERE recorded_at < ?",
+                    (self._ts_in(older_than),),
+                )
+                cutoff = int(cur.fetchone()[0])
+            if keep_last is not None:
+                cutoff = max(cutoff, self._latest_seq(cur) - keep_last)
+            cur.execute("SELECT pruned_through FROM feed_state WHERE id = 1")
+            pruned = int(cur.fetchone()[0])
+            if cutoff <= pruned:
+                return 0
+            cur.execute("DELETE FROM change_log WHERE seq <= ?", (cutoff,))
+            removed = max(cur.rowcount, 0)
+            cur.execute("UPDATE feed_state SET pruned_through = ? WHERE id = 1", (cutoff,))
+            return removed
+
+    def get_consumer_cursor(self, name: str) -> int | None:
+        with self._tx() as cur:
+            cur.execute("SELECT seq FROM feed_consumers WHERE name = ?", (name,))
+            row = cur.fetchone()
+        return int(row[0]) if row else None
+
+    def set_consumer_cursor(self, name: str, seq: int) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT INTO feed_consumers (name, seq, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, "
+                "updated_at = excluded.updated_at",
+                (name, seq, self._ts_in(utcnow())),
+            )
+
+    # --- duplicates ---------------------------------------------------------------------
+    def duplicates(
+        self, repo_id: UUID | None, limit: int, min_size: int = 1
+    ) -> list[DuplicateGroup]:
+        where = "content_hash IS NOT NULL AND file_size >= ?"
+        params: list[Any] = [min_size]
+        if repo_id is not None:
+            where += " AND repository_id = ?"
+            params.append(self._uuid_in(repo_id))
+        with self._tx() as cur:
+            # Same hash and algorithm means same content; size is in the key only so that
+            # waste can be computed (equal content has equal size).
+            cur.execute(
+                "SELECT content_hash, hash_algo, file_size, count(*) FROM file_records "
+                f"WHERE {where} GROUP BY content_hash, hash_algo, file_size "
+                "HAVING count(*) > 1 "
+                "ORDER BY file_size * (count(*) - 1) DESC, content_hash LIMIT ?",
+                (*params, limit),
+            )
+            heads = cur.fetchall()
+            groups: list[DuplicateGroup] = []
+            for chash, algo, size, _count in heads:
+                cur.execute(
+                    "SELECT repository_id, file_path FROM file_records WHERE "
+                    f"{where} AND content_hash = ? AND hash_algo = ? AND file_size = ? "
+                    "ORDER BY repository_id, file_path",
+                    (*params, chash, algo, size),
+                )
+                files = tuple(
+                    DuplicateFile(self._uuid_out(r), self._blob_out(p)) for r, p in cur.fetchall()
+                )
+                groups.append(DuplicateGroup(chash, algo, int(size), files))
+        return groups

@@ -1,0 +1,590 @@
+"""The HTTP API and the dashboard: a thin face over ``Ledger``, ``SyncManager`` and the feed.
+
+Routes (JSON; OpenAPI at /openapi.json):
+
+* ``GET /healthz``, ``GET /metrics`` (Prometheus text), ``GET /`` (the dashboard);
+* ``/api/v1/repositories`` (list, add), ``/api/v1/repositories/{id}`` (remove),
+  ``.../status``, ``.../reconcile``, ``.../operations``, ``.../files``;
+* ``/api/v1/duplicates``, ``/api/v1/changes`` (the feed by cursor), ``/api/v1/events`` (SSE).
+
+Security: with ``FSLEDGER_API_TOKEN`` set, everything under /api and /metrics wants
+``Authorization: Bearer TOKEN`` (compared in constant time). Without a token the server
+only listens on loopback (``server.py`` refuses otherwise), and then answers only requests
+whose Host is a loopback name, so a web page cannot reach it through DNS rebinding.
+Requests that change something and carry a foreign ``Origin`` are refused (CSRF). Bodies
+are bounded to 64 KiB, page sizes to 1000.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, MutableMapping, Sequence
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fsledger.api import schemas
+from fsledger.api.feed import Cursor, Feed, FeedHub, FeedPage, Retention, entry_json
+from fsledger.api.metrics import CONTENT_TYPE, Metrics
+from fsledger.api.webhooks import WebhookDispatcher
+from fsledger.config import Settings
+from fsledger.errors import (
+    ConfigError,
+    FsledgerError,
+    RepositoryExists,
+    RepositoryNotFound,
+    ResyncNeeded,
+    RootUnavailable,
+    StoreError,
+    StoreUnavailable,
+)
+from fsledger.ledger import Ledger
+from fsledger.manager import SyncManager
+from fsledger.model import Repository, utcnow
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+MAX_LIMIT = 1000
+STATIC = resources.files("fsledger.api") / "static"
+_LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
+# Module level: route signatures are resolved from module globals (postponed annotations).
+_BEARER = HTTPBearer(auto_error=False, description="FSLEDGER_API_TOKEN, when it is set.")
+
+
+class ApiError(Exception):
+    """An HTTP error with a stable code, raised by route handlers."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+def _error(status: int, error: str, detail: str, **extra: Any) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": error, "detail": detail, **extra}, status, headers=headers)
+
+
+def _status_of(exc: FsledgerError) -> tuple[int, str]:
+    if isinstance(exc, RepositoryNotFound):
+        return 404, "not_found"
+    if isinstance(exc, RepositoryExists):
+        return 409, "conflict"
+    if isinstance(exc, RootUnavailable):
+        return 400, "root_unavailable"
+    if isinstance(exc, ConfigError):
+        return 400, "bad_request"
+    if isinstance(exc, StoreUnavailable):
+        return 503, "store_unavailable"
+    if isinstance(exc, StoreError):
+        return 503, "store_error"
+    return 400, "bad_request"
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a host name or address (without port) names this machine's loopback."""
+    host = host.strip("[]").lower()
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_of(value: str) -> str:
+    """The host of a Host header value (``name:port`` or ``[v6]:port``)."""
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class _Guard:
+    """ASGI middleware: Host allow-list (loopback mode), Origin check on writes, body bound,
+    and security headers on every response."""
+
+    def __init__(self, app: ASGIApp, loopback_only: bool, max_body: int = MAX_BODY) -> None:
+        self.app = app
+        self.loopback_only = loopback_only
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        if self.loopback_only and not is_loopback_host(_host_of(host)):
+            await _error(
+                421,
+                "misdirected",
+                f"this server answers only loopback host names without a token (got {host!r})",
+            )(scope, receive, send)
+            return
+        method = scope["method"]
+        origin = headers.get("origin")
+        unsafe = method not in ("GET", "HEAD", "OPTIONS")
+        if unsafe and origin and urlsplit(origin).netloc.lower() != host.lower():
+            await _error(403, "forbidden", "cross-origin request refused")(scope, receive, send)
+            return
+        if method in ("POST", "PUT", "PATCH", "DELETE"):
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+                await _error(413, "too_large", f"request bodies are limited to {self.max_body}")(
+                    scope, receive, send
+                )
+                return
+            body, ok = await self._read_body(receive)
+            if not ok:
+                await _error(413, "too_large", f"request bodies are limited to {self.max_body}")(
+                    scope, receive, send
+                )
+                return
+            receive = _replay(body, receive)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = [
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"x-frame-options", b"DENY"),
+                ]
+                message["headers"] = list(message.get("headers", [])) + extra
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks), True
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return b"", False
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), True
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> MutableMapping[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _b64_path(text: str, what: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text.encode("ascii") + b"=" * (-len(text) % 4))
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise ApiError(400, "bad_request", f"{what} is not base64") from None
+
+
+def _clean_prefix(raw: bytes) -> bytes:
+    """A directory prefix inside the repository, or ``ApiError``."""
+    raw = raw.strip(b"/")
+    parts = raw.split(b"/") if raw else []
+    if b"\0" in raw or any(p in (b"..", b".") for p in parts) or b"" in parts:
+        raise ApiError(
+            400,
+            "bad_request",
+            "prefix must be a relative directory inside the repository: no '.', '..', "
+            "empty components or NUL",
+        )
+    return raw
+
+
+def _parse_cursor(text: str | None) -> Cursor | None:
+    return Cursor.parse(text) if text else None
+
+
+def create_app(
+    ledger: Ledger,
+    manager: SyncManager | None,
+    settings: Settings,
+    *,
+    hub: FeedHub | None = None,
+    webhooks: Sequence[WebhookDispatcher] = (),
+    heartbeat_s: float = 15.0,
+) -> FastAPI:
+    """Build the ASGI app.
+
+    Args:
+        ledger: the library API over the store.
+        manager: the SyncManager of this process, if any (adding repositories then starts
+            their scan and watch; reconciliations can be requested).
+        settings: the configuration (the API token is read from it).
+        hub: the feed hub to wait on; when omitted the app makes one and runs it during its
+            lifespan.
+        webhooks: dispatchers whose counters /metrics shows.
+        heartbeat_s: idle time after which an SSE stream sends a comment line.
+    """
+    own_hub = hub is None
+    feed_hub = hub or FeedHub(
+        ledger,
+        repositories=manager.repositories if manager is not None else None,
+        retention=Retention(settings.feed_retention_s, settings.feed_retention_entries),
+    )
+    feed = Feed(ledger.store)
+    metrics = Metrics(ledger, manager, feed_hub, lambda: webhooks)
+    token = settings.api_token
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if own_hub:
+            await run_in_threadpool(feed_hub.start)
+        try:
+            yield
+        finally:
+            if own_hub:
+                await run_in_threadpool(feed_hub.stop)
+
+    app = FastAPI(
+        title="fsledger",
+        version="1",
+        summary="A database of every file in directory trees, true to disk, and its changes.",
+        lifespan=lifespan,
+    )
+    app.state.hub = feed_hub
+    app.state.metrics = metrics
+
+    async def authorize(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+    ) -> None:
+        if token is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer TOKEN' is needed")
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.error, exc.detail)
+
+    @app.exception_handler(ResyncNeeded)
+    async def on_resync(_request: Request, exc: ResyncNeeded) -> JSONResponse:
+        return _error(410, "resync_needed", str(exc), cursor=exc.cursor)
+
+    @app.exception_handler(FsledgerError)
+    async def on_fsledger_error(_request: Request, exc: FsledgerError) -> JSONResponse:
+        status, code = _status_of(exc)
+        if status >= 500:
+            log.error("API request failed: %s", exc)
+        return _error(status, code, str(exc))
+
+    errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": schemas.ErrorOut},
+        401: {"model": schemas.ErrorOut},
+        404: {"model": schemas.ErrorOut},
+        503: {"model": schemas.ErrorOut},
+    }
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=errors)
+
+    # --- helpers ------------------------------------------------------------------------
+    def get_repo(repo_id: UUID) -> Repository:
+        repo = ledger.store.get_repository(repo_id)
+        if repo is None:
+            raise ApiError(404, "not_found", f"no repository {repo_id}")
+        return repo
+
+    def status_json(repo: Repository) -> dict[str, Any]:
+        if manager is not None:
+            try:
+                return manager.get_sync_status(repo.id).to_json()
+            except StoreError:
+                raise
+            except FsledgerError:
+                pass  # not (yet) run by the manager: the stored status says it all
+        return ledger.status(repo).to_json()
+
+    def need_manager() -> SyncManager:
+        if manager is None:
+            raise ApiError(
+                503, "unavailable", "no sync manager runs in this process ('fsledger run' has one)"
+            )
+        return manager
+
+    # --- service ------------------------------------------------------------------------
+    @app.get(
+        "/healthz",
+        response_model=schemas.HealthOut,
+        responses={503: {"model": schemas.ErrorOut}},
+        tags=["service"],
+    )
+    def healthz() -> Any:
+        """200 when the store answers."""
+        try:
+            head = feed.head()
+        except StoreError as exc:
+            return _error(503, "store_unavailable", str(exc))
+        return {"status": "ok", "cursor": str(head)}
+
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        dependencies=[Depends(authorize)],
+        responses={200: {"content": {"text/plain": {}}}, 401: {"model": schemas.ErrorOut}},
+        tags=["service"],
+    )
+    def prometheus() -> PlainTextResponse:
+        """Prometheus text exposition of the ``fsledger_*`` series."""
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        return FileResponse(
+            str(STATIC / "index.html"),
+            media_type="text/html",
+            headers={
+                "Content-Security-Policy": "default-src 'self'; script-src 'self'; "
+                "style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+                "frame-ancestors 'none'",
+                "Cache-Control": "no-cache",
+            },
+        )
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> FileResponse:
+        types = {".js": "text/javascript", ".css": "text/css"}
+        ext = os.path.splitext(name)[1]
+        if name not in ("app.js", "style.css") or ext not in types:
+            raise ApiError(404, "not_found", "no such file")
+        return FileResponse(
+            str(STATIC / name), media_type=types[ext], headers={"Cache-Control": "no-cache"}
+        )
+
+    # --- repositories -------------------------------------------------------------------
+    @api.get("/repositories", response_model=list[schemas.RepositoryOut], tags=["repositories"])
+    def list_repositories() -> Any:
+        """Every repository, with its sync status."""
+        return [{**r.to_json(), "status": status_json(r)} for r in ledger.list_repositories()]
+
+    @api.post(
+        "/repositories",
+        status_code=201,
+        response_model=schemas.RepositoryOut,
+        responses={409: {"model": schemas.ErrorOut}, 413: {"model": schemas.ErrorOut}},
+        tags=["repositories"],
+    )
+    def add_repository(body: schemas.RepositoryIn) -> Any:
+        """Register a directory; under ``fsledger run`` its scan and watch start at once."""
+        if "\0" in body.path or not os.path.isabs(body.path):
+            raise ApiError(400, "bad_request", "path must be an absolute path on the server")
+        path = os.fsencode(body.path)
+        repo = (
+            manager.add_repository(path, body.name)
+            if manager is not None
+            else ledger.add_repository(path, body.name)
+        )
+        return {**repo.to_json(), "status": status_json(repo)}
+
+    @api.delete("/repositories/{repo_id}", response_model=schemas.RemovedOut, tags=["repositories"])
+    def remove_repository(repo_id: UUID, purge: bool = False) -> Any:
+        """Stop syncing a repository; its records are kept unless ``purge``."""
+        repo = get_repo(repo_id)
+        if manager is not None and any(r.id == repo_id for r in manager.repositories()):
+            manager.remove_repository(repo_id, purge)
+        else:
+            ledger.remove_repository(repo, purge)
+        return {"id": str(repo.id), "name": repo.name, "purged": purge}
+
+    @api.get(
+        "/repositories/{repo_id}/status", response_model=schemas.StatusOut, tags=["repositories"]
+    )
+    def repository_status(repo_id: UUID) -> Any:
+        """The seed's SyncStatus: total files, last scan, watching, last operation."""
+        return status_json(get_repo(repo_id))
+
+    @api.post(
+        "/repositories/{repo_id}/reconcile",
+        status_code=202,
+        response_model=schemas.ReconcileOut,
+        responses={409: {"model": schemas.ErrorOut}},
+        tags=["repositories"],
+    )
+    def reconcile(repo_id: UUID, verify: bool = False) -> Any:
+        """Queue a reconciliation ahead of scheduled ones."""
+        repo = get_repo(repo_id)
+        sync = need_manager()
+        request_id = uuid.uuid4().hex
+        try:
+            sync.trigger_reconciliation(repo.id, verify=verify, reason=f"api request {request_id}")
+        except StoreError:
+            raise
+        except FsledgerError as exc:
+            raise ApiError(
+                409, "not_ready", f"repository {repo.id} is not run by the manager yet: {exc}"
+            ) from exc
+        log.info("Repository %s: reconciliation requested (request %s)", repo.id, request_id)
+        return {
+            "request_id": request_id,
+            "repository_id": str(repo.id),
+            "status": "queued",
+            "operations": f"/api/v1/repositories/{repo.id}/operations",
+        }
+
+    @api.get(
+        "/repositories/{repo_id}/operations",
+        response_model=list[schemas.OperationOut],
+        tags=["repositories"],
+    )
+    def operations(repo_id: UUID, limit: Annotated[int, Query(ge=1, le=500)] = 20) -> Any:
+        """Recent sync operations, newest first."""
+        return [o.to_json() for o in ledger.operations(get_repo(repo_id), limit)]
+
+    @api.get(
+        "/repositories/{repo_id}/files", response_model=schemas.FilesPage, tags=["repositories"]
+    )
+    def files(
+        repo_id: UUID,
+        prefix: Annotated[str, Query(max_length=4096)] = "",
+        prefix_b64: Annotated[str | None, Query(max_length=8192)] = None,
+        cursor: Annotated[str | None, Query(max_length=8192)] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+    ) -> Any:
+        """Records in path byte order, a page at a time. The cursor is the last path (base64),
+        so paging is stable while files change: every file present throughout is listed once."""
+        repo = get_repo(repo_id)
+        if prefix_b64 is not None:
+            raw = _b64_path(prefix_b64, "prefix_b64")
+        else:
+            try:
+                raw = prefix.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                raise ApiError(400, "bad_request", "prefix cannot be encoded") from None
+        raw = _clean_prefix(raw)
+        after = _b64_path(cursor, "cursor") if cursor else None
+        page = ledger.store.page_records(repo.id, after, limit, raw)
+        nxt = (
+            base64.urlsafe_b64encode(page[-1].path).decode().rstrip("=")
+            if len(page) == limit
+            else None
+        )
+        return {"files": [r.to_json() for r in page], "cursor": nxt}
+
+    # --- duplicates ---------------------------------------------------------------------
+    @api.get("/duplicates", response_model=schemas.DuplicatesOut, tags=["files"])
+    def duplicates(
+        repository: UUID | None = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+        min_size: Annotated[int, Query(ge=0, le=1 << 62)] = 1,
+    ) -> Any:
+        """Groups of files with the same content, largest waste first."""
+        repo_id = get_repo(repository).id if repository is not None else None
+        groups = ledger.store.duplicates(repo_id, limit, min_size)
+        return {
+            "groups": [g.to_json() for g in groups],
+            "wasted_bytes": sum(g.wasted_bytes for g in groups),
+        }
+
+    # --- the change feed ----------------------------------------------------------------
+    feed_errors: dict[int | str, dict[str, Any]] = {410: {"model": schemas.ResyncOut}}
+
+    def first_page(since: str | None, repository: UUID | None, limit: int) -> FeedPage:
+        repo_id = get_repo(repository).id if repository is not None else None
+        return feed.read(_parse_cursor(since), limit, repo_id)
+
+    @api.get("/changes", response_model=schemas.ChangesPage, responses=feed_errors, tags=["feed"])
+    def changes(
+        since: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+        repository: UUID | None = None,
+    ) -> Any:
+        """Exactly the changes after ``since`` (from the start of the feed without it), and
+        the cursor to ask with next. A cursor older than the retention window, or of
+        another database, is answered 410 with the cursor to resync from."""
+        return first_page(since, repository, limit).to_json()
+
+    @api.get(
+        "/events",
+        response_class=StreamingResponse,
+        responses={
+            **feed_errors,
+            200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
+        },
+        tags=["feed"],
+    )
+    async def events(
+        since: Annotated[str | None, Query(max_length=64)] = None,
+        repository: UUID | None = None,
+        last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+    ) -> StreamingResponse:
+        """The feed as Server-Sent Events: ``event: change``, ``id:`` the cursor, ``data:``
+        the change. Resumes after ``Last-Event-ID`` (or ``since``); without either, starts
+        at the newest change. Comment lines keep idle connections alive."""
+        start = last_event_id or since
+        if start is None:
+            start = str(await run_in_threadpool(feed.head))
+        page = await run_in_threadpool(first_page, start, repository, 500)
+        repo_id = repository
+        return StreamingResponse(
+            _stream(page, repo_id),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _stream(page: FeedPage, repo_id: UUID | None) -> AsyncIterator[str]:
+        metrics.sse_opened()
+        try:
+            yield "retry: 2000\n: fsledger change feed\n\n"
+            while True:
+                fid = page.cursor.feed_id
+                now = utcnow()
+                for entry in page.entries:
+                    data = json.dumps(entry_json(entry, fid), ensure_ascii=True)
+                    yield f"id: {Cursor(fid, entry.seq)}\nevent: change\ndata: {data}\n\n"
+                    metrics.delivery_latency.observe(
+                        max((now - entry.recorded_at).total_seconds(), 0.0)
+                    )
+                cursor = page.cursor
+                if not page.has_more:
+                    woke = await feed_hub.wait_async(cursor.seq, heartbeat_s)
+                    if feed_hub.closed:
+                        return
+                    if not woke:
+                        yield ": heartbeat\n\n"
+                try:
+                    page = await run_in_threadpool(feed.read, cursor, 500, repo_id)
+                except ResyncNeeded as exc:
+                    body = {"error": "resync_needed", "detail": str(exc), "cursor": exc.cursor}
+                    yield f"event: resync\ndata: {json.dumps(body)}\n\n"
+                    return
+                except StoreError as exc:
+                    log.warning("SSE stream: the store failed, ending the stream: %s", exc)
+                    return
+        finally:
+            metrics.sse_closed()
+
+    app.include_router(api)
+    app.add_middleware(_Guard, loopback_only=token is None)
+    return app
+
+
+__all__ = ["create_app", "is_loopback_host", "ApiError"]

@@ -1,0 +1,153 @@
+"""The JSON shapes of the HTTP API, as pydantic models: they make /openapi.json exact and
+every response is checked against them. They mirror the ``to_json`` of the model classes,
+which the CLI prints too, so the API returns what the CLI says."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+MAX_PATH = 4096
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="A stable machine-readable code.")
+    detail: str = Field(description="What happened and what to do.")
+
+
+class ResyncOut(ErrorOut):
+    error: Literal["resync_needed"] = "resync_needed"
+    cursor: str = Field(
+        description="Newest cursor: list the files again, then follow the feed from here."
+    )
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    cursor: str = Field(description="The change feed's newest cursor.")
+
+
+class RepoSettingsOut(BaseModel):
+    ignore_patterns: list[str]
+    quick_scan_interval_s: float | None
+    full_scan_interval_s: float | None
+
+
+class OperationOut(BaseModel):
+    id: int
+    repository_id: str
+    operation_type: str
+    status: str
+    start_time: str
+    end_time: str | None
+    duration_ms: int | None
+    files_scanned: int
+    files_added: int
+    files_updated: int
+    files_removed: int
+    error_message: str | None
+
+
+class StatusOut(BaseModel):
+    repository_id: str
+    name: str
+    path: str
+    state: str
+    total_files: int
+    last_scan_time: str | None
+    is_watching: bool
+    last_sync_operation: OperationOut | None
+
+
+class RepositoryOut(BaseModel):
+    id: str
+    name: str
+    path: str
+    path_b64: str
+    settings: RepoSettingsOut
+    root_dev: int | None
+    state: str
+    created_at: str
+    status: StatusOut | None = None
+
+
+class RepositoryIn(BaseModel):
+    path: str = Field(min_length=1, max_length=MAX_PATH, description="Absolute path of the root.")
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class RemovedOut(BaseModel):
+    id: str
+    name: str
+    purged: bool
+
+
+class ReconcileOut(BaseModel):
+    request_id: str = Field(description="Identifies this request in the server's log.")
+    repository_id: str
+    status: Literal["queued"]
+    operations: str = Field(description="Where the operation appears once it starts.")
+
+
+class FileOut(BaseModel):
+    path: str
+    path_b64: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    hash: str | None
+    hash_algo: str | None
+    last_scanned: str
+
+
+class FilesPage(BaseModel):
+    files: list[FileOut]
+    cursor: str | None = Field(
+        description="Pass back as ?cursor= for the next page; null at the end."
+    )
+
+
+class ChangeOut(BaseModel):
+    seq: int
+    repository_id: str
+    kind: str = Field(
+        description="created, modified, deleted, moved, dir_moved, repository_offline or "
+        "repository_online"
+    )
+    path: str
+    path_b64: str
+    old_path: str | None = None
+    old_path_b64: str | None = None
+    size: int | None
+    hash: str | None
+    hash_algo: str | None
+    recorded_at: str
+    cursor: str = Field(description="The cursor after this change.")
+
+
+class ChangesPage(BaseModel):
+    changes: list[ChangeOut]
+    cursor: str = Field(description="Pass back as ?since= to get exactly what came after.")
+    has_more: bool
+
+
+class DuplicateFileOut(BaseModel):
+    repository_id: str
+    path: str
+    path_b64: str
+
+
+class DuplicateGroupOut(BaseModel):
+    hash: str
+    hash_algo: str
+    size: int
+    count: int
+    wasted_bytes: int
+    files: list[DuplicateFileOut]
+
+
+class DuplicatesOut(BaseModel):
+    groups: list[DuplicateGroupOut]
+    wasted_bytes: int

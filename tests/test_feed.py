@@ -1,0 +1,404 @@
+"""The change feed on SQLite and PostgreSQL: exactly the changes after a cursor, across a
+restart, over SSE (resumable), to webhooks (signed, once, resumed), and retention."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from api_support import (
+    Receiver,
+    SseReader,
+    backend_url,
+    serve,
+    wait_for,
+    webhook_receiver,
+)
+from fsledger.api import create_app
+from fsledger.api.feed import Cursor, Feed, FeedHub, Retention
+from fsledger.api.webhooks import SIGNATURE_HEADER, WebhookDispatcher, verify
+from fsledger.config import Settings
+from fsledger.errors import ResyncNeeded, RootUnavailable
+from fsledger.ledger import Ledger
+from fsledger.model import Repository, RepoState
+
+SECRET = "test-webhook-secret"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    yield from backend_url(request.param, tmp_path)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    tree = tmp_path / "tree"
+    for rel, content in {
+        "a.txt": b"alpha",
+        "b.txt": b"bravo",
+        "sub/x.jpg": b"x-ray",
+        "sub/deeper/y.jpg": b"yankee",
+    }.items():
+        path = tree / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return tree
+
+
+def open_ledger(url: str) -> Ledger:
+    return Ledger(Settings(database_url=url, max_concurrency=2))
+
+
+@pytest.fixture
+def ledger(url: str) -> Iterator[Ledger]:
+    led = open_ledger(url)
+    try:
+        yield led
+    finally:
+        led.close()
+
+
+def mutate(root: Path) -> None:
+    """Create, modify, delete, and move a directory: the four kinds a consumer must see."""
+    (root / "c.txt").write_bytes(b"charlie")
+    (root / "a.txt").write_bytes(b"alpha, longer now")
+    (root / "b.txt").unlink()
+    os.rename(root / "sub", root / "moved")
+
+
+def summary(changes: list[dict[str, Any]]) -> set[tuple[str, str, str | None]]:
+    return {(c["kind"], c["path"], c.get("old_path")) for c in changes}
+
+
+EXPECTED = {
+    ("created", "c.txt", None),
+    ("modified", "a.txt", None),
+    ("deleted", "b.txt", None),
+    ("moved", "moved/x.jpg", "sub/x.jpg"),
+    ("moved", "moved/deeper/y.jpg", "sub/deeper/y.jpg"),
+}
+
+
+def read_all(http: TestClient, since: str | None) -> tuple[list[Any], str]:
+    """Every change after ``since``, two per request, and the cursor at the end."""
+    changes: list[Any] = []
+    params = {"since": since} if since else {}
+    while True:
+        r = http.get("/api/v1/changes", params={**params, "limit": 2})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        changes += body["changes"]
+        params = {"since": body["cursor"]}
+        if not body["has_more"]:
+            return changes, body["cursor"]
+
+
+def api(ledger: Ledger) -> TestClient:
+    """The app in-process, without its lifespan (no hub thread): plain request/response."""
+    return TestClient(create_app(ledger, None, ledger.settings), base_url="http://localhost")
+
+
+def test_feed_returns_exactly_the_changes_after_a_cursor(ledger: Ledger, root: Path) -> None:
+    repo = ledger.add_repository(str(root))
+    ledger.scan(repo)
+    with api(ledger) as http:
+        history, cursor = read_all(http, None)
+        assert {(c["kind"], c["path"]) for c in history} == {
+            ("created", p) for p in ("a.txt", "b.txt", "sub/x.jpg", "sub/deeper/y.jpg")
+        }
+        assert [c["seq"] for c in history] == sorted(c["seq"] for c in history)
+
+        mutate(root)
+        ledger.scan(repo)
+        after, newest = read_all(http, cursor)
+        assert summary(after) == EXPECTED
+        assert all(c["repository_id"] == str(repo.id) for c in after)
+        for c in after:
+            assert base64.b64decode(c["path_b64"]) == c["path"].encode()
+            assert c["cursor"] == f"{Cursor.parse(cursor).feed_id}:{c['seq']}"
+        moved = next(c for c in after if c["path"] == "moved/x.jpg")
+        assert base64.b64decode(moved["old_path_b64"]) == b"sub/x.jpg"
+
+        # At the newest cursor: nothing, and the cursor stays put.
+        r = http.get("/api/v1/changes", params={"since": newest})
+        assert r.json() == {"changes": [], "cursor": newest, "has_more": False}
+
+
+def test_feed_filters_by_repository_and_still_advances(
+    ledger: Ledger, root: Path, tmp_path: Path
+) -> None:
+    other_root = tmp_path / "other"
+    other_root.mkdir()
+    (other_root / "o.txt").write_bytes(b"other")
+    repo = ledger.add_repository(str(root))
+    other = ledger.add_repository(str(other_root))
+    ledger.scan(repo)
+    ledger.scan(other)
+    with api(ledger) as http:
+        r = http.get("/api/v1/changes", params={"repository": str(other.id)})
+        body = r.json()
+        assert [c["path"] for c in body["changes"]] == ["o.txt"]
+        # The filtered cursor moves past the other repository's entries too.
+        assert Cursor.parse(body["cursor"]).seq == ledger.store.latest_seq()
+
+
+def test_feed_resumes_after_a_restart(url: str, root: Path) -> None:
+    first = open_ledger(url)
+    repo = first.add_repository(str(root))
+    first.scan(repo)
+    with api(first) as http:
+        _, cursor = read_all(http, None)
+    first.close()
+
+    mutate(root)
+    second = open_ledger(url)  # a new process: new store connection, same database
+    try:
+        stored = second.store.get_repository(repo.id)
+        assert stored is not None
+        second.scan(stored)
+        with api(second) as http:
+            after, _ = read_all(http, cursor)
+        assert summary(after) == EXPECTED
+    finally:
+        second.close()
+
+
+def test_old_cursor_gets_resync_needed_not_silence(ledger: Ledger, root: Path) -> None:
+    repo = ledger.add_repository(str(root))
+    ledger.scan(repo)
+    feed = Feed(ledger.store)
+    start = feed.oldest()
+    (root / "new.txt").write_bytes(b"new")
+    ledger.scan(repo)
+    head = feed.head()
+
+    removed = Retention(max_age_s=0, max_entries=1).prune(ledger.store)
+    assert removed == head.seq - 1
+    with api(ledger) as http:
+        r = http.get("/api/v1/changes", params={"since": str(start)})
+        assert r.status_code == 410
+        body = r.json()
+        assert body["error"] == "resync_needed"
+        assert body["cursor"] == str(head)
+        # From the cursor it names, the feed answers again.
+        r = http.get("/api/v1/changes", params={"since": body["cursor"]})
+        assert r.status_code == 200 and r.json()["changes"] == []
+        # No cursor means "from the beginning", which is gone too.
+        assert (http.get("/api/v1/changes")).status_code == 410
+        # The last cursor still held is answered.
+        r = http.get("/api/v1/changes", params={"since": f"{head.feed_id}:{head.seq - 1}"})
+        assert [c["path"] for c in r.json()["changes"]] == ["new.txt"]
+        # A cursor of another database is refused the same way; garbage is a 400.
+        r = http.get("/api/v1/changes", params={"since": f"0000{head.feed_id}:1"})
+        assert r.status_code == 410
+        r = http.get("/api/v1/changes", params={"since": "not-a-cursor"})
+        assert r.status_code == 400
+
+    # Pruning by age: everything recorded before now goes; the head survives as a number.
+    Retention(max_age_s=1e-6, max_entries=0).prune(ledger.store)
+    assert ledger.store.changes_since(0, 10) == []
+    assert feed.head() == head
+    with pytest.raises(ResyncNeeded):
+        feed.read(Cursor(head.feed_id, head.seq - 1), 10)
+
+
+def test_repository_going_offline_and_back_is_in_the_feed(
+    ledger: Ledger, root: Path, tmp_path: Path
+) -> None:
+    repo = ledger.add_repository(str(root))
+    ledger.scan(repo)
+    head = Feed(ledger.store).head()
+    parked = tmp_path / "parked"
+    os.rename(root, parked)
+    with pytest.raises(RootUnavailable):
+        ledger.scan(repo)
+    os.rename(parked, root)
+    ledger.scan(repo)
+    with api(ledger) as http:
+        after, _ = read_all(http, str(head))
+    assert [(c["kind"], c["path"], c["repository_id"]) for c in after] == [
+        ("repository_offline", "", str(repo.id)),
+        ("repository_online", "", str(repo.id)),
+    ]
+    stored = ledger.store.get_repository(repo.id)
+    assert stored is not None and stored.state is RepoState.ONLINE
+
+
+# --- Server-Sent Events ----------------------------------------------------------------------
+def test_sse_delivers_changes_and_resumes_with_last_event_id(ledger: Ledger, root: Path) -> None:
+    repo = ledger.add_repository(str(root))
+    ledger.scan(repo)
+    app = create_app(ledger, None, ledger.settings, heartbeat_s=0.2)
+    with serve(app) as base, httpx.Client(base_url=base, timeout=20) as http:
+        with http.stream("GET", "/api/v1/events") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            reader = SseReader(response)
+            mutate(root)
+            ledger.scan(repo)
+            events = reader.changes(len(EXPECTED))
+        assert summary(events) == EXPECTED
+        last = events[-1]["cursor"]
+
+        # While disconnected: more changes. Reconnecting after the last id gets exactly those.
+        (root / "later.txt").write_bytes(b"later")
+        (root / "c.txt").unlink()
+        ledger.scan(repo)
+        with http.stream("GET", "/api/v1/events", headers={"Last-Event-ID": last}) as response:
+            reader = SseReader(response)
+            resumed = reader.changes(2)
+            assert summary(resumed) == {("created", "later.txt", None), ("deleted", "c.txt", None)}
+            # Idle: heartbeats keep the connection alive (the read times out if none comes).
+            wait_for("a heartbeat", lambda: reader.comment() == "heartbeat")
+
+        # since= works too, and the first event is exactly the next change.
+        first = events[0]
+        with http.stream("GET", "/api/v1/events", params={"since": first["cursor"]}) as response:
+            assert SseReader(response).changes(1)[0]["seq"] == events[1]["seq"]
+
+        r = http.get("/api/v1/events", params={"since": "bogus"})
+        assert r.status_code == 400
+
+
+def test_sse_wakes_on_writer_listener(ledger: Ledger, root: Path) -> None:
+    """A change written by this process's writer reaches the stream through the listener."""
+    repo = ledger.add_repository(str(root))
+    hub = FeedHub(ledger, poll_s=3600)  # no polling: only the listener can wake the stream
+    hub.start()
+    app = create_app(ledger, None, ledger.settings, hub=hub, heartbeat_s=3600)
+    app.state.hub = hub
+    try:
+        with serve(app) as base, httpx.Client(base_url=base, timeout=20) as http:
+            with http.stream("GET", "/api/v1/events") as response:
+                reader = SseReader(response)
+                ledger.scan(repo)
+                got = reader.changes(4)
+            assert {c["path"] for c in got} == {"a.txt", "b.txt", "sub/x.jpg", "sub/deeper/y.jpg"}
+    finally:
+        hub.stop()
+
+
+# --- webhooks --------------------------------------------------------------------------------
+def dispatcher(ledger: Ledger, hub: FeedHub, receiver: Receiver) -> WebhookDispatcher:
+    return WebhookDispatcher(
+        receiver.url, SECRET, ledger.store, hub, batch_size=3, backoff_s=0.05, max_backoff_s=0.2
+    )
+
+
+def delivered_seqs(receiver: Receiver) -> list[int]:
+    with receiver.lock:
+        return [c["seq"] for d in receiver.accepted for c in d.json().get("changes", [])]
+
+
+def test_webhook_gets_every_batch_once_signed_and_resumes_after_restart(
+    url: str, root: Path
+) -> None:
+    first = open_ledger(url)
+    repo = first.add_repository(str(root))
+    with webhook_receiver() as receiver:
+        hub = FeedHub(first, poll_s=0.05)
+        hub.start()
+        hook = dispatcher(first, hub, receiver)
+        hook.start()
+        # A new webhook starts at the present; everything after it is delivered.
+        wait_for("the webhook's cursor", lambda: first.store.get_consumer_cursor(hook.name) == 0)
+        receiver.fail_next = 1  # the first delivery is refused once and retried
+        first.scan(repo)
+        mutate(root)
+        first.scan(repo)
+        total = first.store.latest_seq()
+        wait_for("every change delivered", lambda: delivered_seqs(receiver)[-1:] == [total])
+        hook.stop()
+        hub.stop()
+        first.close()
+
+        assert delivered_seqs(receiver) == list(range(1, total + 1))  # each once, in order
+        ids = [d.headers["x-fsledger-delivery"] for d in receiver.accepted]
+        assert len(ids) == len(set(ids))
+        assert len(receiver.refused) == 1
+        assert receiver.refused[0].body == receiver.accepted[0].body  # the same batch, again
+        for d in receiver.accepted:
+            assert verify(SECRET, d.body, d.headers[SIGNATURE_HEADER.lower()])
+            assert not verify("another secret", d.body, d.headers[SIGNATURE_HEADER.lower()])
+            assert len(d.json()["changes"]) <= 3
+        cursors = [(d.json()["since"], d.json()["cursor"]) for d in receiver.accepted]
+        assert all(a[1] == b[0] for a, b in zip(cursors, cursors[1:], strict=False))
+
+        # Changes while fsledger is down are delivered after the restart, and nothing again.
+        (root / "while-down.txt").write_bytes(b"down")
+        second = open_ledger(url)
+        try:
+            stored = second.store.get_repository(repo.id)
+            assert stored is not None
+            second.scan(stored)
+            hub = FeedHub(second, poll_s=0.05)
+            hub.start()
+            hook = dispatcher(second, hub, receiver)
+            hook.start()
+            newest = second.store.latest_seq()
+            wait_for("the change made while down", lambda: delivered_seqs(receiver)[-1] == newest)
+            hook.stop()
+            hub.stop()
+        finally:
+            second.close()
+        assert delivered_seqs(receiver) == list(range(1, newest + 1))
+        last = receiver.accepted[-1].json()
+        assert [(c["kind"], c["path"]) for c in last["changes"]] == [("created", "while-down.txt")]
+
+
+def test_webhook_behind_retention_gets_a_resync_notice(ledger: Ledger, root: Path) -> None:
+    repo = ledger.add_repository(str(root))
+    ledger.scan(repo)
+    with webhook_receiver() as receiver:
+        hub = FeedHub(ledger, poll_s=0.05)
+        name = "webhook:" + receiver.url
+        ledger.store.set_consumer_cursor(name, 0)
+        Retention(max_age_s=0, max_entries=1).prune(ledger.store)
+        hook = dispatcher(ledger, hub, receiver)
+        hub.start()
+        hook.start()
+        try:
+            wait_for("a resync notice", lambda: receiver.accepted)
+        finally:
+            hook.stop()
+            hub.stop()
+        notice = receiver.accepted[0].json()
+        assert notice["resync_needed"] is True
+        assert notice["cursor"] == str(Feed(ledger.store).head())
+        assert ledger.store.get_consumer_cursor(name) == ledger.store.latest_seq()
+
+
+def test_removed_and_readded_repository_keeps_waking_the_hub(ledger: Ledger, root: Path) -> None:
+    """Writers are replaced when a repository is removed; the hub attaches to the new one."""
+    repo = ledger.add_repository(str(root))
+    hub = FeedHub(ledger, poll_s=0.05)
+    hub.start()
+    try:
+        ledger.remove_repository(repo)
+        again: Repository = ledger.add_repository(str(root))
+        wait_for("the hub to attach", lambda: hub.on_applied in ledger.writer(again).listeners)
+        ledger.scan(again)
+        assert hub.wait(0, 5.0)
+    finally:
+        hub.stop()
+
+
+def test_removing_a_root_tree_is_reported_per_file(ledger: Ledger, root: Path) -> None:
+    repo = ledger.add_repository(str(root))
+    ledger.scan(repo)
+    head = Feed(ledger.store).head()
+    shutil.rmtree(root / "sub")
+    ledger.scan(repo)
+    page = Feed(ledger.store).read(head, 100)
+    assert {(e.kind.value, e.path) for e in page.entries} == {
+        ("deleted", b"sub/x.jpg"),
+        ("deleted", b"sub/deeper/y.jpg"),
+    }
