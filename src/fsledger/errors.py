@@ -8,6 +8,7 @@ FsledgerError                 exit code 1 unless a subclass says otherwise
 │   └── GuardRefused          the mass-deletion guard refused a scan (exit 4)
 ├── StoreError                the database failed
 │   └── StoreUnavailable      the database cannot be reached (after retries)
+    ├── LeaseLost                 another agent owns the repository now
 ├── CorruptionFound           ``scan --verify`` found silent corruption (exit 3)
 └── ResyncNeeded              a change-feed cursor is older than the retention window (exit 5)
 """
@@ -55,6 +56,10 @@ class StoreUnavailable(StoreError):
 
 class CorruptionFound(FsledgerError):
     exit_code = 3
+
+
+class LeaseLost(FsledgerError):
+    """This agent no longer owns the repository (another agent took over): write nothing."""
 
 
 class ResyncNeeded(FsledgerError):

@@ -30,7 +30,7 @@ from uuid import UUID
 import yaml
 
 from fsledger.config import Settings, parse_duration
-from fsledger.errors import ConfigError, FsledgerError, RootUnavailable, StoreError
+from fsledger.errors import ConfigError, FsledgerError, LeaseLost, RootUnavailable, StoreError
 from fsledger.ledger import Ledger
 from fsledger.model import (
     OperationType,
@@ -41,6 +41,7 @@ from fsledger.model import (
     ScanStats,
     SyncStatus,
 )
+from fsledger.store.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class _Request:
 @dataclass
 class _RepoRuntime:
     repo: Repository
+    lease: Lease | None = None
     network: bool = False
     last_event: float = 0.0
     last_quick: float = 0.0
@@ -182,6 +184,8 @@ class SyncManager:
             live_factory(ledger, settings, self._on_resync) if live_factory else None
         )
         self._repos: dict[UUID, _RepoRuntime] = {}
+        self._standby: dict[UUID, Repository] = {}
+        """Repositories another agent owns: this one takes over when their lease frees."""
         self._queue: list[_Request] = []
         self._queued: dict[tuple[UUID, RelPath, bool], _Request] = {}
         self._seq = itertools.count()
@@ -229,6 +233,9 @@ class SyncManager:
             self.live.stop()
         for t in self._threads:
             t.join(timeout)
+        for runtime in self._repos.values():
+            if runtime.lease is not None:
+                runtime.lease.release()
         log.info("Sync manager stopped")
 
     def wait_idle(self, timeout: float) -> bool:
@@ -324,8 +331,17 @@ class SyncManager:
         return repo
 
     def _attach(self, repo: Repository, op_type: OperationType) -> None:
+        lease = self.ledger.store.acquire_lease(repo.id)
+        if lease is None:
+            if repo.id not in self._standby:
+                log.info("Repository %s is owned by another agent: standing by", repo.id)
+            self._standby[repo.id] = repo
+            return
+        if self._standby.pop(repo.id, None) is not None:
+            log.warning("Repository %s: taking over from the agent that owned it", repo.id)
         repo = self._with_yaml(repo)
-        runtime = _RepoRuntime(repo, network=_network(repo.root))
+        self.ledger.writer(repo).lease = lease
+        runtime = _RepoRuntime(repo, lease=lease, network=_network(repo.root))
         now = time.monotonic()
         runtime.last_quick = runtime.last_full = now
         self._repos[repo.id] = runtime
@@ -345,9 +361,12 @@ class SyncManager:
         self._enqueue(repo, b"", op_type, "startup", 1.0)
 
     def _detach(self, repo_id: UUID) -> None:
-        self._repos.pop(repo_id, None)
+        runtime = self._repos.pop(repo_id, None)
+        self._standby.pop(repo_id, None)
         if self.live is not None:
             self.live.remove(repo_id)
+        if runtime is not None and runtime.lease is not None:
+            runtime.lease.release()
         with self._cv:
             self._queue = [r for r in self._queue if r.repo_id != repo_id]
             heapq.heapify(self._queue)
@@ -428,6 +447,10 @@ class SyncManager:
                 runtime.repo = replace(runtime.repo, state=RepoState.OFFLINE)
                 log.error("Repository %s is offline, records kept: %s", repo.id, exc)
                 return
+            except LeaseLost as exc:
+                log.warning("%s: standing by", exc)
+                self._lose(runtime.repo)
+                return
             except StoreError as exc:
                 # The database went away: wait and retry, the files will still be there.
                 attempt += 1
@@ -489,8 +512,17 @@ class SyncManager:
         for runtime in list(self._repos.values()):
             self._tick_repo(runtime, now)
 
+    def _lose(self, repo: Repository) -> None:
+        """Another agent owns this repository now: stop writing it and stand by."""
+        self._detach(repo.id)
+        self._standby[repo.id] = repo
+
     def _tick_repo(self, runtime: _RepoRuntime, now: float) -> None:
         repo = runtime.repo
+        if runtime.lease is not None and not runtime.lease.held():
+            log.warning("Repository %s: lease lost (database session ended?)", repo.id)
+            self._lose(repo)
+            return
         if repo.state is RepoState.OFFLINE:
             if now - runtime.last_offline_check >= OFFLINE_POLL_S:
                 runtime.last_offline_check = now
@@ -523,10 +555,11 @@ class SyncManager:
         except StoreError as exc:
             log.warning("Cannot re-read the repository list: %s", exc)
             return
-        for rid in [rid for rid in self._repos if rid not in stored]:
+        for rid in [rid for rid in (*self._repos, *self._standby) if rid not in stored]:
             self._detach(rid)
         for rid, repo in stored.items():
             if rid not in self._repos:
+                # New here, or a standby whose owner may have gone: try to own it.
                 self._attach(repo, OperationType.STARTUP)
 
 

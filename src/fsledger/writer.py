@@ -17,9 +17,11 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from fsledger.errors import LeaseLost
 from fsledger.ignore import IgnoreRules
 from fsledger.model import Change, ChangeKind, FileStat, Repository
 from fsledger.store.base import Store
+from fsledger.store.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class RepoWriter:
         self.verify = verify
         self.lock = threading.RLock()
         self.listeners: list[Listener] = []
+        self.lease: Lease | None = None
+        """Set by an agent that owns the repository among several: checked before each write."""
 
     def refresh(self, repo: Repository, rules: IgnoreRules) -> None:
         """Adopt the newest copy of the repository (settings, device, state) and its rules."""
@@ -98,6 +102,10 @@ class RepoWriter:
             StoreError: the store failed; nothing of the batch was written.
         """
         with self.lock:
+            if self.lease is not None and not self.lease.held():
+                raise LeaseLost(
+                    f"repository {self.repo.id}: this agent no longer owns it; nothing written"
+                )
             kept: list[Change] = []
             dropped: list[Change] = []
             for change in changes:

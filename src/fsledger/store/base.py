@@ -25,6 +25,7 @@ from fsledger.model import (
     ScanStats,
     SyncOperation,
 )
+from fsledger.store.lease import Lease
 
 
 class Store(Protocol):
@@ -136,4 +137,10 @@ class Store(Protocol):
         """Up to ``limit`` groups of at least two files with the same content hash and at
         least ``min_size`` bytes, largest waste first (across repositories without
         ``repo_id``)."""
+        ...
+
+    # --- ownership between agents ---------------------------------------------------------
+    def acquire_lease(self, repo_id: UUID) -> Lease | None:
+        """Try to become the one writer of a repository among every agent sharing this store;
+        ``None`` when another agent owns it. The lease ends with the process."""
         ...

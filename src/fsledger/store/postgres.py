@@ -8,12 +8,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from fsledger.errors import StoreError, StoreUnavailable
 from fsledger.store import migrations
+from fsledger.store.lease import Lease, PgLease
 from fsledger.store.sql import Cursor, SqlStore, prefix_range
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,14 @@ class PostgresStore(SqlStore):
             "updated_at = ? WHERE repository_id = ? AND file_path >= ? AND file_path < ?",
             (new, len(old) + 1, now, rid, lo, hi),
         )
+
+    def acquire_lease(self, repo_id: UUID) -> Lease | None:
+        try:
+            return PgLease.try_acquire(self.url, repo_id)
+        except psycopg.Error as exc:
+            raise StoreUnavailable(
+                f"PostgreSQL at {_redact(self.url)} is unreachable: {exc}"
+            ) from exc
 
     def close(self) -> None:
         self._pool.close()

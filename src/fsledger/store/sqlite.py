@@ -14,6 +14,7 @@ from uuid import UUID
 
 from fsledger.errors import StoreError, StoreUnavailable
 from fsledger.store import migrations
+from fsledger.store.lease import FileLease, Lease
 from fsledger.store.sql import Cursor, SqlStore
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,24 @@ class SqliteStore(SqlStore):
     def _ts_in(self, value: datetime) -> Any:
         return value.isoformat()
 
+    def acquire_lease(self, repo_id: UUID) -> Lease | None:
+        if self.path == ":memory:":
+            return _MemoryLease(repo_id)
+        return FileLease.try_acquire(self.path, repo_id)
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+class _MemoryLease:
+    """An in-memory database is private to its process: owning it is owning everything."""
+
+    def __init__(self, repo_id: UUID) -> None:
+        self.repo_id = repo_id
+
+    def held(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
