@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -51,6 +52,12 @@ def inode_out(value: int) -> int:
     return value + _U64 if value < 0 else value
 
 
+@lru_cache(maxsize=1024)
+def _parse_ts(text: str) -> datetime:
+    """A stored timestamp text as a datetime; cached, since a scan's rows share one."""
+    return datetime.fromisoformat(text)
+
+
 def prefix_range(prefix: RelPath) -> tuple[bytes, bytes]:
     """The half-open byte range [lo, hi) holding every path below directory ``prefix``."""
     return prefix + b"/", prefix + b"0"  # "0" is the byte after "/"
@@ -82,6 +89,7 @@ class SqlStore:
     """Shared implementation of the ``Store`` protocol over a DB-API connection."""
 
     url: str
+    _scanned_in: tuple[datetime | None, Any] = (None, None)
 
     # --- what a dialect provides ------------------------------------------------------
     def _tx(self) -> AbstractContextManager[Cursor]:
@@ -98,7 +106,7 @@ class SqlStore:
         return value
 
     def _ts_out(self, value: Any) -> datetime:
-        return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+        return value if isinstance(value, datetime) else _parse_ts(value)
 
     def _blob_out(self, value: Any) -> bytes:
         return bytes(value)
@@ -111,12 +119,15 @@ class SqlStore:
 
     # --- row mapping --------------------------------------------------------------------
     def _record(self, row: Sequence[Any]) -> FileRecord:
+        # The hot path of every rescan (one call per stored file): no helper calls where an
+        # expression does, and last_scanned parsed once per distinct value, since the rows
+        # one scan wrote all share one (see _parse_ts).
         path, size, mtime_ns, ctime_ns, inode, chash, algo, scanned = row
         return FileRecord(
-            path=self._blob_out(path),
-            stat=FileStat(size, mtime_ns, ctime_ns, inode_out(inode)),
-            digest=Digest(algo, chash) if chash is not None else None,
-            last_scanned=self._ts_out(scanned),
+            path if type(path) is bytes else self._blob_out(path),
+            FileStat(size, mtime_ns, ctime_ns, inode + _U64 if inode < 0 else inode),
+            Digest(algo, chash) if chash is not None else None,
+            scanned if type(scanned) is datetime else _parse_ts(scanned),
         )
 
     def _repo(self, row: Sequence[Any]) -> Repository:
@@ -318,6 +329,12 @@ class SqlStore:
 
     def _record_params(self, rid: Any, rec: FileRecord, now: Any) -> tuple[Any, ...]:
         st = rec.stat
+        digest = rec.digest
+        # One scan's records share one last_scanned: convert it once, not once per row. One
+        # attribute holds key and value, so threads sharing the store never see them apart.
+        scanned = self._scanned_in
+        if scanned[0] is not rec.last_scanned:
+            scanned = self._scanned_in = (rec.last_scanned, self._ts_in(rec.last_scanned))
         return (
             rid,
             rec.path,
@@ -326,9 +343,9 @@ class SqlStore:
             st.mtime_ns,
             st.ctime_ns,
             inode_in(st.inode),
-            rec.content_hash,
-            rec.hash_algo,
-            self._ts_in(rec.last_scanned),
+            digest.hex if digest is not None else None,
+            digest.algo if digest is not None else None,
+            scanned[1],
             now,
             now,
         )
