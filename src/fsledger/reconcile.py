@@ -23,6 +23,7 @@ import stat as stat_mod
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from multiprocessing.pool import AsyncResult
 
 from fsledger.config import Settings
@@ -268,6 +269,7 @@ class _Run:
             collections.deque()
         )
         self.now = utcnow()
+        self._racy_scanned: tuple[datetime | None, int] = (None, 0)
         self._last_progress = 0
 
     # --- the merge ----------------------------------------------------------------------
@@ -330,8 +332,13 @@ class _Run:
             self.deletions[rec.path] = rec
 
     def _racy(self, old: FileRecord) -> bool:
-        scanned_ns = int(old.last_scanned.timestamp() * NS_PER_S)
-        return old.stat.mtime_ns >= scanned_ns - RACY_WINDOW_NS
+        # Called for every unchanged file of a rescan. The records one scan wrote share one
+        # last_scanned object, so its conversion to ns is kept for the next record.
+        scanned = self._racy_scanned
+        if scanned[0] is not old.last_scanned:
+            ns = int(old.last_scanned.timestamp() * NS_PER_S)
+            scanned = self._racy_scanned = (old.last_scanned, ns)
+        return old.stat.mtime_ns >= scanned[1] - RACY_WINDOW_NS
 
     def _compare(self, entry: FileEntry, old: FileRecord | None) -> None:
         if not self.hashing:
