@@ -30,6 +30,17 @@ def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(parts)) if parts else None
 
 
+def _last_bytes(patterns: Iterable[str]) -> frozenset[int] | None:
+    """The bytes a name must end with to match one of ``patterns`` (latin-1 text), or None
+    when a pattern can end with anything (``*``, ``?``, ``[...]``)."""
+    out: set[int] = set()
+    for p in patterns:
+        if not p or p[-1] in "*?]":
+            return None
+        out.add(ord(p[-1]))
+    return frozenset(out)
+
+
 @dataclass(frozen=True)
 class IgnoreRules:
     """Decides which names never reach the ledger.
@@ -48,14 +59,17 @@ class IgnoreRules:
     hidden: bool = True
     _name_re: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
     _path_re: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    _name_ends: frozenset[int] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         def latin(p: str) -> str:
             return os.fsencode(p).decode("latin-1")
 
-        object.__setattr__(
-            self, "_name_re", _compile(latin(p) for p in self.patterns if "/" not in p)
-        )
+        name_patterns = [latin(p) for p in self.patterns if "/" not in p]
+        object.__setattr__(self, "_name_re", _compile(name_patterns))
+        # The walker asks about every name in the tree; most end in a byte no pattern ends
+        # in (".jpg" vs "*.tmp", "*~", ...), which rules them out without the regex.
+        object.__setattr__(self, "_name_ends", _last_bytes(name_patterns))
         object.__setattr__(
             self, "_path_re", _compile(latin(p.strip("/")) for p in self.patterns if "/" in p)
         )
@@ -69,7 +83,11 @@ class IgnoreRules:
         """Whether the entry ``name`` (at ``relpath``) is ignored, with its subtree."""
         if self.hidden and name.startswith(b"."):
             return True
-        if self._name_re is not None and self._name_re.match(name.decode("latin-1")):
+        if (
+            self._name_re is not None
+            and (self._name_ends is None or (name and name[-1] in self._name_ends))
+            and self._name_re.match(name.decode("latin-1"))
+        ):
             return True
         return (
             self._path_re is not None

@@ -63,10 +63,6 @@ def _describe(exc: OSError) -> str:
     return f"{exc.strerror or exc} (errno {exc.errno})"
 
 
-def _join(parent: RelPath, name: bytes) -> RelPath:
-    return parent + b"/" + name if parent else name
-
-
 def walk(root: bytes, rules: IgnoreRules, start: RelPath = b"") -> Iterator[WalkItem]:
     """Walk ``root`` (or its subdirectory ``start``) and yield what is found, in path byte order.
 
@@ -119,12 +115,14 @@ def _list_dir(
     """List one directory, sorted for the walk (reversed: pop() gives the smallest key)."""
     full = root + b"/" + rel if rel else root
     out: list[tuple[bytes, RelPath, int]] = []
+    prefix = rel + b"/" if rel else b""
+    ignores = rules.ignores_name
     try:
         with os.scandir(full) as it:
             for entry in it:
                 name = entry.name
-                child = _join(rel, name)
-                if rules.ignores_name(name, child):
+                child = prefix + name
+                if ignores(name, child):
                     continue
                 # DirEntry answers from d_type and falls back to lstat where d_type is unknown.
                 try:
