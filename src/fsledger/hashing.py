@@ -61,6 +61,22 @@ class HashOutcome:
     error: str | None = None
     unsettled: bool = False
 
+    def __reduce__(self) -> tuple[type[HashOutcome], tuple[object, ...]]:
+        # Outcomes cross from the hashing workers a file each; pickling frozen slots
+        # dataclasses field by field (their default) costs three times this.
+        return (
+            HashOutcome,
+            (
+                self.hex,
+                self.size,
+                self.mtime_ns,
+                self.ctime_ns,
+                self.inode,
+                self.error,
+                self.unsettled,
+            ),
+        )
+
 
 def _key(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
