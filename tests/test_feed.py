@@ -200,7 +200,7 @@ def test_old_cursor_gets_resync_needed_not_silence(ledger: Ledger, root: Path) -
         r = http.get("/api/v1/changes", params={"since": f"0000{head.feed_id}:1"})
         assert r.status_code == 410
         r = http.get("/api/v1/changes", params={"since": "not-a-cursor"})
-        assert r.status_code == 400
+        assert r.status_code == 422
 
     # Pruning by age: everything recorded before now goes; the head survives as a number.
     Retention(max_age_s=1e-6, max_entries=0).prune(ledger.store)
@@ -264,8 +264,9 @@ def test_sse_delivers_changes_and_resumes_with_last_event_id(ledger: Ledger, roo
         with http.stream("GET", "/api/v1/events", params={"since": first["cursor"]}) as response:
             assert SseReader(response).changes(1)[0]["seq"] == events[1]["seq"]
 
-        r = http.get("/api/v1/events", params={"since": "bogus"})
-        assert r.status_code == 400
+        assert http.get("/api/v1/events", params={"since": "bogus"}).status_code == 422
+        r = http.get("/api/v1/events", headers={"Last-Event-ID": "bogus"})
+        assert r.status_code == 400 and r.json()["error"] == "bad_request"
 
 
 def test_sse_wakes_on_writer_listener(ledger: Ledger, root: Path) -> None:

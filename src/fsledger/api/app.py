@@ -36,6 +36,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fsledger.api import schemas
@@ -59,12 +60,29 @@ from fsledger.model import Repository, utcnow
 
 log = logging.getLogger(__name__)
 
+# A component that is not "." or "..", then components joined by single slashes: the
+# schema says what _clean_prefix enforces (for prefix_b64 it is checked after decoding).
+_COMPONENT = r"(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)"
+PREFIX_PATTERN = rf"^/*(?:{_COMPONENT}(?:/{_COMPONENT})*)?/*$"
+B64URL_PATTERN = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$"
+B64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+CURSOR_PATTERN = r"^[0-9a-f]{1,32}:[0-9]{1,18}$"
 MAX_BODY = 64 * 1024
 MAX_LIMIT = 1000
 STATIC = resources.files("fsledger.api") / "static"
 _LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
 # Module level: route signatures are resolved from module globals (postponed annotations).
 _BEARER = HTTPBearer(auto_error=False, description="FSLEDGER_API_TOKEN, when it is set.")
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+}
 
 
 class ApiError(Exception):
@@ -202,7 +220,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 def _b64_path(text: str, what: str) -> bytes:
     try:
-        return base64.urlsafe_b64decode(text.encode("ascii") + b"=" * (-len(text) % 4))
+        padded = text.encode("ascii") + b"=" * (-len(text) % 4)
+        return base64.b64decode(padded, altchars=b"-_", validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
         raise ApiError(400, "bad_request", f"{what} is not base64") from None
 
@@ -219,6 +238,30 @@ def _clean_prefix(raw: bytes) -> bytes:
             "empty components or NUL",
         )
     return raw
+
+
+async def _known_query_only(request: Request) -> None:
+    """Refuse query parameters a route does not take: a typo (``?sinse=``) must not silently
+    mean "from the beginning"."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known: set[str] = set()
+    todo = [dependant]
+    while todo:  # the route's own parameters and those of its dependencies
+        dep = todo.pop()
+        known.update(p.alias for p in dep.query_params)
+        todo.extend(dep.dependencies)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"unknown query parameter {unknown[0]!r} (this route takes: "
+            + (", ".join(sorted(known)) or "none")
+            + ")",
+        )
 
 
 def _parse_cursor(text: str | None) -> Cursor | None:
@@ -271,6 +314,7 @@ def create_app(
         version="1",
         summary="A database of every file in directory trees, true to disk, and its changes.",
         lifespan=lifespan,
+        dependencies=[Depends(_known_query_only)],
     )
     app.state.hub = feed_hub
     app.state.metrics = metrics
@@ -287,6 +331,15 @@ def create_app(
     @app.exception_handler(ApiError)
     async def on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.error, exc.detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Framework errors (unparseable body, unknown route, wrong method) in our shape too.
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        response = _error(exc.status_code, code, str(exc.detail))
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(ResyncNeeded)
     async def on_resync(_request: Request, exc: ResyncNeeded) -> JSONResponse:
@@ -348,9 +401,12 @@ def create_app(
 
     @app.get(
         "/metrics",
-        response_class=PlainTextResponse,
+        response_model=None,
         dependencies=[Depends(authorize)],
-        responses={200: {"content": {"text/plain": {}}}, 401: {"model": schemas.ErrorOut}},
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+            401: {"model": schemas.ErrorOut},
+        },
         tags=["service"],
     )
     def prometheus() -> PlainTextResponse:
@@ -464,16 +520,19 @@ def create_app(
     )
     def files(
         repo_id: UUID,
-        prefix: Annotated[str, Query(max_length=4096)] = "",
-        prefix_b64: Annotated[str | None, Query(max_length=8192)] = None,
-        cursor: Annotated[str | None, Query(max_length=8192)] = None,
+        prefix: Annotated[str, Query(max_length=4096, pattern=PREFIX_PATTERN)] = "",
+        prefix_b64: Annotated[str | None, Query(max_length=8192, pattern=B64_PATTERN)] = None,
+        cursor: Annotated[str | None, Query(max_length=8192, pattern=B64URL_PATTERN)] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
     ) -> Any:
         """Records in path byte order, a page at a time. The cursor is the last path (base64),
         so paging is stable while files change: every file present throughout is listed once."""
         repo = get_repo(repo_id)
         if prefix_b64 is not None:
-            raw = _b64_path(prefix_b64, "prefix_b64")
+            try:
+                raw = base64.b64decode(prefix_b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(400, "bad_request", "prefix_b64 is not base64") from None
         else:
             try:
                 raw = prefix.encode("utf-8", "surrogateescape")
@@ -511,9 +570,15 @@ def create_app(
         repo_id = get_repo(repository).id if repository is not None else None
         return feed.read(_parse_cursor(since), limit, repo_id)
 
-    @api.get("/changes", response_model=schemas.ChangesPage, responses=feed_errors, tags=["feed"])
+    @api.get(
+        "/changes",
+        response_model=schemas.ChangesPage,
+        response_model_exclude_unset=True,  # old_path only on moves, as in the CLI and SSE
+        responses=feed_errors,
+        tags=["feed"],
+    )
     def changes(
-        since: Annotated[str | None, Query(max_length=64)] = None,
+        since: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
         repository: UUID | None = None,
     ) -> Any:
@@ -532,7 +597,7 @@ def create_app(
         tags=["feed"],
     )
     async def events(
-        since: Annotated[str | None, Query(max_length=64)] = None,
+        since: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None,
         repository: UUID | None = None,
         last_event_id: Annotated[str | None, Header(max_length=64)] = None,
     ) -> StreamingResponse:

@@ -126,11 +126,12 @@ class Feed:
         # serialised in sequence order), so an empty or partial page may advance to it.
         info = self.store.feed_info()
         start = since or Cursor(info.feed_id, 0)
+        head = str(Cursor(info.feed_id, info.latest_seq))
         if start.feed_id != info.feed_id:
             raise ResyncNeeded(
-                f"cursor {start} belongs to another change feed (this database's is "
-                f"{info.feed_id}): list the files again, then follow from the cursor given",
-                str(Cursor(info.feed_id, info.latest_seq)),
+                f"resync needed: cursor {start} belongs to another change feed (this database's "
+                f"is {info.feed_id}); list the files again, then follow the feed from {head}",
+                head,
             )
         entries = self.store.changes_since(start.seq, limit, repo_id)
         # Checked after reading: pruning only moves forward, so a page read before a prune
@@ -138,10 +139,10 @@ class Feed:
         pruned = self.store.feed_info().pruned_through
         if start.seq < pruned:
             raise ResyncNeeded(
-                f"cursor {start} is older than the change feed's retention window (entries up "
-                f"to {pruned} were pruned): list the files again, then follow from the cursor "
-                "given",
-                str(Cursor(info.feed_id, info.latest_seq)),
+                f"resync needed: cursor {start} is older than the change feed's retention window "
+                f"(entries up to {pruned} were pruned); list the files again, then follow the "
+                f"feed from {head}",
+                head,
             )
         full = len(entries) >= limit
         last = entries[-1].seq if entries else start.seq
@@ -262,13 +263,22 @@ class FeedHub:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(event.set)
 
-    def wait(self, after: int, timeout: float) -> bool:
-        """Block until the feed holds an entry after ``after``, the hub stops, or ``timeout``.
+    def wake(self) -> None:
+        """Wake every waiter now (one whose ``cancel`` was set returns)."""
+        self._wake_all()
+
+    def wait(self, after: int, timeout: float, cancel: threading.Event | None = None) -> bool:
+        """Block until the feed holds an entry after ``after``, the hub stops, ``cancel`` is
+        set (and ``wake`` called), or ``timeout``.
 
         Returns whether there is something after ``after``.
         """
+
+        def ready() -> bool:
+            return self._latest > after or self.closed or (cancel is not None and cancel.is_set())
+
         with self._cond:
-            self._cond.wait_for(lambda: self._latest > after or self.closed, timeout)
+            self._cond.wait_for(ready, timeout)
             return self._latest > after
 
     async def wait_async(self, after: int, timeout: float) -> bool:

@@ -73,7 +73,9 @@ class RepositoryOut(BaseModel):
 
 
 class RepositoryIn(BaseModel):
-    path: str = Field(min_length=1, max_length=MAX_PATH, description="Absolute path of the root.")
+    path: str = Field(
+        min_length=1, max_length=MAX_PATH, pattern="^/", description="Absolute path of the root."
+    )
     name: str | None = Field(default=None, min_length=1, max_length=200)
 
 

@@ -143,6 +143,7 @@ class WebhookDispatcher:
         """Stop after the request in flight (its batch is sent again after a restart unless
         it was acknowledged)."""
         self._stop.set()
+        self.hub.wake()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -192,7 +193,7 @@ class WebhookDispatcher:
         if not page.entries:
             if page.cursor.seq != cursor.seq:
                 self._advance(page.cursor, 0)
-            if not self.hub.wait(page.cursor.seq, 5.0) and self.hub.closed:
+            if not self.hub.wait(page.cursor.seq, 5.0, self._stop) and self.hub.closed:
                 self._stop.wait(1.0)  # no wake-ups any more: poll instead of spinning
             return page.cursor
         body = {
