@@ -353,6 +353,16 @@ class SqlStore:
     def _upsert_many(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
         cur.executemany(self._UPSERT, rows)
 
+    _FEED_COLS_IN = (
+        "repository_id, kind, file_path, old_path, file_size, content_hash, hash_algo, recorded_at"
+    )
+
+    def _insert_feed(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
+        """Append rows (in ``_FEED_COLS_IN`` order) to the change feed, in order."""
+        cur.executemany(
+            f"INSERT INTO change_log ({self._FEED_COLS_IN}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
+        )
+
     def _delete_prefix(self, cur: Cursor, rid: Any, prefix: RelPath) -> None:
         lo, hi = prefix_range(prefix)
         cur.execute(
@@ -423,9 +433,8 @@ class SqlStore:
             if not feed:
                 return None
             self._lock_feed(cur)
-            cur.executemany(
-                "INSERT INTO change_log (repository_id, kind, file_path, old_path, file_size, "
-                "content_hash, hash_algo, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            self._insert_feed(
+                cur,
                 [
                     (
                         rid,
