@@ -5,6 +5,7 @@ security rules, and the OpenAPI schema under schemathesis."""
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from api_support import free_port, wait_for
 from fsledger.api import Service, create_app
-from fsledger.api.app import is_loopback_host
+from fsledger.api.security import is_loopback_host
 from fsledger.cli import main
 from fsledger.config import Settings
 from fsledger.errors import ConfigError
@@ -318,6 +319,73 @@ def test_metrics_parse_as_prometheus_text(ledger: Ledger, scanned: Repository) -
     assert samples[("fsledger_repositories", (("state", "online"),))] == 1
     assert samples[("fsledger_feed_sequence", ())] == 6
     assert samples[("fsledger_reconciliation_files_total", (("action", "scanned"),))] >= 6
+
+
+class FakeWatcherMetrics:
+    def __init__(self) -> None:
+        self.latency_ms: collections.deque[float] = collections.deque(maxlen=3)
+        self.latency_count = 0
+        self.watched_repositories = 1
+        self.watched_directories = 7
+        self.events_processed = 42
+        self.events_ignored = 5
+        self.queue_depth = 2
+
+    def add(self, ms: float) -> None:
+        self.latency_ms.append(ms)
+        self.latency_count += 1
+
+    def latency_p50(self) -> float:
+        return sorted(self.latency_ms)[len(self.latency_ms) // 2] if self.latency_ms else 0.0
+
+
+class FakeLive:
+    """A LiveSource with the watcher's metrics, to see them come out of /metrics."""
+
+    def __init__(self) -> None:
+        self.metrics = FakeWatcherMetrics()
+
+    def add(self, repo: Repository) -> None: ...
+    def remove(self, repo_id: Any) -> None: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def is_watching(self, repo_id: Any) -> bool:
+        return True
+
+    def degraded(self, repo_id: Any) -> bool:
+        return False
+
+
+def test_metrics_export_the_watchers_latency_histogram(ledger: Ledger) -> None:
+    live = FakeLive()
+    manager = SyncManager(ledger, ledger.settings, live_factory=lambda *_: live)
+
+    def scrape(http: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = http.get("/metrics").text
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+
+    with client(ledger, manager) as http:
+        for ms in (3.0, 40.0):
+            live.metrics.add(ms)
+        first = scrape(http)
+        assert first[("fsledger_event_latency_seconds_count", ())] == 2
+        assert first[("fsledger_event_latency_seconds_bucket", (("le", "0.005"),))] == 1
+        assert first[("fsledger_event_latency_seconds_bucket", (("le", "0.05"),))] == 2
+        assert first[("fsledger_watched_directories", ())] == 7
+        assert first[("fsledger_events_processed_total", ())] == 42
+        assert first[("fsledger_event_queue_depth", ())] == 2
+        # Four more samples through a window of three: the three still held are counted,
+        # and nothing is counted twice.
+        for ms in (200.0, 300.0, 400.0, 2000.0):
+            live.metrics.add(ms)
+        second = scrape(http)
+        assert second[("fsledger_event_latency_seconds_count", ())] == 5
+        assert second[("fsledger_event_latency_seconds_bucket", (("le", "0.5"),))] == 4
+        assert scrape(http)[("fsledger_event_latency_seconds_count", ())] == 5
 
 
 def test_healthz(http: TestClient) -> None:

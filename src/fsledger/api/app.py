@@ -20,16 +20,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import ipaddress
 import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
@@ -37,11 +35,11 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fsledger.api import schemas
 from fsledger.api.feed import Cursor, Feed, FeedHub, FeedPage, Retention, entry_json
 from fsledger.api.metrics import CONTENT_TYPE, Metrics
+from fsledger.api.security import Guard, error_response
 from fsledger.api.webhooks import WebhookDispatcher
 from fsledger.config import Settings
 from fsledger.errors import (
@@ -67,10 +65,8 @@ PREFIX_PATTERN = rf"^/*(?:{_COMPONENT}(?:/{_COMPONENT})*)?/*$"
 B64URL_PATTERN = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$"
 B64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 CURSOR_PATTERN = r"^[0-9a-f]{1,32}:[0-9]{1,18}$"
-MAX_BODY = 64 * 1024
 MAX_LIMIT = 1000
 STATIC = resources.files("fsledger.api") / "static"
-_LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
 # Module level: route signatures are resolved from module globals (postponed annotations).
 _BEARER = HTTPBearer(auto_error=False, description="FSLEDGER_API_TOKEN, when it is set.")
 
@@ -95,11 +91,6 @@ class ApiError(Exception):
         self.detail = detail
 
 
-def _error(status: int, error: str, detail: str, **extra: Any) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"error": error, "detail": detail, **extra}, status, headers=headers)
-
-
 def _status_of(exc: FsledgerError) -> tuple[int, str]:
     if isinstance(exc, RepositoryNotFound):
         return 404, "not_found"
@@ -114,108 +105,6 @@ def _status_of(exc: FsledgerError) -> tuple[int, str]:
     if isinstance(exc, StoreError):
         return 503, "store_error"
     return 400, "bad_request"
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether a host name or address (without port) names this machine's loopback."""
-    host = host.strip("[]").lower()
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _host_of(value: str) -> str:
-    """The host of a Host header value (``name:port`` or ``[v6]:port``)."""
-    if value.startswith("["):
-        return value[1 : value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
-
-
-class _Guard:
-    """ASGI middleware: Host allow-list (loopback mode), Origin check on writes, body bound,
-    and security headers on every response."""
-
-    def __init__(self, app: ASGIApp, loopback_only: bool, max_body: int = MAX_BODY) -> None:
-        self.app = app
-        self.loopback_only = loopback_only
-        self.max_body = max_body
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        host = headers.get("host", "")
-        if self.loopback_only and not is_loopback_host(_host_of(host)):
-            await _error(
-                421,
-                "misdirected",
-                f"this server answers only loopback host names without a token (got {host!r})",
-            )(scope, receive, send)
-            return
-        method = scope["method"]
-        origin = headers.get("origin")
-        unsafe = method not in ("GET", "HEAD", "OPTIONS")
-        if unsafe and origin and urlsplit(origin).netloc.lower() != host.lower():
-            await _error(403, "forbidden", "cross-origin request refused")(scope, receive, send)
-            return
-        if method in ("POST", "PUT", "PATCH", "DELETE"):
-            length = headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body):
-                await _error(413, "too_large", f"request bodies are limited to {self.max_body}")(
-                    scope, receive, send
-                )
-                return
-            body, ok = await self._read_body(receive)
-            if not ok:
-                await _error(413, "too_large", f"request bodies are limited to {self.max_body}")(
-                    scope, receive, send
-                )
-                return
-            receive = _replay(body, receive)
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                extra = [
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"no-referrer"),
-                    (b"x-frame-options", b"DENY"),
-                ]
-                message["headers"] = list(message.get("headers", [])) + extra
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-    async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return b"".join(chunks), True
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                return b"", False
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks), True
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> MutableMapping[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 def _b64_path(text: str, what: str) -> bytes:
@@ -329,28 +218,28 @@ def create_app(
             raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer TOKEN' is needed")
 
     @app.exception_handler(ApiError)
-    async def on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.error, exc.detail)
+    async def on_apierror_response(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.error, exc.detail)
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def on_httperror_response(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Framework errors (unparseable body, unknown route, wrong method) in our shape too.
         code = _HTTP_CODES.get(exc.status_code, "error")
-        response = _error(exc.status_code, code, str(exc.detail))
+        response = error_response(exc.status_code, code, str(exc.detail))
         if exc.headers:
             response.headers.update(exc.headers)
         return response
 
     @app.exception_handler(ResyncNeeded)
     async def on_resync(_request: Request, exc: ResyncNeeded) -> JSONResponse:
-        return _error(410, "resync_needed", str(exc), cursor=exc.cursor)
+        return error_response(410, "resync_needed", str(exc), cursor=exc.cursor)
 
     @app.exception_handler(FsledgerError)
-    async def on_fsledger_error(_request: Request, exc: FsledgerError) -> JSONResponse:
+    async def on_fsledgererror_response(_request: Request, exc: FsledgerError) -> JSONResponse:
         status, code = _status_of(exc)
         if status >= 500:
             log.error("API request failed: %s", exc)
-        return _error(status, code, str(exc))
+        return error_response(status, code, str(exc))
 
     errors: dict[int | str, dict[str, Any]] = {
         400: {"model": schemas.ErrorOut},
@@ -396,7 +285,7 @@ def create_app(
         try:
             head = feed.head()
         except StoreError as exc:
-            return _error(503, "store_unavailable", str(exc))
+            return error_response(503, "store_unavailable", str(exc))
         return {"status": "ok", "cursor": str(head)}
 
     @app.get(
@@ -648,8 +537,8 @@ def create_app(
             metrics.sse_closed()
 
     app.include_router(api)
-    app.add_middleware(_Guard, loopback_only=token is None)
+    app.add_middleware(Guard, loopback_only=token is None)
     return app
 
 
-__all__ = ["create_app", "is_loopback_host", "ApiError"]
+__all__ = ["create_app", "ApiError"]

@@ -309,6 +309,8 @@ class FeedHub:
         except StoreError as exc:
             log.warning("Change feed: cannot list repositories: %s", exc)
             return
+        except RuntimeError:  # the manager's table changed while it was copied: next poll
+            return
         for repo in repos:
             writer = self.ledger.writer(repo)
             if self.on_applied not in writer.listeners:

@@ -3,10 +3,11 @@
 Values are read at scrape time from their owners (the SyncManager, the watcher, the store,
 the feed hub, the webhook dispatchers); only the two histograms keep state here.
 
-The event-latency histogram is fed from the live watcher, which is expected to expose on
-its ``metrics`` object (see ``LatencySource``) a total count of latency samples and a
-bounded sequence of the most recent ones in milliseconds; each scrape observes the samples
-taken since the previous scrape (those still in the window).
+The event-latency histogram is fed from the live watcher's ``metrics`` object: its
+``latency_ms`` window (a bounded deque of the most recent close-to-row latencies, oldest
+first) and, if it has one, ``latency_count`` (samples ever taken). Each scrape observes the
+samples taken since the previous scrape. Without ``latency_count`` new samples can only be
+told apart while the window is still filling, so the histogram stops growing once it is full.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -33,14 +34,13 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-@runtime_checkable
 class LatencySource(Protocol):
     """What the watcher's ``metrics`` object offers for the latency histogram."""
 
+    latency_ms: Sequence[float]
+    """The most recent samples in milliseconds (a bounded window), oldest first."""
     latency_count: int
-    """Samples taken since start."""
-    latency_samples_ms: Sequence[float]
-    """The most recent samples (a bounded window), oldest first."""
+    """Samples taken since start (optional: see the module docstring)."""
 
 
 class Metrics(Collector):
@@ -67,6 +67,7 @@ class Metrics(Collector):
         self.sse_clients = 0
         self._lock = threading.Lock()
         self._latency_seen = 0
+        self._window_len = 0
         self.registry = CollectorRegistry(auto_describe=False)
         self.event_latency = Histogram(
             "fsledger_event_latency_seconds",
@@ -98,11 +99,15 @@ class Metrics(Collector):
     def _drain_latency(self) -> None:
         live = getattr(self.manager, "live", None) if self.manager is not None else None
         source = getattr(live, "metrics", None)
-        if not isinstance(source, LatencySource):
+        samples = getattr(source, "latency_ms", None)
+        if samples is None:
             return
         with self._lock:
-            total = int(source.latency_count)
-            window = list(source.latency_samples_ms)
+            window = list(samples)
+            total = getattr(source, "latency_count", None)
+            if not isinstance(total, int):
+                total = self._latency_seen + max(len(window) - self._window_len, 0)
+            self._window_len = len(window)
             new = min(max(total - self._latency_seen, 0), len(window))
             self._latency_seen = total
         for ms in window[len(window) - new :]:
