@@ -8,9 +8,11 @@ import base64
 import collections
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from api_support import free_port, wait_for
-from fsledger.api import Service, create_app
+from api_support import SseReader, free_port, wait_for, webhook_receiver
+from fsledger.api import Service, create_app, verify
 from fsledger.api.security import is_loopback_host
 from fsledger.cli import main
 from fsledger.config import Settings
@@ -35,6 +37,7 @@ from fsledger.errors import ConfigError
 from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
 from fsledger.model import OperationStatus, Repository
+from fsledger.store import open_store
 
 TOKEN = "t0ken-for-tests-0123456789"
 
@@ -514,45 +517,88 @@ def test_openapi_schema_holds(ledger: Ledger, root: Path, mode: GenerationMode) 
 
 # --- once over a real socket --------------------------------------------------------------------
 def test_fsledger_run_serves_over_a_real_socket(tmp_path: Path, root: Path) -> None:
+    """``fsledger run`` as a user starts it: HTTP on a real port, a webhook, a change written
+    by another process (``fsledger scan``) reaching both an open SSE stream and the webhook,
+    and SIGTERM ending it all with exit 0 while the stream is still open."""
     db = "sqlite://" + str(tmp_path / "run.db")
-    env = {**os.environ, "FSLEDGER_DATABASE_URL": db}
+    env = {**os.environ, "FSLEDGER_DATABASE_URL": db, "FSLEDGER_WEBHOOK_SECRET": "s3cret"}
     env.pop("FSLEDGER_API_TOKEN", None)
     fsledger = [sys.executable, "-m", "fsledger.cli"]
     subprocess.run([*fsledger, "repo", "add", str(root)], env=env, check=True, timeout=120)
     port = free_port()
-    proc = subprocess.Popen(
-        [*fsledger, "run", "--no-watch", "--listen", f"127.0.0.1:{port}"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base, timeout=5) as http:
-
-            def healthy() -> bool:
-                assert proc.poll() is None, "fsledger run exited early"
-                try:
-                    return http.get("/healthz").status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            wait_for("fsledger run to answer /healthz", healthy, timeout=60)
-            r = http.get("/api/v1/changes")
-            assert r.status_code == 200
-            assert {c["path"] for c in r.json()["changes"]} == {
-                "2024/a.jpg",
-                "2024/copy-of-a.jpg",
-                "2025/b.jpg",
-                "2025/deep/copy-of-b.jpg",
-                "2025/deep/third-b.jpg",
-                "notes.txt",
-            }
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    with webhook_receiver() as receiver:
+        proc = subprocess.Popen(
+            [*fsledger, "run", "--no-watch", "--listen", f"127.0.0.1:{port}"]
+            + ["--webhook", receiver.url],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        events: queue.Queue[Any] = queue.Queue()
+        stream_ended = threading.Event()
         try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0, err.decode(errors="replace")
+            with httpx.Client(base_url=base, timeout=5) as http:
+
+                def healthy() -> bool:
+                    assert proc.poll() is None, "fsledger run exited early"
+                    try:
+                        return http.get("/healthz").status_code == 200
+                    except httpx.TransportError:
+                        return False
+
+                wait_for("fsledger run to answer /healthz", healthy, timeout=60)
+                r = http.get("/api/v1/changes")
+                assert r.status_code == 200
+                assert {c["path"] for c in r.json()["changes"]} == {
+                    "2024/a.jpg",
+                    "2024/copy-of-a.jpg",
+                    "2025/b.jpg",
+                    "2025/deep/copy-of-b.jpg",
+                    "2025/deep/third-b.jpg",
+                    "notes.txt",
+                }
+                head = r.json()["cursor"]
+                store = open_store(db)
+                try:
+                    wait_for(
+                        "the webhook to take its cursor",
+                        lambda: store.get_consumer_cursor("webhook:" + receiver.url) is not None,
+                    )
+                finally:
+                    store.close()
+
+            def listen() -> None:
+                with (
+                    httpx.Client(base_url=base, timeout=30) as sse,
+                    sse.stream("GET", "/api/v1/events", params={"since": head}) as response,
+                ):
+                    reader = SseReader(response)
+                    try:
+                        while True:
+                            events.put(reader.next().json())
+                    except (AssertionError, httpx.HTTPError):
+                        stream_ended.set()
+
+            threading.Thread(target=listen, daemon=True).start()
+            (root / "from-another-process.jpg").write_bytes(b"scan")
+            subprocess.run([*fsledger, "scan"], env=env, check=True, timeout=120)
+            change = events.get(timeout=30)
+            assert (change["kind"], change["path"]) == ("created", "from-another-process.jpg")
+            wait_for("the webhook delivery", lambda: receiver.accepted)
+            delivered = receiver.accepted[0].json()["changes"]
+            assert [c["path"] for c in delivered] == ["from-another-process.jpg"]
+            assert verify(
+                "s3cret",
+                receiver.accepted[0].body,
+                receiver.accepted[0].headers["x-fsledger-signature"],
+            )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                _, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+        assert proc.returncode == 0, err.decode(errors="replace")
+        assert stream_ended.wait(10), "the event stream did not end with the server"

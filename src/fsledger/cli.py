@@ -3,7 +3,8 @@
 Every command takes ``--json`` for machine output. Errors are one line on stderr,
 never a traceback. Exit codes: 0 ok, 1 operational error (e.g. the database is
 unreachable), 2 usage or bad input, 3 corruption found by ``scan --verify``,
-4 refused by the root guard (missing or unmounted root).
+4 refused by the root guard (missing or unmounted root), 5 a change-feed cursor older
+than the feed keeps (``changes --since``: list the files again, then resume).
 """
 
 from __future__ import annotations
