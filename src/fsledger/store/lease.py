@@ -19,10 +19,14 @@ import hashlib
 import logging
 import os
 import threading
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from uuid import UUID
 
-import psycopg
+if TYPE_CHECKING:
+    import psycopg
+
+# psycopg is imported where PgLease uses it: this module is imported by every command, and
+# loading psycopg (~100 ms) would slow every start of the CLI, SQLite users' included.
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,8 @@ class PgLease:
 
     @classmethod
     def try_acquire(cls, url: str, repo_id: UUID) -> PgLease | None:
+        import psycopg
+
         conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
         row = conn.execute("SELECT pg_try_advisory_lock(%s)", (lock_key(repo_id),)).fetchone()
         if not row or not row[0]:
@@ -97,6 +103,8 @@ class PgLease:
             return self._held()
 
     def _held(self) -> bool:
+        import psycopg
+
         conn = self._conn
         if conn is None or conn.closed:
             return False
@@ -115,6 +123,8 @@ class PgLease:
         return bool(row and row[0])
 
     def release(self) -> None:
+        import psycopg
+
         with self._lock:
             conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
