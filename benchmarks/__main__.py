@@ -1,0 +1,179 @@
+"""``python -m benchmarks``: generate (or reuse) the library, measure, print and record.
+
+Examples:
+    python -m benchmarks                       # 100k files, both stores, recorded
+    python -m benchmarks --quick               # 10k files, printed only (make bench-quick)
+    python -m benchmarks --files 1000000 --profile tiny --stores sqlite \\
+        --only initial_index rescan_nochange   # the 1M-file run
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from benchmarks import live, report
+from benchmarks.library import PROFILES, LibrarySpec, ensure_library, working_copy
+from benchmarks.proc import CommandFailed, require_tool
+from benchmarks.scenarios import Cli, Measurement, StoreRun
+from benchmarks.stores import DEFAULT_PG_URL, make_store
+
+SCENARIOS = ("initial_index", "rescan_nochange", "rescan_changes", "api", "watch")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--files", type=int, default=None, help="library size [100000; --quick 10000]")
+    p.add_argument("--quick", action="store_true", help="10k files, printed, not recorded")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="photos", help="file sizes")
+    p.add_argument("--stores", default="sqlite,postgres", help="comma-separated store names")
+    p.add_argument("--pg-url", default=DEFAULT_PG_URL, help="PostgreSQL admin URL")
+    p.add_argument("--data-dir", type=Path, default=ROOT / "bench-data", help="library home")
+    p.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each line")
+    p.add_argument(
+        "--record",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="append to docs/benchmarks.md and write benchmarks/results/*.json "
+        "[default: yes, except with --quick]",
+    )
+    args = p.parse_args(argv)
+    if args.files is None:
+        args.files = 10_000 if args.quick else 100_000
+    if args.record is None:
+        args.record = not args.quick
+    return args
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _pg_version(url: str) -> str | None:
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+    except psycopg.Error:
+        return None
+    return f"PostgreSQL {row[0]}" if row else None
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    require_tool("b3sum", "b3sum")
+    executable = shutil.which("fsledger", path=str(Path(sys.executable).parent))
+    if executable is None:
+        sys.exit("fsledger is not installed in this Python's environment: run 'make install'")
+    cli = Cli(executable)
+    data_dir = args.data_dir.resolve()
+    library = ensure_library(LibrarySpec(args.files, args.profile), data_dir, log)
+    log(f"library: {library.files:,} files, {library.bytes / (1 << 20):,.0f} MiB in {library.tree}")
+
+    results: list[Measurement] = []
+    skipped: list[str] = []
+    pg_version = None
+    for name in args.stores.split(","):
+        store = make_store(name.strip(), data_dir, args.pg_url)
+        if reason := store.unavailable():
+            skipped.append(f"{store.name}: {reason}")
+            log(f"skipping {store.name}: {reason}")
+            continue
+        if store.name == "postgres":
+            pg_version = _pg_version(args.pg_url)
+        log(f"[{store.name}] preparing a working copy")
+        work = working_copy(library, data_dir)
+        runner = StoreRun(cli, store, library, work, args.repeats, log)
+        try:
+            results += run_store(runner, args.only, skipped)
+        finally:
+            runner.close()
+            shutil.rmtree(work, ignore_errors=True)
+
+    when = datetime.now(UTC)
+    command = "python -m benchmarks " + shlex.join(argv) if argv else "python -m benchmarks"
+    info = report.machine(pg_version)
+    section = report.markdown(
+        results, library, info, command, args.repeats, sorted(set(skipped)), when
+    )
+    print(section)
+    if args.record:
+        payload: dict[str, Any] = {
+            "date": when.isoformat(timespec="seconds"),
+            "command": command,
+            "machine": info,
+            "library": {
+                **library.spec.to_json(),
+                "bytes": library.bytes,
+                "directories": library.directories,
+            },
+            "repeats": args.repeats,
+            "results": [m.to_json() for m in results],
+            "targets": report.judge(results, library.files),
+            "not_measured": sorted(set(skipped)),
+        }
+        results_dir = ROOT / "benchmarks" / "results"
+        # latest.json is the last recorded run; one file per library keeps the newest run
+        # of each size (the 100k and the 1M run) side by side.
+        for name in ("latest.json", f"{library.spec.name}.json"):
+            report.write_json(results_dir / name, payload)
+        report.append_markdown(ROOT / "docs" / "benchmarks.md", section)
+        log(f"recorded in docs/benchmarks.md and {results_dir}/")
+    return 0
+
+
+def run_store(runner: StoreRun, only: list[str], skipped: list[str]) -> list[Measurement]:
+    """The selected scenarios on one store, in the order they build on each other."""
+    out: list[Measurement] = []
+    name = runner.store.name
+    log(f"[{name}] initial index")
+    index = runner.initial_index() if "initial_index" in only else None
+    if index is None:
+        runner.index_untimed()
+    else:
+        out.append(index)
+    if "rescan_nochange" in only:
+        log(f"[{name}] no-change rescan")
+        out.append(runner.rescan_nochange())
+    if "rescan_changes" in only:
+        log(f"[{name}] rescan after changes")
+        out.append(runner.rescan_changes())
+    if "api" in only:
+        if reason := live.api_missing():
+            # Skipped with its reason on a checkout without the HTTP API.
+            skipped.append(f"GET /api/v1/changes: {reason}")
+        elif "rescan_changes" not in only:
+            skipped.append("GET /api/v1/changes: needs the rescan_changes scenario's changes")
+        else:
+            log(f"[{name}] change feed over HTTP")
+            try:
+                out.append(live.measure_changes_api(runner))
+            except (TimeoutError, OSError, CommandFailed, KeyError) as exc:
+                skipped.append(f"GET /api/v1/changes on {name}: failed: {exc}")
+                log(f"  change feed over HTTP failed: {exc}")
+    # Last: it adds files to the tree (200 written one by one, then a 10k-file burst).
+    if "watch" in only:
+        if reason := live.watcher_missing():
+            # Skipped with its reason on a checkout without the live watcher.
+            skipped.append(f"live watcher latency and burst: {reason}")
+        else:
+            log(f"[{name}] live watcher")
+            try:
+                out += live.measure_watcher(runner)
+                out[-1].details["exactness"] = runner.check_exact().to_json()
+            except (TimeoutError, OSError, CommandFailed) as exc:
+                skipped.append(f"live watcher on {name}: failed: {exc}")
+                log(f"  live watcher failed: {exc}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,230 @@
+"""The daemon's figures: live-watcher latency and burst, and the change feed over HTTP.
+
+The daemon is the real ``fsledger run`` in a subprocess. The benchmark observes the ledger
+the way another client would, through its own connection to the same database (polling
+``Store.get_record`` / ``count_records`` every millisecond), so a latency here is "file
+closed" to "row visible to a reader", commit included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import tarfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from benchmarks.library import ContentSource, plan
+from benchmarks.proc import Timing
+from benchmarks.scenarios import REPO, Measurement, StoreRun
+
+LATENCY_FILES = 200
+BURST_FILES = 10_000
+POLL_S = 0.001
+API_PAGE = 1000
+WARMUP_FILES = 5
+
+
+def watcher_missing() -> str | None:
+    """Why the live watcher cannot be measured yet, or None."""
+    try:
+        from fsledger.watch import Watcher  # noqa: F401
+    except ImportError as exc:
+        return f"the live watcher (fsledger.watch.Watcher) is not importable yet: {exc}"
+    return None
+
+
+def api_missing() -> str | None:
+    """Why the HTTP API cannot be measured yet, or None."""
+    try:
+        import fsledger.api  # noqa: F401
+    except ImportError as exc:
+        return f"the HTTP API (fsledger.api) is not importable yet: {exc}"
+    return None
+
+
+def _wait(condition: Callable[[], bool], deadline_s: float, what: str) -> float:
+    """Poll ``condition`` until true; return the perf_counter time it became true."""
+    end = time.perf_counter() + deadline_s
+    while True:
+        if condition():
+            return time.perf_counter()
+        if time.perf_counter() > end:
+            raise TimeoutError(f"{what}: not seen within {deadline_s:.0f} s")
+        time.sleep(POLL_S)
+
+
+class Daemon:
+    """``fsledger run`` in a subprocess; stopped with SIGTERM, reaped with ``wait4``."""
+
+    def __init__(self, runner: StoreRun, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            runner.cli.argv(runner.url, "run", *extra),
+            env=runner.cli.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.peak_rss_bytes = 0
+
+    def stop(self) -> None:
+        if self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        _pid, status, usage = os.wait4(self.proc.pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.peak_rss_bytes = usage.ru_maxrss * 1024
+
+
+@contextmanager
+def daemon(runner: StoreRun, *extra: str) -> Iterator[Daemon]:
+    d = Daemon(runner, *extra)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def _burst_tarball(runner: StoreRun) -> Path:
+    """A tar of the library's first 10k files (made once, beside the library)."""
+    lib = runner.library
+    tar_path = lib.tree.parent / f"burst-{BURST_FILES}.tar"
+    if not tar_path.exists():
+        tmp = tar_path.with_suffix(".partial")
+        with tarfile.open(tmp, "w") as tar:
+            for f in plan(lib.spec):
+                if f.index >= BURST_FILES:
+                    break
+                tar.add(lib.tree / f.path, arcname=f.path)
+        tmp.rename(tar_path)
+    return tar_path
+
+
+def measure_watcher(runner: StoreRun) -> list[Measurement]:
+    """Close-to-row latency over files written one at a time, then a ``tar -x`` burst."""
+    from fsledger.store import open_store
+
+    store = open_store(runner.url)
+    try:
+        repo = next(r for r in store.list_repositories() if r.name == REPO)
+        content = ContentSource(runner.library.spec.seed + 2)
+        live = runner.work / "9998" / "live"
+        with daemon(runner, "--no-http") as d:
+            # Ready when the watcher sees a new folder and a file in it; a few more files
+            # (not counted) make sure the startup reconciliation is over.
+            live.mkdir(parents=True)
+            content.write(live / "READY.jpg", 0, 4096, time.time_ns())
+            ready = b"9998/live/READY.jpg"
+            _wait(lambda: store.get_record(repo.id, ready) is not None, 300, "watcher start")
+
+            def write_and_wait(name: str) -> float:
+                rel = f"9998/live/{name}".encode()
+                with open(live / name, "wb") as f:
+                    f.write(os.urandom(8192))
+                closed = time.perf_counter()
+                seen = _wait(lambda: store.get_record(repo.id, rel) is not None, 30, name)
+                return seen - closed
+
+            for i in range(WARMUP_FILES):
+                write_and_wait(f"WARM_{i:04d}.jpg")
+            latencies = [write_and_wait(f"LIVE_{i:04d}.jpg") for i in range(LATENCY_FILES)]
+
+            before = store.count_records(repo.id)
+            tarball = _burst_tarball(runner)
+            target = runner.work / "9997-burst"
+            target.mkdir()
+            started = time.perf_counter()
+            subprocess.run(["tar", "-xf", str(tarball), "-C", str(target)], check=True)
+            ended = time.perf_counter()
+            want = before + BURST_FILES
+            applied = _wait(lambda: store.count_records(repo.id) >= want, 120, "burst")
+    finally:
+        store.close()
+
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    latency = Timing(latencies, d.peak_rss_bytes)
+    burst = Timing([applied - started], d.peak_rss_bytes)
+    return [
+        Measurement(
+            "watch_latency",
+            runner.store.name,
+            latency,
+            None,
+            "",
+            runner.cli.shown("run"),
+            {"p50": statistics.median(latencies), "p99": p99, "samples": len(latencies)},
+        ),
+        Measurement(
+            "watch_burst",
+            runner.store.name,
+            burst,
+            None,
+            "",
+            f"tar -xf burst.tar ({BURST_FILES} files) under {runner.cli.shown('run')}",
+            {"tar_seconds": ended - started, "applied_after_end": applied - ended},
+        ),
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def measure_changes_api(runner: StoreRun) -> Measurement:
+    """``GET /api/v1/changes?since=CURSOR`` for the changes of the changed rescan, read the
+    way a client reads them: pages of ``limit=1000`` following ``cursor`` until
+    ``has_more`` is false. One reading is the time for all of its pages."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}/api/v1/changes?limit={API_PAGE}&since="
+
+    def get(cursor: str) -> dict[str, Any]:
+        with urllib.request.urlopen(base + urllib.parse.quote(cursor), timeout=30) as resp:
+            body: dict[str, Any] = json.loads(resp.read())
+        return body
+
+    def read_all() -> tuple[float, int]:
+        start = time.perf_counter()
+        cursor, count, more = runner.cursor_before_changes, 0, True
+        while more:
+            page = get(cursor)
+            count += len(page["changes"])
+            cursor, more = page["cursor"], page["has_more"]
+        return time.perf_counter() - start, count
+
+    def answers() -> bool:
+        try:
+            get(runner.cursor_before_changes)
+        except OSError:
+            return False
+        return True
+
+    timing = Timing()
+    with daemon(runner, "--no-watch", "--listen", f"127.0.0.1:{port}") as d:
+        _wait(answers, 120, "HTTP API start")
+        read_all()  # untimed: warms the daemon's caches and the database's
+        for _ in range(runner.repeats):
+            seconds, count = read_all()
+            timing.seconds.append(seconds)
+    timing.peak_rss_bytes = d.peak_rss_bytes
+    return Measurement(
+        "api_changes",
+        runner.store.name,
+        timing,
+        None,
+        "",
+        f"GET /api/v1/changes?since=CURSOR&limit={API_PAGE} (following cursor) under "
+        + runner.cli.shown("run", "--no-watch", "--listen", "HOST:PORT"),
+        {"changes_read": count, "pages": -(-count // API_PAGE)},
+    )

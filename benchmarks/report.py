@@ -1,0 +1,216 @@
+"""Results: the machine, the targets, a Markdown section for docs/benchmarks.md and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks.library import Library
+from benchmarks.scenarios import Measurement
+
+MB = 1_000_000
+MiB = 1 << 20
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "missing"
+    return (done.stdout or done.stderr).strip().splitlines()[0] if done.returncode == 0 else "?"
+
+
+def machine(pg_version: str | None) -> dict[str, Any]:
+    """What the figures were measured on."""
+    meminfo = Path("/proc/meminfo").read_text().split()
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    git_dirty = _first_line(["git", "status", "--porcelain", "--", "src"]) not in ("", "?")
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(int(meminfo[meminfo.index("MemTotal:") + 1]) / (1 << 20), 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "postgresql": pg_version,
+        "b3sum": _first_line(["b3sum", "--version"]),
+        "find": _first_line(["find", "--version"]),
+        "fsledger_commit": _first_line(["git", "rev-parse", "--short", "HEAD"])
+        + (" (+ uncommitted changes in src)" if git_dirty else ""),
+    }
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal from issue 6, checked against one figure of one scenario."""
+
+    text: str
+    scenario: str
+    figure: str
+    """``ratio``, ``seconds`` (median), ``rss`` (bytes), ``p99`` or ``applied_after_end``."""
+    limit: float
+    min_files: int = 0
+    """Only judged on a library at least this big."""
+
+    def value(self, m: Measurement) -> float | None:
+        if self.figure == "ratio":
+            return m.ratio
+        if self.figure == "seconds":
+            return m.subject.median
+        if self.figure == "rss":
+            return float(m.subject.peak_rss_bytes)
+        got = m.details.get(self.figure)
+        return float(got) if got is not None else None
+
+    def show(self, value: float) -> str:
+        if self.figure == "ratio":
+            return f"{value:.2f}×"
+        if self.figure == "rss":
+            return f"{value / MB:.0f} MB"
+        if self.figure == "p99":
+            return f"{value * 1000:.0f} ms"
+        return f"{value:.2f} s"
+
+
+TARGETS = (
+    Target("no-change rescan ≤ 3× find", "rescan_nochange", "ratio", 3.0),
+    Target("initial index ≤ 3× b3sum -P2", "initial_index", "ratio", 3.0),
+    Target("1M files: no-change rescan < 10 s", "rescan_nochange", "seconds", 10.0, 1_000_000),
+    Target("1M files: peak RSS ≤ 150 MB", "rescan_nochange", "rss", 150 * MB, 1_000_000),
+    Target("live close-to-row p99 < 100 ms", "watch_latency", "p99", 0.100),
+    Target("10k-file burst applied within 2 s of its end", "watch_burst", "applied_after_end", 2.0),
+)
+
+
+def judge(results: list[Measurement], files: int) -> list[dict[str, Any]]:
+    """Each target with the figure measured for it on each store, and whether it was met."""
+    out: list[dict[str, Any]] = []
+    for t in TARGETS:
+        if files < t.min_files:
+            continue
+        for m in results:
+            if m.scenario != t.scenario or (value := t.value(m)) is None:
+                continue
+            out.append(
+                {
+                    "target": t.text,
+                    "store": m.store,
+                    "measured": t.show(value),
+                    "limit": t.show(t.limit),
+                    "met": value <= t.limit if t.figure != "seconds" else value < t.limit,
+                    "by": round(value / t.limit, 2),
+                }
+            )
+    return out
+
+
+LABELS = {
+    "initial_index": "initial index (walk + hash + insert)",
+    "rescan_nochange": "no-change rescan",
+    "rescan_changes": "rescan after 1% mod/del/add + folder rename",
+    "watch_latency": "live: close-to-row latency",
+    "watch_burst": "live: 10k-file tar -x burst",
+    "api_changes": "GET /api/v1/changes?since= (3k changes)",
+}
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def markdown(
+    results: list[Measurement],
+    library: Library,
+    info: dict[str, Any],
+    command: str,
+    repeats: int,
+    skipped: list[str],
+    when: datetime,
+) -> str:
+    """The section of docs/benchmarks.md for one run."""
+    spec = library.spec
+    lines = [
+        f"## {when:%Y-%m-%d %H:%M} UTC: {library.files:,} files ({spec.profile}), "
+        + ", ".join(dict.fromkeys(m.store for m in results)),
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory_gib']} GiB RAM, "
+        f"Linux {info['kernel']}, Python {info['python']}, SQLite {info['sqlite']}, "
+        f"{info['postgresql'] or 'PostgreSQL not measured'}, {info['b3sum']}. "
+        "Shared with other engineers' test runs: compare ratios, not seconds.",
+        f"- fsledger: commit {info['fsledger_commit']}",
+        f"- Library: {library.files:,} files, {library.bytes / MiB:,.0f} MiB, "
+        f"{library.directories:,} folders (profile `{spec.profile}`, seed {spec.seed})",
+        f"- Each line: {repeats} interleaved runs of fsledger and its reference after one "
+        "untimed reference run (warm page cache for both); medians shown, every run in the JSON.",
+        "",
+        "| scenario | store | fsledger | reference | ratio | fsledger peak RSS |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for m in results:
+        ref = _seconds(m.reference.median) if m.reference else "n/a"
+        ratio = f"{m.ratio:.2f}×" if m.ratio is not None else "n/a"
+        rss = m.subject.peak_rss_bytes
+        lines.append(
+            f"| {LABELS.get(m.scenario, m.scenario)} | {m.store} | {_seconds(m.subject.median)} "
+            f"| {ref} | {ratio} | {f'{rss / MiB:.0f} MiB' if rss else 'n/a'} |"
+        )
+    for m in results:
+        if "p50" in m.details:
+            lines.append(
+                f"\n{LABELS[m.scenario]} ({m.store}): p50 {m.details['p50'] * 1000:.1f} ms, "
+                f"p99 {m.details['p99'] * 1000:.1f} ms over {m.details['samples']} files."
+            )
+        if "tar_seconds" in m.details:
+            lines.append(
+                f"\n{LABELS[m.scenario]} ({m.store}): tar -x took "
+                f"{_seconds(m.details['tar_seconds'])}; the ledger held all of it "
+                f"{_seconds(m.details['applied_after_end'])} after tar ended."
+            )
+        if "changes_read" in m.details:
+            lines.append(
+                f"\n{LABELS[m.scenario]} ({m.store}): {m.details['changes_read']:,} changes "
+                f"in {m.details['pages']} pages of up to 1000."
+            )
+        if "exactness" in m.details:
+            ex = m.details["exactness"]
+            verdict = "exact" if ex["exact"] else f"NOT EXACT: {ex}"
+            after = "the changed rescan" if m.scenario == "rescan_changes" else "the live burst"
+            lines.append(
+                f"\nExactness after {after} ({m.store}): {verdict} "
+                f"({ex['files_on_disk']:,} files compared with an independent walk + blake3)."
+            )
+    verdicts = judge(results, library.files)
+    if verdicts:
+        lines += ["", "| target | store | measured | met |", "|---|---|---:|---|"]
+        for v in verdicts:
+            met = "met" if v["met"] else f"**missed** ({v['by']:.2f}× the limit)"
+            lines.append(f"| {v['target']} | {v['store']} | {v['measured']} | {met} |")
+    for reason in skipped:
+        lines.append(f"\n- Not measured: {reason}")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def append_markdown(path: Path, section: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write("\n" + section)

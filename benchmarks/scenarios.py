@@ -1,0 +1,239 @@
+"""The measured scenarios. Each times fsledger (the real CLI, in a subprocess) and its
+reference tool over the same files in the same run:
+
+- ``initial_index``: ``fsledger repo add ROOT`` on an empty database, against
+  ``find ROOT -type f -print0 | xargs -0 -P2 -n 500 b3sum`` (two hashing jobs);
+- ``rescan_nochange``: ``fsledger scan``, against ``find ROOT -type f -printf '%s %T@ %p\\n'``;
+- ``rescan_changes``: ``fsledger scan`` after ``mutate.apply_changes``, against the same
+  ``find``; then the ledger is compared with an independent walk (``verify``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import verify
+from benchmarks.library import Library
+from benchmarks.mutate import apply_changes
+from benchmarks.proc import Run, Timing, interleaved, run, shell
+from benchmarks.stores import BenchStore
+
+REPO = "bench"
+
+
+def find_command(root: Path) -> str:
+    return f"find {shlex.quote(str(root))} -type f -printf '%s %T@ %p\\n' > /dev/null"
+
+
+def b3sum_command(root: Path) -> str:
+    return f"find {shlex.quote(str(root))} -type f -print0 | xargs -0 -P2 -n 500 b3sum > /dev/null"
+
+
+@dataclass
+class Measurement:
+    """One line of the results: fsledger against its reference, on one store."""
+
+    scenario: str
+    store: str
+    subject: Timing
+    reference: Timing | None
+    reference_command: str
+    command: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.reference is None:
+            return None
+        return self.subject.median / self.reference.median
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "store": self.store,
+            "ratio": round(self.ratio, 3) if self.ratio is not None else None,
+            "fsledger": self.subject.to_json(),
+            "reference": self.reference.to_json() if self.reference else None,
+            "command": self.command,
+            "reference_command": self.reference_command,
+            "details": self.details,
+        }
+
+
+class Cli:
+    """The ``fsledger`` command line, run as a user would run it."""
+
+    def __init__(self, executable: str) -> None:
+        self.executable = executable
+        # Measure the defaults: no setting inherited from the caller's environment.
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("FSLEDGER_", "RECONCILIATION_", "FILE_WATCHER_"))
+        }
+        self.env["FSLEDGER_LOG_LEVEL"] = "WARNING"
+
+    def argv(self, url: str, *args: str) -> list[str]:
+        return [self.executable, "--db", url, *args]
+
+    def __call__(self, url: str, *args: str) -> Run:
+        return run(self.argv(url, *args), env=self.env, capture=True)
+
+    def shown(self, *args: str) -> str:
+        """The command as the doc shows it."""
+        return shlex.join(["fsledger", "--db", "URL", *args])
+
+
+def _scan_stats(out: Run) -> dict[str, Any]:
+    """The stats object of ``repo add --json`` or ``scan --json`` output."""
+    line = out.stdout.strip().splitlines()[-1]
+    data = json.loads(line)
+    stats: dict[str, Any] = data.get("scan", data)
+    return stats
+
+
+def _counts(stats: dict[str, Any]) -> dict[str, Any]:
+    keys = ("files_scanned", "files_added", "files_updated", "files_removed", "files_moved")
+    out = {k: stats[k] for k in keys}
+    out["files_hashed"] = stats["files_hashed"]
+    out["errors"] = len(stats["errors"])
+    return out
+
+
+def _changed(counts: dict[str, Any]) -> bool:
+    return any(v for k, v in counts.items() if k != "files_scanned")
+
+
+class StoreRun:
+    """All scenarios on one store, in order, sharing one working copy and database."""
+
+    def __init__(
+        self,
+        cli: Cli,
+        store: BenchStore,
+        library: Library,
+        work: Path,
+        repeats: int,
+        log: Callable[[str], None],
+    ) -> None:
+        self.cli = cli
+        self.store = store
+        self.library = library
+        self.work = work
+        self.repeats = repeats
+        self.log = log
+        self.url = ""
+        self.cursor_before_changes = ""
+        """The change-feed cursor (``FEED_ID:SEQ``) just before ``rescan_changes``."""
+        self._dbs = ExitStack()
+
+    def close(self) -> None:
+        self._dbs.close()
+
+    # --- 1. initial index vs b3sum -P2 -------------------------------------------------
+    def initial_index(self) -> Measurement:
+        args = ("repo", "add", str(self.work), "--name", REPO, "--json")
+        runs: list[Run] = []
+
+        def index_once() -> Run:
+            self._dbs.close()  # drop the previous repeat's database
+            self.url = self._dbs.enter_context(self.store.fresh())
+            out = self.cli(self.url, *args)
+            runs.append(out)
+            return out
+
+        ref, sub = interleaved(self.repeats, lambda: shell(b3sum_command(self.work)), index_once)
+        stats = _scan_stats(runs[-1])
+        if stats["files_scanned"] != self.library.files or stats["errors"]:
+            raise RuntimeError(f"initial index saw something else than the library: {stats}")
+        return Measurement(
+            "initial_index",
+            self.store.name,
+            sub,
+            ref,
+            b3sum_command(Path("ROOT")),
+            self.cli.shown(*args[:2], "ROOT", *args[3:]),
+            {"counts": _counts(stats), "bytes": self.library.bytes},
+        )
+
+    def index_untimed(self) -> None:
+        """Index the working copy without measuring it (when initial_index is not selected)."""
+        self.url = self._dbs.enter_context(self.store.fresh())
+        self.cli(self.url, "repo", "add", str(self.work), "--name", REPO, "--json")
+
+    # --- 2. no-change rescan vs find ---------------------------------------------------
+    def rescan_nochange(self) -> Measurement:
+        args = ("scan", REPO, "--json")
+        runs: list[Run] = []
+
+        def scan_once() -> Run:
+            out = self.cli(self.url, *args)
+            runs.append(out)
+            return out
+
+        ref, sub = interleaved(self.repeats, lambda: shell(find_command(self.work)), scan_once)
+        unexpected = [c for c in (_counts(_scan_stats(r)) for r in runs) if _changed(c)]
+        return Measurement(
+            "rescan_nochange",
+            self.store.name,
+            sub,
+            ref,
+            find_command(Path("ROOT")),
+            self.cli.shown(*args),
+            {"counts": _counts(_scan_stats(runs[-1])), "unexpected_changes": unexpected},
+        )
+
+    # --- 3. rescan after a day of edits, then exactness --------------------------------
+    def rescan_changes(self) -> Measurement:
+        args = ("scan", REPO, "--json")
+        self.cursor_before_changes = self._feed_cursor()
+        changes = apply_changes(self.work, self.library)
+        self.log(
+            f"  changed the tree: {changes.modified} modified, {changes.deleted} deleted, "
+            f"{changes.added} added, {changes.renamed_files} files in a renamed folder"
+        )
+        runs: list[Run] = []
+
+        def scan_once() -> Run:
+            out = self.cli(self.url, *args)
+            runs.append(out)
+            return out
+
+        ref, sub = interleaved(1, lambda: shell(find_command(self.work)), scan_once)
+        exact = self.check_exact()
+        return Measurement(
+            "rescan_changes",
+            self.store.name,
+            sub,
+            ref,
+            find_command(Path("ROOT")),
+            self.cli.shown(*args),
+            {
+                "changes": changes.to_json(),
+                "counts": _counts(_scan_stats(runs[-1])),
+                "exactness": exact.to_json(),
+            },
+        )
+
+    def _feed_cursor(self) -> str:
+        from fsledger.store import open_store
+
+        store = open_store(self.url)
+        try:
+            info = store.feed_info()
+        finally:
+            store.close()
+        return f"{info.feed_id}:{info.latest_seq}"
+
+    def check_exact(self) -> verify.Comparison:
+        listed = self.cli(self.url, "files", REPO, "--json")
+        result = verify.compare(verify.disk_state(self.work), verify.ledger_state(listed.stdout))
+        self.log(f"  exactness: {json.dumps(result.to_json())}")
+        return result
