@@ -46,7 +46,7 @@ from fsledger.model import (
 )
 from fsledger.store.base import Store
 from fsledger.walk import FileEntry, Special, Unreadable, walk
-from fsledger.writer import RepoWriter
+from fsledger.writer import Applied, RepoWriter
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,48 @@ class _Run:
 
     # --- the merge ----------------------------------------------------------------------
     def run(self) -> None:
+        """The merge, then a walk of every directory the watcher renamed meanwhile.
+
+        A directory renamed while the walk runs is written by the watcher as one prefix
+        update of its records. If the walk had already passed the new name, and the records
+        were not written yet (the first index, or changes still in this run's batch), the
+        update moves nothing and the files would wait for the next reconciliation: so the
+        new location is walked once more.
+        """
+        renamed: list[RelPath] = []
+
+        def note(_repo: Repository, applied: Applied) -> None:
+            renamed.extend(c.path for c in applied.changes if c.kind is ChangeKind.DIR_MOVED)
+
+        writer = self.writer
+        # Replaced, not appended to: another thread may be iterating over the list.
+        writer.listeners = [*writer.listeners, note]
+        try:
+            self._merge()
+            for _round in range(3):
+                targets, renamed[:] = list(dict.fromkeys(renamed)), []
+                for path in targets:
+                    if os.path.isdir(self.repo.root + b"/" + path):
+                        log.info(
+                            "Repository %s: %s was renamed during the scan; walking it again",
+                            self.repo.id,
+                            os.fsdecode(path),
+                        )
+                        _Run(
+                            self.owner,
+                            writer,
+                            self.stats,
+                            self.verify,
+                            True,
+                            None,
+                            path,
+                            force=self.force,
+                            dev=self.start_dev,
+                        )._merge()
+        finally:
+            writer.listeners = [f for f in writer.listeners if f is not note]
+
+    def _merge(self) -> None:
         records: Iterator[FileRecord] = self.store.iter_records(self.repo.id, prefix=self.prefix)
         rec = next(records, None)
         for item in walk(self.repo.root, self.writer.rules, self.prefix):
