@@ -19,6 +19,7 @@ import heapq
 import itertools
 import logging
 import os
+import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable
@@ -530,6 +531,14 @@ class SyncManager:
                     log.info("Repository %s: root is back, reconciling", repo.id)
                     self._enqueue(repo, b"", OperationType.RECONCILIATION, "root returned", 0.5)
             return
+        if now - runtime.last_offline_check >= OFFLINE_POLL_S:
+            runtime.last_offline_check = now
+            # The watcher sees a root deleted or moved, but not always an unmount: a bind
+            # mount detached, or a lazy unmount, sends no event until a file changes. The
+            # reconciliation refuses such a root and marks the repository offline.
+            if not self._root_present(repo):
+                log.warning("Repository %s: root %s is gone or not mounted", repo.id, repo.root_str)
+                self._enqueue(repo, b"", OperationType.RECONCILIATION, "root unavailable", 0.5)
         quick = repo.settings.quick_scan_interval_s
         if runtime.network:
             quick = quick or NETWORK_POLL_S
@@ -542,6 +551,15 @@ class SyncManager:
         if full and now - runtime.last_full >= full:
             runtime.last_full = now
             self._enqueue(repo, b"", OperationType.RECONCILIATION, "full scan", 3.0, verify=True)
+
+    def _root_present(self, repo: Repository) -> bool:
+        """The root is a directory on the device its last scan saw (one stat)."""
+        dev = self.ledger.writer(repo).repo.root_dev
+        try:
+            st = os.stat(repo.root)
+        except OSError:
+            return False
+        return stat_mod.S_ISDIR(st.st_mode) and (dev is None or st.st_dev == dev)
 
     def _queue_all(self, reason: str) -> None:
         for runtime in list(self._repos.values()):
