@@ -7,6 +7,7 @@ RECONCILIATION_CALCULATE_HASHES, plus FSLEDGER_* for fsledger's own.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -21,11 +22,17 @@ _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|s|m|h|d)")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def parse_duration(name: str, value: str) -> float:
+MAX_DURATION_S = 3650 * 86400.0
+"""The longest duration a setting may have (ten years): a wait longer than the platform's
+timers can hold would crash whatever waits on it."""
+
+
+def parse_duration(name: str, value: str, max_s: float | None = None) -> float:
     """Parse a duration such as ``500ms``, ``30s``, ``5m``, ``24h``, ``1h30m`` or ``0``, in seconds.
 
     Raises:
-        ConfigError: naming ``name`` and the expected form.
+        ConfigError: naming ``name`` and the expected form, or the value is longer than
+            ``max_s`` (or too long to be a number at all).
     """
     text = value.strip().lower()
     if text in ("0", "off", "never"):
@@ -40,6 +47,9 @@ def parse_duration(name: str, value: str) -> float:
         raise ConfigError(
             f"{name}={value!r} is not a duration: expected e.g. 500ms, 30s, 5m, 24h, 1h30m or 0"
         )
+    if not math.isfinite(total) or (max_s is not None and total > max_s):
+        limit = f"{max_s / 86400:.0f}d" if max_s is not None else "a finite duration"
+        raise ConfigError(f"{name}={value!r} is too long: expected at most {limit}")
     return total
 
 
@@ -122,11 +132,13 @@ class Settings:
             "database_url": env.get("FSLEDGER_DATABASE_URL") or default_database_url(env)
         }
         if v := env.get("RECONCILIATION_INTERVAL"):
-            kw["reconciliation_interval_s"] = parse_duration("RECONCILIATION_INTERVAL", v)
+            kw["reconciliation_interval_s"] = parse_duration(
+                "RECONCILIATION_INTERVAL", v, MAX_DURATION_S
+            )
         if (v := env.get("RECONCILIATION_DAILY_AT")) is not None:
             kw["daily_at"] = parse_clock("RECONCILIATION_DAILY_AT", v)
         if v := env.get("FILE_WATCHER_DEBOUNCE"):
-            kw["debounce_s"] = parse_duration("FILE_WATCHER_DEBOUNCE", v)
+            kw["debounce_s"] = parse_duration("FILE_WATCHER_DEBOUNCE", v, MAX_DURATION_S)
         if v := env.get("RECONCILIATION_BATCH_SIZE"):
             kw["batch_size"] = parse_int("RECONCILIATION_BATCH_SIZE", v, 1, 1_000_000)
         if v := env.get("RECONCILIATION_MAX_CONCURRENCY"):
@@ -141,7 +153,7 @@ class Settings:
                 )
             kw["hash_algo"] = v
         if v := env.get("FSLEDGER_HASH_TIMEOUT"):
-            kw["hash_timeout_s"] = parse_duration("FSLEDGER_HASH_TIMEOUT", v)
+            kw["hash_timeout_s"] = parse_duration("FSLEDGER_HASH_TIMEOUT", v, MAX_DURATION_S)
         if v := env.get("FSLEDGER_LOG_LEVEL"):
             if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
                 raise ConfigError(
@@ -163,7 +175,7 @@ class Settings:
         if v := env.get("FSLEDGER_WEBHOOK_SECRET"):
             kw["webhook_secret"] = v
         if v := env.get("FSLEDGER_FEED_RETENTION"):
-            kw["feed_retention_s"] = parse_duration("FSLEDGER_FEED_RETENTION", v)
+            kw["feed_retention_s"] = parse_duration("FSLEDGER_FEED_RETENTION", v, MAX_DURATION_S)
         if v := env.get("FSLEDGER_FEED_RETENTION_ENTRIES"):
             kw["feed_retention_entries"] = parse_int(
                 "FSLEDGER_FEED_RETENTION_ENTRIES", v, 0, 1 << 62
