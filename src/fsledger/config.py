@@ -94,7 +94,8 @@ def default_database_url(env: Mapping[str, str]) -> str:
 class Settings:
     """Everything configurable, with the seed's defaults."""
 
-    database_url: str
+    database_url: str = field(repr=False)
+    """May hold a password: kept out of ``repr`` (and so out of any log of the settings)."""
     reconciliation_interval_s: float = 24 * 3600.0
     """0 turns periodic reconciliation off (startup and recovery reconciliations still run)."""
     daily_at: time | None = time(2, 0)

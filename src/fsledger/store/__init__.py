@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fsledger.errors import ConfigError
 from fsledger.store.base import Store
+from fsledger.store.redact import redact_url
 
 
 def open_store(url: str) -> Store:
@@ -26,7 +27,8 @@ def open_store(url: str) -> Store:
 
         return PostgresStore(url)
     raise ConfigError(
-        f"database URL {url!r} is not supported: expected sqlite:///PATH or postgresql://..."
+        f"database URL {redact_url(url)!r} is not supported: expected sqlite:///PATH or "
+        "postgresql://..."
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -16,6 +15,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from fsledger.errors import StoreError, StoreUnavailable
 from fsledger.store import migrations
 from fsledger.store.lease import Lease, PgLease
+from fsledger.store.redact import redact_url as _redact
+from fsledger.store.redact import scrub
 from fsledger.store.sql import Cursor, SqlStore, prefix_range
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,6 @@ _UPSERT_TEMP = (
 )
 
 
-def _redact(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
-
-
 class PostgresStore(SqlStore):
     """``Store`` on a PostgreSQL database (``postgresql://user@host:port/db``)."""
 
@@ -87,7 +84,8 @@ class PostgresStore(SqlStore):
             psycopg.connect(url, connect_timeout=max(1, int(connect_timeout))).close()
         except psycopg.Error as exc:
             raise StoreUnavailable(
-                f"PostgreSQL at {_redact(url)} cannot be reached: {' '.join(str(exc).split())}"
+                f"PostgreSQL at {_redact(url)} cannot be reached: "
+                + scrub(" ".join(str(exc).split()), url)
             ) from exc
         self._pool = ConnectionPool(
             url,
@@ -117,10 +115,12 @@ class PostgresStore(SqlStore):
             raise StoreUnavailable(f"PostgreSQL at {_redact(self.url)} is unreachable") from exc
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(
-                f"PostgreSQL at {_redact(self.url)} is unreachable: {exc}"
+                f"PostgreSQL at {_redact(self.url)} is unreachable: {scrub(str(exc), self.url)}"
             ) from exc
         except psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL at {_redact(self.url)} failed: {exc}") from exc
+            raise StoreError(
+                f"PostgreSQL at {_redact(self.url)} failed: {scrub(str(exc), self.url)}"
+            ) from exc
 
     def migrate(self) -> None:
         with self._tx() as cur:
@@ -182,7 +182,7 @@ class PostgresStore(SqlStore):
             return PgLease.try_acquire(self.url, repo_id)
         except psycopg.Error as exc:
             raise StoreUnavailable(
-                f"PostgreSQL at {_redact(self.url)} is unreachable: {exc}"
+                f"PostgreSQL at {_redact(self.url)} is unreachable: {scrub(str(exc), self.url)}"
             ) from exc
 
     def close(self) -> None:
