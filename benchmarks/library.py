@@ -19,6 +19,7 @@ files on the rescan, which is correct behaviour but not the case being measured.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -58,6 +59,10 @@ EVENTS = ("Birthday", "Beach", "Hike", "Wedding", "Trip", "Garden", "Café", "Sn
 """Event names; one has a non-ASCII (UTF-8) name, as real libraries do."""
 
 
+FIRST_DAY = datetime(2004, 1, 1, 9, 0, tzinfo=UTC)
+LAST_DAY = datetime(2023, 12, 31, 9, 0, tzinfo=UTC)
+
+
 @dataclass(frozen=True)
 class LibrarySpec:
     """Everything a library is generated from; equal specs give byte-identical trees."""
@@ -66,6 +71,8 @@ class LibrarySpec:
     profile: str = "photos"
     seed: int = 20240601
     files_per_event: tuple[int, int] = (20, 80)
+    generator: int = 2
+    """Bumped whenever ``plan`` changes, so libraries made by an older one are remade."""
 
     @property
     def name(self) -> str:
@@ -90,12 +97,20 @@ def plan(spec: LibrarySpec) -> Iterator[PlannedFile]:
     rng = random.Random(spec.seed)
     classes = PROFILES[spec.profile]
     weights = [c.share for c in classes]
-    day = datetime(2004, 1, 1, 9, 0, tzinfo=UTC)
+    # Events spread over FIRST_DAY..LAST_DAY whatever the library's size: every mtime is
+    # in the past (a future mtime is "racy" for the reconciler, and rehashed every scan).
+    events = spec.files / (sum(spec.files_per_event) / 2)
+    spacing_s = (LAST_DAY - FIRST_DAY).total_seconds() / events
+    day = FIRST_DAY
+    folders: collections.Counter[str] = collections.Counter()
     index = 0
     while index < spec.files:
-        day += timedelta(days=rng.randint(1, 4))
+        day += timedelta(seconds=rng.uniform(0.2, 1.8) * spacing_s)
         event = f"{day:%Y-%m-%d} {rng.choice(EVENTS)}"
         folder = f"{day:%Y}/{day:%Y-%m}/{event}"
+        folders[folder] += 1
+        if folders[folder] > 1:  # two events of one name on one day: "Beach", "Beach 2"
+            folder += f" {folders[folder]}"
         count = min(rng.randint(*spec.files_per_event), spec.files - index)
         for n in range(1, count + 1):
             cls = rng.choices(classes, weights)[0]

@@ -29,6 +29,8 @@ from benchmarks.scenarios import REPO, Measurement, StoreRun
 
 LATENCY_FILES = 200
 BURST_FILES = 10_000
+"""The issue's burst; ``--quick`` uses ``QUICK_BURST_FILES`` to stay under a minute."""
+QUICK_BURST_FILES = 1_000
 POLL_S = 0.001
 API_PAGE = 1000
 WARMUP_FILES = 5
@@ -93,22 +95,22 @@ def daemon(runner: StoreRun, *extra: str) -> Iterator[Daemon]:
         d.stop()
 
 
-def _burst_tarball(runner: StoreRun) -> Path:
-    """A tar of the library's first 10k files (made once, beside the library)."""
+def _burst_tarball(runner: StoreRun, files: int) -> Path:
+    """A tar of the library's first ``files`` files (made once, beside the library)."""
     lib = runner.library
-    tar_path = lib.tree.parent / f"burst-{BURST_FILES}.tar"
+    tar_path = lib.tree.parent / f"burst-{files}.tar"
     if not tar_path.exists():
         tmp = tar_path.with_suffix(".partial")
         with tarfile.open(tmp, "w") as tar:
             for f in plan(lib.spec):
-                if f.index >= BURST_FILES:
+                if f.index >= files:
                     break
                 tar.add(lib.tree / f.path, arcname=f.path)
         tmp.rename(tar_path)
     return tar_path
 
 
-def measure_watcher(runner: StoreRun) -> list[Measurement]:
+def measure_watcher(runner: StoreRun, burst_files: int = BURST_FILES) -> list[Measurement]:
     """Close-to-row latency over files written one at a time, then a ``tar -x`` burst."""
     from fsledger.store import open_store
 
@@ -138,13 +140,13 @@ def measure_watcher(runner: StoreRun) -> list[Measurement]:
             latencies = [write_and_wait(f"LIVE_{i:04d}.jpg") for i in range(LATENCY_FILES)]
 
             before = store.count_records(repo.id)
-            tarball = _burst_tarball(runner)
+            tarball = _burst_tarball(runner, burst_files)
             target = runner.work / "9997-burst"
             target.mkdir()
             started = time.perf_counter()
             subprocess.run(["tar", "-xf", str(tarball), "-C", str(target)], check=True)
             ended = time.perf_counter()
-            want = before + BURST_FILES
+            want = before + burst_files
             applied = _wait(lambda: store.count_records(repo.id) >= want, 120, "burst")
     finally:
         store.close()
@@ -169,8 +171,12 @@ def measure_watcher(runner: StoreRun) -> list[Measurement]:
             burst,
             None,
             "",
-            f"tar -xf burst.tar ({BURST_FILES} files) under {runner.cli.shown('run')}",
-            {"tar_seconds": ended - started, "applied_after_end": applied - ended},
+            f"tar -xf burst.tar ({burst_files} files) under {runner.cli.shown('run')}",
+            {
+                "burst_files": burst_files,
+                "tar_seconds": ended - started,
+                "applied_after_end": applied - ended,
+            },
         ),
     ]
 
