@@ -426,6 +426,10 @@ class SyncManager:
                 self._busy = req.repo_id
             try:
                 self._run_request(req)
+            except Exception:
+                # This thread runs every reconciliation of the process: it must outlive any
+                # one of them (a dead worker would leave every later request queued forever).
+                log.exception("Reconciliation request for repository %s failed", req.repo_id)
             finally:
                 with self._cv:
                     self._busy = None
@@ -435,8 +439,15 @@ class SyncManager:
         runtime = self._repos.get(req.repo_id)
         if runtime is None:
             return
-        repo = self.ledger.store.get_repository(req.repo_id) or runtime.repo
-        repo = replace(repo, settings=runtime.repo.settings)
+        try:
+            stored = self.ledger.store.get_repository(req.repo_id)
+        except StoreError as exc:
+            # The database is away: the scan below waits for it, with backoff.
+            log.warning(
+                "Repository %s: cannot re-read it (%s); using the copy held", req.repo_id, exc
+            )
+            stored = None
+        repo = replace(stored or runtime.repo, settings=runtime.repo.settings)
         attempt = 0
         while not self._stop.is_set():
             try:
