@@ -1,0 +1,477 @@
+"""One processing pass for one repository: look at the disk now, write what it says.
+
+A pass runs four steps, in this order:
+
+1. directory renames, as pure path rewrites of the stored records, in event order (one
+   ``DIR_MOVED`` each: no file is looked at, nothing is rehashed);
+2. file renames: when the file at the new path is the old record's file (same inode,
+   size and mtime) the record follows it and keeps its hash (``MOVED``);
+3. directory checks: subtrees that exist are reconciled (``Reconciler`` with a prefix),
+   those that do not are cleared;
+4. dirty paths: ``lstat`` each, hash when its ``lstat`` key differs from its record,
+   and write ``CREATED``/``MODIFIED``/``META``/``DELETED`` in batches.
+
+Steps 2-4 are state-based (they write what the disk shows when they look), so doing
+them again after a database error is harmless; step 1 is consumed as soon as it commits.
+Everything goes through the repository's ``RepoWriter``, which re-checks each change
+against ``lstat`` under its lock: a change the disk has moved past is dropped, and its
+path is looked at again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat as stat_mod
+import threading
+import time
+from collections.abc import Callable
+
+from fsledger.config import Settings
+from fsledger.errors import RootUnavailable
+from fsledger.hashing import hash_file
+from fsledger.ledger import Ledger
+from fsledger.model import (
+    NS_PER_S,
+    Change,
+    ChangeKind,
+    Digest,
+    FileRecord,
+    FileStat,
+    RelPath,
+    ScanStats,
+    utcnow,
+)
+from fsledger.reconcile import RACY_WINDOW_NS
+from fsledger.walk import FileEntry, walk
+from fsledger.watch.metrics import WatcherMetrics
+from fsledger.watch.state import (
+    Check,
+    Dirty,
+    DirtyJob,
+    RepoWatch,
+    Work,
+    below,
+    moved,
+    parent_of,
+    show,
+    under,
+)
+from fsledger.watch.tree import GONE, WatchTree
+from fsledger.writer import Applied
+
+log = logging.getLogger(__name__)
+
+MIN_APPLY_BATCH = 1000
+"""Changes per transaction at most, unless RECONCILIATION_BATCH_SIZE is larger."""
+FOREIGN_SLACK_S = 5.0
+"""How long before a rename was read it may have happened (the reader can lag)."""
+
+Resync = Callable[[RepoWatch, RelPath, str], None]
+
+
+class Applier:
+    """Runs the steps of a pass (see the module docstring).
+
+    Args:
+        ledger: store, writers and reconciler.
+        settings: hashing choices and the batch size.
+        metrics: where close-to-row latencies go.
+        lock: the watcher's lock, taken to touch pending state and the watch tree.
+        tree: the watch tree (directories that need watching are watched before a check).
+        request_resync: asks for a reconciliation; called with ``lock`` held.
+        settle_s: how soon a path that was dropped (the disk moved on) is looked at again.
+        debounce_s: how soon a file that changed while it was hashed is looked at again.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        settings: Settings,
+        metrics: WatcherMetrics,
+        lock: threading.RLock,
+        tree: WatchTree,
+        request_resync: Resync,
+        settle_s: float,
+        debounce_s: float,
+    ) -> None:
+        self.ledger = ledger
+        self.store = ledger.store
+        self.settings = settings
+        self.metrics = metrics
+        self.lock = lock
+        self.tree = tree
+        self.request_resync = request_resync
+        self.settle_s = settle_s
+        self.debounce_s = debounce_s
+        self.apply_batch = max(settings.batch_size, MIN_APPLY_BATCH)
+
+    def run(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:
+        """Process ``work``, consuming it as it commits.
+
+        Raises:
+            StoreError: the database failed; what is left in ``work`` is still to do.
+        """
+        self._dir_moves(repo, work, stats)
+        self._file_moves(repo, work, stats)
+        self._checks(repo, work, stats)
+        self._dirty(repo, work, stats)
+
+    # --- 1. directory renames --------------------------------------------------------------
+    def _dir_moves(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:
+        moves = [m for m in work.dir_moves if m.old != m.new]
+        if not moves:
+            work.dir_moves = []
+            return
+        changes = [Change(ChangeKind.DIR_MOVED, m.new, old_path=m.old) for m in moves]
+        applied = repo.writer.apply(changes)
+        work.dir_moves = []
+        for change in applied.changes:
+            log.info(
+                "Directory moved: %s -> %s (repository %s)",
+                show(change.old_path or b""),
+                show(change.path),
+                repo.id,
+            )
+        stats.files_moved += len(applied.changes)
+        dropped = {id(c) for c in applied.dropped}
+        with self.lock:
+            foreign = list(repo.foreign)
+        # Walk the batch in order, in the path space the records are in after each rename.
+        # A dropped rename (its directory moved on again, or is gone, before it was written)
+        # leaves its new location "hollow": the records never came, and a later rename out
+        # of a hollow subtree brings nothing either. Such locations are made true from the
+        # disk instead (the reconciler's inode-based move detection still keeps the hashes
+        # of files that only moved), as are renames another writer raced (below).
+        hollow: list[RelPath] = []
+        checks: list[Check] = []
+        for change, move in zip(changes, moves, strict=True):
+            if id(change) in dropped:
+                hollow.append(move.new)
+                checks += [Check(move.new, move.wd), Check(move.old, None)]
+                continue
+            carried_hollow = any(under(move.old, h) for h in hollow)
+            hollow = [moved(h, move.old, move.new) for h in hollow]
+            checks = [Check(moved(c.path, move.old, move.new), c.wd) for c in checks]
+            raced = any(
+                t >= move.read_at - FOREIGN_SLACK_S and (under(p, move.old) or under(p, move.new))
+                for t, p in foreign
+            )
+            if carried_hollow:
+                hollow.append(move.new)
+            if carried_hollow or raced:
+                if raced:
+                    # Another writer (a reconciliation) changed records on either side
+                    # between the rename and its rewrite: it may have dropped records the
+                    # rewrite was to carry, or written some the rewrite replaced.
+                    log.info(
+                        "Repository %s: %s was renamed while a reconciliation ran; scanning it",
+                        repo.id,
+                        show(move.new),
+                    )
+                checks.append(Check(move.new, move.wd))
+        work.checks += checks
+
+    # --- 2. file renames -------------------------------------------------------------------
+    def _file_moves(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:
+        changes: list[Change] = []
+        now = utcnow()
+        for job in work.moves:
+            src, dst = job.src, job.dst
+            if src is None or dst is None or src == dst:
+                continue
+            old = self.store.get_record(repo.id, src)
+            if old is None:
+                continue
+            if self.settings.calculate_hashes and (
+                old.digest is None or old.digest.algo != self.settings.hash_algo
+            ):
+                continue
+            try:
+                st = os.lstat(repo.full(dst))
+            except OSError:
+                continue
+            if not (
+                stat_mod.S_ISREG(st.st_mode)
+                and st.st_ino == old.stat.inode
+                and st.st_size == old.stat.size
+                and st.st_mtime_ns == old.stat.mtime_ns
+            ):
+                continue  # not the same content any more: the dirty look at dst decides
+            record = FileRecord(dst, FileStat.from_stat(st), old.digest, now)
+            changes.append(Change(ChangeKind.MOVED, dst, record, old_path=src))
+        if changes:
+            self._committed(repo, repo.writer.apply(changes), stats)
+        work.moves = []
+
+    # --- 3. directory checks ---------------------------------------------------------------
+    def _checks(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:
+        """Reconcile directories that exist (outermost first), then clear those that do not."""
+        existing: list[RelPath] = []
+        gone: list[RelPath] = []
+        work.seen_checks += work.checks
+        watched = {c.path: c.wd for c in work.checks if c.wd is not None}
+        for path in dict.fromkeys(c.path for c in work.checks):
+            kind = self._dir_kind(repo, path)
+            if kind == "dir":
+                existing.append(path)
+            elif kind == "gone":
+                wd = watched.get(path)
+                with self.lock:
+                    now_at = self.tree.path_of(wd)
+                    elsewhere = now_at is not None and now_at != path
+                    if elsewhere and wd is not None:
+                        # Watched, elsewhere: renamed since this pass took its work. Its
+                        # records go with that rename; look at it where it is next time.
+                        repo.pending.check_wd(wd, time.monotonic() + self.settle_s)
+                if not elsewhere:
+                    gone.append(path)
+        # Sorted by path + "/", a directory's subtree directly follows it.
+        tops: list[RelPath] = []
+        for path in sorted(existing, key=lambda p: p + b"/" if p else b""):
+            if not tops or not under(path, tops[-1]):
+                tops.append(path)
+        for path in tops:
+            if path and not self.store.page_records(repo.id, None, 1, path):
+                self._list_new(repo, path, work)
+            else:
+                self._reconcile_below(repo, path, work, stats)
+        for path in gone:
+            self._clear_below(repo, path, stats)
+            parent = repo.index.by_path.get(parent_of(path))
+            if parent is not None:  # a file may have taken the directory's name
+                name = path.rpartition(b"/")[2]
+                work.dirty.append(DirtyJob((parent, name), path, Dirty(0.0)))
+        work.checks = []
+
+    def _dir_kind(self, repo: RepoWatch, path: RelPath) -> str:
+        if path and repo.rules.ignores_path(path):
+            return "gone"
+        try:
+            st = os.lstat(repo.full(path))
+        except OSError as exc:
+            if exc.errno in GONE:
+                return "gone"
+            log.warning(
+                "Repository %s: cannot look at %s (%s); its records are kept",
+                repo.id,
+                show(path),
+                exc,
+            )
+            return "unknown"
+        return "dir" if stat_mod.S_ISDIR(st.st_mode) else "gone"
+
+    def _reconcile_below(
+        self, repo: RepoWatch, path: RelPath, work: Work, stats: ScanStats
+    ) -> None:
+        # Watched first (a no-op for directories the reader already watched), so that what
+        # is created during the scan is seen by one or the other.
+        with self.lock:
+            self.tree.watch(repo, path)
+        try:
+            result = self.ledger.reconciler.reconcile(repo.writer, prefix=path, record=False)
+        except RootUnavailable as exc:
+            log.warning("Repository %s: cannot scan %s: %s", repo.id, show(path), exc)
+            with self.lock:
+                self.request_resync(repo, b"", str(exc))
+            return
+        work.covered.append(path)
+        for name in (
+            "files_scanned",
+            "files_added",
+            "files_updated",
+            "files_removed",
+            "files_moved",
+            "metadata_updated",
+            "files_hashed",
+            "bytes_hashed",
+        ):
+            setattr(stats, name, getattr(stats, name) + getattr(result, name))
+        changed = result.files_added + result.files_updated + result.files_removed
+        log.log(
+            logging.INFO if changed or result.files_moved else logging.DEBUG,
+            "Directory scanned: %s (repository %s): added=%d updated=%d removed=%d moved=%d",
+            show(path),
+            repo.id,
+            result.files_added,
+            result.files_updated,
+            result.files_removed,
+            result.files_moved,
+        )
+
+    def _list_new(self, repo: RepoWatch, path: RelPath, work: Work) -> None:
+        """A directory with nothing stored below it (created, or moved in): no reconciliation
+        needed, its files join this pass's dirty paths (and its large batches)."""
+        with self.lock:
+            self.tree.watch(repo, path)
+        found = [i.path for i in walk(repo.repo.root, repo.rules, path) if isinstance(i, FileEntry)]
+        with self.lock:
+            wds = {p: repo.index.by_path.get(p) for p in {parent_of(f) for f in found}}
+        for file in found:
+            wd = wds[parent_of(file)]
+            key = (wd, file.rpartition(b"/")[2]) if wd is not None else None
+            work.dirty.append(DirtyJob(key, file, Dirty(0.0)))
+
+    def _clear_below(self, repo: RepoWatch, path: RelPath, stats: ScanStats) -> None:
+        if not path:
+            return  # a whole repository is never cleared from events
+        batch: list[Change] = []
+        for record in self.store.iter_records(repo.id, prefix=path):
+            batch.append(Change(ChangeKind.DELETED, record.path))
+            if len(batch) >= self.apply_batch:
+                self._committed(repo, repo.writer.apply(batch), stats)
+                batch = []
+        if batch:
+            self._committed(repo, repo.writer.apply(batch), stats)
+
+    # --- 4. dirty paths --------------------------------------------------------------------
+    def _dirty(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:
+        looked: set[RelPath] = set()
+        while work.dirty:
+            batch: list[Change] = []
+            jobs: list[DirtyJob] = []
+            for job in work.dirty:
+                jobs.append(job)
+                work.seen_dirty.append(job)
+                if job.path in looked or any(below(job.path, top) for top in work.covered):
+                    continue  # looked at already, or reconciled after the event was read
+                looked.add(job.path)
+                change, again = self._look(repo, job.path, job.dirty, work)
+                stats.files_scanned += 1
+                if again and job.key is not None:
+                    with self.lock:
+                        repo.pending.requeue(job.key, time.monotonic() + self.debounce_s, job.dirty)
+                if change is not None:
+                    batch.append(change)
+                    if len(batch) >= self.apply_batch:
+                        break
+            self._commit_dirty(repo, batch, jobs, stats)
+            del work.dirty[: len(jobs)]
+
+    def _commit_dirty(
+        self, repo: RepoWatch, batch: list[Change], jobs: list[DirtyJob], stats: ScanStats
+    ) -> None:
+        if batch:
+            applied = repo.writer.apply(batch)
+            self._committed(repo, applied, stats)
+            if applied.dropped:
+                # The disk moved on between our look and the write: look again.
+                dropped = {c.path for c in applied.dropped}
+                due = time.monotonic() + self.settle_s
+                with self.lock:
+                    for job in jobs:
+                        if job.path in dropped and job.key is not None:
+                            repo.pending.requeue(job.key, due, job.dirty)
+                            job.dirty.closed_at = None
+        for job in jobs:
+            self._sample(job)
+
+    def _sample(self, job: DirtyJob) -> None:
+        if job.dirty.closed_at is not None:
+            self.metrics.record_latency((time.monotonic() - job.dirty.closed_at) * 1000)
+            job.dirty.closed_at = None
+
+    def _look(
+        self, repo: RepoWatch, path: RelPath, dirty: Dirty, work: Work
+    ) -> tuple[Change | None, bool]:
+        """What the disk says about ``path`` now, as a change to its record (if any), and
+        whether to look again later (it changed while it was being hashed)."""
+        full = repo.full(path)
+        try:
+            st: os.stat_result | None = os.lstat(full)
+        except OSError as exc:
+            if exc.errno not in GONE:
+                log.warning(
+                    "Repository %s: cannot look at %s (%s); its record is kept",
+                    repo.id,
+                    show(path),
+                    exc,
+                )
+                return None, False
+            st = None
+        old = self.store.get_record(repo.id, path)
+        if st is None or not stat_mod.S_ISREG(st.st_mode):
+            return (Change(ChangeKind.DELETED, path) if old is not None else None), False
+        key = FileStat.from_stat(st)
+        now = utcnow()
+        bare = FileRecord(path, key, None, now)
+        if not self.settings.calculate_hashes:
+            if old is None:
+                return Change(ChangeKind.CREATED, path, bare), False
+            if old.stat == key:
+                return None, False
+            content = old.stat.size != key.size or old.stat.mtime_ns != key.mtime_ns
+            return Change(ChangeKind.MODIFIED if content else ChangeKind.META, path, bare), False
+        algo = self.settings.hash_algo
+        racy = old is not None and dirty.content and _racy(old)
+        if (
+            old is not None
+            and old.stat == key
+            and old.digest is not None
+            and old.digest.algo == algo
+            and not racy
+        ):
+            return None, False
+        cached = work.hashed.get(path)
+        if cached is not None and cached[0] == key:
+            stat, digest = cached
+        else:
+            out = hash_file(full, algo, threads=self.settings.max_concurrency)
+            if out.error is not None:
+                log.warning(
+                    "Failed to calculate hash for %s (repository %s): %s",
+                    show(path),
+                    repo.id,
+                    out.error,
+                )
+                if old is None:
+                    return Change(ChangeKind.CREATED, path, bare), False
+                if old.stat != key:
+                    return Change(ChangeKind.MODIFIED, path, bare), False
+                return None, False
+            if out.hex is None:
+                return None, True  # written while we read it: look again later
+            stat = FileStat(out.size, out.mtime_ns, out.ctime_ns, out.inode)
+            digest = Digest(algo, out.hex)
+            work.hashed[path] = (stat, digest)
+        record = FileRecord(path, stat, digest, now)
+        if old is None:
+            return Change(ChangeKind.CREATED, path, record), False
+        if old.digest != digest or old.stat.size != stat.size:
+            return Change(ChangeKind.MODIFIED, path, record), False
+        if old.stat != stat or racy:
+            return Change(ChangeKind.META, path, record), False
+        return None, False
+
+    def _committed(self, repo: RepoWatch, applied: Applied, stats: ScanStats) -> None:
+        """Log and count what a writer wrote (the seed's log lines)."""
+        rid = repo.id
+        for change in applied.changes:
+            kind, path = change.kind, show(change.path)
+            if kind is ChangeKind.CREATED:
+                stats.files_added += 1
+                log.info("File created: %s (repository %s)", path, rid)
+            elif kind is ChangeKind.MODIFIED:
+                stats.files_updated += 1
+                log.info("File modified: %s (repository %s)", path, rid)
+            elif kind is ChangeKind.DELETED:
+                stats.files_removed += 1
+                log.info("File deleted: %s (repository %s)", path, rid)
+            elif kind is ChangeKind.MOVED:
+                stats.files_moved += 1
+                log.info(
+                    "File moved: %s -> %s (repository %s)",
+                    show(change.old_path or b""),
+                    path,
+                    rid,
+                )
+            elif kind is ChangeKind.META:
+                stats.metadata_updated += 1
+                log.debug("File metadata updated: %s (repository %s)", path, rid)
+
+
+def _racy(record: FileRecord) -> bool:
+    """Whether a later write could have kept this record's mtime (a coarse clock): then an
+    event saying the content changed is checked by hashing, not by ``lstat``."""
+    scanned_ns = int(record.last_scanned.timestamp() * NS_PER_S)
+    return record.stat.mtime_ns >= scanned_ns - RACY_WINDOW_NS

@@ -1,0 +1,314 @@
+"""Interpreting raw inotify events: the watch tree kept true, renames paired, everything
+else coalesced into pending work (``state.Pending``) for the next pass.
+
+Nothing here touches the database or hashes anything; it runs on the reader thread (under
+the watcher's lock), so the kernel queue keeps being drained however slow the writes are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+from fsledger.model import RelPath, Repository
+from fsledger.watch.backend import (
+    IN_ATTRIB,
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_ISDIR,
+    IN_MODIFY,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_Q_OVERFLOW,
+    IN_UNMOUNT,
+    RawEvent,
+)
+from fsledger.watch.metrics import WatcherMetrics
+from fsledger.watch.state import DirMove, FileMove, Key, Pending, RepoWatch, join, under
+from fsledger.watch.tree import WatchTree
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PendingMove:
+    """An IN_MOVED_FROM waiting for its IN_MOVED_TO. Its path is resolved through ``key``
+    when needed: an ancestor may be renamed while it waits."""
+
+    repo: RepoWatch
+    key: Key
+    is_dir: bool
+    at: float
+
+
+class EventInterpreter:
+    """Turns raw events into watch-tree changes and pending work. Not locked by itself: the
+    ``Watcher`` calls it under its lock.
+
+    Args:
+        repos: the watched repositories (the watcher's own dict, shared).
+        tree: the watch tree.
+        metrics: event counters.
+        settle_s: how soon a closed, moved or deleted path is looked at.
+        debounce_s: how long after its last event a path possibly still being written waits.
+        pair_wait_s: how long an IN_MOVED_FROM waits for its IN_MOVED_TO.
+    """
+
+    def __init__(
+        self,
+        repos: dict[UUID, RepoWatch],
+        tree: WatchTree,
+        metrics: WatcherMetrics,
+        settle_s: float,
+        debounce_s: float,
+        pair_wait_s: float,
+    ) -> None:
+        self.repos = repos
+        self.tree = tree
+        self.metrics = metrics
+        self.settle_s = settle_s
+        self.debounce_s = debounce_s
+        self.pair_wait_s = pair_wait_s
+        self.unpaired: dict[int, PendingMove] = {}
+        """IN_MOVED_FROM events by cookie."""
+        self.resyncs: list[tuple[Repository, RelPath, str]] = []
+        """Reconciliations to ask for, handed over by the watcher outside its lock."""
+
+    def frozen_paths(self, state: RepoWatch) -> list[RelPath]:
+        """Directories of ``state`` whose IN_MOVED_FROM is unpaired: what is below them is
+        held back until they pair (a rename) or expire (moved out)."""
+        return [
+            path
+            for s in self.unpaired.values()
+            if s.repo is state and s.is_dir and (path := self.tree.key_path(s.key)) is not None
+        ]
+
+    def oldest_unpaired(self) -> float | None:
+        return min((f.at for f in self.unpaired.values()), default=None)
+
+    def ingest(self, events: Sequence[RawEvent], now: float) -> None:
+        """Interpret a batch of events (caller holds the lock)."""
+        for ev in events:
+            if ev.mask & IN_Q_OVERFLOW:
+                self._overflow()
+                continue
+            entry = self.tree.owner(ev.wd)
+            if entry is None:
+                continue  # a watch already dropped (its IN_IGNORED, stragglers)
+            state, dir_rel = entry
+            if ev.mask & IN_IGNORED:
+                self._watch_gone(state, ev.wd, dir_rel, now)
+                continue
+            if not ev.name:
+                self._self_event(state, ev, dir_rel)
+                continue
+            rel = join(dir_rel, ev.name)
+            if state.rules.ignores_name(ev.name, rel):
+                self.metrics.events_ignored += 1
+                continue
+            self.metrics.events_processed += 1
+            self._path_event(state, ev, rel, now)
+
+    def _path_event(self, state: RepoWatch, ev: RawEvent, rel: RelPath, now: float) -> None:
+        mask = ev.mask
+        key: Key = (ev.wd, ev.name)
+        is_dir = bool(mask & IN_ISDIR)
+        pending = state.pending
+        if mask & IN_MOVED_FROM:
+            self.unpaired[ev.cookie] = PendingMove(state, key, is_dir, now)
+            if not is_dir:
+                # Looked at only after the pairing window: a rename keeps its hash.
+                pending.mark(key, now + self.pair_wait_s + self.settle_s)
+        elif mask & IN_MOVED_TO:
+            self._moved_to(state, key, rel, is_dir, ev.cookie, now)
+        elif is_dir:
+            if mask & IN_CREATE:
+                self._dir_arrived(state, rel, now)
+            elif mask & IN_DELETE:
+                self._dir_gone(state, rel, now)
+            # IN_ATTRIB/IN_MODIFY of a directory change no record.
+        elif mask & (IN_CLOSE_WRITE | IN_DELETE):
+            closed = bool(mask & IN_CLOSE_WRITE)
+            pending.mark(
+                key,
+                now + self.settle_s,
+                content=closed,
+                writing=False,
+                closed_at=now if closed else None,
+            )
+        elif mask & IN_MODIFY:
+            pending.mark(key, now + self.debounce_s, content=True, writing=True)
+        elif mask & IN_CREATE:
+            pending.mark(key, now + self.debounce_s, writing=True)
+        elif mask & IN_ATTRIB:
+            # Metadata only (tar and cp -p set times after the close): settles fast unless
+            # a write is still in progress.
+            current = pending.dirty.get(key)
+            slow = current is not None and current.writing
+            pending.mark(key, now + (self.debounce_s if slow else self.settle_s))
+
+    def _moved_to(
+        self, state: RepoWatch, key: Key, rel: RelPath, is_dir: bool, cookie: int, now: float
+    ) -> None:
+        src = self.unpaired.pop(cookie, None) if cookie else None
+        if src is not None and (src.repo is not state or src.is_dir != is_dir):
+            self._moved_out(src, now)  # from another repository: out of one, into this one
+            src = None
+        if src is None:
+            if is_dir:
+                self._dir_arrived(state, rel, now)
+            else:
+                state.pending.mark(key, now + self.settle_s)
+            return
+        if is_dir:
+            old_path = self.tree.key_path(src.key)
+            if old_path is None:  # its parent is gone from the tree: count it as moved in
+                self._dir_arrived(state, rel, now)
+                return
+            pending = state.pending
+            # Leaving a subtree whose check is still pending: the records it should carry
+            # may not be stored yet, so the rename alone cannot put them at the new path.
+            unchecked = any(under(old_path, p) and p != old_path for p in pending.check_paths)
+            unchecked = unchecked or any(
+                (p := self.tree.path_of(w)) is not None and under(old_path, p) and p != old_path
+                for w in pending.check_wds
+            )
+            self.tree.rename(state, old_path, rel)
+            wd = state.index.by_path.get(rel)
+            pending.renamed(old_path, rel)
+            pending.dir_moves.append(DirMove(wd, old_path, rel, now))
+            state.move_log.append((old_path, rel, wd))
+            if unchecked:
+                if wd is not None:
+                    pending.check_wd(wd, now + self.settle_s)
+                else:
+                    pending.check_path(rel, now + self.settle_s)
+            return
+        moves = state.pending.file_moves
+        for move in reversed(moves):
+            if move.dst == src.key:  # a -> b, then b -> c: one move a -> c
+                move.dst = key
+                break
+        else:
+            moves.append(FileMove(src.key, key))
+        old = state.pending.dirty.get(src.key)
+        state.pending.mark(src.key, now + self.settle_s)
+        state.pending.mark(
+            key,
+            now + self.settle_s,
+            content=old is not None and old.content,
+            closed_at=old.closed_at if old is not None else None,
+        )
+
+    def _moved_out(self, src: PendingMove, now: float) -> None:
+        if not src.is_dir:
+            src.repo.pending.mark(src.key, now + self.settle_s)
+        elif (path := self.tree.key_path(src.key)) is not None:
+            self._dir_gone(src.repo, path, now)
+        # else its parent left the tree too, and that parent's records are cleared.
+
+    def expire(self, now: float, force: bool) -> None:
+        for cookie, src in list(self.unpaired.items()):
+            if force or now - src.at >= self.pair_wait_s:
+                del self.unpaired[cookie]
+                if not src.repo.lost and self.repos.get(src.repo.id) is src.repo:
+                    self._moved_out(src, now)
+
+    def _dir_arrived(self, state: RepoWatch, rel: RelPath, now: float) -> None:
+        """A directory was created or moved in: watch it (and what it already holds) first,
+        then reconcile it, so nothing created before the watch landed is missed."""
+        self.tree.watch(state, rel)
+        self.update_metrics()
+        wd = state.index.by_path.get(rel)
+        if wd is not None:
+            state.pending.check_wd(wd, now + self.settle_s)
+        else:
+            state.pending.check_path(rel, now + self.settle_s)
+
+    def _dir_gone(self, state: RepoWatch, rel: RelPath, now: float) -> None:
+        """A directory was deleted or moved out: unwatch its subtree, clear its records."""
+        self.tree.unwatch(state, rel)
+        self.update_metrics()
+        state.pending.check_path(rel, now + self.settle_s)
+
+    def _watch_gone(self, state: RepoWatch, wd: int, dir_rel: RelPath, now: float) -> None:
+        """IN_IGNORED for a watch we did not remove: its directory was deleted (expected
+        after IN_DELETE_SELF), or the watch was lost (an unmount)."""
+        deleted = wd in self.tree.deleted
+        self.tree.drop(state, wd, dir_rel)
+        self.update_metrics()
+        if not dir_rel:
+            self.lose(state, "the watch of the repository root was removed")
+            return
+        state.pending.check_path(dir_rel, now + self.settle_s)
+        if not deleted:
+            self.request_resync(state, dir_rel, "inotify watch lost")
+
+    def _self_event(self, state: RepoWatch, ev: RawEvent, dir_rel: RelPath) -> None:
+        root = not dir_rel
+        if ev.mask & IN_UNMOUNT:
+            if root:
+                self.lose(state, "the filesystem of the repository root was unmounted")
+            else:
+                self.request_resync(state, dir_rel, "a filesystem below it was unmounted")
+        elif ev.mask & IN_DELETE_SELF:
+            if root:
+                self.lose(state, "the repository root was deleted")
+            else:
+                self.tree.deleted.add(ev.wd)
+        elif ev.mask & IN_MOVE_SELF and root:
+            self.lose(state, "the repository root was moved")
+        # A subdirectory's IN_MOVE_SELF: its parent's IN_MOVED_FROM/TO tell where it went.
+
+    def _overflow(self) -> None:
+        self.metrics.overflows += 1
+        log.warning(
+            "inotify queue overflow: events were lost; re-watching and reconciling every "
+            "watched repository"
+        )
+        # Pairs whose other half may be lost cannot be trusted; the reconciliation sees all.
+        self.unpaired.clear()
+        for state in list(self.repos.values()):
+            if state.lost:
+                continue
+            if not self.tree.rewatch(state) and not state.degraded:
+                self.lose(state, "the repository root cannot be watched")
+                continue
+            self.request_resync(state, b"", "inotify queue overflow")
+        self.update_metrics()
+
+    def lose(self, state: RepoWatch, reason: str) -> None:
+        """The root went away: stop watching (records are kept) and ask for a reconciliation,
+        which marks the repository offline until its root returns."""
+        log.warning("Repository %s: %s; not watching it any more", state.id, reason)
+        self.forget(state)
+        state.lost = True
+        self.update_metrics()
+        self.request_resync(state, b"", reason)
+
+    def forget(self, state: RepoWatch) -> None:
+        self.tree.unwatch(state, b"")
+        state.pending = Pending()
+        for cookie, src in list(self.unpaired.items()):
+            if src.repo is state:
+                del self.unpaired[cookie]
+        self.update_metrics()
+
+    def update_metrics(self) -> None:
+        repos = self.repos.values()
+        self.metrics.watched_repositories = sum(
+            1 for s in repos if not s.lost and b"" in s.index.by_path
+        )
+        self.metrics.watched_directories = len(self.tree)
+        self.metrics.degraded_repositories = sum(1 for s in repos if s.degraded)
+
+    def request_resync(self, state: RepoWatch, prefix: RelPath, reason: str) -> None:
+        """Queue a request (caller holds the lock); it is handed over outside the lock."""
+        self.metrics.resyncs_requested += 1
+        self.resyncs.append((state.writer.repo, prefix, reason))

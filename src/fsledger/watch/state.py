@@ -1,0 +1,313 @@
+"""The watcher's bookkeeping per repository: its watched directories and what waits to be
+looked at.
+
+Events are hints. What they leave behind is a small amount of state per repository:
+
+* ``Dirty`` entries, one per path (coalescing any number of events into one look at the
+  disk), keyed by ``(wd of the parent directory, name)`` rather than by path: a watch
+  descriptor follows its directory's inode, so an entry keeps pointing at the right file
+  when an ancestor directory is renamed before the entry is processed;
+* directory renames inside the repository (``DirMove``), applied in event order as pure
+  path rewrites of the stored records;
+* file renames (``FileMove``), checked at processing time (same inode, size and mtime as
+  the old record: the record follows the file and keeps its hash);
+* directory checks: a subtree to make true by a (prefix) reconciliation, for directories
+  that were created, moved in, deleted or moved out, or whose watch was lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from fsledger.ignore import IgnoreRules
+from fsledger.model import Digest, FileStat, RelPath, Repository
+from fsledger.writer import RepoWriter
+
+Key = tuple[int, bytes]
+"""``(wd of the parent directory, name)``: a path that survives renames of its ancestors."""
+
+
+def join(parent: RelPath, name: bytes) -> RelPath:
+    return parent + b"/" + name if parent else name
+
+
+def parent_of(path: RelPath) -> RelPath:
+    return path.rpartition(b"/")[0]
+
+
+def under(path: RelPath, top: RelPath) -> bool:
+    """Whether ``path`` is ``top`` or below it (``b""`` is the root: everything is below it)."""
+    return not top or path == top or path.startswith(top + b"/")
+
+
+def below(path: RelPath, top: RelPath) -> bool:
+    """Whether ``path`` is strictly below directory ``top`` (what a prefix scan covers)."""
+    return not top or path.startswith(top + b"/")
+
+
+def moved(path: RelPath, old: RelPath, new: RelPath) -> RelPath:
+    """``path`` after directory ``old`` was renamed to ``new``."""
+    return new + path[len(old) :] if old and under(path, old) else path
+
+
+def related(a: RelPath, b: RelPath) -> bool:
+    """Whether one path is the other or an ancestor of it."""
+    return under(a, b) or under(b, a)
+
+
+class DirIndex:
+    """The watched directories of one repository: path -> wd, with a children index so that
+    a subtree (to unwatch, or to rewrite after a rename) costs its own size, not the
+    repository's.
+
+    Every ancestor of an indexed path is linked into ``children``, watched or not, so a
+    subtree whose top could not be watched (it vanished mid-walk) is still found.
+    """
+
+    def __init__(self) -> None:
+        self.by_path: dict[RelPath, int] = {}
+        self.children: dict[RelPath, set[RelPath]] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_path)
+
+    def add(self, path: RelPath, wd: int) -> None:
+        self.by_path[path] = wd
+        child = path
+        while child:
+            parent = parent_of(child)
+            kids = self.children.setdefault(parent, set())
+            if child in kids:
+                break
+            kids.add(child)
+            child = parent
+
+    def subtree(self, top: RelPath) -> list[RelPath]:
+        """``top`` and every indexed path below it."""
+        out: list[RelPath] = []
+        stack = [top]
+        while stack:
+            path = stack.pop()
+            out.append(path)
+            stack.extend(self.children.get(path, ()))
+        return out
+
+    def subtree_wds(self, top: RelPath) -> list[tuple[RelPath, int]]:
+        return [(p, self.by_path[p]) for p in self.subtree(top) if p in self.by_path]
+
+    def remove_subtree(self, top: RelPath) -> list[tuple[RelPath, int]]:
+        """Forget ``top`` and everything below it; returns the watched ``(path, wd)`` pairs."""
+        removed: list[tuple[RelPath, int]] = []
+        for path in self.subtree(top):
+            self.children.pop(path, None)
+            wd = self.by_path.pop(path, None)
+            if wd is not None:
+                removed.append((path, wd))
+        child = top
+        while child:
+            parent = parent_of(child)
+            kids = self.children.get(parent)
+            if kids is None:
+                break
+            kids.discard(child)
+            if kids:
+                break
+            del self.children[parent]
+            if parent in self.by_path:
+                break  # still watched: it stays linked to its own parent
+            child = parent
+        return removed
+
+    def discard(self, path: RelPath, wd: int) -> None:
+        """Forget one watch (not its subtree), if ``path`` still maps to ``wd``."""
+        if self.by_path.get(path) == wd:
+            del self.by_path[path]
+
+
+@dataclass(slots=True)
+class Dirty:
+    """A path some event touched: look at it once it is due.
+
+    ``due`` is when the path is considered settled: a few ms after ``IN_CLOSE_WRITE``,
+    a move or a delete, the debounce after anything that may be a write in progress.
+    """
+
+    due: float
+    content: bool = False
+    """An event said the content may have changed (IN_MODIFY, IN_CLOSE_WRITE)."""
+    writing: bool = False
+    """Seen IN_CREATE or IN_MODIFY without an IN_CLOSE_WRITE since."""
+    closed_at: float | None = None
+    """When the earliest IN_CLOSE_WRITE not yet written was read (monotonic): latency."""
+
+
+@dataclass(frozen=True, slots=True)
+class DirMove:
+    """A directory renamed inside the repository, from ``old`` to ``new`` (as they were when
+    the rename was read at ``read_at``); ``wd`` is the directory's watch, which follows it
+    further."""
+
+    wd: int | None
+    old: RelPath
+    new: RelPath
+    read_at: float = 0.0
+
+
+@dataclass(slots=True)
+class FileMove:
+    src: Key
+    dst: Key
+
+
+@dataclass(slots=True)
+class Pending:
+    """Everything one repository has waiting."""
+
+    dirty: dict[Key, Dirty] = field(default_factory=dict)
+    dir_moves: list[DirMove] = field(default_factory=list)
+    file_moves: list[FileMove] = field(default_factory=list)
+    check_wds: dict[int, float] = field(default_factory=dict)
+    """Directories to reconcile, by watch (resolved to their path when processed)."""
+    check_paths: dict[RelPath, float] = field(default_factory=dict)
+    """Directories to reconcile or clear, by path (those no longer watched)."""
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.dirty or self.dir_moves or self.file_moves or self.check_wds or self.check_paths
+        )
+
+    def mark(
+        self,
+        key: Key,
+        due: float,
+        *,
+        content: bool = False,
+        writing: bool | None = None,
+        closed_at: float | None = None,
+    ) -> None:
+        """Record an event for ``key``: the last event decides when the path is due."""
+        entry = self.dirty.get(key)
+        if entry is None:
+            self.dirty[key] = Dirty(due, content, bool(writing), closed_at)
+            return
+        entry.due = due
+        entry.content |= content
+        if writing is not None:
+            entry.writing = writing
+        if closed_at is not None and entry.closed_at is None:
+            entry.closed_at = closed_at
+
+    def requeue(self, key: Key, due: float, old: Dirty | None = None) -> None:
+        """Put a path back for another look; a newer event already pending keeps its due."""
+        entry = self.dirty.get(key)
+        closed_at = old.closed_at if old is not None else None
+        content = old.content if old is not None else False
+        if entry is None:
+            self.dirty[key] = Dirty(due, content, False, closed_at)
+            return
+        entry.content |= content
+        if closed_at is not None and (entry.closed_at is None or closed_at < entry.closed_at):
+            entry.closed_at = closed_at
+
+    def check_wd(self, wd: int, due: float) -> None:
+        self.check_wds[wd] = min(due, self.check_wds.get(wd, due))
+
+    def check_path(self, path: RelPath, due: float) -> None:
+        self.check_paths[path] = min(due, self.check_paths.get(path, due))
+
+    def renamed(self, old: RelPath, new: RelPath) -> None:
+        """Directory ``old`` was renamed to ``new``: checks queued by path before the rename
+        name what is now below ``new`` (the rename rewrites the stored records likewise)."""
+        if any(under(p, old) for p in self.check_paths):
+            self.check_paths = {moved(p, old, new): d for p, d in self.check_paths.items()}
+
+    def next_due(self) -> float | None:
+        if self.dir_moves or self.file_moves:
+            return 0.0
+        dues = [d.due for d in self.dirty.values()]
+        dues += self.check_wds.values()
+        dues += self.check_paths.values()
+        return min(dues) if dues else None
+
+
+# --- a batch taken for processing ------------------------------------------------------
+@dataclass(slots=True)
+class Check:
+    path: RelPath
+    wd: int | None
+
+
+@dataclass(slots=True)
+class MoveJob:
+    move: FileMove
+    src: RelPath | None
+    dst: RelPath | None
+
+
+@dataclass(slots=True)
+class DirtyJob:
+    key: Key | None
+    path: RelPath
+    dirty: Dirty
+
+
+@dataclass(slots=True)
+class Work:
+    """One repository's share of a processing pass. Steps consume their lists as they commit,
+    so a retry after a database error resumes where the failure was."""
+
+    dir_moves: list[DirMove]
+    moves: list[MoveJob]
+    checks: list[Check]
+    dirty: list[DirtyJob]
+    covered: list[RelPath] = field(default_factory=list)
+    """Subtrees reconciled in this pass: their dirty paths need no separate look."""
+    hashed: dict[RelPath, tuple[FileStat, Digest]] = field(default_factory=dict)
+    """Hashes computed in this pass, reused by a retry when the file has not changed."""
+    taken_moves: list[MoveJob] = field(default_factory=list)
+    seen_checks: list[Check] = field(default_factory=list)
+    """Every check this pass acted on (taken, or added while it ran)."""
+    seen_dirty: list[DirtyJob] = field(default_factory=list)
+    """Every path this pass looked at."""
+
+    def __post_init__(self) -> None:
+        self.taken_moves = list(self.moves)
+
+    def __len__(self) -> int:
+        return len(self.dir_moves) + len(self.moves) + len(self.checks) + len(self.dirty)
+
+
+class RepoWatch:
+    """Everything the watcher knows about one repository."""
+
+    def __init__(self, repo: Repository, writer: RepoWriter, rules: IgnoreRules) -> None:
+        self.repo = repo
+        self.writer = writer
+        """The repository's one writer (shared with reconciliation)."""
+        self.rules = rules
+        self.index = DirIndex()
+        self.pending = Pending()
+        self.degraded = False
+        """The watch limit was hit: some directories are not watched."""
+        self.lost = False
+        """The root went away: nothing is watched until the repository is added again."""
+        self.move_log: list[tuple[RelPath, RelPath, int | None]] = []
+        """Directory renames (old, new, wd) read since the current pass took its work."""
+        self.foreign: collections.deque[tuple[float, RelPath]] = collections.deque()
+        """Paths other writers (a reconciliation) changed lately, with when (monotonic)."""
+
+    @property
+    def id(self) -> UUID:
+        return self.repo.id
+
+    def full(self, rel: RelPath) -> bytes:
+        """The absolute path of ``rel``."""
+        return self.repo.root + b"/" + rel if rel else self.repo.root
+
+
+def show(path: RelPath) -> str:
+    """A relative path for log messages."""
+    return os.fsdecode(path) or "."

@@ -1,0 +1,757 @@
+"""The watcher driven by a scripted backend: deterministic event sequences on a real tree.
+
+Each test changes a real temporary tree, pushes the events inotify would have sent (or
+deliberately not all of them), processes them with ``flush()`` and compares the ledger
+with an independent walk of the disk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from fsledger.config import Settings
+from fsledger.errors import StoreError
+from fsledger.ledger import Ledger
+from fsledger.model import ChangeKind, FeedEntry, OperationStatus, OperationType, Repository
+from fsledger.watch import ScriptedBackend, Watcher
+from fsledger.watch.backend import (
+    IN_ATTRIB,
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_ISDIR,
+    IN_MODIFY,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+)
+from watch_support import assert_in_sync, digest_of, ledger_state, wait_until, write
+
+_cookies = itertools.count(1000)
+
+
+class Rig:
+    """A ledger on a SQLite file, a repository at ``root`` and a watcher on a scripted backend.
+
+    Populate ``root``, call ``start()`` (registers, scans, watches), then change the tree
+    and push the matching events.
+    """
+
+    def __init__(self, tmp_path: Path, **overrides: Any) -> None:
+        self.root = tmp_path / "lib"
+        self.root.mkdir()
+        self.outside = tmp_path / "outside"
+        self.outside.mkdir()
+        kw: dict[str, Any] = {
+            "database_url": "sqlite://" + str(tmp_path / "db.sqlite"),
+            "max_concurrency": 2,
+        }
+        kw.update(overrides)
+        self.settings = Settings(**kw)
+        self.ledger = Ledger(self.settings)
+        self.backend = ScriptedBackend()
+        self.resyncs: list[tuple[UUID, bytes, str]] = []
+        self.watcher = Watcher(self.ledger, self.settings, self.backend, on_resync=self._on_resync)
+        self.watcher.retry_initial_s = 0.001
+        self.repo: Repository | None = None
+        self.seq0 = 0
+
+    def _on_resync(self, repo: Repository, prefix: bytes, reason: str) -> None:
+        self.resyncs.append((repo.id, prefix, reason))
+
+    def start(self) -> Repository:
+        self.repo = self.ledger.add_repository(self.root)
+        self.ledger.scan(self.repo)
+        self.repo = self.ledger.store.get_repository(self.repo.id)
+        assert self.repo is not None
+        self.watcher.add(self.repo)
+        self.mark()
+        return self.repo
+
+    def close(self) -> None:
+        self.watcher.stop()
+        self.ledger.close()
+
+    # --- paths and events -----------------------------------------------------------
+    def p(self, rel: str) -> Path:
+        return self.root / rel if rel else self.root
+
+    def wd(self, rel_dir: str) -> int:
+        return self.backend.wd_of(os.fsencode(self.p(rel_dir)))
+
+    def emit(self, rel: str, mask: int, cookie: int = 0, wd: int | None = None) -> None:
+        """Push one event for ``rel`` (a path relative to the root) to its parent's watch."""
+        parent, _, name = rel.rpartition("/")
+        self.backend.emit(self.wd(parent) if wd is None else wd, mask, os.fsencode(name), cookie)
+
+    def created(self, rel: str) -> None:
+        for mask in (IN_CREATE, IN_MODIFY, IN_CLOSE_WRITE):
+            self.emit(rel, mask)
+
+    def renamed(self, src: str, dst: str, is_dir: bool = False) -> None:
+        cookie = next(_cookies)
+        flag = IN_ISDIR if is_dir else 0
+        self.emit(src, IN_MOVED_FROM | flag, cookie)
+        self.emit(dst, IN_MOVED_TO | flag, cookie)
+
+    # --- what the ledger says ---------------------------------------------------------
+    def mark(self) -> None:
+        self.seq0 = self.ledger.store.latest_seq()
+
+    def feed(self) -> list[FeedEntry]:
+        assert self.repo is not None
+        return self.ledger.store.changes_since(self.seq0, 100_000, self.repo.id)
+
+    def kinds(self) -> list[tuple[ChangeKind, bytes, bytes | None]]:
+        return [(e.kind, e.path, e.old_path) for e in self.feed()]
+
+    def state(self) -> dict[bytes, tuple[int, str | None]]:
+        assert self.repo is not None
+        return ledger_state(self.ledger, self.repo)
+
+    def assert_exact(self) -> None:
+        assert self.repo is not None
+        assert_in_sync(self.ledger, self.repo, self.root)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    yield r
+    r.close()
+
+
+def make_rig(tmp_path: Path, request: pytest.FixtureRequest, **overrides: Any) -> Rig:
+    r = Rig(tmp_path, **overrides)
+    request.addfinalizer(r.close)
+    return r
+
+
+# === creation, modification, deletion ==================================================
+def test_create_modify_delete_follow_the_disk(rig: Rig) -> None:
+    write(rig.p("keep.jpg"), "keep")
+    write(rig.p("old.jpg"), "old")
+    write(rig.p("edit.jpg"), "v1")
+    rig.start()
+
+    write(rig.p("new.jpg"), "brand new")
+    rig.created("new.jpg")
+    write(rig.p("edit.jpg"), "version two")
+    rig.emit("edit.jpg", IN_MODIFY)
+    rig.emit("edit.jpg", IN_CLOSE_WRITE)
+    os.unlink(rig.p("old.jpg"))
+    rig.emit("old.jpg", IN_DELETE)
+    rig.watcher.flush()
+
+    rig.assert_exact()
+    assert set(rig.kinds()) == {
+        (ChangeKind.CREATED, b"new.jpg", None),
+        (ChangeKind.MODIFIED, b"edit.jpg", None),
+        (ChangeKind.DELETED, b"old.jpg", None),
+    }
+    assert rig.watcher.metrics.events_processed == 6
+    # Duplicate events change nothing: processing is state-based.
+    rig.mark()
+    rig.created("new.jpg")
+    rig.watcher.flush()
+    assert rig.kinds() == []
+
+
+def test_create_then_delete_within_the_debounce_window_leaves_nothing(rig: Rig) -> None:
+    rig.start()
+    write(rig.p("flash.jpg"), "here for a moment")
+    rig.created("flash.jpg")
+    os.unlink(rig.p("flash.jpg"))
+    rig.emit("flash.jpg", IN_DELETE)
+    rig.watcher.flush()
+
+    assert rig.state() == {}
+    assert rig.kinds() == []
+    rig.assert_exact()
+
+
+def test_debounce_holds_writes_in_progress_but_a_close_settles_at_once(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    rig = make_rig(tmp_path, request, debounce_s=3600.0)
+    rig.start()
+    write(rig.p("growing.mov"), "first chunk")
+    rig.emit("growing.mov", IN_CREATE)
+    rig.emit("growing.mov", IN_MODIFY)
+    rig.watcher.process_due()
+    assert rig.state() == {}, "a file still being written waits for the debounce"
+
+    write(rig.p("growing.mov"), "first chunk, second chunk")
+    rig.emit("growing.mov", IN_CLOSE_WRITE)
+    assert wait_until(lambda: (rig.watcher.process_due(), b"growing.mov" in rig.state())[1])
+    rig.assert_exact()
+    assert len(rig.watcher.metrics.latency_ms) == 1
+
+
+def test_create_and_delete_inside_the_window_with_debounce_pending(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    rig = make_rig(tmp_path, request, debounce_s=3600.0)
+    rig.start()
+    write(rig.p("tmpfile.jpg"), "x")
+    rig.emit("tmpfile.jpg", IN_CREATE)
+    rig.watcher.process_due()
+    os.unlink(rig.p("tmpfile.jpg"))
+    rig.emit("tmpfile.jpg", IN_DELETE)
+    rig.watcher.flush()
+    assert rig.state() == {}
+    assert rig.kinds() == []
+
+
+def test_attrib_only_refreshes_metadata(rig: Rig) -> None:
+    write(rig.p("a.jpg"), "same content")
+    rig.start()
+    os.utime(rig.p("a.jpg"), ns=(1_000_000_000, 1_000_000_000))
+    rig.emit("a.jpg", IN_ATTRIB)
+    rig.watcher.flush()
+    assert rig.kinds() == []  # metadata-only updates are not news
+    assert rig.ledger.store.get_record(rig.repo.id, b"a.jpg").stat.mtime_ns == 1_000_000_000  # type: ignore[union-attr]
+    rig.assert_exact()
+
+
+# === ignore rules ======================================================================
+def test_events_for_ignored_names_never_reach_the_store(rig: Rig) -> None:
+    rig.start()
+    names = [".hidden.jpg", "swap.swp", "draft.tmp", "Thumbs.db", "backup.jpg~", ".DS_Store"]
+    for name in names:
+        write(rig.p(name), "ignored")
+        rig.created(name)
+    (rig.p(".cache")).mkdir()
+    rig.emit(".cache", IN_CREATE | IN_ISDIR)
+    write(rig.p("real.jpg"), "real")
+    rig.created("real.jpg")
+    rig.watcher.flush()
+
+    assert set(rig.state()) == {b"real.jpg"}
+    assert rig.watcher.metrics.events_ignored == 3 * len(names) + 1
+    with pytest.raises(KeyError):
+        rig.wd(".cache")  # ignored directories are not watched
+    rig.assert_exact()
+
+
+def test_rsync_style_hidden_temp_renamed_into_place(rig: Rig) -> None:
+    rig.start()
+    write(rig.p(".photo.jpg.Xa81k"), "synced content")
+    rig.created(".photo.jpg.Xa81k")
+    os.rename(rig.p(".photo.jpg.Xa81k"), rig.p("photo.jpg"))
+    rig.renamed(".photo.jpg.Xa81k", "photo.jpg")
+    rig.watcher.flush()
+    assert rig.kinds() == [(ChangeKind.CREATED, b"photo.jpg", None)]
+    rig.assert_exact()
+
+
+def test_repository_ignore_patterns_apply_to_events(tmp_path: Path) -> None:
+    from fsledger.model import RepoSettings
+
+    r = Rig(tmp_path)
+    try:
+        r.repo = r.ledger.add_repository(r.root, settings=RepoSettings(ignore_patterns=("*.xmp",)))
+        r.ledger.scan(r.repo)
+        r.watcher.add(r.repo)
+        write(r.p("IMG_1.xmp"), "sidecar")
+        r.created("IMG_1.xmp")
+        write(r.p("IMG_1.jpg"), "photo")
+        r.created("IMG_1.jpg")
+        r.watcher.flush()
+        assert set(r.state()) == {b"IMG_1.jpg"}
+    finally:
+        r.close()
+
+
+# === renames ===========================================================================
+def test_file_rename_inside_keeps_the_stored_hash(rig: Rig) -> None:
+    write(rig.p("a/IMG_1.jpg"), "pixels")
+    write(rig.p("b/other.jpg"), "other")
+    rig.start()
+    before = rig.state()[b"a/IMG_1.jpg"]
+
+    os.rename(rig.p("a/IMG_1.jpg"), rig.p("b/IMG_1.jpg"))
+    cookie = next(_cookies)
+    rig.emit("a/IMG_1.jpg", IN_MOVED_FROM, cookie)
+    # The two halves need not be adjacent.
+    write(rig.p("b/other.jpg"), "other, edited")
+    rig.emit("b/other.jpg", IN_CLOSE_WRITE)
+    rig.emit("b/IMG_1.jpg", IN_MOVED_TO, cookie)
+    rig.watcher.flush()
+
+    assert (ChangeKind.MOVED, b"b/IMG_1.jpg", b"a/IMG_1.jpg") in rig.kinds()
+    assert not any(k is ChangeKind.CREATED for k, _, _ in rig.kinds())
+    assert rig.state()[b"b/IMG_1.jpg"] == before
+    rig.assert_exact()
+
+
+def test_chained_file_renames_in_one_window(rig: Rig) -> None:
+    write(rig.p("one.jpg"), "content one")
+    rig.start()
+    os.rename(rig.p("one.jpg"), rig.p("two.jpg"))
+    rig.renamed("one.jpg", "two.jpg")
+    os.rename(rig.p("two.jpg"), rig.p("three.jpg"))
+    rig.renamed("two.jpg", "three.jpg")
+    rig.watcher.flush()
+    assert rig.kinds() == [(ChangeKind.MOVED, b"three.jpg", b"one.jpg")]
+    rig.assert_exact()
+
+
+def test_editor_atomic_save_over_an_existing_file(rig: Rig) -> None:
+    write(rig.p("notes.txt"), "draft 1")
+    rig.start()
+    # A temp name that is not ignored: it is recorded, then renamed over the original.
+    write(rig.p("notes.txt.new"), "draft 2, longer")
+    rig.created("notes.txt.new")
+    rig.watcher.flush()
+    os.replace(rig.p("notes.txt.new"), rig.p("notes.txt"))
+    rig.renamed("notes.txt.new", "notes.txt")
+    rig.watcher.flush()
+    rig.assert_exact()
+    # An ignored temp name: only the rename into place is seen.
+    write(rig.p("notes.txt.swp"), "draft 3")
+    rig.created("notes.txt.swp")
+    os.replace(rig.p("notes.txt.swp"), rig.p("notes.txt"))
+    rig.renamed("notes.txt.swp", "notes.txt")
+    rig.watcher.flush()
+    rig.assert_exact()
+
+
+def test_directory_rename_is_one_dir_moved_and_rehashes_nothing(rig: Rig) -> None:
+    for i in range(20):
+        write(rig.p(f"2023/trip/day{i % 3}/IMG_{i}.jpg"), f"photo {i}")
+    write(rig.p("2023/notes.txt"), "notes")
+    rig.start()
+    hashes = {p.replace(b"2023/", b"2024/", 1): v for p, v in rig.state().items()}
+
+    os.rename(rig.p("2023"), rig.p("2024"))
+    rig.renamed("2023", "2024", is_dir=True)
+    rig.watcher.flush()
+
+    assert rig.kinds() == [(ChangeKind.DIR_MOVED, b"2024", b"2023")]
+    assert rig.state() == hashes
+    rig.assert_exact()
+
+    # The watches of the directory and all its descendants now map to the new paths.
+    rig.mark()
+    write(rig.p("2024/trip/day1/new.jpg"), "new after the rename")
+    rig.created("2024/trip/day1/new.jpg")
+    rig.watcher.flush()
+    assert rig.kinds() == [(ChangeKind.CREATED, b"2024/trip/day1/new.jpg", None)]
+    rig.assert_exact()
+
+
+def test_pending_event_follows_a_renamed_parent(rig: Rig) -> None:
+    write(rig.p("album/a.jpg"), "a")
+    rig.start()
+    parent_wd = rig.wd("album")
+    write(rig.p("album/b.jpg"), "b")
+    rig.emit("album/b.jpg", IN_CLOSE_WRITE)
+    os.rename(rig.p("album"), rig.p("album2"))
+    rig.renamed("album", "album2", is_dir=True)
+    rig.watcher.flush()
+    assert rig.wd("album2") == parent_wd
+    rig.assert_exact()
+
+
+def test_chained_and_swapped_directory_renames_in_one_window(rig: Rig) -> None:
+    write(rig.p("x/1.jpg"), "x1")
+    write(rig.p("y/2.jpg"), "y2")
+    write(rig.p("z/3.jpg"), "z3")
+    rig.start()
+    # z -> t -> w (a chain), and x <-> y (a swap through a temporary name).
+    os.rename(rig.p("z"), rig.p("t"))
+    rig.renamed("z", "t", is_dir=True)
+    os.rename(rig.p("t"), rig.p("w"))
+    rig.renamed("t", "w", is_dir=True)
+    os.rename(rig.p("x"), rig.p("tmp"))
+    rig.renamed("x", "tmp", is_dir=True)
+    os.rename(rig.p("y"), rig.p("x"))
+    rig.renamed("y", "x", is_dir=True)
+    os.rename(rig.p("tmp"), rig.p("y"))
+    rig.renamed("tmp", "y", is_dir=True)
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert rig.state()[b"y/1.jpg"][1] == digest_of(os.fsencode(rig.p("y/1.jpg")))
+
+
+# === moves out of and into the repository ==============================================
+def test_move_out_deletes_and_move_in_scans(rig: Rig) -> None:
+    write(rig.p("leaving.jpg"), "bye")
+    write(rig.p("gone/deep/a.jpg"), "a")
+    write(rig.p("gone/b.jpg"), "b")
+    write(rig.p("stays.jpg"), "stays")
+    rig.start()
+    gone_wds = [rig.wd("gone"), rig.wd("gone/deep")]
+
+    os.rename(rig.p("leaving.jpg"), rig.outside / "leaving.jpg")
+    rig.emit("leaving.jpg", IN_MOVED_FROM, next(_cookies))
+    os.rename(rig.p("gone"), rig.outside / "gone")
+    rig.emit("gone", IN_MOVED_FROM | IN_ISDIR, next(_cookies))
+    rig.watcher.flush()
+
+    rig.assert_exact()
+    assert set(rig.state()) == {b"stays.jpg"}
+    assert not set(gone_wds) & set(rig.backend.watches), "moved-out directories are unwatched"
+
+    write(rig.outside / "arriving.jpg", "hello")
+    os.rename(rig.outside / "arriving.jpg", rig.p("arriving.jpg"))
+    rig.emit("arriving.jpg", IN_MOVED_TO, next(_cookies))
+    write(rig.outside / "tree/sub/c.jpg", "c")
+    write(rig.outside / "tree/d.jpg", "d")
+    os.rename(rig.outside / "tree", rig.p("tree"))
+    rig.emit("tree", IN_MOVED_TO | IN_ISDIR, next(_cookies))
+    rig.watcher.flush()
+
+    rig.assert_exact()
+    rig.wd("tree/sub")  # moved-in directories are watched, subdirectories included
+    kinds = {(k, p) for k, p, _ in rig.kinds()}
+    assert (ChangeKind.CREATED, b"tree/sub/c.jpg") in kinds
+
+
+def test_new_directory_is_watched_then_scanned(rig: Rig) -> None:
+    rig.start()
+    # mkdir -p and files written before the watcher could add a watch: one event only.
+    write(rig.p("a/b/c/deep.jpg"), "deep")
+    write(rig.p("a/top.jpg"), "top")
+    rig.emit("a", IN_CREATE | IN_ISDIR)
+    rig.watcher.flush()
+    rig.assert_exact()
+    for d in ("a", "a/b", "a/b/c"):
+        rig.wd(d)
+
+
+def test_rm_rf_of_a_subtree(rig: Rig) -> None:
+    for i in range(10):
+        write(rig.p(f"old/{i % 2}/f{i}.jpg"), str(i))
+    write(rig.p("keep.jpg"), "keep")
+    rig.start()
+    wds = {d: rig.wd(d) for d in ("old", "old/0", "old/1")}
+    for i in range(10):
+        os.unlink(rig.p(f"old/{i % 2}/f{i}.jpg"))
+        rig.emit(f"old/{i % 2}/f{i}.jpg", IN_DELETE)
+    for sub in ("old/0", "old/1"):
+        os.rmdir(rig.p(sub))
+        rig.backend.emit(wds[sub], IN_DELETE_SELF)
+        rig.backend.emit(wds[sub], IN_IGNORED)
+        rig.emit(sub, IN_DELETE | IN_ISDIR, wd=wds["old"])
+    os.rmdir(rig.p("old"))
+    rig.emit("old", IN_DELETE | IN_ISDIR)
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert rig.resyncs == [], "an expected IN_IGNORED is not a lost watch"
+    assert rig.watcher.metrics.watched_directories == 1
+
+
+def test_directory_deleted_with_only_its_own_event(rig: Rig) -> None:
+    for i in range(5):
+        write(rig.p(f"d/sub/{i}.jpg"), str(i))
+    rig.start()
+    import shutil
+
+    shutil.rmtree(rig.p("d"))
+    rig.emit("d", IN_DELETE | IN_ISDIR)  # the file events were "lost": the check clears them
+    rig.watcher.flush()
+    rig.assert_exact()
+
+
+# === recovery ==========================================================================
+def test_overflow_requests_a_resync_and_the_resync_makes_it_exact(rig: Rig) -> None:
+    write(rig.p("a.jpg"), "a")
+    rig.start()
+    # Changes whose events were lost in the overflow.
+    write(rig.p("lost/new.jpg"), "never announced")
+    write(rig.p("a.jpg"), "changed silently")
+    rig.backend.overflow()
+    rig.watcher.flush()
+
+    assert rig.watcher.metrics.overflows == 1
+    assert rig.resyncs == [(rig.repo.id, b"", "inotify queue overflow")]  # type: ignore[union-attr]
+    rig.wd("lost")  # the watch tree was rebuilt from the disk
+    rig.ledger.reconciler.reconcile(rig.ledger.writer(rig.repo), prefix=b"")  # type: ignore[arg-type]
+    rig.assert_exact()
+
+    # Watching goes on: an event in the directory created during the overflow is seen.
+    write(rig.p("lost/after.jpg"), "after")
+    rig.created("lost/after.jpg")
+    rig.watcher.flush()
+    rig.assert_exact()
+
+
+def test_without_a_manager_the_watcher_runs_the_resync_itself(tmp_path: Path) -> None:
+    r = Rig(tmp_path)
+    r.watcher.on_resync = None
+    try:
+        r.start()
+        write(r.p("silent.jpg"), "silent")
+        r.backend.overflow()
+        r.watcher.flush()
+        assert r.repo is not None
+        assert wait_until(lambda: b"silent.jpg" in r.state())
+        ops = r.ledger.store.recent_operations(r.repo.id, 10)
+        assert wait_until(
+            lambda: all(
+                o.status is OperationStatus.COMPLETED
+                for o in r.ledger.store.recent_operations(r.repo.id, 10)
+            )
+        )
+        assert sum(o.operation_type is OperationType.RECONCILIATION for o in ops) == 2
+    finally:
+        r.close()
+
+
+def test_lost_watch_requests_a_resync_and_is_rewatched(rig: Rig) -> None:
+    write(rig.p("sub/a.jpg"), "a")
+    rig.start()
+    wd = rig.wd("sub")
+    rig.backend.watches.pop(wd)  # the kernel dropped it (an unmount, say)
+    rig.backend._by_inode.clear()
+    rig.backend.emit(wd, IN_IGNORED)
+    rig.watcher.flush()
+    assert rig.resyncs == [(rig.repo.id, b"sub", "inotify watch lost")]  # type: ignore[union-attr]
+    write(rig.p("sub/b.jpg"), "b")
+    rig.created("sub/b.jpg")
+    rig.watcher.flush()
+    rig.assert_exact()
+
+
+def test_root_going_away_stops_watching_and_asks_for_a_resync(rig: Rig) -> None:
+    write(rig.p("a.jpg"), "a")
+    rig.start()
+    assert rig.repo is not None
+    assert rig.watcher.is_watching(rig.repo.id)
+    rig.backend.emit(rig.wd(""), IN_DELETE_SELF)
+    rig.watcher.flush()
+    assert not rig.watcher.is_watching(rig.repo.id)
+    assert rig.resyncs == [(rig.repo.id, b"", "the repository root was deleted")]
+    assert set(rig.state()) == {b"a.jpg"}, "records are kept: the manager decides"
+
+
+def test_watch_limit_degrades_instead_of_failing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = Rig(tmp_path)
+    r.backend.watch_limit = 2
+    try:
+        for d in ("a", "b", "c", "d"):
+            write(r.p(f"{d}/x.jpg"), d)
+        with caplog.at_level(logging.WARNING, logger="fsledger.watch"):
+            repo = r.start()
+        assert r.watcher.degraded(repo.id)
+        assert r.watcher.is_watching(repo.id)
+        assert r.watcher.metrics.degraded_repositories == 1
+        assert r.watcher.metrics.watched_directories == 2
+        assert any("only partly watched" in m for m in caplog.messages)
+    finally:
+        r.close()
+
+
+def test_database_errors_are_retried_and_no_event_is_lost(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig.start()
+    real_apply = rig.ledger.store.apply
+    failures = {"left": 3}
+
+    def flaky(repo_id: UUID, changes: Any) -> int | None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise StoreError("database is away")
+        return real_apply(repo_id, changes)
+
+    monkeypatch.setattr(rig.ledger.store, "apply", flaky)
+    for i in range(5):
+        write(rig.p(f"f{i}.jpg"), str(i))
+        rig.created(f"f{i}.jpg")
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert rig.watcher.metrics.store_retries == 3
+
+
+def test_events_arriving_during_a_reconciliation(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    rig = make_rig(tmp_path, request, batch_size=5)
+    for i in range(40):
+        write(rig.p(f"d{i % 4}/f{i}.jpg"), f"v1 {i}")
+    repo = rig.start()
+    for i in range(40):  # changed while nobody watched: the reconciliation's work
+        write(rig.p(f"d{i % 4}/f{i}.jpg"), f"version two {i}")
+    writer = rig.ledger.writer(repo)
+    fired = []
+
+    def live_changes(_repo: Repository, _applied: Any) -> None:
+        if fired:
+            return
+        fired.append(True)
+        # In the middle of the reconciliation, live events change what it already saw.
+        write(rig.p("d0/f0.jpg"), "third version")
+        rig.emit("d0/f0.jpg", IN_CLOSE_WRITE)
+        os.unlink(rig.p("d3/f39.jpg"))
+        rig.emit("d3/f39.jpg", IN_DELETE)
+        write(rig.p("d1/brand_new.jpg"), "new")
+        rig.created("d1/brand_new.jpg")
+        os.rename(rig.p("d2/f2.jpg"), rig.p("d2/renamed.jpg"))
+        rig.renamed("d2/f2.jpg", "d2/renamed.jpg")
+        rig.watcher.flush()
+
+    writer.listeners.append(live_changes)
+    try:
+        rig.ledger.reconciler.reconcile(writer)
+    finally:
+        writer.listeners.remove(live_changes)
+    assert fired
+    rig.watcher.flush()
+    rig.assert_exact()
+
+
+def test_realtime_work_is_one_operation_row_per_repository(rig: Rig) -> None:
+    repo = rig.start()
+    for i in range(3):
+        write(rig.p(f"n{i}.jpg"), str(i))
+        rig.created(f"n{i}.jpg")
+        rig.watcher.flush()
+    ops = [
+        o
+        for o in rig.ledger.store.recent_operations(repo.id, 10)
+        if o.operation_type is OperationType.REALTIME
+    ]
+    assert len(ops) == 1
+    assert ops[0].files_added == 3
+    rig.watcher.stop()
+    (op,) = [
+        o
+        for o in rig.ledger.store.recent_operations(repo.id, 10)
+        if o.operation_type is OperationType.REALTIME
+    ]
+    assert op.status is OperationStatus.COMPLETED
+    assert op.files_added == 3
+
+
+def test_non_utf8_names_are_kept_as_bytes(rig: Rig) -> None:
+    rig.start()
+    name = b"caf\xe9.jpg"
+    (rig.root / os.fsdecode(name)).write_bytes(b"latin-1 name")
+    rig.backend.emit(rig.wd(""), IN_CLOSE_WRITE, name)
+    rig.watcher.flush()
+    assert name in rig.state()
+    rig.assert_exact()
+
+
+def test_without_hashes(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    rig = make_rig(tmp_path, request, calculate_hashes=False)
+    write(rig.p("a.jpg"), "a")
+    rig.start()
+    write(rig.p("b.jpg"), "bb")
+    rig.created("b.jpg")
+    rig.watcher.flush()
+    assert rig.state() == {b"a.jpg": (1, None), b"b.jpg": (2, None)}
+
+
+def test_background_threads_apply_events(rig: Rig) -> None:
+    rig.start()
+    rig.watcher.start()
+    write(rig.p("bg.jpg"), "background")
+    rig.created("bg.jpg")
+    assert wait_until(lambda: b"bg.jpg" in rig.state())
+    rig.assert_exact()
+
+
+def test_remove_stops_watching(rig: Rig) -> None:
+    write(rig.p("sub/a.jpg"), "a")
+    repo = rig.start()
+    rig.watcher.remove(repo.id)
+    assert not rig.watcher.is_watching(repo.id)
+    assert rig.backend.watches == {}
+    assert rig.watcher.metrics.watched_directories == 0
+
+
+# === regressions: renames racing other events (found by a randomized stress run) ==========
+def test_moved_out_directory_follows_a_parent_renamed_while_it_waits(rig: Rig) -> None:
+    write(rig.p("d0/s0/f.jpg"), "f")
+    write(rig.p("d0/keep.jpg"), "keep")
+    rig.start()
+    os.rename(rig.p("d0/s0"), rig.outside / "s0")
+    rig.emit("d0/s0", IN_MOVED_FROM | IN_ISDIR, next(_cookies))  # unpaired: moved out
+    os.rename(rig.p("d0"), rig.p("c2"))
+    rig.renamed("d0", "c2", is_dir=True)
+    rig.watcher.flush()
+    rig.assert_exact()
+
+
+def test_deleted_directory_check_follows_a_later_parent_rename(rig: Rig) -> None:
+    write(rig.p("d/x/f.jpg"), "f")
+    write(rig.p("d/y.jpg"), "y")
+    rig.start()
+    x_wd = rig.wd("d/x")
+    os.unlink(rig.p("d/x/f.jpg"))
+    os.rmdir(rig.p("d/x"))
+    rig.emit("d/x", IN_DELETE | IN_ISDIR)
+    rig.backend.emit(x_wd, IN_DELETE_SELF)
+    rig.backend.emit(x_wd, IN_IGNORED)
+    os.rename(rig.p("d"), rig.p("e"))
+    rig.renamed("d", "e", is_dir=True)
+    rig.watcher.flush()
+    rig.assert_exact()
+
+
+def test_subdirectory_renamed_out_of_a_moved_in_tree_before_its_scan(rig: Rig) -> None:
+    rig.start()
+    write(rig.outside / "tree/sub/deep.jpg", "deep")
+    write(rig.outside / "tree/top.jpg", "top")
+    os.rename(rig.outside / "tree", rig.p("tree"))
+    rig.emit("tree", IN_MOVED_TO | IN_ISDIR, next(_cookies))
+    rig.watcher.process_due()  # reads the move in: watched, its scan not due yet
+    os.rename(rig.p("tree/sub"), rig.p("elsewhere"))
+    rig.renamed("tree/sub", "elsewhere", is_dir=True)
+    rig.watcher.flush()
+    rig.assert_exact()
+
+
+def test_rename_inside_a_directory_renamed_again_in_the_same_batch(rig: Rig) -> None:
+    write(rig.p("c/x/y/f.jpg"), "f")
+    write(rig.p("c/x/g.jpg"), "g")
+    rig.start()
+    os.rename(rig.p("c/x"), rig.p("c/z"))  # M1: its target is renamed again by M3
+    rig.renamed("c/x", "c/z", is_dir=True)
+    os.rename(rig.p("c/z/y"), rig.p("out"))  # M2: out of M1's target
+    rig.renamed("c/z/y", "out", is_dir=True)
+    os.rename(rig.p("c"), rig.p("k"))  # M3: M1's target is now k/z
+    rig.renamed("c", "k", is_dir=True)
+    rig.watcher.flush()
+    rig.assert_exact()
+
+
+def test_a_file_record_where_a_directory_arrived(rig: Rig) -> None:
+    write(rig.p("d/c2"), "a file")
+    rig.start()
+    os.rename(rig.p("d/c2"), rig.p("d/.hidden"))
+    rig.emit("d/c2", IN_MOVED_FROM, next(_cookies))  # its TO is an ignored name
+    write(rig.outside / "src/in.jpg", "in")
+    os.rename(rig.outside / "src", rig.p("d/c2"))
+    rig.emit("d/c2", IN_MOVED_TO | IN_ISDIR, next(_cookies))
+    rig.watcher.flush()
+    # The scan of the directory covers what is below d/c2, not a record at d/c2 itself.
+    rig.assert_exact()
+
+
+def test_directory_rename_after_a_reconciliation_already_moved_its_records(rig: Rig) -> None:
+    for i in range(5):
+        write(rig.p(f"A/f{i}.jpg"), str(i))
+    repo = rig.start()
+    os.rename(rig.p("A"), rig.p("B"))
+    # A reconciliation runs before the watcher has written the rename: it moves the
+    # records itself (inode match); the rename then must not wipe them.
+    rig.ledger.reconciler.reconcile(rig.ledger.writer(repo))
+    rig.renamed("A", "B", is_dir=True)
+    rig.watcher.flush()
+    rig.assert_exact()

@@ -1,0 +1,359 @@
+"""The watcher on real inotify, real temporary trees and real programs.
+
+After the initial scan no reconciliation runs (asserted through ``sync_operations``):
+every workload must reach the ledger through events alone, and the ledger must then
+equal an independent walk of the disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+
+from fsledger.config import Settings
+from fsledger.ledger import Ledger
+from fsledger.model import ChangeKind, OperationType, Repository
+from fsledger.watch import Watcher
+from watch_support import disk_state, ledger_state, wait_in_sync, wait_until, write
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/proc/sys/fs/inotify"), reason="inotify is Linux-only"
+)
+
+
+def need(tool: str) -> str:
+    """The path of a command-line tool; skip without it (fail under CI, where the image
+    is expected to have it: see the Makefile / CI setup)."""
+    path = shutil.which(tool)
+    if path is None:
+        message = f"{tool} is not installed (apt-get install -y {tool})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def run(*args: str | Path, cwd: Path | None = None) -> None:
+    done = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{args} failed ({done.returncode}): {done.stderr}"
+
+
+class Live:
+    """A ledger, a scanned repository at ``root`` and a started watcher on real inotify."""
+
+    def __init__(self, tmp_path: Path, debounce_s: float = 0.5) -> None:
+        self.root = tmp_path / "lib"
+        self.outside = tmp_path / "outside"
+        self.root.mkdir()
+        self.outside.mkdir()
+        self.settings = Settings(
+            database_url="sqlite://" + str(tmp_path / "db.sqlite"),
+            max_concurrency=2,
+            debounce_s=debounce_s,
+        )
+        self.ledger = Ledger(self.settings)
+        self.resyncs: list[tuple[UUID, bytes, str]] = []
+        self.watcher: Watcher | None = None
+        self.repo: Repository | None = None
+
+    def start(self, populate: Callable[[Path], None] | None = None) -> Repository:
+        if populate is not None:
+            populate(self.root)
+        repo = self.ledger.add_repository(self.root)
+        self.ledger.scan(repo)
+        self.repo = self.ledger.store.get_repository(repo.id)
+        assert self.repo is not None
+        self.watcher = Watcher(self.ledger, self.settings, on_resync=self._on_resync)
+        self.watcher.add(self.repo)
+        self.watcher.start()
+        self.seq0 = self.ledger.store.latest_seq()
+        return self.repo
+
+    def _on_resync(self, repo: Repository, prefix: bytes, reason: str) -> None:
+        self.resyncs.append((repo.id, prefix, reason))
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.ledger.close()
+
+    def p(self, rel: str) -> Path:
+        return self.root / rel
+
+    def settle(self, timeout: float = 20.0) -> None:
+        """Wait until the ledger equals the disk, then check it got there from events only."""
+        assert self.repo is not None
+        wait_in_sync(self.ledger, self.repo, self.root, timeout)
+        ops = self.ledger.store.recent_operations(self.repo.id, 1000)
+        scans = [o for o in ops if o.operation_type is not OperationType.REALTIME]
+        assert len(scans) == 1, f"only the initial scan may have run: {scans}"
+        assert self.resyncs == []
+
+    def feed_kinds(self) -> list[tuple[ChangeKind, bytes, bytes | None]]:
+        assert self.repo is not None
+        entries = self.ledger.store.changes_since(self.seq0, 1_000_000, self.repo.id)
+        return [(e.kind, e.path, e.old_path) for e in entries]
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Live]:
+    lv = Live(tmp_path)
+    yield lv
+    lv.close()
+
+
+def base_tree(root: Path) -> None:
+    for i in range(12):
+        write(root / f"albums/a{i % 3}/IMG_{i:03}.jpg", f"photo {i} " * 20)
+    write(root / "readme.txt", "hello")
+    write(root / ".hidden/config", "ignored")
+
+
+def source_tree(top: Path, files: int, dirs: int) -> Path:
+    for i in range(files):
+        write(top / f"d{i % dirs}/s{i % 3}/file_{i:04}.dat", os.urandom(64) + str(i).encode())
+    write(top / "d0/.DS_Store", "junk")
+    write(top / "d1/edit.swp", "junk")
+    return top
+
+
+# === programs ============================================================================
+@pytest.mark.slow
+def test_tar_extract(live: Live, tmp_path: Path) -> None:
+    tar = need("tar")
+    live.start(base_tree)
+    src = source_tree(tmp_path / "src", 400, 25)
+    archive = tmp_path / "archive.tar"
+    run(tar, "-cf", archive, "-C", src, ".")
+    live.p("extracted").mkdir()
+    run(tar, "-xf", archive, "-C", live.p("extracted"))
+    live.settle()
+
+
+@pytest.mark.slow
+def test_rsync_into_the_tree(live: Live, tmp_path: Path) -> None:
+    rsync = need("rsync")
+    live.start(base_tree)
+    src = source_tree(tmp_path / "src", 200, 10)
+    run(rsync, "-a", f"{src}/", f"{live.p('synced')}/")
+    live.settle()
+    # A second run updates changed files through hidden temp files renamed into place.
+    for i in range(0, 200, 7):
+        write(src / f"d{i % 10}/s{i % 3}/file_{i:04}.dat", b"rewritten " + os.urandom(40))
+    run(rsync, "-a", f"{src}/", f"{live.p('synced')}/")
+    live.settle()
+
+
+@pytest.mark.slow
+def test_git_checkout_of_another_commit(live: Live) -> None:
+    git = need("git")
+    live.start(base_tree)
+    repo = live.p("project")
+    repo.mkdir()
+    g = [
+        git,
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@example.org",
+        "-c",
+        "init.defaultBranch=main",
+    ]
+    run(*g, "init", "-q", cwd=repo)
+    for i in range(30):
+        write(repo / f"src/m{i % 4}/file{i}.py", f"print({i})\n")
+    run(*g, "add", "-A", cwd=repo)
+    run(*g, "commit", "-qm", "one", cwd=repo)
+    run(*g, "checkout", "-qb", "other", cwd=repo)
+    for i in range(0, 30, 3):
+        write(repo / f"src/m{i % 4}/file{i}.py", f"print('changed {i}')\n")
+    for i in range(1, 30, 7):
+        (repo / f"src/m{i % 4}/file{i}.py").unlink()
+    for i in range(5):
+        write(repo / f"docs/new{i}.md", f"# doc {i}\n")
+    os.rename(repo / "src/m0", repo / "src/renamed")
+    run(*g, "add", "-A", cwd=repo)
+    run(*g, "commit", "-qm", "two", cwd=repo)
+    live.settle()
+    run(*g, "checkout", "-q", "main", cwd=repo)
+    live.settle()
+    run(*g, "checkout", "-q", "other", cwd=repo)
+    live.settle()
+
+
+@pytest.mark.slow
+def test_cp_of_a_large_file(live: Live, tmp_path: Path) -> None:
+    cp = need("cp")
+    live.start(base_tree)
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as fh:
+        block = os.urandom(1 << 20)
+        for i in range(50):
+            fh.write(block[:-8] + i.to_bytes(8, "big"))
+    live.p("videos").mkdir()
+    run(cp, big, live.p("videos/big.bin"))
+    live.settle()
+
+
+def test_rm_rf_of_a_subtree(live: Live) -> None:
+    live.start(base_tree)
+    run("rm", "-rf", live.p("albums/a1"))
+    live.settle()
+    run("rm", "-rf", live.p("albums"))
+    live.settle()
+    assert live.watcher is not None
+    assert live.watcher.metrics.watched_directories == 1
+
+
+def test_moving_trees_into_inside_and_out_of_the_repository(live: Live) -> None:
+    live.start(base_tree)
+    source_tree(live.outside / "incoming", 60, 4)
+    run("mv", live.outside / "incoming", live.p("incoming"))  # into
+    live.settle()
+    run("mv", live.p("incoming"), live.p("albums/sorted"))  # inside
+    live.settle()
+    run("mv", live.p("albums/sorted/d1"), live.outside / "d1")  # out
+    write(live.outside / "single.jpg", "one file")
+    run("mv", live.outside / "single.jpg", live.p("single.jpg"))
+    run("mv", live.p("readme.txt"), live.outside / "readme.txt")
+    live.settle()
+    # Moved-out directories are no longer watched: changes there do not reach the ledger.
+    write(live.outside / "d1/after.dat", "outside now")
+    write(live.p("marker.jpg"), "marker")
+    live.settle()
+
+
+def test_editor_atomic_saves(live: Live) -> None:
+    live.start(base_tree)
+    target = live.p("readme.txt")
+    for i, temp in enumerate((".readme.txt.swp", "readme.txt.tmp", "readme.txt.new", "4913")):
+        tmp = live.p(temp)
+        with open(tmp, "wb") as fh:
+            fh.write(f"version {i} of the readme\n".encode() * (i + 1))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        live.settle()
+    # A backup copy next to it (vim's readme.txt~) is ignored.
+    shutil.copy(target, live.p("readme.txt~"))
+    live.settle()
+
+
+@pytest.mark.slow
+def test_a_file_written_slowly_in_chunks(live: Live) -> None:
+    live.start(base_tree)
+    path = live.p("recording.wav")
+    with open(path, "wb") as fh:
+        for i in range(10):
+            fh.write(os.urandom(4096) + bytes([i]))
+            fh.flush()
+            time.sleep(0.2)  # the workload itself: a slow writer, not synchronisation
+    live.settle()
+    # Appending in separate opens (a logger) settles at each close.
+    for i in range(5):
+        with open(path, "ab") as fh:
+            fh.write(b"more %d\n" % i)
+        time.sleep(0.1)
+    live.settle()
+
+
+def test_directory_rename_rehashes_nothing(live: Live) -> None:
+    def tree(root: Path) -> None:
+        base_tree(root)
+        for i in range(100):
+            write(root / f"photos/2023/{i % 5}/IMG_{i:04}.jpg", f"pixels {i}" * 50)
+
+    live.start(tree)
+    assert live.repo is not None
+    before = {
+        p.replace(b"photos/", b"pictures/", 1): v
+        for p, v in ledger_state(live.ledger, live.repo).items()
+    }
+    os.rename(live.p("photos"), live.p("pictures"))
+    live.settle()
+    assert live.feed_kinds() == [(ChangeKind.DIR_MOVED, b"pictures", b"photos")]
+    assert ledger_state(live.ledger, live.repo) == before
+    # Files in the renamed tree's subdirectories are followed at their new paths.
+    write(live.p("pictures/2023/3/new.jpg"), "new")
+    live.settle()
+
+
+def test_new_directory_with_files_created_before_its_watch(live: Live) -> None:
+    live.start(base_tree)
+    for i in range(20):
+        deep = live.p(f"fresh/{i}/a/b")
+        deep.mkdir(parents=True)
+        write(deep / "f.jpg", str(i))
+        os.makedirs(live.p(f"fresh/{i}/c"))
+    live.settle()
+
+
+@pytest.mark.slow
+def test_a_real_queue_overflow_loses_nothing(tmp_path: Path) -> None:
+    live = Live(tmp_path)
+    try:
+        live.start(base_tree)
+        assert live.watcher is not None and live.repo is not None
+        # Starve the reader: hold its lock while more events than max_queued_events pile up.
+        with open("/proc/sys/fs/inotify/max_queued_events") as fh:
+            limit = int(fh.read())
+        with live.watcher._read_lock:
+            # Into directories already watched (new ones would not be, with the reader
+            # held): create + modify + close_write per file.
+            for i in range(limit // 2):
+                write(live.p(f"albums/a{i % 3}/f{i}.dat"), str(i))
+            write(live.p("flood/deep/f.dat"), "in a directory created during the overflow")
+        assert wait_until(lambda: bool(live.resyncs))
+        assert live.watcher.metrics.overflows >= 1
+        assert (live.repo.id, b"", "inotify queue overflow") in live.resyncs
+        # The manager would run this reconciliation; here the test does.
+        live.ledger.reconciler.reconcile(live.ledger.writer(live.repo))
+        wait_in_sync(live.ledger, live.repo, live.root)
+        # And the tree stays watched, new directories included.
+        write(live.p("flood/deep/after.dat"), "after")
+        write(live.p("flood/new/after.dat"), "after")
+        wait_in_sync(live.ledger, live.repo, live.root)
+    finally:
+        live.close()
+
+
+@pytest.mark.slow
+def test_close_to_row_latency_is_measured(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+    live.start(base_tree)
+    assert live.watcher is not None
+    for i in range(200):
+        write(live.p(f"lat/f{i}.jpg"), str(i))
+        time.sleep(0.005)  # the workload: one file every few ms
+    live.settle()
+    metrics = live.watcher.metrics
+    assert len(metrics.latency_ms) >= 150
+    with capsys.disabled():
+        print(
+            f"\nclose->row latency over {len(metrics.latency_ms)} files: "
+            f"p50={metrics.latency_p50():.1f} ms p99={metrics.latency_p99():.1f} ms"
+        )
+
+
+def test_stop_flushes_pending_events(tmp_path: Path) -> None:
+    live = Live(tmp_path, debounce_s=3600.0)
+    try:
+        live.start(base_tree)
+        assert live.watcher is not None and live.repo is not None
+        with open(live.p("open.jpg"), "wb") as fh:
+            fh.write(b"still open")
+            fh.flush()
+            assert wait_until(lambda: live.watcher.metrics.events_processed >= 2)  # type: ignore[union-attr]
+            live.watcher.stop()
+        assert b"open.jpg" in ledger_state(live.ledger, live.repo)
+        assert (
+            disk_state(live.root)[b"open.jpg"] == ledger_state(live.ledger, live.repo)[b"open.jpg"]
+        )
+    finally:
+        live.close()
