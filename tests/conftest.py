@@ -59,7 +59,16 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield "sqlite://" + str(tmp_path / "ledger.db")
         return
-    admin: str = request.getfixturevalue("pg_admin_url")
+    yield from _fresh_pg_schema(request.getfixturevalue("pg_admin_url"))
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL schema only, for tests that mean PostgreSQL in particular."""
+    yield from _fresh_pg_schema(pg_admin_url)
+
+
+def _fresh_pg_schema(admin: str) -> Iterator[str]:
     schema = f"fsl_{uuid.uuid4().hex[:16]}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
