@@ -275,7 +275,7 @@ def test_postgres_stopped_and_restarted_under_the_daemon(
     port = free_port()
     log = tmp_path / "run.log"
     daemon = start_daemon(env, log, store, repo_id, args=("--listen", f"127.0.0.1:{port}"))
-    stopped_at = started_at = health_s = 0.0
+    stopped_at = started_at = health_s = recover_s = 0.0
     try:
         (root / "before.jpg").write_bytes(b"live before the outage")
         wait_exact(store, repo_id, root, 30)
@@ -298,10 +298,12 @@ def test_postgres_stopped_and_restarted_under_the_daemon(
             assert http_status(port, "/healthz") == 503
             health_s = time.monotonic() - t_health
         finally:
-            pg_ctl("start")
             started_at = time.monotonic()
+            pg_ctl("start")
             wait_for("PostgreSQL to accept connections", lambda: pg_ready(pg_admin_url), 60)
-        recover_s = wait_exact_through_outage(store, repo_id, root, 120)
+        wait_exact_through_outage(store, repo_id, root, 120)
+        # From "pg_ctlcluster start" to the ledger equal to the disk.
+        recover_s = time.monotonic() - started_at
         assert daemon.alive()
         assert http_status(port, "/healthz") == 200
         # Still live afterwards.
@@ -325,7 +327,7 @@ def test_postgres_stopped_and_restarted_under_the_daemon(
         tracebacks_in_log=tracebacks,
         healthz_503_after_s=round(health_s, 1),
         records_lost=0,
-        recover_s=round(started_at and recover_s, 2),
+        recover_s=round(recover_s, 2),
     )
 
 
