@@ -224,3 +224,31 @@ def test_interrupted_operation_marked_failed_at_start(ledger, settings, tmp_path
         assert not ledger.store.running_operations()
     finally:
         manager.stop()
+
+
+def test_recently_active_directories_are_reconciled_first_after_a_loss(ledger, settings, tmp_path):
+    """Priority processing: after lost events, the directories written to lately go first."""
+    import heapq
+
+    root = make_photos(tmp_path / "p")
+    (root / "quiet").mkdir()
+    (root / "quiet" / "q.jpg").write_bytes(b"q")
+    repo = ledger.add_repository(root)
+    manager = SyncManager(ledger, settings)
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        (root / "album" / "fresh.jpg").write_bytes(b"f")
+        manager.trigger_reconciliation(repo.id)  # a write lands in album/
+        assert manager.wait_idle(30)
+        manager._stop.set()  # freeze the worker to look at the queue it would run
+        with manager._cv:
+            manager._cv.notify_all()
+        for t in manager._threads:
+            t.join(10)
+        manager._on_resync(repo, b"", "inotify queue overflow")
+        order = [heapq.heappop(manager._queue).prefix for _ in range(len(manager._queue))]
+        # album/ was written last, quiet/ only by the first index, the whole tree goes last.
+        assert order == [b"album", b"quiet", b""]
+    finally:
+        manager.stop()

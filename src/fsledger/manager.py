@@ -43,6 +43,7 @@ from fsledger.model import (
     SyncStatus,
 )
 from fsledger.store.lease import Lease
+from fsledger.writer import Applied
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ REPO_POLL_S = 2.0
 OFFLINE_POLL_S = 5.0
 """How often an offline root is checked for its return."""
 NETWORK_POLL_S = 60.0
+RECENT_DIRS = 16
+"""Directories per repository remembered as recently active (reconciled first after a loss)."""
 """Default rescan interval of a repository on a network filesystem (inotify is blind there)."""
 
 
@@ -159,6 +162,8 @@ class _RepoRuntime:
     last_quick: float = 0.0
     last_full: float = 0.0
     last_offline_check: float = 0.0
+    recent_dirs: dict[RelPath, float] = field(default_factory=dict)
+    """Directories written to lately, most recent last (bounded): reconciled first."""
 
 
 class SyncManager:
@@ -341,8 +346,11 @@ class SyncManager:
         if self._standby.pop(repo.id, None) is not None:
             log.warning("Repository %s: taking over from the agent that owned it", repo.id)
         repo = self._with_yaml(repo)
-        self.ledger.writer(repo).lease = lease
+        writer = self.ledger.writer(repo)
+        writer.lease = lease
         runtime = _RepoRuntime(repo, lease=lease, network=_network(repo.root))
+        if self._note_applied not in writer.listeners:
+            writer.listeners = [*writer.listeners, self._note_applied]
         now = time.monotonic()
         runtime.last_quick = runtime.last_full = now
         self._repos[repo.id] = runtime
@@ -379,12 +387,37 @@ class SyncManager:
 
     # --- requests -----------------------------------------------------------------------
     def _on_resync(self, repo: Repository, prefix: RelPath, reason: str) -> None:
-        """Called by the watcher (any thread): events were lost or the root went away."""
+        """Called by the watcher (any thread): events were lost or the root went away.
+
+        Priority processing: the directories written to lately are reconciled first, each
+        on its own, then the whole repository.
+        """
         runtime = self._repos.get(repo.id)
+        log.warning("Repository %s needs a reconciliation: %s", repo.id, reason)
         if runtime is not None:
             runtime.last_event = time.monotonic()
-        log.warning("Repository %s needs a reconciliation: %s", repo.id, reason)
+            if not prefix:
+                for directory in reversed(list(runtime.recent_dirs)):
+                    self._enqueue(repo, directory, OperationType.RECONCILIATION, reason, 0.2)
         self._enqueue(repo, prefix, OperationType.RECONCILIATION, reason, 0.5)
+
+    def _note_applied(self, repo: Repository, applied: Applied) -> None:
+        """Writer listener: remember where changes land, for priority processing."""
+        runtime = self._repos.get(repo.id)
+        # Metadata-only refreshes (racy files rechecked) are bookkeeping, not activity.
+        news = [c for c in applied.changes[-64:] if c.in_feed]
+        if runtime is None or not news:
+            return
+        now = time.monotonic()
+        runtime.last_event = now
+        recent = runtime.recent_dirs
+        for change in news:
+            directory = change.path.rpartition(b"/")[0]
+            if directory:
+                recent.pop(directory, None)
+                recent[directory] = now
+        while len(recent) > RECENT_DIRS:
+            del recent[next(iter(recent))]
 
     def note_event(self, repo_id: UUID) -> None:
         """Remember that a repository just had live events (priority processing)."""
