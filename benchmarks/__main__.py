@@ -43,7 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--record",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="append to docs/benchmarks.md and write benchmarks/results/*.json "
+        help="append to docs/benchmarks.md and benchmarks/results/runs.jsonl, write latest.json "
         "[default: yes, except with --quick]",
     )
     args = p.parse_args(argv)
@@ -111,7 +111,9 @@ def main(argv: list[str]) -> int:
         results, library, info, command, args.repeats, sorted(set(skipped)), when
     )
     print(section)
-    if args.record:
+    if args.record and not results:
+        log("nothing was measured: nothing recorded")
+    elif args.record:
         payload: dict[str, Any] = {
             "date": when.isoformat(timespec="seconds"),
             "command": command,
@@ -127,10 +129,10 @@ def main(argv: list[str]) -> int:
             "not_measured": sorted(set(skipped)),
         }
         results_dir = ROOT / "benchmarks" / "results"
-        # latest.json is the last recorded run; one file per library keeps the newest run
-        # of each size (the 100k and the 1M run) side by side.
-        for name in ("latest.json", f"{library.spec.name}.json"):
-            report.write_json(results_dir / name, payload)
+        # latest.json: the last recorded run; runs.jsonl: every recorded run, one a line,
+        # as the sections of docs/benchmarks.md are.
+        report.write_json(results_dir / "latest.json", payload)
+        report.append_jsonl(results_dir / "runs.jsonl", payload)
         report.append_markdown(ROOT / "docs" / "benchmarks.md", section)
         log(f"recorded in docs/benchmarks.md and {results_dir}/")
     return 0
