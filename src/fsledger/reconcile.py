@@ -193,7 +193,14 @@ class Reconciler:
                 self.store.finish_operation(
                     op.id, OperationStatus.FAILED, stats, str(exc), utcnow()
                 )
-            log.error("Reconciliation failed for repository %s: %s", repo.id, exc)
+            # A refused root is reported by whoever asked (the CLI's one error line, the
+            # manager's "offline" line); anything else is an error worth its own line.
+            log.log(
+                logging.INFO if isinstance(exc, RootUnavailable) else logging.ERROR,
+                "Reconciliation failed for repository %s: %s",
+                repo.id,
+                exc,
+            )
             raise
         stats.duration_ms = int((time.monotonic() - t0) * 1000)
         if repo.root_dev != dev and not prefix:
