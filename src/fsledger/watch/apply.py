@@ -25,7 +25,6 @@ import os
 import stat as stat_mod
 import threading
 import time
-from collections.abc import Callable
 
 from fsledger.config import Settings
 from fsledger.errors import RootUnavailable
@@ -67,8 +66,6 @@ MIN_APPLY_BATCH = 1000
 FOREIGN_SLACK_S = 5.0
 """How long before a rename was read it may have happened (the reader can lag)."""
 
-Resync = Callable[[RepoWatch, RelPath, str], None]
-
 
 class Applier:
     """Runs the steps of a pass (see the module docstring).
@@ -79,7 +76,6 @@ class Applier:
         metrics: where close-to-row latencies go.
         lock: the watcher's lock, taken to touch pending state and the watch tree.
         tree: the watch tree (directories that need watching are watched before a check).
-        request_resync: asks for a reconciliation; called with ``lock`` held.
         settle_s: how soon a path that was dropped (the disk moved on) is looked at again.
         debounce_s: how soon a file that changed while it was hashed is looked at again.
     """
@@ -91,7 +87,6 @@ class Applier:
         metrics: WatcherMetrics,
         lock: threading.RLock,
         tree: WatchTree,
-        request_resync: Resync,
         settle_s: float,
         debounce_s: float,
     ) -> None:
@@ -101,7 +96,6 @@ class Applier:
         self.metrics = metrics
         self.lock = lock
         self.tree = tree
-        self.request_resync = request_resync
         self.settle_s = settle_s
         self.debounce_s = debounce_s
         self.apply_batch = max(settings.batch_size, MIN_APPLY_BATCH)
@@ -271,9 +265,10 @@ class Applier:
         try:
             result = self.ledger.reconciler.reconcile(repo.writer, prefix=path, record=False)
         except RootUnavailable as exc:
-            log.warning("Repository %s: cannot scan %s: %s", repo.id, show(path), exc)
-            with self.lock:
-                self.request_resync(repo, b"", str(exc))
+            # The guard looks at the root; for a subtree it means the directory went away
+            # meanwhile (its events tell where), or the root did (the next pass's root check
+            # stops watching and asks for a reconciliation).
+            log.info("Repository %s: %s not scanned: %s", repo.id, show(path), exc)
             return
         work.covered.append(path)
         for name in (

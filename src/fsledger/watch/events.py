@@ -8,6 +8,7 @@ the watcher's lock), so the kernel queue keeps being drained however slow the wr
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
@@ -30,7 +31,7 @@ from fsledger.watch.backend import (
     RawEvent,
 )
 from fsledger.watch.metrics import WatcherMetrics
-from fsledger.watch.state import DirMove, FileMove, Key, Pending, RepoWatch, join, under
+from fsledger.watch.state import DirMove, FileMove, Key, Pending, RepoWatch, join, show, under
 from fsledger.watch.tree import WatchTree
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,10 @@ class EventInterpreter:
         self.pair_wait_s = pair_wait_s
         self.unpaired: dict[int, PendingMove] = {}
         """IN_MOVED_FROM events by cookie."""
+        self.frozen: set[int] = set()
+        """Watches below a directory whose IN_MOVED_FROM is unpaired."""
+        self.deferred: list[RawEvent] = []
+        """Events of frozen watches, in order, replayed once their directory's move is known."""
         self.resyncs: list[tuple[Repository, RelPath, str]] = []
         """Reconciliations to ask for, handed over by the watcher outside its lock."""
 
@@ -95,25 +100,47 @@ class EventInterpreter:
     def ingest(self, events: Sequence[RawEvent], now: float) -> None:
         """Interpret a batch of events (caller holds the lock)."""
         for ev in events:
-            if ev.mask & IN_Q_OVERFLOW:
-                self._overflow()
-                continue
-            entry = self.tree.owner(ev.wd)
-            if entry is None:
-                continue  # a watch already dropped (its IN_IGNORED, stragglers)
-            state, dir_rel = entry
-            if ev.mask & IN_IGNORED:
-                self._watch_gone(state, ev.wd, dir_rel, now)
-                continue
-            if not ev.name:
-                self._self_event(state, ev, dir_rel)
-                continue
-            rel = join(dir_rel, ev.name)
-            if state.rules.ignores_name(ev.name, rel):
-                self.metrics.events_ignored += 1
-                continue
-            self.metrics.events_processed += 1
-            self._path_event(state, ev, rel, now)
+            self._one(ev, now)
+
+    def _one(self, ev: RawEvent, now: float) -> None:
+        if ev.mask & IN_Q_OVERFLOW:
+            self._overflow()
+            return
+        if ev.wd in self.frozen:
+            # Its directory is below one whose IN_MOVED_FROM is unpaired: where it is (in
+            # the repository or out of it) is known once that move pairs or expires.
+            self.deferred.append(ev)
+            return
+        entry = self.tree.owner(ev.wd)
+        if entry is None:
+            return  # a watch already dropped (its IN_IGNORED, stragglers)
+        state, dir_rel = entry
+        if ev.mask & IN_IGNORED:
+            self._watch_gone(state, ev.wd, dir_rel, now)
+            return
+        if not ev.name:
+            self._self_event(state, ev, dir_rel)
+            return
+        rel = join(dir_rel, ev.name)
+        if state.rules.ignores_name(ev.name, rel):
+            self.metrics.events_ignored += 1
+            return
+        self.metrics.events_processed += 1
+        self._path_event(state, ev, rel, now)
+
+    def _refreeze(self, now: float) -> None:
+        """Recompute the watches below unpaired directory moves; replay the events held back
+        for watches that are no longer below one."""
+        self.frozen = {
+            wd
+            for s in self.unpaired.values()
+            if s.is_dir and (path := self.tree.key_path(s.key)) is not None
+            for _, wd in s.repo.index.subtree_wds(path)
+        }
+        if self.deferred:
+            held, self.deferred = self.deferred, []
+            for ev in held:
+                self._one(ev, now)  # held again if still frozen; dropped if unwatched
 
     def _path_event(self, state: RepoWatch, ev: RawEvent, rel: RelPath, now: float) -> None:
         mask = ev.mask
@@ -122,7 +149,9 @@ class EventInterpreter:
         pending = state.pending
         if mask & IN_MOVED_FROM:
             self.unpaired[ev.cookie] = PendingMove(state, key, is_dir, now)
-            if not is_dir:
+            if is_dir:
+                self._refreeze(now)
+            else:
                 # Looked at only after the pairing window: a rename keeps its hash.
                 pending.mark(key, now + self.pair_wait_s + self.settle_s)
         elif mask & IN_MOVED_TO:
@@ -157,6 +186,21 @@ class EventInterpreter:
         self, state: RepoWatch, key: Key, rel: RelPath, is_dir: bool, cookie: int, now: float
     ) -> None:
         src = self.unpaired.pop(cookie, None) if cookie else None
+        try:
+            self._paired(state, key, rel, is_dir, src, now)
+        finally:
+            if src is not None and src.is_dir:
+                self._refreeze(now)
+
+    def _paired(
+        self,
+        state: RepoWatch,
+        key: Key,
+        rel: RelPath,
+        is_dir: bool,
+        src: PendingMove | None,
+        now: float,
+    ) -> None:
         if src is not None and (src.repo is not state or src.is_dir != is_dir):
             self._moved_out(src, now)  # from another repository: out of one, into this one
             src = None
@@ -169,6 +213,18 @@ class EventInterpreter:
         if is_dir:
             old_path = self.tree.key_path(src.key)
             if old_path is None:  # its parent is gone from the tree: count it as moved in
+                self._dir_arrived(state, rel, now)
+                return
+            if rel != old_path and under(rel, old_path):
+                # Impossible on disk (a directory inside itself): the tree is stale. Make
+                # both places true from the disk rather than trust it.
+                log.warning(
+                    "Repository %s: rename of %s into its own subtree %s; rescanning both",
+                    state.id,
+                    show(old_path),
+                    show(rel),
+                )
+                self._moved_out(src, now)
                 self._dir_arrived(state, rel, now)
                 return
             pending = state.pending
@@ -214,11 +270,17 @@ class EventInterpreter:
         # else its parent left the tree too, and that parent's records are cleared.
 
     def expire(self, now: float, force: bool) -> None:
+        """IN_MOVED_FROM events whose pair did not come (``force``: all of them) were moves
+        out of the repository."""
+        dirs = False
         for cookie, src in list(self.unpaired.items()):
             if force or now - src.at >= self.pair_wait_s:
                 del self.unpaired[cookie]
+                dirs |= src.is_dir
                 if not src.repo.lost and self.repos.get(src.repo.id) is src.repo:
                     self._moved_out(src, now)
+        if dirs:
+            self._refreeze(now)
 
     def _dir_arrived(self, state: RepoWatch, rel: RelPath, now: float) -> None:
         """A directory was created or moved in: watch it (and what it already holds) first,
@@ -274,6 +336,8 @@ class EventInterpreter:
         )
         # Pairs whose other half may be lost cannot be trusted; the reconciliation sees all.
         self.unpaired.clear()
+        self.frozen.clear()
+        self.deferred.clear()
         for state in list(self.repos.values()):
             if state.lost:
                 continue
@@ -293,11 +357,13 @@ class EventInterpreter:
         self.request_resync(state, b"", reason)
 
     def forget(self, state: RepoWatch) -> None:
+        """Drop everything known about a repository's watches and pending work."""
         self.tree.unwatch(state, b"")
         state.pending = Pending()
         for cookie, src in list(self.unpaired.items()):
             if src.repo is state:
                 del self.unpaired[cookie]
+        self._refreeze(time.monotonic())
         self.update_metrics()
 
     def update_metrics(self) -> None:

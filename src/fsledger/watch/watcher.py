@@ -136,7 +136,6 @@ class Watcher:
             self.metrics,
             self._lock,
             self._tree,
-            self._events.request_resync,
             self.settle_s,
             self.debounce_s,
         )
