@@ -126,7 +126,7 @@ LABELS = {
     "rescan_changes": "rescan after 1% mod/del/add + folder rename",
     "watch_latency": "live: close-to-row latency",
     "watch_burst": "live: tar -x burst (10k files; 1k with --quick)",
-    "api_changes": "GET /api/v1/changes?since= (3k changes)",
+    "api_changes": "GET /api/v1/changes?since= (the changed rescan's changes)",
 }
 
 
