@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -755,3 +756,17 @@ def test_progress_is_reported(ledger: Ledger, tree: bytes) -> None:
     seen: list[int] = []
     ledger.scan(repo, progress=lambda s: seen.append(s.files_scanned))
     assert seen and seen[-1] == 7
+
+
+def test_files_dated_in_the_future_are_not_rehashed_on_every_scan(
+    ledger: Ledger, tree: bytes
+) -> None:
+    """A camera with a wrong clock writes mtimes years ahead: such a file is not "racy"."""
+    make_tree(tree, SPEC)
+    future = time.time_ns() + 5 * 365 * 86400 * 10**9
+    for dirpath, _dirs, files in os.walk(tree):
+        for name in files:
+            os.utime(os.path.join(dirpath, name), ns=(future, future))
+    repo = ledger.add_repository(tree)
+    ledger.scan(repo)
+    assert no_change(ledger.scan(repo))

@@ -387,7 +387,10 @@ class _Run:
         if scanned[0] is not old.last_scanned:
             ns = int(old.last_scanned.timestamp() * NS_PER_S)
             scanned = self._racy_scanned = (old.last_scanned, ns)
-        return old.stat.mtime_ns >= scanned[1] - RACY_WINDOW_NS
+        # Racy: hashed within the mtime clock's granularity of its last write, so a later
+        # write could have kept the same mtime. An mtime far in the *future* (a camera with a
+        # wrong clock) is not racy: any later write sets mtime to now, which differs.
+        return abs(old.stat.mtime_ns - scanned[1]) <= RACY_WINDOW_NS
 
     def _compare(self, entry: FileEntry, old: FileRecord | None) -> None:
         if not self.hashing:
