@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import fnmatch
 import json
 import os
 import random
@@ -34,27 +33,15 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 from uuid import UUID
 
-import blake3
 import httpx
 import psycopg
 
 from fsledger.errors import StoreError
 from fsledger.model import ChangeKind, OperationStatus, SyncOperation
 from fsledger.store import Store
+from treeutil import blake3_of_file, skipped
 
 T = TypeVar("T")
-
-SEED_PATTERNS = (
-    ".DS_Store",
-    "Thumbs.db",
-    "desktop.ini",
-    "*.tmp",
-    "*.temp",
-    "*.swp",
-    "*.swo",
-    "*~",
-)
-"""The seed's ignore patterns, written out here on purpose (not imported from fsledger)."""
 
 Files = dict[bytes, tuple[int, str | None]]
 """relative path -> (size, blake3 hex)"""
@@ -65,20 +52,7 @@ if not os.path.exists(FSLEDGER[0]):  # pragma: no cover - an environment without
 
 
 # --- the oracle -------------------------------------------------------------------------------
-def skipped(name: bytes) -> bool:
-    """Hidden names and the seed's patterns are never in the ledger."""
-    if name.startswith(b"."):
-        return True
-    text = name.decode("latin-1")
-    return any(fnmatch.fnmatchcase(text, p) for p in SEED_PATTERNS)
-
-
-def _blake3_of(path: bytes) -> str:
-    h = blake3.blake3()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return str(h.hexdigest())
+_blake3_of = blake3_of_file
 
 
 def disk_files(root: bytes | str | Path) -> Files:

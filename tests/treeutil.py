@@ -44,6 +44,23 @@ def _ignored(name: bytes, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(text, p) for p in patterns)
 
 
+SEED_PATTERNS = DEFAULT_IGNORES
+
+
+def skipped(name: bytes) -> bool:
+    """Hidden names and the seed's patterns are never in the ledger."""
+    return _ignored(name, DEFAULT_IGNORES)
+
+
+def blake3_of_file(path: bytes) -> str:
+    """The blake3 hex digest of a file, read in 1 MiB blocks, computed without fsledger."""
+    h = blake3.blake3()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return str(h.hexdigest())
+
+
 def hash_bytes(data: bytes, algo: str = "blake3") -> str:
     """The hex digest of ``data``, computed without fsledger."""
     if algo == "blake3":

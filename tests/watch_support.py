@@ -8,47 +8,21 @@ be able to hide itself by agreeing with itself.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import blake3
-
 from fsledger.ledger import Ledger
 from fsledger.model import Repository
-
-SEED_PATTERNS = (
-    ".DS_Store",
-    "Thumbs.db",
-    "desktop.ini",
-    "*.tmp",
-    "*.temp",
-    "*.swp",
-    "*.swo",
-    "*~",
-)
+from treeutil import blake3_of_file, skipped
 
 State = dict[bytes, tuple[int, str | None]]
 """relative path -> (size, blake3 hex)"""
 
 
-def skipped(name: bytes) -> bool:
-    """Hidden names and the seed's patterns are not in the ledger."""
-    if name.startswith(b"."):
-        return True
-    text = name.decode("latin-1")
-    return any(fnmatch.fnmatchcase(text, p) for p in SEED_PATTERNS)
-
-
-def digest_of(path: bytes) -> str:
-    h = blake3.blake3()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+digest_of = blake3_of_file
 
 
 def disk_state(root: bytes | str | Path) -> State:
