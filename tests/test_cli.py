@@ -198,3 +198,49 @@ def test_real_subprocess_run_once(env, photos, tmp_path):
         [exe, "files", "photos", "--json"], env=full_env, capture_output=True, check=True
     ).stdout
     assert len(out.splitlines()) == 2
+
+
+def test_ctrl_c_in_a_terminal_stops_run_cleanly(env, tmp_path):
+    """Ctrl-C reaches the whole foreground process group, hashing workers included: the daemon
+    must still stop, exit 0, print no traceback and leave no process behind."""
+    import signal
+    import time
+
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(400):  # more than one hashing chunk: the worker processes are started
+        (root / f"{i}.jpg").write_bytes(b"%d" % i * 50)
+    exe = Path(sys.executable).with_name("fsledger")
+    full_env = {**os.environ, **env}
+    subprocess.run([exe, "repo", "add", str(root), "--no-scan"], env=full_env, check=True)
+    proc = subprocess.Popen(
+        [exe, "run", "--no-http"],
+        env=full_env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, like a terminal's foreground job
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            out = subprocess.run(
+                [exe, "status", "many", "--json"], env=full_env, capture_output=True, text=True
+            ).stdout
+            if out and json.loads(out)["total_files"] == 400:
+                break
+            assert time.monotonic() < deadline, "the startup scan did not finish"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+        assert "Sync manager stopped" in err
+        # The forkserver and resource tracker see the parent gone and end on their own.
+        deadline = time.monotonic() + 20
+        while subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout:
+            assert time.monotonic() < deadline, "processes of the daemon outlived it"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import multiprocessing.pool
 import os
+import signal
 import stat as stat_mod
 import threading
 from collections.abc import Callable, Sequence
@@ -118,6 +119,12 @@ def hash_many(paths: Sequence[bytes], algo: str) -> list[HashOutcome]:
     return [hash_file(p, algo) for p in paths]
 
 
+def _worker_init() -> None:
+    """Workers leave Ctrl-C to their parent: a terminal's SIGINT reaches the whole process
+    group, and a worker dying mid-queue-operation could leave the pool unable to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class HashPool:
     """Worker processes that hash chunks of files; owned by one object that starts and stops them.
 
@@ -139,7 +146,7 @@ class HashPool:
                 # mid-flight; the server process is small and starts workers quickly.
                 ctx = multiprocessing.get_context("forkserver")
                 ctx.set_forkserver_preload(["fsledger.hashing"])
-                self._pool = ctx.Pool(self.workers)
+                self._pool = ctx.Pool(self.workers, initializer=_worker_init)
             return self._pool
 
     def budget(self, sizes: Sequence[int]) -> float:
@@ -197,8 +204,12 @@ class HashPool:
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.close()
-            pool.join()
+            # close() is only called with no work in flight, so nothing is lost by ending the
+            # workers at once; in a thread, bounded, because join() on a pool whose worker
+            # died holding its queue lock would wait forever.
+            reaper = threading.Thread(target=pool.terminate, daemon=True, name="hash-pool-close")
+            reaper.start()
+            reaper.join(10)
 
     def __enter__(self) -> HashPool:
         return self
