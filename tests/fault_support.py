@@ -23,7 +23,6 @@ import re
 import signal
 import socket
 import sqlite3
-import stat
 import subprocess
 import sys
 import threading
@@ -39,12 +38,10 @@ import psycopg
 from fsledger.errors import StoreError
 from fsledger.model import ChangeKind, OperationStatus, SyncOperation
 from fsledger.store import Store
-from treeutil import blake3_of_file, skipped
+from treeutil import Files, blake3_of_file, describe_diff, disk_files
 
 T = TypeVar("T")
 
-Files = dict[bytes, tuple[int, str | None]]
-"""relative path -> (size, blake3 hex)"""
 
 FSLEDGER = [str(Path(sys.executable).with_name("fsledger"))]
 if not os.path.exists(FSLEDGER[0]):  # pragma: no cover - an environment without the script
@@ -53,30 +50,6 @@ if not os.path.exists(FSLEDGER[0]):  # pragma: no cover - an environment without
 
 # --- the oracle -------------------------------------------------------------------------------
 _blake3_of = blake3_of_file
-
-
-def disk_files(root: bytes | str | Path) -> Files:
-    """Every regular file below ``root`` the ledger must hold: its size and blake3 digest.
-
-    Call it when the tree is quiet (the workload is over): a file that vanishes during the
-    walk is left out.
-    """
-    top = os.fsencode(root)
-    out: Files = {}
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-        dirnames[:] = [d for d in dirnames if not skipped(d)]
-        for name in filenames:
-            if skipped(name):
-                continue
-            full = os.path.join(dirpath, name)
-            try:
-                st = os.lstat(full)
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                out[os.path.relpath(full, top)] = (st.st_size, _blake3_of(full))
-            except FileNotFoundError:
-                continue
-    return out
 
 
 def store_files(store: Store, repo_id: UUID) -> Files:
@@ -90,19 +63,6 @@ def cli_files(env: Mapping[str, str], repo: str) -> Files:
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     return {base64.b64decode(r["path_b64"]): (r["size"], r["hash"]) for r in rows}
-
-
-def describe_diff(want: Files, got: Files, limit: int = 8) -> str:
-    """Missing, extra and wrong paths, for assertion messages."""
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    wrong = sorted(p for p in set(want) & set(got) if want[p] != got[p])
-    parts = []
-    for label, paths in (("missing", missing), ("extra", extra), ("wrong", wrong)):
-        if paths:
-            shown = ", ".join(os.fsdecode(p) for p in paths[:limit])
-            parts.append(f"{label} {len(paths)}: {shown}")
-    return "; ".join(parts) or "equal"
 
 
 def assert_exact(store: Store, repo_id: UUID, root: bytes | str | Path) -> Files:

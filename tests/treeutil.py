@@ -61,6 +61,46 @@ def blake3_of_file(path: bytes) -> str:
     return str(h.hexdigest())
 
 
+Files = dict[bytes, tuple[int, str | None]]
+"""relative path -> (size, blake3 hex): what the live tests compare."""
+
+
+def disk_files(root: bytes | str | os.PathLike[str]) -> Files:
+    """Every regular file below ``root`` the ledger must hold: its size and blake3 digest.
+
+    Call it when the tree is quiet (the workload is over): a file that vanishes during the
+    walk is left out.
+    """
+    top = os.fsencode(root)
+    out: Files = {}
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not skipped(d)]
+        for name in filenames:
+            if skipped(name):
+                continue
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(full)
+                if stat.S_ISREG(st.st_mode):
+                    out[os.path.relpath(full, top)] = (st.st_size, blake3_of_file(full))
+            except FileNotFoundError:
+                continue
+    return out
+
+
+def describe_diff(want: Mapping[bytes, Any], got: Mapping[bytes, Any], limit: int = 8) -> str:
+    """Missing, extra and wrong paths, for assertion messages."""
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    wrong = sorted(p for p in set(want) & set(got) if want[p] != got[p])
+    parts = []
+    for label, paths in (("missing", missing), ("extra", extra), ("wrong", wrong)):
+        if paths:
+            shown = ", ".join(os.fsdecode(p) for p in paths[:limit])
+            parts.append(f"{label} {len(paths)}: {shown}")
+    return "; ".join(parts) or "equal"
+
+
 def hash_bytes(data: bytes, algo: str = "blake3") -> str:
     """The hex digest of ``data``, computed without fsledger."""
     if algo == "blake3":

@@ -8,15 +8,14 @@ be able to hide itself by agreeing with itself.
 
 from __future__ import annotations
 
-import os
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from fsledger.ledger import Ledger
 from fsledger.model import Repository
-from treeutil import blake3_of_file, skipped
+from treeutil import blake3_of_file, describe_diff
+from treeutil import disk_files as disk_state
 
 State = dict[bytes, tuple[int, str | None]]
 """relative path -> (size, blake3 hex)"""
@@ -25,40 +24,8 @@ State = dict[bytes, tuple[int, str | None]]
 digest_of = blake3_of_file
 
 
-def disk_state(root: bytes | str | Path) -> State:
-    """Every regular file under ``root`` that the ledger should hold, walked independently."""
-    top = os.fsencode(root)
-    out: State = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames[:] = [d for d in dirnames if not skipped(d)]
-        for name in filenames:
-            if skipped(name):
-                continue
-            full = os.path.join(dirpath, name)
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            out[os.path.relpath(full, top)] = (st.st_size, digest_of(full))
-    return out
-
-
 def ledger_state(ledger: Ledger, repo: Repository) -> State:
     return {r.path: (r.size, r.content_hash) for r in ledger.files(repo)}
-
-
-def describe_diff(want: State, got: State, limit: int = 10) -> str:
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    wrong = sorted(p for p in set(want) & set(got) if want[p] != got[p])
-    parts = []
-    for label, paths in (("missing", missing), ("extra", extra), ("wrong", wrong)):
-        if paths:
-            shown = ", ".join(os.fsdecode(p) for p in paths[:limit])
-            parts.append(f"{label} {len(paths)}: {shown}")
-    return "; ".join(parts) or "equal"
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
