@@ -35,6 +35,7 @@ from uuid import UUID
 import httpx
 import psycopg
 
+import api_support
 from fsledger.errors import StoreError
 from fsledger.model import ChangeKind, OperationStatus, SyncOperation
 from fsledger.store import Store
@@ -93,14 +94,7 @@ def wait_exact(
 # --- waiting ----------------------------------------------------------------------------------
 def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0) -> T:
     """Poll ``check`` until it returns something truthy, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
+    return api_support.wait_for(what, check, timeout)
 
 
 # --- the command line -------------------------------------------------------------------------

@@ -328,6 +328,26 @@ class ScanStats:
     corrupt: list[str] = field(default_factory=list)
     duration_ms: int = 0
 
+    COUNTS = (
+        "files_scanned",
+        "files_added",
+        "files_updated",
+        "files_removed",
+        "files_moved",
+        "metadata_updated",
+        "files_hashed",
+        "bytes_hashed",
+    )
+    """The additive counters (what ``add`` sums and ``has_work`` looks at)."""
+
+    def add(self, other: ScanStats) -> None:
+        """Add another run's counters to these (errors and corruption are not summed)."""
+        for name in self.COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def has_work(self) -> bool:
+        return any(getattr(self, name) for name in self.COUNTS)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "files_scanned": self.files_scanned,

@@ -271,17 +271,7 @@ class Applier:
             log.info("Repository %s: %s not scanned: %s", repo.id, show(path), exc)
             return
         work.covered.append(path)
-        for name in (
-            "files_scanned",
-            "files_added",
-            "files_updated",
-            "files_removed",
-            "files_moved",
-            "metadata_updated",
-            "files_hashed",
-            "bytes_hashed",
-        ):
-            setattr(stats, name, getattr(stats, name) + getattr(result, name))
+        stats.add(result)
         changed = result.files_added + result.files_updated + result.files_removed
         log.log(
             logging.INFO if changed or result.files_moved else logging.DEBUG,

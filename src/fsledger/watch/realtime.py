@@ -23,17 +23,6 @@ log = logging.getLogger(__name__)
 ROW_S = 60.0
 """How long one ``realtime`` row covers at most."""
 
-_COUNTS = (
-    "files_scanned",
-    "files_added",
-    "files_updated",
-    "files_removed",
-    "files_moved",
-    "metadata_updated",
-    "files_hashed",
-    "bytes_hashed",
-)
-
 
 @dataclass(slots=True)
 class _Row:
@@ -43,7 +32,7 @@ class _Row:
 
 
 def has_work(stats: ScanStats) -> bool:
-    return any(getattr(stats, name) for name in _COUNTS)
+    return stats.has_work()
 
 
 class RealtimeLog:
@@ -79,8 +68,7 @@ class RealtimeLog:
             except StoreError as exc:
                 log.warning("Repository %s: cannot record realtime operation: %s", repo_id, exc)
                 return
-            for name in _COUNTS:
-                setattr(row.totals, name, getattr(row.totals, name) + getattr(stats, name))
+            row.totals.add(stats)
 
     def roll(self) -> None:
         """Finish the rows that are a minute old."""
