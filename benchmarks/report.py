@@ -24,7 +24,10 @@ def _first_line(argv: list[str]) -> str:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except OSError:
         return "missing"
-    return (done.stdout or done.stderr).strip().splitlines()[0] if done.returncode == 0 else "?"
+    if done.returncode != 0:
+        return "?"
+    lines = (done.stdout or done.stderr).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def machine(pg_version: str | None) -> dict[str, Any]:
