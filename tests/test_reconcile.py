@@ -42,9 +42,11 @@ from treeutil import (
     OsWith,
     age_tree,
     disk_snapshot,
+    failing_open,
     hash_bytes,
     ledger_snapshot,
     make_tree,
+    resolve,
 )
 
 SPEC: dict[str, bytes | None] = {
@@ -297,8 +299,8 @@ def test_verify_reports_bitrot_and_keeps_the_stored_hash(
     # the kernel moving ctime. Make the ledger agree with the disk's new ctime (as if the
     # rot happened below the filesystem) so the "maybe changed" key really is unchanged.
     now = os.lstat(path)
-    rotted_key = replace(good.stat, ctime_ns=now.st_ctime_ns)
-    assert rotted_key == replace(good.stat, ctime_ns=rotted_key.ctime_ns)
+    rotted_key = good.stat._replace(ctime_ns=now.st_ctime_ns)
+    assert rotted_key == good.stat._replace(ctime_ns=rotted_key.ctime_ns)
     store.apply(repo.id, [Change(ChangeKind.META, b"b.jpg", replace(good, stat=rotted_key))])
 
     # A normal scan trusts the metadata: it does not notice.
@@ -464,17 +466,13 @@ def deny(monkeypatch: pytest.MonkeyPatch, directory: bytes, code: int = errno.EA
     def fail(path: Any) -> OSError:
         return OSError(code, os.strerror(code), path)
 
-    def scandir(path: Any) -> Any:
-        if os.fsencode(path) == directory:
+    def lstat(path: Any, *args: Any, dir_fd: int | None = None, **kw: Any) -> os.stat_result:
+        if resolve(path, dir_fd).startswith(below):
             raise fail(path)
-        return os.scandir(path)
+        return os.lstat(path, *args, dir_fd=dir_fd, **kw)
 
-    def lstat(path: Any, *args: Any, **kw: Any) -> os.stat_result:
-        if os.fsencode(path).startswith(below):
-            raise fail(path)
-        return os.lstat(path, *args, **kw)
-
-    monkeypatch.setattr(fsledger.walk, "os", OsWith(scandir=scandir, lstat=lstat))
+    opener = failing_open(directory, fail(directory))
+    monkeypatch.setattr(fsledger.walk, "os", OsWith(open=opener, lstat=lstat))
     monkeypatch.setattr(fsledger.writer, "os", OsWith(lstat=lstat))
 
 

@@ -491,8 +491,8 @@ def test_change_feed(store: Store, repo: Repository) -> None:
     )
     assert seq1 is not None and seq1 == store.latest_seq()
 
-    a2 = replace(a, stat=replace(a.stat, size=5), digest=Digest("blake3", "a2" * 32))
-    b_meta = replace(b, stat=replace(b.stat, ctime_ns=b.stat.ctime_ns + 7))
+    a2 = replace(a, stat=a.stat._replace(size=5), digest=Digest("blake3", "a2" * 32))
+    b_meta = replace(b, stat=b.stat._replace(ctime_ns=b.stat.ctime_ns + 7))
     moved = replace(a2, path=b"dir/a")
     batch = [
         Change(ChangeKind.MODIFIED, b"a", a2),

@@ -5,14 +5,13 @@ from __future__ import annotations
 import errno
 import os
 import random
-from typing import Any
 
 import pytest
 
 import fsledger.walk
 from fsledger.ignore import IgnoreRules
 from fsledger.walk import FileEntry, Special, Unreadable, walk
-from treeutil import OsWith, disk_snapshot, make_tree
+from treeutil import OsWith, disk_snapshot, failing_open, make_tree
 
 RULES = IgnoreRules.default()
 
@@ -133,13 +132,8 @@ def test_unreadable_directory_is_reported_not_skipped(
 ) -> None:
     make_tree(tree, {"a/x": b"", "bad/y": b"", "bad.txt": b"", "c": b""})
     target = os.path.join(tree, b"bad")
-
-    def scandir(path: Any) -> Any:
-        if os.fsencode(path) == target:
-            raise OSError(errno.EIO, "Input/output error", path)
-        return os.scandir(path)
-
-    monkeypatch.setattr(fsledger.walk, "os", OsWith(scandir=scandir))
+    error = OSError(errno.EIO, "Input/output error", target)
+    monkeypatch.setattr(fsledger.walk, "os", OsWith(open=failing_open(target, error)))
     items = list(walk(tree, RULES))
     assert [i.path for i in items] == [b"a/x", b"bad.txt", b"bad", b"c"]
     bad = items[2]
@@ -150,23 +144,15 @@ def test_unreadable_directory_is_reported_not_skipped(
 def test_vanished_directory_is_simply_gone(tree: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     make_tree(tree, {"a/x": b"", "b/y": b""})
     target = os.path.join(tree, b"b")
-
-    def scandir(path: Any) -> Any:
-        if os.fsencode(path) == target:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
-        return os.scandir(path)
-
-    monkeypatch.setattr(fsledger.walk, "os", OsWith(scandir=scandir))
+    error = FileNotFoundError(errno.ENOENT, "No such file or directory", target)
+    monkeypatch.setattr(fsledger.walk, "os", OsWith(open=failing_open(target, error)))
     assert files(tree) == [b"a/x"]
 
 
 def test_unreadable_root(tree: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     make_tree(tree, {"a": b""})
-
-    def scandir(path: Any) -> Any:
-        raise PermissionError(errno.EACCES, "Permission denied", path)
-
-    monkeypatch.setattr(fsledger.walk, "os", OsWith(scandir=scandir))
+    error = PermissionError(errno.EACCES, "Permission denied", tree)
+    monkeypatch.setattr(fsledger.walk, "os", OsWith(open=failing_open(tree, error)))
     (item,) = list(walk(tree, RULES))
     assert item == Unreadable(b"", True, "Permission denied (errno 13)")
 

@@ -195,3 +195,24 @@ class OsWith:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
+
+
+def resolve(path: Any, dir_fd: int | None = None) -> bytes:
+    """The full path an ``*at()`` call names (``path`` relative to ``dir_fd``), for fakes
+    that fail at one path whichever way the walker names it."""
+    path = os.fsencode(path)
+    if dir_fd is None or path.startswith(b"/"):
+        return path
+    return os.path.join(os.fsencode(os.readlink(f"/proc/self/fd/{dir_fd}")), path)
+
+
+def failing_open(target: bytes, error: OSError) -> Any:
+    """An ``os.open`` that raises ``error`` for ``target`` (the walker opens each directory
+    it lists), and opens anything else."""
+
+    def open_(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if resolve(path, dir_fd) == target:
+            raise error
+        return os.open(path, flags, mode, dir_fd=dir_fd)
+
+    return open_

@@ -15,13 +15,16 @@ import os
 import signal
 import stat as stat_mod
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import blake3
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 BLOCK = 1 << 20
 """Read size: large reads keep the per-call overhead of Python out of the way."""
@@ -125,6 +128,17 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _context() -> multiprocessing.context.BaseContext:
+    """How workers start: ``fork`` from a single-threaded process (a CLI scan: instant, the
+    modules already imported), ``forkserver`` otherwise (the daemon runs threads, the watcher
+    and HTTP, which a fork would copy mid-flight; its pool is started once and kept)."""
+    if threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["fsledger.hashing", "fsledger.merge"])
+    return ctx
+
+
 class HashPool:
     """Worker processes that hash chunks of files; owned by one object that starts and stops them.
 
@@ -142,12 +156,13 @@ class HashPool:
     def _get_pool(self) -> multiprocessing.pool.Pool:
         with self._lock:
             if self._pool is None:
-                # forkserver: the parent may run threads (watcher, HTTP), which fork would copy
-                # mid-flight; the server process is small and starts workers quickly.
-                ctx = multiprocessing.get_context("forkserver")
-                ctx.set_forkserver_preload(["fsledger.hashing"])
-                self._pool = ctx.Pool(self.workers, initializer=_worker_init)
+                self._pool = _context().Pool(self.workers, initializer=_worker_init)
             return self._pool
+
+    def map_ordered(self, fn: Callable[[_T], _R], tasks: Sequence[_T]) -> Iterator[_R]:
+        """Run ``fn`` over ``tasks`` in the workers, yielding results in the tasks' order as
+        they complete (a scan's key ranges: see ``fsledger.merge``)."""
+        return self._get_pool().imap(fn, tasks, chunksize=1)
 
     def budget(self, sizes: Sequence[int]) -> float:
         """Seconds a chunk of files of these sizes may take: the timeout plus 20 s a GiB."""

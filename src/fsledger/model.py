@@ -12,8 +12,8 @@ import enum
 import os
 import stat as stat_mod
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
 from uuid import UUID
 
 RelPath = bytes
@@ -75,9 +75,13 @@ class RepoState(enum.StrEnum):
     OFFLINE = "offline"
 
 
-@dataclass(frozen=True, slots=True)
-class FileStat:
-    """What ``lstat`` says about a regular file: the "maybe changed" key."""
+class FileStat(NamedTuple):
+    """What ``lstat`` says about a regular file: the "maybe changed" key.
+
+    A named tuple rather than a frozen dataclass: a rescan builds and compares two of these
+    a file (one from the walk, one from the record), and a tuple is built five times faster
+    and compared in C.
+    """
 
     size: int
     mtime_ns: int
@@ -133,6 +137,45 @@ class FileRecord:
             "hash_algo": self.hash_algo,
             "last_scanned": self.last_scanned.isoformat(),
         }
+
+
+class RecordRow(NamedTuple):
+    """A stored record in the flat form a rescan reads it.
+
+    A rescan compares every file on disk with its record, and almost all are unchanged:
+    the merge compares ``row[1:5]`` with the walk's ``FileStat`` (tuple equality, in C) and
+    builds a ``FileRecord`` only for the few that differ. ``scanned_ns`` is
+    ``last_scanned`` in nanoseconds, for the racy-mtime rule.
+    """
+
+    path: RelPath
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    content_hash: str | None
+    hash_algo: str | None
+    last_scanned: datetime
+    scanned_ns: int
+
+    def record(self) -> FileRecord:
+        return FileRecord(
+            self.path,
+            FileStat(self.size, self.mtime_ns, self.ctime_ns, self.inode),
+            Digest(self.hash_algo, self.content_hash)
+            if self.content_hash is not None and self.hash_algo is not None
+            else None,
+            self.last_scanned,
+        )
+
+
+def datetime_to_ns(value: datetime) -> int:
+    """An aware datetime as integer nanoseconds since the epoch (exact to the microsecond)."""
+    return (value - _EPOCH) // _MICROSECOND * 1000
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,17 +21,27 @@ import os
 import socket
 import stat as stat_mod
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from multiprocessing.pool import AsyncResult
 
 from fsledger.config import Settings
 from fsledger.errors import GuardRefused, RootUnavailable
 from fsledger.hashing import HashOutcome, HashPool
 from fsledger.ignore import IgnoreRules
+from fsledger.merge import (
+    RACY_WINDOW_NS,
+    Absent,
+    Look,
+    LookRule,
+    Merge,
+    MergeItem,
+    RangeTask,
+    is_racy,
+    merge_range,
+    plan_ranges,
+)
 from fsledger.model import (
-    NS_PER_S,
     Change,
     ChangeKind,
     Digest,
@@ -42,20 +52,28 @@ from fsledger.model import (
     RelPath,
     Repository,
     ScanStats,
+    datetime_to_ns,
     utcnow,
 )
 from fsledger.store.base import Store
-from fsledger.walk import FileEntry, Special, Unreadable, walk
+from fsledger.store.sql import prefix_range
+from fsledger.walk import FileEntry, Unreadable, walk
 from fsledger.writer import Applied, RepoWriter
 
 log = logging.getLogger(__name__)
 
-RACY_WINDOW_NS = 2 * NS_PER_S
+__all__ = ["RACY_WINDOW_NS", "Reconciler", "check_root", "owner_tag"]
+
 CHUNK_FILES = 128
 CHUNK_BYTES = 64 << 20
 INITIAL_BATCH = 5000
 """Changes per transaction while a repository is first indexed (RECONCILIATION_BATCH_SIZE
 bounds the incremental work; the first index would be slowed by 100-row transactions)."""
+
+PARALLEL_MIN_RECORDS = 20_000
+"""From this many records, a rescan merges key ranges of the tree in worker processes."""
+RANGES_PER_WORKER = 4
+"""Ranges a worker gets on average: several, so that uneven subtrees even out."""
 
 MAX_ERRORS_KEPT = 1000
 """Errors listed in a scan's stats and logged one by one; the rest are only counted."""
@@ -177,7 +195,8 @@ class Reconciler:
         repo = writer.repo
         started = utcnow()
         t0 = time.monotonic()
-        has_records = self.store.count_records(repo.id) > 0
+        record_count = self.store.count_records(repo.id)
+        has_records = record_count > 0
         op = self.store.start_operation(repo.id, op_type, owner_tag(), started) if record else None
         if record:
             log.info("Starting %s for repository %s (%s)", op_type.value, repo.id, repo.root_str)
@@ -185,7 +204,7 @@ class Reconciler:
         try:
             dev = check_root(repo, has_records, writer.rules, force)
             _Run(
-                self, writer, stats, verify, has_records, progress, prefix, force=force, dev=dev
+                self, writer, stats, verify, record_count, progress, prefix, force=force, dev=dev
             ).run()
         except Exception as exc:
             stats.duration_ms = int((time.monotonic() - t0) * 1000)
@@ -240,7 +259,7 @@ class _Run:
         writer: RepoWriter,
         stats: ScanStats,
         verify: bool,
-        has_records: bool,
+        record_count: int,
         progress: Progress | None,
         prefix: RelPath = b"",
         *,
@@ -258,17 +277,18 @@ class _Run:
         self.repo = writer.repo
         self.stats = stats
         self.verify = verify
-        self.has_records = has_records
+        self.record_count = record_count
+        self.has_records = record_count > 0
         self.progress = progress
         self.algo = self.settings.hash_algo
         self.hashing = self.settings.calculate_hashes
         self.batch_size = (
             self.settings.batch_size
-            if has_records
+            if self.has_records
             else max(self.settings.batch_size, INITIAL_BATCH)
         )
         self.pending: list[Change] = []
-        self.deletions: dict[RelPath, FileRecord] = {}
+        self.deletions: set[RelPath] = set()
         self.moved_from: set[RelPath] = set()
         self.chunk: list[_Job] = []
         self.chunk_bytes = 0
@@ -276,8 +296,6 @@ class _Run:
             collections.deque()
         )
         self.now = utcnow()
-        self._racy_scanned: tuple[datetime | None, int] = (None, 0)
-        self._last_progress = 0
 
     # --- the merge ----------------------------------------------------------------------
     def run(self) -> None:
@@ -313,7 +331,7 @@ class _Run:
                             writer,
                             self.stats,
                             self.verify,
-                            True,
+                            max(self.record_count, 1),
                             None,
                             path,
                             force=self.force,
@@ -323,42 +341,21 @@ class _Run:
             writer.listeners = [f for f in writer.listeners if f is not note]
 
     def _merge(self) -> None:
-        records: Iterator[FileRecord] = self.store.iter_records(self.repo.id, prefix=self.prefix)
-        rec = next(records, None)
-        for item in walk(self.repo.root, self.writer.rules, self.prefix):
-            if isinstance(item, Special):
-                self.stats.skipped_special += 1
-                continue
-            key = item.path
-            while rec is not None and rec.path < key:
-                self._absent(rec)
-                rec = next(records, None)
-            if isinstance(item, Unreadable):
-                self._error(key, item.error, item.is_dir)
-                # What cannot be seen is not gone: keep its records. A directory stands in
-                # the walk's order at ``key/``, after siblings such as ``key.txt`` whose
-                # records come first; the root (``b""``) holds every record.
-                lo = key + b"/" if key else b""
-                if item.is_dir:
-                    while rec is not None and rec.path < lo:
-                        self._absent(rec)
-                        rec = next(records, None)
-                while rec is not None and (
-                    rec.path == key or (item.is_dir and rec.path.startswith(lo))
-                ):
-                    rec = next(records, None)
-                continue
-            self.stats.files_scanned += 1
-            old = None
-            if rec is not None and rec.path == key:
-                old, rec = rec, next(records, None)
-            self._compare(item, old)
-            if self.progress and self.stats.files_scanned - self._last_progress >= 1000:
-                self._last_progress = self.stats.files_scanned
-                self.progress(self.stats)
-        while rec is not None:
-            self._absent(rec)
-            rec = next(records, None)
+        rule = LookRule(self.algo, self.hashing, self.verify)
+        if self._ranges_worthwhile():
+            self._merge_in_workers(rule)
+        else:
+            lo, hi = prefix_range(self.prefix) if self.prefix else (b"", None)
+            merge = Merge(
+                walk(self.repo.root, self.writer.rules, self.prefix),
+                self.store.iter_record_rows(self.repo.id, lo, hi),
+                rule,
+                self._tick if self.progress else None,
+            )
+            for item in merge:
+                self._take(item)
+            self.stats.files_scanned += merge.scanned
+            self.stats.skipped_special += merge.specials
         self._dispatch_chunk(final=True)
         while self.in_flight:
             self._collect_one()
@@ -366,6 +363,50 @@ class _Run:
         self._apply_deletions()
         if self.progress:
             self.progress(self.stats)
+
+    def _ranges_worthwhile(self) -> bool:
+        """Merge in worker processes: a whole tree with enough records to repay starting
+        them, a store they can open, and at least two of them. A ``--verify`` scan hashes
+        every file, so its merge is never what it waits for."""
+        return (
+            not self.prefix
+            and not self.verify
+            and self.record_count >= PARALLEL_MIN_RECORDS
+            and self.settings.max_concurrency >= 2
+            and ":memory:" not in self.store.url
+        )
+
+    def _merge_in_workers(self, rule: LookRule) -> None:
+        pool = self.owner._hash_pool()
+        cuts = plan_ranges(self.repo.root, self.writer.rules, RANGES_PER_WORKER * pool.workers)
+        bounds: list[RelPath | None] = [b"", *cuts, None]
+        tasks = [
+            RangeTask(self.store.url, self.repo.id, self.repo.root, self.writer.rules, rule, lo, hi)
+            for lo, hi in zip(bounds, bounds[1:], strict=False)
+            if lo is not None
+        ]
+        log.debug("Repository %s: merging %d key ranges in workers", self.repo.id, len(tasks))
+        for result in pool.map_ordered(merge_range, tasks):
+            for item in result.items:
+                self._take(item)
+            self.stats.files_scanned += result.scanned
+            self.stats.skipped_special += result.specials
+            if self.progress:
+                self.progress(self.stats)
+
+    def _tick(self, scanned: int) -> None:
+        assert self.progress is not None
+        self.progress(replace(self.stats, files_scanned=self.stats.files_scanned + scanned))
+
+    def _take(self, item: MergeItem) -> None:
+        if type(item) is Look:
+            self._compare(item.entry, item.old)
+        elif type(item) is Absent:
+            if item.path not in self.moved_from:
+                self.deletions.add(item.path)
+        else:
+            assert isinstance(item, Unreadable)
+            self._error(item.path, item.error, item.is_dir)
 
     def _error(self, path: RelPath, message: str, is_dir: bool = False) -> None:
         text = f"{os.fsdecode(path) or '.'}{'/' if is_dir else ''}: {message}"
@@ -376,21 +417,9 @@ class _Run:
         if self.stats.error_count <= MAX_ERRORS_KEPT:
             log.warning("Repository %s: %s", self.repo.id, text)
 
-    def _absent(self, rec: FileRecord) -> None:
-        if rec.path not in self.moved_from:
-            self.deletions[rec.path] = rec
-
     def _racy(self, old: FileRecord) -> bool:
-        # Called for every unchanged file of a rescan. The records one scan wrote share one
-        # last_scanned object, so its conversion to ns is kept for the next record.
-        scanned = self._racy_scanned
-        if scanned[0] is not old.last_scanned:
-            ns = int(old.last_scanned.timestamp() * NS_PER_S)
-            scanned = self._racy_scanned = (old.last_scanned, ns)
-        # Racy: hashed within the mtime clock's granularity of its last write, so a later
-        # write could have kept the same mtime. An mtime far in the *future* (a camera with a
-        # wrong clock) is not racy: any later write sets mtime to now, which differs.
-        return abs(old.stat.mtime_ns - scanned[1]) <= RACY_WINDOW_NS
+        # Called for the few records the merge hands over, not for every file.
+        return is_racy(old.stat.mtime_ns, datetime_to_ns(old.last_scanned))
 
     def _compare(self, entry: FileEntry, old: FileRecord | None) -> None:
         if not self.hashing:
@@ -487,7 +516,7 @@ class _Run:
                 rest.append(job)
                 continue
             self.moved_from.add(source.path)
-            self.deletions.pop(source.path, None)
+            self.deletions.discard(source.path)
             record = self._record(job.entry, source.digest)
             self._emit(Change(ChangeKind.MOVED, job.entry.path, record, old_path=source.path))
         return rest

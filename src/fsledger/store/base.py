@@ -20,6 +20,7 @@ from fsledger.model import (
     FileRecord,
     OperationStatus,
     OperationType,
+    RecordRow,
     RelPath,
     Repository,
     ScanStats,
@@ -68,6 +69,13 @@ class Store(Protocol):
         self, repo_id: UUID, page: int = 5000, prefix: RelPath = b""
     ) -> Iterator[FileRecord]:
         """All records of a repository (below directory ``prefix``) in path order."""
+        ...
+
+    def iter_record_rows(
+        self, repo_id: UUID, lo: RelPath = b"", hi: RelPath | None = None, page: int = 10_000
+    ) -> Iterator[RecordRow]:
+        """The records with ``lo <= path < hi`` (``hi=None``: no upper bound) in path order,
+        in the flat form a rescan compares (see ``RecordRow``)."""
         ...
 
     def get_record(self, repo_id: UUID, path: RelPath) -> FileRecord | None: ...

@@ -27,12 +27,14 @@ from fsledger.model import (
     FileStat,
     OperationStatus,
     OperationType,
+    RecordRow,
     RelPath,
     RepoSettings,
     Repository,
     RepoState,
     ScanStats,
     SyncOperation,
+    datetime_to_ns,
     ns_to_datetime,
     utcnow,
 )
@@ -279,6 +281,51 @@ class SqlStore:
             after = batch[-1].path
             if len(batch) < page:
                 return
+
+    def iter_record_rows(
+        self, repo_id: UUID, lo: RelPath = b"", hi: RelPath | None = None, page: int = 10_000
+    ) -> Iterator[RecordRow]:
+        """The records with ``lo <= path < hi`` in path order, flat (see ``RecordRow``), a page
+        at a time. The hot path of every rescan: one tuple a row, timestamps parsed once per
+        distinct value (the rows one scan wrote share one)."""
+        rid = self._uuid_in(repo_id)
+        bounds = " AND file_path < ?" if hi is not None else ""
+        tail = (hi,) if hi is not None else ()
+        scanned: dict[Any, tuple[datetime, int]] = {}
+        after: RelPath | None = None
+        while True:
+            with self._tx() as cur:
+                if after is None:
+                    cur.execute(
+                        f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
+                        f"AND file_path >= ?{bounds} ORDER BY file_path LIMIT ?",
+                        (rid, lo, *tail, page),
+                    )
+                else:
+                    cur.execute(
+                        f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
+                        f"AND file_path > ?{bounds} ORDER BY file_path LIMIT ?",
+                        (rid, after, *tail, page),
+                    )
+                rows = cur.fetchall()
+            for path, size, mtime_ns, ctime_ns, inode, chash, algo, raw in rows:
+                ts = scanned.get(raw)
+                if ts is None:
+                    when = self._ts_out(raw)
+                    ts = scanned[raw] = (when, datetime_to_ns(when))
+                yield RecordRow(
+                    path if type(path) is bytes else self._blob_out(path),
+                    size,
+                    mtime_ns,
+                    ctime_ns,
+                    inode + _U64 if inode < 0 else inode,
+                    chash,
+                    algo,
+                    *ts,
+                )
+            if len(rows) < page:
+                return
+            after = rows[-1][0] if type(rows[-1][0]) is bytes else self._blob_out(rows[-1][0])
 
     def get_record(self, repo_id: UUID, path: RelPath) -> FileRecord | None:
         with self._tx() as cur:

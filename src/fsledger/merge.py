@@ -1,0 +1,263 @@
+"""The heart of a rescan: merge the walk with the stored records, keep only what differs.
+
+Both streams are sorted by path bytes, so the merge is one pass over each and holds
+nothing but the differences. A file whose ``lstat`` key, hash algorithm and age match its
+record is settled here without building a single object; everything else comes out as a
+``Look`` (a file the reconciler must hash or compare), an ``Absent`` (a record with no file)
+or an ``Unreadable`` (a path whose state cannot be known; its records are kept).
+
+The key space of a tree can be cut into disjoint ranges (``plan_ranges``) whose merges
+run in separate worker processes (``merge_range``), each reading its own records over its
+own connection. The reconciler consumes the results in range order, which is the order
+a single merge would have produced, so one code path decides and writes either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from fsledger.ignore import IgnoreRules
+from fsledger.model import NS_PER_S, FileRecord, RecordRow, RelPath
+from fsledger.store.base import Store
+from fsledger.walk import FileEntry, Special, Unreadable, WalkItem, walk
+
+log = logging.getLogger(__name__)
+
+RACY_WINDOW_NS = 2 * NS_PER_S
+"""A file hashed within this long of its last write may have been written again within
+the mtime clock's granularity: its record proves nothing and it is hashed again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Look:
+    """A file the merge could not rule out as changed: new, different, unhashed or racy."""
+
+    entry: FileEntry
+    old: FileRecord | None
+
+
+@dataclass(frozen=True, slots=True)
+class Absent:
+    """A record whose path the walk did not find."""
+
+    path: RelPath
+
+
+MergeItem = Look | Absent | Unreadable
+
+
+@dataclass(frozen=True, slots=True)
+class LookRule:
+    """When an unchanged-looking record still needs a look.
+
+    Args:
+        algo: the hash algorithm in use; a record hashed with another one is looked at.
+        hashing: whether files are hashed at all (without, only the ``lstat`` key counts).
+        verify: look at every file (a ``--verify`` scan rehashes everything).
+    """
+
+    algo: str
+    hashing: bool = True
+    verify: bool = False
+
+
+def is_racy(mtime_ns: int, scanned_ns: int) -> bool:
+    """Whether a record's hash may predate a write that kept the same mtime.
+
+    Racy: hashed within the mtime clock's granularity of its last write, so a later write
+    could have kept the same mtime. An mtime far in the *future* (a camera with a wrong
+    clock) is not racy: any later write sets mtime to now, which differs.
+    """
+    return abs(mtime_ns - scanned_ns) <= RACY_WINDOW_NS
+
+
+class Merge:
+    """One merge of a walk with the records of the same key range; iterate for the items.
+
+    Args:
+        items: the walk, in path order.
+        rows: the stored records of the same range, in path order.
+        rule: when a matching record still needs a look.
+        tick: called with the count of files scanned every ``TICK`` files.
+    """
+
+    TICK = 1000
+
+    def __init__(
+        self,
+        items: Iterable[WalkItem],
+        rows: Iterable[RecordRow],
+        rule: LookRule,
+        tick: Callable[[int], None] | None = None,
+    ) -> None:
+        self._items = items
+        self._rows = rows
+        self.rule = rule
+        self.tick = tick
+        self.scanned = 0
+        """Regular files seen by the walk."""
+        self.specials = 0
+        """FIFOs, sockets and device nodes skipped."""
+
+    def __iter__(self) -> Iterator[MergeItem]:
+        rows = iter(self._rows)
+        row = next(rows, None)
+        rule = self.rule
+        algo, hashing, verify = rule.algo, rule.hashing, rule.verify
+        tick, every = self.tick, self.TICK
+        for item in self._items:
+            if type(item) is not FileEntry:
+                if isinstance(item, Special):
+                    self.specials += 1
+                    continue
+                assert isinstance(item, Unreadable)
+                key = item.path
+                while row is not None and row.path < key:
+                    yield Absent(row.path)
+                    row = next(rows, None)
+                yield item
+                # What cannot be seen is not gone: keep its records. A directory stands in
+                # the walk's order at ``key/``, after siblings such as ``key.txt`` whose
+                # records come first; the root (``b""``) holds every record.
+                lo = key + b"/" if key else b""
+                if item.is_dir:
+                    while row is not None and row.path < lo:
+                        yield Absent(row.path)
+                        row = next(rows, None)
+                while row is not None and (
+                    row.path == key or (item.is_dir and row.path.startswith(lo))
+                ):
+                    row = next(rows, None)
+                continue
+            key, stat = item
+            while row is not None and row.path < key:
+                yield Absent(row.path)
+                row = next(rows, None)
+            self.scanned += 1
+            if tick is not None and self.scanned % every == 0:
+                tick(self.scanned)
+            if row is None or row.path != key:
+                yield Look(item, None)
+                continue
+            old, row = row, next(rows, None)
+            # The common case, settled without building an object: same lstat key, hashed
+            # with the algorithm in use, not racy.
+            if (
+                not verify
+                and old[1:5] == stat
+                and (
+                    not hashing
+                    or (
+                        old.content_hash is not None
+                        and old.hash_algo == algo
+                        and not is_racy(old.mtime_ns, old.scanned_ns)
+                    )
+                )
+            ):
+                continue
+            yield Look(item, old.record())
+        while row is not None:
+            yield Absent(row.path)
+            row = next(rows, None)
+
+
+# --- ranges, for merging in worker processes -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RangeTask:
+    """One key range of a repository's rescan, as a worker process receives it."""
+
+    store_url: str
+    repo_id: UUID
+    root: bytes
+    rules: IgnoreRules
+    rule: LookRule
+    lo: RelPath
+    hi: RelPath | None
+
+
+@dataclass(slots=True)
+class RangeResult:
+    """What the merge of one range found: its items in order, and its counts."""
+
+    items: list[MergeItem] = field(default_factory=list)
+    scanned: int = 0
+    specials: int = 0
+
+
+def plan_ranges(root: bytes, rules: IgnoreRules, parts: int, max_depth: int = 3) -> list[RelPath]:
+    """Cut points that split a tree's key space into about ``parts`` ranges.
+
+    The points are directory keys (``a/b/``) found by listing the top ``max_depth`` levels,
+    until there are enough of them; every path falls in exactly one range whatever the
+    tree holds, so a stale plan costs balance, never correctness. Returns the sorted cut
+    points ``c1 < c2 < ...``: the ranges are ``[b"", c1), [c1, c2), ..., [cn, None)``.
+    """
+    level: list[RelPath] = [b""]
+    keys: list[RelPath] = []
+    for _depth in range(max_depth):
+        below: list[RelPath] = []
+        for rel in level:
+            try:
+                with os.scandir(root + b"/" + rel if rel else root) as it:
+                    for entry in it:
+                        child = rel + b"/" + entry.name if rel else entry.name
+                        if rules.ignores_name(entry.name, child):
+                            continue
+                        if entry.is_dir(follow_symlinks=False):
+                            below.append(child)
+            except OSError:
+                continue  # a cut point is only a hint: the walk reports what it cannot list
+        if not below:
+            break
+        level = below
+        keys = sorted(rel + b"/" for rel in level)
+        if len(keys) >= 4 * parts:
+            break
+    if len(keys) < 2:
+        return []
+    step = len(keys) / parts
+    cuts = sorted({keys[int(i * step)] for i in range(1, parts)})
+    return [c for c in cuts if c]
+
+
+_worker_stores: dict[str, Store] = {}
+
+
+def _store_for(url: str) -> Store:
+    """A worker process's own connection, kept for the next range of the same store."""
+    store = _worker_stores.get(url)
+    if store is None:
+        from fsledger.store import open_store
+
+        store = _worker_stores[url] = open_store(url)
+    return store
+
+
+def merge_range(task: RangeTask) -> RangeResult:
+    """Merge one range in a worker process: walk it, read its records, return the differences.
+
+    A store failure drops the cached connection (the next range opens a new one) and is
+    raised to the reconciler, which fails the scan as it would in-process.
+    """
+    store = _store_for(task.store_url)
+    try:
+        merge = Merge(
+            walk(task.root, task.rules, b"", task.lo, task.hi),
+            store.iter_record_rows(task.repo_id, task.lo, task.hi),
+            task.rule,
+        )
+        items = list(merge)
+    except Exception:
+        _worker_stores.pop(task.store_url, None)
+        try:
+            store.close()
+        except Exception:
+            log.debug("closing a failed worker store", exc_info=True)
+        raise
+    return RangeResult(items, merge.scanned, merge.specials)

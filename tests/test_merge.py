@@ -1,0 +1,204 @@
+"""The merge of a walk with the stored records, in one process and in key ranges.
+
+The ranges are checked where it matters: cutting a tree anywhere gives back exactly the
+walk of the whole, and a rescan merged in worker processes leaves the same ledger (equal
+to the disk) with the same counts as the merge in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+import fsledger.reconcile
+from fsledger.config import Settings
+from fsledger.errors import StoreError
+from fsledger.ignore import IgnoreRules
+from fsledger.ledger import Ledger
+from fsledger.merge import Absent, Look, LookRule, Merge, plan_ranges
+from fsledger.model import ScanStats
+from fsledger.store.base import Store
+from fsledger.walk import FileEntry, walk
+from test_reconcile import assert_exact, no_change, p
+from treeutil import age_tree, make_tree
+
+RULES = IgnoreRules.default()
+
+
+def photo_tree(root: bytes, files: int = 600, seed: int = 7) -> None:
+    """Year/month/event folders with files directly in some folders, and odd names."""
+    rng = random.Random(seed)
+    spec: dict[str, bytes | None] = {}
+    for i in range(files):
+        year = 2004 + i % 5
+        month = 1 + (i // 5) % 12
+        spec[f"{year}/{year}-{month:02d}/ev{i % 3}/IMG_{i:04d}.jpg"] = rng.randbytes(i % 200)
+    spec.update({"top.jpg": b"top", "2005.txt": b"sorts before 2005/", "zz/last": b"z"})
+    spec["2006/caf\xe9 d\xe9j\xe0/x.jpg"] = b"nfc"
+    make_tree(root, spec)
+
+
+def walked(root: bytes, lo: bytes = b"", hi: bytes | None = None) -> list[bytes]:
+    return [i.path for i in walk(root, RULES, b"", lo, hi) if isinstance(i, FileEntry)]
+
+
+def test_ranges_partition_the_walk(tree: bytes) -> None:
+    """Any cut points, directory keys or not, split the walk into consecutive pieces."""
+    photo_tree(tree)
+    whole = walked(tree)
+    assert whole == sorted(whole) and len(whole) == 604
+    rng = random.Random(3)
+    for _ in range(20):
+        cuts = sorted(set(rng.sample(whole, 3) + [b"2005/", b"2005.txt", b"2006/2006-0", b"zz"]))
+        bounds: list[bytes | None] = [b"", *cuts, None]
+        pieces: list[bytes] = []
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            assert lo is not None
+            pieces += walked(tree, lo, hi)
+        assert pieces == whole
+
+
+def test_plan_ranges_cuts_at_directories(tree: bytes) -> None:
+    photo_tree(tree)
+    cuts = plan_ranges(tree, RULES, 4)
+    assert cuts == sorted(cuts) and 2 <= len(cuts) <= 3
+    assert all(c.endswith(b"/") and os.path.isdir(p(tree, c)) for c in cuts)
+    assert plan_ranges(tree, RULES, 1) == []
+
+
+def test_plan_ranges_of_a_flat_or_missing_tree(tree: bytes) -> None:
+    make_tree(tree, {f"f{i}": b"" for i in range(50)})
+    assert plan_ranges(tree, RULES, 4) == []
+    assert plan_ranges(tree + b"/gone", RULES, 4) == []
+
+
+def test_merge_yields_only_differences(ledger: Ledger, store: Store, tree: bytes) -> None:
+    photo_tree(tree, files=60)
+    age_tree(tree)
+    repo = ledger.add_repository(tree)
+    ledger.scan(repo)
+    os.unlink(p(tree, "top.jpg"))
+    make_tree(tree, {"2004/new.jpg": b"new"})
+    with open(p(tree, "zz/last"), "ab") as f:
+        f.write(b"+")
+    merge = Merge(walk(tree, RULES), store.iter_record_rows(repo.id), LookRule("blake3"))
+    items = list(merge)
+    assert merge.scanned == 64
+    looks = {i.entry.path: i.old for i in items if isinstance(i, Look)}
+    assert set(looks) == {b"2004/new.jpg", b"zz/last"}
+    assert looks[b"2004/new.jpg"] is None
+    assert looks[b"zz/last"] == store.get_record(repo.id, b"zz/last")
+    assert [i.path for i in items if isinstance(i, Absent)] == [b"top.jpg"]
+    # Another algorithm, or --verify, looks at everything.
+    for rule in (LookRule("sha256"), LookRule("blake3", verify=True)):
+        merge = Merge(walk(tree, RULES), store.iter_record_rows(repo.id), rule)
+        assert sum(isinstance(i, Look) for i in merge) == 64
+
+
+def test_record_rows_match_records(ledger: Ledger, store: Store, tree: bytes) -> None:
+    photo_tree(tree, files=40)
+    repo = ledger.add_repository(tree)
+    ledger.scan(repo)
+    rows = list(store.iter_record_rows(repo.id, page=7))
+    assert [r.record() for r in rows] == list(store.iter_records(repo.id))
+    lo, hi = b"2005/", b"2007/"
+    ranged = [r.path for r in store.iter_record_rows(repo.id, lo, hi, page=3)]
+    assert ranged == [r.path for r in rows if lo <= r.path < hi] and ranged
+
+
+def changes_across_the_tree(tree: bytes) -> None:
+    """Edits, deletions and additions all over the tree; a file and a folder moved across
+    ranges."""
+
+    def img(i: int) -> bytes:
+        year = 2004 + i % 5
+        return p(tree, f"{year}/{year}-{1 + (i // 5) % 12:02d}/ev{i % 3}/IMG_{i:04d}.jpg")
+
+    for i in range(1, 600, 7):
+        with open(img(i), "ab") as f:
+            f.write(b"edit")
+    for i in range(3, 600, 11):
+        os.unlink(img(i))
+    make_tree(tree, {f"2008/new/n{i}.jpg": b"new %d" % i for i in range(30)})
+    os.rename(img(0), p(tree, "zz/moved.jpg"))
+    shutil.move(p(tree, "2005/2005-01"), p(tree, "2008/2005-01-moved"))
+    age_tree(tree)
+
+
+def summary(stats: ScanStats) -> tuple[int, ...]:
+    return (
+        stats.files_scanned,
+        stats.files_added,
+        stats.files_updated,
+        stats.files_removed,
+        stats.files_moved,
+        stats.files_hashed,
+        stats.error_count,
+    )
+
+
+def test_rescan_in_key_ranges_equals_the_disk_and_the_serial_merge(
+    store: Store,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two identical trees with identical changes: one rescanned with its merge in worker
+    processes over key ranges, one in a single process. Both ledgers equal their disks,
+    and the counts agree."""
+    caplog.set_level(logging.DEBUG, logger="fsledger.reconcile")
+    first = tmp_path / "ranged"
+    photo_tree(os.fsencode(str(first)))
+    age_tree(os.fsencode(str(first)))
+    shutil.copytree(first, tmp_path / "serial", copy_function=shutil.copy2)
+    outcome: dict[bool, tuple[int, ...]] = {}
+    with Ledger(Settings(database_url=store.url, max_concurrency=2), store) as ledger:
+        for ranged, name in ((True, "ranged"), (False, "serial")):
+            minimum = 1 if ranged else 10**9
+            monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_RECORDS", minimum)
+            tree = os.fsencode(str(tmp_path / name))
+            repo = ledger.add_repository(tree)
+            assert ledger.scan(repo).files_added == 604
+            caplog.clear()
+            assert no_change(ledger.scan(repo))
+            changes_across_the_tree(tree)
+            stats = ledger.scan(repo)
+            used = any("key ranges in workers" in r.getMessage() for r in caplog.records)
+            assert used == ranged
+            assert_exact(ledger, repo)
+            assert no_change(ledger.scan(repo))
+            outcome[ranged] = summary(stats)
+    assert outcome[True] == outcome[False]
+    scanned, added, _updated, _removed, moved, _hashed, errors = outcome[True]
+    assert (scanned, errors) == (604 - 55 + 30, 0)
+    # zz/moved.jpg and the unedited files of the moved folder keep their hashes.
+    assert added >= 30 and moved >= 2
+
+
+def test_a_store_failure_in_a_worker_fails_the_scan(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that cannot read the records fails the scan as the in-process merge would:
+    the operation is marked failed and nothing is deleted."""
+    monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_RECORDS", 1)
+    tree = os.fsencode(str(tmp_path / "photos"))
+    photo_tree(tree, files=100)
+    with Ledger(Settings(database_url=store.url, max_concurrency=2), store) as ledger:
+        repo = ledger.add_repository(tree)
+        ledger.scan(repo)
+        before = store.count_records(repo.id)
+        shutil.rmtree(p(tree, "2004"))
+        # A store the workers cannot open, while the parent's connection keeps working.
+        (tmp_path / "a-file").write_bytes(b"")
+        monkeypatch.setattr(store, "url", f"sqlite://{tmp_path}/a-file/ledger.db")
+        with pytest.raises(StoreError, match="cannot be created"):
+            ledger.scan(repo)
+        monkeypatch.undo()
+        assert store.count_records(repo.id) == before
+        (op,) = store.recent_operations(repo.id, 1)
+        assert op.status.value == "failed"
