@@ -44,6 +44,7 @@ from fsledger.model import (
     ScanStats,
     utcnow,
 )
+from fsledger.mounts import MountGuard
 from fsledger.store.base import Store
 from fsledger.walk import FileEntry, Special, Unreadable, walk
 from fsledger.writer import Applied, RepoWriter
@@ -184,9 +185,20 @@ class Reconciler:
         stats = ScanStats()
         try:
             dev = check_root(repo, has_records, writer.rules, force)
+            mounts = MountGuard.load(self.store, repo, writer.rules, prefix, force)
             _Run(
-                self, writer, stats, verify, has_records, progress, prefix, force=force, dev=dev
+                self,
+                writer,
+                stats,
+                verify,
+                has_records,
+                progress,
+                prefix,
+                force=force,
+                dev=dev,
+                mounts=mounts,
             ).run()
+            stats.notes += mounts.remember(self.store)
         except Exception as exc:
             stats.duration_ms = int((time.monotonic() - t0) * 1000)
             if op is not None:
@@ -246,8 +258,11 @@ class _Run:
         *,
         force: bool = False,
         dev: int | None = None,
+        mounts: MountGuard | None = None,
     ) -> None:
         self.owner = owner
+        self.mounts = mounts
+        """Filesystems mounted below the root: those not mounted now are walked as unreadable."""
         self.prefix = prefix.strip(b"/")
         self.force = force
         self.start_dev = dev
@@ -318,6 +333,7 @@ class _Run:
                             path,
                             force=self.force,
                             dev=self.start_dev,
+                            mounts=self.mounts,
                         )._merge()
         finally:
             writer.listeners = [f for f in writer.listeners if f is not note]
@@ -325,7 +341,8 @@ class _Run:
     def _merge(self) -> None:
         records: Iterator[FileRecord] = self.store.iter_records(self.repo.id, prefix=self.prefix)
         rec = next(records, None)
-        for item in walk(self.repo.root, self.writer.rules, self.prefix):
+        keep = self.mounts.unreadable if self.mounts is not None else None
+        for item in walk(self.repo.root, self.writer.rules, self.prefix, keep):
             if isinstance(item, Special):
                 self.stats.skipped_special += 1
                 continue
@@ -585,6 +602,12 @@ class _Run:
             raise GuardRefused(
                 f"root {self.repo.root_str} changed device during the scan; nothing was deleted"
             )
+        # Likewise a filesystem below the root unmounted during the walk.
+        for point in self.mounts.unmounted_since_start() if self.mounts is not None else ():
+            self._error(point, "unmounted during the scan; its records are kept", True)
+            self.deletions = {
+                p: r for p, r in self.deletions.items() if not p.startswith(point + b"/")
+            }
         for path in sorted(self.deletions):
             self._emit(Change(ChangeKind.DELETED, path))
         self._flush()

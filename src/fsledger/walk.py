@@ -16,7 +16,7 @@ import errno
 import logging
 import os
 import stat as stat_mod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from fsledger.ignore import IgnoreRules
@@ -63,19 +63,38 @@ def _describe(exc: OSError) -> str:
     return f"{exc.strerror or exc} (errno {exc.errno})"
 
 
-def walk(root: bytes, rules: IgnoreRules, start: RelPath = b"") -> Iterator[WalkItem]:
+def walk(
+    root: bytes,
+    rules: IgnoreRules,
+    start: RelPath = b"",
+    unreadable: Mapping[RelPath, str] | None = None,
+) -> Iterator[WalkItem]:
     """Walk ``root`` (or its subdirectory ``start``) and yield what is found, in path byte order.
 
     Symlinks are never followed nor yielded; ignored names are pruned with their
     subtrees. Each file is ``lstat``-ed as it is yielded, not when its directory is
     listed, to keep the window between look and record short.
+
+    ``unreadable`` maps directories to a reason they cannot be trusted (a filesystem that
+    was mounted there and is not now: see ``fsledger.mounts``). Each is yielded as
+    ``Unreadable`` in its place, whether or not it exists, and is not listed. The cost is
+    one lookup per directory when the map is not empty, none otherwise.
     """
     # Stack of per-directory lists of (key, relpath, kind), reversed so pop() is the next.
     stack: list[list[tuple[bytes, RelPath, int]]] = []
+    if unreadable and start in unreadable:
+        yield Unreadable(start, True, unreadable[start])
+        return
     listed = _list_dir(root, start, rules)
     if isinstance(listed, Unreadable):
         yield listed
         return
+    # Unreadable directories by parent, to add those the listings lack.
+    missing: dict[RelPath, list[RelPath]] = {}
+    for path in unreadable or ():
+        missing.setdefault(path.rpartition(b"/")[0], []).append(path)
+    if start in missing:
+        listed = _with_missing(listed, missing[start])
     stack.append(listed)
     while stack:
         top = stack[-1]
@@ -84,10 +103,16 @@ def walk(root: bytes, rules: IgnoreRules, start: RelPath = b"") -> Iterator[Walk
             continue
         _key, rel, kind = top.pop()
         if kind == _DIR:
+            if unreadable and rel in unreadable:
+                yield Unreadable(rel, True, unreadable[rel])
+                continue
             listed = _list_dir(root, rel, rules)
             if isinstance(listed, Unreadable):
                 yield listed
-            elif listed:
+                continue
+            if missing and rel in missing:
+                listed = _with_missing(listed, missing[rel])
+            if listed:
                 stack.append(listed)
             continue
         if kind == _SPECIAL:
@@ -107,6 +132,19 @@ def walk(root: bytes, rules: IgnoreRules, start: RelPath = b"") -> Iterator[Walk
 
 
 _DIR, _FILE, _SPECIAL = 0, 1, 2
+
+
+def _with_missing(
+    listed: list[tuple[bytes, RelPath, int]], paths: list[RelPath]
+) -> list[tuple[bytes, RelPath, int]]:
+    """Add the unreadable directories ``paths`` (children of the directory ``listed`` lists)
+    that the listing lacks: a mount point removed along with its mount still has records
+    below it to keep."""
+    have = {child for _k, child, _kind in listed}
+    extra = [(p.rpartition(b"/")[2] + b"/", p, _DIR) for p in paths if p not in have]
+    if not extra:
+        return listed
+    return sorted([*listed, *extra], reverse=True)
 
 
 def _list_dir(
