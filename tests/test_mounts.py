@@ -36,7 +36,7 @@ from fsledger.mounts import (
 )
 from fsledger.store import Store
 from fsledger.walk import FileEntry, Unreadable, walk
-from treeutil import age_tree, disk_snapshot, ledger_snapshot, make_tree
+from treeutil import FakeMounts, age_tree, disk_snapshot, ledger_snapshot, make_tree
 
 # A real mountinfo excerpt: optional fields vary in number (none, one, two), a mount point
 # with a space, a tab and a backslash in it (escaped by the kernel), a bind mount (its
@@ -96,40 +96,6 @@ def test_the_real_mount_table_parses() -> None:
 
 
 # --- a mount table of our own -------------------------------------------------------------
-
-
-def escape(path: bytes) -> bytes:
-    for raw, esc in ((b"\\", b"\\134"), (b" ", b"\\040"), (b"\t", b"\\011"), (b"\n", b"\\012")):
-        path = path.replace(raw, esc)
-    return path
-
-
-class FakeMounts:
-    """A mount table file listing mount points below ``root``; ``fsledger.mounts`` reads it."""
-
-    def __init__(self, path: Path, root: bytes) -> None:
-        self.path = path
-        self.root = os.path.realpath(root)
-        self.points: dict[bytes, tuple[str, str]] = {}
-        self.write()
-
-    def mount(self, rel: bytes, fs_type: str = "nfs4", source: str = "nas:/photos") -> None:
-        self.points[rel] = (fs_type, source)
-        self.write()
-
-    def umount(self, rel: bytes) -> None:
-        del self.points[rel]
-        self.write()
-
-    def write(self) -> None:
-        lines = [b"22 1 8:1 / / rw - ext4 /dev/sda1 rw"]
-        for n, (rel, (fs, src)) in enumerate(self.points.items()):
-            point = escape(self.root + b"/" + rel)
-            lines.append(
-                b"%d 22 0:%d / %s rw - %s %s rw"
-                % (70 + n, 70 + n, point, fs.encode(), src.encode())
-            )
-        self.path.write_bytes(b"\n".join(lines) + b"\n")
 
 
 @pytest.fixture
