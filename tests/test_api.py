@@ -358,6 +358,8 @@ class FakeLive:
     def degraded(self, repo_id: Any) -> bool:
         return False
 
+    def check(self, repo_id: Any, path: bytes) -> None: ...
+
 
 def test_metrics_export_the_watchers_latency_histogram(ledger: Ledger) -> None:
     live = FakeLive()

@@ -44,7 +44,7 @@ def photo_tree(root: bytes, files: int = 600, seed: int = 7) -> None:
 
 
 def walked(root: bytes, lo: bytes = b"", hi: bytes | None = None) -> list[bytes]:
-    return [i.path for i in walk(root, RULES, b"", lo, hi) if isinstance(i, FileEntry)]
+    return [i.path for i in walk(root, RULES, lo=lo, hi=hi) if isinstance(i, FileEntry)]
 
 
 def test_ranges_partition_the_walk(tree: bytes) -> None:

@@ -437,8 +437,8 @@ def test_root_emptied_during_the_walk_deletes_nothing(
     repo = scanned(ledger, tree)
     real_walk = fsledger.walk.walk
 
-    def walk_then_vanish(root: bytes, *args: Any) -> Iterator[Any]:
-        for n, item in enumerate(real_walk(root, *args)):
+    def walk_then_vanish(root: bytes, *args: Any, **kw: Any) -> Iterator[Any]:
+        for n, item in enumerate(real_walk(root, *args, **kw)):
             yield item
             if n == 0:
                 for name in os.listdir(root):
@@ -583,8 +583,8 @@ def test_files_vanishing_during_the_walk(
     doomed = {b"fresh.jpg", b"albums/2019/one.jpg"}
     real_walk = fsledger.walk.walk
 
-    def vanishing_walk(root: bytes, *args: Any) -> Iterator[Any]:
-        for item in real_walk(root, *args):
+    def vanishing_walk(root: bytes, *args: Any, **kw: Any) -> Iterator[Any]:
+        for item in real_walk(root, *args, **kw):
             yield item
             if isinstance(item, FileEntry) and item.path in doomed:
                 os.unlink(p(root, item.path))

@@ -17,6 +17,7 @@ from fsledger.model import (
     Digest,
     FileRecord,
     FileStat,
+    MountPoint,
     OperationStatus,
     OperationType,
     RelPath,
@@ -184,6 +185,48 @@ def test_delete_repository_without_purge_keeps_records(store: Store, repo: Repos
     # The same root can be added back under the same id and finds its records again.
     store.add_repository(repo)
     assert store.count_records(repo.id) == 2
+
+
+# --- mount points below the root -------------------------------------------------------
+
+
+def test_mount_points_round_trip_per_repository(store: Store, repo: Repository) -> None:
+    other = make_repo("other", b"/srv/other")
+    store.add_repository(other)
+    assert store.mount_points(repo.id) == []
+    points = [
+        MountPoint(b"nas", "nfs4", "fileserver:/export/photos", True),
+        MountPoint(b"a b/\xff\xfe", "fuse.sshfs", "me@host:/pics", False),
+        MountPoint(b"usb"),
+    ]
+    store.set_mount_points(repo.id, points)
+    store.set_mount_points(other.id, [MountPoint(b"x", "ext4", "/dev/sdb1")])
+    # In path byte order, every field kept, the other repository's apart.
+    assert store.mount_points(repo.id) == sorted(points, key=lambda p: p.path)
+    assert store.mount_points(other.id) == [MountPoint(b"x", "ext4", "/dev/sdb1")]
+    # Replaced as a whole.
+    store.set_mount_points(repo.id, [MountPoint(b"nas", "nfs4", "fileserver:/e", False)])
+    assert store.mount_points(repo.id) == [MountPoint(b"nas", "nfs4", "fileserver:/e", False)]
+    store.set_mount_points(repo.id, [])
+    assert store.mount_points(repo.id) == []
+    assert len(store.mount_points(other.id)) == 1
+
+
+def test_mount_points_survive_a_reopen_and_go_with_a_purge(store_url: str) -> None:
+    first = open_store(store_url)
+    repo = make_repo()
+    try:
+        first.add_repository(repo)
+        first.set_mount_points(repo.id, [MountPoint(b"nas", "nfs", "srv:/x", False)])
+    finally:
+        first.close()
+    second = open_store(store_url)
+    try:
+        assert second.mount_points(repo.id) == [MountPoint(b"nas", "nfs", "srv:/x", False)]
+        second.delete_repository(repo.id, purge=True)
+        assert second.mount_points(repo.id) == []
+    finally:
+        second.close()
 
 
 # --- apply ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from uuid import UUID
 
 import pytest
 
+import fsledger.mounts
 from fsledger.config import Settings
 from fsledger.errors import StoreError
 from fsledger.ledger import Ledger
@@ -33,7 +34,9 @@ from fsledger.watch.backend import (
     IN_MODIFY,
     IN_MOVED_FROM,
     IN_MOVED_TO,
+    IN_UNMOUNT,
 )
+from treeutil import FakeMounts
 from watch_support import assert_in_sync, digest_of, ledger_state, wait_until, write
 
 _cookies = itertools.count(1000)
@@ -520,6 +523,72 @@ def test_lost_watch_requests_a_resync_and_is_rewatched(rig: Rig) -> None:
     assert rig.resyncs == [(rig.repo.id, b"sub", "inotify watch lost")]  # type: ignore[union-attr]
     write(rig.p("sub/b.jpg"), "b")
     rig.created("sub/b.jpg")
+    rig.watcher.flush()
+    rig.assert_exact()
+
+
+def test_a_filesystem_unmounted_below_the_root_keeps_its_records(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``nas`` is another filesystem (a mount table of the test's own says so). Unmounted:
+    events read from its old watches, its ``IN_UNMOUNT``/``IN_IGNORED``, and its mount
+    point removed (an automounter) delete nothing and re-add nothing; mounted again, a
+    ``check`` watches it again and brings what changed on it meanwhile."""
+    mounts = FakeMounts(tmp_path / "mountinfo", os.fsencode(rig.root))
+    monkeypatch.setattr(fsledger.mounts, "MOUNTINFO", str(mounts.path))
+    mounts.mount(b"nas")
+    write(rig.p("a.jpg"), "a")
+    write(rig.p("nas/1.jpg"), "one")
+    write(rig.p("nas/d/2.jpg"), "two")
+    repo = rig.start()
+    kept = {b"nas/1.jpg", b"nas/d/2.jpg"}
+    nas, nas_d = rig.wd("nas"), rig.wd("nas/d")
+
+    # Unmounted: the empty mount point is left. A bind mount detached sends nothing, and its
+    # old watches still report what happens on the share: here a deletion.
+    away = rig.outside / "nas"
+    os.rename(rig.p("nas"), away)
+    os.mkdir(rig.p("nas"))
+    mounts.umount(b"nas")
+    (away / "1.jpg").unlink()
+    rig.emit("nas/1.jpg", IN_DELETE, wd=nas)
+    rig.watcher.flush()
+    assert kept <= set(rig.state())
+    # A real unmount: IN_UNMOUNT then IN_IGNORED for every watch on it.
+    for wd in (nas_d, nas):
+        rig.backend.emit(wd, IN_UNMOUNT)
+    for wd in (nas_d, nas):
+        rig.backend.watches.pop(wd)
+        rig.backend.emit(wd, IN_IGNORED)
+    rig.watcher.flush()
+    assert kept <= set(rig.state())
+    assert (repo.id, b"nas", "a filesystem below it was unmounted") in rig.resyncs
+    # The reconciliations asked for (the manager runs them) keep the records too.
+    for _rid, prefix, _reason in rig.resyncs:
+        stats = rig.ledger.scan(repo, prefix=prefix)
+        assert stats.files_removed == 0
+    assert kept <= set(rig.state())
+    # The mount point removed too, as an automounter does.
+    os.rmdir(rig.p("nas"))
+    rig.emit("nas", IN_DELETE | IN_ISDIR)
+    rig.watcher.flush()
+    assert kept <= set(rig.state())
+
+    # Mounted again, with a file added on the share meanwhile.
+    write(away / "d" / "3.jpg", "three")
+    os.rename(away, rig.p("nas"))
+    mounts.mount(b"nas")
+    rig.watcher.check(repo.id, b"nas")
+    rig.watcher.flush()
+    rig.assert_exact()
+    # Only the two real changes: nothing below it deleted and re-added.
+    assert sorted((k.value, p) for k, p, _o in rig.kinds()) == [
+        ("created", b"nas/d/3.jpg"),
+        ("deleted", b"nas/1.jpg"),
+    ]
+    # Watched again: a file written there now arrives through its new watch.
+    write(rig.p("nas/d/4.jpg"), "four")
+    rig.created("nas/d/4.jpg")
     rig.watcher.flush()
     rig.assert_exact()
 

@@ -14,6 +14,7 @@ import os
 import stat
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import blake3
@@ -216,3 +217,39 @@ def failing_open(target: bytes, error: OSError) -> Any:
         return os.open(path, flags, mode, dir_fd=dir_fd)
 
     return open_
+
+
+def mountinfo_escape(path: bytes) -> bytes:
+    """Escape a path as the kernel does in ``mountinfo`` (octal for space, tab, newline, \\)."""
+    for raw, esc in ((b"\\", b"\\134"), (b" ", b"\\040"), (b"\t", b"\\011"), (b"\n", b"\\012")):
+        path = path.replace(raw, esc)
+    return path
+
+
+class FakeMounts:
+    """A mount table file (the ``/proc/self/mountinfo`` format) listing mount points below
+    ``root``: point ``fsledger.mounts.MOUNTINFO`` at ``path`` to make fsledger believe them."""
+
+    def __init__(self, path: Path, root: bytes) -> None:
+        self.path = path
+        self.root = os.path.realpath(root)
+        self.points: dict[bytes, tuple[str, str]] = {}
+        self.write()
+
+    def mount(self, rel: bytes, fs_type: str = "nfs4", source: str = "nas:/photos") -> None:
+        self.points[rel] = (fs_type, source)
+        self.write()
+
+    def umount(self, rel: bytes) -> None:
+        del self.points[rel]
+        self.write()
+
+    def write(self) -> None:
+        lines = [b"22 1 8:1 / / rw - ext4 /dev/sda1 rw"]
+        for n, (rel, (fs, src)) in enumerate(self.points.items()):
+            point = mountinfo_escape(self.root + b"/" + rel)
+            lines.append(
+                b"%d 22 0:%d / %s rw - %s %s rw"
+                % (70 + n, 70 + n, point, fs.encode(), src.encode())
+            )
+        self.path.write_bytes(b"\n".join(lines) + b"\n")

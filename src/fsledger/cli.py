@@ -294,6 +294,8 @@ def scan(ctx: Context, refs: tuple[str, ...], verify: bool, force: bool, as_json
             click.echo(_stats_line(repository, stats))
             for err in stats.errors[:20]:
                 click.echo(f"  error: {err}", err=True)
+            for note in stats.notes:
+                click.echo(f"  note: {note}", err=True)
             for path in stats.corrupt:
                 click.echo(f"  CORRUPT: {path}", err=True)
     if failure is not None:

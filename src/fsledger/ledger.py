@@ -50,6 +50,8 @@ def normalize_root(path: str | bytes) -> bytes:
     raw = os.fsencode(path)
     if not raw:
         raise ConfigError("a repository path cannot be empty")
+    if b"\0" in raw:
+        raise ConfigError(f"a repository path cannot contain a NUL byte: {path!r}")
     return os.path.realpath(os.path.abspath(raw))
 
 

@@ -42,6 +42,7 @@ from fsledger.model import (
     ScanStats,
     SyncStatus,
 )
+from fsledger.mounts import changed_mounts
 from fsledger.store.lease import Lease
 from fsledger.writer import Applied
 
@@ -68,6 +69,7 @@ class LiveSource(Protocol):
     def stop(self) -> None: ...
     def is_watching(self, repo_id: UUID) -> bool: ...
     def degraded(self, repo_id: UUID) -> bool: ...
+    def check(self, repo_id: UUID, path: RelPath) -> None: ...
 
 
 ResyncCallback = Callable[[Repository, RelPath, str], None]
@@ -583,6 +585,8 @@ class SyncManager:
             if not self._root_present(repo):
                 log.warning("Repository %s: root %s is gone or not mounted", repo.id, repo.root_str)
                 self._enqueue(repo, b"", OperationType.RECONCILIATION, "root unavailable", 0.5)
+            else:
+                self._check_mounts(runtime)
         quick = repo.settings.quick_scan_interval_s
         if runtime.network:
             quick = quick or NETWORK_POLL_S
@@ -595,6 +599,36 @@ class SyncManager:
         if full and now - runtime.last_full >= full:
             runtime.last_full = now
             self._enqueue(repo, b"", OperationType.RECONCILIATION, "full scan", 3.0, verify=True)
+
+    def _check_mounts(self, runtime: _RepoRuntime) -> None:
+        """Filesystems mounted below the root that came or went since the last scan looked
+        (mounting sends no inotify event, nor does detaching a bind mount): one mounted
+        again is watched again and reconciled; one that went away is reconciled, which
+        keeps its records and reports it."""
+        repo = runtime.repo
+        try:
+            changes = changed_mounts(self.ledger.store, repo)
+        except StoreError as exc:
+            log.debug("Repository %s: mount points not checked: %s", repo.id, exc)
+            return
+        for point, mounted in changes:
+            if not mounted:
+                log.warning(
+                    "Repository %s: %s is not mounted any more; its records are kept",
+                    repo.id,
+                    point.describe(),
+                )
+                reason = "a filesystem below the root was unmounted"
+                self._enqueue(repo, point.path, OperationType.RECONCILIATION, reason, 0.5)
+                continue
+            log.info(
+                "Repository %s: %s is mounted again; reconciling it", repo.id, point.describe()
+            )
+            if self.live is not None and not runtime.network and self.live.is_watching(repo.id):
+                self.live.check(repo.id, point.path)
+            else:
+                reason = "a filesystem below the root was mounted again"
+                self._enqueue(repo, point.path, OperationType.RECONCILIATION, reason, 0.5)
 
     def _root_present(self, repo: Repository) -> bool:
         """The root is a directory on the device its last scan saw (one stat)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -179,6 +179,8 @@ class RangeTask:
     rule: LookRule
     lo: RelPath
     hi: RelPath | None
+    unreadable: Mapping[RelPath, str] | None = None
+    """Directories to walk as unreadable (see ``walk``)."""
 
 
 @dataclass(slots=True)
@@ -248,7 +250,7 @@ def merge_range(task: RangeTask) -> RangeResult:
     store = _store_for(task.store_url)
     try:
         merge = Merge(
-            walk(task.root, task.rules, b"", task.lo, task.hi),
+            walk(task.root, task.rules, lo=task.lo, hi=task.hi, unreadable=task.unreadable),
             store.iter_record_rows(task.repo_id, task.lo, task.hi),
             task.rule,
         )

@@ -348,6 +348,38 @@ class Repository:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class MountPoint:
+    """A filesystem mounted below a repository root, as a scan remembers it.
+
+    An unmounted filesystem leaves an empty directory on its parent's filesystem, which a
+    scan would otherwise take for a directory whose files were all deleted. The ledger keeps
+    the mount points its scans saw, so that one which is not mounted any more keeps its
+    records (reported, as an unreadable directory is) until it returns or a
+    ``scan --force`` forgets it.
+    """
+
+    path: RelPath
+    """The mount point, relative to the root (never the root itself)."""
+    fs_type: str = ""
+    source: str = ""
+    """What was mounted there (``server:/export``, ``/dev/sdb1``), as ``mountinfo`` says."""
+    mounted: bool = True
+    """Whether it was mounted when a scan last looked."""
+
+    def describe(self) -> str:
+        what = " ".join(x for x in (self.fs_type, self.source) if x)
+        return f"{os.fsdecode(self.path)}/ ({what})" if what else f"{os.fsdecode(self.path)}/"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **path_to_json(self.path),
+            "fs_type": self.fs_type,
+            "source": self.source,
+            "mounted": self.mounted,
+        }
+
+
 @dataclass(slots=True)
 class ScanStats:
     """What one reconciliation saw and did. Mutable while the scan runs."""
@@ -368,6 +400,8 @@ class ScanStats:
     errors: list[str] = field(default_factory=list)
     """The first errors (up to a thousand), as "path: what happened"."""
     error_count: int = 0
+    notes: list[str] = field(default_factory=list)
+    """What the scan decided that the user should know (e.g. a mount point it forgot)."""
     corrupt: list[str] = field(default_factory=list)
     duration_ms: int = 0
 
@@ -406,6 +440,7 @@ class ScanStats:
             "errors": list(self.errors),
             "error_count": max(self.error_count, len(self.errors)),
             "corrupt": list(self.corrupt),
+            "notes": list(self.notes),
             "duration_ms": self.duration_ms,
         }
 

@@ -21,7 +21,7 @@ import os
 import socket
 import stat as stat_mod
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from multiprocessing.pool import AsyncResult
 
@@ -55,6 +55,7 @@ from fsledger.model import (
     datetime_to_ns,
     utcnow,
 )
+from fsledger.mounts import MountGuard
 from fsledger.store.base import Store
 from fsledger.store.sql import prefix_range
 from fsledger.walk import FileEntry, Unreadable, walk
@@ -203,9 +204,20 @@ class Reconciler:
         stats = ScanStats()
         try:
             dev = check_root(repo, has_records, writer.rules, force)
+            mounts = MountGuard.load(self.store, repo, writer.rules, prefix, force)
             _Run(
-                self, writer, stats, verify, record_count, progress, prefix, force=force, dev=dev
+                self,
+                writer,
+                stats,
+                verify,
+                record_count,
+                progress,
+                prefix,
+                force=force,
+                dev=dev,
+                mounts=mounts,
             ).run()
+            stats.notes += mounts.remember(self.store)
         except Exception as exc:
             stats.duration_ms = int((time.monotonic() - t0) * 1000)
             if op is not None:
@@ -265,8 +277,11 @@ class _Run:
         *,
         force: bool = False,
         dev: int | None = None,
+        mounts: MountGuard | None = None,
     ) -> None:
         self.owner = owner
+        self.mounts = mounts
+        """Filesystems mounted below the root: those not mounted now are walked as unreadable."""
         self.prefix = prefix.strip(b"/")
         self.force = force
         self.start_dev = dev
@@ -289,6 +304,7 @@ class _Run:
         )
         self.pending: list[Change] = []
         self.deletions: set[RelPath] = set()
+        self._last_unreadable: Unreadable | None = None
         self.moved_from: set[RelPath] = set()
         self.chunk: list[_Job] = []
         self.chunk_bytes = 0
@@ -336,6 +352,7 @@ class _Run:
                             path,
                             force=self.force,
                             dev=self.start_dev,
+                            mounts=self.mounts,
                         )._merge()
         finally:
             writer.listeners = [f for f in writer.listeners if f is not note]
@@ -347,7 +364,7 @@ class _Run:
         else:
             lo, hi = prefix_range(self.prefix) if self.prefix else (b"", None)
             merge = Merge(
-                walk(self.repo.root, self.writer.rules, self.prefix),
+                walk(self.repo.root, self.writer.rules, self.prefix, unreadable=self._keep()),
                 self.store.iter_record_rows(self.repo.id, lo, hi),
                 rule,
                 self._tick if self.progress else None,
@@ -380,8 +397,11 @@ class _Run:
         pool = self.owner._hash_pool()
         cuts = plan_ranges(self.repo.root, self.writer.rules, RANGES_PER_WORKER * pool.workers)
         bounds: list[RelPath | None] = [b"", *cuts, None]
+        keep = self._keep()
         tasks = [
-            RangeTask(self.store.url, self.repo.id, self.repo.root, self.writer.rules, rule, lo, hi)
+            RangeTask(
+                self.store.url, self.repo.id, self.repo.root, self.writer.rules, rule, lo, hi, keep
+            )
             for lo, hi in zip(bounds, bounds[1:], strict=False)
             if lo is not None
         ]
@@ -393,6 +413,11 @@ class _Run:
             self.stats.skipped_special += result.specials
             if self.progress:
                 self.progress(self.stats)
+
+    def _keep(self) -> Mapping[RelPath, str] | None:
+        """Directories to walk as unreadable: filesystems mounted there at the last scan and
+        not now."""
+        return self.mounts.unreadable if self.mounts is not None else None
 
     def _tick(self, scanned: int) -> None:
         assert self.progress is not None
@@ -406,7 +431,10 @@ class _Run:
                 self.deletions.add(item.path)
         else:
             assert isinstance(item, Unreadable)
-            self._error(item.path, item.error, item.is_dir)
+            # A directory whose subtree spans two ranges is reported by both.
+            if item != self._last_unreadable:
+                self._error(item.path, item.error, item.is_dir)
+            self._last_unreadable = item
 
     def _error(self, path: RelPath, message: str, is_dir: bool = False) -> None:
         text = f"{os.fsdecode(path) or '.'}{'/' if is_dir else ''}: {message}"
@@ -614,6 +642,10 @@ class _Run:
             raise GuardRefused(
                 f"root {self.repo.root_str} changed device during the scan; nothing was deleted"
             )
+        # Likewise a filesystem below the root unmounted during the walk.
+        for point in self.mounts.unmounted_since_start() if self.mounts is not None else ():
+            self._error(point, "unmounted during the scan; its records are kept", True)
+            self.deletions = {p for p in self.deletions if not p.startswith(point + b"/")}
         for path in sorted(self.deletions):
             self._emit(Change(ChangeKind.DELETED, path))
         self._flush()

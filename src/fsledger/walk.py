@@ -16,7 +16,7 @@ import errno
 import logging
 import os
 import stat as stat_mod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -71,8 +71,10 @@ def walk(
     root: bytes,
     rules: IgnoreRules,
     start: RelPath = b"",
+    *,
     lo: RelPath = b"",
     hi: RelPath | None = None,
+    unreadable: Mapping[RelPath, str] | None = None,
 ) -> Iterator[WalkItem]:
     """Walk ``root`` (or its subdirectory ``start``) and yield what is found, in path byte order.
 
@@ -88,11 +90,23 @@ def walk(
     does: the kernel resolves one name instead of the whole path, which halves the cost of
     the system calls on a deep photo tree. Directories are opened with ``O_NOFOLLOW``, so a
     directory swapped for a symlink mid-walk is not followed either.
+
+    ``unreadable`` maps directories to a reason they cannot be trusted (a filesystem that
+    was mounted there and is not now: see ``fsledger.mounts``). Each is yielded as
+    ``Unreadable`` in its place, whether or not it exists, and is not listed. The cost is
+    one lookup per directory when the map is not empty, none otherwise.
     """
     # Stack of (directory fd, its entries as (key, relpath, name, kind)), each list reversed
     # so pop() gives the next entry. An fd of -1 means "too deep to keep a descriptor open":
     # files there are lstat-ed by full path.
     stack: list[tuple[int, list[tuple[bytes, RelPath, bytes, int]]]] = []
+    if unreadable and start in unreadable:
+        yield Unreadable(start, True, unreadable[start])
+        return
+    # Unreadable directories by parent, to add those the listings lack.
+    missing: dict[RelPath, list[RelPath]] = {}
+    for path in unreadable or ():
+        missing.setdefault(path.rpartition(b"/")[0], []).append(path)
     try:
         top_name = root + b"/" + start if start else root
         bounds = (lo, hi) if lo or hi is not None else None
@@ -100,6 +114,8 @@ def walk(
         if isinstance(listed, Unreadable):
             yield listed
             return
+        if start in missing:
+            listed = _with_missing(listed, missing[start], bounds)
         stack.append(listed)
         while stack:
             fd, top = stack[-1]
@@ -124,6 +140,9 @@ def walk(
                 # what replaced it is seen by the watcher or the next pass (walking a directory
                 # here would break the sort order the merge relies on).
             elif kind == _DIR:
+                if unreadable and rel in unreadable:
+                    yield Unreadable(rel, True, unreadable[rel])
+                    continue
                 listed = _list_dir(
                     root,
                     rel,
@@ -135,7 +154,10 @@ def walk(
                 )
                 if isinstance(listed, Unreadable):
                     yield listed
-                elif listed[1]:
+                    continue
+                if missing and rel in missing:
+                    listed = _with_missing(listed, missing[rel], bounds)
+                if listed[1]:
                     stack.append(listed)
                 elif listed[0] >= 0:
                     os.close(listed[0])
@@ -157,6 +179,26 @@ are walked by full path, so a pathological depth cannot exhaust the process's de
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # ELOOP: O_NOFOLLOW met a symlink where the directory was; it is gone, as a directory.
 _GONE_DIR = _GONE | {errno.ELOOP}
+
+
+def _with_missing(
+    listed: tuple[int, list[tuple[bytes, RelPath, bytes, int]]],
+    paths: list[RelPath],
+    bounds: tuple[RelPath, RelPath | None] | None,
+) -> tuple[int, list[tuple[bytes, RelPath, bytes, int]]]:
+    """Add the unreadable directories ``paths`` (children of the directory ``listed`` lists)
+    that the listing lacks: a mount point removed along with its mount still has records
+    below it to keep."""
+    fd, entries = listed
+    have = {child for _k, child, _n, _kind in entries}
+    extra = []
+    for p in paths:
+        name = p.rpartition(b"/")[2]
+        if p not in have and (bounds is None or _within(p, True, *bounds)):
+            extra.append((name + b"/", p, name, _DIR))
+    if not extra:
+        return listed
+    return (fd, sorted([*entries, *extra], reverse=True))
 
 
 def _list_dir(

@@ -18,6 +18,7 @@ from fsledger.model import (
     FeedEntry,
     FeedInfo,
     FileRecord,
+    MountPoint,
     OperationStatus,
     OperationType,
     RecordRow,
@@ -91,6 +92,14 @@ class Store(Protocol):
         """Write a batch of changes in one transaction, appending the feed-worthy ones to the
         change feed. Returns the feed's last sequence number written, if any."""
         ...
+
+    # --- mount points below the root -----------------------------------------------
+    def mount_points(self, repo_id: UUID) -> list[MountPoint]:
+        """The filesystems mounted below the root that scans remember, in path order."""
+        ...
+
+    def set_mount_points(self, repo_id: UUID, points: Sequence[MountPoint]) -> None:
+        """Replace the remembered mount points of a repository (one transaction)."""
 
     # --- sync operations ----------------------------------------------------------
     def start_operation(

@@ -89,6 +89,19 @@ SQLITE: list[str] = [
     CREATE INDEX idx_change_log_time ON change_log(recorded_at);
     CREATE INDEX idx_file_records_dup ON file_records(content_hash, file_size);
     """,
+    # 3: filesystems mounted below a root, as the last scan saw them (fsledger.mounts): one
+    # that is not mounted any more keeps its records instead of looking emptied.
+    """
+    CREATE TABLE mount_points (
+        repository_id TEXT NOT NULL,
+        mount_path BLOB NOT NULL,
+        fs_type TEXT NOT NULL DEFAULT '',
+        source TEXT NOT NULL DEFAULT '',
+        mounted INTEGER NOT NULL DEFAULT 1,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (repository_id, mount_path)
+    );
+    """,
 ]
 
 POSTGRES: list[str] = [
@@ -170,5 +183,16 @@ POSTGRES: list[str] = [
     );
     CREATE INDEX idx_change_log_time ON change_log(recorded_at);
     CREATE INDEX idx_file_records_dup ON file_records(content_hash, file_size);
+    """,
+    """
+    CREATE TABLE mount_points (
+        repository_id UUID NOT NULL,
+        mount_path BYTEA NOT NULL,
+        fs_type TEXT NOT NULL DEFAULT '',
+        source TEXT NOT NULL DEFAULT '',
+        mounted BOOLEAN NOT NULL DEFAULT TRUE,
+        updated_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (repository_id, mount_path)
+    );
     """,
 ]

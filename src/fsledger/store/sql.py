@@ -25,6 +25,7 @@ from fsledger.model import (
     FeedInfo,
     FileRecord,
     FileStat,
+    MountPoint,
     OperationStatus,
     OperationType,
     RecordRow,
@@ -247,7 +248,7 @@ class SqlStore:
         with self._tx() as cur:
             cur.execute("DELETE FROM repositories WHERE id = ?", (rid,))
             if purge:
-                for table in ("file_records", "sync_operations", "change_log"):
+                for table in ("file_records", "sync_operations", "change_log", "mount_points"):
                     cur.execute(f"DELETE FROM {table} WHERE repository_id = ?", (rid,))
 
     # --- file records -------------------------------------------------------------------
@@ -677,6 +678,28 @@ class SqlStore:
                 "updated_at = excluded.updated_at",
                 (name, seq, self._ts_in(utcnow())),
             )
+
+    # --- mount points below the root ----------------------------------------------------
+    def mount_points(self, repo_id: UUID) -> list[MountPoint]:
+        with self._tx() as cur:
+            cur.execute(
+                "SELECT mount_path, fs_type, source, mounted FROM mount_points "
+                "WHERE repository_id = ? ORDER BY mount_path",
+                (self._uuid_in(repo_id),),
+            )
+            rows = cur.fetchall()
+        return [MountPoint(self._blob_out(p), fs, src, bool(m)) for p, fs, src, m in rows]
+
+    def set_mount_points(self, repo_id: UUID, points: Sequence[MountPoint]) -> None:
+        rid, now = self._uuid_in(repo_id), self._ts_in(utcnow())
+        with self._tx() as cur:
+            cur.execute("DELETE FROM mount_points WHERE repository_id = ?", (rid,))
+            if points:
+                cur.executemany(
+                    "INSERT INTO mount_points (repository_id, mount_path, fs_type, source, "
+                    "mounted, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(rid, p.path, p.fs_type, p.source, p.mounted, now) for p in points],
+                )
 
     # --- duplicates ---------------------------------------------------------------------
     def duplicates(

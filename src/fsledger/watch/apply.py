@@ -41,6 +41,7 @@ from fsledger.model import (
     ScanStats,
     utcnow,
 )
+from fsledger.mounts import unmounted
 from fsledger.reconcile import RACY_WINDOW_NS
 from fsledger.walk import FileEntry, walk
 from fsledger.watch.metrics import WatcherMetrics
@@ -225,6 +226,13 @@ class Applier:
         for path in sorted(existing, key=lambda p: p + b"/" if p else b""):
             if not tops or not under(path, tops[-1]):
                 tops.append(path)
+        if gone:
+            # A filesystem unmounted below the root may take its mount point with it (an
+            # automounter): what was below it is not gone, and the reconciliation, which
+            # knows the mount points, keeps it.
+            away = self._unmounted(repo)
+            tops += [p for p in gone if any(under(p, m) for m in away)]
+            gone = [p for p in gone if not any(under(p, m) for m in away)]
         for path in tops:
             if path and not self.store.page_records(repo.id, None, 1, path):
                 self._list_new(repo, path, work)
@@ -330,8 +338,33 @@ class Applier:
                     batch.append(change)
                     if len(batch) >= self.apply_batch:
                         break
+            if any(c.kind is ChangeKind.DELETED for c in batch):
+                batch = self._keep_unmounted(repo, batch)
             self._commit_dirty(repo, batch, jobs, stats)
             del work.dirty[: len(jobs)]
+
+    def _unmounted(self, repo: RepoWatch) -> list[RelPath]:
+        """Remembered mount points below the root that are not mounted now."""
+        return unmounted(self.store, repo.writer.repo, repo.rules)
+
+    def _keep_unmounted(self, repo: RepoWatch, batch: list[Change]) -> list[Change]:
+        """Drop deletions below a filesystem that is not mounted any more: an event read
+        from it (a bind mount detached sends none of its own) finds its files "gone"."""
+        away = self._unmounted(repo)
+        if not away:
+            return batch
+        kept = [
+            c for c in batch if c.kind is ChangeKind.DELETED and any(under(c.path, m) for m in away)
+        ]
+        for change in kept:
+            log.warning(
+                "Repository %s: %s is below a filesystem that is not mounted now; its record "
+                "is kept",
+                repo.id,
+                show(change.path),
+            )
+        ids = {id(c) for c in kept}
+        return [c for c in batch if id(c) not in ids]
 
     def _commit_dirty(
         self, repo: RepoWatch, batch: list[Change], jobs: list[DirtyJob], stats: ScanStats

@@ -220,6 +220,16 @@ class Watcher:
             while foreign and (foreign[0][0] < now - FOREIGN_WINDOW_S or len(foreign) > 100_000):
                 foreign.popleft()
 
+    def check(self, repo_id: UUID, path: RelPath) -> None:
+        """Watch ``path`` again and reconcile what is below it, soon (a filesystem mounted
+        there again: mounting sends no event, and the old watches are on what it hid)."""
+        with self._cond:
+            state = self._repos.get(repo_id)
+            if state is None or state.lost:
+                return
+            state.pending.check_path(path, time.monotonic())
+            self._cond.notify_all()
+
     def is_watching(self, repo_id: UUID) -> bool:
         with self._lock:
             state = self._repos.get(repo_id)
