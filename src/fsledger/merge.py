@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from uuid import UUID
 
+from fsledger.hashing import HashOutcome, hash_file
 from fsledger.ignore import IgnoreRules
 from fsledger.model import NS_PER_S, FileRecord, RecordRow, RelPath
 from fsledger.store.base import Store
@@ -38,6 +39,8 @@ class Look:
 
     entry: FileEntry
     old: FileRecord | None
+    hashed: HashOutcome | None = None
+    """Its hash, when the worker that merged its range hashed it too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +184,8 @@ class RangeTask:
     hi: RelPath | None
     unreadable: Mapping[RelPath, str] | None = None
     """Directories to walk as unreadable (see ``walk``)."""
+    hash_looks: bool = False
+    """Hash the files to look at here, in the worker, with ``rule.algo``."""
 
 
 @dataclass(slots=True)
@@ -255,6 +260,12 @@ def merge_range(task: RangeTask) -> RangeResult:
             task.rule,
         )
         items = list(merge)
+        if task.hash_looks:
+            root, algo = task.root + b"/", task.rule.algo
+            items = [
+                Look(i.entry, i.old, hash_file(root + i.entry.path, algo)) if type(i) is Look else i
+                for i in items
+            ]
     except Exception:
         _worker_stores.pop(task.store_url, None)
         try:

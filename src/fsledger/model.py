@@ -178,6 +178,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
+_NEEDS_RECORD = frozenset(
+    {ChangeKind.CREATED, ChangeKind.MODIFIED, ChangeKind.META, ChangeKind.MOVED}
+)
+_NEEDS_OLD_PATH = frozenset({ChangeKind.MOVED, ChangeKind.DIR_MOVED})
+_FEED_ONLY = frozenset({ChangeKind.REPO_OFFLINE, ChangeKind.REPO_ONLINE})
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """One change to the ledger of a repository, produced by either tier.
@@ -192,18 +199,14 @@ class Change:
     old_path: RelPath | None = None
 
     def __post_init__(self) -> None:
-        needs_record = self.kind in (
-            ChangeKind.CREATED,
-            ChangeKind.MODIFIED,
-            ChangeKind.META,
-            ChangeKind.MOVED,
-        )
-        if needs_record != (self.record is not None):
-            raise ValueError(f"{self.kind} change for {self.path!r}: record mismatch")
-        if (self.kind in (ChangeKind.MOVED, ChangeKind.DIR_MOVED)) != (self.old_path is not None):
-            raise ValueError(f"{self.kind} change for {self.path!r}: old_path mismatch")
-        if self.kind in (ChangeKind.REPO_OFFLINE, ChangeKind.REPO_ONLINE):
-            raise ValueError(f"{self.kind} is a feed event of the store, not a change to apply")
+        # A change a file on a first index: sets built once, not tuples of enum lookups.
+        kind = self.kind
+        if (kind in _NEEDS_RECORD) != (self.record is not None):
+            raise ValueError(f"{kind} change for {self.path!r}: record mismatch")
+        if (kind in _NEEDS_OLD_PATH) != (self.old_path is not None):
+            raise ValueError(f"{kind} change for {self.path!r}: old_path mismatch")
+        if kind in _FEED_ONLY:
+            raise ValueError(f"{kind} is a feed event of the store, not a change to apply")
 
     @property
     def in_feed(self) -> bool:

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import stat as stat_mod
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -73,8 +74,14 @@ bounds the incremental work; the first index would be slowed by 100-row transact
 
 PARALLEL_MIN_RECORDS = 20_000
 """From this many records, a rescan merges key ranges of the tree in worker processes."""
+PARALLEL_MIN_DIRS = 32
+"""A first index goes to worker processes when the tree's top levels hold this many folders."""
 RANGES_PER_WORKER = 4
-"""Ranges a worker gets on average: several, so that uneven subtrees even out."""
+"""Ranges a worker gets at least: several, so that uneven subtrees even out."""
+RANGE_FILES = 10_000
+MAX_RANGES = 512
+INITIAL_RANGES = 64
+"""Ranges of a first index, whose size is not known yet."""
 
 MAX_ERRORS_KEPT = 1000
 """Errors listed in a scan's stats and logged one by one; the rest are only counted."""
@@ -138,6 +145,8 @@ class _Job:
 
     entry: FileEntry
     old: FileRecord | None
+    hashed: HashOutcome | None = None
+    """Already hashed (by the worker that merged its key range)."""
 
 
 class Reconciler:
@@ -305,6 +314,10 @@ class _Run:
         self.pending: list[Change] = []
         self.deletions: set[RelPath] = set()
         self._last_unreadable: Unreadable | None = None
+        self._cuts: list[RelPath] | None = None
+        self._writing: threading.Thread | None = None
+        self._written: Applied | None = None
+        self._write_error: BaseException | None = None
         self.moved_from: set[RelPath] = set()
         self.chunk: list[_Job] = []
         self.chunk_bytes = 0
@@ -358,6 +371,13 @@ class _Run:
             writer.listeners = [f for f in writer.listeners if f is not note]
 
     def _merge(self) -> None:
+        try:
+            self._merge_all()
+        except BaseException:
+            self._drain()
+            raise
+
+    def _merge_all(self) -> None:
         rule = LookRule(self.algo, self.hashing, self.verify)
         if self._ranges_worthwhile():
             self._merge_in_workers(rule)
@@ -377,30 +397,48 @@ class _Run:
         while self.in_flight:
             self._collect_one()
         self._flush()
+        self._await_write()
         self._apply_deletions()
         if self.progress:
             self.progress(self.stats)
 
     def _ranges_worthwhile(self) -> bool:
-        """Merge in worker processes: a whole tree with enough records to repay starting
-        them, a store they can open, and at least two of them. A ``--verify`` scan hashes
-        every file, so its merge is never what it waits for."""
-        return (
-            not self.prefix
-            and not self.verify
-            and self.record_count >= PARALLEL_MIN_RECORDS
-            and self.settings.max_concurrency >= 2
-            and ":memory:" not in self.store.url
-        )
+        """Merge (and hash) key ranges in worker processes: a whole tree, worth starting
+        them for, a store they can open, and at least two of them.
+
+        Worth it: a rescan of ``PARALLEL_MIN_RECORDS`` records or more, or a first index of
+        a tree whose top levels hold ``PARALLEL_MIN_DIRS`` directories (its size is not
+        known yet, and a photo library's folders are a fair sign of it).
+        """
+        if self.prefix or self.settings.max_concurrency < 2 or ":memory:" in self.store.url:
+            return False
+        if self.record_count >= PARALLEL_MIN_RECORDS:
+            return True
+        if self.record_count:
+            return False
+        self._cuts = plan_ranges(self.repo.root, self.writer.rules, INITIAL_RANGES)
+        return len(self._cuts) + 1 >= PARALLEL_MIN_DIRS
 
     def _merge_in_workers(self, rule: LookRule) -> None:
         pool = self.owner._hash_pool()
-        cuts = plan_ranges(self.repo.root, self.writer.rules, RANGES_PER_WORKER * pool.workers)
-        bounds: list[RelPath | None] = [b"", *cuts, None]
+        if self._cuts is None:
+            # About RANGE_FILES files a range: big enough to repay a task, small enough that
+            # a range's differences (a first index: every file) stay a few megabytes.
+            parts = max(RANGES_PER_WORKER * pool.workers, self.record_count // RANGE_FILES)
+            self._cuts = plan_ranges(self.repo.root, self.writer.rules, min(parts, MAX_RANGES))
+        bounds: list[RelPath | None] = [b"", *self._cuts, None]
         keep = self._keep()
         tasks = [
             RangeTask(
-                self.store.url, self.repo.id, self.repo.root, self.writer.rules, rule, lo, hi, keep
+                self.store.url,
+                self.repo.id,
+                self.repo.root,
+                self.writer.rules,
+                rule,
+                lo,
+                hi,
+                keep,
+                hash_looks=self.hashing,
             )
             for lo, hi in zip(bounds, bounds[1:], strict=False)
             if lo is not None
@@ -425,7 +463,7 @@ class _Run:
 
     def _take(self, item: MergeItem) -> None:
         if type(item) is Look:
-            self._compare(item.entry, item.old)
+            self._compare(item.entry, item.old, item.hashed)
         elif type(item) is Absent:
             if item.path not in self.moved_from:
                 self.deletions.add(item.path)
@@ -449,7 +487,9 @@ class _Run:
         # Called for the few records the merge hands over, not for every file.
         return is_racy(old.stat.mtime_ns, datetime_to_ns(old.last_scanned))
 
-    def _compare(self, entry: FileEntry, old: FileRecord | None) -> None:
+    def _compare(
+        self, entry: FileEntry, old: FileRecord | None, hashed: HashOutcome | None = None
+    ) -> None:
         if not self.hashing:
             if old is None:
                 self._emit(Change(ChangeKind.CREATED, entry.path, self._record(entry, None)))
@@ -469,7 +509,7 @@ class _Run:
             or old.digest.algo != self.algo
             or self._racy(old)
         ):
-            self._queue(_Job(entry, old))
+            self._queue(_Job(entry, old, hashed))
 
     def _record(
         self, entry: FileEntry, digest: Digest | None, stat: FileStat | None = None
@@ -479,7 +519,8 @@ class _Run:
     # --- hashing pipeline ---------------------------------------------------------------
     def _queue(self, job: _Job) -> None:
         self.chunk.append(job)
-        self.chunk_bytes += job.entry.stat.size
+        if job.hashed is None:
+            self.chunk_bytes += job.entry.stat.size
         if len(self.chunk) >= CHUNK_FILES or self.chunk_bytes >= CHUNK_BYTES:
             self._dispatch_chunk(final=False)
 
@@ -488,6 +529,10 @@ class _Run:
         if not jobs:
             return
         jobs = self._detect_moves(jobs)
+        if any(j.hashed is not None for j in jobs):
+            done = [j for j in jobs if j.hashed is not None]
+            self._finish_jobs(done, [j.hashed for j in done if j.hashed is not None])
+            jobs = [j for j in jobs if j.hashed is None]
         if not jobs:
             return
         paths = [self.repo.root + b"/" + j.entry.path for j in jobs]
@@ -519,6 +564,7 @@ class _Run:
         new = [j for j in jobs if j.old is None]
         if not new:
             return jobs
+        self._await_write()  # the records of this run's batches count too
         by_inode: dict[int, list[FileRecord]] = collections.defaultdict(list)
         for r in self.store.records_by_inode(self.repo.id, [j.entry.stat.inode for j in new]):
             by_inode[r.stat.inode].append(r)
@@ -612,10 +658,36 @@ class _Run:
             self._flush()
 
     def _flush(self) -> None:
+        """Hand the pending changes to the writer, in a thread of their own: the database's
+        work on batch n (SQLite's and psycopg's C code, outside the GIL) overlaps the walk,
+        the hashing pipeline and the building of batch n + 1. One batch in flight at most,
+        so batches are written in order and a failure surfaces at the next flush."""
         batch, self.pending = self.pending, []
         if not batch:
             return
-        applied = self.writer.apply(batch)
+        self._await_write()
+        self._writing = threading.Thread(
+            target=self._write, args=(batch,), name="reconcile-writer", daemon=True
+        )
+        self._writing.start()
+
+    def _write(self, batch: list[Change]) -> None:
+        try:
+            self._written = self.writer.apply(batch)
+        except BaseException as exc:
+            self._write_error = exc
+
+    def _await_write(self) -> None:
+        """Wait for the batch in flight; count what it wrote, or raise what it raised."""
+        thread, self._writing = self._writing, None
+        if thread is None:
+            return
+        thread.join()
+        error, self._write_error = self._write_error, None
+        if error is not None:
+            raise error
+        applied, self._written = self._written, None
+        assert applied is not None
         self.stats.unsettled += len(applied.dropped)
         for change in applied.changes:
             kind = change.kind
@@ -630,6 +702,14 @@ class _Run:
                 self.stats.files_moved += 1
             elif kind is ChangeKind.DELETED:
                 self.stats.files_removed += 1
+
+    def _drain(self) -> None:
+        """After a failure: let the batch in flight finish, so nothing is written after the
+        reconciliation has returned; its own error, if any, is logged, not raised."""
+        try:
+            self._await_write()
+        except Exception:
+            log.exception("Repository %s: a batch failed while the scan was failing", self.repo.id)
 
     def _apply_deletions(self) -> None:
         if not self.deletions:
@@ -649,3 +729,4 @@ class _Run:
         for path in sorted(self.deletions):
             self._emit(Change(ChangeKind.DELETED, path))
         self._flush()
+        self._await_write()
