@@ -11,17 +11,22 @@ import logging
 import os
 import random
 import shutil
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import fsledger.merge
 import fsledger.reconcile
 from fsledger.config import Settings
-from fsledger.errors import StoreError
+from fsledger.errors import RootUnavailable, StoreError
 from fsledger.ignore import IgnoreRules
 from fsledger.ledger import Ledger
 from fsledger.merge import Absent, Look, LookRule, Merge, plan_ranges
 from fsledger.model import ScanStats
+from fsledger.store import open_store
 from fsledger.store.base import Store
 from fsledger.walk import FileEntry, walk
 from test_reconcile import assert_exact, no_change, p
@@ -202,3 +207,48 @@ def test_a_store_failure_in_a_worker_fails_the_scan(
         assert store.count_records(repo.id) == before
         (op,) = store.recent_operations(repo.id, 1)
         assert op.status.value == "failed"
+
+
+def _hang(path: bytes, algo: str = "blake3", threads: int = 1) -> Any:
+    time.sleep(30)  # a read stuck on a dead network mount
+    raise AssertionError("unreachable within the test")
+
+
+def test_a_stalled_range_fails_the_scan_without_deleting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker stuck in a read (a hung mount) cannot be interrupted: after five hash
+    timeouts without a result the scan gives up as 'root unavailable', deletes nothing and
+    is marked failed; the next scan, with the mount back, completes.
+
+    SQLite only: the store does not matter here, and only a single-threaded process (no
+    PostgreSQL pool threads) forks its workers, which is how they get the hanging function.
+    """
+    store = open_store("sqlite://" + str(tmp_path / "ledger.db"))
+    monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_RECORDS", 1)
+    tree = os.fsencode(str(tmp_path / "photos"))
+    photo_tree(tree, files=100)
+    settings = Settings(database_url=store.url, max_concurrency=2, hash_timeout_s=0.4)
+    ledger = Ledger(settings, store)
+    try:
+        repo = ledger.add_repository(tree)
+        ledger.scan(repo)
+        before = store.count_records(repo.id)
+        make_tree(tree, {"2004/new.jpg": b"new"})
+        shutil.rmtree(p(tree, "2005"))
+        # Workers start as forks of this process (single-threaded here), so new ones see the
+        # hanging hash function.
+        ledger.reconciler.close()
+        assert threading.active_count() == 1, "workers would not inherit the patch"
+        monkeypatch.setattr(fsledger.merge, "hash_file", _hang)
+        started = time.monotonic()
+        with pytest.raises(RootUnavailable, match="stopped answering"):
+            ledger.scan(repo)
+        assert time.monotonic() - started < 15
+        assert store.count_records(repo.id) == before
+        assert store.recent_operations(repo.id, 1)[0].status.value == "failed"
+        monkeypatch.undo()
+        assert ledger.scan(repo).errors == []
+        assert_exact(ledger, repo)
+    finally:
+        ledger.close()

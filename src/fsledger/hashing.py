@@ -159,10 +159,23 @@ class HashPool:
                 self._pool = _context().Pool(self.workers, initializer=_worker_init)
             return self._pool
 
-    def map_ordered(self, fn: Callable[[_T], _R], tasks: Sequence[_T]) -> Iterator[_R]:
+    def map_ordered(
+        self, fn: Callable[[_T], _R], tasks: Sequence[_T], stall_s: float
+    ) -> Iterator[_R]:
         """Run ``fn`` over ``tasks`` in the workers, yielding results in the tasks' order as
-        they complete (a scan's key ranges: see ``fsledger.merge``)."""
-        return self._get_pool().imap(fn, tasks, chunksize=1)
+        they complete (a scan's key ranges: see ``fsledger.merge``).
+
+        Raises:
+            TimeoutError: no next result came for ``stall_s`` seconds (a read stuck on a dead
+                network mount cannot be interrupted): the workers are abandoned.
+        """
+        results = self._get_pool().imap(fn, tasks, chunksize=1)
+        for _task in tasks:
+            try:
+                yield results.next(stall_s)
+            except multiprocessing.TimeoutError:
+                self._abandon()
+                raise TimeoutError(f"no result for {stall_s:.0f}s") from None
 
     def budget(self, sizes: Sequence[int]) -> float:
         """Seconds a chunk of files of these sizes may take: the timeout plus 20 s a GiB."""

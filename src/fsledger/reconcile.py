@@ -78,6 +78,8 @@ PARALLEL_MIN_DIRS = 32
 """A first index goes to worker processes when the tree's top levels hold this many folders."""
 RANGES_PER_WORKER = 4
 """Ranges a worker gets at least: several, so that uneven subtrees even out."""
+RANGE_STALL_FACTOR = 5
+"""A scan fails when no key range completes within this many hash timeouts."""
 RANGE_FILES = 10_000
 MAX_RANGES = 512
 INITIAL_RANGES = 64
@@ -444,13 +446,20 @@ class _Run:
             if lo is not None
         ]
         log.debug("Repository %s: merging %d key ranges in workers", self.repo.id, len(tasks))
-        for result in pool.map_ordered(merge_range, tasks):
-            for item in result.items:
-                self._take(item)
-            self.stats.files_scanned += result.scanned
-            self.stats.skipped_special += result.specials
-            if self.progress:
-                self.progress(self.stats)
+        stall = RANGE_STALL_FACTOR * self.settings.hash_timeout_s
+        try:
+            for result in pool.map_ordered(merge_range, tasks, stall):
+                for item in result.items:
+                    self._take(item)
+                self.stats.files_scanned += result.scanned
+                self.stats.skipped_special += result.specials
+                if self.progress:
+                    self.progress(self.stats)
+        except TimeoutError as exc:
+            raise RootUnavailable(
+                f"repository {self.repo.name!r}: part of {self.repo.root_str} stopped answering "
+                f"({exc}; a hung network mount?). Nothing was deleted; the next scan retries."
+            ) from exc
 
     def _keep(self) -> Mapping[RelPath, str] | None:
         """Directories to walk as unreadable: filesystems mounted there at the last scan and
