@@ -111,6 +111,11 @@ class SqlStore:
     def _ts_out(self, value: Any) -> datetime:
         return value if isinstance(value, datetime) else _parse_ts(value)
 
+    def _fetch_rows(self, cur: Cursor, query: str, params: Sequence[Any]) -> list[Any]:
+        """Run a query that returns many rows (a rescan's records) and fetch them all."""
+        cur.execute(query, params)
+        return cur.fetchall()
+
     def _blob_out(self, value: Any) -> bytes:
         return bytes(value)
 
@@ -296,19 +301,13 @@ class SqlStore:
         after: RelPath | None = None
         while True:
             with self._tx() as cur:
-                if after is None:
-                    cur.execute(
-                        f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
-                        f"AND file_path >= ?{bounds} ORDER BY file_path LIMIT ?",
-                        (rid, lo, *tail, page),
-                    )
-                else:
-                    cur.execute(
-                        f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
-                        f"AND file_path > ?{bounds} ORDER BY file_path LIMIT ?",
-                        (rid, after, *tail, page),
-                    )
-                rows = cur.fetchall()
+                op, start = (">=", lo) if after is None else (">", after)
+                rows = self._fetch_rows(
+                    cur,
+                    f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
+                    f"AND file_path {op} ?{bounds} ORDER BY file_path LIMIT ?",
+                    (rid, start, *tail, page),
+                )
             for path, size, mtime_ns, ctime_ns, inode, chash, algo, raw in rows:
                 ts = scanned.get(raw)
                 if ts is None:
