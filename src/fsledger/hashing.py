@@ -7,7 +7,9 @@ recorded with a hash of content it no longer has.
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.pool
@@ -165,17 +167,35 @@ class HashPool:
         """Run ``fn`` over ``tasks`` in the workers, yielding results in the tasks' order as
         they complete (a scan's key ranges: see ``fsledger.merge``).
 
+        At most two tasks per worker are submitted ahead of the result being consumed: a
+        consumer slower than the workers (the writer of a first index) must not find every
+        range's results piled up in its memory.
+
         Raises:
             TimeoutError: no next result came for ``stall_s`` seconds (a read stuck on a dead
                 network mount cannot be interrupted): the workers are abandoned.
         """
-        results = self._get_pool().imap(fn, tasks, chunksize=1)
-        for _task in tasks:
+        pool = self._get_pool()
+        ahead = 2 * self.workers
+        pending: collections.deque[multiprocessing.pool.AsyncResult[_R]] = collections.deque()
+        queued = iter(tasks)
+        for task in itertools.islice(queued, ahead):
+            pending.append(pool.apply_async(fn, (task,)))
+        while pending:
             try:
-                yield results.next(stall_s)
+                result = pending.popleft().get(stall_s)
             except multiprocessing.TimeoutError:
                 self._abandon()
                 raise TimeoutError(f"no result for {stall_s:.0f}s") from None
+            for task in itertools.islice(queued, 1):
+                pending.append(pool.apply_async(fn, (task,)))
+            yield result
+
+    def start(self) -> None:
+        """Start the workers now rather than at the first task: from a single-threaded
+        process they are forks, and a fork taken before the store has filled its page cache
+        does not carry that cache into every worker's memory."""
+        self._get_pool()
 
     def budget(self, sizes: Sequence[int]) -> float:
         """Seconds a chunk of files of these sizes may take: the timeout plus 20 s a GiB."""

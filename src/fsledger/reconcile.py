@@ -207,6 +207,8 @@ class Reconciler:
         repo = writer.repo
         started = utcnow()
         t0 = time.monotonic()
+        if not prefix and self.settings.max_concurrency >= 2:
+            self._hash_pool().start()
         record_count = self.store.count_records(repo.id)
         has_records = record_count > 0
         op = self.store.start_operation(repo.id, op_type, owner_tag(), started) if record else None
