@@ -908,6 +908,9 @@ def test_directory_renamed_by_the_watcher_behind_the_scan(
     root = tmp_path / "photos"
     make_tree(root, 600, size=200)
     real_walk = fsledger.reconcile.walk
+    # The walk is replaced in this process, so the first index must merge here, not in
+    # worker processes (the re-walk of a renamed directory is the same code either way).
+    monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_DIRS", 10**9)
     settings = Settings(database_url=store_url, max_concurrency=2)
     with Ledger(settings, store) as ledger:
         repo = ledger.add_repository(root)
