@@ -37,9 +37,11 @@ from fsledger.errors import (
     RepositoryExists,
     StoreUnavailable,
 )
+from fsledger.hashing import HashPool
 from fsledger.ledger import Ledger, normalize_root
 from fsledger.manager import LiveFactory, LiveSource, ResyncCallback, SyncManager
 from fsledger.model import FeedEntry, OperationType, RepoSettings, Repository, ScanStats
+from fsledger.reconcile import start_workers
 
 log = logging.getLogger("fsledger")
 
@@ -74,12 +76,19 @@ class Context:
             self._ledger = _open_ledger(self.settings)
         return self._ledger
 
+    def scanning_ledger(self) -> Ledger:
+        """The ledger, for a command that scans: its workers start first, as plain forks of
+        this still single-threaded process (see ``start_workers``)."""
+        if self._ledger is None:
+            self._ledger = _open_ledger(self.settings, pool=start_workers(self.settings))
+        return self._ledger
+
     def close(self) -> None:
         if self._ledger is not None:
             self._ledger.close()
 
 
-def _open_ledger(settings: Settings, attempts: int = 3) -> Ledger:
+def _open_ledger(settings: Settings, attempts: int = 3, pool: HashPool | None = None) -> Ledger:
     """Open the store, retrying a database that is briefly unreachable."""
     try:
         for attempt in Retrying(
@@ -89,7 +98,7 @@ def _open_ledger(settings: Settings, attempts: int = 3) -> Ledger:
             reraise=True,
         ):
             with attempt:
-                return Ledger(settings)
+                return Ledger(settings, pool=pool)
     except RetryError as exc:  # pragma: no cover - reraise=True re-raises the last error
         raise StoreUnavailable(str(exc)) from exc
     raise AssertionError("unreachable")
@@ -195,7 +204,7 @@ def repo_add(
     as_json: bool,
 ) -> None:
     """Add PATH as a repository and index it."""
-    ledger = ctx.ledger
+    ledger = ctx.ledger if no_scan else ctx.scanning_ledger()
     try:
         repository = ledger.add_repository(path, name, RepoSettings(ignore_patterns=ignore))
     except RepositoryExists:
@@ -275,6 +284,7 @@ def _repos(ctx: Context, refs: tuple[str, ...]) -> list[Repository]:
 @_guard
 def scan(ctx: Context, refs: tuple[str, ...], verify: bool, force: bool, as_json: bool) -> None:
     """Reconcile repositories with the disk (all of them without REPO)."""
+    ctx.scanning_ledger()
     corrupt = 0
     failure: FsledgerError | None = None
     for repository in _repos(ctx, refs):

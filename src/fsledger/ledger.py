@@ -24,6 +24,7 @@ from fsledger.errors import (
     RepositoryNotFound,
     RootUnavailable,
 )
+from fsledger.hashing import HashPool
 from fsledger.ignore import IgnoreRules
 from fsledger.model import (
     FileRecord,
@@ -61,12 +62,21 @@ class Ledger:
     Args:
         settings: the configuration, read once at the edge.
         store: an open store; opened from ``settings.database_url`` when omitted.
+        pool: the reconciler's worker processes, when started beforehand
+            (``fsledger.reconcile.start_workers``).
     """
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: Store | None = None, pool: HashPool | None = None
+    ) -> None:
         self.settings = settings
-        self.store = store or open_store(settings.database_url)
-        self.reconciler = Reconciler(self.store, settings)
+        try:
+            self.store = store or open_store(settings.database_url)
+        except BaseException:
+            if pool is not None:
+                pool.close()
+            raise
+        self.reconciler = Reconciler(self.store, settings, pool)
         self._writers: dict[UUID, RepoWriter] = {}
         self._lock = threading.Lock()
 

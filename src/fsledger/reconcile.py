@@ -64,7 +64,7 @@ from fsledger.writer import Applied, RepoWriter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RACY_WINDOW_NS", "Reconciler", "check_root", "owner_tag"]
+__all__ = ["RACY_WINDOW_NS", "Reconciler", "check_root", "owner_tag", "start_workers"]
 
 CHUNK_FILES = 128
 CHUNK_BYTES = 64 << 20
@@ -152,17 +152,18 @@ class _Job:
 
 
 class Reconciler:
-    """Runs reconciliations. Owns (lazily) the worker processes that hash.
+    """Runs reconciliations. Owns (lazily) the worker processes that merge and hash.
 
     Args:
         store: the ledger.
         settings: batch size, concurrency, hashing choices.
+        pool: worker processes started beforehand (see ``start_workers``); owned from here.
     """
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, pool: HashPool | None = None) -> None:
         self.store = store
         self.settings = settings
-        self._pool: HashPool | None = None
+        self._pool = pool
 
     def close(self) -> None:
         if self._pool is not None:
@@ -267,6 +268,24 @@ class Reconciler:
             stats.duration_ms / 1000,
         )
         return stats
+
+
+def start_workers(settings: Settings) -> HashPool | None:
+    """Start a reconciler's worker processes ahead of the store (for ``Reconciler(pool=)``).
+
+    A command that is about to scan calls this first: from a process that has no threads yet
+    (no database pool) the workers are plain forks, which start at once with everything
+    already imported, where a forkserver would start a new interpreter. ``None`` when there
+    is nothing to gain (one worker).
+    """
+    if settings.max_concurrency < 2:
+        return None
+    from fsledger.store import import_backend
+
+    import_backend(settings.database_url)  # imported once, here, not once per worker
+    pool = HashPool(settings.max_concurrency, settings.hash_algo, settings.hash_timeout_s)
+    pool.start()
+    return pool
 
 
 def _with_dev(repo: Repository, dev: int) -> Repository:

@@ -7,6 +7,15 @@ from fsledger.store.base import Store
 from fsledger.store.redact import redact_url
 
 
+def import_backend(url: str) -> None:
+    """Import the driver of the store a URL names, without connecting (unknown URLs: nothing;
+    ``open_store`` reports them)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        import fsledger.store.postgres  # noqa: F401
+    elif url.startswith("sqlite:///"):
+        import fsledger.store.sqlite  # noqa: F401
+
+
 def open_store(url: str) -> Store:
     """Open (and migrate) the store a URL names.
 
@@ -32,4 +41,4 @@ def open_store(url: str) -> Store:
     )
 
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Store", "import_backend", "open_store"]
