@@ -96,6 +96,10 @@ class SqlStore:
         """A cursor inside one transaction: committed on success, rolled back on error."""
         raise NotImplementedError
 
+    def _read(self) -> AbstractContextManager[Cursor]:
+        """A cursor inside a transaction that only reads (one consistent snapshot)."""
+        return self._tx()
+
     def _uuid_in(self, value: UUID) -> Any:
         return value
 
@@ -230,13 +234,13 @@ class SqlStore:
     )
 
     def get_repository(self, repo_id: UUID) -> Repository | None:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(self._REPO_SELECT + " WHERE id = ?", (self._uuid_in(repo_id),))
             row = cur.fetchone()
         return self._repo(row) if row else None
 
     def list_repositories(self) -> list[Repository]:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(self._REPO_SELECT + " ORDER BY name")
             return [self._repo(r) for r in cur.fetchall()]
 
@@ -260,7 +264,7 @@ class SqlStore:
             lo, hi = prefix_range(prefix.rstrip(b"/"))
             where.append("file_path >= ? AND file_path < ?")
             params += [lo, hi]
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 f"SELECT {_RECORD_COLS} FROM file_records WHERE {' AND '.join(where)} "
                 "ORDER BY file_path LIMIT ?",
@@ -281,7 +285,7 @@ class SqlStore:
                 return
 
     def get_record(self, repo_id: UUID, path: RelPath) -> FileRecord | None:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
                 "AND file_path = ?",
@@ -290,11 +294,29 @@ class SqlStore:
             row = cur.fetchone()
         return self._record(row) if row else None
 
+    def get_records(self, repo_id: UUID, paths: Sequence[RelPath]) -> dict[RelPath, FileRecord]:
+        out: dict[RelPath, FileRecord] = {}
+        if not paths:
+            return out
+        with self._read() as cur:
+            for i in range(0, len(paths), 500):
+                chunk = paths[i : i + 500]
+                marks = ", ".join("?" * len(chunk))
+                cur.execute(
+                    f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
+                    f"AND file_path IN ({marks})",
+                    (self._uuid_in(repo_id), *chunk),
+                )
+                for row in cur.fetchall():
+                    record = self._record(row)
+                    out[record.path] = record
+        return out
+
     def records_by_inode(self, repo_id: UUID, inodes: Sequence[int]) -> list[FileRecord]:
         if not inodes:
             return []
         out: list[FileRecord] = []
-        with self._tx() as cur:
+        with self._read() as cur:
             for i in range(0, len(inodes), 500):
                 chunk = [inode_in(n) for n in inodes[i : i + 500]]
                 marks = ", ".join("?" * len(chunk))
@@ -307,7 +329,7 @@ class SqlStore:
         return out
 
     def count_records(self, repo_id: UUID) -> int:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 "SELECT count(*) FROM file_records WHERE repository_id = ?",
                 (self._uuid_in(repo_id),),
@@ -520,7 +542,7 @@ class SqlStore:
             )
 
     def recent_operations(self, repo_id: UUID | None, limit: int) -> list[SyncOperation]:
-        with self._tx() as cur:
+        with self._read() as cur:
             if repo_id is None:
                 cur.execute(
                     f"SELECT {_OP_COLS} FROM sync_operations ORDER BY start_time DESC, id DESC "
@@ -536,7 +558,7 @@ class SqlStore:
             return [self._op(r) for r in cur.fetchall()]
 
     def running_operations(self) -> list[tuple[SyncOperation, str]]:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 f"SELECT {_OP_COLS}, owner FROM sync_operations WHERE status = ?",
                 (OperationStatus.RUNNING.value,),
@@ -544,7 +566,7 @@ class SqlStore:
             return [(self._op(r), r[12] or "") for r in cur.fetchall()]
 
     def last_completed_scan(self, repo_id: UUID) -> datetime | None:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 "SELECT max(start_time) FROM sync_operations WHERE repository_id = ? "
                 "AND status = ? AND operation_type <> ?",
@@ -561,7 +583,7 @@ class SqlStore:
     def changes_since(
         self, after_seq: int, limit: int, repo_id: UUID | None = None
     ) -> list[FeedEntry]:
-        with self._tx() as cur:
+        with self._read() as cur:
             if repo_id is None:
                 cur.execute(
                     f"SELECT {_FEED_COLS} FROM change_log WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -576,7 +598,7 @@ class SqlStore:
             return [self._feed(r) for r in cur.fetchall()]
 
     def latest_seq(self) -> int:
-        with self._tx() as cur:
+        with self._read() as cur:
             return self._latest_seq(cur)
 
     def _latest_seq(self, cur: Cursor) -> int:
@@ -588,7 +610,7 @@ class SqlStore:
         return max(latest, int(row[0]) if row else 0)
 
     def feed_info(self) -> FeedInfo:
-        with self._tx() as cur:
+        with self._read() as cur:
             latest = self._latest_seq(cur)
             cur.execute("SELECT feed_id, pruned_through FROM feed_state WHERE id = 1")
             feed_id, pruned = cur.fetchone()
@@ -617,7 +639,7 @@ class SqlStore:
             return removed
 
     def get_consumer_cursor(self, name: str) -> int | None:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute("SELECT seq FROM feed_consumers WHERE name = ?", (name,))
             row = cur.fetchone()
         return int(row[0]) if row else None
@@ -640,7 +662,7 @@ class SqlStore:
         if repo_id is not None:
             where += " AND repository_id = ?"
             params.append(self._uuid_in(repo_id))
-        with self._tx() as cur:
+        with self._read() as cur:
             # Same hash and algorithm means same content; size is in the key only so that
             # waste can be computed (equal content has equal size).
             cur.execute(

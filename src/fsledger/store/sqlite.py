@@ -7,7 +7,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -35,9 +35,11 @@ class SqliteStore(SqlStore):
     """``Store`` on one SQLite file.
 
     One connection, guarded by a lock: SQLite has one writer at a time anyway, and
-    WAL lets other processes (a CLI next to the daemon) read meanwhile. Every
+    WAL lets other processes (a CLI next to the daemon) read meanwhile. Every writing
     transaction is ``BEGIN IMMEDIATE`` so a write never upgrades from a read lock
-    (which SQLite would refuse rather than wait for).
+    (which SQLite would refuse rather than wait for); a reading one is a plain
+    (deferred) ``BEGIN``, which in WAL mode takes no lock a writer waits for: a reader
+    polling from another process must not stall the daemon's writes (nor they it).
     """
 
     def __init__(self, path: str) -> None:
@@ -64,12 +66,18 @@ class SqliteStore(SqlStore):
             raise _translate(exc, path) from exc
         self.migrate()
 
+    def _tx(self) -> AbstractContextManager[Cursor]:
+        return self._transaction("BEGIN IMMEDIATE")
+
+    def _read(self) -> AbstractContextManager[Cursor]:
+        return self._transaction("BEGIN")
+
     @contextmanager
-    def _tx(self) -> Iterator[Cursor]:
+    def _transaction(self, begin: str) -> Iterator[Cursor]:
         with self._lock:
             try:
                 cur = self._conn.cursor()
-                cur.execute("BEGIN IMMEDIATE")
+                cur.execute(begin)
                 try:
                     yield cur
                 except BaseException:
