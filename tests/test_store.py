@@ -393,6 +393,21 @@ def test_records_by_inode_many(store: Store, repo: Repository) -> None:
     assert store.count_records(repo.id) == 1203
 
 
+def test_get_records_by_path(store: Store, repo: Repository) -> None:
+    """Many paths in one call (more than one IN (...) list), missing ones left out, and
+    nothing of another repository."""
+    recs = [make_record(b"d/f%05d" % i) for i in range(1203)]
+    store.apply(repo.id, [Change(ChangeKind.CREATED, r.path, r) for r in recs])
+    other = make_repo("other", b"/srv/other")
+    store.add_repository(other)
+    x = make_record(b"x")
+    store.apply(other.id, [Change(ChangeKind.CREATED, x.path, x)])
+    asked = [b"missing", b"x", *(r.path for r in recs), b"d"]
+    assert store.get_records(repo.id, asked) == {r.path: r for r in recs}
+    assert store.get_records(repo.id, []) == {}
+    assert store.get_records(other.id, asked) == {b"x": x}
+
+
 # --- sync operations ------------------------------------------------------------------
 
 
