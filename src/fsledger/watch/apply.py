@@ -170,11 +170,13 @@ class Applier:
     def _file_moves(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:
         changes: list[Change] = []
         now = utcnow()
+        sources = [job.src for job in work.moves if job.src is not None]
+        records = self.store.get_records(repo.id, sources)  # as before any of them is written
         for job in work.moves:
             src, dst = job.src, job.dst
             if src is None or dst is None or src == dst:
                 continue
-            old = self.store.get_record(repo.id, src)
+            old = records.get(src)
             if old is None:
                 continue
             if self.settings.calculate_hashes and (
@@ -311,25 +313,28 @@ class Applier:
 
     # --- 4. dirty paths --------------------------------------------------------------------
     def _dirty(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:
+        """Look at the dirty paths a batch at a time: one query for the batch's records, then
+        each path's lstat (and hash), then one transaction for what changed."""
         looked: set[RelPath] = set()
         while work.dirty:
-            batch: list[Change] = []
-            jobs: list[DirtyJob] = []
-            for job in work.dirty:
-                jobs.append(job)
+            jobs = work.dirty[: self.apply_batch]
+            todo: list[DirtyJob] = []
+            for job in jobs:
                 work.seen_dirty.append(job)
                 if job.path in looked or any(below(job.path, top) for top in work.covered):
                     continue  # looked at already, or reconciled after the event was read
                 looked.add(job.path)
-                change, again = self._look(repo, job.path, job.dirty, work)
+                todo.append(job)
+            records = self.store.get_records(repo.id, [job.path for job in todo])
+            batch: list[Change] = []
+            for job in todo:
+                change, again = self._look(repo, job.path, records.get(job.path), job.dirty, work)
                 stats.files_scanned += 1
                 if again and job.key is not None:
                     with self.lock:
                         repo.pending.requeue(job.key, time.monotonic() + self.debounce_s, job.dirty)
                 if change is not None:
                     batch.append(change)
-                    if len(batch) >= self.apply_batch:
-                        break
             self._commit_dirty(repo, batch, jobs, stats)
             del work.dirty[: len(jobs)]
 
@@ -357,10 +362,10 @@ class Applier:
             job.dirty.closed_at = None
 
     def _look(
-        self, repo: RepoWatch, path: RelPath, dirty: Dirty, work: Work
+        self, repo: RepoWatch, path: RelPath, old: FileRecord | None, dirty: Dirty, work: Work
     ) -> tuple[Change | None, bool]:
-        """What the disk says about ``path`` now, as a change to its record (if any), and
-        whether to look again later (it changed while it was being hashed)."""
+        """What the disk says about ``path`` now, as a change to its record ``old`` (if any),
+        and whether to look again later (it changed while it was being hashed)."""
         full = repo.full(path)
         try:
             st: os.stat_result | None = os.lstat(full)
@@ -374,7 +379,6 @@ class Applier:
                 )
                 return None, False
             st = None
-        old = self.store.get_record(repo.id, path)
         if st is None or not stat_mod.S_ISREG(st.st_mode):
             return (Change(ChangeKind.DELETED, path) if old is not None else None), False
         key = FileStat.from_stat(st)
