@@ -76,10 +76,12 @@ BUSY_READ_TIMEOUT_S = 0.005
 BURST_ITEMS = 32
 HOLD_MIN_S = 0.005
 MAX_HOLD_S = 0.1
-"""While passes keep finding ``BURST_ITEMS`` or more, the pause before the next one doubles
+"""While passes keep finding ``BURST_ITEMS`` or more, the spacing of their starts doubles
 from ``HOLD_MIN_S`` up to ``MAX_HOLD_S`` (and resets after a small pass or a lull): single
 files and trickles are written within the settle window, a burst (``tar -x``) becomes a
-few large transactions a second."""
+few large transactions a second. Spacing starts, not a pause after each pass: a pass that
+took longer than the hold let the next batch grow meanwhile, and waiting more would only
+idle the applier while the burst piles up."""
 FOREIGN_WINDOW_S = 60.0
 """How long other writers' changes are remembered (against renames not yet written)."""
 
@@ -341,7 +343,7 @@ class Watcher:
 
     # === processing =======================================================================
     def _apply_loop(self) -> None:
-        hold, last_end = 0.0, 0.0
+        hold, last_start, last_end = 0.0, 0.0, 0.0
         while not self._stop.is_set():
             try:
                 with self._cond:
@@ -350,12 +352,13 @@ class Watcher:
                         hold = 0.0  # a lull: the next change is written at once
                     delay = self._next_delay(now)
                     if delay is not None:
-                        delay = max(delay, last_end + hold - now)
+                        delay = max(delay, last_start + hold - now)
                     if delay is None or delay > 0:
                         self._cond.wait(min(delay if delay is not None else 1.0, 1.0))
                         continue
                 if self._stop.is_set():
                     break
+                last_start = time.monotonic()
                 taken = self._process(force=False)
                 last_end = time.monotonic()
                 if taken >= BURST_ITEMS:
