@@ -19,6 +19,9 @@ from fsledger.store.sql import Cursor, SqlStore
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_INTERVAL_S = 1.0
+"""How often the checkpointer copies the WAL back into the database (see ``_Checkpointer``)."""
+
 
 def _translate(exc: sqlite3.Error, path: str) -> StoreError:
     text = str(exc)
@@ -58,6 +61,8 @@ class SqliteStore(SqlStore):
             )
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
+            if path != ":memory:":
+                self._conn.execute("PRAGMA wal_autocheckpoint=0")  # _Checkpointer does it
         except OSError as exc:
             raise StoreUnavailable(
                 f"SQLite database {path} cannot be created: {exc.strerror or exc}"
@@ -65,6 +70,7 @@ class SqliteStore(SqlStore):
         except sqlite3.Error as exc:
             raise _translate(exc, path) from exc
         self.migrate()
+        self._checkpointer = _Checkpointer(path) if path != ":memory:" else None
 
     def _tx(self) -> AbstractContextManager[Cursor]:
         return self._transaction("BEGIN IMMEDIATE")
@@ -117,8 +123,43 @@ class SqliteStore(SqlStore):
         return FileLease.try_acquire(self.path, repo_id)
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         with self._lock:
             self._conn.close()
+
+
+class _Checkpointer:
+    """Copies a WAL database's log back into the database, on its own thread and connection.
+
+    SQLite's automatic checkpoint runs inside the commit that crosses its threshold: that
+    writer copies the log into the database and fsyncs it (tens of milliseconds every few
+    thousand rows) while it holds the store's lock, so a burst of live changes waited for
+    it. A PASSIVE checkpoint beside the writers takes no lock they wait for; a commit then
+    only appends to the log.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stop = threading.Event()
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._thread = threading.Thread(
+            target=self._run, name="fsledger-sqlite-checkpoint", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(CHECKPOINT_INTERVAL_S):
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as exc:
+                # Transient (the database is busy or being replaced); the next round retries.
+                log.debug("SQLite database %s: checkpoint failed: %s", self.path, exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(30.0)
+        self._conn.close()
 
 
 class _MemoryLease:
