@@ -60,7 +60,9 @@ def api_missing() -> str | None:
     return None
 
 
-def _wait(condition: Callable[[], bool], deadline_s: float, what: str) -> float:
+def _wait(
+    condition: Callable[[], bool], deadline_s: float, what: str, poll_s: float = POLL_S
+) -> float:
     """Poll ``condition`` until true; return the perf_counter time it became true."""
     end = time.perf_counter() + deadline_s
     while True:
@@ -68,7 +70,7 @@ def _wait(condition: Callable[[], bool], deadline_s: float, what: str) -> float:
             return time.perf_counter()
         if time.perf_counter() > end:
             raise TimeoutError(f"{what}: not seen within {deadline_s:.0f} s")
-        time.sleep(POLL_S)
+        time.sleep(poll_s)
 
 
 class Daemon:
@@ -204,6 +206,7 @@ def _burst_tarball(runner: StoreRun, files: int) -> Path:
 def measure_watcher(runner: StoreRun, burst_files: int = BURST_FILES) -> list[Measurement]:
     """Close-to-row and close-to-SSE latency over files written one at a time, then a
     ``tar -x`` burst."""
+    from fsledger.model import OperationStatus, OperationType, utcnow
     from fsledger.store import open_store
 
     store = open_store(runner.url)
@@ -214,12 +217,24 @@ def measure_watcher(runner: StoreRun, burst_files: int = BURST_FILES) -> list[Me
         repo = next(r for r in store.list_repositories() if r.name == REPO)
         content = ContentSource(runner.library.spec.seed + 2)
         live = runner.work / "9998" / "live"
+        launched = utcnow()
+
+        def startup_over() -> bool:
+            return any(
+                op.operation_type is OperationType.STARTUP
+                and op.start_time >= launched
+                and op.status is not OperationStatus.RUNNING
+                for op in store.recent_operations(repo.id, 10)
+            )
+
         with (
             daemon(runner, "--listen", f"127.0.0.1:{port}") as d,
             SseListener(events_url) as sse,
         ):
-            # Ready when the watcher sees a new folder and a file in it; a few more files
-            # (not counted) make sure the startup reconciliation is over.
+            # Measured once the daemon is in its steady state: its startup reconciliation
+            # (a rescan of the whole library, seconds long) is over, and the watcher sees
+            # a new folder and a file in it; a few more files are not counted.
+            _wait(startup_over, 300, "the startup reconciliation", poll_s=0.1)
             live.mkdir(parents=True)
             content.write(live / "READY.jpg", 0, 4096, time.time_ns())
             ready = b"9998/live/READY.jpg"
