@@ -73,6 +73,10 @@ READ_TIMEOUT_S = 0.1
 BUSY_READ_TIMEOUT_S = 0.005
 """Longest it blocks while work is pending: a pass waits for one read cycle (see
 ``_catch_up``)."""
+GATHER_S = 0.002
+"""After a read that found events while work is pending, how long the reader lets more
+gather before reading again: under a burst the kernel hands over a few events per read,
+and each read cycle (locks, wake-ups, expiry) costs more than the events in it."""
 BURST_ITEMS = 32
 HOLD_MIN_S = 0.005
 MAX_HOLD_S = 0.1
@@ -286,16 +290,19 @@ class Watcher:
     def _read_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._read_once()
+                if self._read_once():
+                    self._stop.wait(GATHER_S)
             except Exception:
                 log.exception("Watcher: reading events failed")
                 self._stop.wait(1.0)
 
-    def _read_once(self) -> None:
+    def _read_once(self) -> bool:
+        """One read cycle; returns whether it read events while work was pending."""
         with self._read_lock:
             with self._lock:
                 timeout = READ_TIMEOUT_S
-                if self._busy or any(s.pending for s in self._repos.values()):
+                busy = self._busy or any(s.pending for s in self._repos.values())
+                if busy:
                     timeout = BUSY_READ_TIMEOUT_S
                 oldest = self._events.oldest_unpaired()
                 if oldest is not None:
@@ -309,6 +316,7 @@ class Watcher:
                 self._read_cycles += 1
                 self._cond.notify_all()
         self._dispatch_resyncs()
+        return busy and bool(events)
 
     def _drain(self, expire: bool) -> None:
         with self._read_lock:
