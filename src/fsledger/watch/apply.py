@@ -264,6 +264,7 @@ class Applier:
         # is created during the scan is seen by one or the other.
         with self.lock:
             self.tree.watch(repo, path)
+            self._absorb_checks(repo, path, work)
         try:
             result = self.ledger.reconciler.reconcile(repo.writer, prefix=path, record=False)
         except RootUnavailable as exc:
@@ -291,6 +292,7 @@ class Applier:
         needed, its files join this pass's dirty paths (and its large batches)."""
         with self.lock:
             self.tree.watch(repo, path)
+            self._absorb_checks(repo, path, work)
         found = [i.path for i in walk(repo.repo.root, repo.rules, path) if isinstance(i, FileEntry)]
         with self.lock:
             wds = {p: repo.index.by_path.get(p) for p in {parent_of(f) for f in found}}
@@ -298,6 +300,23 @@ class Applier:
             wd = wds[parent_of(file)]
             key = (wd, file.rpartition(b"/")[2]) if wd is not None else None
             work.dirty.append(DirtyJob(key, file, Dirty(0.0)))
+
+    def _absorb_checks(self, repo: RepoWatch, top: RelPath, work: Work) -> None:
+        """Take the pending checks of directories in ``top``'s subtree (caller holds the lock):
+        the walk of ``top`` about to start covers them, as their watches are in place
+        already. Without this, a directory a burst keeps filling (``tar -x`` creating year,
+        month and event folders) is listed once with its parent, then, when its own check
+        comes due, reconciled again with records below it: seconds of rescanning a subtree
+        that is still growing, while the rest of the burst waits."""
+        pending = repo.pending
+        for path, wd in repo.index.subtree_wds(top):
+            if wd in pending.check_wds and wd not in work.frozen_wds:
+                del pending.check_wds[wd]
+                work.seen_checks.append(Check(path, wd))
+        for path in [p for p in pending.check_paths if under(p, top)]:
+            if not any(under(path, f) for f in work.frozen_paths):
+                del pending.check_paths[path]
+                work.seen_checks.append(Check(path, None))
 
     def _clear_below(self, repo: RepoWatch, path: RelPath, stats: ScanStats) -> None:
         if not path:

@@ -446,6 +446,7 @@ class Watcher:
                 if (path := tree.key_path(key)) is not None:
                     dirty.append(DirtyJob(key, path, entry))
         work = Work(pending.dir_moves, moves, checks, dirty)
+        work.frozen_wds, work.frozen_paths = frozen_wds, frozen_paths
         pending.dir_moves = []
         pending.file_moves = kept_moves
         return work if work else None
