@@ -1,13 +1,16 @@
 """The daemon's figures: live-watcher latency and burst, and the change feed over HTTP.
 
-The daemon is the real ``fsledger run`` in a subprocess. The benchmark observes the ledger
-the way another client would, through its own connection to the same database (polling
-``Store.get_record`` / ``count_records`` every millisecond), so a latency here is "file
-closed" to "row visible to a reader", commit included.
+The daemon is the real ``fsledger run`` in a subprocess, serving its HTTP API. The
+benchmark observes it the way other clients would, two ways at once: through its own
+connection to the same database (polling ``Store.get_record`` / ``count_records`` every
+millisecond), so close-to-row is "file closed" to "row visible to a reader", commit
+included; and as a subscriber of ``GET /api/v1/events``, so close-to-SSE is "file closed"
+to "a Server-Sent Event naming it received".
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -15,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import tarfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -22,6 +26,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from benchmarks.library import ContentSource, plan
 from benchmarks.proc import Timing
@@ -54,7 +60,9 @@ def api_missing() -> str | None:
     return None
 
 
-def _wait(condition: Callable[[], bool], deadline_s: float, what: str) -> float:
+def _wait(
+    condition: Callable[[], bool], deadline_s: float, what: str, poll_s: float = POLL_S
+) -> float:
     """Poll ``condition`` until true; return the perf_counter time it became true."""
     end = time.perf_counter() + deadline_s
     while True:
@@ -62,7 +70,7 @@ def _wait(condition: Callable[[], bool], deadline_s: float, what: str) -> float:
             return time.perf_counter()
         if time.perf_counter() > end:
             raise TimeoutError(f"{what}: not seen within {deadline_s:.0f} s")
-        time.sleep(POLL_S)
+        time.sleep(poll_s)
 
 
 class Daemon:
@@ -95,6 +103,91 @@ def daemon(runner: StoreRun, *extra: str) -> Iterator[Daemon]:
         d.stop()
 
 
+class SseListener:
+    """A subscriber of the daemon's ``/api/v1/events``, reading on its own thread: when each
+    path was first named by a change event (``perf_counter``, taken as the event's line
+    arrives).
+
+    Example:
+        >>> with SseListener("http://127.0.0.1:8080/api/v1/events") as sse:  # doctest: +SKIP
+        ...     received = sse.wait_for("a/b.jpg", 30)
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.seen: dict[str, float] = {}
+        self._per_top: collections.Counter[str] = collections.Counter()
+        self._cond = threading.Condition()
+        self._open = False
+        self._error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sse-listener", daemon=True)
+
+    def __enter__(self) -> SseListener:
+        self._thread.start()
+        self._until(lambda: self._open, 120, "the SSE stream to open")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # The stream ends when the daemon stops; this thread then returns.
+        self._stop.set()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self._stop.is_set():
+            try:
+                with httpx.stream("GET", self.url, timeout=httpx.Timeout(10.0, read=None)) as r:
+                    r.raise_for_status()
+                    with self._cond:
+                        self._open = True
+                        self._cond.notify_all()
+                    for line in r.iter_lines():
+                        if line.startswith("data:"):
+                            self._received(line, time.perf_counter())
+                return
+            except httpx.ConnectError:
+                if time.monotonic() > deadline:
+                    self._fail("the daemon's HTTP API did not answer within 120 s")
+                    return
+                time.sleep(0.05)  # the daemon is still starting
+            except httpx.HTTPError as exc:
+                if not self._stop.is_set():
+                    self._fail(f"the SSE stream failed: {exc!r}")
+                return
+
+    def _received(self, line: str, at: float) -> None:
+        path = json.loads(line[len("data:") :])["path"]
+        with self._cond:
+            if path not in self.seen:
+                self.seen[path] = at
+                self._per_top[path.partition("/")[0]] += 1
+                self._cond.notify_all()
+
+    def _fail(self, error: str) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    def _until(self, condition: Callable[[], bool], deadline_s: float, what: str) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: condition() or self._error, deadline_s):
+                raise TimeoutError(f"{what}: not seen within {deadline_s:.0f} s")
+            if self._error and not condition():
+                raise OSError(self._error)
+
+    def wait_for(self, path: str, deadline_s: float) -> float:
+        """When an event first named ``path`` (waiting for it)."""
+        self._until(lambda: path in self.seen, deadline_s, f"SSE event for {path}")
+        return self.seen[path]
+
+    def wait_under(self, top: str, count: int, deadline_s: float) -> float:
+        """When the last of ``count`` distinct paths in top-level directory ``top`` was first
+        named (waiting for them)."""
+        self._until(lambda: self._per_top[top] >= count, deadline_s, f"{count} SSE events")
+        with self._cond:
+            return max(t for p, t in self.seen.items() if p.startswith(top + "/"))
+
+
 def _burst_tarball(runner: StoreRun, files: int) -> Path:
     """A tar of the library's first ``files`` files (made once, beside the library)."""
     lib = runner.library
@@ -111,33 +204,55 @@ def _burst_tarball(runner: StoreRun, files: int) -> Path:
 
 
 def measure_watcher(runner: StoreRun, burst_files: int = BURST_FILES) -> list[Measurement]:
-    """Close-to-row latency over files written one at a time, then a ``tar -x`` burst."""
+    """Close-to-row and close-to-SSE latency over files written one at a time, then a
+    ``tar -x`` burst."""
+    from fsledger.model import OperationStatus, OperationType, utcnow
     from fsledger.store import open_store
 
     store = open_store(runner.url)
+    port = _free_port()
+    events_url = f"http://127.0.0.1:{port}/api/v1/events"
+    shown = runner.cli.shown("run", "--listen", "HOST:PORT")
     try:
         repo = next(r for r in store.list_repositories() if r.name == REPO)
         content = ContentSource(runner.library.spec.seed + 2)
         live = runner.work / "9998" / "live"
-        with daemon(runner, "--no-http") as d:
-            # Ready when the watcher sees a new folder and a file in it; a few more files
-            # (not counted) make sure the startup reconciliation is over.
+        launched = utcnow()
+
+        def startup_over() -> bool:
+            return any(
+                op.operation_type is OperationType.STARTUP
+                and op.start_time >= launched
+                and op.status is not OperationStatus.RUNNING
+                for op in store.recent_operations(repo.id, 10)
+            )
+
+        with (
+            daemon(runner, "--listen", f"127.0.0.1:{port}") as d,
+            SseListener(events_url) as sse,
+        ):
+            # Measured once the daemon is in its steady state: its startup reconciliation
+            # (a rescan of the whole library, seconds long) is over, and the watcher sees
+            # a new folder and a file in it; a few more files are not counted.
+            _wait(startup_over, 300, "the startup reconciliation", poll_s=0.1)
             live.mkdir(parents=True)
             content.write(live / "READY.jpg", 0, 4096, time.time_ns())
             ready = b"9998/live/READY.jpg"
             _wait(lambda: store.get_record(repo.id, ready) is not None, 300, "watcher start")
 
-            def write_and_wait(name: str) -> float:
-                rel = f"9998/live/{name}".encode()
+            def write_and_wait(name: str) -> tuple[float, float]:
+                rel = f"9998/live/{name}"
                 with open(live / name, "wb") as f:
                     f.write(os.urandom(8192))
                 closed = time.perf_counter()
-                seen = _wait(lambda: store.get_record(repo.id, rel) is not None, 30, name)
-                return seen - closed
+                row = _wait(lambda: store.get_record(repo.id, rel.encode()) is not None, 30, name)
+                return row - closed, sse.wait_for(rel, 30) - closed
 
             for i in range(WARMUP_FILES):
                 write_and_wait(f"WARM_{i:04d}.jpg")
-            latencies = [write_and_wait(f"LIVE_{i:04d}.jpg") for i in range(LATENCY_FILES)]
+            to_row, to_sse = zip(
+                *(write_and_wait(f"LIVE_{i:04d}.jpg") for i in range(LATENCY_FILES)), strict=True
+            )
 
             before = store.count_records(repo.id)
             tarball = _burst_tarball(runner, burst_files)
@@ -148,37 +263,46 @@ def measure_watcher(runner: StoreRun, burst_files: int = BURST_FILES) -> list[Me
             ended = time.perf_counter()
             want = before + burst_files
             applied = _wait(lambda: store.count_records(repo.id) >= want, 120, "burst")
+            streamed = sse.wait_under(target.name, burst_files, 120)
     finally:
         store.close()
 
-    ordered = sorted(latencies)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    latency = Timing(latencies, d.peak_rss_bytes)
     burst = Timing([applied - started], d.peak_rss_bytes)
+    name = runner.store.name
     return [
-        Measurement(
-            "watch_latency",
-            runner.store.name,
-            latency,
-            None,
-            "",
-            runner.cli.shown("run"),
-            {"p50": statistics.median(latencies), "p99": p99, "samples": len(latencies)},
-        ),
+        _latency("watch_latency", name, list(to_row), d, shown),
+        _latency("watch_sse", name, list(to_sse), d, f"GET /api/v1/events under {shown}"),
         Measurement(
             "watch_burst",
-            runner.store.name,
+            name,
             burst,
             None,
             "",
-            f"tar -xf burst.tar ({burst_files} files) under {runner.cli.shown('run')}",
+            f"tar -xf burst.tar ({burst_files} files) under {shown}",
             {
                 "burst_files": burst_files,
                 "tar_seconds": ended - started,
                 "applied_after_end": applied - ended,
+                "streamed_after_end": streamed - ended,
             },
         ),
     ]
+
+
+def _latency(
+    scenario: str, store: str, samples: list[float], d: Daemon, command: str
+) -> Measurement:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return Measurement(
+        scenario,
+        store,
+        Timing(samples, d.peak_rss_bytes),
+        None,
+        "",
+        command,
+        {"p50": statistics.median(samples), "p99": p99, "samples": len(samples)},
+    )
 
 
 def _free_port() -> int:

@@ -24,9 +24,9 @@ from fsledger.config import Settings
 from fsledger.errors import RootUnavailable, StoreError
 from fsledger.ignore import IgnoreRules
 from fsledger.ledger import Ledger
-from fsledger.merge import Absent, Look, LookRule, Merge, plan_ranges
-from fsledger.model import ScanStats
-from fsledger.store import open_store
+from fsledger.merge import Absent, Look, LookRule, Merge, is_racy, plan_ranges
+from fsledger.model import NS_PER_S, ScanStats
+from fsledger.reconcile import start_workers
 from fsledger.store.base import Store
 from fsledger.walk import FileEntry, walk
 from test_reconcile import assert_exact, no_change, p
@@ -221,34 +221,42 @@ def test_a_stalled_range_fails_the_scan_without_deleting(
     timeouts without a result the scan gives up as 'root unavailable', deletes nothing and
     is marked failed; the next scan, with the mount back, completes.
 
-    SQLite only: the store does not matter here, and only a single-threaded process (no
-    PostgreSQL pool threads) forks its workers, which is how they get the hanging function.
+    SQLite only: the store does not matter here. The workers are started as a scanning
+    command starts them (``start_workers``: forks, before the store and its threads), which
+    is how they get the hanging function.
     """
-    store = open_store("sqlite://" + str(tmp_path / "ledger.db"))
+    url = "sqlite://" + str(tmp_path / "ledger.db")
     monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_RECORDS", 1)
     tree = os.fsencode(str(tmp_path / "photos"))
     photo_tree(tree, files=100)
-    settings = Settings(database_url=store.url, max_concurrency=2, hash_timeout_s=0.4)
-    ledger = Ledger(settings, store)
-    try:
+    settings = Settings(database_url=url, max_concurrency=2, hash_timeout_s=0.4)
+    with Ledger(settings) as ledger:
         repo = ledger.add_repository(tree)
         ledger.scan(repo)
-        before = store.count_records(repo.id)
-        make_tree(tree, {"2004/new.jpg": b"new"})
-        shutil.rmtree(p(tree, "2005"))
-        # Workers start as forks of this process (single-threaded here), so new ones see the
-        # hanging hash function.
-        ledger.reconciler.close()
-        assert threading.active_count() == 1, "workers would not inherit the patch"
-        monkeypatch.setattr(fsledger.merge, "hash_file", _hang)
+        before = ledger.store.count_records(repo.id)
+    make_tree(tree, {"2004/new.jpg": b"new"})
+    shutil.rmtree(p(tree, "2005"))
+
+    assert threading.active_count() == 1, "workers would not inherit the patch"
+    monkeypatch.setattr(fsledger.merge, "hash_file", _hang)
+    with Ledger(settings, pool=start_workers(settings)) as ledger:
         started = time.monotonic()
         with pytest.raises(RootUnavailable, match="stopped answering"):
             ledger.scan(repo)
         assert time.monotonic() - started < 15
-        assert store.count_records(repo.id) == before
-        assert store.recent_operations(repo.id, 1)[0].status.value == "failed"
-        monkeypatch.undo()
+        assert ledger.store.count_records(repo.id) == before
+        assert ledger.store.recent_operations(repo.id, 1)[0].status.value == "failed"
+    monkeypatch.undo()
+    with Ledger(settings) as ledger:
         assert ledger.scan(repo).errors == []
         assert_exact(ledger, repo)
-    finally:
-        ledger.close()
+
+
+def test_racy_means_hashed_within_the_clock_granularity_of_the_write() -> None:
+    """One rule for both tiers (the watcher's applier uses it too): a hash taken within 2 s
+    of the last write may predate another write with the same mtime; a future mtime (a
+    camera's wrong clock) is not racy, or such files would be rehashed forever."""
+    now = 1_800_000_000 * NS_PER_S
+    assert is_racy(now - NS_PER_S, now) and is_racy(now, now)
+    assert not is_racy(now - 3 * NS_PER_S, now)
+    assert not is_racy(now + 86_400 * NS_PER_S, now)

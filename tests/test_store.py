@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import sqlite3
+import threading
 import uuid
+from contextlib import closing
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
+from api_support import wait_for
 from fsledger.errors import RepositoryExists
 from fsledger.model import (
     Change,
@@ -27,6 +32,7 @@ from fsledger.model import (
     ScanStats,
 )
 from fsledger.store import Store, open_store
+from fsledger.store import sqlite as sqlite_store
 from fsledger.store.migrations import POSTGRES, SQLITE
 from fsledger.store.sql import SqlStore
 
@@ -434,6 +440,47 @@ def test_records_by_inode_many(store: Store, repo: Repository) -> None:
     found = store.records_by_inode(repo.id, [r.stat.inode for r in recs])
     assert sorted(r.path for r in found) == [r.path for r in recs]
     assert store.count_records(repo.id) == 1203
+
+
+def test_get_records_by_path(store: Store, repo: Repository) -> None:
+    """Many paths in one call (more than one IN (...) list), missing ones left out, and
+    nothing of another repository."""
+    recs = [make_record(b"d/f%05d" % i) for i in range(1203)]
+    store.apply(repo.id, [Change(ChangeKind.CREATED, r.path, r) for r in recs])
+    other = make_repo("other", b"/srv/other")
+    store.add_repository(other)
+    x = make_record(b"x")
+    store.apply(other.id, [Change(ChangeKind.CREATED, x.path, x)])
+    asked = [b"missing", b"x", *(r.path for r in recs), b"d"]
+    assert store.get_records(repo.id, asked) == {r.path: r for r in recs}
+    assert store.get_records(repo.id, []) == {}
+    assert store.get_records(other.id, asked) == {b"x": x}
+
+
+def test_sqlite_log_is_checkpointed_beside_the_writers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits only append to the WAL; the store's checkpointer thread copies it into the
+    database file (what a reader that ignores the WAL sees), and stops with the store."""
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_INTERVAL_S", 0.05)
+    path = tmp_path / "db.sqlite"
+    store = open_store(f"sqlite://{path}")
+    try:
+        repo = make_repo()
+        store.add_repository(repo)
+        store.apply(repo.id, created(*(b"f%04d" % i for i in range(2000))))
+
+        def in_database_file() -> int:
+            try:
+                with closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as db:
+                    return int(db.execute("SELECT count(*) FROM file_records").fetchone()[0])
+            except sqlite3.DatabaseError:
+                return 0  # read mid-checkpoint: look again
+
+        wait_for("the checkpoint of 2000 records", lambda: in_database_file() == 2000)
+    finally:
+        store.close()
+    assert not any(t.name == "fsledger-sqlite-checkpoint" for t in threading.enumerate())
 
 
 # --- sync operations ------------------------------------------------------------------

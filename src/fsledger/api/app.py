@@ -511,12 +511,17 @@ def create_app(
             while True:
                 fid = page.cursor.feed_id
                 now = utcnow()
+                # A page goes out as one chunk: one send, not one per event, when a burst
+                # fills pages (the events are the same bytes either way).
+                events: list[str] = []
                 for entry in page.entries:
                     data = json.dumps(entry_json(entry, fid), ensure_ascii=True)
-                    yield f"id: {Cursor(fid, entry.seq)}\nevent: change\ndata: {data}\n\n"
+                    events.append(f"id: {Cursor(fid, entry.seq)}\nevent: change\ndata: {data}\n\n")
                     metrics.delivery_latency.observe(
                         max((now - entry.recorded_at).total_seconds(), 0.0)
                     )
+                if events:
+                    yield "".join(events)
                 cursor = page.cursor
                 if not page.has_more:
                     woke = await feed_hub.wait_async(cursor.seq, heartbeat_s)

@@ -99,6 +99,10 @@ class SqlStore:
         """A cursor inside one transaction: committed on success, rolled back on error."""
         raise NotImplementedError
 
+    def _read(self) -> AbstractContextManager[Cursor]:
+        """A cursor inside a transaction that only reads (one consistent snapshot)."""
+        return self._tx()
+
     def _uuid_in(self, value: UUID) -> Any:
         return value
 
@@ -238,13 +242,13 @@ class SqlStore:
     )
 
     def get_repository(self, repo_id: UUID) -> Repository | None:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(self._REPO_SELECT + " WHERE id = ?", (self._uuid_in(repo_id),))
             row = cur.fetchone()
         return self._repo(row) if row else None
 
     def list_repositories(self) -> list[Repository]:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(self._REPO_SELECT + " ORDER BY name")
             return [self._repo(r) for r in cur.fetchall()]
 
@@ -268,7 +272,7 @@ class SqlStore:
             lo, hi = prefix_range(prefix.rstrip(b"/"))
             where.append("file_path >= ? AND file_path < ?")
             params += [lo, hi]
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 f"SELECT {_RECORD_COLS} FROM file_records WHERE {' AND '.join(where)} "
                 "ORDER BY file_path LIMIT ?",
@@ -300,7 +304,7 @@ class SqlStore:
         scanned: dict[Any, tuple[datetime, int]] = {}
         after: RelPath | None = None
         while True:
-            with self._tx() as cur:
+            with self._read() as cur:
                 op, start = (">=", lo) if after is None else (">", after)
                 rows = self._fetch_rows(
                     cur,
@@ -328,7 +332,7 @@ class SqlStore:
             after = rows[-1][0] if type(rows[-1][0]) is bytes else self._blob_out(rows[-1][0])
 
     def get_record(self, repo_id: UUID, path: RelPath) -> FileRecord | None:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
                 "AND file_path = ?",
@@ -337,11 +341,29 @@ class SqlStore:
             row = cur.fetchone()
         return self._record(row) if row else None
 
+    def get_records(self, repo_id: UUID, paths: Sequence[RelPath]) -> dict[RelPath, FileRecord]:
+        out: dict[RelPath, FileRecord] = {}
+        if not paths:
+            return out
+        with self._read() as cur:
+            for i in range(0, len(paths), 500):
+                chunk = paths[i : i + 500]
+                marks = ", ".join("?" * len(chunk))
+                cur.execute(
+                    f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
+                    f"AND file_path IN ({marks})",
+                    (self._uuid_in(repo_id), *chunk),
+                )
+                for row in cur.fetchall():
+                    record = self._record(row)
+                    out[record.path] = record
+        return out
+
     def records_by_inode(self, repo_id: UUID, inodes: Sequence[int]) -> list[FileRecord]:
         if not inodes:
             return []
         out: list[FileRecord] = []
-        with self._tx() as cur:
+        with self._read() as cur:
             for i in range(0, len(inodes), 500):
                 chunk = [inode_in(n) for n in inodes[i : i + 500]]
                 marks = ", ".join("?" * len(chunk))
@@ -354,7 +376,7 @@ class SqlStore:
         return out
 
     def count_records(self, repo_id: UUID) -> int:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 "SELECT count(*) FROM file_records WHERE repository_id = ?",
                 (self._uuid_in(repo_id),),
@@ -567,7 +589,7 @@ class SqlStore:
             )
 
     def recent_operations(self, repo_id: UUID | None, limit: int) -> list[SyncOperation]:
-        with self._tx() as cur:
+        with self._read() as cur:
             if repo_id is None:
                 cur.execute(
                     f"SELECT {_OP_COLS} FROM sync_operations ORDER BY start_time DESC, id DESC "
@@ -583,7 +605,7 @@ class SqlStore:
             return [self._op(r) for r in cur.fetchall()]
 
     def running_operations(self) -> list[tuple[SyncOperation, str]]:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 f"SELECT {_OP_COLS}, owner FROM sync_operations WHERE status = ?",
                 (OperationStatus.RUNNING.value,),
@@ -591,7 +613,7 @@ class SqlStore:
             return [(self._op(r), r[12] or "") for r in cur.fetchall()]
 
     def last_completed_scan(self, repo_id: UUID) -> datetime | None:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 "SELECT max(start_time) FROM sync_operations WHERE repository_id = ? "
                 "AND status = ? AND operation_type <> ?",
@@ -608,7 +630,7 @@ class SqlStore:
     def changes_since(
         self, after_seq: int, limit: int, repo_id: UUID | None = None
     ) -> list[FeedEntry]:
-        with self._tx() as cur:
+        with self._read() as cur:
             if repo_id is None:
                 cur.execute(
                     f"SELECT {_FEED_COLS} FROM change_log WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -623,7 +645,7 @@ class SqlStore:
             return [self._feed(r) for r in cur.fetchall()]
 
     def latest_seq(self) -> int:
-        with self._tx() as cur:
+        with self._read() as cur:
             return self._latest_seq(cur)
 
     def _latest_seq(self, cur: Cursor) -> int:
@@ -635,7 +657,7 @@ class SqlStore:
         return max(latest, int(row[0]) if row else 0)
 
     def feed_info(self) -> FeedInfo:
-        with self._tx() as cur:
+        with self._read() as cur:
             latest = self._latest_seq(cur)
             cur.execute("SELECT feed_id, pruned_through FROM feed_state WHERE id = 1")
             feed_id, pruned = cur.fetchone()
@@ -664,7 +686,7 @@ class SqlStore:
             return removed
 
     def get_consumer_cursor(self, name: str) -> int | None:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute("SELECT seq FROM feed_consumers WHERE name = ?", (name,))
             row = cur.fetchone()
         return int(row[0]) if row else None
@@ -680,7 +702,7 @@ class SqlStore:
 
     # --- mount points below the root ----------------------------------------------------
     def mount_points(self, repo_id: UUID) -> list[MountPoint]:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 "SELECT mount_path, fs_type, source, mounted FROM mount_points "
                 "WHERE repository_id = ? ORDER BY mount_path",
@@ -709,7 +731,7 @@ class SqlStore:
         if repo_id is not None:
             where += " AND repository_id = ?"
             params.append(self._uuid_in(repo_id))
-        with self._tx() as cur:
+        with self._read() as cur:
             # Same hash and algorithm means same content; size is in the key only so that
             # waste can be computed (equal content has equal size).
             cur.execute(

@@ -30,8 +30,8 @@ from fsledger.config import Settings
 from fsledger.errors import RootUnavailable
 from fsledger.hashing import hash_file
 from fsledger.ledger import Ledger
+from fsledger.merge import is_racy
 from fsledger.model import (
-    NS_PER_S,
     Change,
     ChangeKind,
     Digest,
@@ -39,10 +39,10 @@ from fsledger.model import (
     FileStat,
     RelPath,
     ScanStats,
+    datetime_to_ns,
     utcnow,
 )
 from fsledger.mounts import unmounted
-from fsledger.reconcile import RACY_WINDOW_NS
 from fsledger.walk import FileEntry, walk
 from fsledger.watch.metrics import WatcherMetrics
 from fsledger.watch.state import (
@@ -171,11 +171,13 @@ class Applier:
     def _file_moves(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:
         changes: list[Change] = []
         now = utcnow()
+        sources = [job.src for job in work.moves if job.src is not None]
+        records = self.store.get_records(repo.id, sources)  # as before any of them is written
         for job in work.moves:
             src, dst = job.src, job.dst
             if src is None or dst is None or src == dst:
                 continue
-            old = self.store.get_record(repo.id, src)
+            old = records.get(src)
             if old is None:
                 continue
             if self.settings.calculate_hashes and (
@@ -270,6 +272,7 @@ class Applier:
         # is created during the scan is seen by one or the other.
         with self.lock:
             self.tree.watch(repo, path)
+            self._absorb_checks(repo, path, work)
         try:
             result = self.ledger.reconciler.reconcile(repo.writer, prefix=path, record=False)
         except RootUnavailable as exc:
@@ -297,6 +300,7 @@ class Applier:
         needed, its files join this pass's dirty paths (and its large batches)."""
         with self.lock:
             self.tree.watch(repo, path)
+            self._absorb_checks(repo, path, work)
         found = [i.path for i in walk(repo.repo.root, repo.rules, path) if isinstance(i, FileEntry)]
         with self.lock:
             wds = {p: repo.index.by_path.get(p) for p in {parent_of(f) for f in found}}
@@ -304,6 +308,23 @@ class Applier:
             wd = wds[parent_of(file)]
             key = (wd, file.rpartition(b"/")[2]) if wd is not None else None
             work.dirty.append(DirtyJob(key, file, Dirty(0.0)))
+
+    def _absorb_checks(self, repo: RepoWatch, top: RelPath, work: Work) -> None:
+        """Take the pending checks of directories in ``top``'s subtree (caller holds the lock):
+        the walk of ``top`` about to start covers them, as their watches are in place
+        already. Without this, a directory a burst keeps filling (``tar -x`` creating year,
+        month and event folders) is listed once with its parent, then, when its own check
+        comes due, reconciled again with records below it: seconds of rescanning a subtree
+        that is still growing, while the rest of the burst waits."""
+        pending = repo.pending
+        for path, wd in repo.index.subtree_wds(top):
+            if wd in pending.check_wds and wd not in work.frozen_wds:
+                del pending.check_wds[wd]
+                work.seen_checks.append(Check(path, wd))
+        for path in [p for p in pending.check_paths if under(p, top)]:
+            if not any(under(path, f) for f in work.frozen_paths):
+                del pending.check_paths[path]
+                work.seen_checks.append(Check(path, None))
 
     def _clear_below(self, repo: RepoWatch, path: RelPath, stats: ScanStats) -> None:
         if not path:
@@ -319,25 +340,28 @@ class Applier:
 
     # --- 4. dirty paths --------------------------------------------------------------------
     def _dirty(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:
+        """Look at the dirty paths a batch at a time: one query for the batch's records, then
+        each path's lstat (and hash), then one transaction for what changed."""
         looked: set[RelPath] = set()
         while work.dirty:
-            batch: list[Change] = []
-            jobs: list[DirtyJob] = []
-            for job in work.dirty:
-                jobs.append(job)
+            jobs = work.dirty[: self.apply_batch]
+            todo: list[DirtyJob] = []
+            for job in jobs:
                 work.seen_dirty.append(job)
                 if job.path in looked or any(below(job.path, top) for top in work.covered):
                     continue  # looked at already, or reconciled after the event was read
                 looked.add(job.path)
-                change, again = self._look(repo, job.path, job.dirty, work)
+                todo.append(job)
+            records = self.store.get_records(repo.id, [job.path for job in todo])
+            batch: list[Change] = []
+            for job in todo:
+                change, again = self._look(repo, job.path, records.get(job.path), job.dirty, work)
                 stats.files_scanned += 1
                 if again and job.key is not None:
                     with self.lock:
                         repo.pending.requeue(job.key, time.monotonic() + self.debounce_s, job.dirty)
                 if change is not None:
                     batch.append(change)
-                    if len(batch) >= self.apply_batch:
-                        break
             if any(c.kind is ChangeKind.DELETED for c in batch):
                 batch = self._keep_unmounted(repo, batch)
             self._commit_dirty(repo, batch, jobs, stats)
@@ -390,10 +414,10 @@ class Applier:
             job.dirty.closed_at = None
 
     def _look(
-        self, repo: RepoWatch, path: RelPath, dirty: Dirty, work: Work
+        self, repo: RepoWatch, path: RelPath, old: FileRecord | None, dirty: Dirty, work: Work
     ) -> tuple[Change | None, bool]:
-        """What the disk says about ``path`` now, as a change to its record (if any), and
-        whether to look again later (it changed while it was being hashed)."""
+        """What the disk says about ``path`` now, as a change to its record ``old`` (if any),
+        and whether to look again later (it changed while it was being hashed)."""
         full = repo.full(path)
         try:
             st: os.stat_result | None = os.lstat(full)
@@ -407,7 +431,6 @@ class Applier:
                 )
                 return None, False
             st = None
-        old = self.store.get_record(repo.id, path)
         if st is None or not stat_mod.S_ISREG(st.st_mode):
             return (Change(ChangeKind.DELETED, path) if old is not None else None), False
         key = FileStat.from_stat(st)
@@ -490,6 +513,6 @@ class Applier:
 
 def _racy(record: FileRecord) -> bool:
     """Whether a later write could have kept this record's mtime (a coarse clock): then an
-    event saying the content changed is checked by hashing, not by ``lstat``."""
-    scanned_ns = int(record.last_scanned.timestamp() * NS_PER_S)
-    return record.stat.mtime_ns >= scanned_ns - RACY_WINDOW_NS
+    event saying the content changed is checked by hashing, not by ``lstat``. The same rule
+    as a reconciliation's (``fsledger.merge.is_racy``)."""
+    return is_racy(record.stat.mtime_ns, datetime_to_ns(record.last_scanned))

@@ -272,6 +272,9 @@ class Work:
     """Every check this pass acted on (taken, or added while it ran)."""
     seen_dirty: list[DirtyJob] = field(default_factory=list)
     """Every path this pass looked at."""
+    frozen_wds: set[int] = field(default_factory=set)
+    frozen_paths: list[RelPath] = field(default_factory=list)
+    """What the pass holds back: below a directory whose IN_MOVED_FROM is unpaired."""
 
     def __post_init__(self) -> None:
         self.taken_moves = list(self.moves)

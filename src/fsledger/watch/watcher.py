@@ -73,13 +73,19 @@ READ_TIMEOUT_S = 0.1
 BUSY_READ_TIMEOUT_S = 0.005
 """Longest it blocks while work is pending: a pass waits for one read cycle (see
 ``_catch_up``)."""
+GATHER_S = 0.002
+"""After a read that found events while work is pending, how long the reader lets more
+gather before reading again: under a burst the kernel hands over a few events per read,
+and each read cycle (locks, wake-ups, expiry) costs more than the events in it."""
 BURST_ITEMS = 32
 HOLD_MIN_S = 0.005
 MAX_HOLD_S = 0.1
-"""While passes keep finding ``BURST_ITEMS`` or more, the pause before the next one doubles
+"""While passes keep finding ``BURST_ITEMS`` or more, the spacing of their starts doubles
 from ``HOLD_MIN_S`` up to ``MAX_HOLD_S`` (and resets after a small pass or a lull): single
 files and trickles are written within the settle window, a burst (``tar -x``) becomes a
-few large transactions a second."""
+few large transactions a second. Spacing starts, not a pause after each pass: a pass that
+took longer than the hold let the next batch grow meanwhile, and waiting more would only
+idle the applier while the burst piles up."""
 FOREIGN_WINDOW_S = 60.0
 """How long other writers' changes are remembered (against renames not yet written)."""
 
@@ -294,16 +300,19 @@ class Watcher:
     def _read_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._read_once()
+                if self._read_once():
+                    self._stop.wait(GATHER_S)
             except Exception:
                 log.exception("Watcher: reading events failed")
                 self._stop.wait(1.0)
 
-    def _read_once(self) -> None:
+    def _read_once(self) -> bool:
+        """One read cycle; returns whether it read events while work was pending."""
         with self._read_lock:
             with self._lock:
                 timeout = READ_TIMEOUT_S
-                if self._busy or any(s.pending for s in self._repos.values()):
+                busy = self._busy or any(s.pending for s in self._repos.values())
+                if busy:
                     timeout = BUSY_READ_TIMEOUT_S
                 oldest = self._events.oldest_unpaired()
                 if oldest is not None:
@@ -317,6 +326,7 @@ class Watcher:
                 self._read_cycles += 1
                 self._cond.notify_all()
         self._dispatch_resyncs()
+        return busy and bool(events)
 
     def _drain(self, expire: bool) -> None:
         with self._read_lock:
@@ -351,7 +361,7 @@ class Watcher:
 
     # === processing =======================================================================
     def _apply_loop(self) -> None:
-        hold, last_end = 0.0, 0.0
+        hold, last_start, last_end = 0.0, 0.0, 0.0
         while not self._stop.is_set():
             try:
                 with self._cond:
@@ -360,12 +370,13 @@ class Watcher:
                         hold = 0.0  # a lull: the next change is written at once
                     delay = self._next_delay(now)
                     if delay is not None:
-                        delay = max(delay, last_end + hold - now)
+                        delay = max(delay, last_start + hold - now)
                     if delay is None or delay > 0:
                         self._cond.wait(min(delay if delay is not None else 1.0, 1.0))
                         continue
                 if self._stop.is_set():
                     break
+                last_start = time.monotonic()
                 taken = self._process(force=False)
                 last_end = time.monotonic()
                 if taken >= BURST_ITEMS:
@@ -445,6 +456,7 @@ class Watcher:
                 if (path := tree.key_path(key)) is not None:
                     dirty.append(DirtyJob(key, path, entry))
         work = Work(pending.dir_moves, moves, checks, dirty)
+        work.frozen_wds, work.frozen_paths = frozen_wds, frozen_paths
         pending.dir_moves = []
         pending.file_moves = kept_moves
         return work if work else None
