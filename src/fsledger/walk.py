@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import stat as stat_mod
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -176,6 +177,8 @@ MAX_OPEN_DIRS = 64
 """Directory descriptors a walk keeps open at most (one per level of depth); deeper levels
 are walked by full path, so a pathological depth cannot exhaust the process's descriptors."""
 
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+"""What os.fsencode does, without its Python-level call per name."""
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # ELOOP: O_NOFOLLOW met a symlink where the directory was; it is gone, as a directory.
 _GONE_DIR = _GONE | {errno.ELOOP}
@@ -220,27 +223,26 @@ def _list_dir(
     out: list[tuple[bytes, RelPath, bytes, int]] = []
     prefix = rel + b"/" if rel else b""
     ignores = rules.ignores_name
-    fsencode = os.fsencode
     fd = _AT_NONE
     try:
         fd = os.open(name, _OPEN_DIR, dir_fd=parent_fd if parent_fd >= 0 else None)
-        # scandir of a descriptor yields str names (decoded with surrogateescape, so
-        # fsencode gives back the exact bytes); d_type answers is_dir/is_symlink for free.
+        # scandir of a descriptor yields str names, decoded as os.fsdecode does, so encoding
+        # them back the same way gives the exact bytes; d_type answers is_file/is_dir free.
         with os.scandir(fd) as it:
             for entry in it:
-                bname = fsencode(entry.name)
+                bname = entry.name.encode(_FS_ENCODING, _FS_ERRORS)
                 child = prefix + bname
                 if ignores(bname, child):
                     continue
                 # DirEntry answers from d_type and falls back to lstat where d_type is unknown.
                 try:
-                    if entry.is_symlink():
-                        continue
-                    if entry.is_dir(follow_symlinks=False):
-                        out.append((bname + b"/", child, bname, _DIR))
-                    elif entry.is_file(follow_symlinks=False):
+                    # Most entries are files: one question settles them (a symlink is
+                    # neither a file nor a directory without following it).
+                    if entry.is_file(follow_symlinks=False):
                         out.append((bname, child, bname, _FILE))
-                    else:
+                    elif entry.is_dir(follow_symlinks=False):
+                        out.append((bname + b"/", child, bname, _DIR))
+                    elif not entry.is_symlink():
                         out.append((bname, child, bname, _SPECIAL))
                 except OSError:
                     # Kind unknown: let the walk's lstat of it decide (or report it).
