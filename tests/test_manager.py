@@ -164,8 +164,14 @@ def test_offline_root_keeps_records_and_resumes_when_back(ledger, settings, tmp_
         assert manager.get_sync_status(repo.id).repository.state is RepoState.OFFLINE
         shutil.move(tmp_path / "unmounted", root)
         (root / "album" / "while-away.jpg").write_bytes(b"w")
-        wait_for(lambda: ledger.store.count_records(repo.id) == 6, timeout=30)
-        assert ledger.store.get_repository(repo.id).state is RepoState.ONLINE
+        # The scan writes the new record, then the repository is marked online: wait for both.
+        wait_for(
+            lambda: (
+                ledger.store.count_records(repo.id) == 6
+                and ledger.store.get_repository(repo.id).state is RepoState.ONLINE
+            ),
+            timeout=30,
+        )
         assert metrics_offline(manager) == 0
     finally:
         manager.stop()
