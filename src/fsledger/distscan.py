@@ -434,8 +434,12 @@ class DistributedMerge:
         try:
             self.workers.start([job.job_id])
             yield from self._in_order(job)
-            if self.workers.busy():
+            try:
                 self.workers.wait(30)
+            except Exception as exc:
+                # Every item was done by someone (a failed claim rolls back and is taken
+                # again, by this thread at the latest): a worker's failure lost nothing.
+                log.warning("Repository %s: a scan worker failed: %s", self.repo.id, exc)
         finally:
             self.workers.close()
             job.close()
@@ -446,8 +450,10 @@ class DistributedMerge:
             while seq not in here:
                 got = job.take(seq, 0.0)
                 if got is None:
-                    # Someone else holds the next item: do another one meanwhile, or wait.
-                    claim = job.claim([job.job_id])
+                    # Someone else holds the next item. Without worker processes of its own
+                    # (or once they are done), this thread does another item meanwhile; with
+                    # them, it keeps to writing, which the first index waits for most.
+                    claim = None if self.workers.busy() else job.claim([job.job_id])
                     if claim is not None:
                         here[claim.item.seq] = self._compute(claim)
                         continue
@@ -529,7 +535,13 @@ class ScanHelper:
                 for job in jobs:
                     if self.owned(job.repo_id) or job.job_id in self._skipped:
                         continue
-                    params = JobParams.decode(job.params)
+                    try:
+                        params = JobParams.decode(job.params)
+                    except (ValueError, KeyError, TypeError) as exc:
+                        # An owner of another version of fsledger: not ours to compute.
+                        self._skipped.add(job.job_id)
+                        log.warning("Scan job %s cannot be read here: %s", job.job_id, exc)
+                        continue
                     if self.eligible(params):
                         ids.append(job.job_id)
                         continue
