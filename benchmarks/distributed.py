@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -127,6 +128,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--agents", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--workers", type=int, default=2, help="worker processes per agent")
     p.add_argument("--baseline", action="store_true", help="also the local reconciliation")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of every line")
     p.add_argument("--pg-url", default=DEFAULT_PG_URL)
     p.add_argument("--logs", type=Path, default=Path("/tmp/fsledger-bench-distributed"))
     args = p.parse_args(argv)
@@ -135,11 +137,15 @@ def main(argv: list[str]) -> int:
     args.logs.mkdir(parents=True, exist_ok=True)
     files = count_files(args.tree)
     log(f"{args.tree}: {files} files; {os.cpu_count()} cores")
+    configs = [(1, False)] if args.baseline else []
+    configs += [(n, True) for n in args.agents]
     runs = []
-    if args.baseline:
-        runs.append(measure(args.pg_url, args.tree, 1, args.workers, False, args.logs))
-    for n in args.agents:
-        runs.append(measure(args.pg_url, args.tree, n, args.workers, True, args.logs))
+    for repeat in range(args.repeats):
+        # Interleaved: a burst of load from elsewhere on a shared machine spreads over every
+        # configuration instead of landing on one.
+        for n, distributed in configs:
+            log(f"repeat {repeat + 1}/{args.repeats}: {n} agent(s), distributed={distributed}")
+            runs.append(measure(args.pg_url, args.tree, n, args.workers, distributed, args.logs))
     for run in runs:
         for key in ("first_index", "rescan_nochange"):
             got = run[key]
@@ -147,7 +153,25 @@ def main(argv: list[str]) -> int:
             if got["records"] != files:
                 log(f"WARNING: {run['agents']} agent(s) {key}: {got['records']} records != {files}")
     print(json.dumps({"files": files, "cores": os.cpu_count(), "runs": runs}, indent=1))
+    log(table(runs, configs, args.workers))
     return 0
+
+
+def table(runs: list[dict[str, object]], configs: list[tuple[int, bool]], workers: int) -> str:
+    """A Markdown table: median files/s and the range over the repeats, per configuration."""
+    lines = [
+        "| agents | reconciliation | first index (files/s) | no-change rescan (files/s) |",
+        "|---:|---|---:|---:|",
+    ]
+    for n, distributed in configs:
+        mine = [r for r in runs if r["agents"] == n and r["distributed"] == distributed]
+        cells = []
+        for key in ("first_index", "rescan_nochange"):
+            rates = sorted(int(r[key]["files_per_s"]) for r in mine)  # type: ignore[index]
+            cells.append(f"{statistics.median(rates):,.0f} ({rates[0]:,}–{rates[-1]:,})")
+        how = f"distributed, {workers} workers each" if distributed else "local (not distributed)"
+        lines.append(f"| {n} | {how} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -303,7 +303,7 @@ def test_a_helper_killed_holding_an_item_loses_nothing(
         scan = threading.Thread(target=lambda: _catch(errors, lambda: ledger.scan(repo)))
         try:
             scan.start()
-            killed = False
+            killed, killed_at = False, 0.0
             deadline = time.monotonic() + 60
             while not killed and scan.is_alive() and time.monotonic() < deadline:
                 os.killpg(helper.proc.pid, signal.SIGSTOP)
@@ -311,6 +311,7 @@ def test_a_helper_killed_holding_an_item_loses_nothing(
                     # The agent process only, as a crash would: its worker processes must
                     # not outlive it (and keep the item).
                     helper.proc.kill()
+                    killed_at = time.monotonic()
                     os.killpg(helper.proc.pid, signal.SIGCONT)
                     killed = True
                 else:
@@ -321,6 +322,7 @@ def test_a_helper_killed_holding_an_item_loses_nothing(
             wait_for(lambda: not session(helper.proc.pid), 30, "the helper's workers end")
             scan.join(120)
             assert not scan.is_alive() and errors == []
+            done_after = time.monotonic() - killed_at
         finally:
             helper.stop()
         assert_exact(ledger, repo)
@@ -329,6 +331,7 @@ def test_a_helper_killed_holding_an_item_loses_nothing(
         assert ledger.store.running_operations() == []
         wait_for(lambda: left_over(pg_url) == (0, 0, 0), 10, "no job, item or claim left")
         assert no_change(ledger.scan(repo))
+    print(f"DIST-FIGURES reconciliation done {done_after:.2f}s after the helper was killed")
 
 
 def session(sid: int) -> list[int]:
