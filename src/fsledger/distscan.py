@@ -42,7 +42,15 @@ from uuid import UUID
 from fsledger.hashing import HashOutcome, hash_file
 from fsledger.ignore import IgnoreRules
 from fsledger.merge import Absent, Look, LookRule, Merge, MergeItem, plan_ranges
-from fsledger.model import FileRecord, FileStat, RelPath, Repository, ns_to_datetime
+from fsledger.model import (
+    Digest,
+    FileRecord,
+    FileStat,
+    RelPath,
+    Repository,
+    datetime_to_ns,
+    ns_to_datetime,
+)
 from fsledger.mounts import MountTable
 from fsledger.store.base import Store
 from fsledger.walk import FileEntry, Unreadable, walk
@@ -79,6 +87,8 @@ class JobParams:
         return IgnoreRules(self.patterns, self.hidden)
 
     def encode(self) -> bytes:
+        """JSON, never pickle: whoever can write the database must not be able to make an
+        agent run code."""
         return json.dumps(
             {
                 "v": FORMAT,
@@ -97,6 +107,7 @@ class JobParams:
 
     @classmethod
     def decode(cls, data: bytes) -> JobParams:
+        """The inverse of ``encode``; ``ValueError`` for another format version."""
         d = json.loads(data)
         if d.get("v") != FORMAT:
             raise ValueError(f"scan job format {d.get('v')!r} is not {FORMAT}")
@@ -153,6 +164,7 @@ class ItemResult:
     specials: int = 0
 
     def encode(self) -> bytes:
+        """Compact JSON (what a ``scan_work`` row holds): one short list per item."""
         out: list[Any] = []
         outcomes = self.outcomes
         for item in self.items:
@@ -171,7 +183,7 @@ class ItemResult:
                             *old.stat,
                             old.content_hash,
                             old.hash_algo,
-                            _ns(old),
+                            datetime_to_ns(old.last_scanned),
                         ],
                         None
                         if o is None
@@ -190,8 +202,7 @@ class ItemResult:
 
     @classmethod
     def decode(cls, data: bytes) -> ItemResult:
-        from fsledger.model import Digest
-
+        """The inverse of ``encode``; ``ValueError`` for another format version."""
         d = json.loads(data)
         if d.get("v") != FORMAT:
             raise ValueError(f"scan result format {d.get('v')!r} is not {FORMAT}")
@@ -215,12 +226,6 @@ class ItemResult:
             else:
                 res.items.append(Unreadable(_b(row[1]), bool(row[2]), str(row[3])))
         return res
-
-
-def _ns(record: FileRecord) -> int:
-    from fsledger.model import datetime_to_ns
-
-    return datetime_to_ns(record.last_scanned)
 
 
 def compute(params: JobParams, lo: RelPath, hi: RelPath | None, store: Store) -> ItemResult:
@@ -351,6 +356,7 @@ class LocalWorkers:
         ]
 
     def busy(self) -> bool:
+        """Whether a claiming loop still runs."""
         return any(not r.ready() for r in self._running)
 
     def wait(self, timeout: float | None = None) -> int:
