@@ -9,6 +9,7 @@ ledger equals the disk, no job and no claim is left behind.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -32,7 +33,16 @@ from fsledger.hashing import HashOutcome
 from fsledger.ignore import IgnoreRules
 from fsledger.ledger import Ledger
 from fsledger.merge import Absent, Look, LookRule
-from fsledger.model import Digest, FileRecord, FileStat, OperationStatus, Repository, utcnow
+from fsledger.model import (
+    Change,
+    ChangeKind,
+    Digest,
+    FileRecord,
+    FileStat,
+    OperationStatus,
+    Repository,
+    utcnow,
+)
 from fsledger.store import open_store
 from fsledger.store.scanwork import create_job, open_jobs
 from fsledger.walk import FileEntry, Unreadable
@@ -161,6 +171,49 @@ def test_claims_skip_locked_items_and_die_with_their_session(pg_url: str) -> Non
         job.close()
 
 
+# --- the owner alone -----------------------------------------------------------------------
+
+
+def test_the_owner_alone_with_its_worker_processes(pg_url: str, tmp_path: Path) -> None:
+    """No helper: the owner's worker processes and its reconciler thread do every item. A
+    first index, changes all over the tree, a no-change rescan, and a ``--verify`` scan that
+    finds bit rot through hashes computed in the workers, keeping the known-good hash."""
+    tree = os.fsencode(str(tmp_path / "photos"))
+    photo_tree(tree, files=800)
+    age_tree(tree)
+    settings = Settings(database_url=pg_url, max_concurrency=2, distributed=True)
+    with Ledger(settings) as ledger:
+        try:
+            repo = ledger.add_repository(tree)
+            assert ledger.scan(repo).files_added == 804
+            assert_exact(ledger, repo)
+            changes_across_the_tree(tree)
+            ledger.scan(repo)
+            assert_exact(ledger, repo)
+            assert no_change(ledger.scan(repo))
+            # Bit rot: one byte flipped, mtime restored, and the record's ctime made to agree
+            # (user space cannot write without moving ctime; real rot moves nothing).
+            rel = b"top.jpg"
+            path = tree + b"/" + rel
+            good = ledger.store.get_record(repo.id, rel)
+            assert good is not None
+            before = os.stat(path)
+            with open(path, "r+b") as f:
+                f.write(b"X")
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+            rotted = good.stat._replace(ctime_ns=os.lstat(path).st_ctime_ns)
+            ledger.store.apply(
+                repo.id, [Change(ChangeKind.META, rel, dataclasses.replace(good, stat=rotted))]
+            )
+            stats = ledger.scan(repo, verify=True)
+            assert stats.corrupt == ["top.jpg"] and stats.files_hashed == stats.files_scanned
+            kept = ledger.store.get_record(repo.id, rel)
+            assert kept is not None and kept.digest == good.digest
+            assert left_over(pg_url) == (0, 0, 0)
+        finally:
+            ledger.reconciler.close()
+
+
 # --- real agents ------------------------------------------------------------------------------
 
 
@@ -272,6 +325,60 @@ def test_two_agents_reconcile_a_tree_exactly(
         finally:
             helper.stop()
     assert "Traceback" not in helper.text()
+
+
+def test_the_owner_killed_mid_job_a_helper_takes_over(pg_url: str, tmp_path: Path) -> None:
+    """Two real agents: the owner is frozen during its distributed first index, the other agent
+    helps with it, then the owner is killed (its main process, ``kill -9``). The helper takes the
+    repository over, reconciles it with a job of its own (the dead owner's is swept), and
+    the ledger equals the disk; no job, item or claim is left."""
+    tree = os.fsencode(str(tmp_path / "photos"))
+    photo_tree(tree, files=5000)
+    age_tree(tree)
+    with Ledger(Settings(database_url=pg_url)) as ledger:
+        repo = ledger.add_repository(tree)
+    first = Helper(pg_url, tmp_path / "first.log")  # owns the repository: started first
+    second: Helper | None = None
+    try:
+
+        def jobs_of(tag: str) -> int:
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM scan_jobs WHERE owner = %s", (tag,)
+                ).fetchone()
+            return int(row[0]) if row else 0
+
+        wait_for(lambda: jobs_of(first.tag) > 0, 30, "the owner's job")
+        # Frozen mid-job (its connections, its job's lock and its workers' claims held), so
+        # that the helper starting now finds the job open, whatever the machine's speed.
+        os.killpg(first.proc.pid, signal.SIGSTOP)
+        assert jobs_of(first.tag) > 0, "the owner's job ended before it could be frozen"
+        second = Helper(pg_url, tmp_path / "second.log")
+        wait_for(lambda: "Helped with" in second.text(), 30, "the helper helped")
+        first.proc.kill()
+        os.killpg(first.proc.pid, signal.SIGCONT)
+        first.proc.wait(10)
+        wait_for(lambda: not session(first.proc.pid), 30, "the owner's workers end")
+        with Ledger(Settings(database_url=pg_url)) as ledger:
+            wait_for(lambda: "taking over" in second.text(), 30, "takeover")
+            wait_for(lambda: jobs_of(second.tag) > 0 or ledger.store.count_records(repo.id) > 0)
+
+            def exact() -> bool:
+                try:
+                    assert_exact(ledger, repo)
+                except AssertionError:
+                    return False
+                return True
+
+            wait_for(exact, 120, "the ledger equals the disk")
+            wait_for(lambda: left_over(pg_url) == (0, 0, 0), 30, "no job, item or claim left")
+            (op, *_rest) = ledger.store.recent_operations(repo.id, 1)
+            assert op.status is OperationStatus.COMPLETED
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert second is not None and "Traceback" not in second.text()
 
 
 def holds_an_item(url: str, tag: str) -> bool:

@@ -147,6 +147,8 @@ class Claimer(_Conn):
                 "SELECT w.job_id, w.seq, w.lo, w.hi, j.params FROM scan_work w "
                 "JOIN scan_jobs j ON j.job_id = w.job_id "
                 "WHERE w.job_id = ANY(%s) AND w.state = 'pending' AND j.state = 'open' "
+                # The job of an owner that died is nobody's business any more.
+                f"AND {_OWNER_ALIVE} "
                 "ORDER BY j.created_at, w.seq LIMIT 1 FOR UPDATE OF w SKIP LOCKED",
                 (list(job_ids),),
             ).fetchone()
