@@ -43,7 +43,7 @@ from fsledger.model import (
     Repository,
     utcnow,
 )
-from fsledger.store import open_store
+from fsledger.store import Store, open_store
 from fsledger.store.scanwork import create_job, open_jobs
 from fsledger.walk import FileEntry, Unreadable
 from test_merge import changes_across_the_tree, photo_tree
@@ -106,6 +106,40 @@ def test_results_and_params_survive_their_encoding() -> None:
         "f" * 32,
     )
     assert JobParams.decode(params.encode()) == params
+
+
+def test_a_hash_stuck_in_a_helper_is_abandoned_within_its_budget(
+    store: Store, tree: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that never returns (a dead network mount) costs its budget, not the job: the
+    files not hashed by then come back as errors (recorded without a hash, and reported; the
+    next scan hashes them), the others hashed."""
+    photo_tree(tree, files=30)
+    release = threading.Event()
+    real = distscan.hash_file
+
+    def stuck(path: bytes, algo: str = "blake3", threads: int = 1) -> HashOutcome:
+        if path.endswith(b"top.jpg"):
+            release.wait(30)
+        return real(path, algo)
+
+    monkeypatch.setattr(distscan, "hash_file", stuck)
+    rules = IgnoreRules.default()
+    params = JobParams(
+        uuid.uuid4(), tree, rules.patterns, True, LookRule("blake3"), True, {}, "x", 0.3
+    )
+    t0 = time.monotonic()
+    try:
+        result = distscan.compute(params, b"", None, store)
+    finally:
+        release.set()
+    assert time.monotonic() - t0 < 10
+    # Files are hashed in path order: the stuck one and those after it in the item are
+    # abandoned with it (as a chunk of the local hashing workers would be).
+    late = {p for p, o in result.outcomes.items() if o.error == "hash timed out after 0s"}
+    assert late == {b"top.jpg", b"zz/last"}
+    assert len(result.outcomes) == 34
+    assert all(o.hex for p, o in result.outcomes.items() if p not in late)
 
 
 def test_root_view_tells_mounts_apart(tree: bytes, tmp_path: Path) -> None:

@@ -81,6 +81,8 @@ class JobParams:
     unreadable: Mapping[RelPath, str]
     fingerprint: str
     """Digest of the root's top-level names and its mount points below (``root_view``)."""
+    hash_timeout_s: float = 60.0
+    """The owner's ``FSLEDGER_HASH_TIMEOUT``: a helper's hashes keep to the same budget."""
 
     @property
     def rules(self) -> IgnoreRules:
@@ -102,6 +104,7 @@ class JobParams:
                 "hash_looks": self.hash_looks,
                 "unreadable": {_s(k): v for k, v in self.unreadable.items()},
                 "fingerprint": self.fingerprint,
+                "hash_timeout_s": self.hash_timeout_s,
             }
         ).encode()
 
@@ -120,6 +123,7 @@ class JobParams:
             bool(d["hash_looks"]),
             {_b(k): str(v) for k, v in d["unreadable"].items()},
             str(d["fingerprint"]),
+            float(d["hash_timeout_s"]),
         )
 
 
@@ -238,12 +242,38 @@ def compute(params: JobParams, lo: RelPath, hi: RelPath | None, store: Store) ->
     result = ItemResult(list(merge))
     result.scanned, result.specials = merge.scanned, merge.specials
     if params.hash_looks:
-        algo = params.rule.algo
-        for item in result.items:
-            if type(item) is Look:
-                path = item.entry.path
-                result.outcomes[path] = hash_file(params.root + b"/" + path, algo)
+        looks = [item.entry for item in result.items if type(item) is Look]
+        result.outcomes = _hash_within_budget(params, looks)
     return result
+
+
+def _hash_within_budget(params: JobParams, entries: list[FileEntry]) -> dict[RelPath, HashOutcome]:
+    """Hash files in a daemon thread, within the budget the owner's hashing workers would
+    have (``FSLEDGER_HASH_TIMEOUT`` plus 20 s a GiB): a read stuck on a dead network mount
+    cannot be interrupted, but it can be left behind, and its files reported as errors."""
+    done: dict[RelPath, HashOutcome] = {}
+    algo, root = params.rule.algo, params.root
+
+    def run() -> None:
+        for entry in entries:
+            done[entry.path] = hash_file(root + b"/" + entry.path, algo)
+
+    worker = threading.Thread(target=run, name="scan-hash", daemon=True)
+    worker.start()
+    budget = params.hash_timeout_s + 20.0 * sum(e.stat.size for e in entries) / (1 << 30)
+    worker.join(budget)
+    if worker.is_alive():
+        late = [e.path for e in entries if e.path not in done]
+        log.warning(
+            "Repository %s: %d file(s) not hashed within %.0fs (first: %s)",
+            params.repo_id,
+            len(late),
+            budget,
+            os.fsdecode(late[0]) if late else "-",
+        )
+        error = HashOutcome(None, error=f"hash timed out after {budget:.0f}s")
+        return {**{p: error for p in late}, **dict(done)}
+    return done
 
 
 # --- the worker processes ---------------------------------------------------------------------
@@ -392,6 +422,8 @@ class DistributedMerge:
         unreadable: directories to walk as unreadable (filesystems not mounted now).
         workers: the owner's own worker processes (its reconciler thread works too).
         tag: ``host:pid`` of the owner.
+        hash_timeout_s: the budget of one file's hash (``FSLEDGER_HASH_TIMEOUT``), for every
+            agent that computes an item.
     """
 
     def __init__(
@@ -403,6 +435,7 @@ class DistributedMerge:
         unreadable: Mapping[RelPath, str] | None,
         workers: int,
         tag: str,
+        hash_timeout_s: float = 60.0,
     ) -> None:
         self.store = store
         self.repo = repo
@@ -417,6 +450,7 @@ class DistributedMerge:
             rule.hashing,
             dict(unreadable or {}),
             view or "",
+            hash_timeout_s,
         )
         self.workers = LocalWorkers(store.url, workers, tag)
         self.tag = tag

@@ -433,6 +433,7 @@ class _Run:
             self._keep(),
             self.settings.max_concurrency,
             owner_tag(),
+            self.settings.hash_timeout_s,
         )
         hashed: list[tuple[_Job, HashOutcome]] = []
 
