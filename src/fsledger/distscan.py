@@ -36,7 +36,7 @@ import stat as stat_mod
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from fsledger.hashing import HashOutcome, hash_file
@@ -54,6 +54,12 @@ from fsledger.model import (
 from fsledger.mounts import MountTable
 from fsledger.store.base import Store
 from fsledger.walk import FileEntry, Unreadable, walk
+
+if TYPE_CHECKING:
+    from fsledger.store.scanwork import Claim, Claimer, ScanJob
+
+# fsledger.store.scanwork (and psycopg with it) is imported where it is used: SQLite users
+# never load it.
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +290,7 @@ class _WorkerState:
 
     def __init__(self) -> None:
         self.stores: dict[str, Store] = {}
-        self.claimers: dict[str, Any] = {}
+        self.claimers: dict[str, Claimer] = {}
         self.params: dict[UUID, JobParams] = {}
 
     def store(self, url: str) -> Store:
@@ -294,7 +300,7 @@ class _WorkerState:
             self.stores[url] = open_store(url)
         return self.stores[url]
 
-    def claimer(self, url: str, tag: str) -> Any:
+    def claimer(self, url: str, tag: str) -> Claimer:
         if url not in self.claimers:
             from fsledger.store.scanwork import Claimer
 
@@ -302,8 +308,7 @@ class _WorkerState:
         return self.claimers[url]
 
     def drop(self, url: str) -> None:
-        for cache in (self.stores, self.claimers):
-            conn = cache.pop(url, None)
+        for conn in (self.stores.pop(url, None), self.claimers.pop(url, None)):
             if conn is not None:
                 with contextlib.suppress(Exception):
                     conn.close()
@@ -484,7 +489,7 @@ class DistributedMerge:
             self.workers.close()
             job.close()
 
-    def _in_order(self, job: Any) -> Iterator[ItemResult]:
+    def _in_order(self, job: ScanJob) -> Iterator[ItemResult]:
         here: dict[int, ItemResult] = {}
         for seq in range(job.size):
             while seq not in here:
@@ -511,7 +516,7 @@ class DistributedMerge:
                     here[seq] = ItemResult.decode(data)
             yield here.pop(seq)
 
-    def _compute(self, claim: Any) -> ItemResult:
+    def _compute(self, claim: Claim) -> ItemResult:
         try:
             item = claim.item
             result = compute(self.params, item.lo, item.hi, self.store)
