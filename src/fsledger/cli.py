@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, NoReturn
 from uuid import UUID
 
@@ -506,6 +507,13 @@ def duplicates(ctx: Context, ref: str | None, limit: int, min_size: int, as_json
     help="POST batches of changes here, signed with FSLEDGER_WEBHOOK_SECRET (repeatable; "
     "env FSLEDGER_WEBHOOKS too).",
 )
+@click.option(
+    "--distributed/--no-distributed",
+    default=None,
+    help="PostgreSQL: split big reconciliations into work items that every agent on the "
+    "database with the root mounted at the same path helps with, and help with theirs "
+    "[env RECONCILIATION_DISTRIBUTED; default off].",
+)
 @pass_ctx
 @_guard
 def run(
@@ -515,6 +523,7 @@ def run(
     listen: str | None,
     no_http: bool,
     webhooks: tuple[str, ...],
+    distributed: bool | None,
 ) -> None:
     """Keep every repository in sync: startup reconciliation, live watching, schedules; serve
     the HTTP API, the change feed (SSE, webhooks) and the dashboard.
@@ -523,6 +532,9 @@ def run(
     """
     from fsledger.api.server import Service
 
+    if distributed is not None:
+        # Before the ledger opens: its reconciler reads the setting too.
+        ctx.settings = replace(ctx.settings, distributed=distributed)
     ledger = ctx.ledger
     live_factory = None if (no_watch or once) else _live_factory()
     manager = SyncManager(ledger, ctx.settings, live_factory=live_factory)

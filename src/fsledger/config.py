@@ -104,6 +104,9 @@ class Settings:
     batch_size: int = 100
     max_concurrency: int = os.cpu_count() or 1
     calculate_hashes: bool = True
+    distributed: bool = False
+    """PostgreSQL: split a reconciliation into work items other agents help with, and help with
+    theirs (``fsledger.distscan``). Ignored with SQLite."""
     hash_algo: str = "blake3"
     hash_timeout_s: float = 60.0
     """Minimum time one file's hash may take before it is abandoned (plus 20 s per GiB)."""
@@ -146,6 +149,8 @@ class Settings:
             kw["max_concurrency"] = parse_int("RECONCILIATION_MAX_CONCURRENCY", v, 1, 256)
         if v := env.get("RECONCILIATION_CALCULATE_HASHES"):
             kw["calculate_hashes"] = parse_bool("RECONCILIATION_CALCULATE_HASHES", v)
+        if v := env.get("RECONCILIATION_DISTRIBUTED"):
+            kw["distributed"] = parse_bool("RECONCILIATION_DISTRIBUTED", v)
         if v := env.get("FSLEDGER_HASH_ALGO"):
             if v not in ALGORITHMS:
                 raise ConfigError(

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from uuid import UUID
 
 import yaml
@@ -45,6 +45,9 @@ from fsledger.model import (
 from fsledger.mounts import changed_mounts
 from fsledger.store.lease import Lease
 from fsledger.writer import Applied
+
+if TYPE_CHECKING:
+    from fsledger.distscan import ScanHelper
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +211,7 @@ class SyncManager:
         self._last_reconciliation: datetime | None = None
         self._reconciliation_errors = 0
         self._totals = ScanStats()
+        self._helper: ScanHelper | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -225,6 +229,19 @@ class SyncManager:
             self._attach(repo, OperationType.STARTUP)
         self._spawn(self._worker, "fsledger-reconcile")
         self._spawn(self._scheduler, "fsledger-scheduler")
+        if self.settings.distributed and self.ledger.store.shares_scans:
+            from fsledger.distscan import ScanHelper
+            from fsledger.reconcile import owner_tag
+
+            # Work items of other agents' reconciliations (this agent's own are worked on by
+            # the reconciliation that created them).
+            self._helper = ScanHelper(
+                self.ledger.store.url,
+                self.settings.max_concurrency,
+                owner_tag(),
+                owned=lambda rid: rid in self._repos,
+            )
+            self._helper.start()
         log.info("Sync manager started successfully")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
@@ -239,6 +256,8 @@ class SyncManager:
             self._cv.notify_all()
         if self.live is not None:
             self.live.stop()
+        if self._helper is not None:
+            self._helper.stop()
         for t in self._threads:
             t.join(timeout)
         for runtime in self._repos.values():

@@ -402,7 +402,9 @@ class _Run:
 
     def _merge_all(self) -> None:
         rule = LookRule(self.algo, self.hashing, self.verify)
-        if self._ranges_worthwhile():
+        if self.settings.distributed and self.store.shares_scans and not self.prefix:
+            self._merge_distributed(rule)
+        elif self._ranges_worthwhile():
             self._merge_in_workers(rule)
         else:
             lo, hi = prefix_range(self.prefix) if self.prefix else (b"", None)
@@ -481,6 +483,53 @@ class _Run:
                 f"repository {self.repo.name!r}: part of {self.repo.root_str} stopped answering "
                 f"({exc}; a hung network mount?). Nothing was deleted; the next scan retries."
             ) from exc
+
+    def _merge_distributed(self, rule: LookRule) -> None:
+        """The merge as a job of key ranges that other agents help with (PostgreSQL,
+        ``RECONCILIATION_DISTRIBUTED``; see ``fsledger.distscan``). The results come back in
+        range order and go the way of a local merge's, except that a ``Look`` file hashed
+        by whoever computed its range is not hashed again: its outcome, with the ``fstat``
+        key it belongs to, is taken as the hashing workers' would be (and the writer checks
+        that key against ``lstat`` before writing)."""
+        from fsledger.distscan import DistributedMerge
+
+        dist = DistributedMerge(
+            self.store,
+            self.repo,
+            self.writer.rules,
+            rule,
+            self._keep(),
+            self.settings.max_concurrency,
+            owner_tag(),
+            self.settings.hash_timeout_s,
+        )
+        hashed: list[tuple[_Job, HashOutcome]] = []
+
+        def accept() -> None:
+            jobs = [job for job, _out in hashed]
+            outcomes = {id(job): out for job, out in hashed}
+            hashed.clear()
+            rest = self._detect_moves(jobs)
+            self._finish_jobs(rest, [outcomes[id(job)] for job in rest])
+
+        for result in dist.results():
+            for item in result.items:
+                out = result.outcomes.get(item.entry.path) if type(item) is Look else None
+                if out is None or not self.hashing:
+                    self._take(item)
+                    continue
+                assert type(item) is Look
+                hashed.append((_Job(item.entry, item.old), out))
+                if len(hashed) >= CHUNK_FILES:
+                    accept()
+            accept()
+            self.stats.files_scanned += result.scanned
+            self.stats.skipped_special += result.specials
+            if self.progress:
+                self.progress(self.stats)
+        others = {who: n for who, n in dist.done_by.items() if who != owner_tag()}
+        if others:
+            log.info("Repository %s: items computed by other agents: %s", self.repo.id, others)
 
     def _keep(self) -> Mapping[RelPath, str] | None:
         """Directories to walk as unreadable: filesystems mounted there at the last scan and

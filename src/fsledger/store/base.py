@@ -161,6 +161,13 @@ class Store(Protocol):
         ``repo_id``)."""
         ...
 
+    # --- distributed scanning ----------------------------------------------------------
+    @property
+    def shares_scans(self) -> bool:
+        """Whether reconciliations can be split into work items other agents take
+        (``fsledger.store.scanwork``: PostgreSQL only)."""
+        ...
+
     # --- ownership between agents ---------------------------------------------------------
     def acquire_lease(self, repo_id: UUID) -> Lease | None:
         """Try to become the one writer of a repository among every agent sharing this store;

@@ -102,7 +102,10 @@ SQLITE: list[str] = [
         PRIMARY KEY (repository_id, mount_path)
     );
     """,
-    # 4: indexes no query needs, which every insert and update paid for: file_records'
+    # 4: distributed scanning (scan_jobs, scan_work) is PostgreSQL only: SQLite is one host's
+    # store. The version is kept so that both lists stay numbered alike.
+    "",
+    # 5: indexes no query needs, which every insert and update paid for: file_records'
     # repository index is the left prefix of UNIQUE (repository_id, file_path), the hash
     # index the left prefix of idx_file_records_dup, and no query filters or sorts by
     # last_scanned. A first index of 100k files wrote six B-trees per row; now three.
@@ -204,7 +207,37 @@ POSTGRES: list[str] = [
         PRIMARY KEY (repository_id, mount_path)
     );
     """,
-    # 4: see SQLITE's 4.
+    # 4: distributed scanning (fsledger.distscan). The owner of a repository cuts its
+    # reconciliation into key ranges, one scan_work row each; any agent with the root mounted
+    # claims a pending row with FOR UPDATE SKIP LOCKED and holds the row lock while it computes,
+    # so a claim dies with its agent. The owner holds a session advisory lock on the job's key
+    # (lock_hi, lock_lo) for as long as the job lives: helpers skip jobs whose owner is gone.
+    """
+    CREATE TABLE scan_jobs (
+        job_id UUID PRIMARY KEY,
+        repository_id UUID NOT NULL,
+        owner TEXT NOT NULL,
+        params BYTEA NOT NULL,
+        state TEXT NOT NULL DEFAULT 'open',
+        lock_hi BIGINT NOT NULL,
+        lock_lo BIGINT NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
+    );
+    CREATE TABLE scan_work (
+        job_id UUID NOT NULL REFERENCES scan_jobs(job_id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        repository_id UUID NOT NULL,
+        lo BYTEA NOT NULL,
+        hi BYTEA,
+        state TEXT NOT NULL DEFAULT 'pending',
+        claimed_by TEXT,
+        result BYTEA,
+        finished_at TIMESTAMPTZ,
+        PRIMARY KEY (job_id, seq)
+    );
+    CREATE INDEX idx_scan_work_pending ON scan_work(job_id, seq) WHERE state = 'pending';
+    """,
+    # 5: see SQLITE's 5.
     """
     DROP INDEX IF EXISTS idx_file_records_repo;
     DROP INDEX IF EXISTS idx_file_records_hash;

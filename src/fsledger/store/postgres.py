@@ -76,6 +76,8 @@ _UPSERT_TEMP = (
 class PostgresStore(SqlStore):
     """``Store`` on a PostgreSQL database (``postgresql://user@host:port/db``)."""
 
+    shares_scans = True
+
     def __init__(self, url: str, max_connections: int = 4, connect_timeout: float = 10.0) -> None:
         self.url = url
         # One direct attempt first: it fails at once with the server's own reason (refused,

@@ -93,6 +93,7 @@ class SqlStore:
 
     url: str
     _scanned_in: tuple[datetime | None, Any] = (None, None)
+    shares_scans: bool = False
 
     # --- what a dialect provides ------------------------------------------------------
     def _tx(self) -> AbstractContextManager[Cursor]:
