@@ -340,3 +340,48 @@ def test_a_share_unmounted_during_the_walk_keeps_its_records(
     assert stats.files_removed == 0
     assert any("unmounted during the scan" in e for e in stats.errors)
     assert nas_files(ledger_snapshot(ledger, repo)) == kept
+
+
+def test_an_empty_filesystem_mounted_in_place_keeps_the_records(
+    ledger: Ledger, store: Store, tree: bytes, mounts: FakeMounts, aside: Path
+) -> None:
+    """The root guard's rule per mount point: a remembered mount point that is mounted but
+    empty while the ledger holds files below it (another, empty filesystem mounted there, or
+    a placeholder left by a share that did not come up) is not believed; --force believes it."""
+    make_tree(tree, SPEC)
+    age_tree(tree)
+    mounts.mount(NAS)
+    repo = ledger.add_repository(tree)
+    assert ledger.scan(repo).errors == []
+    kept = nas_files(ledger_snapshot(ledger, repo))
+    assert len(kept) == 3
+
+    # Another filesystem, empty, mounted where the share was (the table still says mounted).
+    unmount(tree, mounts, aside)
+    mounts.mount(NAS, fs_type="tmpfs", source="tmpfs")
+    stats = ledger.scan(repo)
+    assert stats.files_removed == 0
+    assert len(stats.errors) == 1 and "empty while the ledger holds files" in stats.errors[0]
+    assert nas_files(ledger_snapshot(ledger, repo)) == kept
+
+    # A file in it makes it a filesystem like any other: then it is believed.
+    make_tree(tree, {"my nas/fresh.jpg": b"fresh"})
+    age_tree(tree)
+    stats = ledger.scan(repo)
+    assert stats.errors == [] and stats.files_added == 1 and stats.files_removed == 3
+    assert ledger_snapshot(ledger, repo) == disk_snapshot(tree)
+
+
+def test_force_believes_an_empty_mount(
+    ledger: Ledger, store: Store, tree: bytes, mounts: FakeMounts, aside: Path
+) -> None:
+    make_tree(tree, SPEC)
+    age_tree(tree)
+    mounts.mount(NAS)
+    repo = ledger.add_repository(tree)
+    ledger.scan(repo)
+    unmount(tree, mounts, aside)
+    mounts.mount(NAS, fs_type="tmpfs", source="tmpfs")
+    stats = ledger.scan(repo, force=True)
+    assert stats.errors == [] and stats.files_removed == 3
+    assert ledger_snapshot(ledger, repo) == disk_snapshot(tree)

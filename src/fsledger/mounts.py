@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import stat as stat_mod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from fsledger.ignore import IgnoreRules
@@ -149,6 +149,15 @@ def not_mounted_message(point: MountPoint) -> str:
     )
 
 
+def empty_mount_message(point: MountPoint) -> str:
+    return (
+        f"a filesystem is mounted here ({point.fs_type or '?'} {point.source or '?'} was) but "
+        "it is empty while the ledger holds files below it: another filesystem, or a share "
+        "that did not come up? Its records are kept. If it really was emptied, scan once "
+        "with --force."
+    )
+
+
 class MountTable:
     """The mount points below one root, as the mount table says now."""
 
@@ -171,8 +180,10 @@ class MountGuard:
         remembered: the mount points the store remembers.
         prefix: the subtree the reconciliation walks (``b""``: all of it).
         force: forget remembered mount points that are not mounted any more (a mount
-            removed for good), instead of keeping their records.
+            removed for good), instead of keeping their records; and believe an empty one.
         mountinfo: the mount table to read (tests pass their own).
+        has_records_below: whether the ledger holds files below a path (for the empty-mount
+            check; without it, that check is skipped).
     """
 
     def __init__(
@@ -183,6 +194,7 @@ class MountGuard:
         prefix: RelPath = b"",
         force: bool = False,
         mountinfo: str | None = None,
+        has_records_below: Callable[[RelPath], bool] | None = None,
     ) -> None:
         self.repo = repo
         self.rules = rules
@@ -208,13 +220,37 @@ class MountGuard:
             # The walk of a prefix inside the vanished mount stops at its start.
             at = self.prefix if under(self.prefix, point.path) else point.path
             self.unreadable.setdefault(at, not_mounted_message(point))
+        if force or has_records_below is None:
+            return
+        # Mounted, but empty while the ledger holds files below it: the root guard's rule,
+        # per mount point. Another filesystem (an empty one, a share that failed to come up
+        # and left a placeholder mounted) is not the library that was there.
+        for point in self.remembered:
+            in_scope = under(point.path, self.prefix) or under(self.prefix, point.path)
+            if not in_scope or not self._mounted[point.path] or point.path in self.unreadable:
+                continue
+            if self._empty(point.path) and has_records_below(point.path):
+                at = self.prefix if under(self.prefix, point.path) else point.path
+                self.unreadable.setdefault(at, empty_mount_message(point))
+
+    def _empty(self, rel: RelPath) -> bool:
+        try:
+            names = os.listdir(self.repo.root + b"/" + rel)
+        except OSError:
+            return False  # what cannot be listed the walk reports as unreadable anyway
+        return not any(not self.rules.ignores_name(n, rel + b"/" + n) for n in names)
 
     @classmethod
     def load(
         cls, store: Store, repo: Repository, rules: IgnoreRules, prefix: RelPath, force: bool
     ) -> MountGuard:
         """Read the remembered mount points and the mount table (one query, one file)."""
-        return cls(repo, rules, store.mount_points(repo.id), prefix, force)
+
+        def has_records_below(rel: RelPath) -> bool:
+            rows = store.iter_record_rows(repo.id, rel + b"/", rel + b"0", page=1)
+            return next(iter(rows), None) is not None
+
+        return cls(repo, rules, store.mount_points(repo.id), prefix, force, None, has_records_below)
 
     def memory(self) -> list[MountPoint]:
         """What to remember once the reconciliation has succeeded: every remembered mount
