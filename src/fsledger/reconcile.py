@@ -289,8 +289,6 @@ def start_workers(settings: Settings) -> HashPool | None:
 
 
 def _with_dev(repo: Repository, dev: int) -> Repository:
-    from dataclasses import replace
-
     return replace(repo, root_dev=dev)
 
 
