@@ -82,8 +82,9 @@ RANGE_STALL_FACTOR = 5
 """A scan fails when no key range completes within this many hash timeouts."""
 RANGE_FILES = 10_000
 MAX_RANGES = 512
-INITIAL_RANGES = 64
-"""Ranges of a first index, whose size is not known yet."""
+INITIAL_RANGES = 256
+"""Ranges of a first index, whose size is not known yet: every file of a range comes back
+to the parent, so ranges stay small (~4k files at 1M) to keep its memory flat."""
 
 MAX_ERRORS_KEPT = 1000
 """Errors listed in a scan's stats and logged one by one; the rest are only counted."""
