@@ -208,6 +208,16 @@ def mount(tree: bytes, mounts: FakeMounts, aside: Path) -> None:
     mounts.mount(NAS)
 
 
+def indexed_with_share(ledger: Ledger, tree: bytes, mounts: FakeMounts) -> Repository:
+    """SPEC in ``tree`` with the share mounted at NAS, added and scanned without errors."""
+    make_tree(tree, SPEC)
+    age_tree(tree)
+    mounts.mount(NAS)
+    repo = ledger.add_repository(tree)
+    assert ledger.scan(repo).errors == []
+    return repo
+
+
 def feed_paths(store: Store, repo: Repository, after: int, kind: ChangeKind) -> set[bytes]:
     return {e.path for e in store.changes_since(after, 10_000, repo.id) if e.kind is kind}
 
@@ -224,11 +234,7 @@ def test_a_share_unmounted_below_the_root_keeps_its_records(
 ) -> None:
     # Either way of merging (see fsledger.merge) walks the share as unreadable.
     monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_RECORDS", 1 if ranged else 10**9)
-    make_tree(tree, SPEC)
-    age_tree(tree)
-    mounts.mount(NAS)
-    repo = ledger.add_repository(tree)
-    assert ledger.scan(repo).errors == []
+    repo = indexed_with_share(ledger, tree, mounts)
     assert store.mount_points(repo.id) == [MountPoint(NAS, "nfs4", "nas:/photos", True)]
     full = ledger_snapshot(ledger, repo)
     kept = nas_files(full)
@@ -275,10 +281,7 @@ def test_a_share_unmounted_below_the_root_keeps_its_records(
 def test_the_memory_survives_a_new_ledger(
     ledger: Ledger, store: Store, settings: Any, tree: bytes, mounts: FakeMounts, aside: Path
 ) -> None:
-    make_tree(tree, SPEC)
-    mounts.mount(NAS)
-    repo = ledger.add_repository(tree)
-    ledger.scan(repo)
+    repo = indexed_with_share(ledger, tree, mounts)
     unmount(tree, mounts, aside)
     fresh = Ledger(settings, store)  # as after a restart: nothing held in memory
     try:
@@ -296,10 +299,7 @@ def test_the_memory_survives_a_new_ledger(
 def test_force_forgets_a_mount_removed_for_good(
     ledger: Ledger, store: Store, tree: bytes, mounts: FakeMounts, aside: Path
 ) -> None:
-    make_tree(tree, SPEC)
-    mounts.mount(NAS)
-    repo = ledger.add_repository(tree)
-    ledger.scan(repo)
+    repo = indexed_with_share(ledger, tree, mounts)
     unmount(tree, mounts, aside)
     assert ledger.scan(repo).files_removed == 0
 
@@ -322,10 +322,7 @@ def test_a_share_unmounted_during_the_walk_keeps_its_records(
     aside: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    make_tree(tree, SPEC)
-    mounts.mount(NAS)
-    repo = ledger.add_repository(tree)
-    ledger.scan(repo)
+    repo = indexed_with_share(ledger, tree, mounts)
     kept = nas_files(ledger_snapshot(ledger, repo))
     real_walk = fsledger.walk.walk
 
@@ -348,11 +345,7 @@ def test_an_empty_filesystem_mounted_in_place_keeps_the_records(
     """The root guard's rule per mount point: a remembered mount point that is mounted but
     empty while the ledger holds files below it (another, empty filesystem mounted there, or
     a placeholder left by a share that did not come up) is not believed; --force believes it."""
-    make_tree(tree, SPEC)
-    age_tree(tree)
-    mounts.mount(NAS)
-    repo = ledger.add_repository(tree)
-    assert ledger.scan(repo).errors == []
+    repo = indexed_with_share(ledger, tree, mounts)
     kept = nas_files(ledger_snapshot(ledger, repo))
     assert len(kept) == 3
 
@@ -375,11 +368,7 @@ def test_an_empty_filesystem_mounted_in_place_keeps_the_records(
 def test_force_believes_an_empty_mount(
     ledger: Ledger, store: Store, tree: bytes, mounts: FakeMounts, aside: Path
 ) -> None:
-    make_tree(tree, SPEC)
-    age_tree(tree)
-    mounts.mount(NAS)
-    repo = ledger.add_repository(tree)
-    ledger.scan(repo)
+    repo = indexed_with_share(ledger, tree, mounts)
     unmount(tree, mounts, aside)
     mounts.mount(NAS, fs_type="tmpfs", source="tmpfs")
     stats = ledger.scan(repo, force=True)
