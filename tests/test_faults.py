@@ -147,8 +147,11 @@ def test_kill_9_of_a_scan_at_random_points(
                 # Not a wait for anything: the random moment of the kill is the fault itself.
                 time.sleep(rng.uniform(0.0, 0.8))
         finally:
+            # poll() reaps a scan that already finished, and a reaped pid must not be killed
+            # (it could be another process's by now); a live or zombie one is.
             was_running = proc.poll() is None
-            os.kill(proc.pid, signal.SIGKILL)
+            if was_running:
+                os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
         sid = proc.pid
         wait_for("the killed scan's processes to end", lambda s=sid: not session_pids(s), 30)
