@@ -31,6 +31,19 @@ _R = TypeVar("_R")
 BLOCK = 1 << 20
 """Read size: large reads keep the per-call overhead of Python out of the way."""
 
+_buffers = threading.local()
+
+
+def _buffer() -> tuple[bytearray, memoryview]:
+    """This thread's read buffer. One per thread, not one per file: a fresh ``BLOCK`` is
+    zeroed and faulted in on every allocation, which cost more than hashing a photo."""
+    try:
+        return _buffers.pair  # type: ignore[no-any-return]
+    except AttributeError:
+        buf = bytearray(BLOCK)
+        _buffers.pair = pair = (buf, memoryview(buf))
+        return pair
+
 
 class _Hasher(Protocol):
     def update(self, data: Any, /) -> Any: ...
@@ -105,8 +118,7 @@ def hash_file(path: bytes, algo: str = DEFAULT_ALGO, threads: int = 1) -> HashOu
             if not stat_mod.S_ISREG(before.st_mode):
                 return HashOutcome(None, error="not a regular file any more")
             hasher = factory(threads if before.st_size >= BIG_FILE else 1)
-            buf = bytearray(BLOCK)
-            view = memoryview(buf)
+            buf, view = _buffer()
             while n := os.readv(fd, [buf]):
                 hasher.update(view[:n])
             after = os.fstat(fd)
