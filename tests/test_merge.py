@@ -7,9 +7,11 @@ to the disk) with the same counts as the merge in one process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
+import pickle
 import random
 import shutil
 import time
@@ -25,11 +27,21 @@ from fsledger.config import Settings
 from fsledger.errors import RootUnavailable, StoreError
 from fsledger.ignore import IgnoreRules
 from fsledger.ledger import Ledger
-from fsledger.merge import Absent, Look, LookRule, Merge, is_racy, plan_ranges
+from fsledger.merge import (
+    Absent,
+    Look,
+    LookRule,
+    Merge,
+    RangeResult,
+    RangeTask,
+    is_racy,
+    merge_range,
+    plan_ranges,
+)
 from fsledger.model import NS_PER_S, ScanStats
 from fsledger.reconcile import start_workers
 from fsledger.store.base import Store
-from fsledger.walk import FileEntry, walk
+from fsledger.walk import FileEntry, Unreadable, walk
 from test_reconcile import assert_exact, no_change, p
 from treeutil import age_tree, make_tree
 
@@ -104,6 +116,46 @@ def test_merge_yields_only_differences(ledger: Ledger, store: Store, tree: bytes
     for rule in (LookRule("sha256"), LookRule("blake3", verify=True)):
         merge = Merge(walk(tree, RULES), store.iter_record_rows(repo.id), rule)
         assert sum(isinstance(i, Look) for i in merge) == 64
+
+
+def test_a_range_result_crosses_to_the_parent_intact(
+    ledger: Ledger, store: Store, tree: bytes
+) -> None:
+    """Every kind of item survives the flat pickling that carries results out of a worker:
+    new files hashed there (plain tuples), changed files with their records and hashes,
+    absent records and unreadable paths, in order."""
+    photo_tree(tree, files=30)
+    age_tree(tree)
+    repo = ledger.add_repository(tree)
+    ledger.scan(repo)
+    os.unlink(p(tree, "top.jpg"))
+    make_tree(tree, {"2004/new.jpg": b"new", "2005/b.jpg": b"b"})
+    with open(p(tree, "zz/last"), "ab") as f:
+        f.write(b"+")
+    task = RangeTask(store.url, repo.id, tree, RULES, LookRule("blake3"), b"", None)
+    result = merge_range(dataclasses.replace(task, hash_looks=True))
+    odd = Unreadable(b"2006/locked", True, "Permission denied (errno 13)")
+    result.items.append(odd)
+    back = pickle.loads(pickle.dumps(result))
+    assert isinstance(back, RangeResult)
+    assert back.items == result.items and (back.scanned, back.specials) == (result.scanned, 0)
+    kinds = {type(i).__name__ for i in back.items}
+    assert kinds == {"tuple", "Look", "Absent", "Unreadable"}
+    new = {i[0]: i for i in back.items if type(i) is tuple}
+    assert set(new) == {b"2004/new.jpg", b"2005/b.jpg"}
+    st = os.lstat(p(tree, "2004/new.jpg"))
+    hex_ = fsledger.hashing.hash_file(p(tree, "2004/new.jpg")).hex
+    assert new[b"2004/new.jpg"] == (
+        b"2004/new.jpg",
+        hex_,
+        3,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_ino,
+    )
+    (changed,) = [i for i in back.items if isinstance(i, Look)]
+    assert changed.entry.path == b"zz/last" and changed.old is not None
+    assert changed.hashed is not None and changed.hashed.size == changed.entry.stat.size
 
 
 def test_record_rows_match_records(ledger: Ledger, store: Store, tree: bytes) -> None:

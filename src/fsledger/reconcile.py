@@ -37,6 +37,7 @@ from fsledger.merge import (
     LookRule,
     Merge,
     MergeItem,
+    NewFile,
     RangeTask,
     is_racy,
     merge_range,
@@ -472,7 +473,10 @@ class _Run:
         try:
             for result in pool.map_ordered(merge_range, tasks, stall):
                 for item in result.items:
-                    self._take(item)
+                    if type(item) is tuple:
+                        self._take_new(item)
+                    else:
+                        self._take(item)  # type: ignore[arg-type]
                 self.stats.files_scanned += result.scanned
                 self.stats.skipped_special += result.specials
                 if self.progress:
@@ -551,6 +555,20 @@ class _Run:
             if item != self._last_unreadable:
                 self._error(item.path, item.error, item.is_dir)
             self._last_unreadable = item
+
+    def _take_new(self, new: NewFile) -> None:
+        """A file without a record, hashed by its range's worker (every file of a first
+        index): created, unless it is a record's file moved here (a rescan's question)."""
+        path, hex_, size, mtime_ns, ctime_ns, inode = new
+        stat = FileStat(size, mtime_ns, ctime_ns, inode)
+        if self.has_records:
+            outcome = HashOutcome(hex_, size, mtime_ns, ctime_ns, inode)
+            self._compare(FileEntry(path, stat), None, outcome)
+            return
+        self.stats.files_hashed += 1
+        self.stats.bytes_hashed += size
+        record = FileRecord(path, stat, Digest(self.algo, hex_), self.now)
+        self._emit(Change(ChangeKind.CREATED, path, record))
 
     def _error(self, path: RelPath, message: str, is_dir: bool = False) -> None:
         text = f"{os.fsdecode(path) or '.'}{'/' if is_dir else ''}: {message}"
