@@ -153,6 +153,20 @@ def _context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+class _Pool(multiprocessing.pool.Pool):
+    """``multiprocessing.pool.Pool`` whose worker-handler thread sleeps until it has work.
+
+    The stock pool also wakes that thread whenever a result waits in the pipe, and it spins
+    until the result thread has read it: measured, 12k wake-ups (half a second of the GIL)
+    in a first index of 100k files, whose ranges return megabytes each. The thread has
+    nothing to do with results: worker exits wake it through their sentinels, and closing,
+    terminating and an emptied task cache through the change notifier, which stays.
+    """
+
+    def _get_sentinels(self) -> list[Any]:
+        return [self._change_notifier._reader]  # type: ignore[attr-defined]
+
+
 class HashPool:
     """Worker processes that hash chunks of files; owned by one object that starts and stops them.
 
@@ -170,7 +184,7 @@ class HashPool:
     def _get_pool(self) -> multiprocessing.pool.Pool:
         with self._lock:
             if self._pool is None:
-                self._pool = _context().Pool(self.workers, initializer=_worker_init)
+                self._pool = _Pool(self.workers, initializer=_worker_init, context=_context())
             return self._pool
 
     def map_ordered(
