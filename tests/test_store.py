@@ -256,6 +256,37 @@ def test_apply_created_round_trips_every_field(store: Store, repo: Repository) -
     assert store.count_records(repo.id) == 2
 
 
+@pytest.mark.parametrize("batch", [1, 1200], ids=["one", "bulk"])
+def test_mod_time_is_the_mtime_to_the_microsecond(
+    store: Store, repo: Repository, batch: int
+) -> None:
+    """The seed's ``mod_time`` column, computed by the database from ``mtime_ns``: exact to
+    the microsecond (floored), before 1970 too, by the one-row and the bulk paths."""
+    cases = {
+        b"now.jpg": 1_700_000_000_123_456_789,
+        b"whole.jpg": 1_700_000_000_000_000_000,
+        b"epoch.jpg": 0,
+        b"1969.jpg": -1_500_000_000,
+        b"1901.jpg": -2_147_483_648_000_000_001,
+    }
+    changes = [
+        Change(ChangeKind.CREATED, p, make_record(p, mtime_ns=ns)) for p, ns in cases.items()
+    ]
+    changes += created(*(b"pad/%05d" % i for i in range(batch - len(changes))))
+    store.apply(repo.id, changes)
+    with cast(SqlStore, store)._tx() as cur:
+        cur.execute(
+            "SELECT file_path, mod_time FROM file_records WHERE repository_id = ?",
+            (cast(SqlStore, store)._uuid_in(repo.id),),
+        )
+        got = {bytes(p): m for p, m in cur.fetchall() if not bytes(p).startswith(b"pad/")}
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    for path, ns in cases.items():
+        value = got[path]
+        stamp = datetime.fromisoformat(value) if isinstance(value, str) else value
+        assert stamp == epoch + timedelta(microseconds=ns // 1000), path
+
+
 def test_apply_modified_meta_deleted(store: Store, repo: Repository) -> None:
     store.apply(repo.id, created(b"a", b"b", b"c"))
     a2 = make_record(b"a", size=99, digest="01" * 32, scanned=T0 + timedelta(seconds=5))

@@ -119,8 +119,14 @@ def hash_file(path: bytes, algo: str = DEFAULT_ALGO, threads: int = 1) -> HashOu
                 return HashOutcome(None, error="not a regular file any more")
             hasher = factory(threads if before.st_size >= BIG_FILE else 1)
             buf, view = _buffer()
+            left = before.st_size
             while n := os.readv(fd, [buf]):
                 hasher.update(view[:n])
+                left -= n
+                if left == 0 and n < BLOCK:
+                    # The size fstat promised, in a short read: skip the read that would
+                    # return EOF. (A file that grew meanwhile fails the fstat after.)
+                    break
             after = os.fstat(fd)
         except OSError as exc:
             return HashOutcome(None, error=f"{exc.strerror or exc} (errno {exc.errno})")

@@ -784,20 +784,23 @@ class _Run:
             raise error
         applied, self._written = self._written, None
         assert applied is not None
-        self.stats.unsettled += len(applied.dropped)
+        stats = self.stats
+        stats.unsettled += len(applied.dropped)
+        debug = log.isEnabledFor(logging.DEBUG)
         for change in applied.changes:
             kind = change.kind
             if kind is ChangeKind.CREATED:
-                self.stats.files_added += 1
-                log.debug("File record created: %s", os.fsdecode(change.path))
+                stats.files_added += 1
+                if debug:
+                    log.debug("File record created: %s", os.fsdecode(change.path))
             elif kind is ChangeKind.MODIFIED:
-                self.stats.files_updated += 1
+                stats.files_updated += 1
             elif kind is ChangeKind.META:
-                self.stats.metadata_updated += 1
+                stats.metadata_updated += 1
             elif kind is ChangeKind.MOVED:
-                self.stats.files_moved += 1
+                stats.files_moved += 1
             elif kind is ChangeKind.DELETED:
-                self.stats.files_removed += 1
+                stats.files_removed += 1
 
     def _drain(self) -> None:
         """After a failure: let the batch in flight finish, so nothing is written after the

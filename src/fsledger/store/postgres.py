@@ -17,7 +17,7 @@ from fsledger.store import migrations
 from fsledger.store.lease import Lease, PgLease
 from fsledger.store.redact import redact_url as _redact
 from fsledger.store.redact import scrub
-from fsledger.store.sql import Cursor, SqlStore, prefix_range
+from fsledger.store.sql import Cursor, SqlStore, prefix_range, upsert_sql
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,15 @@ class _PgCursor:
 
 COPY_MIN_ROWS = 1000
 """From this many rows in one batch, upserts are copied in bulk (see ``_upsert_many``)."""
+_MOD_TIME = "TIMESTAMPTZ 'epoch' + floor({} / 1000.0) * INTERVAL '1 microsecond'"
+"""mod_time from a nanosecond count: whole microseconds (floored, as on SQLite), exact."""
 _UPSERT_COLS = (
     "repository_id, file_path, file_size, mod_time, mtime_ns, ctime_ns, inode, content_hash, "
     "hash_algo, last_scanned, created_at, updated_at"
 )
 _UPSERT_TEMP = (
-    "CREATE TEMPORARY TABLE IF NOT EXISTS fsledger_upsert (repository_id UUID, "
-    "file_path BYTEA, file_size BIGINT, mod_time TIMESTAMPTZ, mtime_ns BIGINT, "
+    "CREATE TEMPORARY TABLE IF NOT EXISTS fsledger_upsert_rows (repository_id UUID, "
+    "file_path BYTEA, file_size BIGINT, mod_time_ns BIGINT, mtime_ns BIGINT, "
     "ctime_ns BIGINT, inode BIGINT, content_hash TEXT, hash_algo TEXT, "
     "last_scanned TIMESTAMPTZ, created_at TIMESTAMPTZ, updated_at TIMESTAMPTZ) "
     "ON COMMIT DELETE ROWS"
@@ -77,6 +79,7 @@ class PostgresStore(SqlStore):
     """``Store`` on a PostgreSQL database (``postgresql://user@host:port/db``)."""
 
     shares_scans = True
+    _UPSERT = upsert_sql(_MOD_TIME.format("?::bigint"))
 
     def __init__(self, url: str, max_connections: int = 4, connect_timeout: float = 10.0) -> None:
         self.url = url
@@ -157,12 +160,14 @@ class PostgresStore(SqlStore):
             return
         assert isinstance(cur, _PgCursor)
         cur.execute(_UPSERT_TEMP)
-        cur.copy_rows(f"COPY fsledger_upsert ({_UPSERT_COLS}) FROM STDIN", rows)
+        copied = _UPSERT_COLS.replace("mod_time,", "mod_time_ns,")
+        cur.copy_rows(f"COPY fsledger_upsert_rows ({copied}) FROM STDIN", rows)
+        selected = _UPSERT_COLS.replace("mod_time,", _MOD_TIME.format("mod_time_ns") + ",")
         cur.execute(
-            f"INSERT INTO file_records ({_UPSERT_COLS}) SELECT {_UPSERT_COLS} "
-            "FROM fsledger_upsert " + self._UPSERT[self._UPSERT.index("ON CONFLICT") :]
+            f"INSERT INTO file_records ({_UPSERT_COLS}) SELECT {selected} "
+            "FROM fsledger_upsert_rows " + self._UPSERT[self._UPSERT.index("ON CONFLICT") :]
         )
-        cur.execute("TRUNCATE fsledger_upsert")
+        cur.execute("TRUNCATE fsledger_upsert_rows")
 
     def _insert_feed(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
         if len(rows) < COPY_MIN_ROWS:

@@ -36,7 +36,6 @@ from fsledger.model import (
     ScanStats,
     SyncOperation,
     datetime_to_ns,
-    ns_to_datetime,
     utcnow,
 )
 
@@ -86,6 +85,23 @@ _OP_COLS = (
 _FEED_COLS = (
     "seq, repository_id, kind, file_path, old_path, file_size, content_hash, hash_algo, recorded_at"
 )
+
+
+def upsert_sql(mod_time: str) -> str:
+    """The record upsert; ``mod_time`` is the dialect's SQL for the seed's ``mod_time``
+    timestamp from the ``mtime_ns`` parameter in its place (the 4th): computed by the
+    database, not converted through a ``datetime`` a row in Python."""
+    return (
+        "INSERT INTO file_records (repository_id, file_path, file_size, mod_time, mtime_ns, "
+        "ctime_ns, inode, content_hash, hash_algo, last_scanned, created_at, updated_at) "
+        f"VALUES (?, ?, ?, {mod_time}, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (repository_id, file_path) DO UPDATE SET file_size = excluded.file_size, "
+        "mod_time = excluded.mod_time, mtime_ns = excluded.mtime_ns, "
+        "ctime_ns = excluded.ctime_ns, inode = excluded.inode, "
+        "content_hash = excluded.content_hash, hash_algo = excluded.hash_algo, "
+        "last_scanned = excluded.last_scanned, updated_at = excluded.updated_at, "
+        "scan_generation = file_records.scan_generation + 1"
+    )
 
 
 class SqlStore:
@@ -385,17 +401,8 @@ class SqlStore:
             return int(cur.fetchone()[0])
 
     # --- apply --------------------------------------------------------------------------
-    _UPSERT = (
-        "INSERT INTO file_records (repository_id, file_path, file_size, mod_time, mtime_ns, "
-        "ctime_ns, inode, content_hash, hash_algo, last_scanned, created_at, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (repository_id, file_path) DO UPDATE SET file_size = excluded.file_size, "
-        "mod_time = excluded.mod_time, mtime_ns = excluded.mtime_ns, "
-        "ctime_ns = excluded.ctime_ns, inode = excluded.inode, "
-        "content_hash = excluded.content_hash, hash_algo = excluded.hash_algo, "
-        "last_scanned = excluded.last_scanned, updated_at = excluded.updated_at, "
-        "scan_generation = file_records.scan_generation + 1"
-    )
+    _UPSERT: str
+    """The dialect's ``upsert_sql``."""
 
     def _record_params(self, rid: Any, rec: FileRecord, now: Any) -> tuple[Any, ...]:
         st = rec.stat
@@ -409,7 +416,7 @@ class SqlStore:
             rid,
             rec.path,
             st.size,
-            self._ts_in(ns_to_datetime(st.mtime_ns)),
+            st.mtime_ns,  # for mod_time (see _MOD_TIME)
             st.mtime_ns,
             st.ctime_ns,
             inode_in(st.inode),

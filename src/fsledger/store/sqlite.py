@@ -15,7 +15,7 @@ from uuid import UUID
 from fsledger.errors import StoreError, StoreUnavailable
 from fsledger.store import migrations
 from fsledger.store.lease import FileLease, Lease
-from fsledger.store.sql import Cursor, SqlStore
+from fsledger.store.sql import Cursor, SqlStore, upsert_sql
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,13 @@ class SqliteStore(SqlStore):
     (deferred) ``BEGIN``, which in WAL mode takes no lock a writer waits for: a reader
     polling from another process must not stall the daemon's writes (nor they it).
     """
+
+    # mod_time as ISO 8601 text from mtime_ns (parameter 4, named as ?4 to use it thrice;
+    # the ? after it is 5): floor division, so a time before 1970 is right too.
+    _UPSERT = upsert_sql(
+        "strftime('%Y-%m-%dT%H:%M:%S', ?4 / 1000000000 - (?4 % 1000000000 < 0), 'unixepoch') "
+        "|| printf('.%06d+00:00', (?4 % 1000000000 + 1000000000) % 1000000000 / 1000)"
+    )
 
     def __init__(self, path: str) -> None:
         self.path = path
