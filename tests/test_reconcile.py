@@ -127,6 +127,25 @@ def test_initial_scan(ledger: Ledger, tree: bytes) -> None:
     assert rec.content_hash == hash_bytes(b"bravo" * 100)
 
 
+def test_a_scan_leaves_the_garbage_collector_as_it_found_it(ledger: Ledger, tree: bytes) -> None:
+    """Scans collect less often while they run (nested ones too), and put the process's
+    thresholds back afterwards, failed or not."""
+    import gc
+
+    before = gc.get_threshold()
+    make_tree(tree, SPEC)
+    repo = ledger.add_repository(tree)
+    with fsledger.reconcile.fewer_collections():
+        assert gc.get_threshold()[0] >= fsledger.reconcile.SCAN_GC_THRESHOLD
+        ledger.scan(repo)
+        assert gc.get_threshold()[0] >= fsledger.reconcile.SCAN_GC_THRESHOLD
+    assert gc.get_threshold() == before
+    shutil.rmtree(tree)
+    with pytest.raises(GuardRefused):
+        ledger.scan(repo)
+    assert gc.get_threshold() == before
+
+
 def test_no_change_rescan_hashes_nothing(ledger: Ledger, tree: bytes) -> None:
     repo = scanned(ledger, tree)
     for _ in range(2):

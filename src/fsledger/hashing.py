@@ -8,6 +8,7 @@ recorded with a hash of content it no longer has.
 from __future__ import annotations
 
 import collections
+import gc
 import hashlib
 import itertools
 import logging
@@ -146,6 +147,9 @@ def _worker_init() -> None:
     """Workers leave Ctrl-C to their parent: a terminal's SIGINT reaches the whole process
     group, and a worker dying mid-queue-operation could leave the pool unable to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker builds a range's items, thousands of small acyclic objects, then hands them
+    # off: the default young-generation threshold (700) would traverse them over and over.
+    gc.set_threshold(50_000, *gc.get_threshold()[1:])
 
 
 def _context() -> multiprocessing.context.BaseContext:
