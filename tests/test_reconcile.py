@@ -127,7 +127,9 @@ def test_initial_scan(ledger: Ledger, tree: bytes) -> None:
     assert rec.content_hash == hash_bytes(b"bravo" * 100)
 
 
-def test_a_scan_leaves_the_garbage_collector_as_it_found_it(ledger: Ledger, tree: bytes) -> None:
+def test_a_scan_leaves_the_garbage_collector_as_it_found_it(
+    ledger: Ledger, tree: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Scans collect less often while they run (nested ones too), and put the process's
     thresholds back afterwards, failed or not."""
     import gc
@@ -140,8 +142,13 @@ def test_a_scan_leaves_the_garbage_collector_as_it_found_it(ledger: Ledger, tree
         ledger.scan(repo)
         assert gc.get_threshold()[0] >= fsledger.reconcile.SCAN_GC_THRESHOLD
     assert gc.get_threshold() == before
-    shutil.rmtree(tree)
-    with pytest.raises(GuardRefused):
+
+    def fail(self: object) -> None:
+        assert gc.get_threshold()[0] >= fsledger.reconcile.SCAN_GC_THRESHOLD
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fsledger.reconcile._Run, "_merge", fail)
+    with pytest.raises(OSError):
         ledger.scan(repo)
     assert gc.get_threshold() == before
 
