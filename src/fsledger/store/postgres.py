@@ -51,9 +51,13 @@ class _PgCursor:
     def fetchall(self) -> list[Any]:
         return self._cur.fetchall()
 
-    def copy_rows(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:
-        """``COPY ... FROM STDIN`` the rows (values adapted as psycopg adapts parameters)."""
-        with self._cur.copy(statement) as copy:
+    def copy_rows(
+        self, statement: str, rows: Sequence[Sequence[Any]], types: Sequence[str]
+    ) -> None:
+        """``COPY ... FROM STDIN`` the rows in binary, the columns being of ``types``: no
+        text to format here nor to parse in the server."""
+        with self._cur.copy(statement + " (FORMAT BINARY)") as copy:
+            copy.set_types(types)
             for row in rows:
                 copy.write_row(row)
 
@@ -73,6 +77,11 @@ _UPSERT_TEMP = (
     "last_scanned TIMESTAMPTZ, created_at TIMESTAMPTZ, updated_at TIMESTAMPTZ) "
     "ON COMMIT DELETE ROWS"
 )
+_UPSERT_TYPES = (
+    "uuid", "bytea", "int8", "int8", "int8", "int8", "int8", "text", "text",
+    "timestamptz", "timestamptz", "timestamptz",
+)  # fmt: skip
+_FEED_TYPES = ("uuid", "text", "bytea", "bytea", "int8", "text", "text", "timestamptz")
 
 
 class PostgresStore(SqlStore):
@@ -161,7 +170,7 @@ class PostgresStore(SqlStore):
         assert isinstance(cur, _PgCursor)
         cur.execute(_UPSERT_TEMP)
         copied = _UPSERT_COLS.replace("mod_time,", "mod_time_ns,")
-        cur.copy_rows(f"COPY fsledger_upsert_rows ({copied}) FROM STDIN", rows)
+        cur.copy_rows(f"COPY fsledger_upsert_rows ({copied}) FROM STDIN", rows, _UPSERT_TYPES)
         selected = _UPSERT_COLS.replace("mod_time,", _MOD_TIME.format("mod_time_ns") + ",")
         cur.execute(
             f"INSERT INTO file_records ({_UPSERT_COLS}) SELECT {selected} "
@@ -175,7 +184,7 @@ class PostgresStore(SqlStore):
             return
         assert isinstance(cur, _PgCursor)
         # COPY assigns seq from the column default in row order, as the INSERTs would.
-        cur.copy_rows(f"COPY change_log ({self._FEED_COLS_IN}) FROM STDIN", rows)
+        cur.copy_rows(f"COPY change_log ({self._FEED_COLS_IN}) FROM STDIN", rows, _FEED_TYPES)
 
     def _lock_feed(self, cur: Cursor) -> None:
         # Without this, two transactions could commit seq 6 before seq 5 and a reader
