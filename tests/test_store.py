@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
-import threading
 import uuid
 from contextlib import closing
 from dataclasses import replace
@@ -509,9 +508,11 @@ def test_sqlite_log_is_checkpointed_beside_the_writers(
                 return 0  # read mid-checkpoint: look again
 
         wait_for("the checkpoint of 2000 records", lambda: in_database_file() == 2000)
+        checkpointer = cast(sqlite_store.SqliteStore, store)._checkpointer
+        assert checkpointer is not None and checkpointer._thread.is_alive()
     finally:
         store.close()
-    assert not any(t.name == "fsledger-sqlite-checkpoint" for t in threading.enumerate())
+    assert not checkpointer._thread.is_alive()
 
 
 # --- sync operations ------------------------------------------------------------------
