@@ -8,7 +8,7 @@ import threading
 import uuid
 from contextlib import closing
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,6 +30,7 @@ from fsledger.model import (
     Repository,
     RepoState,
     ScanStats,
+    datetime_to_ns,
 )
 from fsledger.store import Store, open_store
 from fsledger.store import sqlite as sqlite_store
@@ -431,6 +432,41 @@ def test_records_by_inode_including_unsigned_64_bit(store: Store, repo: Reposito
     other = make_repo("other", b"/other")
     store.add_repository(other)
     assert store.records_by_inode(other.id, [1]) == []
+
+
+def test_record_rows_are_the_records_flat(store: Store, repo: Repository) -> None:
+    """A rescan's flat rows carry what the records hold, exactly: unsigned 64-bit inodes
+    (stored negative), last_scanned to the microsecond in nanoseconds (before 1970, in
+    the far future, the shared value of a scan), unhashed records, every page and bound."""
+    scans = [
+        T0,
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2099, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        datetime(2024, 5, 1, 14, 0, 0, 1, tzinfo=timezone(timedelta(hours=2))),
+    ]
+    recs = [
+        make_record(
+            b"d%d/f%03d" % (i % 3, i),
+            inode=[2**64 - 1 - i, 2**63 + i, i + 1, 2**63 - 1 - i][i % 4],
+            digest=None if i % 5 == 0 else "%064x" % i,
+            scanned=scans[i % len(scans)],
+        )
+        for i in range(40)
+    ]
+    store.apply(repo.id, [Change(ChangeKind.CREATED, r.path, r) for r in recs])
+    expected = sorted(recs, key=lambda r: r.path)
+    for page in (1, 7, 10_000):
+        rows = list(store.iter_record_rows(repo.id, page=page))
+        assert [r.record() for r in rows] == expected
+        for row in rows:
+            assert (row.scanned_ns, type(row.inode)) == (
+                datetime_to_ns(row.record().last_scanned),
+                int,
+            )
+            assert row[1:5] == row.record().stat  # the merge's comparison
+        ranged = list(store.iter_record_rows(repo.id, b"d1/", b"d2/f", page=page))
+        assert [r.record() for r in ranged] == [r for r in expected if r.path.startswith(b"d1/")]
+    assert list(store.iter_record_rows(repo.id, b"d3/")) == []
 
 
 def test_records_by_inode_many(store: Store, repo: Repository) -> None:

@@ -110,7 +110,7 @@ class Merge:
     def __iter__(self) -> Iterator[MergeItem]:
         # The loop body runs once per file of the tree: tuple indexes rather than attribute
         # names, locals rather than attributes, and the racy rule inlined. Row fields:
-        # 0 path, 1-4 the lstat key, 5 hash, 6 algorithm, 8 scanned_ns (see RecordRow).
+        # 0 path, 1-4 the lstat key, 5 hash, 6 algorithm, 7 scanned_ns (see RecordRow).
         rows = iter(self._rows)
         row = next(rows, None)
         rule = self.rule
@@ -161,7 +161,7 @@ class Merge:
                 and old[1:5] == stat
                 and (
                     not hashing
-                    or (old[5] is not None and old[6] == algo and abs(old[2] - old[8]) > window)
+                    or (old[5] is not None and old[6] == algo and abs(old[2] - old[7]) > window)
                 )
             ):
                 continue

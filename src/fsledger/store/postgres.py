@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
+from operator import itemgetter
 from typing import Any
 from uuid import UUID
 
@@ -13,11 +14,12 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from fsledger.errors import StoreError, StoreUnavailable
+from fsledger.model import RecordRow
 from fsledger.store import migrations
 from fsledger.store.lease import Lease, PgLease
 from fsledger.store.redact import redact_url as _redact
 from fsledger.store.redact import scrub
-from fsledger.store.sql import Cursor, SqlStore, prefix_range
+from fsledger.store.sql import Cursor, SqlStore, inode_out, prefix_range
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,18 @@ class _PgCursor:
             for row in rows:
                 copy.write_row(row)
 
+
+_ROW_COLS = (
+    "file_path, file_size, mtime_ns, ctime_ns, inode, content_hash, hash_algo, "
+    "(EXTRACT(EPOCH FROM last_scanned) * 1000000)::BIGINT * 1000"
+)
+"""A rescan's columns: ``RecordRow``'s fields, in its order."""
+_INODE = itemgetter(4)
+
+
+_as_record_row: Callable[[Sequence[Any]], RecordRow] = partial(tuple.__new__, RecordRow)
+"""A fetched row (``_ROW_COLS``) as a ``RecordRow`` without a Python frame a row:
+``tuple.__new__`` is what a named tuple's own constructor calls."""
 
 COPY_MIN_ROWS = 1000
 """From this many rows in one batch, upserts are copied in bulk (see ``_upsert_many``)."""
@@ -108,11 +122,22 @@ class PostgresStore(SqlStore):
             ) from exc
         self.migrate()
 
-    def _fetch_rows(self, cur: Cursor, query: str, params: Sequence[Any]) -> list[Any]:
-        # Binary results: the same Python types, decoded a quarter faster (bytea above all).
+    def _record_rows(self, cur: Cursor, where: str, params: Sequence[Any]) -> list[RecordRow]:
+        # The rows arrive as RecordRow's fields, so no Python code runs per row: binary
+        # results (bytes for bytea, decoded in C), and last_scanned as nanoseconds computed
+        # by the server (EXTRACT is exact numeric since PostgreSQL 14; before, a double
+        # rounded back to whole microseconds), not a datetime decoded a row. An inode
+        # stored negative (>= 2**63: see inode_in) is rare; one C-level pass finds out.
         assert isinstance(cur, _PgCursor)
-        cur.execute(query, params, binary=True)
-        return cur.fetchall()
+        cur.execute(
+            f"SELECT {_ROW_COLS} FROM file_records WHERE {where} ORDER BY file_path LIMIT ?",
+            params,
+            binary=True,
+        )
+        rows: list[tuple[Any, ...]] = cur.fetchall()
+        if rows and min(map(_INODE, rows)) < 0:
+            rows = [(*r[:4], inode_out(r[4]), *r[5:]) for r in rows]
+        return list(map(_as_record_row, rows))
 
     @contextmanager
     def _tx(self) -> Iterator[Cursor]:
