@@ -238,8 +238,9 @@ def test_rescan_in_key_ranges_equals_the_disk_and_the_serial_merge(
     assert added >= 30 and moved >= 2
 
 
+@pytest.mark.parametrize("workers_store", ["sqlite", "postgres"])
 def test_a_store_failure_in_a_worker_fails_the_scan(
-    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers_store: str
 ) -> None:
     """A worker that cannot read the records fails the scan as the in-process merge would:
     the operation is marked failed and nothing is deleted."""
@@ -252,9 +253,14 @@ def test_a_store_failure_in_a_worker_fails_the_scan(
         before = store.count_records(repo.id)
         shutil.rmtree(p(tree, "2004"))
         # A store the workers cannot open, while the parent's connection keeps working.
-        (tmp_path / "a-file").write_bytes(b"")
-        monkeypatch.setattr(store, "url", f"sqlite://{tmp_path}/a-file/ledger.db")
-        with pytest.raises(StoreError, match="cannot be created"):
+        if workers_store == "sqlite":
+            (tmp_path / "a-file").write_bytes(b"")
+            bad, message = f"sqlite://{tmp_path}/a-file/ledger.db", "cannot be created"
+        else:
+            # A server that refuses the connection (nothing listens on port 1).
+            bad, message = "postgresql://postgres@127.0.0.1:1/test", "cannot be reached"
+        monkeypatch.setattr(store, "url", bad)
+        with pytest.raises(StoreError, match=message):
             ledger.scan(repo)
         monkeypatch.undo()
         assert store.count_records(repo.id) == before

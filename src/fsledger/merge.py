@@ -293,12 +293,13 @@ _worker_stores: dict[str, Store] = {}
 
 
 def _store_for(url: str) -> Store:
-    """A worker process's own connection, kept for the next range of the same store."""
+    """A worker process's own connection, kept for the next range of the same store (on
+    PostgreSQL one plain connection: see ``open_worker_store``)."""
     store = _worker_stores.get(url)
     if store is None:
-        from fsledger.store import open_store
+        from fsledger.store import open_worker_store
 
-        store = _worker_stores[url] = open_store(url)
+        store = _worker_stores[url] = open_worker_store(url)
     return store
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache, partial
@@ -87,6 +88,26 @@ _UPSERT_TEMP = (
 )
 
 
+def _connect(url: str, timeout_s: float, autocommit: bool = False) -> psycopg.Connection[Any]:
+    """One plain connection, or ``StoreUnavailable`` with the server's own reason."""
+    try:
+        return psycopg.connect(url, connect_timeout=max(1, int(timeout_s)), autocommit=autocommit)
+    except psycopg.Error as exc:
+        raise StoreUnavailable(
+            f"PostgreSQL at {_redact(url)} cannot be reached: "
+            + scrub(" ".join(str(exc).split()), url)
+        ) from exc
+
+
+def _store_error(url: str, exc: psycopg.Error) -> StoreError:
+    """A psycopg error as the store reports it: unreachable or failed, no password shown."""
+    if isinstance(exc, psycopg.OperationalError):
+        return StoreUnavailable(
+            f"PostgreSQL at {_redact(url)} is unreachable: {scrub(str(exc), url)}"
+        )
+    return StoreError(f"PostgreSQL at {_redact(url)} failed: {scrub(str(exc), url)}")
+
+
 class PostgresStore(SqlStore):
     """``Store`` on a PostgreSQL database (``postgresql://user@host:port/db``)."""
 
@@ -96,13 +117,7 @@ class PostgresStore(SqlStore):
         self.url = url
         # One direct attempt first: it fails at once with the server's own reason (refused,
         # unknown database, auth), where the pool would keep retrying until its timeout.
-        try:
-            psycopg.connect(url, connect_timeout=max(1, int(connect_timeout))).close()
-        except psycopg.Error as exc:
-            raise StoreUnavailable(
-                f"PostgreSQL at {_redact(url)} cannot be reached: "
-                + scrub(" ".join(str(exc).split()), url)
-            ) from exc
+        _connect(url, connect_timeout).close()
         self._pool = ConnectionPool(
             url,
             min_size=1,
@@ -146,14 +161,8 @@ class PostgresStore(SqlStore):
                 yield _PgCursor(cur)
         except PoolTimeout as exc:
             raise StoreUnavailable(f"PostgreSQL at {_redact(self.url)} is unreachable") from exc
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailable(
-                f"PostgreSQL at {_redact(self.url)} is unreachable: {scrub(str(exc), self.url)}"
-            ) from exc
         except psycopg.Error as exc:
-            raise StoreError(
-                f"PostgreSQL at {_redact(self.url)} failed: {scrub(str(exc), self.url)}"
-            ) from exc
+            raise _store_error(self.url, exc) from exc
 
     def migrate(self) -> None:
         with self._tx() as cur:
@@ -220,3 +229,54 @@ class PostgresStore(SqlStore):
 
     def close(self) -> None:
         self._pool.close()
+
+
+class PostgresWorkerStore(PostgresStore):
+    """``PostgresStore`` on one plain connection, for a worker process that reads the records
+    of a scan another process started (``fsledger.store.open_worker_store``).
+
+    Opening it costs one connection, where ``PostgresStore`` connects twice (the direct
+    attempt, then its pool), starts the pool's threads and checks the schema under a lock:
+    ~30 ms a worker a scan, before its first range. No migration check: the process that
+    started the scan has migrated. Not for threads: one transaction at a time.
+    """
+
+    IDLE_CHECK_S = 1.0
+    """A connection unused for this long is checked before use (see ``_live``)."""
+
+    def __init__(self, url: str, connect_timeout: float = 10.0) -> None:
+        self.url = url
+        self._timeout = connect_timeout
+        self._conn = _connect(url, connect_timeout, autocommit=True)
+        self._used = time.monotonic()
+
+    def _live(self) -> psycopg.Connection[Any]:
+        """The connection, replaced when it is closed or broken. One that sat idle is pinged
+        first, as the pool it replaces checks each connection it lends: workers outlive a
+        scan (the daemon keeps them), and the server may have restarted in between."""
+        conn = self._conn
+        now = time.monotonic()
+        if not conn.closed and not conn.broken and now - self._used > self.IDLE_CHECK_S:
+            try:
+                conn.execute("")
+            except psycopg.Error:
+                log.debug("PostgreSQL worker connection lost while idle; reconnecting")
+        if conn.closed or conn.broken:
+            conn.close()
+            conn = self._conn = _connect(self.url, self._timeout, autocommit=True)
+        self._used = now
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[Cursor]:
+        conn = self._live()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                yield _PgCursor(cur)
+        except psycopg.Error as exc:
+            raise _store_error(self.url, exc) from exc
+        finally:
+            self._used = time.monotonic()
+
+    def close(self) -> None:
+        self._conn.close()
