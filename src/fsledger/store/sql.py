@@ -116,35 +116,34 @@ class SqlStore:
     def _ts_out(self, value: Any) -> datetime:
         return value if isinstance(value, datetime) else _parse_ts(value)
 
-    def _record_rows(self, cur: Cursor, where: str, params: Sequence[Any]) -> list[RecordRow]:
-        """One page of ``iter_record_rows``: the records matching ``where`` in path order,
-        flat, ``params`` ending with the LIMIT. The hot path of every rescan: one tuple a
-        row, ``last_scanned`` converted once per distinct value (the rows one scan wrote
-        share one)."""
+    def _fetch_record_rows(self, cur: Cursor, where: str, params: Sequence[Any]) -> list[Any]:
+        """One page of ``iter_record_rows`` as the driver returns it: the records matching
+        ``where`` in path order, ``params`` ending with the LIMIT, path first."""
         cur.execute(
             f"SELECT {_RECORD_COLS} FROM file_records WHERE {where} ORDER BY file_path LIMIT ?",
             params,
         )
+        return cur.fetchall()
+
+    def _record_rows(self, rows: list[Any]) -> Iterator[RecordRow]:
+        """A fetched page as ``RecordRow``s. The hot path of every rescan: one tuple a row,
+        made as the merge takes it, ``last_scanned`` converted once per distinct value (the
+        rows one scan wrote share one)."""
         scanned: dict[Any, int] = {}
-        out: list[RecordRow] = []
-        append = out.append
-        for path, size, mtime_ns, ctime_ns, inode, chash, algo, raw in cur.fetchall():
+        for path, size, mtime_ns, ctime_ns, inode, chash, algo, raw in rows:
             ns = scanned.get(raw)
             if ns is None:
                 ns = scanned[raw] = datetime_to_ns(self._ts_out(raw))
-            append(
-                RecordRow(
-                    path if type(path) is bytes else self._blob_out(path),
-                    size,
-                    mtime_ns,
-                    ctime_ns,
-                    inode + _U64 if inode < 0 else inode,
-                    chash,
-                    algo,
-                    ns,
-                )
+            yield RecordRow(
+                path if type(path) is bytes else self._blob_out(path),
+                size,
+                mtime_ns,
+                ctime_ns,
+                inode + _U64 if inode < 0 else inode,
+                chash,
+                algo,
+                ns,
             )
-        return out
 
     def _blob_out(self, value: Any) -> bytes:
         return bytes(value)
@@ -322,7 +321,7 @@ class SqlStore:
         self, repo_id: UUID, lo: RelPath = b"", hi: RelPath | None = None, page: int = 10_000
     ) -> Iterator[RecordRow]:
         """The records with ``lo <= path < hi`` in path order, flat (see ``RecordRow``), a page
-        at a time (see ``_record_rows``)."""
+        at a time (see ``_fetch_record_rows`` and ``_record_rows``)."""
         rid = self._uuid_in(repo_id)
         bounds = " AND file_path < ?" if hi is not None else ""
         tail = (hi,) if hi is not None else ()
@@ -330,15 +329,16 @@ class SqlStore:
         while True:
             with self._read() as cur:
                 op, start = (">=", lo) if after is None else (">", after)
-                rows = self._record_rows(
+                rows = self._fetch_record_rows(
                     cur,
                     f"repository_id = ? AND file_path {op} ?{bounds}",
                     (rid, start, *tail, page),
                 )
-            yield from rows
+            yield from self._record_rows(rows)
             if len(rows) < page:
                 return
-            after = rows[-1][0]
+            last = rows[-1][0]
+            after = last if type(last) is bytes else self._blob_out(last)
 
     def get_record(self, repo_id: UUID, path: RelPath) -> FileRecord | None:
         with self._read() as cur:
