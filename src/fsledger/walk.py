@@ -257,10 +257,18 @@ def _list_dir(
         # Past the depth limit: keep no descriptor; files here are lstat-ed by full path.
         os.close(fd)
         fd = _AT_NONE
-    if bounds is not None:
+    if bounds is not None and not _holds_all_below(rel, *bounds):
         out = [e for e in out if _within(e[1], e[3] == _DIR, *bounds)]
     out.sort(reverse=True)
     return (fd, out)
+
+
+def _holds_all_below(rel: RelPath, lo: RelPath, hi: RelPath | None) -> bool:
+    """Whether [lo, hi) holds every path below directory ``rel`` (the root: ``b""``), so its
+    entries need no filtering: true of all but the few directories a range boundary cuts."""
+    if not rel:
+        return not lo and hi is None
+    return lo <= rel + b"/" and (hi is None or rel + b"0" <= hi)
 
 
 def _within(rel: RelPath, is_dir: bool, lo: RelPath, hi: RelPath | None) -> bool:
