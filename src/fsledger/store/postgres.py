@@ -297,5 +297,21 @@ class PostgresWorkerStore(PostgresStore):
         finally:
             self._used = time.monotonic()
 
+    @contextmanager
+    def _read(self) -> Iterator[Cursor]:
+        # No BEGIN/COMMIT around reads: this store serves a rescan's pages, one statement
+        # each, and one statement reads one snapshot in a transaction or not (under READ
+        # COMMITTED, PostgreSQL's default, so does each statement of a transaction). The
+        # two round trips saved a page each wait for the server's process to be scheduled,
+        # on cores the workers keep busy.
+        conn = self._live()
+        try:
+            with conn.cursor() as cur:
+                yield _PgCursor(cur)
+        except psycopg.Error as exc:
+            raise _store_error(self.url, exc) from exc
+        finally:
+            self._used = time.monotonic()
+
     def close(self) -> None:
         self._conn.close()
