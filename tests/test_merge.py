@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 import fsledger.hashing
 import fsledger.merge
 import fsledger.reconcile
+from api_support import wait_for
 from fsledger.config import Settings
 from fsledger.errors import RootUnavailable, StoreError
 from fsledger.ignore import IgnoreRules
@@ -320,3 +322,45 @@ def test_racy_means_hashed_within_the_clock_granularity_of_the_write() -> None:
     assert is_racy(now - NS_PER_S, now) and is_racy(now, now)
     assert not is_racy(now - 3 * NS_PER_S, now)
     assert not is_racy(now + 86_400 * NS_PER_S, now)
+
+
+def test_a_scans_workers_connect_as_they_start(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers started for a scan (``start_workers``) open their PostgreSQL connection at
+    once, while the scanning process opens its own; the scan's ranges then use those
+    connections and leave the ledger equal to the disk. Workers that cannot connect start
+    all the same, and the scan reports the database as a range meets it."""
+    monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_RECORDS", 1)
+    monkeypatch.setattr(fsledger.hashing, "_context", lambda: multiprocessing.get_context("fork"))
+    name = f"fsl-warm-{os.getpid()}"
+    url = f"{pg_url}&application_name={name}"
+    tree = os.fsencode(str(tmp_path / "photos"))
+    photo_tree(tree, files=200)
+    settings = Settings(database_url=url, max_concurrency=2)
+
+    def connections() -> int:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    pool = start_workers(settings)
+    assert pool is not None
+    wait_for("both workers' connections", lambda: connections() == 2)
+    with Ledger(settings, pool=pool) as ledger:
+        repo = ledger.add_repository(tree)
+        ledger.scan(repo)
+        make_tree(tree, {"2004/new.jpg": b"new"})
+        shutil.rmtree(p(tree, "2005"))
+        stats = ledger.scan(repo)
+        assert (stats.files_added, stats.files_removed) == (1, 40)
+        assert_exact(ledger, repo)
+    unreachable = Settings(database_url="postgresql://postgres@127.0.0.1:1/x", max_concurrency=2)
+    pool = start_workers(unreachable)
+    assert pool is not None
+    try:
+        assert list(pool.map_ordered(abs, [-1, -2], 10)) == [1, 2]
+    finally:
+        pool.close()

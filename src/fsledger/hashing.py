@@ -136,10 +136,15 @@ def hash_many(paths: Sequence[bytes], algo: str) -> list[HashOutcome]:
     return [hash_file(p, algo) for p in paths]
 
 
-def _worker_init() -> None:
+def _worker_init(warm: Callable[[], object] | None = None) -> None:
     """Workers leave Ctrl-C to their parent: a terminal's SIGINT reaches the whole process
-    group, and a worker dying mid-queue-operation could leave the pool unable to stop."""
+    group, and a worker dying mid-queue-operation could leave the pool unable to stop.
+
+    ``warm`` is called next (see ``HashPool.start``); it must not raise.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if warm is not None:
+        warm()
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -181,10 +186,12 @@ class HashPool:
         self._pool: multiprocessing.pool.Pool | None = None
         self._lock = threading.Lock()
 
-    def _get_pool(self) -> multiprocessing.pool.Pool:
+    def _get_pool(self, warm: Callable[[], object] | None = None) -> multiprocessing.pool.Pool:
         with self._lock:
             if self._pool is None:
-                self._pool = _Pool(self.workers, initializer=_worker_init, context=_context())
+                self._pool = _Pool(
+                    self.workers, initializer=_worker_init, initargs=(warm,), context=_context()
+                )
             return self._pool
 
     def map_ordered(
@@ -217,11 +224,15 @@ class HashPool:
                 pending.append(pool.apply_async(fn, (task,)))
             yield result
 
-    def start(self) -> None:
+    def start(self, warm: Callable[[], object] | None = None) -> None:
         """Start the workers now rather than at the first task: from a single-threaded
         process they are forks, and a fork taken before the store has filled its page cache
-        does not carry that cache into every worker's memory."""
-        self._get_pool()
+        does not carry that cache into every worker's memory.
+
+        Each worker calls ``warm`` as it starts (a scan's workers open their database
+        connection while this process opens its own: see ``fsledger.merge.warm_store``).
+        """
+        self._get_pool(warm)
 
     def budget(self, sizes: Sequence[int]) -> float:
         """Seconds a chunk of files of these sizes may take: the timeout plus 20 s a GiB."""

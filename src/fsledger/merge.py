@@ -312,6 +312,23 @@ def _store_for(url: str) -> Store:
     return store
 
 
+def warm_store(url: str) -> None:
+    """Open a worker process's connection ahead of its first range (see ``_store_for``).
+
+    Called as a scan's workers start, while the process that started them still opens its
+    own store and plans the ranges: the connection (and the server's new backend) costs the
+    first range nothing then. PostgreSQL only: opening a SQLite store migrates it, which
+    the starting process does at the same moment. A failure is left for the first range
+    to meet and report.
+    """
+    if not url.startswith(("postgresql://", "postgres://")):
+        return
+    try:
+        _store_for(url)
+    except Exception:
+        log.debug("opening a worker's store ahead of its first range", exc_info=True)
+
+
 def merge_range(task: RangeTask) -> RangeResult:
     """Merge one range in a worker process: walk it, read its records, return the differences.
 
