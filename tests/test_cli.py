@@ -244,3 +244,35 @@ def test_ctrl_c_in_a_terminal_stops_run_cleanly(env, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_briefly_unreachable_database_is_retried(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Opening the store is tried three times, 0.5 s then 1 s apart: a database that
+    answers by the third try serves the command; one that never answers fails it with
+    its one error line and exit code 1."""
+    import fsledger.cli
+    import fsledger.ledger
+
+    real = fsledger.ledger.Ledger
+    tries: list[float] = []
+    waits: list[float] = []
+
+    def flaky(*args: object, **kw: object) -> fsledger.ledger.Ledger:
+        tries.append(0)
+        if len(tries) < down:
+            raise fsledger.cli.StoreUnavailable("PostgreSQL at ... is unreachable")
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fsledger.cli, "Ledger", flaky)
+    monkeypatch.setattr(fsledger.cli.time, "sleep", waits.append)
+    down = 3
+    code, out, _err = invoke(env, "repo", "list", "--json")
+    assert (code, json.loads(out), len(tries), waits) == (0, [], 3, [0.5, 1.0])
+    tries.clear()
+    waits.clear()
+    down = 4
+    code, _out, err = invoke(env, "repo", "list", "--json")
+    assert (code, len(tries), waits) == (1, 3, [0.5, 1.0])
+    assert err.strip() == "fsledger: error: PostgreSQL at ... is unreachable"

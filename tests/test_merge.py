@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 import fsledger.hashing
 import fsledger.merge
 import fsledger.reconcile
+from api_support import wait_for
 from fsledger.config import Settings
 from fsledger.errors import RootUnavailable, StoreError
 from fsledger.ignore import IgnoreRules
@@ -135,7 +137,9 @@ def test_a_range_result_crosses_to_the_parent_intact(
     task = RangeTask(store.url, repo.id, tree, RULES, LookRule("blake3"), b"", None)
     try:
         result = merge_range(dataclasses.replace(task, hash_looks=True))
-    finally:  # merge_range keeps its connection for the next range, as a worker would
+    finally:
+        # It ran here, not in a worker: close the store it keeps for a next range (a SQLite
+        # store's checkpointer thread would outlive the test).
         fsledger.merge._worker_stores.pop(store.url).close()
     odd = Unreadable(b"2006/locked", True, "Permission denied (errno 13)")
     result.items.append(odd)
@@ -241,8 +245,9 @@ def test_rescan_in_key_ranges_equals_the_disk_and_the_serial_merge(
     assert added >= 30 and moved >= 2
 
 
+@pytest.mark.parametrize("workers_store", ["sqlite", "postgres"])
 def test_a_store_failure_in_a_worker_fails_the_scan(
-    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers_store: str
 ) -> None:
     """A worker that cannot read the records fails the scan as the in-process merge would:
     the operation is marked failed and nothing is deleted."""
@@ -255,9 +260,14 @@ def test_a_store_failure_in_a_worker_fails_the_scan(
         before = store.count_records(repo.id)
         shutil.rmtree(p(tree, "2004"))
         # A store the workers cannot open, while the parent's connection keeps working.
-        (tmp_path / "a-file").write_bytes(b"")
-        monkeypatch.setattr(store, "url", f"sqlite://{tmp_path}/a-file/ledger.db")
-        with pytest.raises(StoreError, match="cannot be created"):
+        if workers_store == "sqlite":
+            (tmp_path / "a-file").write_bytes(b"")
+            bad, message = f"sqlite://{tmp_path}/a-file/ledger.db", "cannot be created"
+        else:
+            # A server that refuses the connection (nothing listens on port 1).
+            bad, message = "postgresql://postgres@127.0.0.1:1/test", "cannot be reached"
+        monkeypatch.setattr(store, "url", bad)
+        with pytest.raises(StoreError, match=message):
             ledger.scan(repo)
         monkeypatch.undo()
         assert store.count_records(repo.id) == before
@@ -317,3 +327,45 @@ def test_racy_means_hashed_within_the_clock_granularity_of_the_write() -> None:
     assert is_racy(now - NS_PER_S, now) and is_racy(now, now)
     assert not is_racy(now - 3 * NS_PER_S, now)
     assert not is_racy(now + 86_400 * NS_PER_S, now)
+
+
+def test_a_scans_workers_connect_as_they_start(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers started for a scan (``start_workers``) open their PostgreSQL connection at
+    once, while the scanning process opens its own; the scan's ranges then use those
+    connections and leave the ledger equal to the disk. Workers that cannot connect start
+    all the same, and the scan reports the database as a range meets it."""
+    monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_RECORDS", 1)
+    monkeypatch.setattr(fsledger.hashing, "_context", lambda: multiprocessing.get_context("fork"))
+    name = f"fsl-warm-{os.getpid()}"
+    url = f"{pg_url}&application_name={name}"
+    tree = os.fsencode(str(tmp_path / "photos"))
+    photo_tree(tree, files=200)
+    settings = Settings(database_url=url, max_concurrency=2)
+
+    def connections() -> int:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    pool = start_workers(settings)
+    assert pool is not None
+    wait_for("both workers' connections", lambda: connections() == 2)
+    with Ledger(settings, pool=pool) as ledger:
+        repo = ledger.add_repository(tree)
+        ledger.scan(repo)
+        make_tree(tree, {"2004/new.jpg": b"new"})
+        shutil.rmtree(p(tree, "2005"))
+        stats = ledger.scan(repo)
+        assert (stats.files_added, stats.files_removed) == (1, 40)
+        assert_exact(ledger, repo)
+    unreachable = Settings(database_url="postgresql://postgres@127.0.0.1:1/x", max_concurrency=2)
+    pool = start_workers(unreachable)
+    assert pool is not None
+    try:
+        assert list(pool.map_ordered(abs, [-1, -2], 10)) == [1, 2]
+    finally:
+        pool.close()

@@ -7,14 +7,15 @@ import sqlite3
 import uuid
 from contextlib import closing
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, cast
 
+import psycopg
 import pytest
 
 from api_support import wait_for
-from fsledger.errors import RepositoryExists
+from fsledger.errors import RepositoryExists, StoreUnavailable
 from fsledger.model import (
     Change,
     ChangeKind,
@@ -29,10 +30,12 @@ from fsledger.model import (
     Repository,
     RepoState,
     ScanStats,
+    datetime_to_ns,
 )
-from fsledger.store import Store, open_store
+from fsledger.store import Store, open_store, open_worker_store
 from fsledger.store import sqlite as sqlite_store
 from fsledger.store.migrations import POSTGRES, SQLITE
+from fsledger.store.postgres import PostgresWorkerStore
 from fsledger.store.sql import SqlStore
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -461,6 +464,74 @@ def test_records_by_inode_including_unsigned_64_bit(store: Store, repo: Reposito
     other = make_repo("other", b"/other")
     store.add_repository(other)
     assert store.records_by_inode(other.id, [1]) == []
+
+
+def test_record_rows_are_the_records_flat(store: Store, repo: Repository) -> None:
+    """A rescan's flat rows carry what the records hold, exactly: unsigned 64-bit inodes
+    (stored negative), last_scanned to the microsecond in nanoseconds (before 1970, in
+    the far future, the shared value of a scan), unhashed records, every page and bound."""
+    scans = [
+        T0,
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2099, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        datetime(2024, 5, 1, 14, 0, 0, 1, tzinfo=timezone(timedelta(hours=2))),
+    ]
+    recs = [
+        make_record(
+            b"d%d/f%03d" % (i % 3, i),
+            inode=[2**64 - 1 - i, 2**63 + i, i + 1, 2**63 - 1 - i][i % 4],
+            digest=None if i % 5 == 0 else f"{i:064x}",
+            scanned=scans[i % len(scans)],
+        )
+        for i in range(40)
+    ]
+    store.apply(repo.id, [Change(ChangeKind.CREATED, r.path, r) for r in recs])
+    expected = sorted(recs, key=lambda r: r.path)
+    for page in (1, 7, 10_000):
+        rows = list(store.iter_record_rows(repo.id, page=page))
+        assert [r.record() for r in rows] == expected
+        for row in rows:
+            assert (row.scanned_ns, type(row.inode)) == (
+                datetime_to_ns(row.record().last_scanned),
+                int,
+            )
+            assert row[1:5] == row.record().stat  # the merge's comparison
+        ranged = list(store.iter_record_rows(repo.id, b"d1/", b"d2/f", page=page))
+        assert [r.record() for r in ranged] == [r for r in expected if r.path.startswith(b"d1/")]
+    assert list(store.iter_record_rows(repo.id, b"d3/")) == []
+
+
+def test_a_worker_store_reads_the_records_and_outlives_a_lost_connection(pg_url: str) -> None:
+    """A range worker's store (one plain connection, no pool) reads what the store holds.
+    When the server ends its session while it sits idle between scans (a restart), the next
+    read reconnects; a session lost mid-use fails that read, and the next one reconnects."""
+    store = open_store(pg_url)
+    worker = open_worker_store(pg_url)
+    try:
+        repo = make_repo()
+        store.add_repository(repo)
+        recs = [make_record(b"d/f%03d" % i) for i in range(25)]
+        store.apply(repo.id, [Change(ChangeKind.CREATED, r.path, r) for r in recs])
+        assert isinstance(worker, PostgresWorkerStore)
+        expected = list(store.iter_record_rows(repo.id))
+        assert [r.record() for r in expected] == recs
+        assert list(worker.iter_record_rows(repo.id, page=10)) == expected
+
+        def end_session() -> None:
+            with closing(psycopg.connect(pg_url, autocommit=True)) as admin:
+                pid = worker._conn.info.backend_pid
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+        end_session()
+        worker._used -= PostgresWorkerStore.IDLE_CHECK_S + 1  # idle since
+        assert list(worker.iter_record_rows(repo.id)) == expected
+        end_session()
+        with pytest.raises(StoreUnavailable):
+            list(worker.iter_record_rows(repo.id))
+        assert list(worker.iter_record_rows(repo.id, b"d/f010", b"d/f020")) == expected[10:20]
+    finally:
+        worker.close()
+        store.close()
 
 
 def test_records_by_inode_many(store: Store, repo: Repository) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 import fsledger.walk
 from fsledger.ignore import IgnoreRules
+from fsledger.model import FileStat
 from fsledger.walk import FileEntry, Special, Unreadable, walk
 from treeutil import OsWith, disk_snapshot, failing_open, make_tree
 
@@ -76,6 +77,25 @@ def test_stat_is_the_files_own(tree: bytes) -> None:
         st.st_ctime_ns,
         st.st_ino,
     )
+
+
+def test_a_flat_walk_yields_the_same_in_plain_tuples(tree: bytes) -> None:
+    """``flat=True`` changes only the type of what a file is yielded as: the same files, the
+    same stats and the same other items, in the same order, whole or in a key range."""
+    make_tree(tree, {"a/x": b"1", "a/y/z": b"22", "a.txt": b"333", "b/c": b"", "d/e/f": b"4"})
+    os.mkfifo(os.path.join(tree, b"a/fifo"))
+    os.chmod(os.path.join(tree, b"d/e"), 0)  # unreadable (as root: listed all the same)
+    try:
+        for lo, hi in ((b"", None), (b"a/y", b"d/")):
+            items = list(walk(tree, RULES, lo=lo, hi=hi))
+            flat = list(walk(tree, RULES, lo=lo, hi=hi, flat=True))
+            assert all(type(i) is tuple for i in flat if not isinstance(i, Special | Unreadable))
+            assert [
+                FileEntry(i[0], FileStat(*i[1])) if type(i) is tuple else i for i in flat
+            ] == items
+            assert any(isinstance(i, FileEntry) for i in items)
+    finally:
+        os.chmod(os.path.join(tree, b"d/e"), 0o755)
 
 
 def test_symlinks_are_not_followed_nor_yielded(tree: bytes) -> None:

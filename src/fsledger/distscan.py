@@ -241,7 +241,14 @@ class ItemResult:
 def compute(params: JobParams, lo: RelPath, hi: RelPath | None, store: Store) -> ItemResult:
     """Merge one range (and hash its ``Look`` files if the job says so)."""
     merge = Merge(
-        walk(params.root, params.rules, lo=lo, hi=hi, unreadable=params.unreadable or None),
+        walk(
+            params.root,
+            params.rules,
+            lo=lo,
+            hi=hi,
+            unreadable=params.unreadable or None,
+            flat=True,
+        ),
         store.iter_record_rows(params.repo_id, lo, hi),
         params.rule,
     )

@@ -143,13 +143,18 @@ def hash_many(paths: Sequence[bytes], algo: str) -> list[HashOutcome]:
     return [hash_file(p, algo) for p in paths]
 
 
-def _worker_init() -> None:
+def _worker_init(warm: Callable[[], object] | None = None) -> None:
     """Workers leave Ctrl-C to their parent: a terminal's SIGINT reaches the whole process
-    group, and a worker dying mid-queue-operation could leave the pool unable to stop."""
+    group, and a worker dying mid-queue-operation could leave the pool unable to stop.
+
+    ``warm`` is called next (see ``HashPool.start``); it must not raise.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A worker builds a range's items, thousands of small acyclic objects, then hands them
     # off: the default young-generation threshold (700) would traverse them over and over.
     gc.set_threshold(50_000, *gc.get_threshold()[1:])
+    if warm is not None:
+        warm()
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -191,10 +196,20 @@ class HashPool:
         self._pool: multiprocessing.pool.Pool | None = None
         self._lock = threading.Lock()
 
-    def _get_pool(self) -> multiprocessing.pool.Pool:
+    def _get_pool(self, warm: Callable[[], object] | None = None) -> multiprocessing.pool.Pool:
         with self._lock:
             if self._pool is None:
-                self._pool = _Pool(self.workers, initializer=_worker_init, context=_context())
+                context = _context()
+                if context.get_start_method() == "fork":
+                    # Forks share this process's objects: freeze them out of the cyclic
+                    # collector first (as the gc module's documentation advises before a
+                    # fork). Otherwise every full collection in a worker walks all of them
+                    # (~30 ms a time after the imports of a CLI scan, and copies the pages
+                    # it touches), and so does this process's last one at exit.
+                    gc.freeze()
+                self._pool = _Pool(
+                    self.workers, initializer=_worker_init, initargs=(warm,), context=context
+                )
             return self._pool
 
     def map_ordered(
@@ -227,11 +242,15 @@ class HashPool:
                 pending.append(pool.apply_async(fn, (task,)))
             yield result
 
-    def start(self) -> None:
+    def start(self, warm: Callable[[], object] | None = None) -> None:
         """Start the workers now rather than at the first task: from a single-threaded
         process they are forks, and a fork taken before the store has filled its page cache
-        does not carry that cache into every worker's memory."""
-        self._get_pool()
+        does not carry that cache into every worker's memory.
+
+        Each worker calls ``warm`` as it starts (a scan's workers open their database
+        connection while this process opens its own: see ``fsledger.merge.warm_store``).
+        """
+        self._get_pool(warm)
 
     def budget(self, sizes: Sequence[int]) -> float:
         """Seconds a chunk of files of these sizes may take: the timeout plus 20 s a GiB."""

@@ -18,14 +18,14 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from fsledger.hashing import HashOutcome, hash_file
 from fsledger.ignore import IgnoreRules
 from fsledger.model import NS_PER_S, FileRecord, FileStat, RecordRow, RelPath
 from fsledger.store.base import Store
-from fsledger.walk import FileEntry, Special, Unreadable, WalkItem, walk
+from fsledger.walk import FileEntry, FlatEntry, Special, Unreadable, WalkItem, walk
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Merge:
     """One merge of a walk with the records of the same key range; iterate for the items.
 
     Args:
-        items: the walk, in path order.
+        items: the walk, in path order (``walk(flat=True)``: see ``FlatEntry``).
         rows: the stored records of the same range, in path order.
         rule: when a matching record still needs a look.
         tick: called with the count of files scanned every ``TICK`` files.
@@ -93,7 +93,7 @@ class Merge:
 
     def __init__(
         self,
-        items: Iterable[WalkItem],
+        items: Iterable[WalkItem | FlatEntry],
         rows: Iterable[RecordRow],
         rule: LookRule,
         tick: Callable[[int], None] | None = None,
@@ -110,7 +110,7 @@ class Merge:
     def __iter__(self) -> Iterator[MergeItem]:
         # The loop body runs once per file of the tree: tuple indexes rather than attribute
         # names, locals rather than attributes, and the racy rule inlined. Row fields:
-        # 0 path, 1-4 the lstat key, 5 hash, 6 algorithm, 8 scanned_ns (see RecordRow).
+        # 0 path, 1-4 the lstat key, 5 hash, 6 algorithm, 7 scanned_ns (see RecordRow).
         rows = iter(self._rows)
         row = next(rows, None)
         rule = self.rule
@@ -119,7 +119,8 @@ class Merge:
         window = RACY_WINDOW_NS
         scanned = 0
         for item in self._items:
-            if type(item) is not FileEntry:
+            kind = type(item)
+            if kind is not tuple and kind is not FileEntry:
                 if isinstance(item, Special):
                     self.specials += 1
                     continue
@@ -142,7 +143,7 @@ class Merge:
                 ):
                     row = next(rows, None)
                 continue
-            key, stat = item
+            key, stat = cast("FlatEntry", item)
             while row is not None and row[0] < key:
                 yield Absent(row[0])
                 row = next(rows, None)
@@ -151,7 +152,7 @@ class Merge:
             if tick is not None and scanned % every == 0:
                 tick(scanned)
             if row is None or row[0] != key:
-                yield Look(item, None)
+                yield Look(_entry(item), None)
                 continue
             old, row = row, next(rows, None)
             # The common case, settled without building an object: same lstat key, hashed
@@ -161,14 +162,22 @@ class Merge:
                 and old[1:5] == stat
                 and (
                     not hashing
-                    or (old[5] is not None and old[6] == algo and abs(old[2] - old[8]) > window)
+                    or (old[5] is not None and old[6] == algo and abs(old[2] - old[7]) > window)
                 )
             ):
                 continue
-            yield Look(item, old.record())
+            yield Look(_entry(item), old.record())
         while row is not None:
             yield Absent(row[0])
             row = next(rows, None)
+
+
+def _entry(item: WalkItem | FlatEntry) -> FileEntry:
+    """A walked file as a ``FileEntry``, whether the walk was flat or not."""
+    if type(item) is FileEntry:
+        return item
+    path, stat = cast("FlatEntry", item)
+    return FileEntry(path, FileStat(*stat))
 
 
 # --- ranges, for merging in worker processes -----------------------------------------------
@@ -293,13 +302,31 @@ _worker_stores: dict[str, Store] = {}
 
 
 def _store_for(url: str) -> Store:
-    """A worker process's own connection, kept for the next range of the same store."""
+    """A worker process's own connection, kept for the next range of the same store (on
+    PostgreSQL one plain connection: see ``open_worker_store``)."""
     store = _worker_stores.get(url)
     if store is None:
-        from fsledger.store import open_store
+        from fsledger.store import open_worker_store
 
-        store = _worker_stores[url] = open_store(url)
+        store = _worker_stores[url] = open_worker_store(url)
     return store
+
+
+def warm_store(url: str) -> None:
+    """Open a worker process's connection ahead of its first range (see ``_store_for``).
+
+    Called as a scan's workers start, while the process that started them still opens its
+    own store and plans the ranges: the connection (and the server's new backend) costs the
+    first range nothing then. PostgreSQL only: opening a SQLite store migrates it, which
+    the starting process does at the same moment. A failure is left for the first range
+    to meet and report.
+    """
+    if not url.startswith(("postgresql://", "postgres://")):
+        return
+    try:
+        _store_for(url)
+    except Exception:
+        log.debug("opening a worker's store ahead of its first range", exc_info=True)
 
 
 def merge_range(task: RangeTask) -> RangeResult:
@@ -311,7 +338,14 @@ def merge_range(task: RangeTask) -> RangeResult:
     store = _store_for(task.store_url)
     try:
         merge = Merge(
-            walk(task.root, task.rules, lo=task.lo, hi=task.hi, unreadable=task.unreadable),
+            walk(
+                task.root,
+                task.rules,
+                lo=task.lo,
+                hi=task.hi,
+                unreadable=task.unreadable,
+                flat=True,
+            ),
             store.iter_record_rows(task.repo_id, task.lo, task.hi),
             task.rule,
         )

@@ -145,7 +145,9 @@ class RecordRow(NamedTuple):
     A rescan compares every file on disk with its record, and almost all are unchanged:
     the merge compares ``row[1:5]`` with the walk's ``FileStat`` (tuple equality, in C) and
     builds a ``FileRecord`` only for the few that differ. ``scanned_ns`` is
-    ``last_scanned`` in nanoseconds, for the racy-mtime rule.
+    ``last_scanned`` in nanoseconds (stored to the microsecond), for the racy-mtime rule;
+    the datetime is built only by ``record()``, so a store can hand its rows over as they
+    come from the database (PostgreSQL computes ``scanned_ns`` in the query).
     """
 
     path: RelPath
@@ -155,7 +157,6 @@ class RecordRow(NamedTuple):
     inode: int
     content_hash: str | None
     hash_algo: str | None
-    last_scanned: datetime
     scanned_ns: int
 
     def record(self) -> FileRecord:
@@ -165,7 +166,7 @@ class RecordRow(NamedTuple):
             Digest(self.hash_algo, self.content_hash)
             if self.content_hash is not None and self.hash_algo is not None
             else None,
-            self.last_scanned,
+            _EPOCH + timedelta(microseconds=self.scanned_ns // 1000),
         )
 
 

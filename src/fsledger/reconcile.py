@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from multiprocessing.pool import AsyncResult
 
 from fsledger.config import Settings
@@ -44,6 +45,7 @@ from fsledger.merge import (
     is_racy,
     merge_range,
     plan_ranges,
+    warm_store,
 )
 from fsledger.model import (
     Change,
@@ -316,7 +318,7 @@ def start_workers(settings: Settings) -> HashPool | None:
 
     import_backend(settings.database_url)  # imported once, here, not once per worker
     pool = HashPool(settings.max_concurrency, settings.hash_algo, settings.hash_timeout_s)
-    pool.start()
+    pool.start(warm=partial(warm_store, settings.database_url))
     return pool
 
 

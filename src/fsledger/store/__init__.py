@@ -41,4 +41,18 @@ def open_store(url: str) -> Store:
     )
 
 
-__all__ = ["Store", "import_backend", "open_store"]
+def open_worker_store(url: str) -> Store:
+    """Open the store a URL names in a worker process that reads records for a scan another
+    process started (a key range of a rescan: see ``fsledger.merge``).
+
+    On PostgreSQL, one plain connection (``PostgresWorkerStore``): no pool and no migration
+    check, which that other process has done. Other stores as ``open_store``.
+    """
+    if url.startswith(("postgresql://", "postgres://")):
+        from fsledger.store.postgres import PostgresWorkerStore
+
+        return PostgresWorkerStore(url)
+    return open_store(url)
+
+
+__all__ = ["Store", "import_backend", "open_store", "open_worker_store"]

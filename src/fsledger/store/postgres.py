@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
+from operator import itemgetter
 from typing import Any
 from uuid import UUID
 
@@ -13,11 +15,12 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from fsledger.errors import StoreError, StoreUnavailable
+from fsledger.model import RecordRow
 from fsledger.store import migrations
 from fsledger.store.lease import Lease, PgLease
 from fsledger.store.redact import redact_url as _redact
 from fsledger.store.redact import scrub
-from fsledger.store.sql import Cursor, SqlStore, prefix_range, upsert_sql
+from fsledger.store.sql import Cursor, SqlStore, inode_out, prefix_range, upsert_sql
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,18 @@ class _PgCursor:
                 copy.write_row(row)
 
 
+_ROW_COLS = (
+    "file_path, file_size, mtime_ns, ctime_ns, inode, content_hash, hash_algo, "
+    "(EXTRACT(EPOCH FROM last_scanned) * 1000000)::BIGINT * 1000"
+)
+"""A rescan's columns: ``RecordRow``'s fields, in its order."""
+_INODE = itemgetter(4)
+
+
+_as_record_row: Callable[[Sequence[Any]], RecordRow] = partial(tuple.__new__, RecordRow)
+"""A fetched row (``_ROW_COLS``) as a ``RecordRow`` without a Python frame a row:
+``tuple.__new__`` is what a named tuple's own constructor calls."""
+
 COPY_MIN_ROWS = 1000
 """From this many rows in one batch, upserts are copied in bulk (see ``_upsert_many``)."""
 _MOD_TIME = "TIMESTAMPTZ 'epoch' + floor({} / 1000.0) * INTERVAL '1 microsecond'"
@@ -84,6 +99,26 @@ _UPSERT_TYPES = (
 _FEED_TYPES = ("uuid", "text", "bytea", "bytea", "int8", "text", "text", "timestamptz")
 
 
+def _connect(url: str, timeout_s: float, autocommit: bool = False) -> psycopg.Connection[Any]:
+    """One plain connection, or ``StoreUnavailable`` with the server's own reason."""
+    try:
+        return psycopg.connect(url, connect_timeout=max(1, int(timeout_s)), autocommit=autocommit)
+    except psycopg.Error as exc:
+        raise StoreUnavailable(
+            f"PostgreSQL at {_redact(url)} cannot be reached: "
+            + scrub(" ".join(str(exc).split()), url)
+        ) from exc
+
+
+def _store_error(url: str, exc: psycopg.Error) -> StoreError:
+    """A psycopg error as the store reports it: unreachable or failed, no password shown."""
+    if isinstance(exc, psycopg.OperationalError):
+        return StoreUnavailable(
+            f"PostgreSQL at {_redact(url)} is unreachable: {scrub(str(exc), url)}"
+        )
+    return StoreError(f"PostgreSQL at {_redact(url)} failed: {scrub(str(exc), url)}")
+
+
 class PostgresStore(SqlStore):
     """``Store`` on a PostgreSQL database (``postgresql://user@host:port/db``)."""
 
@@ -94,13 +129,7 @@ class PostgresStore(SqlStore):
         self.url = url
         # One direct attempt first: it fails at once with the server's own reason (refused,
         # unknown database, auth), where the pool would keep retrying until its timeout.
-        try:
-            psycopg.connect(url, connect_timeout=max(1, int(connect_timeout))).close()
-        except psycopg.Error as exc:
-            raise StoreUnavailable(
-                f"PostgreSQL at {_redact(url)} cannot be reached: "
-                + scrub(" ".join(str(exc).split()), url)
-            ) from exc
+        _connect(url, connect_timeout).close()
         self._pool = ConnectionPool(
             url,
             min_size=1,
@@ -120,11 +149,27 @@ class PostgresStore(SqlStore):
             ) from exc
         self.migrate()
 
-    def _fetch_rows(self, cur: Cursor, query: str, params: Sequence[Any]) -> list[Any]:
-        # Binary results: the same Python types, decoded a quarter faster (bytea above all).
+    def _fetch_record_rows(self, cur: Cursor, where: str, params: Sequence[Any]) -> list[Any]:
+        # The rows arrive as RecordRow's fields: binary results (bytes for bytea, decoded in
+        # C), and last_scanned as nanoseconds computed by the server (EXTRACT is exact
+        # numeric since PostgreSQL 14; before, a double rounded back to whole microseconds),
+        # not a datetime decoded a row.
         assert isinstance(cur, _PgCursor)
-        cur.execute(query, params, binary=True)
+        cur.execute(
+            f"SELECT {_ROW_COLS} FROM file_records WHERE {where} ORDER BY file_path LIMIT ?",
+            params,
+            binary=True,
+        )
         return cur.fetchall()
+
+    def _record_rows(self, rows: list[Any]) -> Iterator[RecordRow]:
+        # No Python code runs per row: a lazy map of a C call, each row made as the merge
+        # takes it (made all at once, a page's worth of new tuples costs 0.6 us a row more
+        # in cache misses). An inode stored negative (>= 2**63: see inode_in) is rare; one
+        # C-level pass finds out.
+        if rows and min(map(_INODE, rows)) < 0:
+            rows = [(*r[:4], inode_out(r[4]), *r[5:]) for r in rows]
+        return map(_as_record_row, rows)
 
     @contextmanager
     def _tx(self) -> Iterator[Cursor]:
@@ -133,14 +178,8 @@ class PostgresStore(SqlStore):
                 yield _PgCursor(cur)
         except PoolTimeout as exc:
             raise StoreUnavailable(f"PostgreSQL at {_redact(self.url)} is unreachable") from exc
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailable(
-                f"PostgreSQL at {_redact(self.url)} is unreachable: {scrub(str(exc), self.url)}"
-            ) from exc
         except psycopg.Error as exc:
-            raise StoreError(
-                f"PostgreSQL at {_redact(self.url)} failed: {scrub(str(exc), self.url)}"
-            ) from exc
+            raise _store_error(self.url, exc) from exc
 
     def migrate(self) -> None:
         with self._tx() as cur:
@@ -209,3 +248,84 @@ class PostgresStore(SqlStore):
 
     def close(self) -> None:
         self._pool.close()
+
+
+class PostgresWorkerStore(PostgresStore):
+    """``PostgresStore`` on one plain connection, for a worker process that reads the records
+    of a scan another process started (``fsledger.store.open_worker_store``).
+
+    Opening it costs one connection, where ``PostgresStore`` connects twice (the direct
+    attempt, then its pool), starts the pool's threads and checks the schema under a lock:
+    ~30 ms a worker a scan, before its first range. No migration check: the process that
+    started the scan has migrated. Not for threads: one transaction at a time.
+    """
+
+    IDLE_CHECK_S = 1.0
+    """A connection unused for this long is checked before use (see ``_live``)."""
+
+    def __init__(self, url: str, connect_timeout: float = 10.0) -> None:
+        self.url = url
+        self._timeout = connect_timeout
+        self._conn = self._open()
+        self._used = time.monotonic()
+
+    def _open(self) -> psycopg.Connection[Any]:
+        conn = _connect(self.url, self._timeout, autocommit=True)
+        try:
+            # Its queries read key ranges in path order, which the unique index holds. Without
+            # statistics (a table just filled by a first index, before autovacuum analyzes
+            # it, or never where autovacuum is off) the planner expects a handful of rows
+            # and sorts a bitmap scan's instead: 12 ms against 6 ms of the server's time per
+            # 10k rows, on a machine whose cores the workers need.
+            conn.execute("SET enable_bitmapscan = off")
+        except psycopg.Error as exc:
+            conn.close()
+            raise _store_error(self.url, exc) from exc
+        return conn
+
+    def _live(self) -> psycopg.Connection[Any]:
+        """The connection, replaced when it is closed or broken. One that sat idle is pinged
+        first, as the pool it replaces checks each connection it lends: workers outlive a
+        scan (the daemon keeps them), and the server may have restarted in between."""
+        conn = self._conn
+        now = time.monotonic()
+        if not conn.closed and not conn.broken and now - self._used > self.IDLE_CHECK_S:
+            try:
+                conn.execute("")
+            except psycopg.Error:
+                log.debug("PostgreSQL worker connection lost while idle; reconnecting")
+        if conn.closed or conn.broken:
+            conn.close()
+            conn = self._conn = self._open()
+        self._used = now
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[Cursor]:
+        conn = self._live()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                yield _PgCursor(cur)
+        except psycopg.Error as exc:
+            raise _store_error(self.url, exc) from exc
+        finally:
+            self._used = time.monotonic()
+
+    @contextmanager
+    def _read(self) -> Iterator[Cursor]:
+        # No BEGIN/COMMIT around reads: this store serves a rescan's pages, one statement
+        # each, and one statement reads one snapshot in a transaction or not (under READ
+        # COMMITTED, PostgreSQL's default, so does each statement of a transaction). The
+        # two round trips saved a page each wait for the server's process to be scheduled,
+        # on cores the workers keep busy.
+        conn = self._live()
+        try:
+            with conn.cursor() as cur:
+                yield _PgCursor(cur)
+        except psycopg.Error as exc:
+            raise _store_error(self.url, exc) from exc
+        finally:
+            self._used = time.monotonic()
+
+    def close(self) -> None:
+        self._conn.close()

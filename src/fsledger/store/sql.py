@@ -132,10 +132,34 @@ class SqlStore:
     def _ts_out(self, value: Any) -> datetime:
         return value if isinstance(value, datetime) else _parse_ts(value)
 
-    def _fetch_rows(self, cur: Cursor, query: str, params: Sequence[Any]) -> list[Any]:
-        """Run a query that returns many rows (a rescan's records) and fetch them all."""
-        cur.execute(query, params)
+    def _fetch_record_rows(self, cur: Cursor, where: str, params: Sequence[Any]) -> list[Any]:
+        """One page of ``iter_record_rows`` as the driver returns it: the records matching
+        ``where`` in path order, ``params`` ending with the LIMIT, path first."""
+        cur.execute(
+            f"SELECT {_RECORD_COLS} FROM file_records WHERE {where} ORDER BY file_path LIMIT ?",
+            params,
+        )
         return cur.fetchall()
+
+    def _record_rows(self, rows: list[Any]) -> Iterator[RecordRow]:
+        """A fetched page as ``RecordRow``s. The hot path of every rescan: one tuple a row,
+        made as the merge takes it, ``last_scanned`` converted once per distinct value (the
+        rows one scan wrote share one)."""
+        scanned: dict[Any, int] = {}
+        for path, size, mtime_ns, ctime_ns, inode, chash, algo, raw in rows:
+            ns = scanned.get(raw)
+            if ns is None:
+                ns = scanned[raw] = datetime_to_ns(self._ts_out(raw))
+            yield RecordRow(
+                path if type(path) is bytes else self._blob_out(path),
+                size,
+                mtime_ns,
+                ctime_ns,
+                inode + _U64 if inode < 0 else inode,
+                chash,
+                algo,
+                ns,
+            )
 
     def _blob_out(self, value: Any) -> bytes:
         return bytes(value)
@@ -313,40 +337,24 @@ class SqlStore:
         self, repo_id: UUID, lo: RelPath = b"", hi: RelPath | None = None, page: int = 10_000
     ) -> Iterator[RecordRow]:
         """The records with ``lo <= path < hi`` in path order, flat (see ``RecordRow``), a page
-        at a time. The hot path of every rescan: one tuple a row, timestamps parsed once per
-        distinct value (the rows one scan wrote share one)."""
+        at a time (see ``_fetch_record_rows`` and ``_record_rows``)."""
         rid = self._uuid_in(repo_id)
         bounds = " AND file_path < ?" if hi is not None else ""
         tail = (hi,) if hi is not None else ()
-        scanned: dict[Any, tuple[datetime, int]] = {}
         after: RelPath | None = None
         while True:
             with self._read() as cur:
                 op, start = (">=", lo) if after is None else (">", after)
-                rows = self._fetch_rows(
+                rows = self._fetch_record_rows(
                     cur,
-                    f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
-                    f"AND file_path {op} ?{bounds} ORDER BY file_path LIMIT ?",
+                    f"repository_id = ? AND file_path {op} ?{bounds}",
                     (rid, start, *tail, page),
                 )
-            for path, size, mtime_ns, ctime_ns, inode, chash, algo, raw in rows:
-                ts = scanned.get(raw)
-                if ts is None:
-                    when = self._ts_out(raw)
-                    ts = scanned[raw] = (when, datetime_to_ns(when))
-                yield RecordRow(
-                    path if type(path) is bytes else self._blob_out(path),
-                    size,
-                    mtime_ns,
-                    ctime_ns,
-                    inode + _U64 if inode < 0 else inode,
-                    chash,
-                    algo,
-                    *ts,
-                )
+            yield from self._record_rows(rows)
             if len(rows) < page:
                 return
-            after = rows[-1][0] if type(rows[-1][0]) is bytes else self._blob_out(rows[-1][0])
+            last = rows[-1][0]
+            after = last if type(last) is bytes else self._blob_out(last)
 
     def get_record(self, repo_id: UUID, path: RelPath) -> FileRecord | None:
         with self._read() as cur:
