@@ -289,6 +289,27 @@ def test_mod_time_is_the_mtime_to_the_microsecond(
         assert stamp == epoch + timedelta(microseconds=ns // 1000), path
 
 
+def test_bulk_created_batch_over_an_existing_record_still_upserts(
+    store: Store, repo: Repository
+) -> None:
+    """A big batch of CREATED changes is copied in bulk; when another writer recorded one of
+    its paths in between (the watcher, during a first index), the batch still lands whole
+    and that record takes the batch's state."""
+    early = make_record(b"b/0500", size=1)
+    store.apply(repo.id, [Change(ChangeKind.CREATED, early.path, early)])
+    batch = created(*(b"b/%04d" % i for i in range(1500)))
+    last_seq = store.apply(repo.id, batch)
+    records = all_records(store, repo)
+    assert len(records) == 1500
+    assert records == {c.path: c.record for c in batch}
+    assert last_seq is not None
+    assert [e.path for e in store.changes_since(last_seq - 1500, 2000)] == [c.path for c in batch]
+    # The next batch is copied in bulk again.
+    more = created(*(b"c/%04d" % i for i in range(1200)))
+    store.apply(repo.id, more)
+    assert store.count_records(repo.id) == 2700
+
+
 def test_apply_modified_meta_deleted(store: Store, repo: Repository) -> None:
     store.apply(repo.id, created(b"a", b"b", b"c"))
     a2 = make_record(b"a", size=99, digest="01" * 32, scanned=T0 + timedelta(seconds=5))

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache, partial
 from operator import itemgetter
 from typing import Any
@@ -96,6 +97,15 @@ _UPSERT_TYPES = (
     "uuid", "bytea", "int8", "int8", "int8", "int8", "int8", "text", "text",
     "timestamptz", "timestamptz", "timestamptz",
 )  # fmt: skip
+_NEW_TYPES = (*_UPSERT_TYPES[:3], "timestamptz", *_UPSERT_TYPES[4:])
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _mod_time(mtime_ns: int) -> datetime:
+    """``_MOD_TIME`` in Python: whole microseconds, floored."""
+    return _EPOCH + timedelta(microseconds=mtime_ns // 1000)
+
+
 _FEED_TYPES = ("uuid", "text", "bytea", "bytea", "int8", "text", "text", "timestamptz")
 
 
@@ -198,15 +208,19 @@ class PostgresStore(SqlStore):
                 cur.execute(script)
                 cur.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
 
-    def _upsert_many(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
-        # Big batches (a first index, a large import) go through COPY into a temporary
-        # table and one INSERT ... ON CONFLICT, several times faster than a statement per
-        # row. A batch naming one path twice keeps the per-row path: one INSERT ... ON
-        # CONFLICT cannot update the same row twice.
+    def _upsert_many(self, cur: Cursor, rows: list[tuple[Any, ...]], new: bool = False) -> None:
+        # Big batches (a first index, a large import) are copied in bulk, several times
+        # faster than a statement per row. New files are copied straight into file_records
+        # (COPY inserts pages at a time); if another writer created one of the paths since,
+        # the copy is undone and the batch goes the general way: COPY into a temporary
+        # table and one INSERT ... ON CONFLICT. A batch naming one path twice keeps the
+        # per-row path: one INSERT ... ON CONFLICT cannot update the same row twice.
         if len(rows) < COPY_MIN_ROWS or len({r[1] for r in rows}) != len(rows):
             super()._upsert_many(cur, rows)
             return
         assert isinstance(cur, _PgCursor)
+        if new and self._copy_new(cur, rows):
+            return
         cur.execute(_UPSERT_TEMP)
         copied = _UPSERT_COLS.replace("mod_time,", "mod_time_ns,")
         cur.copy_rows(f"COPY fsledger_upsert_rows ({copied}) FROM STDIN", rows, _UPSERT_TYPES)
@@ -216,6 +230,20 @@ class PostgresStore(SqlStore):
             "FROM fsledger_upsert_rows " + self._UPSERT[self._UPSERT.index("ON CONFLICT") :]
         )
         cur.execute("TRUNCATE fsledger_upsert_rows")
+
+    def _copy_new(self, cur: _PgCursor, rows: list[tuple[Any, ...]]) -> bool:
+        """COPY records of new files straight into file_records; False (and nothing
+        written) if one of the paths has a record already."""
+        # COPY cannot compute a column: mod_time is the one value made in Python here.
+        rows = [(*r[:3], _mod_time(r[3]), *r[4:]) for r in rows]
+        cur.execute("SAVEPOINT fsledger_copy_new")
+        try:
+            cur.copy_rows(f"COPY file_records ({_UPSERT_COLS}) FROM STDIN", rows, _NEW_TYPES)
+        except psycopg.errors.UniqueViolation:
+            cur.execute("ROLLBACK TO SAVEPOINT fsledger_copy_new")
+            return False
+        cur.execute("RELEASE SAVEPOINT fsledger_copy_new")
+        return True
 
     def _insert_feed(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
         if len(rows) < COPY_MIN_ROWS:

@@ -435,7 +435,10 @@ class SqlStore:
             now,
         )
 
-    def _upsert_many(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
+    def _upsert_many(self, cur: Cursor, rows: list[tuple[Any, ...]], new: bool = False) -> None:
+        """Insert or update records (``_record_params`` rows). ``new``: every row is a
+        ``CREATED`` change, which a dialect may insert faster (a conflict stays possible:
+        another writer may have created the path since, and must still be handled)."""
         cur.executemany(self._UPSERT, rows)
 
     _FEED_COLS_IN = (
@@ -475,11 +478,14 @@ class SqlStore:
         with self._tx() as cur:
             upserts: list[tuple[Any, ...]] = []
             deletes: list[tuple[Any, ...]] = []
+            created = 0  # how many of the upserts are CREATED changes
 
             def flush() -> None:
+                nonlocal created
                 if upserts:
-                    self._upsert_many(cur, upserts)
+                    self._upsert_many(cur, upserts, new=created == len(upserts))
                     upserts.clear()
+                    created = 0
                 if deletes:
                     cur.executemany(
                         "DELETE FROM file_records WHERE repository_id = ? AND file_path = ?",
@@ -514,6 +520,7 @@ class SqlStore:
                         flush()
                     assert ch.record is not None
                     upserts.append(self._record_params(rid, ch.record, now))
+                    created += ch.kind is ChangeKind.CREATED
             flush()
             if not feed:
                 return None
