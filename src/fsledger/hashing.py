@@ -19,8 +19,7 @@ import signal
 import stat as stat_mod
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import blake3
 
@@ -65,12 +64,13 @@ BIG_FILE = 64 << 20
 """From this size, blake3 uses its own threads in-process."""
 
 
-@dataclass(frozen=True, slots=True)
-class HashOutcome:
+class HashOutcome(NamedTuple):
     """The result of hashing one file.
 
     Exactly one of (``hex``), (``error``) and (``unsettled``) describes it: a hash with
     the ``fstat`` key it belongs to, an error message, or "changed while being read".
+    A named tuple: one is built (and pickled) a file hashed, and a frozen dataclass of
+    seven fields cost four times as much to build.
     """
 
     hex: str | None
@@ -80,22 +80,6 @@ class HashOutcome:
     inode: int = 0
     error: str | None = None
     unsettled: bool = False
-
-    def __reduce__(self) -> tuple[type[HashOutcome], tuple[object, ...]]:
-        # Outcomes cross from the hashing workers a file each; pickling frozen slots
-        # dataclasses field by field (their default) costs three times this.
-        return (
-            HashOutcome,
-            (
-                self.hex,
-                self.size,
-                self.mtime_ns,
-                self.ctime_ns,
-                self.inode,
-                self.error,
-                self.unsettled,
-            ),
-        )
 
 
 def _key(st: os.stat_result) -> tuple[int, int, int, int]:
