@@ -153,6 +153,37 @@ def test_a_scan_leaves_the_garbage_collector_as_it_found_it(
     assert gc.get_threshold() == before
 
 
+def test_a_big_first_index_defers_the_duplicate_index_and_rebuilds_it(
+    ledger: Ledger, store: Store, tree: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past DEFER_INDEXES_AFTER records a first index writes with the store's query-only
+    indexes deferred (SQLite drops the duplicate index), and they are back at the end: the
+    ledger is exact and duplicates are found."""
+    monkeypatch.setattr(fsledger.reconcile, "DEFER_INDEXES_AFTER", 1)
+    make_tree(tree, {**SPEC, "copy/of-b.jpg": b"bravo" * 100})
+    repo = ledger.add_repository(tree)
+    seen: list[int] = []
+
+    def index_count(_repo: object, _applied: object) -> None:
+        with store._tx() as cur:  # type: ignore[attr-defined]
+            cur.execute(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'idx_file_records_dup'"
+                if store.url.startswith("sqlite")
+                else "SELECT count(*) FROM pg_indexes WHERE indexname = 'idx_file_records_dup'"
+            )
+            seen.append(int(cur.fetchone()[0]))
+
+    ledger.writer(repo).listeners.append(index_count)
+    ledger.scan(repo)
+    assert_exact(ledger, repo)
+    assert seen == [0 if store.url.startswith("sqlite") else 1]
+    (group,) = store.duplicates(repo.id, 10)
+    assert [f.path for f in group.files] == [b"b.jpg", b"copy/of-b.jpg"]
+    seen.clear()
+    index_count(None, None)
+    assert seen == [1]
+
+
 def test_no_change_rescan_hashes_nothing(ledger: Ledger, tree: bytes) -> None:
     repo = scanned(ledger, tree)
     for _ in range(2):

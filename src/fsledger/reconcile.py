@@ -24,7 +24,7 @@ import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing.pool import AsyncResult
@@ -73,6 +73,10 @@ __all__ = ["RACY_WINDOW_NS", "Reconciler", "check_root", "owner_tag", "start_wor
 
 CHUNK_FILES = 128
 CHUNK_BYTES = 64 << 20
+DEFER_INDEXES_AFTER = 50_000
+"""A first index that has written this many records asks the store to defer the indexes
+only queries use (``Store.defer_indexes``): rebuilding them at the end then costs less
+than maintaining them did."""
 INITIAL_BATCH = 5000
 """Changes per transaction while a repository is first indexed (RECONCILIATION_BATCH_SIZE
 bounds the incremental work; the first index would be slowed by 100-row transactions)."""
@@ -371,6 +375,8 @@ class _Run:
         self._last_unreadable: Unreadable | None = None
         self._cuts: list[RelPath] | None = None
         self._writing: threading.Thread | None = None
+        self._flushed = 0
+        self._deferral: AbstractContextManager[None] | None = None
         self._written: Applied | None = None
         self._write_error: BaseException | None = None
         self.moved_from: set[RelPath] = set()
@@ -431,6 +437,10 @@ class _Run:
         except BaseException:
             self._drain()
             raise
+        finally:
+            if self._deferral is not None:
+                deferral, self._deferral = self._deferral, None
+                deferral.__exit__(None, None, None)
 
     def _merge_all(self) -> None:
         rule = LookRule(self.algo, self.hashing, self.verify)
@@ -794,6 +804,12 @@ class _Run:
         if not batch:
             return
         self._await_write()
+        if not self.has_records and self._deferral is None:
+            self._flushed += len(batch)
+            if self._flushed >= DEFER_INDEXES_AFTER:
+                # A big first index: the store may build some indexes once, at the end.
+                self._deferral = self.store.defer_indexes()
+                self._deferral.__enter__()
         self._writing = threading.Thread(
             target=self._write, args=(batch,), name="reconcile-writer", daemon=True
         )

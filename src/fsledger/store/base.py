@@ -8,6 +8,7 @@ both, so ``page_records`` returns them in the order the walker yields them.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Protocol
 from uuid import UUID
@@ -89,6 +90,12 @@ class Store(Protocol):
     def records_by_inode(self, repo_id: UUID, inodes: Sequence[int]) -> list[FileRecord]: ...
 
     def count_records(self, repo_id: UUID) -> int: ...
+
+    def defer_indexes(self) -> AbstractContextManager[None]:
+        """Around the creation of very many records (a big first index): the store may stop
+        maintaining indexes that only queries use, and rebuild them on exit. Queries stay
+        right meanwhile, only slower; a crash leaves them to be rebuilt at the next open."""
+        ...
 
     def add_to_operation(self, op_id: int, stats: ScanStats, end_time: datetime) -> None:
         """Add counts to an operation (realtime rows aggregate a minute of events)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Protocol
@@ -399,6 +399,9 @@ class SqlStore:
                 )
                 out += [self._record(r) for r in cur.fetchall()]
         return out
+
+    def defer_indexes(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def count_records(self, repo_id: UUID) -> int:
         with self._read() as cur:

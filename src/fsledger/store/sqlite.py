@@ -34,6 +34,12 @@ def _translate(exc: sqlite3.Error, path: str) -> StoreError:
     return StoreError(f"SQLite database {path} failed: {text}")
 
 
+_DUP_INDEX = (
+    "CREATE INDEX IF NOT EXISTS idx_file_records_dup ON file_records(content_hash, file_size)"
+)
+"""The one index ``defer_indexes`` defers, as migration 2 made it."""
+
+
 class SqliteStore(SqlStore):
     """``Store`` on one SQLite file.
 
@@ -54,6 +60,8 @@ class SqliteStore(SqlStore):
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._deferral_lock = threading.Lock()
+        self._deferrals = 0
         self.url = "sqlite://" + path if path.startswith("/") else "sqlite:///" + path
         self._lock = threading.RLock()
         try:
@@ -122,6 +130,28 @@ class SqliteStore(SqlStore):
                     if statement.strip():
                         cur.execute(statement)
                 cur.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
+            # Rebuilt if a deferral (defer_indexes) ended in a crash.
+            cur.execute(_DUP_INDEX)
+
+    @contextmanager
+    def defer_indexes(self) -> Iterator[None]:
+        # The duplicate index is keyed by hash: every insert lands on a random page of it,
+        # and once it outgrows the page cache (a million records) each batch rewrote
+        # thousands of its pages: 37 s of a million inserts, against 12 s with the index
+        # built at the end (a sort, 1.5 s). Nested and concurrent deferrals share one.
+        with self._deferral_lock:
+            self._deferrals += 1
+            if self._deferrals == 1:
+                with self._tx() as cur:
+                    cur.execute("DROP INDEX IF EXISTS idx_file_records_dup")
+        try:
+            yield
+        finally:
+            with self._deferral_lock:
+                self._deferrals -= 1
+                if self._deferrals == 0:
+                    with self._tx() as cur:
+                        cur.execute(_DUP_INDEX)
 
     def _uuid_in(self, value: UUID) -> Any:
         return str(value)
