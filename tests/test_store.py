@@ -33,6 +33,7 @@ from fsledger.model import (
     datetime_to_ns,
 )
 from fsledger.store import Store, open_store, open_worker_store
+from fsledger.store import postgres as pg_store
 from fsledger.store import sqlite as sqlite_store
 from fsledger.store.migrations import POSTGRES, SQLITE
 from fsledger.store.postgres import PostgresWorkerStore
@@ -311,10 +312,11 @@ def test_bulk_created_batch_over_an_existing_record_still_upserts(
 
 
 def _has_dup_index(store: Store) -> bool:
-    if not store.url.startswith("sqlite"):
-        return True  # PostgreSQL keeps its indexes: defer_indexes does nothing there
     with cast(SqlStore, store)._tx() as cur:
-        cur.execute("SELECT count(*) FROM sqlite_master WHERE name = 'idx_file_records_dup'")
+        if store.url.startswith("sqlite"):
+            cur.execute("SELECT count(*) FROM sqlite_master WHERE name = 'idx_file_records_dup'")
+        else:
+            cur.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'idx_file_records_dup'")
         return int(cur.fetchone()[0]) == 1
 
 
@@ -322,26 +324,60 @@ def test_deferred_indexes_keep_queries_right_and_come_back(
     store_url: str, store: Store, repo: Repository
 ) -> None:
     """While indexes are deferred (a big first index) duplicates are still found; nested
-    deferrals end with the outer one; an index a crash left deferred is rebuilt at open."""
+    deferrals end with the outer one and build the index again."""
     twin = [make_record(b"a", digest="ee" * 32), make_record(b"b", digest="ee" * 32)]
+    assert _has_dup_index(store)
     with store.defer_indexes():
         with store.defer_indexes():
             store.apply(repo.id, [Change(ChangeKind.CREATED, r.path, r) for r in twin])
         assert [g.content_hash for g in store.duplicates(repo.id, 10)] == ["ee" * 32]
-        if store_url.startswith("sqlite"):
-            assert not _has_dup_index(store)
+        assert not _has_dup_index(store)
         store.apply(repo.id, created(b"c"))
     assert _has_dup_index(store)
     (group,) = store.duplicates(repo.id, 10)
     assert [f.path for f in group.files] == [b"a", b"b"]
-    # A process that died while deferring: the next open restores the index.
+
+
+def test_an_index_a_crash_left_deferred_is_rebuilt_at_open(
+    store_url: str, store: Store, repo: Repository
+) -> None:
+    """SQLite cannot tell a live deferral from a dead one: every open rebuilds the index.
+    PostgreSQL can (the deferring session's lock): an open during a live deferral leaves it
+    dropped, one after its session died rebuilds it, and the deferral still ends well."""
     with store.defer_indexes():
+        assert not _has_dup_index(store)
         reopened = open_store(store_url)
         try:
+            if store_url.startswith("sqlite"):
+                assert _has_dup_index(reopened)
+                return
+            assert not _has_dup_index(reopened)
+            with psycopg.connect(store_url, autocommit=True) as admin:
+                killed = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                    "WHERE locktype = 'advisory' AND classid = %s AND objsubid = 2",
+                    (pg_store._DEFERRAL_LOCK,),
+                ).fetchall()
+            assert killed == [(True,)]
+            wait_for("the deferring session to end", lambda: not _deferral_sessions(store_url))
+            again = open_store(store_url)
+            again.close()
             assert _has_dup_index(reopened)
         finally:
             reopened.close()
     assert _has_dup_index(store)
+    store.apply(repo.id, created(b"after"))
+    assert store.count_records(repo.id) == 1
+
+
+def _deferral_sessions(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s",
+            (pg_store._DEFERRAL_LOCK,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def test_apply_modified_meta_deleted(store: Store, repo: Repository) -> None:

@@ -21,11 +21,23 @@ from fsledger.store import migrations
 from fsledger.store.lease import Lease, PgLease
 from fsledger.store.redact import redact_url as _redact
 from fsledger.store.redact import scrub
-from fsledger.store.sql import Cursor, SqlStore, inode_out, prefix_range, upsert_sql
+from fsledger.store.sql import (
+    DUP_INDEX,
+    Cursor,
+    DeferredIndex,
+    SqlStore,
+    inode_out,
+    prefix_range,
+    upsert_sql,
+)
 
 log = logging.getLogger(__name__)
 
 _FEED_LOCK = 0x6673_6C65  # "fsle": serialises change-feed appends across connections
+_DEFERRAL_LOCK = _FEED_LOCK + 2
+"""With the schema's hash, held (shared, per session) by every connection deferring the
+duplicate index: an open that finds the index missing rebuilds it only if no live session
+holds it."""
 
 
 @lru_cache(maxsize=256)
@@ -137,6 +149,9 @@ class PostgresStore(SqlStore):
 
     def __init__(self, url: str, max_connections: int = 4, connect_timeout: float = 10.0) -> None:
         self.url = url
+        self._timeout = connect_timeout
+        self._deferred = DeferredIndex(self._drop_dup_index, self._build_dup_index)
+        self._deferring: psycopg.Connection[Any] | None = None
         # One direct attempt first: it fails at once with the server's own reason (refused,
         # unknown database, auth), where the pool would keep retrying until its timeout.
         _connect(url, connect_timeout).close()
@@ -207,6 +222,17 @@ class PostgresStore(SqlStore):
                 log.info("Applying PostgreSQL schema migration %d", version)
                 cur.execute(script)
                 cur.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
+            cur.execute("SELECT to_regclass('idx_file_records_dup') IS NULL")
+            if cur.fetchone()[0]:
+                # Dropped by a deferral (defer_indexes): rebuilt here if the process that
+                # dropped it died before building it (its session lock went with it).
+                cur.execute(
+                    "SELECT pg_try_advisory_xact_lock(?, hashtext(current_schema()))",
+                    (_DEFERRAL_LOCK,),
+                )
+                if cur.fetchone()[0]:
+                    log.info("Rebuilding idx_file_records_dup (a big first index was cut off)")
+                    cur.execute(DUP_INDEX)
 
     def _upsert_many(self, cur: Cursor, rows: list[tuple[Any, ...]], new: bool = False) -> None:
         # Big batches (a first index, a large import) are copied in bulk, several times
@@ -252,6 +278,49 @@ class PostgresStore(SqlStore):
         assert isinstance(cur, _PgCursor)
         # COPY assigns seq from the column default in row order, as the INSERTs would.
         cur.copy_rows(f"COPY change_log ({self._FEED_COLS_IN}) FROM STDIN", rows, _FEED_TYPES)
+
+    def _drop_dup_index(self) -> bool:
+        # (see DeferredIndex) On its own connection, which holds the deferral's session lock
+        # until the index is built again. Declined if another transaction holds the table
+        # for long (DROP INDEX waits for every reader of file_records, and queues the rest).
+        try:
+            conn = _connect(self.url, self._timeout, autocommit=True)
+        except StoreError as exc:
+            log.info("Keeping idx_file_records_dup during this first index: %s", exc)
+            return False
+        try:
+            conn.execute(
+                "SELECT pg_advisory_lock_shared(%s, hashtext(current_schema()))", (_DEFERRAL_LOCK,)
+            )
+            with conn.transaction():
+                conn.execute("SET LOCAL lock_timeout = '2s'")
+                conn.execute("DROP INDEX IF EXISTS idx_file_records_dup")
+        except psycopg.Error as exc:
+            conn.close()
+            log.info("Keeping idx_file_records_dup during this first index: %s", exc)
+            return False
+        self._deferring = conn
+        return True
+
+    def _build_dup_index(self) -> None:
+        conn, self._deferring = self._deferring, None
+        assert conn is not None
+        try:
+            with conn.transaction():
+                # A sort of every record: 64 MB (the default) spills a million to disk.
+                conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
+                conn.execute(DUP_INDEX)
+            return
+        except psycopg.OperationalError:
+            # The deferring connection was lost meanwhile (a restart, a network cut): build
+            # on the pool's.
+            log.info("Rebuilding idx_file_records_dup on another connection", exc_info=True)
+        except psycopg.Error as exc:
+            raise _store_error(self.url, exc) from exc
+        finally:
+            conn.close()
+        with self._tx() as cur:
+            cur.execute(DUP_INDEX)
 
     def _lock_feed(self, cur: Cursor) -> None:
         # Without this, two transactions could commit seq 6 before seq 5 and a reader

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Protocol
@@ -104,12 +105,52 @@ def upsert_sql(mod_time: str) -> str:
     )
 
 
+DUP_INDEX = (
+    "CREATE INDEX IF NOT EXISTS idx_file_records_dup ON file_records(content_hash, file_size)"
+)
+"""The one index ``defer_indexes`` defers, as migration 2 made it (both dialects)."""
+
+
+class DeferredIndex:
+    """One index a store drops around a big first index and builds once at the end.
+
+    The duplicate index is keyed by hash: every insert lands on a random page of it, and
+    once it outgrows the cache (a million records) each batch rewrites thousands of its
+    pages; built at the end it is one sort. Nested and concurrent deferrals of one store
+    share one drop and one build. ``drop`` may decline (returns False: the index stays and
+    nothing is built at the end).
+    """
+
+    def __init__(self, drop: Callable[[], bool], build: Callable[[], None]) -> None:
+        self._drop = drop
+        self._build = build
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._dropped = False
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._lock:
+            self._holders += 1
+            if self._holders == 1:
+                self._dropped = self._drop()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0 and self._dropped:
+                    self._dropped = False
+                    self._build()
+
+
 class SqlStore:
     """Shared implementation of the ``Store`` protocol over a DB-API connection."""
 
     url: str
     _scanned_in: tuple[datetime | None, Any] = (None, None)
     shares_scans: bool = False
+    _deferred: DeferredIndex | None = None
 
     # --- what a dialect provides ------------------------------------------------------
     def _tx(self) -> AbstractContextManager[Cursor]:
@@ -401,7 +442,7 @@ class SqlStore:
         return out
 
     def defer_indexes(self) -> AbstractContextManager[None]:
-        return nullcontext()
+        return self._deferred.hold() if self._deferred is not None else nullcontext()
 
     def count_records(self, repo_id: UUID) -> int:
         with self._read() as cur:

@@ -15,7 +15,7 @@ from uuid import UUID
 from fsledger.errors import StoreError, StoreUnavailable
 from fsledger.store import migrations
 from fsledger.store.lease import FileLease, Lease
-from fsledger.store.sql import Cursor, SqlStore, upsert_sql
+from fsledger.store.sql import DUP_INDEX, Cursor, DeferredIndex, SqlStore, upsert_sql
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,6 @@ def _translate(exc: sqlite3.Error, path: str) -> StoreError:
             f"SQLite database {path} is locked by another process (waited 30 s): {text}"
         )
     return StoreError(f"SQLite database {path} failed: {text}")
-
-
-_DUP_INDEX = (
-    "CREATE INDEX IF NOT EXISTS idx_file_records_dup ON file_records(content_hash, file_size)"
-)
-"""The one index ``defer_indexes`` defers, as migration 2 made it."""
 
 
 class SqliteStore(SqlStore):
@@ -60,8 +54,7 @@ class SqliteStore(SqlStore):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._deferral_lock = threading.Lock()
-        self._deferrals = 0
+        self._deferred = DeferredIndex(self._drop_dup_index, self._build_dup_index)
         self.url = "sqlite://" + path if path.startswith("/") else "sqlite:///" + path
         self._lock = threading.RLock()
         try:
@@ -131,27 +124,18 @@ class SqliteStore(SqlStore):
                         cur.execute(statement)
                 cur.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
             # Rebuilt if a deferral (defer_indexes) ended in a crash.
-            cur.execute(_DUP_INDEX)
+            cur.execute(DUP_INDEX)
 
-    @contextmanager
-    def defer_indexes(self) -> Iterator[None]:
-        # The duplicate index is keyed by hash: every insert lands on a random page of it,
-        # and once it outgrows the page cache (a million records) each batch rewrote
-        # thousands of its pages: 37 s of a million inserts, against 12 s with the index
-        # built at the end (a sort, 1.5 s). Nested and concurrent deferrals share one.
-        with self._deferral_lock:
-            self._deferrals += 1
-            if self._deferrals == 1:
-                with self._tx() as cur:
-                    cur.execute("DROP INDEX IF EXISTS idx_file_records_dup")
-        try:
-            yield
-        finally:
-            with self._deferral_lock:
-                self._deferrals -= 1
-                if self._deferrals == 0:
-                    with self._tx() as cur:
-                        cur.execute(_DUP_INDEX)
+    def _drop_dup_index(self) -> bool:
+        # (see DeferredIndex) A million inserts took 37 s with the index, 12 s without it
+        # and 1.5 s to build it at the end.
+        with self._tx() as cur:
+            cur.execute("DROP INDEX IF EXISTS idx_file_records_dup")
+        return True
+
+    def _build_dup_index(self) -> None:
+        with self._tx() as cur:
+            cur.execute(DUP_INDEX)
 
     def _uuid_in(self, value: UUID) -> Any:
         return str(value)
