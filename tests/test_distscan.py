@@ -118,10 +118,12 @@ def test_a_hash_stuck_in_a_helper_is_abandoned_within_its_budget(
     release = threading.Event()
     real = distscan.hash_file
 
-    def stuck(path: bytes, algo: str = "blake3", threads: int = 1) -> HashOutcome:
+    def stuck(
+        path: bytes, algo: str = "blake3", threads: int = 1, expect: Any = None
+    ) -> HashOutcome:
         if path.endswith(b"top.jpg"):
             release.wait(30)
-        return real(path, algo)
+        return real(path, algo, expect=expect)
 
     monkeypatch.setattr(distscan, "hash_file", stuck)
     rules = IgnoreRules.default()

@@ -132,6 +132,65 @@ def test_read_error_is_an_error(tree: bytes, monkeypatch: pytest.MonkeyPatch) ->
     assert out.hex is None and out.error == "Input/output error (errno 5)"
 
 
+def _key(path: bytes) -> tuple[int, int, int, int]:
+    st = os.lstat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_an_expected_key_that_holds_gives_the_same_outcome(tree: bytes, size: int) -> None:
+    """With the walk's lstat key as ``expect`` the hash and its key are those of the file."""
+    data = os.urandom(size)
+    path = write(tree, b"f", data)
+    key = _key(path)
+    assert (
+        hash_file(path, expect=key)
+        == hash_file(path)
+        == HashOutcome(blake3.blake3(data).hexdigest(), *key)
+    )
+
+
+def test_a_file_changed_since_its_expected_key_is_hashed_as_it_is_now(tree: bytes) -> None:
+    """The file was rewritten after the walk's lstat: the outcome is its new content with
+    its new key, never the new content under the old key."""
+    path = write(tree, b"f", b"old")
+    stale = _key(path)
+    os.remove(path)
+    write(tree, b"f", b"new content")
+    out = hash_file(path, expect=stale)
+    assert out == HashOutcome(blake3.blake3(b"new content").hexdigest(), *_key(path))
+    assert _key(path) != stale
+
+
+def test_an_expected_key_of_a_file_that_became_a_fifo_or_vanished(tree: bytes) -> None:
+    path = write(tree, b"f", b"data")
+    stale = _key(path)
+    os.remove(path)
+    os.mkfifo(path)
+    out = hash_file(path, expect=stale)
+    assert out.hex is None and out.error == "not a regular file any more"
+    os.remove(path)
+    out = hash_file(path, expect=stale)
+    assert out.hex is None and out.error is not None and "errno 2" in out.error
+
+
+def test_an_expected_key_saves_the_fstat_before(
+    tree: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The point of ``expect``: one fstat a file, the one after the read."""
+    path = write(tree, b"f", b"data")
+    key = _key(path)
+    calls = count()
+
+    def fstat(fd: int) -> os.stat_result:
+        next(calls)
+        return os.fstat(fd)
+
+    monkeypatch.setattr(fsledger.hashing, "os", OsWith(fstat=fstat))
+    assert hash_file(path, expect=key).hex == blake3.blake3(b"data").hexdigest()
+    assert next(calls) == 1
+
+
 def test_hash_many_keeps_order(tree: bytes) -> None:
     paths = [write(tree, b"f%d" % i, b"x" * i) for i in range(5)]
     paths.insert(2, os.path.join(tree, b"missing"))

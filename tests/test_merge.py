@@ -275,7 +275,7 @@ def test_a_store_failure_in_a_worker_fails_the_scan(
         assert op.status.value == "failed"
 
 
-def _hang(path: bytes, algo: str = "blake3", threads: int = 1) -> Any:
+def _hang(path: bytes, algo: str = "blake3", threads: int = 1, expect: Any = None) -> Any:
     time.sleep(30)  # a read stuck on a dead network mount
     raise AssertionError("unreachable within the test")
 

@@ -269,7 +269,7 @@ def _hash_within_budget(params: JobParams, entries: list[FileEntry]) -> dict[Rel
 
     def run() -> None:
         for entry in entries:
-            done[entry.path] = hash_file(root + b"/" + entry.path, algo)
+            done[entry.path] = hash_file(root + b"/" + entry.path, algo, expect=entry.stat)
 
     worker = threading.Thread(target=run, name="scan-hash", daemon=True)
     worker.start()

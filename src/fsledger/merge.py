@@ -356,7 +356,7 @@ def merge_range(task: RangeTask) -> RangeResult:
                 if type(item) is not Look:
                     continue
                 assert isinstance(item, Look)
-                out = hash_file(root + item.entry.path, algo)
+                out = hash_file(root + item.entry.path, algo, expect=item.entry.stat)
                 if item.old is None and out.hex is not None:
                     items[n] = (
                         item.entry.path,
