@@ -15,6 +15,7 @@ import pickle
 import random
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,49 @@ def test_a_range_result_crosses_to_the_parent_intact(
     (changed,) = [i for i in back.items if isinstance(i, Look)]
     assert changed.entry.path == b"zz/last" and changed.old is not None
     assert changed.hashed is not None and changed.hashed.size == changed.entry.stat.size
+
+
+def test_a_range_without_records_gives_what_the_merge_would(
+    store: Store, tree: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range without records (every range of a first index) skips ``Merge``: its result
+    is exactly what the merge and the hashing of its looks give, items and counts, with a
+    FIFO, a symlink, a directory passed as unreadable and a file that fails to hash."""
+    photo_tree(tree, files=40)
+    os.mkfifo(p(tree, "2004/pipe"))
+    os.symlink(b"../top.jpg", p(tree, "2005/link.jpg"))
+    real = fsledger.merge.hash_file
+
+    def failing(path: bytes, algo: str = "blake3", threads: int = 1, expect: Any = None) -> Any:
+        if path.endswith(b"IMG_0005.jpg"):
+            return fsledger.hashing.HashOutcome(None, error="Input/output error (errno 5)")
+        return real(path, algo, threads, expect)
+
+    monkeypatch.setattr(fsledger.merge, "hash_file", failing)
+    unreadable = {b"2006": "not mounted"}
+    task = RangeTask(
+        store.url, uuid.uuid4(), tree, RULES, LookRule("blake3"), b"", None, unreadable, True
+    )
+    try:
+        result = merge_range(task)
+    finally:
+        fsledger.merge._worker_stores.pop(store.url).close()
+
+    merge = Merge(walk(tree, RULES, unreadable=unreadable, flat=True), [], LookRule("blake3"))
+    expected: list[Any] = []
+    for item in merge:
+        if isinstance(item, Look):
+            out = failing(tree + b"/" + item.entry.path)
+            if out.hex is None:
+                expected.append(Look(item.entry, None, out))
+            else:
+                expected.append((item.entry.path, out.hex, *out[1:5]))
+        else:
+            expected.append(item)
+    assert result.items == expected
+    assert (result.scanned, result.specials) == (merge.scanned, merge.specials) == (35, 1)
+    kinds = {type(i).__name__ for i in result.items}
+    assert kinds == {"tuple", "Look", "Unreadable"}
 
 
 def test_record_rows_match_records(ledger: Ledger, store: Store, tree: bytes) -> None:

@@ -337,18 +337,14 @@ def merge_range(task: RangeTask) -> RangeResult:
     """
     store = _store_for(task.store_url)
     try:
-        merge = Merge(
-            walk(
-                task.root,
-                task.rules,
-                lo=task.lo,
-                hi=task.hi,
-                unreadable=task.unreadable,
-                flat=True,
-            ),
-            store.iter_record_rows(task.repo_id, task.lo, task.hi),
-            task.rule,
+        items_walked = walk(
+            task.root, task.rules, lo=task.lo, hi=task.hi, unreadable=task.unreadable, flat=True
         )
+        rows = iter(store.iter_record_rows(task.repo_id, task.lo, task.hi))
+        first = next(rows, None)
+        if first is None and task.hash_looks:
+            return _hash_new_range(items_walked, task.root + b"/", task.rule.algo)
+        merge = Merge(items_walked, rows if first is None else _chain(first, rows), task.rule)
         items: list[MergeItem | NewFile] = list(merge)
         if task.hash_looks:
             root, algo = task.root + b"/", task.rule.algo
@@ -376,3 +372,34 @@ def merge_range(task: RangeTask) -> RangeResult:
             log.debug("closing a failed worker store", exc_info=True)
         raise
     return RangeResult(items, merge.scanned, merge.specials)
+
+
+def _chain(first: RecordRow, rest: Iterator[RecordRow]) -> Iterator[RecordRow]:
+    yield first
+    yield from rest
+
+
+def _hash_new_range(walked: Iterable[WalkItem | FlatEntry], root: bytes, algo: str) -> RangeResult:
+    """``merge_range`` of a range without records (every range of a first index): what
+    ``Merge`` would yield with no rows (every file a ``Look``, unreadable directories as
+    they are), hashed, without building a ``Look`` for each file."""
+    result = RangeResult()
+    append = result.items.append
+    scanned = specials = 0
+    for item in walked:
+        kind = type(item)
+        if kind is tuple or kind is FileEntry:
+            path, stat = cast("FlatEntry", item)
+            scanned += 1
+            out = hash_file(root + path, algo, expect=stat)
+            if out.hex is not None:
+                append((path, out.hex, out.size, out.mtime_ns, out.ctime_ns, out.inode))
+            else:
+                append(Look(_entry(item), None, out))
+        elif isinstance(item, Special):
+            specials += 1
+        else:
+            assert isinstance(item, Unreadable)
+            append(item)
+    result.scanned, result.specials = scanned, specials
+    return result
