@@ -89,9 +89,11 @@ class Target:
         return f"{value:.2f} s"
 
 
+# The ratio targets are set on the 100k library (issue 6): a --quick run's 10k files weigh
+# the CLI's fixed start-up ~10× more, so its ratios are printed but not judged.
 TARGETS = (
-    Target("no-change rescan ≤ 3× find", "rescan_nochange", "ratio", 3.0),
-    Target("initial index ≤ 3× b3sum -P2", "initial_index", "ratio", 3.0),
+    Target("no-change rescan ≤ 3× find", "rescan_nochange", "ratio", 3.0, 100_000),
+    Target("initial index ≤ 3× b3sum -P2", "initial_index", "ratio", 3.0, 100_000),
     Target("1M files: no-change rescan < 10 s", "rescan_nochange", "seconds", 10.0, 1_000_000),
     Target("1M files: peak RSS ≤ 150 MB", "rescan_nochange", "rss", 150 * MB, 1_000_000),
     Target("live close-to-row p99 < 100 ms", "watch_latency", "p99", 0.100),
@@ -227,6 +229,12 @@ def markdown(
         for v in verdicts:
             met = "met" if v["met"] else f"**missed** ({v['by']:.2f}× the limit)"
             lines.append(f"| {v['target']} | {v['store']} | {v['measured']} | {met} |")
+    if library.files < 100_000:
+        lines.append(
+            f"\nThe ratio targets are set on the 100k library; at {library.files:,} files the "
+            "CLI's fixed start-up (~0.15 s) weighs more, so they are not judged here. "
+            "Compare this run's ratios with earlier runs of the same size."
+        )
     for reason in skipped:
         lines.append(f"\n- Not measured: {reason}")
     return "\n".join(lines) + "\n"
