@@ -169,7 +169,8 @@ def test_a_big_first_index_defers_the_duplicate_index_and_rebuilds_it(
             cur.execute(
                 "SELECT count(*) FROM sqlite_master WHERE name = 'idx_file_records_dup'"
                 if store.url.startswith("sqlite")
-                else "SELECT count(*) FROM pg_indexes WHERE indexname = 'idx_file_records_dup'"
+                else "SELECT count(*) FROM pg_indexes WHERE indexname = 'idx_file_records_dup' "
+                "AND schemaname = current_schema()"
             )
             seen.append(int(cur.fetchone()[0]))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
+import time
 import uuid
 from contextlib import closing
 from dataclasses import replace
@@ -316,7 +317,10 @@ def _has_dup_index(store: Store) -> bool:
         if store.url.startswith("sqlite"):
             cur.execute("SELECT count(*) FROM sqlite_master WHERE name = 'idx_file_records_dup'")
         else:
-            cur.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'idx_file_records_dup'")
+            cur.execute(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'idx_file_records_dup' "
+                "AND schemaname = current_schema()"
+            )
         return int(cur.fetchone()[0]) == 1
 
 
@@ -368,6 +372,26 @@ def test_an_index_a_crash_left_deferred_is_rebuilt_at_open(
     assert _has_dup_index(store)
     store.apply(repo.id, created(b"after"))
     assert store.count_records(repo.id) == 1
+
+
+def test_postgres_keeps_the_index_when_the_table_is_busy(pg_url: str) -> None:
+    """A transaction that holds file_records (a long read of another process) makes the drop
+    wait at most its lock timeout: the deferral is declined, the index stays, writes go on."""
+    store, repo = open_store(pg_url), make_repo()
+    try:
+        store.add_repository(repo)
+        with psycopg.connect(pg_url) as reader:
+            reader.execute("SELECT count(*) FROM file_records").fetchone()  # holds its lock
+            started = time.monotonic()
+            with store.defer_indexes():
+                assert time.monotonic() - started < 10
+                assert _has_dup_index(store)
+                store.apply(repo.id, created(b"a", b"b"))
+            reader.rollback()
+        assert _has_dup_index(store)
+        assert store.count_records(repo.id) == 2
+    finally:
+        store.close()
 
 
 def _deferral_sessions(url: str) -> int:
