@@ -117,16 +117,7 @@ def hash_file(
             before = os.fstat(fd)
             if not stat_mod.S_ISREG(before.st_mode):
                 return HashOutcome(None, error="not a regular file any more")
-            hasher = factory(threads if before.st_size >= BIG_FILE else 1)
-            buf, view = _buffer()
-            left = before.st_size
-            while n := os.readv(fd, [buf]):
-                hasher.update(view[:n])
-                left -= n
-                if left == 0 and n < BLOCK:
-                    # The size fstat promised, in a short read: skip the read that would
-                    # return EOF. (A file that grew meanwhile fails the fstat after.)
-                    break
+            hasher = _read_all(fd, factory, threads, before.st_size)
             after = os.fstat(fd)
         except OSError as exc:
             return HashOutcome(None, error=f"{exc.strerror or exc} (errno {exc.errno})")
@@ -135,6 +126,21 @@ def hash_file(
         if _key(before) == _key(after):
             return HashOutcome(hasher.hexdigest(), *_key(after))
     return HashOutcome(None, *_key(after), unsettled=True)
+
+
+def _read_all(fd: int, factory: Callable[[int], _Hasher], threads: int, size: int) -> _Hasher:
+    """A new hasher fed the file open at ``fd``, which should hold ``size`` bytes."""
+    hasher = factory(threads if size >= BIG_FILE else 1)
+    buf, view = _buffer()
+    left = size
+    while n := os.readv(fd, [buf]):
+        hasher.update(view[:n])
+        left -= n
+        if left == 0 and n < BLOCK:
+            # The size promised, in a short read: skip the read that would return EOF.
+            # (A file that grew meanwhile fails the caller's fstat after.)
+            break
+    return hasher
 
 
 def _hash_expecting(
@@ -146,15 +152,7 @@ def _hash_expecting(
     except OSError:
         return None
     try:
-        size = expect[0]
-        hasher = factory(threads if size >= BIG_FILE else 1)
-        buf, view = _buffer()
-        left = size
-        while n := os.readv(fd, [buf]):
-            hasher.update(view[:n])
-            left -= n
-            if left == 0 and n < BLOCK:
-                break
+        hasher = _read_all(fd, factory, threads, expect[0])
         after = os.fstat(fd)
     except OSError:
         return None

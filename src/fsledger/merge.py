@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, cast
 from uuid import UUID
 
@@ -344,7 +345,7 @@ def merge_range(task: RangeTask) -> RangeResult:
         first = next(rows, None)
         if first is None and task.hash_looks:
             return _hash_new_range(items_walked, task.root + b"/", task.rule.algo)
-        merge = Merge(items_walked, rows if first is None else _chain(first, rows), task.rule)
+        merge = Merge(items_walked, rows if first is None else chain((first,), rows), task.rule)
         items: list[MergeItem | NewFile] = list(merge)
         if task.hash_looks:
             root, algo = task.root + b"/", task.rule.algo
@@ -372,11 +373,6 @@ def merge_range(task: RangeTask) -> RangeResult:
             log.debug("closing a failed worker store", exc_info=True)
         raise
     return RangeResult(items, merge.scanned, merge.specials)
-
-
-def _chain(first: RecordRow, rest: Iterator[RecordRow]) -> Iterator[RecordRow]:
-    yield first
-    yield from rest
 
 
 def _hash_new_range(walked: Iterable[WalkItem | FlatEntry], root: bytes, algo: str) -> RangeResult:
