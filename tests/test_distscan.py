@@ -116,16 +116,16 @@ def test_a_hash_stuck_in_a_helper_is_abandoned_within_its_budget(
     next scan hashes them), the others hashed."""
     photo_tree(tree, files=30)
     release = threading.Event()
-    real = distscan.hash_file
+    real = distscan.hash_below
 
     def stuck(
-        path: bytes, algo: str = "blake3", threads: int = 1, expect: Any = None
+        below: Any, path: bytes, algo: str = "blake3", threads: int = 1, expect: Any = None
     ) -> HashOutcome:
         if path.endswith(b"top.jpg"):
             release.wait(30)
-        return real(path, algo, expect=expect)
+        return real(below, path, algo, expect=expect)
 
-    monkeypatch.setattr(distscan, "hash_file", stuck)
+    monkeypatch.setattr(distscan, "hash_below", stuck)
     rules = IgnoreRules.default()
     params = JobParams(
         uuid.uuid4(), tree, rules.patterns, True, LookRule("blake3"), True, {}, "x", 0.3

@@ -20,10 +20,10 @@ def test_hung_read_is_abandoned_and_the_scan_completes(tmp_path: Path, monkeypat
     release = threading.Event()
     real = hashing.hash_many
 
-    def hanging(paths, algo):
+    def hanging(root, paths, algo):
         if any(p.endswith(b"stuck.mov") for p in paths):
             release.wait(30)  # what a read on a dead NFS server looks like
-        return real(paths, algo)
+        return real(root, paths, algo)
 
     monkeypatch.setattr(hashing, "hash_many", hanging)
     settings = Settings(

@@ -175,14 +175,16 @@ def test_a_range_without_records_gives_what_the_merge_would(
     photo_tree(tree, files=40)
     os.mkfifo(p(tree, "2004/pipe"))
     os.symlink(b"../top.jpg", p(tree, "2005/link.jpg"))
-    real = fsledger.merge.hash_file
+    real = fsledger.merge.hash_at
 
-    def failing(path: bytes, algo: str = "blake3", threads: int = 1, expect: Any = None) -> Any:
-        if path.endswith(b"IMG_0005.jpg"):
+    def failing(
+        dir_fd: int, name: bytes, algo: str = "blake3", threads: int = 1, expect: Any = None
+    ) -> Any:
+        if name == b"IMG_0005.jpg":
             return fsledger.hashing.HashOutcome(None, error="Input/output error (errno 5)")
-        return real(path, algo, threads, expect)
+        return real(dir_fd, name, algo, threads, expect)
 
-    monkeypatch.setattr(fsledger.merge, "hash_file", failing)
+    monkeypatch.setattr(fsledger.merge, "hash_at", failing)
     unreadable = {b"2006": "not mounted"}
     task = RangeTask(
         store.url, uuid.uuid4(), tree, RULES, LookRule("blake3"), b"", None, unreadable, True
@@ -196,7 +198,12 @@ def test_a_range_without_records_gives_what_the_merge_would(
     expected: list[Any] = []
     for item in merge:
         if isinstance(item, Look):
-            out = failing(tree + b"/" + item.entry.path)
+            parent, _sep, name = (b"/" + item.entry.path).rpartition(b"/")
+            dir_fd = os.open(tree + parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                out = failing(dir_fd, name)
+            finally:
+                os.close(dir_fd)
             if out.hex is None:
                 expected.append(Look(item.entry, None, out))
             else:
@@ -319,7 +326,7 @@ def test_a_store_failure_in_a_worker_fails_the_scan(
         assert op.status.value == "failed"
 
 
-def _hang(path: bytes, algo: str = "blake3", threads: int = 1, expect: Any = None) -> Any:
+def _hang(*args: Any, **kwargs: Any) -> Any:
     time.sleep(30)  # a read stuck on a dead network mount
     raise AssertionError("unreachable within the test")
 
@@ -349,7 +356,7 @@ def test_a_stalled_range_fails_the_scan_without_deleting(
 
     # Forks, whatever threads other tests left behind in this process: they are idle.
     monkeypatch.setattr(fsledger.hashing, "_context", lambda: multiprocessing.get_context("fork"))
-    monkeypatch.setattr(fsledger.merge, "hash_file", _hang)
+    monkeypatch.setattr(fsledger.merge, "hash_at", _hang)
     with Ledger(settings, pool=start_workers(settings)) as ledger:
         started = time.monotonic()
         with pytest.raises(RootUnavailable, match="stopped answering"):

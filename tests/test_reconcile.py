@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import fsledger.beneath
 import fsledger.hashing
 import fsledger.reconcile
 import fsledger.walk
@@ -529,9 +530,16 @@ def deny(monkeypatch: pytest.MonkeyPatch, directory: bytes, code: int = errno.EA
             raise fail(path)
         return os.lstat(path, *args, dir_fd=dir_fd, **kw)
 
+    def stat(path: Any, *args: Any, dir_fd: int | None = None, **kw: Any) -> os.stat_result:
+        if not isinstance(path, int) and resolve(path, dir_fd).startswith(below):
+            raise fail(path)
+        return os.stat(path, *args, dir_fd=dir_fd, **kw)
+
     opener = failing_open(directory, fail(directory))
     monkeypatch.setattr(fsledger.walk, "os", OsWith(open=opener, lstat=lstat))
-    monkeypatch.setattr(fsledger.writer, "os", OsWith(lstat=lstat))
+    # The writer's re-check looks below the root through fsledger.beneath (lstat = a stat
+    # without following, relative to the parent directory's descriptor).
+    monkeypatch.setattr(fsledger.beneath, "os", OsWith(stat=stat, open=opener))
 
 
 def test_unreadable_directory_keeps_its_records(
@@ -606,10 +614,10 @@ def test_unreadable_file(ledger: Ledger, tree: bytes, monkeypatch: pytest.Monkey
     repo = ledger.add_repository(tree)
     bad = p(tree, "albums/2019/two.jpg")
 
-    def failing_open(path: Any, flags: int, *args: Any) -> int:
-        if os.fsencode(path) == bad:
+    def failing_open(path: Any, flags: int, *args: Any, dir_fd: int | None = None) -> int:
+        if resolve(path, dir_fd) == bad:
             raise PermissionError(errno.EACCES, "Permission denied", path)
-        return os.open(path, flags, *args)
+        return os.open(path, flags, *args, dir_fd=dir_fd)
 
     monkeypatch.setattr(fsledger.hashing, "os", OsWith(open=failing_open))
     stats = ledger.scan(repo)

@@ -39,9 +39,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from fsledger.hashing import HashOutcome, hash_file
+from fsledger.beneath import Beneath
+from fsledger.decide import LookRule
+from fsledger.hashing import HashOutcome, hash_below
 from fsledger.ignore import IgnoreRules
-from fsledger.merge import Absent, Look, LookRule, Merge, MergeItem, plan_ranges
+from fsledger.merge import Absent, Look, Merge, MergeItem, plan_ranges
 from fsledger.model import (
     Digest,
     FileRecord,
@@ -268,8 +270,15 @@ def _hash_within_budget(params: JobParams, entries: list[FileEntry]) -> dict[Rel
     algo, root = params.rule.algo, params.root
 
     def run() -> None:
-        for entry in entries:
-            done[entry.path] = hash_file(root + b"/" + entry.path, algo, expect=entry.stat)
+        try:
+            below = Beneath(root)
+        except OSError as exc:
+            error = HashOutcome(None, error=f"root: {exc.strerror or exc} (errno {exc.errno})")
+            done.update({e.path: error for e in entries})
+            return
+        with below:
+            for entry in entries:
+                done[entry.path] = hash_below(below, entry.path, algo, expect=entry.stat)
 
     worker = threading.Thread(target=run, name="scan-hash", daemon=True)
     worker.start()

@@ -25,6 +25,9 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 import blake3
 
+from fsledger.beneath import Beneath, split
+from fsledger.model import RelPath
+
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
@@ -88,29 +91,73 @@ def _key(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+"""O_NONBLOCK: if a FIFO took the file's place, open must not hang."""
+
+
 def hash_file(
     path: bytes,
     algo: str = DEFAULT_ALGO,
     threads: int = 1,
     expect: tuple[int, int, int, int] | None = None,
 ) -> HashOutcome:
-    """Hash one file by path without following a final symlink.
+    """Hash one file by a path the caller trusts, without following a final symlink.
 
-    ``expect``: the file's ``(size, mtime_ns, ctime_ns, inode)`` as seen just before (an
+    Files below a repository root are hashed with ``hash_below`` or ``hash_at`` instead: a
+    path string would follow a symlinked directory in its middle.
+    """
+    return _hash(lambda: os.open(path, _FILE_FLAGS), algo, threads, expect)
+
+
+def hash_at(
+    dir_fd: int,
+    name: bytes,
+    algo: str = DEFAULT_ALGO,
+    threads: int = 1,
+    expect: tuple[int, int, int, int] | None = None,
+) -> HashOutcome:
+    """Hash the file ``name`` (one path component) of the directory open at ``dir_fd``."""
+    return _hash(lambda: os.open(name, _FILE_FLAGS, dir_fd=dir_fd), algo, threads, expect)
+
+
+def hash_below(
+    below: Beneath,
+    rel: RelPath,
+    algo: str = DEFAULT_ALGO,
+    threads: int = 1,
+    expect: tuple[int, int, int, int] | None = None,
+) -> HashOutcome:
+    """Hash the file ``rel`` below a root, reached without following any symlink."""
+    parent, name = split(rel)
+    try:
+        dir_fd = below.dir_fd(parent)
+    except OSError as exc:
+        return HashOutcome(None, error=f"{exc.strerror or exc} (errno {exc.errno})")
+    return hash_at(dir_fd, name, algo, threads, expect)
+
+
+def _hash(
+    opener: Callable[[], int],
+    algo: str,
+    threads: int,
+    expect: tuple[int, int, int, int] | None,
+) -> HashOutcome:
+    """``expect``: the file's ``(size, mtime_ns, ctime_ns, inode)`` as seen just before (an
     ``lstat``). If the file still has that key after it was read, the hash is of that
-    state; otherwise (or on any error) the file is hashed again the usual way.
+    state; otherwise (or on any error) the file is hashed again the usual way, and the
+    caller compares the key it gets back with what it saw (an inode that differs is
+    another file: its hash must not be stored for the one seen).
 
     Never raises for file-level problems: they come back as ``error``.
     """
     factory = ALGORITHMS[algo]
     if expect is not None:
-        hex_ = _hash_expecting(path, factory, threads, expect)
+        hex_ = _hash_expecting(opener, factory, threads, expect)
         if hex_ is not None:
             return HashOutcome(hex_, *expect)
     for _attempt in range(2):
         try:
-            # O_NONBLOCK: if a FIFO took the file's place, open must not hang.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = opener()
         except OSError as exc:
             return HashOutcome(None, error=f"{exc.strerror or exc} (errno {exc.errno})")
         try:
@@ -144,11 +191,14 @@ def _read_all(fd: int, factory: Callable[[int], _Hasher], threads: int, size: in
 
 
 def _hash_expecting(
-    path: bytes, factory: Callable[[int], _Hasher], threads: int, expect: tuple[int, int, int, int]
+    opener: Callable[[], int],
+    factory: Callable[[int], _Hasher],
+    threads: int,
+    expect: tuple[int, int, int, int],
 ) -> str | None:
-    """The hash of ``path`` if it still has the key ``expect`` once read, else None."""
+    """The hash of the file ``opener`` opens if it still has the key ``expect`` once read."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = opener()
     except OSError:
         return None
     try:
@@ -163,9 +213,15 @@ def _hash_expecting(
     return None
 
 
-def hash_many(paths: Sequence[bytes], algo: str) -> list[HashOutcome]:
-    """Hash a chunk of files (the unit of work a worker process receives)."""
-    return [hash_file(p, algo) for p in paths]
+def hash_many(root: bytes, paths: Sequence[RelPath], algo: str) -> list[HashOutcome]:
+    """Hash a chunk of files below ``root`` (the unit of work a worker process receives)."""
+    try:
+        below = Beneath(root)
+    except OSError as exc:
+        error = f"root {os.fsdecode(root)}: {exc.strerror or exc} (errno {exc.errno})"
+        return [HashOutcome(None, error=error) for _p in paths]
+    with below:
+        return [hash_below(below, p, algo) for p in paths]
 
 
 def _worker_init(warm: Callable[[], object] | None = None) -> None:
@@ -281,8 +337,11 @@ class HashPool:
         """Seconds a chunk of files of these sizes may take: the timeout plus 20 s a GiB."""
         return self.timeout_s + 20.0 * sum(sizes) / (1 << 30)
 
-    def submit(self, paths: Sequence[bytes]) -> multiprocessing.pool.AsyncResult[list[HashOutcome]]:
-        return self._get_pool().apply_async(hash_many, (list(paths), self.algo))
+    def submit(
+        self, root: bytes, paths: Sequence[RelPath]
+    ) -> multiprocessing.pool.AsyncResult[list[HashOutcome]]:
+        """Hash the files ``paths`` below ``root`` in a worker (see ``collect``)."""
+        return self._get_pool().apply_async(hash_many, (root, list(paths), self.algo))
 
     def collect(
         self,
@@ -300,7 +359,9 @@ class HashPool:
             self._abandon()
             return [HashOutcome(None, error=f"hash timed out after {budget:.0f}s") for _ in paths]
 
-    def hash_here(self, paths: Sequence[bytes], sizes: Sequence[int]) -> list[HashOutcome]:
+    def hash_here(
+        self, root: bytes, paths: Sequence[RelPath], sizes: Sequence[int]
+    ) -> list[HashOutcome]:
         """Hash a few files without worker processes, still within the budget.
 
         The work runs in a daemon thread: a read stuck on a dead network mount cannot be
@@ -308,7 +369,7 @@ class HashPool:
         """
         box: list[list[HashOutcome]] = []
         worker = threading.Thread(
-            target=lambda: box.append(hash_many(paths, self.algo)),
+            target=lambda: box.append(hash_many(root, paths, self.algo)),
             name="hash-inline",
             daemon=True,
         )

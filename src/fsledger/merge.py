@@ -22,17 +22,31 @@ from itertools import chain
 from typing import Any, cast
 from uuid import UUID
 
-from fsledger.hashing import HashOutcome, hash_file
+from fsledger.beneath import Beneath
+from fsledger.decide import RACY_WINDOW_NS, LookRule, is_racy, row_settled
+from fsledger.hashing import HashOutcome, hash_at
 from fsledger.ignore import IgnoreRules
-from fsledger.model import NS_PER_S, FileRecord, FileStat, RecordRow, RelPath
+from fsledger.model import FileRecord, FileStat, RecordRow, RelPath
 from fsledger.store.base import Store
-from fsledger.walk import FileEntry, FlatEntry, Special, Unreadable, WalkItem, walk
+from fsledger.walk import FileEntry, FlatEntry, Special, Unreadable, WalkCursor, WalkItem, walk
+
+__all__ = [
+    "RACY_WINDOW_NS",
+    "Absent",
+    "Look",
+    "LookRule",
+    "Merge",
+    "MergeItem",
+    "NewFile",
+    "RangeResult",
+    "RangeTask",
+    "is_racy",
+    "merge_range",
+    "plan_ranges",
+    "warm_store",
+]
 
 log = logging.getLogger(__name__)
-
-RACY_WINDOW_NS = 2 * NS_PER_S
-"""A file hashed within this long of its last write may have been written again within
-the mtime clock's granularity: its record proves nothing and it is hashed again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,31 +67,6 @@ class Absent:
 
 
 MergeItem = Look | Absent | Unreadable
-
-
-@dataclass(frozen=True, slots=True)
-class LookRule:
-    """When an unchanged-looking record still needs a look.
-
-    Args:
-        algo: the hash algorithm in use; a record hashed with another one is looked at.
-        hashing: whether files are hashed at all (without, only the ``lstat`` key counts).
-        verify: look at every file (a ``--verify`` scan rehashes everything).
-    """
-
-    algo: str
-    hashing: bool = True
-    verify: bool = False
-
-
-def is_racy(mtime_ns: int, scanned_ns: int) -> bool:
-    """Whether a record's hash may predate a write that kept the same mtime.
-
-    Racy: hashed within the mtime clock's granularity of its last write, so a later write
-    could have kept the same mtime. An mtime far in the *future* (a camera with a wrong
-    clock) is not racy: any later write sets mtime to now, which differs.
-    """
-    return abs(mtime_ns - scanned_ns) <= RACY_WINDOW_NS
 
 
 class Merge:
@@ -110,14 +99,14 @@ class Merge:
 
     def __iter__(self) -> Iterator[MergeItem]:
         # The loop body runs once per file of the tree: tuple indexes rather than attribute
-        # names, locals rather than attributes, and the racy rule inlined. Row fields:
-        # 0 path, 1-4 the lstat key, 5 hash, 6 algorithm, 7 scanned_ns (see RecordRow).
+        # names, locals rather than attributes. Row fields: 0 path, 1-4 the lstat key, 5
+        # hash, 6 algorithm, 7 scanned_ns (see RecordRow).
         rows = iter(self._rows)
         row = next(rows, None)
         rule = self.rule
         algo, hashing, verify = rule.algo, rule.hashing, rule.verify
         tick, every = self.tick, self.TICK
-        window = RACY_WINDOW_NS
+        settled = row_settled
         scanned = 0
         for item in self._items:
             kind = type(item)
@@ -156,16 +145,8 @@ class Merge:
                 yield Look(_entry(item), None)
                 continue
             old, row = row, next(rows, None)
-            # The common case, settled without building an object: same lstat key, hashed
-            # with the algorithm in use, not racy (see is_racy).
-            if (
-                not verify
-                and old[1:5] == stat
-                and (
-                    not hashing
-                    or (old[5] is not None and old[6] == algo and abs(old[2] - old[7]) > window)
-                )
-            ):
+            # The common case, settled without building an object (fsledger.decide).
+            if settled(old, stat, algo, hashing, verify):
                 continue
             yield Look(_entry(item), old.record())
         while row is not None:
@@ -273,30 +254,48 @@ def plan_ranges(root: bytes, rules: IgnoreRules, parts: int, max_depth: int = 3)
     """
     level: list[RelPath] = [b""]
     keys: list[RelPath] = []
-    for _depth in range(max_depth):
-        below: list[RelPath] = []
-        for rel in level:
-            try:
-                with os.scandir(root + b"/" + rel if rel else root) as it:
-                    for entry in it:
-                        child = rel + b"/" + entry.name if rel else entry.name
-                        if rules.ignores_name(entry.name, child):
-                            continue
-                        if entry.is_dir(follow_symlinks=False):
-                            below.append(child)
-            except OSError:
-                continue  # a cut point is only a hint: the walk reports what it cannot list
-        if not below:
-            break
-        level = below
-        keys = sorted(rel + b"/" for rel in level)
-        if len(keys) >= 4 * parts:
-            break
+    try:
+        tree = Beneath(root)
+    except OSError:
+        return []  # the walk reports it
+    with tree:
+        for _depth in range(max_depth):
+            below: list[RelPath] = []
+            for rel in level:
+                below += _subdirs(tree, rel, rules)
+            if not below:
+                break
+            level = below
+            keys = sorted(rel + b"/" for rel in level)
+            if len(keys) >= 4 * parts:
+                break
     if len(keys) < 2:
         return []
     step = len(keys) / parts
     cuts = sorted({keys[int(i * step)] for i in range(1, parts)})
     return [c for c in cuts if c]
+
+
+def _subdirs(tree: Beneath, rel: RelPath, rules: IgnoreRules) -> list[RelPath]:
+    """The directories in ``rel`` that are not ignored; none if it cannot be listed (a cut
+    point is only a hint: the walk reports what it cannot list)."""
+    out: list[RelPath] = []
+    try:
+        fd = tree.open_dir(rel)
+    except OSError:
+        return out
+    try:
+        with os.scandir(fd) as it:
+            for entry in it:
+                name = os.fsencode(entry.name)
+                child = rel + b"/" + name if rel else name
+                if not rules.ignores_name(name, child) and entry.is_dir(follow_symlinks=False):
+                    out.append(child)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    return out
 
 
 _worker_stores: dict[str, Store] = {}
@@ -333,38 +332,45 @@ def warm_store(url: str) -> None:
 def merge_range(task: RangeTask) -> RangeResult:
     """Merge one range in a worker process: walk it, read its records, return the differences.
 
+    Files to look at are hashed as the walk meets them, by name relative to the descriptor
+    of the directory the walk listed them in (``WalkCursor``), and with the walk's ``lstat``
+    key as the identity the hash must belong to (``hash_at(expect=...)``).
+
     A store failure drops the cached connection (the next range opens a new one) and is
     raised to the reconciler, which fails the scan as it would in-process.
     """
     store = _store_for(task.store_url)
+    cursor = WalkCursor()
     try:
         items_walked = walk(
-            task.root, task.rules, lo=task.lo, hi=task.hi, unreadable=task.unreadable, flat=True
+            task.root,
+            task.rules,
+            lo=task.lo,
+            hi=task.hi,
+            unreadable=task.unreadable,
+            flat=True,
+            cursor=cursor,
         )
         rows = iter(store.iter_record_rows(task.repo_id, task.lo, task.hi))
         first = next(rows, None)
         if first is None and task.hash_looks:
-            return _hash_new_range(items_walked, task.root + b"/", task.rule.algo)
+            return _hash_new_range(items_walked, cursor, task.rule.algo)
         merge = Merge(items_walked, rows if first is None else chain((first,), rows), task.rule)
-        items: list[MergeItem | NewFile] = list(merge)
-        if task.hash_looks:
-            root, algo = task.root + b"/", task.rule.algo
-            for n, item in enumerate(items):
-                if type(item) is not Look:
-                    continue
-                assert isinstance(item, Look)
-                out = hash_file(root + item.entry.path, algo, expect=item.entry.stat)
-                if item.old is None and out.hex is not None:
-                    items[n] = (
-                        item.entry.path,
-                        out.hex,
-                        out.size,
-                        out.mtime_ns,
-                        out.ctime_ns,
-                        out.inode,
-                    )
-                else:
-                    items[n] = Look(item.entry, item.old, out)
+        items: list[MergeItem | NewFile] = []
+        append = items.append
+        algo = task.rule.algo
+        for item in merge:
+            if type(item) is not Look or not task.hash_looks:
+                append(item)
+                continue
+            assert isinstance(item, Look)
+            # The walk stands at this file: the merge yields a Look as the walk yields it.
+            entry = item.entry
+            out = hash_at(cursor.fd, entry.path.rpartition(b"/")[2], algo, expect=entry.stat)
+            if item.old is None and out.hex is not None:
+                append((entry.path, out.hex, out.size, out.mtime_ns, out.ctime_ns, out.inode))
+            else:
+                append(Look(entry, item.old, out))
     except Exception:
         _worker_stores.pop(task.store_url, None)
         try:
@@ -375,7 +381,9 @@ def merge_range(task: RangeTask) -> RangeResult:
     return RangeResult(items, merge.scanned, merge.specials)
 
 
-def _hash_new_range(walked: Iterable[WalkItem | FlatEntry], root: bytes, algo: str) -> RangeResult:
+def _hash_new_range(
+    walked: Iterable[WalkItem | FlatEntry], cursor: WalkCursor, algo: str
+) -> RangeResult:
     """``merge_range`` of a range without records (every range of a first index): what
     ``Merge`` would yield with no rows (every file a ``Look``, unreadable directories as
     they are), hashed, without building a ``Look`` for each file."""
@@ -387,7 +395,7 @@ def _hash_new_range(walked: Iterable[WalkItem | FlatEntry], root: bytes, algo: s
         if kind is tuple or kind is FileEntry:
             path, stat = cast("FlatEntry", item)
             scanned += 1
-            out = hash_file(root + path, algo, expect=stat)
+            out = hash_at(cursor.fd, path.rpartition(b"/")[2], algo, expect=stat)
             if out.hex is not None:
                 append((path, out.hex, out.size, out.mtime_ns, out.ctime_ns, out.inode))
             else:

@@ -34,6 +34,7 @@ import stat as stat_mod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from fsledger.beneath import Beneath
 from fsledger.ignore import IgnoreRules
 from fsledger.model import MountPoint, RelPath, Repository
 from fsledger.store.base import Store
@@ -134,8 +135,9 @@ def mounted_by_dev(root: bytes, rel: RelPath) -> bool:
     """Without a mount table: a directory on another device than its parent is mounted."""
     parent = rel.rpartition(b"/")[0]
     try:
-        st = os.lstat(root + b"/" + rel)
-        up = os.lstat(root + b"/" + parent if parent else root)
+        with Beneath(root) as tree:
+            st = tree.lstat(rel)
+            up = tree.lstat(parent)
     except OSError:
         return False
     return stat_mod.S_ISDIR(st.st_mode) and st.st_dev != up.st_dev
@@ -235,7 +237,12 @@ class MountGuard:
 
     def _empty(self, rel: RelPath) -> bool:
         try:
-            names = os.listdir(self.repo.root + b"/" + rel)
+            with Beneath(self.repo.root) as tree:
+                fd = tree.open_dir(rel)
+            try:
+                names = [os.fsencode(n) for n in os.listdir(fd)]
+            finally:
+                os.close(fd)
         except OSError:
             return False  # what cannot be listed the walk reports as unreadable anyway
         return not any(not self.rules.ignores_name(n, rel + b"/" + n) for n in names)

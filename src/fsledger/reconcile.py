@@ -29,20 +29,20 @@ from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing.pool import AsyncResult
 
+from fsledger import decide
+from fsledger.beneath import Beneath
 from fsledger.config import Settings
+from fsledger.decide import RACY_WINDOW_NS, LookRule
 from fsledger.errors import GuardRefused, RootUnavailable
 from fsledger.hashing import HashOutcome, HashPool
 from fsledger.ignore import IgnoreRules
 from fsledger.merge import (
-    RACY_WINDOW_NS,
     Absent,
     Look,
-    LookRule,
     Merge,
     MergeItem,
     NewFile,
     RangeTask,
-    is_racy,
     merge_range,
     plan_ranges,
     warm_store,
@@ -58,7 +58,6 @@ from fsledger.model import (
     RelPath,
     Repository,
     ScanStats,
-    datetime_to_ns,
     utcnow,
 )
 from fsledger.mounts import MountGuard
@@ -365,6 +364,7 @@ class _Run:
         self.progress = progress
         self.algo = self.settings.hash_algo
         self.hashing = self.settings.calculate_hashes
+        self.rule = LookRule(self.algo, self.hashing, verify)
         self.batch_size = (
             self.settings.batch_size
             if self.has_records
@@ -410,7 +410,7 @@ class _Run:
             for _round in range(3):
                 targets, renamed[:] = list(dict.fromkeys(renamed)), []
                 for path in targets:
-                    if os.path.isdir(self.repo.root + b"/" + path):
+                    if _is_dir(self.repo.root, path):
                         log.info(
                             "Repository %s: %s was renamed during the scan; walking it again",
                             self.repo.id,
@@ -443,7 +443,7 @@ class _Run:
                 deferral.__exit__(None, None, None)
 
     def _merge_all(self) -> None:
-        rule = LookRule(self.algo, self.hashing, self.verify)
+        rule = self.rule
         if self.settings.distributed and self.store.shares_scans and not self.prefix:
             self._merge_distributed(rule)
         elif self._ranges_worthwhile():
@@ -621,33 +621,16 @@ class _Run:
         if self.stats.error_count <= MAX_ERRORS_KEPT:
             log.warning("Repository %s: %s", self.repo.id, text)
 
-    def _racy(self, old: FileRecord) -> bool:
-        # Called for the few records the merge hands over, not for every file.
-        return is_racy(old.stat.mtime_ns, datetime_to_ns(old.last_scanned))
-
     def _compare(
         self, entry: FileEntry, old: FileRecord | None, hashed: HashOutcome | None = None
     ) -> None:
-        if not self.hashing:
-            if old is None:
-                self._emit(Change(ChangeKind.CREATED, entry.path, self._record(entry, None)))
-            elif old.stat != entry.stat:
-                kind = (
-                    ChangeKind.MODIFIED
-                    if old.stat.size != entry.stat.size or old.stat.mtime_ns != entry.stat.mtime_ns
-                    else ChangeKind.META
-                )
-                self._emit(Change(kind, entry.path, self._record(entry, None)))
+        if self.hashing:
+            if decide.needs_look(old, entry.stat, self.rule):
+                self._queue(_Job(entry, old, hashed))
             return
-        if (
-            old is None
-            or self.verify
-            or old.stat != entry.stat
-            or old.digest is None
-            or old.digest.algo != self.algo
-            or self._racy(old)
-        ):
-            self._queue(_Job(entry, old, hashed))
+        kind = decide.classify(old, entry.stat, None, self.rule)
+        if kind is not None:
+            self._emit(Change(kind, entry.path, self._record(entry, None)))
 
     def _record(
         self, entry: FileEntry, digest: Digest | None, stat: FileStat | None = None
@@ -673,14 +656,15 @@ class _Run:
             jobs = [j for j in jobs if j.hashed is None]
         if not jobs:
             return
-        paths = [self.repo.root + b"/" + j.entry.path for j in jobs]
+        paths = [j.entry.path for j in jobs]
+        root = self.repo.root
         if final and not self.in_flight:
             # Everything fits in one chunk: hashing here beats starting worker processes.
             sizes = [j.entry.stat.size for j in jobs]
-            self._finish_jobs(jobs, self.owner._hash_pool().hash_here(paths, sizes))
+            self._finish_jobs(jobs, self.owner._hash_pool().hash_here(root, paths, sizes))
             return
         pool = self.owner._hash_pool()
-        self.in_flight.append((jobs, pool.submit(paths)))
+        self.in_flight.append((jobs, pool.submit(root, paths)))
         while len(self.in_flight) > 2 * pool.workers:
             self._collect_one()
 
@@ -703,52 +687,37 @@ class _Run:
         if not new:
             return jobs
         self._await_write()  # the records of this run's batches count too
-        by_inode: dict[int, list[FileRecord]] = collections.defaultdict(list)
-        for r in self.store.records_by_inode(self.repo.id, [j.entry.stat.inode for j in new]):
-            by_inode[r.stat.inode].append(r)
+        candidates = self.store.records_by_inode(self.repo.id, [j.entry.stat.inode for j in new])
+        with _Looker(self.repo.root) as looker:
+            pairs = decide.pair_moves(
+                [(j.entry.path, j.entry.stat) for j in new],
+                candidates,
+                self.rule,
+                looker.gone,
+                self.moved_from,
+            )
+        if not pairs:
+            return jobs
         rest: list[_Job] = []
         for job in jobs:
-            source = None
-            if job.old is None:
-                source = next(
-                    (
-                        r
-                        for r in by_inode.get(job.entry.stat.inode, ())
-                        if r.path != job.entry.path
-                        and r.digest is not None
-                        and r.digest.algo == self.algo
-                        and r.stat.size == job.entry.stat.size
-                        and r.stat.mtime_ns == job.entry.stat.mtime_ns
-                        and r.path not in self.moved_from
-                        and self._gone(r)
-                    ),
-                    None,
-                )
+            source = pairs.get(job.entry.path) if job.old is None else None
             if source is None:
                 rest.append(job)
                 continue
-            self.moved_from.add(source.path)
             self.deletions.discard(source.path)
             record = self._record(job.entry, source.digest)
             self._emit(Change(ChangeKind.MOVED, job.entry.path, record, old_path=source.path))
         return rest
 
-    def _gone(self, rec: FileRecord) -> bool:
-        try:
-            st = os.lstat(self.repo.root + b"/" + rec.path)
-        except OSError as exc:
-            return exc.errno in (errno.ENOENT, errno.ENOTDIR)
-        return st.st_ino != rec.stat.inode or not stat_mod.S_ISREG(st.st_mode)
-
     def _finish_jobs(self, jobs: list[_Job], outcomes: list[HashOutcome]) -> None:
+        rule = self.rule
         for job, out in zip(jobs, outcomes, strict=True):
             entry, old = job.entry, job.old
             if out.error is not None:
                 self._error(entry.path, f"cannot hash: {out.error}")
-                if old is None:
-                    self._emit(Change(ChangeKind.CREATED, entry.path, self._record(entry, None)))
-                elif old.stat != entry.stat:
-                    self._emit(Change(ChangeKind.MODIFIED, entry.path, self._record(entry, None)))
+                kind = decide.classify(old, entry.stat, None, rule)
+                if kind is not None:
+                    self._emit(Change(kind, entry.path, self._record(entry, None)))
                 continue
             if out.hex is None:  # unsettled: it changed while read; the next look settles it
                 self.stats.unsettled += 1
@@ -757,19 +726,8 @@ class _Run:
             self.stats.bytes_hashed += out.size
             stat = FileStat(out.size, out.mtime_ns, out.ctime_ns, out.inode)
             digest = Digest(self.algo, out.hex)
-            record = self._record(entry, digest, stat)
-            if old is None:
-                self._emit(Change(ChangeKind.CREATED, entry.path, record))
-            elif (
-                self.verify
-                and old.digest is not None
-                and old.digest.algo == self.algo
-                and old.digest != digest
-                and old.stat == stat
-            ):
-                # Content changed but nothing the filesystem tracks did: not size, not mtime,
-                # not even ctime (any write or utime through the kernel moves ctime, so a tool
-                # that restores mtime after an edit is a modification, not corruption).
+            if decide.corrupted(old, stat, digest, rule):
+                assert old is not None and old.digest is not None
                 self.stats.corrupt.append(os.fsdecode(entry.path))
                 log.error(
                     "Suspected silent corruption in repository %s: %s (content changed, size "
@@ -779,15 +737,10 @@ class _Run:
                     old.digest.hex,
                     digest.hex,
                 )
-            elif old.stat.size != stat.size or (
-                old.digest != digest
-                and not (old.digest is not None and old.digest.algo != digest.algo)
-            ):
-                # (A hash of another algorithm proves nothing about the content: switching
-                # algorithms refreshes records quietly instead of flooding the feed.)
-                self._emit(Change(ChangeKind.MODIFIED, entry.path, record))
-            elif old.stat != stat or old.digest != digest or self._racy(old):
-                self._emit(Change(ChangeKind.META, entry.path, record))
+                continue
+            kind = decide.classify(old, stat, digest, rule)
+            if kind is not None:
+                self._emit(Change(kind, entry.path, self._record(entry, digest, stat)))
 
     # --- writing ------------------------------------------------------------------------
     def _emit(self, change: Change) -> None:
@@ -832,23 +785,12 @@ class _Run:
             raise error
         applied, self._written = self._written, None
         assert applied is not None
-        stats = self.stats
-        stats.unsettled += len(applied.dropped)
-        debug = log.isEnabledFor(logging.DEBUG)
-        for change in applied.changes:
-            kind = change.kind
-            if kind is ChangeKind.CREATED:
-                stats.files_added += 1
-                if debug:
+        self.stats.unsettled += len(applied.dropped)
+        decide.count(self.stats, applied.changes)
+        if log.isEnabledFor(logging.DEBUG):
+            for change in applied.changes:
+                if change.kind is ChangeKind.CREATED:
                     log.debug("File record created: %s", os.fsdecode(change.path))
-            elif kind is ChangeKind.MODIFIED:
-                stats.files_updated += 1
-            elif kind is ChangeKind.META:
-                stats.metadata_updated += 1
-            elif kind is ChangeKind.MOVED:
-                stats.files_moved += 1
-            elif kind is ChangeKind.DELETED:
-                stats.files_removed += 1
 
     def _drain(self) -> None:
         """After a failure: let the batch in flight finish, so nothing is written after the
@@ -877,3 +819,37 @@ class _Run:
             self._emit(Change(ChangeKind.DELETED, path))
         self._flush()
         self._await_write()
+
+
+def _is_dir(root: bytes, rel: RelPath) -> bool:
+    """Whether ``rel`` below ``root`` is a directory, reached without following symlinks."""
+    try:
+        with Beneath(root) as tree:
+            return tree.is_dir(rel)
+    except OSError:
+        return False
+
+
+class _Looker:
+    """``lstat`` below a root for the move detection's question "is a record's file gone
+    from its path?", resolved without symlinks; the root opened once per chunk."""
+
+    def __init__(self, root: bytes) -> None:
+        self.root = root
+        self._tree: Beneath | None = None
+
+    def __enter__(self) -> _Looker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tree is not None:
+            self._tree.close()
+
+    def gone(self, rec: FileRecord) -> bool:
+        try:
+            if self._tree is None:
+                self._tree = Beneath(self.root)
+            st = self._tree.lstat(rec.path)
+        except OSError as exc:
+            return exc.errno in (errno.ENOENT, errno.ENOTDIR)
+        return st.st_ino != rec.stat.inode or not stat_mod.S_ISREG(st.st_mode)

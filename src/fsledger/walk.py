@@ -19,8 +19,9 @@ import stat as stat_mod
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, overload
+from typing import Any, Literal, NamedTuple, overload
 
+from fsledger.beneath import resolve_dir
 from fsledger.ignore import IgnoreRules
 from fsledger.model import FileStat, RelPath
 
@@ -83,6 +84,7 @@ def walk(
     hi: RelPath | None = None,
     unreadable: Mapping[RelPath, str] | None = None,
     flat: Literal[False] = False,
+    cursor: WalkCursor | None = None,
 ) -> Iterator[WalkItem]: ...
 
 
@@ -96,6 +98,7 @@ def walk(
     hi: RelPath | None = None,
     unreadable: Mapping[RelPath, str] | None = None,
     flat: Literal[True],
+    cursor: WalkCursor | None = None,
 ) -> Iterator[WalkItem | FlatEntry]: ...
 
 
@@ -108,6 +111,7 @@ def walk(
     hi: RelPath | None = None,
     unreadable: Mapping[RelPath, str] | None = None,
     flat: bool = False,
+    cursor: WalkCursor | None = None,
 ) -> Iterator[WalkItem | FlatEntry]:
     """Walk ``root`` (or its subdirectory ``start``) and yield what is found, in path byte order.
 
@@ -122,7 +126,8 @@ def walk(
     Files are ``lstat``-ed relative to an open descriptor of their directory, as ``find``
     does: the kernel resolves one name instead of the whole path, which halves the cost of
     the system calls on a deep photo tree. Directories are opened with ``O_NOFOLLOW``, so a
-    directory swapped for a symlink mid-walk is not followed either.
+    directory swapped for a symlink mid-walk is not followed either; ``start`` is resolved
+    below the root without following symlinks (``fsledger.beneath``).
 
     ``unreadable`` maps directories to a reason they cannot be trusted (a filesystem that
     was mounted there and is not now: see ``fsledger.mounts``). Each is yielded as
@@ -130,11 +135,17 @@ def walk(
     one lookup per directory when the map is not empty, none otherwise.
 
     With ``flat``, regular files come as ``FlatEntry`` tuples instead of ``FileEntry``.
+    With ``cursor``, the descriptor of each file's directory is left there (``WalkCursor``).
     """
-    # Stack of (directory fd, its entries as (key, relpath, name, kind)), each list reversed
-    # so pop() gives the next entry. An fd of -1 means "too deep to keep a descriptor open":
-    # files there are lstat-ed by full path.
-    stack: list[tuple[int, list[tuple[bytes, RelPath, bytes, int]]]] = []
+    # Stack of [directory fd, its entries as (key, relpath, name, kind), its relpath], each
+    # list reversed so pop() gives the next entry. Every directory is opened relative to its
+    # parent's descriptor with O_NOFOLLOW, and every file lstat-ed relative to its
+    # directory's: no path string below the root is ever resolved, so a symlink that
+    # replaced a directory is never followed, and depth has no limit (PATH_MAX bounds a
+    # path string, not a chain of descriptors). Past MAX_OPEN_DIRS levels a parent's
+    # descriptor is closed while the walk is below it (fd -1) and resolved again from the
+    # root, without symlinks, when the walk comes back to it.
+    stack: list[list[Any]] = []
     if unreadable and start in unreadable:
         yield Unreadable(start, True, unreadable[start])
         return
@@ -143,31 +154,62 @@ def walk(
     for path in unreadable or ():
         missing.setdefault(path.rpartition(b"/")[0], []).append(path)
     try:
-        top_name = root + b"/" + start if start else root
+        root_fd = os.open(root, _ROOT_FLAGS)
+    except OSError as exc:
+        yield Unreadable(start, True, _describe(exc))
+        return
+    try:
         bounds = (lo, hi) if lo or hi is not None else None
-        listed = _list_dir(root, start, rules, _AT_NONE, top_name, keep_fd=True, bounds=bounds)
+        if start:
+            parent, _sep, name = start.rpartition(b"/")
+            try:
+                parent_fd = resolve_dir(root_fd, parent) if parent else root_fd
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    yield Unreadable(start, True, _describe(exc))
+                return
+            try:
+                listed = _list_dir(start, rules, parent_fd, name, bounds)
+            finally:
+                if parent_fd != root_fd:
+                    os.close(parent_fd)
+        else:
+            listed = _list_dir(start, rules, root_fd, b".", bounds)
         if isinstance(listed, Unreadable):
             yield listed
             return
         if start in missing:
             listed = _with_missing(listed, missing[start], bounds)
-        stack.append(listed)
+        stack.append([*listed, start])
         while stack:
-            fd, top = stack[-1]
+            level = stack[-1]
+            fd, top = level[0], level[1]
             if not top:
                 stack.pop()
                 if fd >= 0:
                     os.close(fd)
                 continue
+            if fd < 0:
+                try:
+                    fd = level[0] = resolve_dir(root_fd, level[2])
+                except OSError as exc:
+                    # It was renamed or removed while the walk was below it: what it still
+                    # lists is no longer there (the watcher or the next pass sees where).
+                    if exc.errno not in _GONE:
+                        yield Unreadable(level[2], True, _describe(exc))
+                    stack.pop()
+                    continue
             _key, rel, name, kind = top.pop()
             if kind == _FILE:
                 try:
-                    st = os.lstat(name, dir_fd=fd) if fd >= 0 else os.lstat(root + b"/" + rel)
+                    st = os.lstat(name, dir_fd=fd)
                 except OSError as exc:
                     if exc.errno not in _GONE:
                         yield Unreadable(rel, False, _describe(exc))
                     continue
                 if stat_mod.S_ISREG(st.st_mode):
+                    if cursor is not None:
+                        cursor.fd = fd
                     if flat:
                         yield (rel, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
                     else:
@@ -181,42 +223,53 @@ def walk(
                 if unreadable and rel in unreadable:
                     yield Unreadable(rel, True, unreadable[rel])
                     continue
-                listed = _list_dir(
-                    root,
-                    rel,
-                    rules,
-                    fd,
-                    name if fd >= 0 else root + b"/" + rel,
-                    keep_fd=len(stack) < MAX_OPEN_DIRS,
-                    bounds=bounds,
-                )
+                listed = _list_dir(rel, rules, fd, name, bounds)
                 if isinstance(listed, Unreadable):
                     yield listed
                     continue
                 if missing and rel in missing:
                     listed = _with_missing(listed, missing[rel], bounds)
                 if listed[1]:
-                    stack.append(listed)
+                    if len(stack) >= MAX_OPEN_DIRS:
+                        os.close(fd)
+                        level[0] = -1
+                    stack.append([*listed, rel])
                 elif listed[0] >= 0:
                     os.close(listed[0])
             else:
                 yield Special(rel)
     finally:
         # An abandoned walk (the consumer stopped early, or raised) closes what it opened.
-        for fd, _entries in stack:
-            if fd >= 0:
-                os.close(fd)
+        for level in stack:
+            if level[0] >= 0:
+                os.close(level[0])
+        os.close(root_fd)
+
+
+class WalkCursor:
+    """Where a walk is: ``fd`` is the descriptor of the directory holding the file it
+    yielded last, valid until the walk is resumed. A consumer that hashes each file as it
+    comes (a scan's range worker) opens it by name relative to that descriptor: one
+    component to resolve, and the directory the walk saw, not whatever a path now leads to.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self) -> None:
+        self.fd = -1
 
 
 _DIR, _FILE, _SPECIAL = 0, 1, 2
-_AT_NONE = -1
 MAX_OPEN_DIRS = 64
-"""Directory descriptors a walk keeps open at most (one per level of depth); deeper levels
-are walked by full path, so a pathological depth cannot exhaust the process's descriptors."""
+"""Directory descriptors a walk keeps open at once (one per level of depth); deeper levels
+close their parent's while below it, so a pathological depth cannot exhaust the process's
+descriptors."""
 
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 """What os.fsencode does, without its Python-level call per name."""
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ROOT_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+"""The root itself is the operator's: it may be a symlink (``/photos -> /mnt/nas``)."""
 # ELOOP: O_NOFOLLOW met a symlink where the directory was; it is gone, as a directory.
 _GONE_DIR = _GONE | {errno.ELOOP}
 
@@ -242,27 +295,24 @@ def _with_missing(
 
 
 def _list_dir(
-    root: bytes,
     rel: RelPath,
     rules: IgnoreRules,
     parent_fd: int,
     name: bytes,
-    *,
-    keep_fd: bool,
     bounds: tuple[RelPath, RelPath | None] | None = None,
 ) -> tuple[int, list[tuple[bytes, RelPath, bytes, int]]] | Unreadable:
     """Open and list one directory, sorted for the walk (reversed: pop() gives the smallest
-    key). ``name`` is relative to ``parent_fd``, or a full path when that is ``_AT_NONE``.
+    key). ``name`` is one component relative to ``parent_fd`` (``.`` for the root).
 
-    Returns the directory's descriptor (or ``_AT_NONE`` without ``keep_fd``, which bounds
-    the descriptors open at once) with the entries.
+    Returns the directory's open descriptor with the entries; a directory that is gone (or
+    became a symlink) since its parent was listed lists as empty.
     """
     out: list[tuple[bytes, RelPath, bytes, int]] = []
     prefix = rel + b"/" if rel else b""
     ignores = rules.ignores_name
-    fd = _AT_NONE
+    fd = -1
     try:
-        fd = os.open(name, _OPEN_DIR, dir_fd=parent_fd if parent_fd >= 0 else None)
+        fd = os.open(name, _OPEN_DIR, dir_fd=parent_fd)
         # scandir of a descriptor yields str names, decoded as os.fsdecode does, so encoding
         # them back the same way gives the exact bytes; d_type answers is_file/is_dir free.
         with os.scandir(fd) as it:
@@ -288,12 +338,8 @@ def _list_dir(
         if fd >= 0:
             os.close(fd)
         if exc.errno in _GONE_DIR and rel:
-            return (_AT_NONE, [])
+            return (-1, [])
         return Unreadable(rel, True, _describe(exc))
-    if not keep_fd:
-        # Past the depth limit: keep no descriptor; files here are lstat-ed by full path.
-        os.close(fd)
-        fd = _AT_NONE
     if bounds is not None and not _holds_all_below(rel, *bounds):
         out = [e for e in out if _within(e[1], e[3] == _DIR, *bounds)]
     out.sort(reverse=True)

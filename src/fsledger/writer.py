@@ -11,12 +11,12 @@ one that no longer holds is dropped (and counted): the newer state wins.
 from __future__ import annotations
 
 import logging
-import os
 import stat as stat_mod
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from fsledger.beneath import Beneath
 from fsledger.errors import LeaseLost
 from fsledger.ignore import IgnoreRules
 from fsledger.model import Change, ChangeKind, FileStat, Repository
@@ -70,30 +70,36 @@ class RepoWriter:
             self.repo = repo
             self.rules = rules
 
-    def _lstat_key(self, path: bytes) -> FileStat | None:
-        try:
-            st = os.lstat(self.repo.root + b"/" + path)
-        except OSError:
-            return None
-        return FileStat.from_stat(st) if stat_mod.S_ISREG(st.st_mode) else None
-
-    def still_true(self, change: Change) -> bool:
-        """Whether the disk still shows what ``change`` says."""
+    def still_true(self, change: Change, tree: Beneath | None = None) -> bool:
+        """Whether the disk still shows what ``change`` says, looked at below the root
+        without following symlinks (``tree``: the root opened for a batch of checks)."""
+        if tree is None:
+            try:
+                with Beneath(self.repo.root) as fresh:
+                    return self.still_true(change, fresh)
+            except OSError:
+                # The root cannot be opened: only a deletion would be true, and deletions
+                # with a missing root are the guard's to allow, which it did not.
+                return False
         kind = change.kind
         if kind is ChangeKind.DELETED:
             if self.rules.ignores_path(change.path):
                 return True
             try:
-                st = os.lstat(self.repo.root + b"/" + change.path)
+                st = tree.lstat(change.path)
             except (FileNotFoundError, NotADirectoryError):
-                return True
+                return True  # gone, or a symlink (or a file) stands where a directory was
             except OSError:
                 return False  # cannot know (EACCES, EIO, ESTALE): what cannot be seen is kept
             return not stat_mod.S_ISREG(st.st_mode)
         if kind is ChangeKind.DIR_MOVED:
-            return os.path.isdir(self.repo.root + b"/" + change.path)
+            return tree.is_dir(change.path)
         assert change.record is not None
-        return self._lstat_key(change.path) == change.record.stat
+        try:
+            st = tree.lstat(change.path)
+        except OSError:
+            return False
+        return stat_mod.S_ISREG(st.st_mode) and FileStat.from_stat(st) == change.record.stat
 
     def apply(self, changes: Sequence[Change]) -> Applied:
         """Confirm and write a batch of changes in one transaction.
@@ -108,8 +114,20 @@ class RepoWriter:
                 )
             kept: list[Change] = []
             dropped: list[Change] = []
-            for change in changes:
-                (kept if not self.verify or self.still_true(change) else dropped).append(change)
+            if not self.verify:
+                kept = list(changes)
+            else:
+                try:
+                    tree: Beneath | None = Beneath(self.repo.root)
+                except OSError:
+                    tree = None
+                try:
+                    for change in changes:
+                        true = tree is not None and self.still_true(change, tree)
+                        (kept if true else dropped).append(change)
+                finally:
+                    if tree is not None:
+                        tree.close()
             last_seq = self.store.apply(self.repo.id, kept) if kept else None
             applied = Applied(tuple(kept), tuple(dropped), last_seq)
             for listener in self.listeners:

@@ -26,11 +26,12 @@ import stat as stat_mod
 import threading
 import time
 
+from fsledger import decide
+from fsledger.beneath import Beneath
 from fsledger.config import Settings
 from fsledger.errors import RootUnavailable
-from fsledger.hashing import hash_file
+from fsledger.hashing import HashOutcome, hash_below
 from fsledger.ledger import Ledger
-from fsledger.merge import is_racy
 from fsledger.model import (
     Change,
     ChangeKind,
@@ -39,7 +40,6 @@ from fsledger.model import (
     FileStat,
     RelPath,
     ScanStats,
-    datetime_to_ns,
     utcnow,
 )
 from fsledger.mounts import unmounted
@@ -173,33 +173,29 @@ class Applier:
         now = utcnow()
         sources = [job.src for job in work.moves if job.src is not None]
         records = self.store.get_records(repo.id, sources)  # as before any of them is written
-        for job in work.moves:
-            src, dst = job.src, job.dst
-            if src is None or dst is None or src == dst:
-                continue
-            old = records.get(src)
-            if old is None:
-                continue
-            if self.settings.calculate_hashes and (
-                old.digest is None or old.digest.algo != self.settings.hash_algo
-            ):
-                continue
-            try:
-                st = os.lstat(repo.full(dst))
-            except OSError:
-                continue
-            if not (
-                stat_mod.S_ISREG(st.st_mode)
-                and st.st_ino == old.stat.inode
-                and st.st_size == old.stat.size
-                and st.st_mtime_ns == old.stat.mtime_ns
-            ):
-                continue  # not the same content any more: the dirty look at dst decides
-            record = FileRecord(dst, FileStat.from_stat(st), old.digest, now)
-            changes.append(Change(ChangeKind.MOVED, dst, record, old_path=src))
+        rule = self._rule()
+        with _Tree(repo.repo.root) as tree:
+            for job in work.moves:
+                src, dst = job.src, job.dst
+                if src is None or dst is None or src == dst:
+                    continue
+                old = records.get(src)
+                if old is None:
+                    continue
+                st = tree.lstat(dst)
+                if st is None or not stat_mod.S_ISREG(st.st_mode):
+                    continue
+                stat = FileStat.from_stat(st)
+                if not decide.is_move_of(old, dst, stat, rule):
+                    continue  # not the same content any more: the dirty look at dst decides
+                record = FileRecord(dst, stat, old.digest, now)
+                changes.append(Change(ChangeKind.MOVED, dst, record, old_path=src))
         if changes:
             self._committed(repo, repo.writer.apply(changes), stats)
         work.moves = []
+
+    def _rule(self) -> decide.LookRule:
+        return decide.LookRule(self.settings.hash_algo, self.settings.calculate_hashes)
 
     # --- 3. directory checks ---------------------------------------------------------------
     def _checks(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:
@@ -252,7 +248,8 @@ class Applier:
         if path and repo.rules.ignores_path(path):
             return "gone"
         try:
-            st = os.lstat(repo.full(path))
+            with Beneath(repo.repo.root) as tree:
+                st = tree.lstat(path)
         except OSError as exc:
             if exc.errno in GONE:
                 return "gone"
@@ -354,14 +351,18 @@ class Applier:
                 todo.append(job)
             records = self.store.get_records(repo.id, [job.path for job in todo])
             batch: list[Change] = []
-            for job in todo:
-                change, again = self._look(repo, job.path, records.get(job.path), job.dirty, work)
-                stats.files_scanned += 1
-                if again and job.key is not None:
-                    with self.lock:
-                        repo.pending.requeue(job.key, time.monotonic() + self.debounce_s, job.dirty)
-                if change is not None:
-                    batch.append(change)
+            with _Tree(repo.repo.root) as tree:
+                for job in todo:
+                    change, again = self._look(
+                        repo, tree, job.path, records.get(job.path), job.dirty, work
+                    )
+                    stats.files_scanned += 1
+                    if again and job.key is not None:
+                        with self.lock:
+                            due = time.monotonic() + self.debounce_s
+                            repo.pending.requeue(job.key, due, job.dirty)
+                    if change is not None:
+                        batch.append(change)
             if any(c.kind is ChangeKind.DELETED for c in batch):
                 batch = self._keep_unmounted(repo, batch)
             self._commit_dirty(repo, batch, jobs, stats)
@@ -414,50 +415,42 @@ class Applier:
             job.dirty.closed_at = None
 
     def _look(
-        self, repo: RepoWatch, path: RelPath, old: FileRecord | None, dirty: Dirty, work: Work
+        self,
+        repo: RepoWatch,
+        tree: _Tree,
+        path: RelPath,
+        old: FileRecord | None,
+        dirty: Dirty,
+        work: Work,
     ) -> tuple[Change | None, bool]:
         """What the disk says about ``path`` now, as a change to its record ``old`` (if any),
-        and whether to look again later (it changed while it was being hashed)."""
-        full = repo.full(path)
+        and whether to look again later (it changed while it was being hashed). The
+        decisions are ``fsledger.decide``'s, the same a reconciliation makes."""
         try:
-            st: os.stat_result | None = os.lstat(full)
+            st = tree.lstat(path)
         except OSError as exc:
-            if exc.errno not in GONE:
-                log.warning(
-                    "Repository %s: cannot look at %s (%s); its record is kept",
-                    repo.id,
-                    show(path),
-                    exc,
-                )
-                return None, False
-            st = None
+            log.warning(
+                "Repository %s: cannot look at %s (%s); its record is kept",
+                repo.id,
+                show(path),
+                exc,
+            )
+            return None, False
         if st is None or not stat_mod.S_ISREG(st.st_mode):
             return (Change(ChangeKind.DELETED, path) if old is not None else None), False
         key = FileStat.from_stat(st)
         now = utcnow()
-        bare = FileRecord(path, key, None, now)
-        if not self.settings.calculate_hashes:
-            if old is None:
-                return Change(ChangeKind.CREATED, path, bare), False
-            if old.stat == key:
-                return None, False
-            content = old.stat.size != key.size or old.stat.mtime_ns != key.mtime_ns
-            return Change(ChangeKind.MODIFIED if content else ChangeKind.META, path, bare), False
-        algo = self.settings.hash_algo
-        racy = old is not None and dirty.content and _racy(old)
-        if (
-            old is not None
-            and old.stat == key
-            and old.digest is not None
-            and old.digest.algo == algo
-            and not racy
-        ):
+        rule = self._rule()
+        if not rule.hashing:
+            kind = decide.classify(old, key, None, rule)
+            return (Change(kind, path, FileRecord(path, key, None, now)) if kind else None), False
+        if not decide.needs_look(old, key, rule, content_hint=dirty.content):
             return None, False
         cached = work.hashed.get(path)
         if cached is not None and cached[0] == key:
             stat, digest = cached
         else:
-            out = hash_file(full, algo, threads=self.settings.max_concurrency)
+            out = tree.hash(path, rule.algo, self.settings.max_concurrency, key)
             if out.error is not None:
                 log.warning(
                     "Failed to calculate hash for %s (repository %s): %s",
@@ -465,41 +458,32 @@ class Applier:
                     repo.id,
                     out.error,
                 )
-                if old is None:
-                    return Change(ChangeKind.CREATED, path, bare), False
-                if old.stat != key:
-                    return Change(ChangeKind.MODIFIED, path, bare), False
-                return None, False
+                kind = decide.classify(old, key, None, rule)
+                record = FileRecord(path, key, None, now)
+                return (Change(kind, path, record) if kind else None), False
             if out.hex is None:
                 return None, True  # written while we read it: look again later
             stat = FileStat(out.size, out.mtime_ns, out.ctime_ns, out.inode)
-            digest = Digest(algo, out.hex)
+            digest = Digest(rule.algo, out.hex)
             work.hashed[path] = (stat, digest)
-        record = FileRecord(path, stat, digest, now)
-        if old is None:
-            return Change(ChangeKind.CREATED, path, record), False
-        if old.digest != digest or old.stat.size != stat.size:
-            return Change(ChangeKind.MODIFIED, path, record), False
-        if old.stat != stat or racy:
-            return Change(ChangeKind.META, path, record), False
-        return None, False
+        kind = decide.classify(old, stat, digest, rule)
+        if kind is None:
+            return None, False
+        return Change(kind, path, FileRecord(path, stat, digest, now)), False
 
     def _committed(self, repo: RepoWatch, applied: Applied, stats: ScanStats) -> None:
-        """Log and count what a writer wrote (the seed's log lines)."""
+        """Count (as a reconciliation does) and log what a writer wrote (the seed's lines)."""
+        decide.count(stats, applied.changes)
         rid = repo.id
         for change in applied.changes:
             kind, path = change.kind, show(change.path)
             if kind is ChangeKind.CREATED:
-                stats.files_added += 1
                 log.info("File created: %s (repository %s)", path, rid)
             elif kind is ChangeKind.MODIFIED:
-                stats.files_updated += 1
                 log.info("File modified: %s (repository %s)", path, rid)
             elif kind is ChangeKind.DELETED:
-                stats.files_removed += 1
                 log.info("File deleted: %s (repository %s)", path, rid)
             elif kind is ChangeKind.MOVED:
-                stats.files_moved += 1
                 log.info(
                     "File moved: %s -> %s (repository %s)",
                     show(change.old_path or b""),
@@ -507,12 +491,48 @@ class Applier:
                     rid,
                 )
             elif kind is ChangeKind.META:
-                stats.metadata_updated += 1
                 log.debug("File metadata updated: %s (repository %s)", path, rid)
 
 
-def _racy(record: FileRecord) -> bool:
-    """Whether a later write could have kept this record's mtime (a coarse clock): then an
-    event saying the content changed is checked by hashing, not by ``lstat``. The same rule
-    as a reconciliation's (``fsledger.merge.is_racy``)."""
-    return is_racy(record.stat.mtime_ns, datetime_to_ns(record.last_scanned))
+class _Tree:
+    """The repository's root for one batch of looks: ``lstat`` and hashing below it without
+    following symlinks (``fsledger.beneath``). A root that cannot be opened makes every
+    ``lstat`` raise, so nothing is taken for deleted."""
+
+    def __init__(self, root: bytes) -> None:
+        self.root = root
+        self._tree: Beneath | None = None
+        self._error: OSError | None = None
+        try:
+            self._tree = Beneath(root)
+        except OSError as exc:
+            self._error = exc
+
+    def __enter__(self) -> _Tree:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tree is not None:
+            self._tree.close()
+
+    def lstat(self, rel: RelPath) -> os.stat_result | None:
+        """The ``lstat`` of ``rel``, ``None`` if it is gone (or a symlink stands where one
+        of its directories was).
+
+        Raises:
+            OSError: its state cannot be known (EACCES, EIO, the root unavailable).
+        """
+        if self._tree is None:
+            assert self._error is not None
+            raise self._error
+        try:
+            return self._tree.lstat(rel)
+        except OSError as exc:
+            if exc.errno in GONE:
+                return None
+            raise
+
+    def hash(self, rel: RelPath, algo: str, threads: int, expect: FileStat) -> HashOutcome:
+        if self._tree is None:
+            return HashOutcome(None, error=str(self._error))
+        return hash_below(self._tree, rel, algo, threads, expect)

@@ -70,6 +70,16 @@ WATCH_MASK = (
 that took a directory's place is never watched; IN_EXCL_UNLINK: no events for files that
 were deleted while still open."""
 
+PROC_FD = b"/proc/self/fd/"
+"""A watch path with this prefix names a directory the caller opened below its root
+without following symlinks (``Beneath.proc_path``): that magic link is followed, as it is
+the directory itself."""
+
+
+def _mask_for(path: bytes) -> int:
+    return WATCH_MASK & ~IN_DONT_FOLLOW if path.startswith(PROC_FD) else WATCH_MASK
+
+
 _MASK_NAMES = {
     IN_ACCESS: "ACCESS",
     IN_MODIFY: "MODIFY",
@@ -186,7 +196,7 @@ class InotifyBackend:
 
     def add_watch(self, path: bytes) -> int:
         try:
-            return int(self._inotify.add_watch(path, WATCH_MASK))
+            return int(self._inotify.add_watch(path, _mask_for(path)))
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 limit = max_user_watches()
@@ -253,7 +263,7 @@ class ScriptedBackend:
 
     # --- the interface ------------------------------------------------------------------
     def add_watch(self, path: bytes) -> int:
-        st = os.lstat(path)
+        st = os.stat(path) if path.startswith(PROC_FD) else os.lstat(path)
         if not stat_mod.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "Not a directory", os.fsdecode(path))
         ident = (st.st_dev, st.st_ino)

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 
+from fsledger.beneath import Beneath
 from fsledger.model import RelPath
 from fsledger.watch.backend import WatchBackend, WatchLimitReached, max_user_watches
 from fsledger.watch.state import DirIndex, Key, RepoWatch, join, show
@@ -57,34 +58,57 @@ class WatchTree:
         """
         added = 0
         stack = [top]
-        while stack:
-            rel = stack.pop()
-            full = repo.full(rel)
-            try:
-                wd = self.backend.add_watch(full)
-            except WatchLimitReached as exc:
-                self._degrade(repo, exc)
-                break
-            except OSError as exc:
-                if exc.errno not in GONE:
-                    log.warning("Cannot watch %s in repository %s: %s", show(rel), repo.id, exc)
-                continue
-            self._map(repo, rel, wd)
-            added += 1
-            try:
-                with os.scandir(full) as entries:
-                    for entry in entries:
-                        child = join(rel, entry.name)
-                        try:
-                            is_dir = entry.is_dir(follow_symlinks=False)
-                        except OSError:
-                            continue
-                        if is_dir and not repo.rules.ignores_name(entry.name, child):
-                            stack.append(child)
-            except OSError as exc:
-                if exc.errno not in GONE:
-                    log.warning("Cannot list %s in repository %s: %s", show(rel), repo.id, exc)
+        try:
+            below = Beneath(repo.repo.root)
+        except OSError as exc:
+            log.warning("Cannot watch repository %s: its root: %s", repo.id, exc)
+            return 0
+        with below:
+            while stack:
+                rel = stack.pop()
+                try:
+                    # The directory reached below the root without following a symlink, and
+                    # watched through its descriptor's /proc name: no path string below the
+                    # root is resolved again, and depth has no PATH_MAX limit.
+                    wd = self.backend.add_watch(below.proc_path(rel))
+                except WatchLimitReached as exc:
+                    self._degrade(repo, exc)
+                    break
+                except OSError as exc:
+                    if exc.errno not in GONE:
+                        log.warning("Cannot watch %s in repository %s: %s", show(rel), repo.id, exc)
+                    continue
+                self._map(repo, rel, wd)
+                added += 1
+                stack += self._subdirs(repo, below, rel)
         return added
+
+    @staticmethod
+    def _subdirs(repo: RepoWatch, below: Beneath, rel: RelPath) -> list[RelPath]:
+        out: list[RelPath] = []
+        try:
+            fd = below.open_dir(rel)
+        except OSError as exc:
+            if exc.errno not in GONE:
+                log.warning("Cannot list %s in repository %s: %s", show(rel), repo.id, exc)
+            return out
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    name = os.fsencode(entry.name)
+                    child = join(rel, name)
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if is_dir and not repo.rules.ignores_name(name, child):
+                        out.append(child)
+        except OSError as exc:
+            if exc.errno not in GONE:
+                log.warning("Cannot list %s in repository %s: %s", show(rel), repo.id, exc)
+        finally:
+            os.close(fd)
+        return out
 
     def unwatch(self, repo: RepoWatch, top: RelPath) -> None:
         """Remove the watches of ``top`` and everything below it."""
