@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,12 +28,14 @@ import psycopg
 import pytest
 
 import fsledger.distscan as distscan
+import fsledger.merge
 from fsledger.config import Settings
-from fsledger.distscan import ItemResult, JobParams, root_view
+from fsledger.distscan import JobParams, root_view
+from fsledger.errors import RootUnavailable
 from fsledger.hashing import HashOutcome
 from fsledger.ignore import IgnoreRules
 from fsledger.ledger import Ledger
-from fsledger.merge import Absent, Look, LookRule
+from fsledger.merge import Absent, Look, LookRule, RangeResult, decode_result, encode_result
 from fsledger.model import (
     Change,
     ChangeKind,
@@ -43,7 +46,7 @@ from fsledger.model import (
     Repository,
     utcnow,
 )
-from fsledger.store import Store, open_store
+from fsledger.store import open_store
 from fsledger.store.scanwork import create_job, open_jobs
 from fsledger.walk import FileEntry, Unreadable
 from test_merge import changes_across_the_tree, photo_tree
@@ -70,21 +73,22 @@ def test_results_and_params_survive_their_encoding() -> None:
     old = FileRecord(
         odd, FileStat(3, 10**18, 10**18 + 5, 77), Digest("blake3", "ab" * 32), utcnow()
     )
-    result = ItemResult(
+    result = RangeResult(
         [
             Look(FileEntry(b"a/new.jpg", FileStat(1, 2, 3, 4)), None),
-            Look(FileEntry(odd, FileStat(4, 10**18, 10**18 + 9, 77)), old),
+            Look(
+                FileEntry(odd, FileStat(4, 10**18, 10**18 + 9, 77)),
+                old,
+                HashOutcome(None, 4, 5, 6, 7, unsettled=True),
+            ),
             Absent(b"a/gone\x80"),
             Unreadable(b"locked", True, "Permission denied (errno 13)"),
+            (b"new\xff/file.jpg", "cd" * 32, 1, 2, 3, 4),
         ],
-        {
-            b"a/new.jpg": HashOutcome("cd" * 32, 1, 2, 3, 4),
-            odd: HashOutcome(None, 4, 5, 6, 7, unsettled=True),
-        },
         scanned=2,
         specials=1,
     )
-    back = ItemResult.decode(result.encode())
+    back = decode_result(encode_result(result))
     assert back.items[0] == result.items[0] and back.items[2:] == result.items[2:]
     look = back.items[1]
     assert isinstance(look, Look) and look.entry == result.items[1].entry  # type: ignore[union-attr]
@@ -94,7 +98,8 @@ def test_results_and_params_survive_their_encoding() -> None:
         old.digest,
     )
     assert abs((look.old.last_scanned - old.last_scanned).total_seconds()) < 1e-5
-    assert (back.outcomes, back.scanned, back.specials) == (result.outcomes, 2, 1)
+    assert look.hashed == result.items[1].hashed  # type: ignore[union-attr]
+    assert (back.scanned, back.specials) == (2, 1)
     params = JobParams(
         uuid.uuid4(),
         b"/srv/ph\xf6tos",
@@ -108,40 +113,41 @@ def test_results_and_params_survive_their_encoding() -> None:
     assert JobParams.decode(params.encode()) == params
 
 
-def test_a_hash_stuck_in_a_helper_is_abandoned_within_its_budget(
-    store: Store, tree: bytes, monkeypatch: pytest.MonkeyPatch
+def test_an_item_stuck_in_the_owner_fails_the_scan_within_its_budget(
+    pg_url: str, tree: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A read that never returns (a dead network mount) costs its budget, not the job: the
-    files not hashed by then come back as errors (recorded without a hash, and reported; the
-    next scan hashes them), the others hashed."""
+    """A read that never returns (a dead network mount) costs the item's budget (five hash
+    timeouts, as a local scan's range), then the scan fails: nothing is deleted, the next
+    scan retries. One budget, whoever computes the range."""
     photo_tree(tree, files=30)
     release = threading.Event()
-    real = distscan.hash_below
+    real = fsledger.merge.hash_at
 
-    def stuck(
-        below: Any, path: bytes, algo: str = "blake3", threads: int = 1, expect: Any = None
-    ) -> HashOutcome:
-        if path.endswith(b"top.jpg"):
+    def stuck(dir_fd: int, name: bytes, *args: Any, **kw: Any) -> HashOutcome:
+        if name == b"top.jpg":
             release.wait(30)
-        return real(below, path, algo, expect=expect)
+        return real(dir_fd, name, *args, **kw)
 
-    monkeypatch.setattr(distscan, "hash_below", stuck)
-    rules = IgnoreRules.default()
-    params = JobParams(
-        uuid.uuid4(), tree, rules.patterns, True, LookRule("blake3"), True, {}, "x", 0.3
-    )
-    t0 = time.monotonic()
-    try:
-        result = distscan.compute(params, b"", None, store)
-    finally:
-        release.set()
-    assert time.monotonic() - t0 < 10
-    # Files are hashed in path order: the stuck one and those after it in the item are
-    # abandoned with it (as a chunk of the local hashing workers would be).
-    late = {p for p, o in result.outcomes.items() if o.error == "hash timed out after 0s"}
-    assert late == {b"top.jpg", b"zz/last"}
-    assert len(result.outcomes) == 34
-    assert all(o.hex for p, o in result.outcomes.items() if p not in late)
+    monkeypatch.setattr(distscan.LocalWorkers, "start", lambda self, job_ids: None)
+    settings = Settings(database_url=pg_url, max_concurrency=2, distributed=True)
+    settings = dataclasses.replace(settings, hash_timeout_s=0.3)
+    with Ledger(settings) as ledger:
+        repo = ledger.add_repository(tree)
+        ledger.scan(repo)
+        before = ledger.store.count_records(repo.id)
+        (Path(os.fsdecode(tree)) / "top.jpg").write_bytes(b"changed, must be hashed")
+        shutil.rmtree(os.path.join(tree, b"2005"))
+        monkeypatch.setattr(fsledger.merge, "hash_at", stuck)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(RootUnavailable, match="stopped answering"):
+                ledger.scan(repo)
+        finally:
+            release.set()
+        assert time.monotonic() - t0 < 15
+        assert ledger.store.count_records(repo.id) == before
+        ledger.reconciler.close()
+    assert left_over(pg_url)[:2] == (0, 0)
 
 
 def test_root_view_tells_mounts_apart(tree: bytes, tmp_path: Path) -> None:
@@ -304,7 +310,7 @@ def owner(
     ``pause`` seconds before each item it computes itself."""
     compute = distscan.DistributedMerge._compute
 
-    def slow(self: distscan.DistributedMerge, claim: Any) -> ItemResult:
+    def slow(self: distscan.DistributedMerge, claim: Any) -> RangeResult:
         time.sleep(pause)
         return compute(self, claim)
 

@@ -34,28 +34,29 @@ import os
 import signal
 import stat as stat_mod
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from uuid import UUID
 
-from fsledger.beneath import Beneath
 from fsledger.decide import LookRule
-from fsledger.hashing import HashOutcome, hash_below
 from fsledger.ignore import IgnoreRules
-from fsledger.merge import Absent, Look, Merge, MergeItem, plan_ranges
+from fsledger.merge import (
+    RANGE_STALL_FACTOR,
+    RangeResult,
+    RangeTask,
+    compute_range,
+    decode_result,
+    encode_result,
+    plan_ranges,
+)
 from fsledger.model import (
-    Digest,
-    FileRecord,
-    FileStat,
     RelPath,
     Repository,
-    datetime_to_ns,
-    ns_to_datetime,
 )
 from fsledger.mounts import MountTable
 from fsledger.store.base import Store
-from fsledger.walk import FileEntry, Unreadable, walk
 
 if TYPE_CHECKING:
     from fsledger.store.scanwork import Claim, Claimer, ScanJob
@@ -95,6 +96,20 @@ class JobParams:
     @property
     def rules(self) -> IgnoreRules:
         return IgnoreRules(self.patterns, self.hidden)
+
+    def task(self, url: str, lo: RelPath, hi: RelPath | None) -> RangeTask:
+        """The range ``[lo, hi)`` of this job as a local scan's worker would get it."""
+        return RangeTask(
+            url,
+            self.repo_id,
+            self.root,
+            self.rules,
+            self.rule,
+            lo,
+            hi,
+            self.unreadable or None,
+            hash_looks=self.hash_looks,
+        )
 
     def encode(self) -> bytes:
         """JSON, never pickle: whoever can write the database must not be able to make an
@@ -166,136 +181,10 @@ def root_view(root: bytes, rules: IgnoreRules) -> str | None:
 # --- what an item's result is -----------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class ItemResult:
-    """A range's merge, and the hashes of its ``Look`` files when the job asked for them."""
-
-    items: list[MergeItem] = field(default_factory=list)
-    outcomes: dict[RelPath, HashOutcome] = field(default_factory=dict)
-    scanned: int = 0
-    specials: int = 0
-
-    def encode(self) -> bytes:
-        """Compact JSON (what a ``scan_work`` row holds): one short list per item."""
-        out: list[Any] = []
-        outcomes = self.outcomes
-        for item in self.items:
-            if type(item) is Look:
-                path, st = item.entry
-                o = outcomes.get(path)
-                old = item.old
-                out.append(
-                    [
-                        "L",
-                        _s(path),
-                        *st,
-                        None
-                        if old is None
-                        else [
-                            *old.stat,
-                            old.content_hash,
-                            old.hash_algo,
-                            datetime_to_ns(old.last_scanned),
-                        ],
-                        None
-                        if o is None
-                        else [o.hex, o.size, o.mtime_ns, o.ctime_ns, o.inode, o.error, o.unsettled],
-                    ]
-                )
-            elif type(item) is Absent:
-                out.append(["A", _s(item.path)])
-            else:
-                assert isinstance(item, Unreadable)
-                out.append(["U", _s(item.path), item.is_dir, item.error])
-        return json.dumps(
-            {"v": FORMAT, "scanned": self.scanned, "specials": self.specials, "items": out},
-            separators=(",", ":"),
-        ).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> ItemResult:
-        """The inverse of ``encode``; ``ValueError`` for another format version."""
-        d = json.loads(data)
-        if d.get("v") != FORMAT:
-            raise ValueError(f"scan result format {d.get('v')!r} is not {FORMAT}")
-        res = cls(scanned=int(d["scanned"]), specials=int(d["specials"]))
-        for row in d["items"]:
-            tag = row[0]
-            if tag == "L":
-                path = _b(row[1])
-                entry = FileEntry(path, FileStat(row[2], row[3], row[4], row[5]))
-                old = None
-                if (r := row[6]) is not None:
-                    digest = Digest(r[5], r[4]) if r[4] is not None else None
-                    old = FileRecord(
-                        path, FileStat(r[0], r[1], r[2], r[3]), digest, ns_to_datetime(r[6])
-                    )
-                res.items.append(Look(entry, old))
-                if (o := row[7]) is not None:
-                    res.outcomes[path] = HashOutcome(o[0], o[1], o[2], o[3], o[4], o[5], o[6])
-            elif tag == "A":
-                res.items.append(Absent(_b(row[1])))
-            else:
-                res.items.append(Unreadable(_b(row[1]), bool(row[2]), str(row[3])))
-        return res
-
-
-def compute(params: JobParams, lo: RelPath, hi: RelPath | None, store: Store) -> ItemResult:
-    """Merge one range (and hash its ``Look`` files if the job says so)."""
-    merge = Merge(
-        walk(
-            params.root,
-            params.rules,
-            lo=lo,
-            hi=hi,
-            unreadable=params.unreadable or None,
-            flat=True,
-        ),
-        store.iter_record_rows(params.repo_id, lo, hi),
-        params.rule,
-    )
-    result = ItemResult(list(merge))
-    result.scanned, result.specials = merge.scanned, merge.specials
-    if params.hash_looks:
-        looks = [item.entry for item in result.items if type(item) is Look]
-        result.outcomes = _hash_within_budget(params, looks)
-    return result
-
-
-def _hash_within_budget(params: JobParams, entries: list[FileEntry]) -> dict[RelPath, HashOutcome]:
-    """Hash files in a daemon thread, within the budget the owner's hashing workers would
-    have (``FSLEDGER_HASH_TIMEOUT`` plus 20 s a GiB): a read stuck on a dead network mount
-    cannot be interrupted, but it can be left behind, and its files reported as errors."""
-    done: dict[RelPath, HashOutcome] = {}
-    algo, root = params.rule.algo, params.root
-
-    def run() -> None:
-        try:
-            below = Beneath(root)
-        except OSError as exc:
-            error = HashOutcome(None, error=f"root: {exc.strerror or exc} (errno {exc.errno})")
-            done.update({e.path: error for e in entries})
-            return
-        with below:
-            for entry in entries:
-                done[entry.path] = hash_below(below, entry.path, algo, expect=entry.stat)
-
-    worker = threading.Thread(target=run, name="scan-hash", daemon=True)
-    worker.start()
-    budget = params.hash_timeout_s + 20.0 * sum(e.stat.size for e in entries) / (1 << 30)
-    worker.join(budget)
-    if worker.is_alive():
-        late = [e.path for e in entries if e.path not in done]
-        log.warning(
-            "Repository %s: %d file(s) not hashed within %.0fs (first: %s)",
-            params.repo_id,
-            len(late),
-            budget,
-            os.fsdecode(late[0]) if late else "-",
-        )
-        error = HashOutcome(None, error=f"hash timed out after {budget:.0f}s")
-        return {**{p: error for p in late}, **dict(done)}
-    return done
+def compute(params: JobParams, lo: RelPath, hi: RelPath | None, store: Store) -> RangeResult:
+    """Compute one item: the range's merge and hashes, exactly as a local scan's range
+    workers compute theirs (``fsledger.merge.compute_range``: one result type, one codec)."""
+    return compute_range(params.task(store.url, lo, hi), store)
 
 
 # --- the worker processes ---------------------------------------------------------------------
@@ -350,7 +239,7 @@ def work_loop(url: str, job_ids: list[UUID], tag: str) -> int:
                 if params is None:
                     params = _state.params[item.job_id] = JobParams.decode(claim.params)
                 result = compute(params, item.lo, item.hi, store)
-                claim.finish(result.encode(), tag)
+                claim.finish(encode_result(result), tag)
             finally:
                 claim.release()
             done += 1
@@ -475,10 +364,12 @@ class DistributedMerge:
         )
         self.workers = LocalWorkers(store.url, workers, tag)
         self.tag = tag
+        self.stall_s = RANGE_STALL_FACTOR * hash_timeout_s
+        """No item may take longer than this (the budget of a local scan's ranges)."""
         self.done_by: dict[str, int] = {}
         """Items computed in worker processes, by agent (``host:pid``; this one's included)."""
 
-    def results(self) -> Iterator[ItemResult]:
+    def results(self) -> Iterator[RangeResult]:
         """The results of every range, in range order (the order of a single merge)."""
         from fsledger.store.scanwork import create_job
 
@@ -505,10 +396,15 @@ class DistributedMerge:
             self.workers.close()
             job.close()
 
-    def _in_order(self, job: ScanJob) -> Iterator[ItemResult]:
-        here: dict[int, ItemResult] = {}
+    def _in_order(self, job: ScanJob) -> Iterator[RangeResult]:
+        here: dict[int, RangeResult] = {}
         for seq in range(job.size):
+            waited_since = time.monotonic()
             while seq not in here:
+                if time.monotonic() - waited_since > self.stall_s:
+                    # Whoever holds the item is stuck (a read on a dead network mount cannot
+                    # be interrupted): the scan fails, as a local range that stalls does.
+                    raise TimeoutError(f"no result for item {seq} in {self.stall_s:.0f}s")
                 got = job.take(seq, 0.0)
                 if got is None:
                     # Someone else holds the next item. Without worker processes of its own
@@ -529,17 +425,34 @@ class DistributedMerge:
                     raise AssertionError(f"item {seq} of scan job {job.job_id} has no result")
                 else:
                     self.done_by[who] = self.done_by.get(who, 0) + 1
-                    here[seq] = ItemResult.decode(data)
+                    here[seq] = decode_result(data)
             yield here.pop(seq)
 
-    def _compute(self, claim: Claim) -> ItemResult:
+    def _compute(self, claim: Claim) -> RangeResult:
+        """Compute an item in this thread, within the stall budget: a read stuck on a dead
+        network mount cannot be interrupted, but it can be left behind in a daemon thread."""
+        box: list[RangeResult] = []
+        errors: list[BaseException] = []
+        item = claim.item
+
+        def run() -> None:
+            try:
+                box.append(compute(self.params, item.lo, item.hi, self.store))
+            except BaseException as exc:
+                errors.append(exc)
+
         try:
-            item = claim.item
-            result = compute(self.params, item.lo, item.hi, self.store)
+            worker = threading.Thread(target=run, name="scan-item", daemon=True)
+            worker.start()
+            worker.join(self.stall_s)
+            if errors:
+                raise errors[0]
+            if not box:
+                raise TimeoutError(f"item {item.seq} took more than {self.stall_s:.0f}s")
             claim.finish(None, self.tag)
         finally:
             claim.release()
-        return result
+        return box[0]
 
 
 # --- the helper in every agent -------------------------------------------------------------------

@@ -14,6 +14,7 @@ a single merge would have produced, so one code path decides and writes either w
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -26,7 +27,15 @@ from fsledger.beneath import Beneath
 from fsledger.decide import RACY_WINDOW_NS, LookRule, is_racy, row_settled
 from fsledger.hashing import HashOutcome, hash_at
 from fsledger.ignore import IgnoreRules
-from fsledger.model import FileRecord, FileStat, RecordRow, RelPath
+from fsledger.model import (
+    Digest,
+    FileRecord,
+    FileStat,
+    RecordRow,
+    RelPath,
+    datetime_to_ns,
+    ns_to_datetime,
+)
 from fsledger.store.base import Store
 from fsledger.walk import FileEntry, FlatEntry, Special, Unreadable, WalkCursor, WalkItem, walk
 
@@ -39,7 +48,11 @@ __all__ = [
     "MergeItem",
     "NewFile",
     "RangeResult",
+    "RANGE_STALL_FACTOR",
     "RangeTask",
+    "compute_range",
+    "decode_result",
+    "encode_result",
     "is_racy",
     "merge_range",
     "plan_ranges",
@@ -244,6 +257,93 @@ def _unflatten(flat: list[Any], scanned: int, specials: int) -> RangeResult:
     return RangeResult(items, scanned, specials)
 
 
+RANGE_STALL_FACTOR = 5
+"""A scan fails when no key range completes within this many hash timeouts (a read stuck on
+a dead network mount cannot be interrupted), whoever computes the range."""
+
+FORMAT = 2
+"""Version of ``RangeResult.encode``'s JSON (what a distributed scan's ``scan_work`` row
+holds); an agent of another version does not read it."""
+
+
+def _s(path: bytes) -> str:
+    # latin-1 maps every byte to one character: any file name survives JSON, whatever the
+    # locale of the agents.
+    return path.decode("latin-1")
+
+
+def _b(text: str) -> bytes:
+    return text.encode("latin-1")
+
+
+def encode_result(result: RangeResult) -> bytes:
+    """A range's result as compact JSON (never pickle: whoever can write the database must
+    not be able to make an agent run code). ``decode_result`` is the inverse."""
+    out: list[Any] = []
+    for item in result.items:
+        kind = type(item)
+        if kind is tuple:
+            path, *rest = cast("NewFile", item)
+            out.append(["N", _s(path), *rest])
+        elif kind is Look:
+            assert isinstance(item, Look)
+            path, st = item.entry
+            old, h = item.old, item.hashed
+            out.append(
+                [
+                    "L",
+                    _s(path),
+                    *st,
+                    None
+                    if old is None
+                    else [
+                        *old.stat,
+                        old.content_hash,
+                        old.hash_algo,
+                        datetime_to_ns(old.last_scanned),
+                    ],
+                    None if h is None else list(h),
+                ]
+            )
+        elif kind is Absent:
+            assert isinstance(item, Absent)
+            out.append(["A", _s(item.path)])
+        else:
+            assert isinstance(item, Unreadable)
+            out.append(["U", _s(item.path), item.is_dir, item.error])
+    doc = {"v": FORMAT, "scanned": result.scanned, "specials": result.specials, "items": out}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode_result(data: bytes) -> RangeResult:
+    """The inverse of ``encode_result``; ``ValueError`` for another format version."""
+    d = json.loads(data)
+    if d.get("v") != FORMAT:
+        raise ValueError(f"scan result format {d.get('v')!r} is not {FORMAT}")
+    res = RangeResult(scanned=int(d["scanned"]), specials=int(d["specials"]))
+    append = res.items.append
+    for row in d["items"]:
+        tag = row[0]
+        if tag == "N":
+            append((_b(row[1]), str(row[2]), *(int(x) for x in row[3:7])))  # type: ignore[arg-type]
+        elif tag == "L":
+            path = _b(row[1])
+            entry = FileEntry(path, FileStat(row[2], row[3], row[4], row[5]))
+            old = None
+            if (r := row[6]) is not None:
+                digest = Digest(r[5], r[4]) if r[4] is not None else None
+                old = FileRecord(
+                    path, FileStat(r[0], r[1], r[2], r[3]), digest, ns_to_datetime(r[6])
+                )
+            h = row[7]
+            append(Look(entry, old, HashOutcome(*h) if h is not None else None))
+        elif tag == "A":
+            append(Absent(_b(row[1])))
+        else:
+            append(Unreadable(_b(row[1]), bool(row[2]), str(row[3])))
+    return res
+
+
 def plan_ranges(root: bytes, rules: IgnoreRules, parts: int, max_depth: int = 3) -> list[RelPath]:
     """Cut points that split a tree's key space into about ``parts`` ranges.
 
@@ -330,47 +430,14 @@ def warm_store(url: str) -> None:
 
 
 def merge_range(task: RangeTask) -> RangeResult:
-    """Merge one range in a worker process: walk it, read its records, return the differences.
-
-    Files to look at are hashed as the walk meets them, by name relative to the descriptor
-    of the directory the walk listed them in (``WalkCursor``), and with the walk's ``lstat``
-    key as the identity the hash must belong to (``hash_at(expect=...)``).
+    """``compute_range`` in a scan's worker process, over the worker's own connection.
 
     A store failure drops the cached connection (the next range opens a new one) and is
     raised to the reconciler, which fails the scan as it would in-process.
     """
     store = _store_for(task.store_url)
-    cursor = WalkCursor()
     try:
-        items_walked = walk(
-            task.root,
-            task.rules,
-            lo=task.lo,
-            hi=task.hi,
-            unreadable=task.unreadable,
-            flat=True,
-            cursor=cursor,
-        )
-        rows = iter(store.iter_record_rows(task.repo_id, task.lo, task.hi))
-        first = next(rows, None)
-        if first is None and task.hash_looks:
-            return _hash_new_range(items_walked, cursor, task.rule.algo)
-        merge = Merge(items_walked, rows if first is None else chain((first,), rows), task.rule)
-        items: list[MergeItem | NewFile] = []
-        append = items.append
-        algo = task.rule.algo
-        for item in merge:
-            if type(item) is not Look or not task.hash_looks:
-                append(item)
-                continue
-            assert isinstance(item, Look)
-            # The walk stands at this file: the merge yields a Look as the walk yields it.
-            entry = item.entry
-            out = hash_at(cursor.fd, entry.path.rpartition(b"/")[2], algo, expect=entry.stat)
-            if item.old is None and out.hex is not None:
-                append((entry.path, out.hex, out.size, out.mtime_ns, out.ctime_ns, out.inode))
-            else:
-                append(Look(entry, item.old, out))
+        return compute_range(task, store)
     except Exception:
         _worker_stores.pop(task.store_url, None)
         try:
@@ -378,6 +445,50 @@ def merge_range(task: RangeTask) -> RangeResult:
         except Exception:
             log.debug("closing a failed worker store", exc_info=True)
         raise
+
+
+def compute_range(task: RangeTask, store: Store) -> RangeResult:
+    """Merge one key range: walk it, read its records, return the differences, in order.
+
+    The one computation of a range, whoever runs it: a local scan's worker processes
+    (``merge_range``) and the agents of a distributed scan (``fsledger.distscan``).
+
+    With ``task.hash_looks``, the files to look at are hashed as the walk meets them, by
+    name relative to the descriptor of the directory the walk listed them in
+    (``WalkCursor``), with the walk's ``lstat`` key as the identity the hash must belong to
+    (``hash_at(expect=...)``): a file without a record comes back as a ``NewFile`` tuple,
+    anything else as a ``Look`` carrying its ``HashOutcome``.
+    """
+    cursor = WalkCursor()
+    items_walked = walk(
+        task.root,
+        task.rules,
+        lo=task.lo,
+        hi=task.hi,
+        unreadable=task.unreadable,
+        flat=True,
+        cursor=cursor,
+    )
+    rows = iter(store.iter_record_rows(task.repo_id, task.lo, task.hi))
+    first = next(rows, None)
+    if first is None and task.hash_looks:
+        return _hash_new_range(items_walked, cursor, task.rule.algo)
+    merge = Merge(items_walked, rows if first is None else chain((first,), rows), task.rule)
+    items: list[MergeItem | NewFile] = []
+    append = items.append
+    algo = task.rule.algo
+    for item in merge:
+        if type(item) is not Look or not task.hash_looks:
+            append(item)
+            continue
+        assert isinstance(item, Look)
+        # The walk stands at this file: the merge yields a Look as the walk yields it.
+        entry = item.entry
+        out = hash_at(cursor.fd, entry.path.rpartition(b"/")[2], algo, expect=entry.stat)
+        if item.old is None and out.hex is not None:
+            append((entry.path, out.hex, out.size, out.mtime_ns, out.ctime_ns, out.inode))
+        else:
+            append(Look(entry, item.old, out))
     return RangeResult(items, merge.scanned, merge.specials)
 
 

@@ -37,11 +37,13 @@ from fsledger.errors import GuardRefused, RootUnavailable
 from fsledger.hashing import HashOutcome, HashPool
 from fsledger.ignore import IgnoreRules
 from fsledger.merge import (
+    RANGE_STALL_FACTOR,
     Absent,
     Look,
     Merge,
     MergeItem,
     NewFile,
+    RangeResult,
     RangeTask,
     merge_range,
     plan_ranges,
@@ -86,8 +88,6 @@ PARALLEL_MIN_DIRS = 32
 """A first index goes to worker processes when the tree's top levels hold this many folders."""
 RANGES_PER_WORKER = 4
 """Ranges a worker gets at least: several, so that uneven subtrees even out."""
-RANGE_STALL_FACTOR = 5
-"""A scan fails when no key range completes within this many hash timeouts."""
 RANGE_FILES = 10_000
 MAX_RANGES = 512
 INITIAL_RANGES = 256
@@ -514,20 +514,9 @@ class _Run:
         stall = RANGE_STALL_FACTOR * self.settings.hash_timeout_s
         try:
             for result in pool.map_ordered(merge_range, tasks, stall):
-                for item in result.items:
-                    if type(item) is tuple:
-                        self._take_new(item)
-                    else:
-                        self._take(item)  # type: ignore[arg-type]
-                self.stats.files_scanned += result.scanned
-                self.stats.skipped_special += result.specials
-                if self.progress:
-                    self.progress(self.stats)
+                self._take_range(result)
         except TimeoutError as exc:
-            raise RootUnavailable(
-                f"repository {self.repo.name!r}: part of {self.repo.root_str} stopped answering "
-                f"({exc}; a hung network mount?). Nothing was deleted; the next scan retries."
-            ) from exc
+            raise self._stalled(exc) from exc
 
     def _merge_distributed(self, rule: LookRule) -> None:
         """The merge as a job of key ranges that other agents help with (PostgreSQL,
@@ -548,33 +537,33 @@ class _Run:
             owner_tag(),
             self.settings.hash_timeout_s,
         )
-        hashed: list[tuple[_Job, HashOutcome]] = []
-
-        def accept() -> None:
-            jobs = [job for job, _out in hashed]
-            outcomes = {id(job): out for job, out in hashed}
-            hashed.clear()
-            rest = self._detect_moves(jobs)
-            self._finish_jobs(rest, [outcomes[id(job)] for job in rest])
-
-        for result in dist.results():
-            for item in result.items:
-                out = result.outcomes.get(item.entry.path) if type(item) is Look else None
-                if out is None or not self.hashing:
-                    self._take(item)
-                    continue
-                assert type(item) is Look
-                hashed.append((_Job(item.entry, item.old), out))
-                if len(hashed) >= CHUNK_FILES:
-                    accept()
-            accept()
-            self.stats.files_scanned += result.scanned
-            self.stats.skipped_special += result.specials
-            if self.progress:
-                self.progress(self.stats)
+        try:
+            for result in dist.results():
+                self._take_range(result)
+        except TimeoutError as exc:
+            raise self._stalled(exc) from exc
         others = {who: n for who, n in dist.done_by.items() if who != owner_tag()}
         if others:
             log.info("Repository %s: items computed by other agents: %s", self.repo.id, others)
+
+    def _take_range(self, result: RangeResult) -> None:
+        """One key range's result, computed in a worker process or by another agent (see
+        ``fsledger.merge.compute_range``), taken in range order."""
+        for item in result.items:
+            if type(item) is tuple:
+                self._take_new(item)
+            else:
+                self._take(item)  # type: ignore[arg-type]
+        self.stats.files_scanned += result.scanned
+        self.stats.skipped_special += result.specials
+        if self.progress:
+            self.progress(self.stats)
+
+    def _stalled(self, exc: TimeoutError) -> RootUnavailable:
+        return RootUnavailable(
+            f"repository {self.repo.name!r}: part of {self.repo.root_str} stopped answering "
+            f"({exc}; a hung network mount?). Nothing was deleted; the next scan retries."
+        )
 
     def _keep(self) -> Mapping[RelPath, str] | None:
         """Directories to walk as unreadable: filesystems mounted there at the last scan and

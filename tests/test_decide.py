@@ -1,0 +1,202 @@
+"""Property tests of the decision core: what fsledger decides about a file.
+
+Both tiers and every scan strategy call these functions, so their rules are pinned here,
+once, instead of in each caller's tests.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fsledger import decide
+from fsledger.decide import RACY_WINDOW_NS, LookRule
+from fsledger.model import (
+    NS_PER_S,
+    Change,
+    ChangeKind,
+    Digest,
+    FileRecord,
+    FileStat,
+    RecordRow,
+    ScanStats,
+    datetime_to_ns,
+    ns_to_datetime,
+)
+
+NOW = 1_750_000_000 * NS_PER_S
+
+small = st.integers(0, 3)
+stats = st.builds(
+    FileStat,
+    size=small,
+    mtime_ns=st.sampled_from([NOW - 100 * NS_PER_S, NOW - NS_PER_S, NOW]),
+    ctime_ns=small,
+    inode=small,
+)
+digests = st.none() | st.builds(
+    Digest, algo=st.sampled_from(["blake3", "sha256"]), hex=st.sampled_from(["aa", "bb"])
+)
+rules = st.builds(
+    LookRule,
+    algo=st.sampled_from(["blake3", "sha256"]),
+    hashing=st.booleans(),
+    verify=st.booleans(),
+)
+scanned = st.sampled_from([NOW - 50 * NS_PER_S, NOW, NOW + NS_PER_S])
+
+
+@st.composite
+def records(draw: st.DrawFn) -> FileRecord:
+    return FileRecord(b"a/b.jpg", draw(stats), draw(digests), ns_to_datetime(draw(scanned)))
+
+
+def _row(rec: FileRecord) -> RecordRow:
+    return RecordRow(
+        rec.path,
+        *rec.stat,
+        rec.digest.hex if rec.digest else None,
+        rec.digest.algo if rec.digest else None,
+        datetime_to_ns(rec.last_scanned),
+    )
+
+
+@given(records(), stats, rules)
+def test_the_merge_fast_path_is_needs_look(old: FileRecord, now: FileStat, rule: LookRule) -> None:
+    """``row_settled`` (the merge's per-file question on flat rows) is ``not needs_look``."""
+    settled = decide.row_settled(_row(old), tuple(now), rule.algo, rule.hashing, rule.verify)
+    assert settled == (not decide.needs_look(old, now, rule))
+
+
+@given(stats, digests, rules)
+def test_a_path_without_record_is_created(now: FileStat, digest: Digest | None, rule: LookRule):
+    assert decide.classify(None, now, digest, rule) is ChangeKind.CREATED
+    assert decide.needs_look(None, now, rule)
+
+
+@given(records(), stats, digests, rules)
+def test_classify(old: FileRecord, now: FileStat, digest: Digest | None, rule: LookRule) -> None:
+    kind = decide.classify(old, now, digest, rule)
+    assert kind is not ChangeKind.CREATED
+    if old.stat.size != now.size:
+        assert kind is ChangeKind.MODIFIED  # a size change is always a content change
+    comparable = digest is not None and old.digest is not None and old.digest.algo == digest.algo
+    if comparable and old.stat.size == now.size:
+        # Hashes of one algorithm decide: equal hashes are never a modification.
+        assert (kind is ChangeKind.MODIFIED) == (old.digest != digest)
+    if (
+        digest is not None
+        and old.digest is not None
+        and old.digest.algo != digest.algo
+        and old.stat.size == now.size
+    ):
+        # After an algorithm switch, an unchanged size is never announced as modified
+        # (issue 13, item 8: both tiers call a touched file META).
+        assert kind is ChangeKind.META
+    if old.stat == now and old.digest == digest and not decide.record_is_racy(old):
+        assert kind is None
+    if old.stat != now:
+        assert kind is not None  # the record must follow the disk
+
+
+@given(records(), stats, rules)
+def test_a_record_that_does_not_match_is_always_looked_at(
+    old: FileRecord, now: FileStat, rule: LookRule
+) -> None:
+    if old.stat != now or rule.verify:
+        assert decide.needs_look(old, now, rule)
+    if rule.hashing and (old.digest is None or old.digest.algo != rule.algo):
+        assert decide.needs_look(old, now, rule)
+
+
+def test_racy_records_are_rehashed_on_content_hints_only() -> None:
+    key = FileStat(5, NOW, NOW, 7)
+    rule = LookRule("blake3")
+    racy = FileRecord(b"x", key, Digest("blake3", "aa"), ns_to_datetime(NOW + NS_PER_S))
+    calm = FileRecord(b"x", key, Digest("blake3", "aa"), ns_to_datetime(NOW + 3 * NS_PER_S))
+    assert decide.needs_look(racy, key, rule)
+    assert not decide.needs_look(racy, key, rule, content_hint=False)
+    assert not decide.needs_look(calm, key, rule)
+    assert decide.is_racy(NOW, NOW + RACY_WINDOW_NS)
+    assert not decide.is_racy(NOW, NOW + RACY_WINDOW_NS + 1)
+    # A confirmed racy record is refreshed, so the next look does not hash it again.
+    assert decide.classify(racy, key, Digest("blake3", "aa"), rule) is ChangeKind.META
+    assert decide.classify(calm, key, Digest("blake3", "aa"), rule) is None
+
+
+def test_corruption_needs_a_verify_and_an_unchanged_key() -> None:
+    key = FileStat(5, NOW, NOW, 7)
+    old = FileRecord(b"x", key, Digest("blake3", "aa"), datetime.now(UTC))
+    other = Digest("blake3", "bb")
+    assert decide.corrupted(old, key, other, LookRule("blake3", verify=True))
+    assert not decide.corrupted(old, key, other, LookRule("blake3"))
+    assert not decide.corrupted(
+        old, key._replace(ctime_ns=NOW + 1), other, LookRule("blake3", True, True)
+    )
+    assert not decide.corrupted(old, key, Digest("sha256", "bb"), LookRule("sha256", True, True))
+
+
+appeared = st.lists(
+    st.tuples(st.sampled_from([b"n1", b"n2", b"n3"]), stats), max_size=4, unique_by=lambda t: t[0]
+)
+candidates = st.lists(
+    st.builds(
+        FileRecord,
+        path=st.sampled_from([b"o1", b"o2", b"n1"]),
+        stat=stats,
+        digest=st.just(Digest("blake3", "aa")),
+        last_scanned=st.just(ns_to_datetime(NOW)),
+    ),
+    max_size=4,
+    unique_by=lambda r: r.path,
+)
+
+
+@given(appeared, candidates, st.sets(st.sampled_from([b"o1", b"o2", b"n1"])))
+def test_pair_moves(
+    new: list[tuple[bytes, FileStat]], recs: list[FileRecord], gone_paths: set[bytes]
+) -> None:
+    rule = LookRule("blake3")
+    asked: list[bytes] = []
+
+    def gone(rec: FileRecord) -> bool:
+        asked.append(rec.path)
+        return rec.path in gone_paths
+
+    taken: set[bytes] = set()
+    pairs = decide.pair_moves(new, recs, rule, gone, taken)
+    sources = [r.path for r in pairs.values()]
+    assert len(sources) == len(set(sources))  # a record moves to one path at most
+    assert len(asked) == len(set(asked))  # the disk is asked once per record
+    assert set(sources) == taken
+    stats_of = dict(new)
+    for path, rec in pairs.items():
+        assert rec.path in gone_paths and rec.path != path
+        now = stats_of[path]
+        assert (rec.stat.inode, rec.stat.size, rec.stat.mtime_ns) == (
+            now.inode,
+            now.size,
+            now.mtime_ns,
+        )
+    # Nothing already claimed is paired again.
+    assert decide.pair_moves(new, recs, rule, gone, set(taken) | set(gone_paths)) == {}
+
+
+def test_count() -> None:
+    rec = FileRecord(b"a", FileStat(1, 1, 1, 1), None, datetime.now(UTC))
+    s = ScanStats()
+    decide.count(
+        s,
+        [
+            Change(ChangeKind.CREATED, b"a", rec),
+            Change(ChangeKind.MODIFIED, b"a", rec),
+            Change(ChangeKind.META, b"a", rec),
+            Change(ChangeKind.MOVED, b"a", rec, old_path=b"b"),
+            Change(ChangeKind.DIR_MOVED, b"d", old_path=b"e"),
+            Change(ChangeKind.DELETED, b"c"),
+        ],
+    )
+    assert (s.files_added, s.files_updated, s.metadata_updated, s.files_moved) == (1, 1, 1, 2)
+    assert s.files_removed == 1
