@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import stat as stat_mod
 import threading
 import uuid
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from fsledger.model import (
     utcnow,
 )
 from fsledger.reconcile import Progress, Reconciler
+from fsledger.roots import stat_new_root
 from fsledger.store import Store, open_store
 from fsledger.writer import RepoWriter
 
@@ -104,14 +104,7 @@ class Ledger:
             RepositoryExists: the name or the root is taken.
         """
         root = normalize_root(path)
-        try:
-            st = os.stat(root)
-        except OSError as exc:
-            raise RootUnavailable(
-                f"cannot add {os.fsdecode(root)}: {exc.strerror} (errno {exc.errno})"
-            ) from exc
-        if not stat_mod.S_ISDIR(st.st_mode):
-            raise RootUnavailable(f"cannot add {os.fsdecode(root)}: not a directory")
+        stat_new_root(root)
         repo_name = name or os.fsdecode(os.path.basename(root)) or "root"
         for other in self.store.list_repositories():
             inside = root.startswith(other.root + b"/") or other.root.startswith(root + b"/")

@@ -19,7 +19,6 @@ import heapq
 import itertools
 import logging
 import os
-import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from fsledger.model import (
     SyncStatus,
 )
 from fsledger.mounts import changed_mounts
+from fsledger.roots import root_present
 from fsledger.store.lease import Lease
 from fsledger.writer import Applied
 
@@ -592,7 +592,7 @@ class SyncManager:
         if repo.state is RepoState.OFFLINE:
             if now - runtime.last_offline_check >= OFFLINE_POLL_S:
                 runtime.last_offline_check = now
-                if os.path.isdir(repo.root):
+                if root_present(repo.root, None):
                     log.info("Repository %s: root is back, reconciling", repo.id)
                     self._enqueue(repo, b"", OperationType.RECONCILIATION, "root returned", 0.5)
             return
@@ -651,12 +651,7 @@ class SyncManager:
 
     def _root_present(self, repo: Repository) -> bool:
         """The root is a directory on the device its last scan saw (one stat)."""
-        dev = self.ledger.writer(repo).repo.root_dev
-        try:
-            st = os.stat(repo.root)
-        except OSError:
-            return False
-        return stat_mod.S_ISDIR(st.st_mode) and (dev is None or st.st_dev == dev)
+        return root_present(repo.root, self.ledger.writer(repo).repo.root_dev)
 
     def _queue_all(self, reason: str) -> None:
         for runtime in list(self._repos.values()):

@@ -35,7 +35,6 @@ from fsledger.config import Settings
 from fsledger.decide import RACY_WINDOW_NS, LookRule
 from fsledger.errors import GuardRefused, RootUnavailable
 from fsledger.hashing import HashOutcome, HashPool
-from fsledger.ignore import IgnoreRules
 from fsledger.merge import (
     RANGE_STALL_FACTOR,
     Absent,
@@ -63,6 +62,7 @@ from fsledger.model import (
     utcnow,
 )
 from fsledger.mounts import MountGuard
+from fsledger.roots import check_root
 from fsledger.store.base import Store
 from fsledger.store.sql import prefix_range
 from fsledger.walk import FileEntry, Unreadable, walk
@@ -103,51 +103,6 @@ Progress = Callable[[ScanStats], None]
 def owner_tag() -> str:
     """``host:pid`` of this process, stored with operations it runs."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def check_root(repo: Repository, has_records: bool, rules: IgnoreRules, force: bool) -> int:
-    """The mass-deletion guard. Returns the root's device number.
-
-    Raises:
-        RootUnavailable: the root is missing, not a directory, or cannot be listed.
-        GuardRefused: the root is on another device than recorded, or empty while records
-            exist (an unmounted disk looks exactly like that); ``force`` overrides.
-    """
-    root = repo.root_str
-    try:
-        st = os.stat(repo.root)
-    except OSError as exc:
-        raise RootUnavailable(
-            f"repository {repo.name!r}: root {root} is unavailable ({exc.strerror}); is the "
-            "disk mounted? Nothing was changed."
-        ) from exc
-    if not stat_mod.S_ISDIR(st.st_mode):
-        raise RootUnavailable(
-            f"repository {repo.name!r}: root {root} is not a directory; nothing was changed."
-        )
-    try:
-        names = os.listdir(repo.root)
-    except OSError as exc:
-        raise RootUnavailable(
-            f"repository {repo.name!r}: root {root} cannot be listed ({exc.strerror}); "
-            "nothing was changed."
-        ) from exc
-    if force:
-        return st.st_dev
-    if repo.root_dev is not None and st.st_dev != repo.root_dev:
-        raise GuardRefused(
-            f"repository {repo.name!r}: root {root} is on device {st.st_dev:#x}, but was on "
-            f"{repo.root_dev:#x}: the disk may not be mounted. Nothing was changed. If the "
-            "library really moved to another disk, scan once with --force."
-        )
-    visible = [n for n in names if not rules.ignores_name(os.fsencode(n), os.fsencode(n))]
-    if has_records and not visible:
-        raise GuardRefused(
-            f"repository {repo.name!r}: root {root} is empty but the ledger holds files: "
-            "the disk may not be mounted. Nothing was deleted. If the files really are gone, "
-            "scan once with --force."
-        )
-    return st.st_dev
 
 
 @dataclass(slots=True)

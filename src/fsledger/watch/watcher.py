@@ -29,8 +29,6 @@ waits for them.
 from __future__ import annotations
 
 import logging
-import os
-import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +40,7 @@ from fsledger.config import Settings
 from fsledger.errors import FsledgerError, RootUnavailable, StoreError
 from fsledger.ledger import Ledger
 from fsledger.model import ChangeKind, RelPath, Repository, ScanStats
+from fsledger.roots import root_present
 from fsledger.watch.apply import Applier
 from fsledger.watch.backend import InotifyBackend, WatchBackend
 from fsledger.watch.events import EventInterpreter
@@ -545,13 +544,7 @@ class Watcher:
         """Never act on a root that is missing or on another device (an unmounted disk looks
         like a tree that lost everything)."""
         repo = state.writer.repo
-        try:
-            st = os.stat(repo.root)
-            ok = stat_mod.S_ISDIR(st.st_mode) and (
-                repo.root_dev is None or st.st_dev == repo.root_dev
-            )
-        except OSError:
-            ok = False
+        ok = root_present(repo.root, repo.root_dev)
         if not ok:
             with self._lock:
                 if not state.lost:
