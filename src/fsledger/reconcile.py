@@ -24,7 +24,7 @@ import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing.pool import AsyncResult
@@ -66,7 +66,7 @@ from fsledger.roots import check_root
 from fsledger.store.base import Store
 from fsledger.store.sql import prefix_range
 from fsledger.walk import FileEntry, Unreadable, walk
-from fsledger.writer import Applied, RepoWriter
+from fsledger.writer import Applied, Batches, RepoWriter
 
 log = logging.getLogger(__name__)
 
@@ -325,15 +325,16 @@ class _Run:
             if self.has_records
             else max(self.settings.batch_size, INITIAL_BATCH)
         )
-        self.pending: list[Change] = []
+        self.out = Batches(
+            writer,
+            self.batch_size,
+            stats,
+            defer_after=None if self.has_records else DEFER_INDEXES_AFTER,
+        )
+        """The changes, handed to the writer a batch at a time (one in flight)."""
         self.deletions: set[RelPath] = set()
         self._last_unreadable: Unreadable | None = None
         self._cuts: list[RelPath] | None = None
-        self._writing: threading.Thread | None = None
-        self._flushed = 0
-        self._deferral: AbstractContextManager[None] | None = None
-        self._written: Applied | None = None
-        self._write_error: BaseException | None = None
         self.moved_from: set[RelPath] = set()
         self.chunk: list[_Job] = []
         self.chunk_bytes = 0
@@ -390,12 +391,10 @@ class _Run:
         try:
             self._merge_all()
         except BaseException:
-            self._drain()
+            self.out.drain()
             raise
         finally:
-            if self._deferral is not None:
-                deferral, self._deferral = self._deferral, None
-                deferral.__exit__(None, None, None)
+            self.out.end_deferral()
 
     def _merge_all(self) -> None:
         rule = self.rule
@@ -418,8 +417,8 @@ class _Run:
         self._dispatch_chunk(final=True)
         while self.in_flight:
             self._collect_one()
-        self._flush()
-        self._await_write()
+        self.out.flush()
+        self.out.wait()
         self._apply_deletions()
         if self.progress:
             self.progress(self.stats)
@@ -688,61 +687,10 @@ class _Run:
 
     # --- writing ------------------------------------------------------------------------
     def _emit(self, change: Change) -> None:
-        self.pending.append(change)
-        if len(self.pending) >= self.batch_size:
-            self._flush()
-
-    def _flush(self) -> None:
-        """Hand the pending changes to the writer, in a thread of their own: the database's
-        work on batch n (SQLite's and psycopg's C code, outside the GIL) overlaps the walk,
-        the hashing pipeline and the building of batch n + 1. One batch in flight at most,
-        so batches are written in order and a failure surfaces at the next flush."""
-        batch, self.pending = self.pending, []
-        if not batch:
-            return
-        self._await_write()
-        if not self.has_records and self._deferral is None:
-            self._flushed += len(batch)
-            if self._flushed >= DEFER_INDEXES_AFTER:
-                # A big first index: the store may build some indexes once, at the end.
-                self._deferral = self.store.defer_indexes()
-                self._deferral.__enter__()
-        self._writing = threading.Thread(
-            target=self._write, args=(batch,), name="reconcile-writer", daemon=True
-        )
-        self._writing.start()
-
-    def _write(self, batch: list[Change]) -> None:
-        try:
-            self._written = self.writer.apply(batch)
-        except BaseException as exc:
-            self._write_error = exc
+        self.out.emit(change)
 
     def _await_write(self) -> None:
-        """Wait for the batch in flight; count what it wrote, or raise what it raised."""
-        thread, self._writing = self._writing, None
-        if thread is None:
-            return
-        thread.join()
-        error, self._write_error = self._write_error, None
-        if error is not None:
-            raise error
-        applied, self._written = self._written, None
-        assert applied is not None
-        self.stats.unsettled += len(applied.dropped)
-        decide.count(self.stats, applied.changes)
-        if log.isEnabledFor(logging.DEBUG):
-            for change in applied.changes:
-                if change.kind is ChangeKind.CREATED:
-                    log.debug("File record created: %s", os.fsdecode(change.path))
-
-    def _drain(self) -> None:
-        """After a failure: let the batch in flight finish, so nothing is written after the
-        reconciliation has returned; its own error, if any, is logged, not raised."""
-        try:
-            self._await_write()
-        except Exception:
-            log.exception("Repository %s: a batch failed while the scan was failing", self.repo.id)
+        self.out.wait()
 
     def _apply_deletions(self) -> None:
         if not self.deletions:
@@ -761,8 +709,8 @@ class _Run:
             self.deletions = {p for p in self.deletions if not p.startswith(point + b"/")}
         for path in sorted(self.deletions):
             self._emit(Change(ChangeKind.DELETED, path))
-        self._flush()
-        self._await_write()
+        self.out.flush()
+        self.out.wait()
 
 
 def _is_dir(root: bytes, rel: RelPath) -> bool:

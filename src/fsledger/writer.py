@@ -11,15 +11,18 @@ one that no longer holds is dropped (and counted): the newer state wins.
 from __future__ import annotations
 
 import logging
+import os
 import stat as stat_mod
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+from fsledger import decide
 from fsledger.beneath import Beneath
 from fsledger.errors import LeaseLost
 from fsledger.ignore import IgnoreRules
-from fsledger.model import Change, ChangeKind, FileStat, Repository
+from fsledger.model import Change, ChangeKind, FileStat, Repository, ScanStats
 from fsledger.store.base import Store
 from fsledger.store.lease import Lease
 
@@ -136,3 +139,99 @@ class RepoWriter:
                 except Exception:
                     log.exception("Change listener failed for repository %s", self.repo.id)
             return applied
+
+
+class Batches:
+    """Changes handed to a ``RepoWriter`` a batch at a time, each batch written in a thread
+    of its own while the next is built: the database's work on batch n (SQLite's and
+    psycopg's C code, outside the GIL) overlaps the walk, the hashing and the building of
+    batch n + 1. One batch in flight at most, so batches are written in order and a failure
+    surfaces at the next flush (or ``wait``).
+
+    Args:
+        writer: the repository's writer.
+        batch_size: changes per transaction.
+        stats: where what was written is counted (``fsledger.decide.count``).
+        defer_after: a first index that has written this many changes asks the store to
+            defer the indexes only queries use (``Store.defer_indexes``); ``None``: never.
+    """
+
+    def __init__(
+        self,
+        writer: RepoWriter,
+        batch_size: int,
+        stats: ScanStats,
+        defer_after: int | None = None,
+    ) -> None:
+        self.writer = writer
+        self.batch_size = batch_size
+        self.stats = stats
+        self.defer_after = defer_after
+        self.pending: list[Change] = []
+        self._thread: threading.Thread | None = None
+        self._written: Applied | None = None
+        self._error: BaseException | None = None
+        self._flushed = 0
+        self._deferral: AbstractContextManager[None] | None = None
+
+    def emit(self, change: Change) -> None:
+        self.pending.append(change)
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Start writing the pending changes (after the batch in flight is written)."""
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        self.wait()
+        if self.defer_after is not None and self._deferral is None:
+            self._flushed += len(batch)
+            if self._flushed >= self.defer_after:
+                # A big first index: the store may build some indexes once, at the end.
+                self._deferral = self.writer.store.defer_indexes()
+                self._deferral.__enter__()
+        self._thread = threading.Thread(
+            target=self._write, args=(batch,), name="reconcile-writer", daemon=True
+        )
+        self._thread.start()
+
+    def _write(self, batch: list[Change]) -> None:
+        try:
+            self._written = self.writer.apply(batch)
+        except BaseException as exc:
+            self._error = exc
+
+    def wait(self) -> None:
+        """Wait for the batch in flight; count what it wrote, or raise what it raised."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        applied, self._written = self._written, None
+        assert applied is not None
+        self.stats.unsettled += len(applied.dropped)
+        decide.count(self.stats, applied.changes)
+        if log.isEnabledFor(logging.DEBUG):
+            for change in applied.changes:
+                if change.kind is ChangeKind.CREATED:
+                    log.debug("File record created: %s", os.fsdecode(change.path))
+
+    def drain(self) -> None:
+        """After a failure: let the batch in flight finish, so nothing is written after the
+        reconciliation has returned; its own error, if any, is logged, not raised."""
+        try:
+            self.wait()
+        except Exception:
+            log.exception(
+                "Repository %s: a batch failed while the scan was failing", self.writer.repo.id
+            )
+
+    def end_deferral(self) -> None:
+        """Rebuild the indexes a big first index deferred (if it did)."""
+        if self._deferral is not None:
+            deferral, self._deferral = self._deferral, None
+            deferral.__exit__(None, None, None)
