@@ -303,7 +303,7 @@ class Scenario:
         live."""
         if populate is not None:
             populate(self.root, self.outside)
-        repo = self.ledger.add_repository(self.root)
+        repo = self.ledger.add_repository(os.fsencode(self.root))
         self.ledger.scan(repo)
         self.repo = self.ledger.store.get_repository(repo.id)
         assert self.repo is not None

@@ -182,7 +182,11 @@ def test_item4_first_file_in_a_new_directory_is_recorded_once_complete(
     50 ms, 64 KiB, close: the feed has exactly one ``created`` at 131072 bytes with the
     hash of the whole content (no partial size, no following ``modified``)."""
     sc = scenario
-    sc.start(lambda root, outside: write(root / "old.jpg", b"old"))
+
+    def one_file(root: Path, outside: Path) -> None:
+        write(root / "old.jpg", b"old")
+
+    sc.start(one_file)
     data = os.urandom(2 * HALF)
     sc.p("new").mkdir()
     write_in_two_halves(sc.p("new/rec.wav"), data)
