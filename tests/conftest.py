@@ -112,3 +112,36 @@ def tree(tmp_path: Path) -> bytes:
     root = tmp_path / "tree"
     root.mkdir()
     return os.fsencode(str(root))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--model-examples",
+        type=int,
+        default=None,
+        help="examples of the model-based test (tests/test_model.py) per backend; a longer "
+        "run that also shrinks a failure (default: FSLEDGER_MODEL_EXAMPLES, else a short run)",
+    )
+
+
+@pytest.fixture
+def model_examples(request: pytest.FixtureRequest) -> int | None:
+    """The number of model-based examples asked for (``--model-examples`` or
+    ``FSLEDGER_MODEL_EXAMPLES``), None for the short default run."""
+    value = request.config.getoption("--model-examples")
+    if value is None and (env := os.environ.get("FSLEDGER_MODEL_EXAMPLES")):
+        value = int(env)
+    return int(value) if value is not None else None
+
+
+@pytest.fixture(params=("live", "offline"))
+def scenario(
+    request: pytest.FixtureRequest, ledger: Ledger, store_url: str, tmp_path: Path
+) -> Iterator[Any]:
+    """A ``scenario_support.Scenario`` on ``tmp_path``: ``[live]`` (the watcher alone, in a
+    process of its own) and ``[offline]`` (one scan), on each backend."""
+    from scenario_support import Scenario
+
+    sc = Scenario(ledger, store_url, tmp_path, request.param)
+    yield sc
+    sc.close()
