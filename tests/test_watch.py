@@ -387,6 +387,28 @@ def test_chained_and_swapped_directory_renames_in_one_window(rig: Rig) -> None:
     assert rig.state()[b"y/1.jpg"][1] == digest_of(os.fsencode(rig.p("y/1.jpg")))
 
 
+def test_each_hop_of_a_directory_rename_chain_reaches_the_feed(rig: Rig) -> None:
+    """By the time a pass writes ``D0 -> C/D1``, ``C/D1`` is gone (renamed on): the hop is
+    still written, as a move, and so is every later one; no file is deleted and created."""
+    write(rig.p("D0/x/f.jpg"), "f")
+    write(rig.p("a/y/h.jpg"), "h")
+    write(rig.p("b/keep.jpg"), "k")
+    rig.p("C").mkdir()
+    rig.start()
+    for src, dst in (("D0", "C/D1"), ("C/D1", "D2"), ("D2", "D3"), ("a", "b/c"), ("b", "c2")):
+        os.rename(rig.p(src), rig.p(dst))
+        rig.renamed(src, dst, is_dir=True)
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert rig.kinds() == [
+        (ChangeKind.DIR_MOVED, b"C/D1", b"D0"),
+        (ChangeKind.DIR_MOVED, b"D2", b"C/D1"),
+        (ChangeKind.DIR_MOVED, b"D3", b"D2"),
+        (ChangeKind.DIR_MOVED, b"b/c", b"a"),
+        (ChangeKind.DIR_MOVED, b"c2", b"b"),
+    ]
+
+
 # === moves out of and into the repository ==============================================
 def test_move_out_deletes_and_move_in_scans(rig: Rig) -> None:
     write(rig.p("leaving.jpg"), "bye")

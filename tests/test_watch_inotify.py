@@ -7,6 +7,7 @@ equal an independent walk of the disk.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 
 from fsledger.config import Settings
 from fsledger.ledger import Ledger
-from fsledger.model import ChangeKind, OperationType, Repository
+from fsledger.model import ChangeKind, FeedEntry, OperationType, Repository
 from fsledger.watch import Watcher
 from watch_support import disk_state, ledger_state, wait_in_sync, wait_until, write
 
@@ -48,13 +49,13 @@ def run(*args: str | Path, cwd: Path | None = None) -> None:
 class Live:
     """A ledger, a scanned repository at ``root`` and a started watcher on real inotify."""
 
-    def __init__(self, tmp_path: Path, debounce_s: float = 0.5) -> None:
+    def __init__(self, tmp_path: Path, debounce_s: float = 0.5, url: str | None = None) -> None:
         self.root = tmp_path / "lib"
         self.outside = tmp_path / "outside"
         self.root.mkdir()
         self.outside.mkdir()
         self.settings = Settings(
-            database_url="sqlite://" + str(tmp_path / "db.sqlite"),
+            database_url=url or "sqlite://" + str(tmp_path / "db.sqlite"),
             max_concurrency=2,
             debounce_s=debounce_s,
         )
@@ -357,3 +358,95 @@ def test_stop_flushes_pending_events(tmp_path: Path) -> None:
         )
     finally:
         live.close()
+
+
+# === issue 13: renames the kernel reports in pieces, new directories, hard links ===========
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+SYS_RENAMEAT2 = 316  # x86_64, for a libc without the renameat2 wrapper
+
+
+def exchange(a: Path, b: Path) -> None:
+    """``renameat2(a, b, RENAME_EXCHANGE)``: swap two names atomically."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    args = (AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    fn = getattr(libc, "renameat2", None)
+    rc = fn(*args) if fn is not None else libc.syscall(SYS_RENAMEAT2, *args)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(a))
+
+
+State = dict[bytes, tuple[int, str | None]]
+
+
+def replay(state: State, entries: list[FeedEntry]) -> State:
+    """What a consumer that knew ``state`` holds after applying ``entries`` in order."""
+    out = dict(state)
+    for e in entries:
+        if e.kind is ChangeKind.DIR_MOVED:
+            assert e.old_path is not None
+            lo_new, lo_old = e.path + b"/", e.old_path + b"/"
+            for path in [p for p in out if p.startswith(lo_new)]:
+                del out[path]
+            for path in [p for p in out if p.startswith(lo_old)]:
+                out[e.path + path[len(e.old_path) :]] = out.pop(path)
+        elif e.kind is ChangeKind.MOVED:
+            assert e.old_path is not None and e.size is not None
+            out.pop(e.old_path, None)
+            out[e.path] = (e.size, e.content_hash)
+        elif e.kind is ChangeKind.DELETED:
+            out.pop(e.path, None)
+        elif e.kind in (ChangeKind.CREATED, ChangeKind.MODIFIED):
+            assert e.size is not None
+            out[e.path] = (e.size, e.content_hash)
+    return out
+
+
+@pytest.fixture
+def live_db(tmp_path: Path, store_url: str) -> Iterator[Live]:
+    """``Live`` on each store (SQLite and PostgreSQL)."""
+    lv = Live(tmp_path, url=store_url)
+    yield lv
+    lv.close()
+
+
+def swap_tree(root: Path) -> None:
+    for side in ("left", "right"):
+        for i in range(6):
+            write(root / f"{side}/sub{i % 2}/f{i}.jpg", f"{side} {i} " * (10 + i))
+    write(root / "other/keep.txt", "x")
+
+
+def test_chained_directory_renames_reach_the_feed_as_moves(live_db: Live) -> None:
+    """``mv D0 C/D1 && mv C/D1 D2 && mv D2 D3`` and ``mv a b/c && mv b c2`` in quick
+    succession, many times over: the feed says only moves, and replays to the ledger."""
+    lv = live_db
+
+    def tree(root: Path) -> None:
+        write(root / "D0/x/f.jpg", "moving file")
+        write(root / "D0/g.jpg", "another")
+        write(root / "a/y/h.jpg", "a's file")
+        write(root / "b/keep.jpg", "b's file")
+        (root / "C").mkdir()
+
+    lv.start(tree)
+    assert lv.repo is not None
+    for i in range(20):
+        seq0 = lv.ledger.store.latest_seq()
+        before = ledger_state(lv.ledger, lv.repo)
+        os.rename(lv.p("D0"), lv.p("C/D1"))
+        os.rename(lv.p("C/D1"), lv.p("D2"))
+        os.rename(lv.p("D2"), lv.p("D3"))
+        os.rename(lv.p("a"), lv.p("b/c"))
+        os.rename(lv.p("b"), lv.p("c2"))
+        lv.settle()
+        entries = lv.ledger.store.changes_since(seq0, 10_000, lv.repo.id)
+        kinds = {e.kind for e in entries}
+        assert kinds <= {ChangeKind.DIR_MOVED, ChangeKind.MOVED}, (i, entries)
+        assert replay(before, entries) == ledger_state(lv.ledger, lv.repo), (i, entries)
+        # Back again, for the next round.
+        os.rename(lv.p("D3"), lv.p("D0"))
+        os.rename(lv.p("c2/c"), lv.p("a"))
+        os.rename(lv.p("c2"), lv.p("b"))
+        lv.settle()

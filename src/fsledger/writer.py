@@ -95,8 +95,17 @@ class RepoWriter:
         assert change.record is not None
         return self._lstat_key(change.path) == change.record.stat
 
-    def apply(self, changes: Sequence[Change]) -> Applied:
+    def apply(
+        self, changes: Sequence[Change], confirm: Callable[[Change], bool] | None = None
+    ) -> Applied:
         """Confirm and write a batch of changes in one transaction.
+
+        Args:
+            changes: the batch, in order.
+            confirm: vouches for a change the disk no longer shows but that is still to be
+                written: a directory rename whose directory has since been renamed again
+                (the watcher has read the later rename and writes it after this one; each
+                hop is a pure path rewrite, and consumers of the feed need every hop).
 
         Raises:
             StoreError: the store failed; nothing of the batch was written.
@@ -109,7 +118,9 @@ class RepoWriter:
             kept: list[Change] = []
             dropped: list[Change] = []
             for change in changes:
-                (kept if not self.verify or self.still_true(change) else dropped).append(change)
+                ok = not self.verify or self.still_true(change)
+                ok = ok or (confirm is not None and confirm(change))
+                (kept if ok else dropped).append(change)
             last_seq = self.store.apply(self.repo.id, kept) if kept else None
             applied = Applied(tuple(kept), tuple(dropped), last_seq)
             for listener in self.listeners:

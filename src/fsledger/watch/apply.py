@@ -25,6 +25,7 @@ import os
 import stat as stat_mod
 import threading
 import time
+from collections.abc import Callable
 
 from fsledger.config import Settings
 from fsledger.errors import RootUnavailable
@@ -47,6 +48,7 @@ from fsledger.walk import FileEntry, walk
 from fsledger.watch.metrics import WatcherMetrics
 from fsledger.watch.state import (
     Check,
+    DirMove,
     Dirty,
     DirtyJob,
     RepoWatch,
@@ -79,6 +81,7 @@ class Applier:
         tree: the watch tree (directories that need watching are watched before a check).
         settle_s: how soon a path that was dropped (the disk moved on) is looked at again.
         debounce_s: how soon a file that changed while it was hashed is looked at again.
+        catch_up: reads the events queued before now (the watcher's reader).
     """
 
     def __init__(
@@ -90,8 +93,11 @@ class Applier:
         tree: WatchTree,
         settle_s: float,
         debounce_s: float,
+        catch_up: Callable[[], None] | None = None,
     ) -> None:
         self.ledger = ledger
+        self.catch_up = catch_up
+        """Lets the reader read every event queued before now (never called under the lock)."""
         self.store = ledger.store
         self.settings = settings
         self.metrics = metrics
@@ -119,7 +125,8 @@ class Applier:
             work.dir_moves = []
             return
         changes = [Change(ChangeKind.DIR_MOVED, m.new, old_path=m.old) for m in moves]
-        applied = repo.writer.apply(changes)
+        hops = self._hops(repo, moves, changes)
+        applied = repo.writer.apply(changes, confirm=lambda c: id(c) in hops)
         work.dir_moves = []
         for change in applied.changes:
             log.info(
@@ -166,6 +173,32 @@ class Applier:
                     )
                 checks.append(Check(move.new, move.wd))
         work.checks += checks
+
+    def _hops(self, repo: RepoWatch, moves: list[DirMove], changes: list[Change]) -> set[int]:
+        """The renames (ids of their changes) whose directory has been renamed again since:
+        ``mv D0 C/D1 && mv C/D1 D2`` leaves no directory at ``C/D1`` by the time the first
+        rename is written, yet it happened, and the feed's consumers know the files by the
+        paths it gives them. The writer's disk check cannot confirm such a hop; the watch
+        tree can (the directory's watch names where it is now). When the tree does not know
+        yet, the reader is first let to read the events queued meanwhile."""
+
+        def moved_on() -> tuple[set[int], bool]:
+            ids: set[int] = set()
+            unknown = False
+            with self.lock:
+                for move, change in zip(moves, changes, strict=True):
+                    now_at = self.tree.path_of(move.wd)
+                    if now_at is not None and now_at != move.new:
+                        ids.add(id(change))
+                    elif not os.path.isdir(repo.full(move.new)):
+                        unknown = True
+            return ids, unknown
+
+        ids, unknown = moved_on()
+        if unknown and self.catch_up is not None:
+            self.catch_up()
+            ids, _ = moved_on()
+        return ids
 
     # --- 2. file renames -------------------------------------------------------------------
     def _file_moves(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:

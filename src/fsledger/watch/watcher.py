@@ -144,6 +144,7 @@ class Watcher:
             self._tree,
             self.settle_s,
             self.debounce_s,
+            catch_up=self._catch_up,
         )
         self._read_cycles = 0
         self._busy = False
