@@ -409,6 +409,28 @@ def test_each_hop_of_a_directory_rename_chain_reaches_the_feed(rig: Rig) -> None
     ]
 
 
+def test_a_write_through_one_hard_link_refreshes_every_name(rig: Rig) -> None:
+    """inotify reports a write only for the name written; the other names of the file
+    (records with its inode) are refreshed in the same pass."""
+    write(rig.p("a/x.dat"), "shared")
+    rig.p("b").mkdir()
+    os.link(rig.p("a/x.dat"), rig.p("b/y.dat"))
+    os.link(rig.p("a/x.dat"), rig.p("a/z.dat"))
+    write(rig.p("a/other.dat"), "not a link")
+    rig.start()
+    with open(rig.p("a/x.dat"), "ab") as fh:
+        fh.write(b" and appended")
+    rig.emit("a/x.dat", IN_MODIFY)
+    rig.emit("a/x.dat", IN_CLOSE_WRITE)
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert sorted(rig.kinds()) == [
+        (ChangeKind.MODIFIED, b"a/x.dat", None),
+        (ChangeKind.MODIFIED, b"a/z.dat", None),
+        (ChangeKind.MODIFIED, b"b/y.dat", None),
+    ]
+
+
 # === moves out of and into the repository ==============================================
 def test_move_out_deletes_and_move_in_scans(rig: Rig) -> None:
     write(rig.p("leaving.jpg"), "bye")

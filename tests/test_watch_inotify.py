@@ -450,3 +450,29 @@ def test_chained_directory_renames_reach_the_feed_as_moves(live_db: Live) -> Non
         os.rename(lv.p("c2/c"), lv.p("a"))
         os.rename(lv.p("c2"), lv.p("b"))
         lv.settle()
+
+
+def test_a_write_through_one_hard_link_refreshes_the_others(live_db: Live) -> None:
+    lv = live_db
+
+    def tree(root: Path) -> None:
+        write(root / "a/x.dat", "shared content")
+        (root / "b").mkdir()
+        os.link(root / "a/x.dat", root / "b/y.dat")
+        os.link(root / "a/x.dat", root / "a/z.dat")
+
+    lv.start(tree)
+    assert lv.repo is not None
+    seq0 = lv.ledger.store.latest_seq()
+    with open(lv.p("a/x.dat"), "ab") as fh:
+        fh.write(b" and more")
+    lv.settle()
+    state = ledger_state(lv.ledger, lv.repo)
+    assert state[b"b/y.dat"] == state[b"a/x.dat"] == state[b"a/z.dat"]
+    assert state[b"b/y.dat"][0] == len(b"shared content and more")
+    entries = lv.ledger.store.changes_since(seq0, 10_000, lv.repo.id)
+    assert sorted((e.kind, e.path) for e in entries) == [
+        (ChangeKind.MODIFIED, b"a/x.dat"),
+        (ChangeKind.MODIFIED, b"a/z.dat"),
+        (ChangeKind.MODIFIED, b"b/y.dat"),
+    ]

@@ -399,6 +399,42 @@ class Applier:
                 batch = self._keep_unmounted(repo, batch)
             self._commit_dirty(repo, batch, jobs, stats)
             del work.dirty[: len(jobs)]
+            work.dirty += self._link_peers(repo, batch, looked)
+
+    def _link_peers(
+        self, repo: RepoWatch, batch: list[Change], looked: set[RelPath]
+    ) -> list[DirtyJob]:
+        """Other names of the files just written (hard links: records with the same inode),
+        to be looked at in this pass too. A write through one name changes the content of
+        all of them, but inotify reports only the name written (and nothing at all for a
+        name in another directory); a new link changes the others' ctime. Looks are
+        state-based, so a record that merely shares an inode number (another filesystem
+        mounted below the root) costs one lstat and changes nothing."""
+        inodes = {
+            c.record.stat.inode
+            for c in batch
+            if c.record is not None
+            and c.kind in (ChangeKind.CREATED, ChangeKind.MODIFIED, ChangeKind.META)
+        }
+        if not inodes:
+            return []
+        peers = [
+            r.path
+            for r in self.store.records_by_inode(repo.id, sorted(inodes))
+            if r.path not in looked
+        ]
+        if not peers:
+            return []
+        with self.lock:
+            wds = {p: repo.index.by_path.get(parent_of(p)) for p in peers}
+        return [
+            DirtyJob(
+                (wd, path.rpartition(b"/")[2]) if (wd := wds[path]) is not None else None,
+                path,
+                Dirty(0.0, content=True),
+            )
+            for path in peers
+        ]
 
     def _unmounted(self, repo: RepoWatch) -> list[RelPath]:
         """Remembered mount points below the root that are not mounted now."""
