@@ -431,6 +431,43 @@ def test_a_write_through_one_hard_link_refreshes_every_name(rig: Rig) -> None:
     ]
 
 
+@pytest.mark.parametrize("had_records", [False, True], ids=["listed", "reconciled"])
+def test_a_file_still_open_in_a_new_directory_is_recorded_once_closed(
+    tmp_path: Path, request: pytest.FixtureRequest, had_records: bool
+) -> None:
+    """A directory created and filled at once: its file is found by the directory's check
+    (a listing, or a subtree reconciliation when records were below its path) while the
+    writer still has it open. Like any path, it is recorded once closed (or quiet for the
+    debounce time): one ``created``, at the final size."""
+    rig = make_rig(tmp_path, request, debounce_s=3600.0)
+    if had_records:
+        write(rig.p("d/old.jpg"), "old")
+    write(rig.p("keep.jpg"), "keep")
+    rig.start()
+    if had_records:  # deleted and made again before the watcher wrote the deletion
+        os.unlink(rig.p("d/old.jpg"))
+        os.rmdir(rig.p("d"))
+        rig.emit("d", IN_DELETE | IN_ISDIR)
+    rig.p("d").mkdir()
+    rig.emit("d", IN_CREATE | IN_ISDIR)
+    with open(rig.p("d/f.bin"), "wb") as fh:
+        fh.write(b"a" * 65536)
+        fh.flush()
+        # The directory's check is due after the settle time; the file is still open.
+        assert wait_until(rig.watcher.process_due)
+        assert b"d/f.bin" not in rig.state()
+        fh.write(b"b" * 65536)
+    rig.emit("d/f.bin", IN_MODIFY)
+    rig.emit("d/f.bin", IN_CLOSE_WRITE)
+    # Settled by its close (not the hour of debounce): written by a pass that is due.
+    assert wait_until(lambda: rig.watcher.process_due() and b"d/f.bin" in rig.state())
+    rig.assert_exact()
+    assert [(e.kind, e.path, e.size) for e in rig.feed()] == [
+        *([(ChangeKind.DELETED, b"d/old.jpg", None)] if had_records else []),
+        (ChangeKind.CREATED, b"d/f.bin", 131072),
+    ]
+
+
 # === moves out of and into the repository ==============================================
 def test_move_out_deletes_and_move_in_scans(rig: Rig) -> None:
     write(rig.p("leaving.jpg"), "bye")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import shutil
 import subprocess
 import time
@@ -450,6 +451,56 @@ def test_chained_directory_renames_reach_the_feed_as_moves(live_db: Live) -> Non
         os.rename(lv.p("c2/c"), lv.p("a"))
         os.rename(lv.p("c2"), lv.p("b"))
         lv.settle()
+
+
+def test_first_file_of_a_new_directory_is_recorded_once_at_its_final_size(
+    live_db: Live,
+) -> None:
+    """A program that creates a directory and writes a file in it in two parts (with a
+    pause while the file is open): one ``created``, at the final size."""
+    lv = live_db
+    lv.start(base_tree)
+    assert lv.repo is not None
+    seq0 = lv.ledger.store.latest_seq()
+    for i in range(5):
+        d = lv.p(f"new{i}/inner")
+        d.mkdir(parents=True)
+        with open(d / "f.bin", "wb") as fh:
+            fh.write(os.urandom(65536))
+            fh.flush()
+            time.sleep(0.05)  # the workload: a writer pausing with the file open
+            fh.write(os.urandom(65536))
+    lv.settle()
+    entries = lv.ledger.store.changes_since(seq0, 10_000, lv.repo.id)
+    assert [(e.kind, e.path, e.size) for e in entries] == [
+        (ChangeKind.CREATED, f"new{i}/inner/f.bin".encode(), 131072) for i in range(5)
+    ]
+
+
+@pytest.mark.slow
+def test_no_file_of_a_copied_tree_first_appears_at_a_partial_size(
+    live: Live, tmp_path: Path
+) -> None:
+    cp = need("cp")
+    live.start(base_tree)
+    assert live.repo is not None
+    src = tmp_path / "src"
+    rng = random.Random(13)
+    for i in range(2000):
+        size = rng.choice((0, 1, 100, 5000, 70_000, 200_000)) if i % 50 else 600_000
+        write(src / f"d{i % 40}/s{i % 7}/file_{i:04}.dat", rng.randbytes(size))
+    seq0 = live.ledger.store.latest_seq()
+    run(cp, "-a", src, live.p("copy"))
+    live.settle()
+    final = disk_state(live.root)
+    entries = live.ledger.store.changes_since(seq0, 100_000, live.repo.id)
+    partial = [
+        (e.path, e.size, final[e.path][0])
+        for e in entries
+        if e.kind is ChangeKind.CREATED and e.size != final[e.path][0]
+    ]
+    assert partial == []
+    assert [e for e in entries if e.kind is not ChangeKind.CREATED] == []
 
 
 def test_a_write_through_one_hard_link_refreshes_the_others(live_db: Live) -> None:

@@ -46,6 +46,7 @@ from fsledger.model import (
 from fsledger.mounts import unmounted
 from fsledger.walk import FileEntry, walk
 from fsledger.watch.metrics import WatcherMetrics
+from fsledger.watch.settle import SettlingWriter, wait_quiet
 from fsledger.watch.state import (
     Check,
     DirMove,
@@ -307,7 +308,8 @@ class Applier:
             self.tree.watch(repo, path)
             self._absorb_checks(repo, path, work)
         try:
-            result = self.ledger.reconciler.reconcile(repo.writer, prefix=path, record=False)
+            writer = SettlingWriter(repo.writer, lambda changes: self._hold(repo, changes))
+            result = self.ledger.reconciler.reconcile(writer, prefix=path, record=False)
         except RootUnavailable as exc:
             # The guard looks at the root; for a subtree it means the directory went away
             # meanwhile (its events tell where), or the root did (the next pass's root check
@@ -334,13 +336,52 @@ class Applier:
         with self.lock:
             self.tree.watch(repo, path)
             self._absorb_checks(repo, path, work)
-        found = [i.path for i in walk(repo.repo.root, repo.rules, path) if isinstance(i, FileEntry)]
+        found = [i for i in walk(repo.repo.root, repo.rules, path) if isinstance(i, FileEntry)]
         with self.lock:
-            wds = {p: repo.index.by_path.get(p) for p in {parent_of(f) for f in found}}
+            work.dirty += self._settle_listed(repo, found)
+
+    def _settle_listed(self, repo: RepoWatch, found: list[FileEntry]) -> list[DirtyJob]:
+        """Files a listing of a new directory found, under the settle rule of every other
+        path (caller holds the lock): a file is recorded once closed or quiet.
+
+        A program that creates a directory and writes into it may still have its files
+        open when the listing comes (their IN_CREATE came before the watch existed).
+        Events read since the watch landed decide when such a file is looked at (an
+        IN_CLOSE_WRITE, or the debounce after its last IN_MODIFY); a file without any is
+        looked at now if its ctime is older than the debounce, otherwise when it will be
+        (a write before then sends events, which push it further). Returns the files to
+        look at in this pass; the others wait in the pending state."""
+        pending = repo.pending
+        wds = {p: repo.index.by_path.get(p) for p in {parent_of(f.path) for f in found}}
+        now, wall_ns = time.monotonic(), time.time_ns()
+        jobs: list[DirtyJob] = []
         for file in found:
-            wd = wds[parent_of(file)]
-            key = (wd, file.rpartition(b"/")[2]) if wd is not None else None
-            work.dirty.append(DirtyJob(key, file, Dirty(0.0)))
+            wd = wds[parent_of(file.path)]
+            if wd is None:  # not watched (the watch limit): no event would tell more
+                jobs.append(DirtyJob(None, file.path, Dirty(0.0)))
+                continue
+            key = (wd, file.path.rpartition(b"/")[2])
+            if not wait_quiet(pending, key, file.stat.ctime_ns, now, wall_ns, self.debounce_s):
+                jobs.append(DirtyJob(key, file.path, Dirty(0.0)))
+        return jobs
+
+    def _hold(self, repo: RepoWatch, changes: list[Change]) -> list[Change]:
+        """Of the created/modified records a subtree reconciliation is about to write, those
+        that may be written now; the others (files not closed or quiet yet: ``wait_quiet``)
+        wait in the pending state, to be looked at as any path an event touched."""
+        now, wall_ns = time.monotonic(), time.time_ns()
+        kept: list[Change] = []
+        with self.lock:
+            for change in changes:
+                assert change.record is not None
+                wd = repo.index.by_path.get(parent_of(change.path))
+                key = (wd, change.path.rpartition(b"/")[2]) if wd is not None else None
+                ctime_ns = change.record.stat.ctime_ns
+                if key is None or not wait_quiet(
+                    repo.pending, key, ctime_ns, now, wall_ns, self.debounce_s
+                ):
+                    kept.append(change)
+        return kept
 
     def _absorb_checks(self, repo: RepoWatch, top: RelPath, work: Work) -> None:
         """Take the pending checks of directories in ``top``'s subtree (caller holds the lock):
