@@ -12,6 +12,8 @@ import os
 import random
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -527,3 +529,101 @@ def test_a_write_through_one_hard_link_refreshes_the_others(live_db: Live) -> No
         (ChangeKind.MODIFIED, b"a/z.dat"),
         (ChangeKind.MODIFIED, b"b/y.dat"),
     ]
+
+
+UNPRIVILEGED_WATCHER = r"""
+import logging, os, sys
+from fsledger.config import Settings
+from fsledger.ledger import Ledger
+from fsledger.watch import Watcher
+
+url, root, closed = sys.argv[1], sys.argv[2], sys.argv[3]
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+try:
+    os.listdir(closed)
+    print("CAN-READ", flush=True)
+except PermissionError:
+    print("DENIED", flush=True)
+settings = Settings(database_url=url, max_concurrency=1, debounce_s=0.2)
+ledger = Ledger(settings)
+repo = ledger.add_repository(root)
+ledger.scan(repo)
+repo = ledger.store.get_repository(repo.id)
+watcher = Watcher(
+    ledger, settings, on_resync=lambda r, p, why: print("RESYNC", p, why, flush=True)
+)
+watcher.add(repo)
+watcher.start()
+print("READY", repo.id, flush=True)
+sys.stdin.readline()
+watcher.stop()
+ledger.close()
+"""
+
+
+def test_a_directory_readable_again_is_scanned_again(tmp_path: Path, store_url: str) -> None:
+    """A directory that could not be read (``chmod 000``: one from before the watcher
+    started, which it could not watch, and one closed while watched, whose files it could
+    not look at) and becomes readable again (``chmod 755``): the watcher alone makes what
+    changed meanwhile true. The watcher runs in a child without the capabilities that let
+    root read through any mode, so the directories are really unreadable to it."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        prefix = [need("setpriv"), "--bounding-set=-dac_override,-dac_read_search"]
+    root = tmp_path / "lib"
+    write(root / "open/old.txt", "old")
+    write(root / "open/keep.txt", "keep")
+    write(root / "closed/x.txt", "behind a closed door from the start")
+    write(root / "other.txt", "other")
+    (root / "closed").chmod(0)
+    child = subprocess.Popen(
+        [*prefix, sys.executable, "-c", UNPRIVILEGED_WATCHER, store_url, root, root / "closed"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(child.stderr or ()), daemon=True)
+    reader.start()
+    ledger = Ledger(Settings(database_url=store_url))
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "DENIED\n", "the watcher must not read through modes"
+        ready = child.stdout.readline().split()
+        assert ready[:1] == ["READY"], (ready, "".join(log))
+        repo = ledger.store.get_repository(UUID(ready[1]))
+        assert repo is not None
+        seq0 = ledger.store.latest_seq()
+        assert b"closed/x.txt" not in ledger_state(ledger, repo)
+        # Closed while watched: a file created and one deleted behind the closed door.
+        (root / "open").chmod(0)
+        write(root / "open/new.txt", "created while unreadable")
+        (root / "open/old.txt").unlink()
+        write(root / "closed/y.txt", "also created while unreadable")
+        assert wait_until(lambda: sum("cannot look at open/" in line for line in log) >= 2), (
+            "".join(log)
+        )
+        (root / "open").chmod(0o755)
+        (root / "closed").chmod(0o755)
+        wait_in_sync(ledger, repo, root)
+        entries = ledger.store.changes_since(seq0, 1000, repo.id)
+        assert sorted((e.kind, e.path) for e in entries) == [
+            (ChangeKind.CREATED, b"closed/x.txt"),
+            (ChangeKind.CREATED, b"closed/y.txt"),
+            (ChangeKind.CREATED, b"open/new.txt"),
+            (ChangeKind.DELETED, b"open/old.txt"),
+        ]
+        # The directory that could not be watched is watched now.
+        write(root / "closed/z.txt", "after")
+        wait_in_sync(ledger, repo, root)
+    finally:
+        (root / "open").chmod(0o755)
+        (root / "closed").chmod(0o755)
+        assert child.stdin is not None
+        child.stdin.write("stop\n")
+        child.stdin.close()
+        rest = child.stdout.read() if child.stdout else ""
+        child.wait(60)
+        ledger.close()
+    assert "RESYNC" not in rest, rest

@@ -20,6 +20,7 @@ path is looked at again.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat as stat_mod
@@ -44,7 +45,7 @@ from fsledger.model import (
     utcnow,
 )
 from fsledger.mounts import unmounted
-from fsledger.walk import FileEntry, walk
+from fsledger.walk import FileEntry, Unreadable, walk
 from fsledger.watch.metrics import WatcherMetrics
 from fsledger.watch.settle import SettlingWriter, wait_quiet
 from fsledger.watch.state import (
@@ -296,6 +297,7 @@ class Applier:
                 show(path),
                 exc,
             )
+            self._failed(repo, parent_of(path) if exc.errno == errno.EACCES else path)
             return "unknown"
         return "dir" if stat_mod.S_ISDIR(st.st_mode) else "gone"
 
@@ -318,6 +320,11 @@ class Applier:
             return
         work.covered.append(path)
         stats.add(result)
+        with self.lock:
+            if result.errors:
+                repo.failed.add(path)  # some of it could not be read: see RepoWatch.failed
+            else:
+                repo.failed = {f for f in repo.failed if not under(f, path)}
         changed = result.files_added + result.files_updated + result.files_removed
         log.log(
             logging.INFO if changed or result.files_moved else logging.DEBUG,
@@ -336,7 +343,12 @@ class Applier:
         with self.lock:
             self.tree.watch(repo, path)
             self._absorb_checks(repo, path, work)
-        found = [i for i in walk(repo.repo.root, repo.rules, path) if isinstance(i, FileEntry)]
+        found: list[FileEntry] = []
+        for item in walk(repo.repo.root, repo.rules, path):
+            if isinstance(item, FileEntry):
+                found.append(item)
+            elif isinstance(item, Unreadable):
+                self._failed(repo, item.path if item.is_dir else parent_of(item.path))
         with self.lock:
             work.dirty += self._settle_listed(repo, found)
 
@@ -382,6 +394,11 @@ class Applier:
                 ):
                     kept.append(change)
         return kept
+
+    def _failed(self, repo: RepoWatch, path: RelPath) -> None:
+        """Remember a directory that could not be read (see ``RepoWatch.failed``)."""
+        with self.lock:
+            repo.failed.add(path)
 
     def _absorb_checks(self, repo: RepoWatch, top: RelPath, work: Work) -> None:
         """Take the pending checks of directories in ``top``'s subtree (caller holds the lock):
@@ -539,6 +556,7 @@ class Applier:
                     show(path),
                     exc,
                 )
+                self._failed(repo, parent_of(path))  # issue 13 item 7: looked at again
                 return None, False
             st = None
         if st is None or not stat_mod.S_ISREG(st.st_mode):

@@ -161,7 +161,9 @@ class EventInterpreter:
                 self._dir_arrived(state, rel, now)
             elif mask & IN_DELETE:
                 self._dir_gone(state, rel, now)
-            # IN_ATTRIB/IN_MODIFY of a directory change no record.
+            elif mask & IN_ATTRIB and state.had_failed(rel):
+                self._dir_readable(state, rel, now)
+            # Otherwise IN_ATTRIB/IN_MODIFY of a directory change no record.
         elif mask & (IN_CLOSE_WRITE | IN_DELETE):
             closed = bool(mask & IN_CLOSE_WRITE)
             pending.mark(
@@ -293,6 +295,16 @@ class EventInterpreter:
         else:
             state.pending.check_path(rel, now + self.settle_s)
 
+    def _dir_readable(self, state: RepoWatch, rel: RelPath, now: float) -> None:
+        """The mode (or owner, ACL) of a directory that could not be watched or listed, or
+        of one of its ancestors, changed: it may be readable now (``chmod 755`` after
+        ``chmod 000``). Whatever happened in it meanwhile sent no event the watcher could
+        act on, so it is watched again and its subtree reconciled; a check that still
+        fails marks it failed again."""
+        state.failed = {f for f in state.failed if not under(f, rel)}
+        log.info("Repository %s: %s changed mode; scanning it again", state.id, show(rel))
+        self._dir_arrived(state, rel, now)
+
     def _dir_gone(self, state: RepoWatch, rel: RelPath, now: float) -> None:
         """A directory was deleted or moved out: unwatch its subtree, clear its records."""
         self.tree.unwatch(state, rel)
@@ -326,6 +338,9 @@ class EventInterpreter:
                 self.tree.deleted.add(ev.wd)
         elif ev.mask & IN_MOVE_SELF and root:
             self.lose(state, "the repository root was moved")
+        elif ev.mask & IN_ATTRIB and root and state.had_failed(b""):
+            # The root's own mode changed (its parent is not watched): see _dir_readable.
+            self._dir_readable(state, b"", time.monotonic())
         # A subdirectory's IN_MOVE_SELF: its parent's IN_MOVED_FROM/TO tell where it went.
 
     def _overflow(self) -> None:

@@ -301,6 +301,14 @@ class RepoWatch:
         """Directory renames (old, new, wd) read since the current pass took its work."""
         self.foreign: collections.deque[tuple[float, RelPath]] = collections.deque()
         """Paths other writers (a reconciliation) changed lately, with when (monotonic)."""
+        self.failed: set[RelPath] = set()
+        """Directories that could not be watched, listed or looked into (EACCES, EIO...):
+        an attribute change on one of them or an ancestor (``chmod 755``) has the subtree
+        watched and reconciled again, as nothing else would tell what changed meanwhile."""
+
+    def had_failed(self, top: RelPath) -> bool:
+        """Whether a directory at or below ``top`` failed (see ``failed``)."""
+        return any(under(f, top) for f in self.failed)
 
     @property
     def id(self) -> UUID:

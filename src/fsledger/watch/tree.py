@@ -68,6 +68,7 @@ class WatchTree:
             except OSError as exc:
                 if exc.errno not in GONE:
                     log.warning("Cannot watch %s in repository %s: %s", show(rel), repo.id, exc)
+                    repo.failed.add(rel)
                 continue
             self._map(repo, rel, wd)
             added += 1
@@ -84,6 +85,7 @@ class WatchTree:
             except OSError as exc:
                 if exc.errno not in GONE:
                     log.warning("Cannot list %s in repository %s: %s", show(rel), repo.id, exc)
+                    repo.failed.add(rel)
         return added
 
     def unwatch(self, repo: RepoWatch, top: RelPath) -> None:
