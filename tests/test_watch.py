@@ -37,7 +37,7 @@ from fsledger.watch.backend import (
     IN_UNMOUNT,
 )
 from treeutil import FakeMounts
-from watch_support import assert_in_sync, digest_of, ledger_state, wait_until, write
+from watch_support import assert_in_sync, digest_of, exchange, ledger_state, wait_until, write
 
 _cookies = itertools.count(1000)
 
@@ -466,6 +466,63 @@ def test_a_file_still_open_in_a_new_directory_is_recorded_once_closed(
         *([(ChangeKind.DELETED, b"d/old.jpg", None)] if had_records else []),
         (ChangeKind.CREATED, b"d/f.bin", 131072),
     ]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "split-reads"])
+def test_an_exchange_of_two_directories_is_written_as_one_swap(rig: Rig, split: bool) -> None:
+    """renameat2(RENAME_EXCHANGE) sends a rename pair for each side, from and to the same
+    two names. Written one after the other, the second would take the records the first
+    just moved; they are one swap, also when a pass runs between the two pairs."""
+    write(rig.p("L/a.jpg"), "left a")
+    write(rig.p("L/s/b.jpg"), "left b")
+    write(rig.p("R/c.jpg"), "right c")
+    rig.start()
+    before = rig.state()
+    exchange(rig.p("L"), rig.p("R"))
+    c1, c2 = next(_cookies), next(_cookies)
+    rig.emit("L", IN_MOVED_FROM | IN_ISDIR, c1)
+    rig.emit("R", IN_MOVED_TO | IN_ISDIR, c1)
+    if split:
+        rig.watcher.process_due()
+        assert rig.state() == before  # nothing written while the other half may come
+    rig.emit("R", IN_MOVED_FROM | IN_ISDIR, c2)
+    rig.emit("L", IN_MOVED_TO | IN_ISDIR, c2)
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert {kind for kind, _, _ in rig.kinds()} == {ChangeKind.DIR_MOVED}
+    # The watches follow their directories: events below them name the right paths.
+    rig.mark()
+    write(rig.p("R/s/new.jpg"), "new")
+    rig.created("R/s/new.jpg")
+    write(rig.p("L/new.jpg"), "new too")
+    rig.created("L/new.jpg")
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert sorted(rig.kinds()) == [
+        (ChangeKind.CREATED, b"L/new.jpg", None),
+        (ChangeKind.CREATED, b"R/s/new.jpg", None),
+    ]
+
+
+def test_a_rename_onto_an_empty_watched_directory(rig: Rig) -> None:
+    write(rig.p("A/x.jpg"), "x")
+    rig.p("E").mkdir()
+    rig.start()
+    e_wd = rig.wd("E")
+    os.rename(rig.p("A"), rig.p("E"))
+    cookie = next(_cookies)
+    rig.emit("A", IN_MOVED_FROM | IN_ISDIR, cookie)
+    rig.emit("E", IN_MOVED_TO | IN_ISDIR, cookie)
+    rig.backend.emit(e_wd, IN_DELETE_SELF)
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert rig.kinds() == [(ChangeKind.DIR_MOVED, b"E", b"A")]
+    rig.mark()
+    write(rig.p("E/y.jpg"), "y")
+    rig.created("E/y.jpg")
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert rig.watcher.metrics.watched_directories == 2
 
 
 # === moves out of and into the repository ==============================================

@@ -7,7 +7,6 @@ equal an independent walk of the disk.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import random
 import shutil
@@ -25,7 +24,7 @@ from fsledger.config import Settings
 from fsledger.ledger import Ledger
 from fsledger.model import ChangeKind, FeedEntry, OperationType, Repository
 from fsledger.watch import Watcher
-from watch_support import disk_state, ledger_state, wait_in_sync, wait_until, write
+from watch_support import disk_state, exchange, ledger_state, wait_in_sync, wait_until, write
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/proc/sys/fs/inotify"), reason="inotify is Linux-only"
@@ -364,22 +363,6 @@ def test_stop_flushes_pending_events(tmp_path: Path) -> None:
 
 
 # === issue 13: renames the kernel reports in pieces, new directories, hard links ===========
-RENAME_EXCHANGE = 2
-AT_FDCWD = -100
-SYS_RENAMEAT2 = 316  # x86_64, for a libc without the renameat2 wrapper
-
-
-def exchange(a: Path, b: Path) -> None:
-    """``renameat2(a, b, RENAME_EXCHANGE)``: swap two names atomically."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    args = (AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
-    fn = getattr(libc, "renameat2", None)
-    rc = fn(*args) if fn is not None else libc.syscall(SYS_RENAMEAT2, *args)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(a))
-
-
 State = dict[bytes, tuple[int, str | None]]
 
 
@@ -419,6 +402,49 @@ def swap_tree(root: Path) -> None:
         for i in range(6):
             write(root / f"{side}/sub{i % 2}/f{i}.jpg", f"{side} {i} " * (10 + i))
     write(root / "other/keep.txt", "x")
+
+
+def test_exchange_of_two_directories_swaps_their_records(live_db: Live) -> None:
+    """renameat2(RENAME_EXCHANGE) of two directories: inotify sends a rename pair for each
+    side; they must be applied as one swap, the feed must replay to the ledger, and the
+    swapped directories' watches must name the right paths afterwards."""
+    lv = live_db
+    lv.start(swap_tree)
+    assert lv.repo is not None
+    for round_ in range(3):
+        seq0 = lv.ledger.store.latest_seq()
+        before = ledger_state(lv.ledger, lv.repo)
+        exchange(lv.p("left"), lv.p("right"))
+        lv.settle()
+        entries = lv.ledger.store.changes_since(seq0, 10_000, lv.repo.id)
+        assert {e.kind for e in entries} == {ChangeKind.DIR_MOVED}, entries
+        assert replay(before, entries) == ledger_state(lv.ledger, lv.repo)
+        # Files written below both swapped directories land at their new paths.
+        write(lv.p(f"left/sub0/new{round_}.jpg"), f"new left {round_}")
+        write(lv.p(f"right/sub1/new{round_}.jpg"), f"new right {round_}")
+        lv.settle()
+    # Directories in different parents, one of them nested below the other's sibling.
+    write(lv.p("other/deep/x/f.jpg"), "deep")
+    lv.settle()
+    seq0 = lv.ledger.store.latest_seq()
+    before = ledger_state(lv.ledger, lv.repo)
+    exchange(lv.p("left/sub1"), lv.p("other/deep"))
+    lv.settle()
+    entries = lv.ledger.store.changes_since(seq0, 10_000, lv.repo.id)
+    assert {e.kind for e in entries} == {ChangeKind.DIR_MOVED}, entries
+    assert replay(before, entries) == ledger_state(lv.ledger, lv.repo)
+
+
+def test_exchange_of_two_files(live_db: Live) -> None:
+    lv = live_db
+    lv.start(swap_tree)
+    assert lv.repo is not None
+    seq0 = lv.ledger.store.latest_seq()
+    before = ledger_state(lv.ledger, lv.repo)
+    exchange(lv.p("left/sub0/f0.jpg"), lv.p("right/sub1/f1.jpg"))
+    lv.settle()
+    entries = lv.ledger.store.changes_since(seq0, 10_000, lv.repo.id)
+    assert replay(before, entries) == ledger_state(lv.ledger, lv.repo)
 
 
 def test_chained_directory_renames_reach_the_feed_as_moves(live_db: Live) -> None:

@@ -59,6 +59,7 @@ from fsledger.watch.state import (
     moved,
     parent_of,
     show,
+    swapped,
     under,
 )
 from fsledger.watch.tree import GONE, WatchTree
@@ -126,19 +127,56 @@ class Applier:
         if not moves:
             work.dir_moves = []
             return
-        changes = [Change(ChangeKind.DIR_MOVED, m.new, old_path=m.old) for m in moves]
-        hops = self._hops(repo, moves, changes)
-        applied = repo.writer.apply(changes, confirm=lambda c: id(c) in hops)
-        work.dir_moves = []
-        for change in applied.changes:
-            log.info(
-                "Directory moved: %s -> %s (repository %s)",
-                show(change.old_path or b""),
-                show(change.path),
-                repo.id,
-            )
-        stats.files_moved += len(applied.changes)
-        dropped = {id(c) for c in applied.dropped}
+        units = _units(moves)
+        done: list[tuple[list[DirMove], bool]] = []
+        """Each unit written (a rename, or the two halves of an exchange) and whether it was."""
+        try:
+            i = 0
+            while i < len(units):
+                if len(units[i]) == 2:  # an exchange: its own transaction
+                    first, second = units[i]
+                    if first is second:  # a half without its partner: see _units
+                        done.append(([first], False))
+                        i += 1
+                        continue
+                    applied = repo.writer.exchange(first.old, first.new)
+                    done.append((units[i], bool(applied.changes)))
+                    if applied.changes:
+                        log.info(
+                            "Directories exchanged: %s <-> %s (repository %s)",
+                            show(first.old),
+                            show(first.new),
+                            repo.id,
+                        )
+                        stats.files_moved += 2
+                    i += 1
+                    continue
+                j = i
+                while j < len(units) and len(units[j]) == 1:
+                    j += 1
+                run = [u[0] for u in units[i:j]]
+                changes = [Change(ChangeKind.DIR_MOVED, m.new, old_path=m.old) for m in run]
+                hops = self._hops(repo, run, changes)
+                applied = repo.writer.apply(changes, confirm=_vouched(hops))
+                kept = {id(c) for c in applied.changes}
+                done += [([m], id(c) in kept) for m, c in zip(run, changes, strict=True)]
+                for change in applied.changes:
+                    log.info(
+                        "Directory moved: %s -> %s (repository %s)",
+                        show(change.old_path or b""),
+                        show(change.path),
+                        repo.id,
+                    )
+                stats.files_moved += len(applied.changes)
+                i = j
+        finally:
+            written = {id(m) for unit, _ in done for m in unit}
+            work.dir_moves = [m for m in moves if id(m) not in written]
+            self._after_dir_moves(repo, done, work)
+
+    def _after_dir_moves(
+        self, repo: RepoWatch, done: list[tuple[list[DirMove], bool]], work: Work
+    ) -> None:
         with self.lock:
             foreign = list(repo.foreign)
         # Walk the batch in order, in the path space the records are in after each rename.
@@ -149,20 +187,33 @@ class Applier:
         # of files that only moved), as are renames another writer raced (below).
         hollow: list[RelPath] = []
         checks: list[Check] = []
-        for change, move in zip(changes, moves, strict=True):
-            if id(change) in dropped:
-                hollow.append(move.new)
-                checks += [Check(move.new, move.wd), Check(move.old, None)]
+        for unit, ok in done:
+            if not ok:
+                for move in unit:
+                    hollow.append(move.new)
+                    checks += [Check(move.new, move.wd), Check(move.old, None)]
                 continue
-            carried_hollow = any(under(move.old, h) for h in hollow)
-            hollow = [moved(h, move.old, move.new) for h in hollow]
-            checks = [Check(moved(c.path, move.old, move.new), c.wd) for c in checks]
+            move = unit[0]
+            if len(unit) == 2:  # an exchange: each side's paths go to the other side
+
+                def step(path: RelPath, a: RelPath = move.old, b: RelPath = move.new) -> RelPath:
+                    return swapped(path, a, b)
+
+                carried_hollow = any(under(move.old, h) or under(move.new, h) for h in hollow)
+            else:
+
+                def step(path: RelPath, a: RelPath = move.old, b: RelPath = move.new) -> RelPath:
+                    return moved(path, a, b)
+
+                carried_hollow = any(under(move.old, h) for h in hollow)
+            hollow = [step(h) for h in hollow]
+            checks = [Check(step(c.path), c.wd) for c in checks]
             raced = any(
                 t >= move.read_at - FOREIGN_SLACK_S and (under(p, move.old) or under(p, move.new))
                 for t, p in foreign
             )
             if carried_hollow:
-                hollow.append(move.new)
+                hollow += [m.new for m in unit]
             if carried_hollow or raced:
                 if raced:
                     # Another writer (a reconciliation) changed records on either side
@@ -173,7 +224,7 @@ class Applier:
                         repo.id,
                         show(move.new),
                     )
-                checks.append(Check(move.new, move.wd))
+                checks += [Check(m.new, m.wd) for m in unit]
         work.checks += checks
 
     def _hops(self, repo: RepoWatch, moves: list[DirMove], changes: list[Change]) -> set[int]:
@@ -644,3 +695,31 @@ def _racy(record: FileRecord) -> bool:
     event saying the content changed is checked by hashing, not by ``lstat``. The same rule
     as a reconciliation's (``fsledger.merge.is_racy``)."""
     return is_racy(record.stat.mtime_ns, datetime_to_ns(record.last_scanned))
+
+
+def _units(moves: list[DirMove]) -> list[list[DirMove]]:
+    """Directory renames as written: one each, except the two halves of an exchange
+    (``renameat2(RENAME_EXCHANGE)``: X -> Y, then Y -> X marked ``exchange``), which are
+    one swap; written one after the other, the second would take the records the first
+    just moved. A second half whose first half is not right before it cannot be written
+    as a swap: it is left unwritten (a unit that fails), so both sides are scanned."""
+    units: list[list[DirMove]] = []
+    for move in moves:
+        prev = units[-1] if units else None
+        if (
+            move.exchange
+            and prev is not None
+            and len(prev) == 1
+            and (prev[0].old, prev[0].new) == (move.new, move.old)
+        ):
+            prev.append(move)
+        elif move.exchange:
+            units.append([move, move])  # no partner: not written (see _dir_moves)
+        else:
+            units.append([move])
+    return units
+
+
+def _vouched(ids: set[int]) -> Callable[[Change], bool]:
+    """The writer's ``confirm`` for the changes with these ids."""
+    return lambda change: id(change) in ids

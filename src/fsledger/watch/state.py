@@ -53,6 +53,15 @@ def moved(path: RelPath, old: RelPath, new: RelPath) -> RelPath:
     return new + path[len(old) :] if old and under(path, old) else path
 
 
+def swapped(path: RelPath, a: RelPath, b: RelPath) -> RelPath:
+    """``path`` after directories ``a`` and ``b`` exchanged names."""
+    if under(path, a):
+        return b + path[len(a) :]
+    if under(path, b):
+        return a + path[len(b) :]
+    return path
+
+
 def related(a: RelPath, b: RelPath) -> bool:
     """Whether one path is the other or an ancestor of it."""
     return under(a, b) or under(b, a)
@@ -154,6 +163,9 @@ class DirMove:
     old: RelPath
     new: RelPath
     read_at: float = 0.0
+    exchange: bool = False
+    """The second half of ``renameat2(RENAME_EXCHANGE)``: this directory took the place
+    of the one the rename before it moved here (it is written with it, as one swap)."""
 
 
 @dataclass(slots=True)

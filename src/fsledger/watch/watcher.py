@@ -422,6 +422,10 @@ class Watcher:
     def _take(self, state: RepoWatch, now: float, force: bool) -> Work | None:
         """Move the due part of a repository's pending state into a ``Work`` (caller holds
         the lock), resolving watch descriptors to the paths they have now."""
+        if self._events.displacing(state) and not force:
+            # A rename landed on a watched directory: until its exchange partner comes
+            # (or the pair wait ends) nothing of this repository is written.
+            return None
         pending = state.pending
         tree = self._tree
         state.move_log.clear()
