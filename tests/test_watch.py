@@ -504,24 +504,33 @@ def test_an_exchange_of_two_directories_is_written_as_one_swap(rig: Rig, split: 
     ]
 
 
-def test_a_rename_onto_an_empty_watched_directory(rig: Rig) -> None:
+@pytest.mark.parametrize("renamed_on", [False, True], ids=["stays", "renamed-on"])
+def test_a_rename_onto_an_empty_watched_directory(rig: Rig, renamed_on: bool) -> None:
+    """Not an exchange: the directory renamed over is gone (its IN_DELETE_SELF comes
+    within the rename), also when the directory that took its name moves on at once."""
     write(rig.p("A/x.jpg"), "x")
     rig.p("E").mkdir()
     rig.start()
     e_wd = rig.wd("E")
     os.rename(rig.p("A"), rig.p("E"))
-    cookie = next(_cookies)
-    rig.emit("A", IN_MOVED_FROM | IN_ISDIR, cookie)
-    rig.emit("E", IN_MOVED_TO | IN_ISDIR, cookie)
+    rig.renamed("A", "E", is_dir=True)
     rig.backend.emit(e_wd, IN_DELETE_SELF)
+    final = "E"
+    if renamed_on:
+        os.rename(rig.p("E"), rig.p("F"))
+        rig.renamed("E", "F", is_dir=True)
+        final = "F"
     rig.watcher.flush()
     rig.assert_exact()
-    assert rig.kinds() == [(ChangeKind.DIR_MOVED, b"E", b"A")]
+    assert rig.kinds() == [(ChangeKind.DIR_MOVED, b"E", b"A")] + (
+        [(ChangeKind.DIR_MOVED, b"F", b"E")] if renamed_on else []
+    )
     rig.mark()
-    write(rig.p("E/y.jpg"), "y")
-    rig.created("E/y.jpg")
+    write(rig.p(f"{final}/y.jpg"), "y")
+    rig.created(f"{final}/y.jpg")
     rig.watcher.flush()
     rig.assert_exact()
+    assert rig.kinds() == [(ChangeKind.CREATED, f"{final}/y.jpg".encode(), None)]
     assert rig.watcher.metrics.watched_directories == 2
 
 

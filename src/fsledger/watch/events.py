@@ -132,6 +132,8 @@ class EventInterpreter:
         if ev.mask & IN_Q_OVERFLOW:
             self._overflow()
             return
+        if ev.mask & IN_DELETE_SELF and self._overwritten(ev.wd, now):
+            return
         if ev.wd in self.frozen:
             # Its directory is below one whose IN_MOVED_FROM is unpaired: where it is (in
             # the repository or out of it) is known once that move pairs or expires.
@@ -328,11 +330,25 @@ class EventInterpreter:
         state.pending.dir_moves.append(DirMove(wd, gone.path, rel, now, exchange=True))
         state.move_log.append((gone.path, rel, wd))
 
+    def _overwritten(self, wd: int, now: float) -> bool:
+        """IN_DELETE_SELF of a displaced directory: the rename onto it replaced it (the
+        kernel says so within the rename call), so no exchange half is to come."""
+        for key, gone in list(self.displaced.items()):
+            if any(w == wd and not suffix for suffix, w in gone.watches):
+                del self.displaced[key]
+                self._drop_displaced(gone)
+                self._refreeze(now)
+                return True
+        return False
+
     def _drop_displaced(self, gone: Displaced) -> None:
         self.tree.forget_detached(gone.watches)
         self.update_metrics()
 
     def _moved_out(self, src: PendingMove, now: float) -> None:
+        if src.displaced is not None:  # not the exchange it looked like: nothing comes back
+            self._drop_displaced(src.displaced)
+            src.displaced = None
         if not src.is_dir:
             src.repo.pending.mark(src.key, now + self.settle_s)
         elif (path := self.tree.key_path(src.key)) is not None:
