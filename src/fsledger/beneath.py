@@ -29,7 +29,7 @@ from fsledger.model import RelPath
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Beneath", "split"]
+__all__ = ["Beneath", "is_dir_below", "resolve_dir", "split"]
 
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
@@ -267,3 +267,13 @@ class Beneath:
         """A ``/proc/self/fd`` path naming directory ``rel`` for as long as this object
         lives: for calls that take only a path (``inotify_add_watch``), whatever its depth."""
         return b"/proc/self/fd/%d" % self.dir_fd(rel)
+
+
+def is_dir_below(root: bytes, rel: RelPath) -> bool:
+    """Whether ``rel`` below ``root`` is a directory, reached without following symlinks
+    (False when it, or the root, cannot be seen)."""
+    try:
+        with Beneath(root) as tree:
+            return tree.is_dir(rel)
+    except OSError:
+        return False

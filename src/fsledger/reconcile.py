@@ -30,7 +30,7 @@ from functools import partial
 from multiprocessing.pool import AsyncResult
 
 from fsledger import decide
-from fsledger.beneath import Beneath
+from fsledger.beneath import Beneath, is_dir_below
 from fsledger.config import Settings
 from fsledger.decide import RACY_WINDOW_NS, LookRule
 from fsledger.errors import GuardRefused, RootUnavailable
@@ -366,7 +366,7 @@ class _Run:
             for _round in range(3):
                 targets, renamed[:] = list(dict.fromkeys(renamed)), []
                 for path in targets:
-                    if _is_dir(self.repo.root, path):
+                    if is_dir_below(self.repo.root, path):
                         log.info(
                             "Repository %s: %s was renamed during the scan; walking it again",
                             self.repo.id,
@@ -711,15 +711,6 @@ class _Run:
             self._emit(Change(ChangeKind.DELETED, path))
         self.out.flush()
         self.out.wait()
-
-
-def _is_dir(root: bytes, rel: RelPath) -> bool:
-    """Whether ``rel`` below ``root`` is a directory, reached without following symlinks."""
-    try:
-        with Beneath(root) as tree:
-            return tree.is_dir(rel)
-    except OSError:
-        return False
 
 
 class _Looker:
