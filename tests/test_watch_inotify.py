@@ -472,7 +472,8 @@ def test_chained_directory_renames_reach_the_feed_as_moves(live_db: Live) -> Non
         lv.settle()
         entries = lv.ledger.store.changes_since(seq0, 10_000, lv.repo.id)
         kinds = {e.kind for e in entries}
-        assert kinds <= {ChangeKind.DIR_MOVED, ChangeKind.MOVED}, (i, entries)
+        shown = [(e.kind.value, e.old_path, e.path) for e in entries]
+        assert kinds <= {ChangeKind.DIR_MOVED, ChangeKind.MOVED}, (i, shown)
         assert replay(before, entries) == ledger_state(lv.ledger, lv.repo), (i, entries)
         # Back again, for the next round.
         os.rename(lv.p("D3"), lv.p("D0"))
