@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from fsledger.api.feed import Feed
 from fsledger.config import Settings
+from fsledger.ledger import Ledger
+from fsledger.model import RepoSettings
 from fsledger.store import open_store
 from fsledger.store.redact import redact_url, scrub
+from treeutil import disk_snapshot, ledger_snapshot, make_tree
 
 FSLEDGER = str(Path(sys.executable).with_name("fsledger"))
 SECRET = "Sup3rS3cretPw"
@@ -136,3 +140,112 @@ def test_a_daemon_run_logs_no_password(pg_url: str, tmp_path: Path) -> None:
         done = subprocess.run([FSLEDGER, *args], env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         assert SECRET not in done.stderr + done.stdout, args
+
+
+# --- 1. a planted .fsledger.yaml ---------------------------------------------------------------
+PLANT = "sync_settings:\n  ignore_patterns: ['*.jpg']\n"
+
+
+def feed_kinds(ledger: Ledger) -> list[tuple[str, bytes]]:
+    page = Feed(ledger.store).read(None, 1000)
+    return [(e.kind.value, e.path) for e in page.entries]
+
+
+def photo_tree(root: Path) -> None:
+    make_tree(str(root), {"a.jpg": b"a", "b/c.jpg": b"c", "d.png": b"d"})
+
+
+def test_a_planted_repo_config_is_not_read_unless_trusted(ledger: Ledger, tmp_path: Path) -> None:
+    """By default a root's own .fsledger.yaml is never opened: the ledger equals the disk."""
+    root = tmp_path / "photos"
+    photo_tree(root)
+    repo = ledger.add_repository(str(root))
+    ledger.scan(repo)
+    (root / ".fsledger.yaml").write_text(PLANT)
+    (root / "decoy.png").write_bytes(b"decoy")
+    ledger.scan(repo)
+    assert ledger_snapshot(ledger, repo) == disk_snapshot(str(root))
+    assert not any(kind == "deleted" for kind, _ in feed_kinds(ledger))
+    stored = ledger.store.get_repository(repo.id)
+    assert stored is not None and stored.settings.file_ignore_patterns == ()
+
+
+def test_planted_ignore_patterns_never_delete_records(ledger: Ledger, tmp_path: Path) -> None:
+    """A trusted root's file may stop new records, but the records it would hide are kept
+    (and reported) until the operator accepts; the stored copy follows the file."""
+    root = tmp_path / "photos"
+    photo_tree(root)
+    repo = ledger.add_repository(str(root), settings=RepoSettings(trust_repo_config=True))
+    ledger.scan(repo)
+    before = ledger_snapshot(ledger, repo)
+    assert set(before) == {b"a.jpg", b"b/c.jpg", b"d.png"}
+
+    (root / ".fsledger.yaml").write_text(PLANT)
+    (root / "decoy.png").write_bytes(b"decoy")
+    (root / "new.jpg").write_bytes(b"new")
+    stats = ledger.scan(repo)
+    now = ledger_snapshot(ledger, repo)
+    assert {p: now[p] for p in before} == before  # every record kept, unchanged
+    assert b"new.jpg" not in now and b"decoy.png" in now  # the file's patterns apply to new
+    assert not any(kind == "deleted" for kind, _ in feed_kinds(ledger))
+    assert any("--accept-ignores" in n and "2 record(s)" in n for n in stats.notes), stats.notes
+    stored = ledger.store.get_repository(repo.id)
+    assert stored is not None and stored.settings.file_ignore_patterns == ("*.jpg",)
+    assert stored.settings.ignore_patterns == ()  # not copied into the operator's
+
+    # A kept record whose file really goes is deleted: records stay true to the disk.
+    (root / "b" / "c.jpg").unlink()
+    ledger.scan(repo)
+    assert b"b/c.jpg" not in ledger_snapshot(ledger, repo)
+    assert b"a.jpg" in ledger_snapshot(ledger, repo)
+
+    # Deleting the file removes its settings: the ledger equals the disk again.
+    (root / ".fsledger.yaml").unlink()
+    ledger.scan(repo)
+    stored = ledger.store.get_repository(repo.id)
+    assert stored is not None and stored.settings.file_ignore_patterns == ()
+    assert ledger_snapshot(ledger, repo) == disk_snapshot(str(root))
+
+    # The operator's explicit consent retires them.
+    (root / ".fsledger.yaml").write_text(PLANT)
+    ledger.scan(repo, accept_ignores=True)
+    assert ledger_snapshot(ledger, repo) == disk_snapshot(str(root), ["*.jpg"])
+    assert ("deleted", b"a.jpg") in feed_kinds(ledger)
+
+
+def test_operator_patterns_retire_records(ledger: Ledger, tmp_path: Path) -> None:
+    """Settings the operator sets (CLI, API) are consent: their matches are retired."""
+    root = tmp_path / "photos"
+    photo_tree(root)
+    repo = ledger.add_repository(str(root))
+    ledger.scan(repo)
+    repo = ledger.set_settings(repo, RepoSettings(ignore_patterns=("*.jpg",)))
+    ledger.scan(repo)
+    assert ledger_snapshot(ledger, repo) == disk_snapshot(str(root), ["*.jpg"])
+
+
+def test_the_daemon_keeps_records_a_planted_file_ignores(tmp_path: Path) -> None:
+    """The reported attack end to end: a trusted repository, a planted pattern and a decoy,
+    then ``fsledger run --once``: no deletion reaches the feed; ``scan --accept-ignores``
+    retires them."""
+    root = tmp_path / "photos"
+    photo_tree(root)
+    env = {**os.environ, "FSLEDGER_DATABASE_URL": "sqlite://" + str(tmp_path / "l.db")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [FSLEDGER, *args], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
+    cli("repo", "add", "--trust-repo-config", str(root))
+    (root / ".fsledger.yaml").write_text(PLANT)
+    (root / "decoy.png").write_bytes(b"decoy")
+    cli("run", "--once")
+    listed = cli("files", "photos").stdout
+    assert "a.jpg" in listed and "b/c.jpg" in listed
+    assert "deleted" not in cli("changes").stdout
+    done = cli("scan", "photos", "--accept-ignores")
+    assert "removed=2" in done.stdout
+    assert "a.jpg" not in cli("files", "photos").stdout

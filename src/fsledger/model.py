@@ -300,25 +300,63 @@ class DuplicateGroup:
 
 @dataclass(frozen=True, slots=True)
 class RepoSettings:
-    """Per-repository settings, stored with the repository (and from its YAML, if any)."""
+    """Per-repository settings, stored with the repository.
+
+    Two sources, kept apart because they are trusted differently: the operator's (set through
+    the CLI or the API, which only the operator reaches) and the root's own ``.fsledger.yaml``
+    (``file_*``: written by whoever can write into the tree). The file is read only when the
+    operator said so (``trust_repo_config``), and its stored copy follows the file: a file
+    removed or no longer trusted clears it. Only the operator's patterns retire records; a
+    file's patterns stop new records and leave existing ones alone until the operator accepts
+    (``fsledger scan REPO --accept-ignores``).
+    """
 
     ignore_patterns: tuple[str, ...] = ()
     quick_scan_interval_s: float | None = None
     full_scan_interval_s: float | None = None
+    trust_repo_config: bool = False
+    """Honour the root's ``.fsledger.yaml`` (``repo add --trust-repo-config``)."""
+    file_ignore_patterns: tuple[str, ...] = ()
+    file_quick_scan_interval_s: float | None = None
+    file_full_scan_interval_s: float | None = None
+
+    @property
+    def walk_patterns(self) -> tuple[str, ...]:
+        """What the walker and the watcher skip: the operator's and the file's patterns."""
+        return tuple(dict.fromkeys(self.ignore_patterns + self.file_ignore_patterns))
+
+    @property
+    def quick_interval_s(self) -> float | None:
+        """The file's interval (the operator trusted it), else the operator's."""
+        return self.file_quick_scan_interval_s or self.quick_scan_interval_s
+
+    @property
+    def full_interval_s(self) -> float | None:
+        return self.file_full_scan_interval_s or self.full_scan_interval_s
 
     def to_json(self) -> dict[str, Any]:
         return {
             "ignore_patterns": list(self.ignore_patterns),
             "quick_scan_interval_s": self.quick_scan_interval_s,
             "full_scan_interval_s": self.full_scan_interval_s,
+            "trust_repo_config": self.trust_repo_config,
+            "file_ignore_patterns": list(self.file_ignore_patterns),
+            "file_quick_scan_interval_s": self.file_quick_scan_interval_s,
+            "file_full_scan_interval_s": self.file_full_scan_interval_s,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RepoSettings:
+        # A repository stored before ``trust_repo_config`` existed is not trusted: its
+        # file is no longer read (see docs/security.md, "Migration").
         return cls(
             ignore_patterns=tuple(data.get("ignore_patterns") or ()),
             quick_scan_interval_s=data.get("quick_scan_interval_s"),
             full_scan_interval_s=data.get("full_scan_interval_s"),
+            trust_repo_config=bool(data.get("trust_repo_config", False)),
+            file_ignore_patterns=tuple(data.get("file_ignore_patterns") or ()),
+            file_quick_scan_interval_s=data.get("file_quick_scan_interval_s"),
+            file_full_scan_interval_s=data.get("file_full_scan_interval_s"),
         )
 
 

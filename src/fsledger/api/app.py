@@ -26,6 +26,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib import resources
 from typing import Annotated, Any
 from uuid import UUID
@@ -54,7 +55,7 @@ from fsledger.errors import (
 )
 from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
-from fsledger.model import Repository, utcnow
+from fsledger.model import RepoSettings, Repository, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -343,11 +344,31 @@ def create_app(
         if "\0" in body.path or not os.path.isabs(body.path):
             raise ApiError(400, "bad_request", "path must be an absolute path on the server")
         path = os.fsencode(body.path)
-        repo = (
-            manager.add_repository(path, body.name)
-            if manager is not None
-            else ledger.add_repository(path, body.name)
+        wanted = RepoSettings(
+            ignore_patterns=tuple(body.ignore_patterns), trust_repo_config=body.trust_repo_config
         )
+        repo = (
+            manager.add_repository(path, body.name, wanted)
+            if manager is not None
+            else ledger.add_repository(path, body.name, wanted)
+        )
+        return {**repo.to_json(), "status": status_json(repo)}
+
+    @api.put(
+        "/repositories/{repo_id}/settings",
+        response_model=schemas.RepositoryOut,
+        tags=["repositories"],
+    )
+    def set_settings(repo_id: UUID, body: schemas.RepoSettingsIn) -> Any:
+        """The operator's settings: ignore patterns (records they match are retired at the
+        next scan) and whether the root's own .fsledger.yaml is honoured."""
+        repo = get_repo(repo_id)
+        wanted = replace(
+            repo.settings,
+            ignore_patterns=tuple(body.ignore_patterns),
+            trust_repo_config=body.trust_repo_config,
+        )
+        repo = ledger.set_settings(repo, wanted)
         return {**repo.to_json(), "status": status_json(repo)}
 
     @api.delete("/repositories/{repo_id}", response_model=schemas.RemovedOut, tags=["repositories"])

@@ -4,7 +4,7 @@ which the CLI prints too, so the API returns what the CLI says."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -32,6 +32,27 @@ class RepoSettingsOut(BaseModel):
     ignore_patterns: list[str]
     quick_scan_interval_s: float | None
     full_scan_interval_s: float | None
+    trust_repo_config: bool = Field(description="Whether the root's .fsledger.yaml is read.")
+    file_ignore_patterns: list[str] = Field(
+        description="Patterns of the root's .fsledger.yaml (when trusted): they stop new "
+        "records but retire none without 'fsledger scan --accept-ignores'."
+    )
+    file_quick_scan_interval_s: float | None
+    file_full_scan_interval_s: float | None
+
+
+_PATTERNS: Any = Field(
+    default_factory=list,
+    max_length=200,
+    description="Ignore patterns of the operator: records they match are retired.",
+)
+
+
+class RepoSettingsIn(BaseModel):
+    ignore_patterns: list[str] = _PATTERNS
+    trust_repo_config: bool = Field(
+        default=False, description="Honour the root's own .fsledger.yaml (off by default)."
+    )
 
 
 class OperationOut(BaseModel):
@@ -77,6 +98,10 @@ class RepositoryIn(BaseModel):
         min_length=1, max_length=MAX_PATH, pattern="^/", description="Absolute path of the root."
     )
     name: str | None = Field(default=None, min_length=1, max_length=200)
+    ignore_patterns: list[str] = _PATTERNS
+    trust_repo_config: bool = Field(
+        default=False, description="Honour the root's own .fsledger.yaml (off by default)."
+    )
 
 
 class RemovedOut(BaseModel):
