@@ -7,13 +7,18 @@ symlinks never followed out of a root in ``test_reconcile.py``.)"""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from api_support import free_port, wait_for
+from fsledger import cli
 from fsledger.api.feed import Feed
 from fsledger.config import Settings
 from fsledger.ledger import Ledger
@@ -249,3 +254,114 @@ def test_the_daemon_keeps_records_a_planted_file_ignores(tmp_path: Path) -> None
     done = cli("scan", "photos", "--accept-ignores")
     assert "removed=2" in done.stdout
     assert "a.jpg" not in cli("files", "photos").stdout
+
+
+# --- 2. a FIFO named .fsledger.yaml, and SIGTERM -----------------------------------------------
+def start_daemon(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [FSLEDGER, "run", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop_within(proc: subprocess.Popen[str], seconds: float) -> str:
+    """SIGTERM; the process must be gone within ``seconds``. Returns its log."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _out, err = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"still running {seconds}s after SIGTERM") from None
+    return err
+
+
+def test_a_fifo_named_like_the_repo_config_blocks_nothing(tmp_path: Path) -> None:
+    """A FIFO (or a symlink to one) named .fsledger.yaml in a trusted root: the daemon
+    starts, indexes, answers, adds another such root through the API at once, and stops on
+    SIGTERM."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    make_tree(str(first), {"a.jpg": b"a"})
+    make_tree(str(second), {"b.jpg": b"b"})
+    os.mkfifo(first / ".fsledger.yaml")
+    os.mkfifo(tmp_path / "fifo")
+    (second / ".fsledger.yaml").symlink_to(tmp_path / "fifo")
+    port = free_port()
+    env = {**os.environ, "FSLEDGER_DATABASE_URL": "sqlite://" + str(tmp_path / "l.db")}
+    done = subprocess.run(
+        [FSLEDGER, "repo", "add", "--trust-repo-config", str(first)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    proc = start_daemon(env, "--listen", f"127.0.0.1:{port}")
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def indexed(repo_name: str) -> bool:
+            try:
+                repos = httpx.get(f"{base}/api/v1/repositories", timeout=5).json()
+            except httpx.HTTPError:
+                return False
+            return any(r["name"] == repo_name and r["status"]["total_files"] for r in repos)
+
+        wait_for("the first root indexed", lambda: indexed("first") or None, timeout=30)
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+        added = httpx.post(
+            f"{base}/api/v1/repositories",
+            json={"path": str(second), "trust_repo_config": True},
+            timeout=10,
+        )
+        assert added.status_code == 201, added.text
+        wait_for("the second root indexed", lambda: indexed("second") or None, timeout=30)
+    finally:
+        log = stop_within(proc, 10)
+    assert "is not a regular file" in log and "is a symlink" in log, log
+
+
+BLOCKED_DAEMON = """
+import sys
+import fsledger.manager as m
+from fsledger.cli import main
+
+start = m.SyncManager.start
+
+def start_then_block(self):
+    start(self)
+    open(sys.argv[1], "rb")  # a blocking open that nothing will ever satisfy
+
+m.SyncManager.start = start_then_block
+main(["run", "--no-http", "--no-watch"])
+"""
+
+
+def test_sigterm_ends_a_daemon_blocked_in_a_system_call(tmp_path: Path) -> None:
+    """Whatever the daemon's main thread is blocked on, SIGTERM ends it within seconds."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    env = {**os.environ, "FSLEDGER_DATABASE_URL": "sqlite://" + str(tmp_path / "l.db")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BLOCKED_DAEMON, str(fifo)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def blocked() -> bool:
+            wchan = Path(f"/proc/{proc.pid}/wchan").read_text()
+            return wchan in ("wait_for_partner", "fifo_open")
+
+        wait_for("the daemon to block on the FIFO", lambda: blocked() or None, timeout=30)
+    finally:
+        t0 = time.monotonic()
+        log = stop_within(proc, cli.STOP_GRACE_S + 5)
+    assert time.monotonic() - t0 < cli.STOP_GRACE_S + 5
+    assert proc.returncode == 128 + signal.SIGTERM, log
+    assert "stopping at once" in log, log

@@ -621,8 +621,16 @@ def run(
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            _hard_exit(signum, "a second signal")
         log.info("Received %s, stopping", signal.Signals(signum).name)
         stop.set()
+        # The main thread may be stuck in something stopping cannot reach (an open or a
+        # read that blocks for good: this handler runs when the call is interrupted, and
+        # then the call is retried). A clean stop gets STOP_GRACE_S, then the process ends.
+        timer = threading.Timer(STOP_GRACE_S, _hard_exit, (signum, "the stop took too long"))
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -645,6 +653,21 @@ def run(
         if service is not None:
             service.stop()
         manager.stop()
+
+
+STOP_GRACE_S = 5.0
+"""How long ``run`` may take to stop cleanly after SIGTERM/SIGINT before it just exits.
+An operation cut short is marked failed by the next command that writes."""
+
+
+def _hard_exit(signum: int, why: str) -> NoReturn:
+    """End the process now, whatever any thread is blocked on."""
+    # os.write, not logging: a thread blocked while holding the log handler's lock must
+    # not keep the process alive.
+    try:
+        os.write(2, f"fsledger: stopping at once ({why}): no clean stop\n".encode())
+    finally:
+        os._exit(128 + signum)
 
 
 def _live_factory() -> LiveFactory:
