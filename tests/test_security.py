@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api_support import free_port, wait_for
+from api_support import free_port, wait_for, webhook_receiver
 from fsledger import cli
 from fsledger.api.feed import Feed
 from fsledger.config import Settings
@@ -92,6 +92,22 @@ def test_an_existing_directory_keeps_its_permissions(tmp_path: Path) -> None:
             "postgres://ann@db.lan/photos?sslmode=require&password=" + SECRET,
             "postgres://ann@db.lan/photos?sslmode=require&password=***",
         ),
+        (
+            "postgresql://ann@db.lan/photos?sslmode=require&sslpassword=" + SECRET,
+            "postgresql://ann@db.lan/photos?sslmode=require&sslpassword=***",
+        ),
+        (
+            "postgresql://ann@db.lan/photos?%70assword=" + SECRET + "&sslmode=require",
+            "postgresql://ann@db.lan/photos?%70assword=***&sslmode=require",
+        ),
+        (
+            f"host=db.lan user=ann password={SECRET} dbname=photos",
+            "host=db.lan user=ann password=*** dbname=photos",
+        ),
+        (
+            f"host=db.lan password = '{SECRET}' dbname=photos",
+            "host=db.lan password = *** dbname=photos",
+        ),
         ("sqlite:///var/lib/fsledger/ledger.db", "sqlite:///var/lib/fsledger/ledger.db"),
         ("not a url", "not a url"),
     ],
@@ -111,12 +127,32 @@ def test_redact_url(url: str, shown: str) -> None:
         f"postgresql://postgres@127.0.0.1:1/none?connect_timeout=1&password={SECRET}",
         f"postgresql://postgres:{SECRET}@127.0.0.1:5432/none?bogus=1",
         f"mysql://root:{SECRET}@localhost/photos",
+        f"postgresql://postgres@127.0.0.1:1/none?connect_timeout=1&sslpassword={SECRET}",
+        f"postgresql://postgres@127.0.0.1:1/none?connect_timeout=1&%70assword={SECRET}",
+        f"postgresql://postgres@127.0.0.1:5432/none?%70assword={SECRET}%zz",
+        f"host=127.0.0.1 port=1 connect_timeout=1 password={SECRET} dbname=none",
     ],
 )
 def test_database_passwords_never_reach_an_error(url: str) -> None:
     """Through the real command: the error names the database, never its password."""
+    check_no_password_in_error(url, ["repo", "list"])
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://postgres@127.0.0.1:5432/none?%70assword={SECRET}%zz",
+        f"host=127.0.0.1 port=1 connect_timeout=1 sslpassword={SECRET} dbname=none",
+    ],
+)
+@pytest.mark.parametrize("command", [["status"], ["run", "--once"]])
+def test_database_passwords_never_reach_status_or_run(url: str, command: list[str]) -> None:
+    check_no_password_in_error(url, command)
+
+
+def check_no_password_in_error(url: str, command: list[str]) -> None:
     done = subprocess.run(
-        [FSLEDGER, "--db", url, "repo", "list"], capture_output=True, text=True, timeout=60
+        [FSLEDGER, "--db", url, *command], capture_output=True, text=True, timeout=60
     )
     assert done.returncode in (1, 2)
     assert "fsledger: error:" in done.stderr
@@ -365,3 +401,39 @@ def test_sigterm_ends_a_daemon_blocked_in_a_system_call(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < cli.STOP_GRACE_S + 5
     assert proc.returncode == 128 + signal.SIGTERM, log
     assert "stopping at once" in log, log
+
+
+# --- 3. no URL credentials or query strings in any log line -------------------------------------
+def test_a_debug_daemon_logs_no_url_secret(pg_url: str, tmp_path: Path) -> None:
+    """A daemon at DEBUG with secrets in its database URL (user info and sslpassword) and in
+    its webhook URL (user info and query string) delivers a batch, then stops: none of the
+    secrets is in its log (httpx logs every request's full URL at INFO)."""
+    url = pg_url.replace("postgresql://postgres@", f"postgresql://postgres:{SECRET}@")
+    url += f"&sslpassword={SECRET}-ssl"
+    root = tmp_path / "photos"
+    make_tree(str(root), {"a.jpg": b"a"})
+    with webhook_receiver() as receiver:
+        hook = receiver.url.replace("http://", f"http://hookuser:{SECRET}-hook@")
+        hook += f"?token={SECRET}-query"
+        env = {
+            **os.environ,
+            "FSLEDGER_DATABASE_URL": url,
+            "FSLEDGER_LOG_LEVEL": "DEBUG",
+            "FSLEDGER_WEBHOOK_SECRET": "whsec-" + SECRET,
+        }
+        proc = start_daemon(env, "--no-http", "--webhook", hook)
+        try:
+            # Added after the daemon started: its webhook starts at the feed's head.
+            done = subprocess.run(
+                [FSLEDGER, "repo", "add", "--no-scan", str(root)],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            assert done.returncode == 0, done.stderr
+            assert SECRET not in done.stderr + done.stdout
+            wait_for("a webhook delivery", lambda: receiver.accepted or None, timeout=60)
+        finally:
+            log = stop_within(proc, 15)
+    assert "HTTP Request: POST" in log, log  # httpx did log the request
+    assert SECRET not in log, [line for line in log.splitlines() if SECRET in line]

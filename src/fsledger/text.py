@@ -12,6 +12,8 @@ import logging
 import os
 import re
 
+from fsledger.store.redact import scrub_urls
+
 _CONTROL = re.compile(
     "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
 )
@@ -39,10 +41,17 @@ def show_path(path: bytes) -> str:
 
 
 class SafeFormatter(logging.Formatter):
-    """A log formatter that escapes control characters in each message, so that one log
-    record is one line whatever names or texts its arguments carry (tracebacks, appended
-    after the message, keep their lines)."""
+    """The log formatter of ``fsledger``'s commands.
+
+    It escapes control characters in each message, so that one log record is one line
+    whatever names or texts its arguments carry (tracebacks, appended after the message,
+    keep their lines); and it removes URL credentials, query strings and ``password=``
+    values from the whole line, whoever logged it (httpx logs every request's full URL).
+    """
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         record.message = escape_controls(record.message)
         return super().formatMessage(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub_urls(super().format(record))
