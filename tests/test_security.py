@@ -7,7 +7,9 @@ symlinks never followed out of a root in ``test_reconcile.py``.)"""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -16,9 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from api_support import free_port, wait_for, webhook_receiver
 from fsledger import cli
+from fsledger.api import Service, create_app
+from fsledger.api.app import MAX_STREAMS
 from fsledger.api.feed import Feed
 from fsledger.config import Settings
 from fsledger.ledger import Ledger
@@ -437,3 +442,102 @@ def test_a_debug_daemon_logs_no_url_secret(pg_url: str, tmp_path: Path) -> None:
             log = stop_within(proc, 15)
     assert "HTTP Request: POST" in log, log  # httpx did log the request
     assert SECRET not in log, [line for line in log.splitlines() if SECRET in line]
+
+
+# --- 5. held event streams, and huge duplicate groups -------------------------------------------
+def open_stream(port: int) -> tuple[socket.socket, bytes]:
+    """An SSE request on a raw socket; returns it with what came back first."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /api/v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = b""
+
+    def complete() -> bool:
+        headers, sep, body = head.partition(b"\r\n\r\n")
+        if not sep:
+            return False
+        if b" 200 " in headers.split(b"\r\n", 1)[0]:
+            return b"fsledger change feed" in body
+        length = re.search(rb"content-length: (\d+)", headers, re.IGNORECASE)
+        return length is not None and len(body) >= int(length.group(1))
+
+    while not complete():
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return sock, head
+
+
+def test_held_event_streams_leave_healthz_and_the_api_answering(
+    ledger: Ledger, settings: Settings
+) -> None:
+    """255 event streams asked for (the report's number): MAX_STREAMS are served, the rest
+    get a clear 503 on the stream endpoint only, and /healthz and the API keep answering;
+    a stream closed frees its place."""
+    service = Service(ledger, None, settings, listen=f"127.0.0.1:{free_port()}")
+    service.bind()
+    service.start()
+    held: list[socket.socket] = []
+    try:
+        port = service.address[1]
+        base = f"http://127.0.0.1:{port}"
+        refused = 0
+        for _ in range(255):
+            sock, head = open_stream(port)
+            if b" 200 " in head.split(b"\r\n", 1)[0]:
+                held.append(sock)
+            else:
+                assert b" 503 " in head and b"too_many_streams" in head, head
+                refused += 1
+                sock.close()
+        assert len(held) == MAX_STREAMS and refused == 255 - MAX_STREAMS
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+        assert httpx.get(f"{base}/api/v1/repositories", timeout=5).status_code == 200
+        held.pop().close()
+
+        def reopened() -> socket.socket | None:
+            sock, head = open_stream(port)
+            if b" 200 " in head.split(b"\r\n", 1)[0]:
+                return sock
+            sock.close()
+            return None
+
+        held.append(wait_for("a stream's place to free", reopened))
+    finally:
+        for sock in held:
+            sock.close()
+        service.stop()
+
+
+def test_duplicates_page_within_a_group(ledger: Ledger, tmp_path: Path) -> None:
+    """One group of 1,200 identical files: /duplicates shows its first files and its count,
+    /duplicates/files pages through the rest, and together they are exactly the group."""
+    root = tmp_path / "photos"
+    make_tree(str(root), {f"copies/{i:04d}.jpg": b"same content" for i in range(1200)})
+    make_tree(str(root), {"other/a.jpg": b"x", "other/b.jpg": b"x"})
+    repo = ledger.add_repository(str(root))
+    ledger.scan(repo)
+    app = create_app(ledger, None, ledger.settings)
+    with TestClient(app, base_url="http://127.0.0.1:8750") as client:
+        body = client.get("/api/v1/duplicates").json()
+        big = body["groups"][0]
+        assert big["count"] == 1200 and len(big["files"]) == 100
+        assert len(client.get("/api/v1/duplicates").content) < 64 * 1024
+        paths = [f["path"] for f in big["files"]]
+        cursor = big["files_cursor"]
+        while cursor:
+            page = client.get(
+                "/api/v1/duplicates/files",
+                params={
+                    "hash": big["hash"],
+                    "hash_algo": big["hash_algo"],
+                    "size": big["size"],
+                    "cursor": cursor,
+                    "limit": 500,
+                },
+            ).json()
+            paths += [f["path"] for f in page["files"]]
+            cursor = page["cursor"]
+        assert paths == [f"copies/{i:04d}.jpg" for i in range(1200)]
+        small = body["groups"][1]
+        assert small["count"] == 2 and small["files_cursor"] is None

@@ -272,6 +272,18 @@ class DuplicateFile:
     def to_json(self) -> dict[str, Any]:
         return {"repository_id": str(self.repository_id), **path_to_json(self.path)}
 
+    def cursor(self) -> str:
+        """The position after this file in its group (repository id and path, base64url)."""
+        raw = self.repository_id.bytes + self.path
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def from_cursor(cls, raw: bytes) -> DuplicateFile:
+        """The file a decoded ``cursor`` names. Raises ValueError if it names none."""
+        if len(raw) < 17:
+            raise ValueError("not a duplicate-files cursor")
+        return cls(UUID(bytes=raw[:16]), raw[16:])
+
 
 @dataclass(frozen=True, slots=True)
 class DuplicateGroup:
@@ -281,20 +293,34 @@ class DuplicateGroup:
     hash_algo: str
     size: int
     files: tuple[DuplicateFile, ...]
+    """The first files of the group, in (repository, path) order: all of them, or a page
+    when the caller bounded it (one group can hold thousands of files)."""
+    count: int = -1
+    """How many files the group holds in all (-1: ``len(files)``)."""
+
+    @property
+    def total(self) -> int:
+        return len(self.files) if self.count < 0 else self.count
 
     @property
     def wasted_bytes(self) -> int:
         """What keeping one copy would save."""
-        return self.size * (len(self.files) - 1)
+        return self.size * (self.total - 1)
+
+    @property
+    def complete(self) -> bool:
+        """Whether ``files`` holds every file of the group."""
+        return len(self.files) >= self.total
 
     def to_json(self) -> dict[str, Any]:
         return {
             "hash": self.content_hash,
             "hash_algo": self.hash_algo,
             "size": self.size,
-            "count": len(self.files),
+            "count": self.total,
             "wasted_bytes": self.wasted_bytes,
             "files": [f.to_json() for f in self.files],
+            "files_cursor": None if self.complete else self.files[-1].cursor(),
         }
 
 

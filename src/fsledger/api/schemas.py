@@ -170,11 +170,19 @@ class DuplicateGroupOut(BaseModel):
     hash: str
     hash_algo: str
     size: int
-    count: int
+    count: int = Field(description="Files in the group, in all.")
     wasted_bytes: int
-    files: list[DuplicateFileOut]
+    files: list[DuplicateFileOut] = Field(description="The first ``files_limit`` of them.")
+    files_cursor: str | None = Field(
+        description="More files: GET /api/v1/duplicates/files with this cursor (null: none)."
+    )
 
 
 class DuplicatesOut(BaseModel):
     groups: list[DuplicateGroupOut]
     wasted_bytes: int
+
+
+class DuplicateFilesPage(BaseModel):
+    files: list[DuplicateFileOut]
+    cursor: str | None = Field(description="Ask again with this cursor for more (null: done).")

@@ -19,9 +19,7 @@ SECRET_KEYS = frozenset({"password", "sslpassword"})
 """libpq connection parameters whose value is a secret."""
 
 _QUERY_PARAM = re.compile(r"([?&])([^&#=]*)=([^&#]*)")
-_KV_SECRET = re.compile(
-    r"\b((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s'&]+)", re.IGNORECASE
-)
+_KV_SECRET = re.compile(r"\b((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s'&]+)", re.IGNORECASE)
 """``password=...`` / ``sslpassword = '...'`` as written in a key/value DSN (or anywhere)."""
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
