@@ -6,6 +6,8 @@ symlinks never followed out of a root in ``test_reconcile.py``.)"""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import signal
@@ -541,3 +543,61 @@ def test_duplicates_page_within_a_group(ledger: Ledger, tmp_path: Path) -> None:
         assert paths == [f"copies/{i:04d}.jpg" for i in range(1200)]
         small = body["groups"][1]
         assert small["count"] == 2 and small["files_cursor"] is None
+
+
+# --- 6. terminal and log injection --------------------------------------------------------------
+EVIL_NAMES = [
+    b"x\n[ERROR] FORGED.jpg",
+    b"osc\x1b]0;pwned\x07.jpg",
+    b"csi\x1b[2J\x1b[31mred.jpg",
+    b"cr\rFORGED2.jpg",
+    b"bidi\xe2\x80\xaegpj.exe",
+    b"not-utf8-\xff.jpg",
+]
+
+
+def test_names_cannot_forge_output_or_log_lines(tmp_path: Path) -> None:
+    """File names with newlines, CR, ESC/OSC/CSI sequences, bidi overrides and non-UTF-8
+    bytes: ``files``, ``changes``, ``repo list`` and the daemon's DEBUG log print one line
+    per record and no control character; ``--json`` keeps the exact bytes."""
+    root = tmp_path / "evil\nroot"
+    root.mkdir()
+    for name in EVIL_NAMES:
+        with open(os.path.join(os.fsencode(root), name), "wb") as fh:
+            fh.write(b"x")
+    env = {
+        **os.environ,
+        "FSLEDGER_DATABASE_URL": "sqlite://" + str(tmp_path / "l.db"),
+        "FSLEDGER_LOG_LEVEL": "DEBUG",
+    }
+
+    def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+        done = subprocess.run([FSLEDGER, *args], env=env, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    outputs = [
+        cli("repo", "add", "--no-scan", "--name", "lib\x1b[2Jrary", str(root)),
+        cli("run", "--once"),
+        cli("repo", "list"),
+        cli("status"),
+    ]
+    listed = cli("files", "lib\x1b[2Jrary")
+    feed = cli("changes")
+    outputs += [listed, feed]
+    for done in outputs:
+        for stream in (done.stdout, done.stderr):
+            assert not re.search(rb"[\x00-\x08\x0b-\x1f\x7f]", stream), stream
+            assert b"\xe2\x80\xae" not in stream
+            for line in stream.splitlines():
+                assert not line.startswith((b"[ERROR] FORGED", b"FORGED")), line
+    assert len(listed.stdout.splitlines()) == len(EVIL_NAMES)
+    assert b"x\\x0a[ERROR] FORGED.jpg" in listed.stdout
+    assert b"not-utf8-\\xff.jpg" in listed.stdout
+    assert len(feed.stdout.splitlines()) == len(EVIL_NAMES)
+    log = outputs[1].stderr
+    assert b"\\x0a[ERROR] FORGED" in log  # the DEBUG line of its record, escaped
+    # JSON output is exact: every name round-trips through path_b64.
+    exact = cli("files", "--json", "lib\x1b[2Jrary").stdout.splitlines()
+    names = sorted(base64.b64decode(json.loads(line)["path_b64"]) for line in exact)
+    assert names == sorted(EVIL_NAMES)
