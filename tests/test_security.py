@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -601,3 +602,58 @@ def test_names_cannot_forge_output_or_log_lines(tmp_path: Path) -> None:
     exact = cli("files", "--json", "lib\x1b[2Jrary").stdout.splitlines()
     names = sorted(base64.b64decode(json.loads(line)["path_b64"]) for line in exact)
     assert names == sorted(EVIL_NAMES)
+
+
+# --- 7. API docs, the token, and redirects ------------------------------------------------------
+TOKEN = "t" * 24
+
+
+def api_client(ledger: Ledger, **settings: Any) -> TestClient:
+    conf = Settings(database_url=ledger.store.url, max_concurrency=2, **settings)
+    return TestClient(create_app(ledger, None, conf), base_url="http://127.0.0.1:8750")
+
+
+def test_api_docs_need_the_token_and_load_nothing_from_elsewhere(ledger: Ledger) -> None:
+    with api_client(ledger, api_token=TOKEN) as client:
+        for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+            assert client.get(path).status_code in (401, 404), path
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        schema = client.get("/openapi.json", headers=auth)
+        assert schema.status_code == 200 and "/api/v1/repositories" in schema.json()["paths"]
+        for path in ("/docs", "/redoc"):
+            page = client.get(path, headers=auth)
+            assert page.status_code == 404 and b"cdn" not in page.content.lower(), path
+    with api_client(ledger) as client:  # no token (loopback only): the schema is open
+        assert client.get("/openapi.json").status_code == 200
+
+
+@pytest.mark.parametrize("token", [TOKEN, None])
+def test_no_redirect_is_built_from_the_host_header(ledger: Ledger, token: str | None) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"} if token else {}
+    with api_client(ledger, api_token=token) as client:
+        for path in ("/api/v1/repositories/", "/api/v1/duplicates/", "/healthz/"):
+            response = client.get(
+                path, headers={**auth, "Host": "evil.example"}, follow_redirects=False
+            )
+            assert not response.is_redirect, (path, response.headers)
+            assert "evil.example" not in response.headers.get("location", "")
+
+
+# --- 9. smaller input checks --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v1/repositories", '{"path": "/tmp/\\ud800"}'),
+        ("/api/v1/repositories", '{"path": "/tmp/\\udc80"}'),
+        ("/api/v1/repositories", '{"path": "ROOT", "name": "\\udc80"}'),
+        ("/api/v1/repositories", '{"path": "ROOT", "ignore_patterns": ["\\ud83d"]}'),
+    ],
+)
+def test_a_lone_surrogate_in_a_body_is_a_422(
+    ledger: Ledger, tmp_path: Path, path: str, body: str
+) -> None:
+    body = body.replace("ROOT", str(tmp_path))
+    with api_client(ledger) as client:
+        response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"][0] == "body"

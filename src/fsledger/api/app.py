@@ -34,7 +34,15 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -233,6 +241,14 @@ def create_app(
         summary="A database of every file in directory trees, true to disk, and its changes.",
         lifespan=lifespan,
         dependencies=[Depends(_known_query_only)],
+        # No /docs or /redoc: they load scripts from a CDN into this origin. /openapi.json
+        # is served below, behind the token like the API it describes.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        # Starlette's slash redirect builds its Location from the Host header, which a
+        # client chooses (Host: evil.example): no redirects at all, a 404 instead.
+        redirect_slashes=False,
     )
     app.state.hub = feed_hub
     app.state.metrics = metrics
@@ -245,6 +261,18 @@ def create_app(
         given = credentials.credentials if credentials is not None else ""
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer TOKEN' is needed")
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorize)])
+    def openapi_json() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_request(_request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's own handler echoes the input, and a JSON body can spell a lone
+        # surrogate ("\ud800") that no UTF-8 response can carry: it turned a 422 into a 500.
+        # ASCII JSON escapes whatever the input held.
+        body = {"detail": jsonable_encoder(exc.errors())}
+        return Response(json.dumps(body, ensure_ascii=True), 422, media_type="application/json")
 
     @app.exception_handler(ApiError)
     async def on_apierror_response(_request: Request, exc: ApiError) -> JSONResponse:

@@ -4,11 +4,25 @@ which the CLI prints too, so the API returns what the CLI says."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 MAX_PATH = 4096
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_surrogate(text: str) -> str:
+    """JSON can spell a lone surrogate (``"\\udc80"``), which is no character: such text
+    cannot be stored, encoded as a path or sent back, so the request is refused (422)."""
+    if _SURROGATE.search(text):
+        raise ValueError("text holds a lone surrogate (\\ud800-\\udfff), which is no character")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_surrogate)]
+"""A string of a request body: any characters, but no lone surrogate."""
 
 
 class ErrorOut(BaseModel):
@@ -49,7 +63,7 @@ _PATTERNS: Any = Field(
 
 
 class RepoSettingsIn(BaseModel):
-    ignore_patterns: list[str] = _PATTERNS
+    ignore_patterns: list[Text] = _PATTERNS
     trust_repo_config: bool = Field(
         default=False, description="Honour the root's own .fsledger.yaml (off by default)."
     )
@@ -94,11 +108,11 @@ class RepositoryOut(BaseModel):
 
 
 class RepositoryIn(BaseModel):
-    path: str = Field(
+    path: Text = Field(
         min_length=1, max_length=MAX_PATH, pattern="^/", description="Absolute path of the root."
     )
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    ignore_patterns: list[str] = _PATTERNS
+    name: Text | None = Field(default=None, min_length=1, max_length=200)
+    ignore_patterns: list[Text] = _PATTERNS
     trust_repo_config: bool = Field(
         default=False, description="Honour the root's own .fsledger.yaml (off by default)."
     )
