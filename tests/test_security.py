@@ -604,6 +604,32 @@ def test_names_cannot_forge_output_or_log_lines(tmp_path: Path) -> None:
     assert names == sorted(EVIL_NAMES)
 
 
+# --- 9b. the parents of the default database ----------------------------------------------------
+def test_default_database_parents_are_created_private_under_umask_0(tmp_path: Path) -> None:
+    """The default database lives in ~/.local/share/fsledger: each directory fsledger has to
+    create on the way is 0700, even under umask 0; an existing one keeps its mode."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    home.chmod(0o755)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("FSLEDGER_DATABASE_URL", "XDG_DATA_HOME")
+    }
+    env["HOME"] = str(home)
+    done = subprocess.run(
+        [FSLEDGER, "repo", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.umask(0),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    for directory in (".local", ".local/share", ".local/share/fsledger"):
+        assert mode(home / directory) == 0o700, directory
+    assert mode(home) == 0o755
+    assert mode(home / ".local/share/fsledger/fsledger.db") == 0o600
+
+
 # --- 7. API docs, the token, and redirects ------------------------------------------------------
 TOKEN = "t" * 24
 
