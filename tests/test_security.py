@@ -683,3 +683,62 @@ def test_a_lone_surrogate_in_a_body_is_a_422(
         response = client.post(path, content=body, headers={"Content-Type": "application/json"})
         assert response.status_code == 422, response.text
         assert response.json()["detail"][0]["loc"][0] == "body"
+
+
+# --- 8. a killed scan ---------------------------------------------------------------------------
+def test_a_killed_scan_is_marked_failed_by_the_next_scan(tmp_path: Path) -> None:
+    """``fsledger scan`` killed with SIGKILL (its workers with it) as its operation starts,
+    while it writes records, and while a rescan walks: the next ``scan`` marks each killed
+    operation failed (interrupted) before its own, ``ops`` shows none running, and the
+    ledger ends equal to the disk."""
+    root = tmp_path / "photos"
+    make_tree(str(root), {f"d{i % 40:02d}/f{i:05d}.jpg": b"%d" % i for i in range(20000)})
+    db = tmp_path / "l.db"
+    env = {**os.environ, "FSLEDGER_DATABASE_URL": "sqlite://" + str(db)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [FSLEDGER, *args], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
+    cli("repo", "add", "--no-scan", str(root))
+    store = open_store("sqlite://" + str(db))
+    try:
+        repo = store.list_repositories()[0]
+
+        def running() -> bool:
+            return bool(store.running_operations())
+
+        def writing() -> bool:
+            return running() and store.count_records(repo.id) > 0
+
+        # The last point is in a rescan: records exist by then.
+        for killed, point in enumerate((running, writing, running), start=1):
+            scan = subprocess.Popen(
+                [FSLEDGER, "scan"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            try:
+                wait_for(f"the scan to reach '{point.__name__}'", lambda p=point: p() or None)
+            finally:
+                os.killpg(scan.pid, signal.SIGKILL)
+                scan.wait()
+            assert running()  # left "running" by the dead process
+            cli("scan")
+            assert not running()
+            ops = json.loads(cli("ops", "--json", "--limit", "100").stdout)
+            failed = [o for o in ops if o["status"] == "failed"]
+            assert len(failed) == killed and all(
+                "interrupted" in o["error_message"] for o in failed
+            ), ops
+            assert not [o for o in ops if o["status"] == "running"]
+        assert {r.path: r.size for r in store.iter_records(repo.id)} == {
+            p: s for p, (s, _m, _h) in disk_snapshot(str(root), algo=None).items()
+        }
+    finally:
+        store.close()

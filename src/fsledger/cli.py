@@ -72,6 +72,7 @@ class Context:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._ledger: Ledger | None = None
+        self._recovered = False
 
     @property
     def ledger(self) -> Ledger:
@@ -85,6 +86,16 @@ class Context:
         if self._ledger is None:
             self._ledger = _open_ledger(self.settings, pool=start_workers(self.settings))
         return self._ledger
+
+    def writing_ledger(self, scanning: bool = False) -> Ledger:
+        """The ledger, for a command that writes: operations left "running" by a process of
+        this host that died (a scan killed from cron, say) are marked failed first, as
+        ``run`` does at start; otherwise they would show as running until a daemon starts."""
+        ledger = self.scanning_ledger() if scanning else self.ledger
+        if not self._recovered:
+            self._recovered = True
+            ledger.recover_interrupted()
+        return ledger
 
     def close(self) -> None:
         if self._ledger is not None:
@@ -213,7 +224,7 @@ def repo_add(
     as_json: bool,
 ) -> None:
     """Add PATH as a repository and index it."""
-    ledger = ctx.ledger if no_scan else ctx.scanning_ledger()
+    ledger = ctx.writing_ledger(scanning=not no_scan)
     wanted = RepoSettings(ignore_patterns=ignore, trust_repo_config=trust_repo_config)
     try:
         repository = ledger.add_repository(path, name, wanted)
@@ -292,7 +303,7 @@ def repo_set(
         settings = replace(settings, ignore_patterns=() if no_ignore else ignore)
     if trust_repo_config is not None:
         settings = replace(settings, trust_repo_config=trust_repo_config)
-    repository = ctx.ledger.set_settings(repository, settings)
+    repository = ctx.writing_ledger().set_settings(repository, settings)
     if as_json:
         _emit(repository.to_json())
     else:
@@ -307,7 +318,7 @@ def repo_set(
 @_guard
 def repo_remove(ctx: Context, ref: str, purge: bool, as_json: bool) -> None:
     """Remove REPO (an id, a name or a root path). Records are kept unless --purge."""
-    repository = ctx.ledger.resolve(ref)
+    repository = ctx.writing_ledger().resolve(ref)
     ctx.ledger.remove_repository(repository, purge)
     if as_json:
         _emit({"id": str(repository.id), "name": repository.name, "purged": purge})
@@ -351,7 +362,7 @@ def scan(
     as_json: bool,
 ) -> None:
     """Reconcile repositories with the disk (all of them without REPO)."""
-    ctx.scanning_ledger()
+    ctx.writing_ledger(scanning=True)
     corrupt = 0
     failure: FsledgerError | None = None
     for repository in _repos(ctx, refs):
