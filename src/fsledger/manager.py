@@ -464,14 +464,14 @@ class SyncManager:
                 self._reconciliation_errors += 1
                 log.exception("Reconciliation failed for repository %s", repo.id)
                 return
-            self._record(stats)
             # The scan re-read the settings (the root's file may have changed them).
-            runtime.repo = replace(runtime.repo, settings=self.ledger.writer(repo).repo.settings)
-            if runtime.repo.state is not RepoState.ONLINE:
-                runtime.repo = replace(runtime.repo, state=RepoState.ONLINE)
-                if self.live is not None and not runtime.network:
-                    self.live.remove(repo.id)
-                    self.live.add(runtime.repo)
+            settings = self.ledger.writer(repo).repo.settings
+            was_online = runtime.repo.state is RepoState.ONLINE
+            runtime.repo = replace(runtime.repo, settings=settings, state=RepoState.ONLINE)
+            self._record(stats)
+            if not was_online and self.live is not None and not runtime.network:
+                self.live.remove(repo.id)
+                self.live.add(runtime.repo)
             return
 
     def _record(self, stats: ScanStats) -> None:

@@ -1,6 +1,6 @@
 """The HTTP API and the dashboard: a thin face over ``Ledger``, ``SyncManager`` and the feed.
 
-Routes (JSON; OpenAPI at /openapi.json):
+Routes (JSON; OpenAPI at /openapi.json, behind the token like the API; no /docs):
 
 * ``GET /healthz``, ``GET /metrics`` (Prometheus text), ``GET /`` (the dashboard);
 * ``/api/v1/repositories`` (list, add), ``/api/v1/repositories/{id}`` (remove),
