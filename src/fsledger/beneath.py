@@ -234,10 +234,13 @@ class Beneath:
         return os.stat(name, dir_fd=self.dir_fd(parent), follow_symlinks=False)
 
     def open(self, rel: RelPath, flags: int) -> int:
-        """``open`` of the file ``rel`` with ``O_NOFOLLOW`` added; the caller closes it."""
+        """``open`` of the file ``rel`` with ``O_NOFOLLOW`` and ``O_NONBLOCK`` added (a FIFO
+        planted under a file's name must not block the open); the caller closes it and
+        checks with ``fstat`` that it got the kind of file it wanted."""
         parent, name = split(rel)
         _check(rel)
-        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd(parent))
+        flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        return os.open(name, flags, dir_fd=self.dir_fd(parent))
 
     def open_dir(self, rel: RelPath) -> int:
         """A new readable descriptor of directory ``rel`` (listable); the caller closes it."""

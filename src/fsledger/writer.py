@@ -51,28 +51,41 @@ class RepoWriter:
     Args:
         store: where records live.
         repo: the repository written.
-        rules: the repository's ignore rules (a deletion of a now-ignored path is true
-            even though the file is still on disk).
+        rules: the repository's ignore rules: what the walker and the watcher skip.
         verify: confirm each change against the disk before writing it.
+        retire: the rules under which a deletion of a path still on disk is true (the
+            operator's: see ``RepoSettings``); ``rules`` when omitted. A path ignored only
+            by other rules (a root's own ``.fsledger.yaml``, not accepted) keeps its record
+            while the file is there: an untrusted writer of the tree cannot turn records
+            into deletions by adding a pattern.
     """
 
     def __init__(
-        self, store: Store, repo: Repository, rules: IgnoreRules, verify: bool = True
+        self,
+        store: Store,
+        repo: Repository,
+        rules: IgnoreRules,
+        verify: bool = True,
+        retire: IgnoreRules | None = None,
     ) -> None:
         self.store = store
         self.repo = repo
         self.rules = rules
+        self.retire = rules if retire is None else retire
         self.verify = verify
         self.lock = threading.RLock()
         self.listeners: list[Listener] = []
         self.lease: Lease | None = None
         """Set by an agent that owns the repository among several: checked before each write."""
 
-    def refresh(self, repo: Repository, rules: IgnoreRules) -> None:
+    def refresh(
+        self, repo: Repository, rules: IgnoreRules, retire: IgnoreRules | None = None
+    ) -> None:
         """Adopt the newest copy of the repository (settings, device, state) and its rules."""
         with self.lock:
             self.repo = repo
             self.rules = rules
+            self.retire = rules if retire is None else retire
 
     def still_true(self, change: Change, tree: Beneath | None = None) -> bool:
         """Whether the disk still shows what ``change`` says, looked at below the root
@@ -87,7 +100,7 @@ class RepoWriter:
                 return False
         kind = change.kind
         if kind is ChangeKind.DELETED:
-            if self.rules.ignores_path(change.path):
+            if self.retire.ignores_path(change.path):
                 return True
             try:
                 st = tree.lstat(change.path)
