@@ -326,10 +326,6 @@ class RepoWatch:
     def id(self) -> UUID:
         return self.repo.id
 
-    def full(self, rel: RelPath) -> bytes:
-        """The absolute path of ``rel``."""
-        return self.repo.root + b"/" + rel if rel else self.repo.root
-
 
 def show(path: RelPath) -> str:
     """A relative path for log messages."""
