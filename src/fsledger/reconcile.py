@@ -66,7 +66,7 @@ from fsledger.roots import check_root
 from fsledger.store.base import Store
 from fsledger.store.sql import prefix_range
 from fsledger.walk import FileEntry, Unreadable, walk
-from fsledger.writer import Applied, Batches, RepoWriter
+from fsledger.writer import Applied, Batches, Hold, RepoWriter
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ class Reconciler:
         progress: Progress | None = None,
         prefix: RelPath = b"",
         record: bool = True,
+        hold: Hold | None = None,
     ) -> ScanStats:
         """Make the ledger of ``writer.repo`` equal to its tree on disk.
 
@@ -191,6 +192,9 @@ class Reconciler:
             prefix: reconcile only the subtree below this directory (the watcher uses it for
                 directories that moved in or were created).
             record: write a ``sync_operations`` row for the run.
+            hold: given the created and modified changes of a batch, returns those that may
+                be written now; the others are held back (the watcher's settle rule for
+                files still being written into a new directory) and counted unsettled.
 
         Raises:
             RootUnavailable, GuardRefused: the root failed the guard; nothing was changed.
@@ -222,6 +226,7 @@ class Reconciler:
                     force=force,
                     dev=dev,
                     mounts=mounts,
+                    hold=hold,
                 ).run()
             stats.notes += mounts.remember(self.store)
         except Exception as exc:
@@ -300,8 +305,10 @@ class _Run:
         force: bool = False,
         dev: int | None = None,
         mounts: MountGuard | None = None,
+        hold: Hold | None = None,
     ) -> None:
         self.owner = owner
+        self.hold = hold
         self.mounts = mounts
         """Filesystems mounted below the root: those not mounted now are walked as unreadable."""
         self.prefix = prefix.strip(b"/")
@@ -330,6 +337,7 @@ class _Run:
             self.batch_size,
             stats,
             defer_after=None if self.has_records else DEFER_INDEXES_AFTER,
+            hold=hold,
         )
         """The changes, handed to the writer a batch at a time (one in flight)."""
         self.deletions: set[RelPath] = set()
@@ -383,6 +391,7 @@ class _Run:
                             force=self.force,
                             dev=self.start_dev,
                             mounts=self.mounts,
+                            hold=self.hold,
                         )._merge()
         finally:
             writer.listeners = [f for f in writer.listeners if f is not note]

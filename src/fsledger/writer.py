@@ -43,6 +43,13 @@ class Applied:
 
 
 Listener = Callable[[Repository, Applied], None]
+Hold = Callable[[list[Change]], list[Change]]
+"""Given the created and modified changes of a batch, those that may be written now (see
+``Batches``)."""
+
+HELD_KINDS = frozenset({ChangeKind.CREATED, ChangeKind.MODIFIED})
+"""What a ``Hold`` is asked about: records of content that may still be being written
+(metadata, moves and deletions are written as they come)."""
 
 
 class RepoWriter:
@@ -227,6 +234,9 @@ class Batches:
         stats: where what was written is counted (``fsledger.decide.count``).
         defer_after: a first index that has written this many changes asks the store to
             defer the indexes only queries use (``Store.defer_indexes``); ``None``: never.
+        hold: keeps back created/modified records of files not settled yet (the watcher's
+            reconciliation of a new subtree: see ``fsledger.watch.settle``); what it holds
+            is reported as dropped, so the run counts it unsettled.
     """
 
     def __init__(
@@ -235,8 +245,10 @@ class Batches:
         batch_size: int,
         stats: ScanStats,
         defer_after: int | None = None,
+        hold: Hold | None = None,
     ) -> None:
         self.writer = writer
+        self.hold = hold
         self.batch_size = batch_size
         self.stats = stats
         self.defer_after = defer_after
@@ -271,9 +283,22 @@ class Batches:
 
     def _write(self, batch: list[Change]) -> None:
         try:
-            self._written = self.writer.apply(batch)
+            self._written = self._apply(batch)
         except BaseException as exc:
             self._error = exc
+
+    def _apply(self, batch: list[Change]) -> Applied:
+        if self.hold is None:
+            return self.writer.apply(batch)
+        candidates = [c for c in batch if c.kind in HELD_KINDS and c.record is not None]
+        free = {id(c) for c in self.hold(candidates)} if candidates else set()
+        held = tuple(c for c in candidates if id(c) not in free)
+        if not held:
+            return self.writer.apply(batch)
+        ids = {id(c) for c in held}
+        rest = [c for c in batch if id(c) not in ids]
+        applied = self.writer.apply(rest) if rest else Applied((), (), None)
+        return Applied(applied.changes, applied.dropped + held, applied.last_seq)
 
     def wait(self) -> None:
         """Wait for the batch in flight; count what it wrote, or raise what it raised."""

@@ -47,7 +47,7 @@ from fsledger.model import (
 from fsledger.mounts import unmounted
 from fsledger.walk import FileEntry, Unreadable, walk
 from fsledger.watch.metrics import WatcherMetrics
-from fsledger.watch.settle import SettlingWriter, wait_quiet
+from fsledger.watch.settle import wait_quiet
 from fsledger.watch.state import (
     Check,
     DirMove,
@@ -358,8 +358,12 @@ class Applier:
             self.tree.watch(repo, path)
             self._absorb_checks(repo, path, work)
         try:
-            writer = SettlingWriter(repo.writer, lambda changes: self._hold(repo, changes))
-            result = self.ledger.reconciler.reconcile(writer, prefix=path, record=False)
+            result = self.ledger.reconciler.reconcile(
+                repo.writer,
+                prefix=path,
+                record=False,
+                hold=lambda changes: self._hold(repo, changes),
+            )
         except RootUnavailable as exc:
             # The guard looks at the root; for a subtree it means the directory went away
             # meanwhile (its events tell where), or the root did (the next pass's root check

@@ -11,16 +11,8 @@ size and then modified (issue 13, item 4).
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Sequence
-
 from fsledger.decide import SettleRule
-from fsledger.ignore import IgnoreRules
-from fsledger.model import Change, ChangeKind, Repository
-from fsledger.store.base import Store
-from fsledger.store.lease import Lease
 from fsledger.watch.state import Key, Pending
-from fsledger.writer import Applied, Listener, RepoWriter
 
 
 def wait_quiet(
@@ -42,96 +34,3 @@ def wait_quiet(
     else:
         entry.due, entry.writing = max(entry.due, now + quiet_in), True
     return True
-
-
-HELD_KINDS = frozenset({ChangeKind.CREATED, ChangeKind.MODIFIED})
-"""What a reconciliation of a new subtree holds back: records of content that may still
-be being written (metadata, moves and deletions are written as they come)."""
-
-
-class SettlingWriter(RepoWriter):
-    """A repository's writer as the live watcher's subtree reconciliation sees it: created
-    and modified records of files that are not settled yet are held back (``hold`` queues
-    them in the pending state and returns what may be written now); the reconciliation
-    counts them as unsettled. Everything else is the real writer's (its lock, listeners,
-    lease and verification): this is a view of it, with no state of its own.
-    """
-
-    def __init__(self, inner: RepoWriter, hold: Callable[[list[Change]], list[Change]]) -> None:
-        # Deliberately not RepoWriter.__init__: every attribute is the inner writer's.
-        self.inner = inner
-        self.hold = hold
-
-    # Every attribute is the inner writer's, read and written through.
-    @property
-    def lock(self) -> threading.RLock:
-        return self.inner.lock
-
-    @lock.setter
-    def lock(self, value: threading.RLock) -> None:
-        self.inner.lock = value
-
-    @property
-    def store(self) -> Store:
-        return self.inner.store
-
-    @store.setter
-    def store(self, value: Store) -> None:
-        self.inner.store = value
-
-    @property
-    def repo(self) -> Repository:
-        return self.inner.repo
-
-    @repo.setter
-    def repo(self, value: Repository) -> None:
-        self.inner.repo = value
-
-    @property
-    def rules(self) -> IgnoreRules:
-        return self.inner.rules
-
-    @rules.setter
-    def rules(self, value: IgnoreRules) -> None:
-        self.inner.rules = value
-
-    @property
-    def verify(self) -> bool:
-        return self.inner.verify
-
-    @verify.setter
-    def verify(self, value: bool) -> None:
-        self.inner.verify = value
-
-    @property
-    def lease(self) -> Lease | None:
-        return self.inner.lease
-
-    @lease.setter
-    def lease(self, value: Lease | None) -> None:
-        self.inner.lease = value
-
-    @property
-    def listeners(self) -> list[Listener]:
-        return self.inner.listeners
-
-    @listeners.setter
-    def listeners(self, value: list[Listener]) -> None:
-        self.inner.listeners = value
-
-    def apply(
-        self, changes: Sequence[Change], confirm: Callable[[Change], bool] | None = None
-    ) -> Applied:
-        candidates = [c for c in changes if c.kind in HELD_KINDS and c.record is not None]
-        kept_ids = {id(c) for c in self.hold(candidates)} if candidates else set()
-        held = tuple(
-            c
-            for c in changes
-            if c.kind in HELD_KINDS and c.record is not None and id(c) not in kept_ids
-        )
-        if not held:
-            return self.inner.apply(changes, confirm)
-        ids = {id(c) for c in held}
-        rest = [c for c in changes if id(c) not in ids]
-        applied = self.inner.apply(rest, confirm) if rest else Applied((), (), None)
-        return Applied(applied.changes, applied.dropped + held, applied.last_seq)
