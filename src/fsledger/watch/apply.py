@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 
 from fsledger import decide
-from fsledger.beneath import Beneath, is_dir_below
+from fsledger.beneath import Beneath
 from fsledger.config import Settings
 from fsledger.errors import RootUnavailable
 from fsledger.hashing import HashOutcome, hash_below
@@ -156,8 +156,7 @@ class Applier:
                     j += 1
                 run = [u[0] for u in units[i:j]]
                 changes = [Change(ChangeKind.DIR_MOVED, m.new, old_path=m.old) for m in run]
-                hops = self._hops(repo, run, changes)
-                applied = repo.writer.apply(changes, confirm=_vouched(hops))
+                applied = repo.writer.apply(changes, confirm=self._hops(repo, run, changes))
                 kept = {id(c) for c in applied.changes}
                 done += [([m], id(c) in kept) for m, c in zip(run, changes, strict=True)]
                 for change in applied.changes:
@@ -227,31 +226,41 @@ class Applier:
                 checks += [Check(m.new, m.wd) for m in unit]
         work.checks += checks
 
-    def _hops(self, repo: RepoWatch, moves: list[DirMove], changes: list[Change]) -> set[int]:
-        """The renames (ids of their changes) whose directory has been renamed again since:
+    def _hops(
+        self, repo: RepoWatch, moves: list[DirMove], changes: list[Change]
+    ) -> Callable[[Change], bool]:
+        """The writer's ``confirm`` for renames whose directory has been renamed again since:
         ``mv D0 C/D1 && mv C/D1 D2`` leaves no directory at ``C/D1`` by the time the first
         rename is written, yet it happened, and the feed's consumers know the files by the
         paths it gives them. The writer's disk check cannot confirm such a hop; the watch
         tree can (the directory's watch names where it is now). When the tree does not know
-        yet, the reader is first let to read the events queued meanwhile."""
+        yet, the reader is first let to read the events queued meanwhile.
 
-        def moved_on() -> tuple[set[int], bool]:
-            ids: set[int] = set()
-            unknown = False
+        Asked by the writer, under its lock, at the moment it finds the disk moved on: a
+        verdict taken before the write would race the next rename (``mv C/D1 D2`` landing
+        between the verdict and the write drops the hop)."""
+        by_id = {id(c): m for m, c in zip(moves, changes, strict=True)}
+        caught_up = False
+
+        def moved_on(move: DirMove) -> bool:
             with self.lock:
-                for move, change in zip(moves, changes, strict=True):
-                    now_at = self.tree.path_of(move.wd)
-                    if now_at is not None and now_at != move.new:
-                        ids.add(id(change))
-                    elif not is_dir_below(repo.repo.root, move.new):
-                        unknown = True
-            return ids, unknown
+                now_at = self.tree.path_of(move.wd)
+            return now_at is not None and now_at != move.new
 
-        ids, unknown = moved_on()
-        if unknown and self.catch_up is not None:
+        def confirm(change: Change) -> bool:
+            nonlocal caught_up
+            move = by_id.get(id(change))
+            if move is None:
+                return False
+            if moved_on(move):
+                return True
+            if caught_up or self.catch_up is None:
+                return False
+            caught_up = True
             self.catch_up()
-            ids, _ = moved_on()
-        return ids
+            return moved_on(move)
+
+        return confirm
 
     # --- 2. file renames -------------------------------------------------------------------
     def _file_moves(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:
@@ -742,8 +751,3 @@ def _units(moves: list[DirMove]) -> list[list[DirMove]]:
         else:
             units.append([move])
     return units
-
-
-def _vouched(ids: set[int]) -> Callable[[Change], bool]:
-    """The writer's ``confirm`` for the changes with these ids."""
-    return lambda change: id(change) in ids
