@@ -412,15 +412,14 @@ def changes(
     its cursor in --json. A cursor older than the feed's retention exits with code 5: list
     the files again, then continue from the cursor the error names.
     """
-    from fsledger.api.feed import Cursor, Feed, entry_json
+    from fsledger.feed import Cursor, entry_json
 
     ledger = ctx.ledger
-    feed = Feed(ledger.store)
-    repo_id = ledger.resolve(ref).id if ref else None
-    cursor = Cursor.parse(since) if since else feed.oldest()
+    repo = ledger.resolve(ref) if ref else None
+    cursor = Cursor.parse(since) if since else ledger.feed.oldest()
     names = {r.id: r.name for r in ledger.list_repositories()}
     if not follow:
-        page = feed.read(cursor, limit, repo_id)
+        page = ledger.changes(cursor, limit, repo)
         if as_json:
             _emit(page.to_json())
             return
@@ -438,7 +437,7 @@ def changes(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     while not stop.is_set():
-        page = feed.read(cursor, limit, repo_id)
+        page = ledger.changes(cursor, limit, repo)
         for entry in page.entries:
             if entry.repository_id not in names:
                 names = {r.id: r.name for r in ledger.list_repositories()}
@@ -450,7 +449,7 @@ def changes(
         cursor = page.cursor
         if not page.has_more:
             # Another process writes the feed: poll its head, cheaply, until it moves.
-            while not stop.wait(0.25) and ledger.store.latest_seq() <= cursor.seq:
+            while not stop.wait(0.25) and ledger.feed_head().seq <= cursor.seq:
                 pass
 
 
@@ -465,8 +464,7 @@ def duplicates(ctx: Context, ref: str | None, limit: int, min_size: int, as_json
     """List groups of files with the same content, largest waste first (in REPO, or across
     every repository)."""
     ledger = ctx.ledger
-    repo_id = ledger.resolve(ref).id if ref else None
-    groups = ledger.store.duplicates(repo_id, limit, min_size)
+    groups = ledger.duplicates(ledger.resolve(ref) if ref else None, limit, min_size)
     wasted = sum(g.wasted_bytes for g in groups)
     if as_json:
         _emit({"groups": [g.to_json() for g in groups], "wasted_bytes": wasted})

@@ -37,7 +37,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fsledger.api import schemas
-from fsledger.api.feed import Cursor, Feed, FeedHub, FeedPage, Retention, entry_json
 from fsledger.api.metrics import CONTENT_TYPE, Metrics
 from fsledger.api.security import Guard, error_response
 from fsledger.api.webhooks import WebhookDispatcher
@@ -52,6 +51,15 @@ from fsledger.errors import (
     StoreError,
     StoreUnavailable,
 )
+from fsledger.feed import (
+    CURSOR_PATTERN,
+    Cursor,
+    FeedHub,
+    FeedPage,
+    Retention,
+    entry_cursor,
+    entry_json,
+)
 from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
 from fsledger.model import Repository, utcnow
@@ -64,7 +72,6 @@ _COMPONENT = r"(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)"
 PREFIX_PATTERN = rf"^/*(?:{_COMPONENT}(?:/{_COMPONENT})*)?/*$"
 B64URL_PATTERN = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$"
 B64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
-CURSOR_PATTERN = r"^[0-9a-f]{1,32}:[0-9]{1,18}$"
 MAX_LIMIT = 1000
 STATIC = resources.files("fsledger.api") / "static"
 # Module level: route signatures are resolved from module globals (postponed annotations).
@@ -153,6 +160,18 @@ async def _known_query_only(request: Request) -> None:
         )
 
 
+async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    """A bug: a 500 in the API's shape that says ``Connection: close``. The server closes
+    the connection after an unhandled error anyway; without the header a keep-alive client
+    sent its next request into the closed connection and failed a second time."""
+    log.error("API request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
+    response = error_response(
+        500, "internal_error", "the server failed on this request; its log says why"
+    )
+    response.headers["Connection"] = "close"
+    return response
+
+
 def _parse_cursor(text: str | None) -> Cursor | None:
     return Cursor.parse(text) if text else None
 
@@ -184,7 +203,7 @@ def create_app(
         repositories=manager.repositories if manager is not None else None,
         retention=Retention(settings.feed_retention_s, settings.feed_retention_entries),
     )
-    feed = Feed(ledger.store)
+    feed = ledger.feed
     metrics = Metrics(ledger, manager, feed_hub, lambda: webhooks)
     token = settings.api_token
 
@@ -234,6 +253,8 @@ def create_app(
     async def on_resync(_request: Request, exc: ResyncNeeded) -> JSONResponse:
         return error_response(410, "resync_needed", str(exc), cursor=exc.cursor)
 
+    app.add_exception_handler(Exception, _on_unexpected)
+
     @app.exception_handler(FsledgerError)
     async def on_fsledgererror_response(_request: Request, exc: FsledgerError) -> JSONResponse:
         status, code = _status_of(exc)
@@ -251,7 +272,7 @@ def create_app(
 
     # --- helpers ------------------------------------------------------------------------
     def get_repo(repo_id: UUID) -> Repository:
-        repo = ledger.store.get_repository(repo_id)
+        repo = ledger.repository(repo_id)
         if repo is None:
             raise ApiError(404, "not_found", f"no repository {repo_id}")
         return repo
@@ -429,13 +450,7 @@ def create_app(
                 raise ApiError(400, "bad_request", "prefix cannot be encoded") from None
         raw = _clean_prefix(raw)
         after = _b64_path(cursor, "cursor") if cursor else None
-        page = ledger.store.page_records(repo.id, after, limit, raw)
-        nxt = (
-            base64.urlsafe_b64encode(page[-1].path).decode().rstrip("=")
-            if len(page) == limit
-            else None
-        )
-        return {"files": [r.to_json() for r in page], "cursor": nxt}
+        return ledger.files_page(repo, after, limit, raw).to_json()
 
     # --- duplicates ---------------------------------------------------------------------
     @api.get("/duplicates", response_model=schemas.DuplicatesOut, tags=["files"])
@@ -445,8 +460,7 @@ def create_app(
         min_size: Annotated[int, Query(ge=0, le=1 << 62)] = 1,
     ) -> Any:
         """Groups of files with the same content, largest waste first."""
-        repo_id = get_repo(repository).id if repository is not None else None
-        groups = ledger.store.duplicates(repo_id, limit, min_size)
+        groups = ledger.duplicates(get_repo(repository) if repository else None, limit, min_size)
         return {
             "groups": [g.to_json() for g in groups],
             "wasted_bytes": sum(g.wasted_bytes for g in groups),
@@ -516,7 +530,9 @@ def create_app(
                 events: list[str] = []
                 for entry in page.entries:
                     data = json.dumps(entry_json(entry, fid), ensure_ascii=True)
-                    events.append(f"id: {Cursor(fid, entry.seq)}\nevent: change\ndata: {data}\n\n")
+                    events.append(
+                        f"id: {entry_cursor(entry, fid)}\nevent: change\ndata: {data}\n\n"
+                    )
                     metrics.delivery_latency.observe(
                         max((now - entry.recorded_at).total_seconds(), 0.0)
                     )

@@ -21,9 +21,9 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fsledger.api.feed import FeedHub
 from fsledger.api.webhooks import WebhookDispatcher, display_url
 from fsledger.errors import StoreError
+from fsledger.feed import FeedHub
 from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
 from fsledger.model import RepoState

@@ -109,6 +109,10 @@ class FilesPage(BaseModel):
     cursor: str | None = Field(
         description="Pass back as ?cursor= for the next page; null at the end."
     )
+    feed_cursor: str | None = Field(
+        description="First page only: the change feed's head, read before this page. List "
+        "every page, then follow GET /api/v1/changes?since= from here: nothing is missed."
+    )
 
 
 class ChangeOut(BaseModel):

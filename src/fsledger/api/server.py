@@ -20,11 +20,11 @@ import time
 import uvicorn
 
 from fsledger.api.app import create_app
-from fsledger.api.feed import FeedHub, Retention
 from fsledger.api.security import is_loopback_host
 from fsledger.api.webhooks import WebhookDispatcher, check_url, display_url
 from fsledger.config import Settings
 from fsledger.errors import ConfigError
+from fsledger.feed import FeedHub, Retention
 from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
 

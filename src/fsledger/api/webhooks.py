@@ -35,8 +35,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from fsledger.api.feed import Cursor, Feed, FeedHub, entry_json
 from fsledger.errors import ConfigError, ResyncNeeded, StoreError
+from fsledger.feed import Cursor, Feed, FeedHub, entry_json
 from fsledger.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -152,13 +152,13 @@ class WebhookDispatcher:
     # --- the loop -----------------------------------------------------------------------
     def _initial_cursor(self) -> Cursor:
         head = self.feed.head()
-        stored = self.store.get_consumer_cursor(self.name)
+        stored = self.store.get_consumer_position(self.name)
         if stored is None:
             # A new webhook starts at the present: it is not flooded with the history.
-            self.store.set_consumer_cursor(self.name, head.seq)
+            self.store.set_consumer_cursor(self.name, head.seq, head.tag or 0)
             log.info("Webhook %s starts at cursor %s", display_url(self.url), head)
             return head
-        return Cursor(head.feed_id, stored)
+        return Cursor(head.feed_id, stored[0], stored[1])
 
     def _run(self) -> None:
         cursor: Cursor | None = None
@@ -208,7 +208,7 @@ class WebhookDispatcher:
         return cursor
 
     def _advance(self, cursor: Cursor, changes: int) -> None:
-        self.store.set_consumer_cursor(self.name, cursor.seq)
+        self.store.set_consumer_cursor(self.name, cursor.seq, cursor.tag or 0)
         with self.stats.lock:
             self.stats.cursor_seq = cursor.seq
             if changes:

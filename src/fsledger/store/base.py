@@ -145,7 +145,13 @@ class Store(Protocol):
         ...
 
     def feed_info(self) -> FeedInfo:
-        """The feed's id, retention low-water mark and newest sequence number, read at once."""
+        """The feed's id, retention low-water mark, newest sequence number and its tag, read
+        at once."""
+        ...
+
+    def feed_tag(self, seq: int) -> int | None:
+        """The tag of the entry at ``seq`` (of the retention mark when that is ``seq``; 0 for
+        the start of the feed), or None when no entry has that number."""
         ...
 
     def prune_changes(self, older_than: datetime | None, keep_last: int | None) -> int:
@@ -157,7 +163,11 @@ class Store(Protocol):
         """The stored cursor (a sequence number) of a named feed reader, e.g. a webhook."""
         ...
 
-    def set_consumer_cursor(self, name: str, seq: int) -> None: ...
+    def get_consumer_position(self, name: str) -> tuple[int, int] | None:
+        """The stored cursor of a named feed reader as (seq, tag)."""
+        ...
+
+    def set_consumer_cursor(self, name: str, seq: int, tag: int = 0) -> None: ...
 
     # --- duplicates ---------------------------------------------------------------
     def duplicates(

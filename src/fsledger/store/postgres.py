@@ -118,7 +118,7 @@ def _mod_time(mtime_ns: int) -> datetime:
     return _EPOCH + timedelta(microseconds=mtime_ns // 1000)
 
 
-_FEED_TYPES = ("uuid", "text", "bytea", "bytea", "int8", "text", "text", "timestamptz")
+_FEED_TYPES = ("uuid", "text", "bytea", "bytea", "int8", "text", "text", "timestamptz", "int8")
 
 
 def _connect(url: str, timeout_s: float, autocommit: bool = False) -> psycopg.Connection[Any]:
