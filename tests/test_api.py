@@ -14,12 +14,14 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import schemathesis
+import standardwebhooks
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -29,7 +31,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from api_support import SseReader, free_port, wait_for, webhook_receiver
-from fsledger.api import Service, create_app, verify
+from fsledger.api import Service, create_app
 from fsledger.api.security import is_loopback_host
 from fsledger.cli import main
 from fsledger.config import Settings
@@ -422,6 +424,17 @@ def test_run_refuses_to_listen_beyond_loopback_without_a_token(db_url: str) -> N
 def test_webhooks_need_a_secret(ledger: Ledger) -> None:
     with pytest.raises(ConfigError, match="FSLEDGER_WEBHOOK_SECRET"):
         Service(ledger, None, ledger.settings, webhooks=("http://127.0.0.1:9/hook",))
+    # At least 16 bytes of key, as the API token: refused at the edge and by the service.
+    short = replace(ledger.settings, webhook_secret="fifteen bytes..")
+    with pytest.raises(ConfigError, match="too short"):
+        Service(ledger, None, short, webhooks=("http://127.0.0.1:9/hook",))
+    with pytest.raises(ConfigError, match="too short"):
+        Settings.from_env(
+            {"FSLEDGER_WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"x" * 15).decode()}
+        )
+    ok = replace(ledger.settings, webhook_secret="sixteen bytes..!", webhook_from="then")
+    with pytest.raises(ConfigError, match="--webhook-from"):
+        Service(ledger, None, ok, webhooks=("http://127.0.0.1:9/hook",))
     with pytest.raises(ConfigError, match="http"):
         Service(ledger, None, ledger.settings, webhooks=("file:///etc/passwd",))
 
@@ -528,7 +541,8 @@ def test_fsledger_run_serves_over_a_real_socket(tmp_path: Path, root: Path) -> N
     by another process (``fsledger scan``) reaching both an open SSE stream and the webhook,
     and SIGTERM ending it all with exit 0 while the stream is still open."""
     db = "sqlite://" + str(tmp_path / "run.db")
-    env = {**os.environ, "FSLEDGER_DATABASE_URL": db, "FSLEDGER_WEBHOOK_SECRET": "s3cret"}
+    secret = "whsec_" + base64.b64encode(b"s3cret of at least sixteen bytes").decode()
+    env = {**os.environ, "FSLEDGER_DATABASE_URL": db, "FSLEDGER_WEBHOOK_SECRET": secret}
     env.pop("FSLEDGER_API_TOKEN", None)
     fsledger = [sys.executable, "-m", "fsledger.cli"]
     subprocess.run([*fsledger, "repo", "add", str(root)], env=env, check=True, timeout=120)
@@ -595,10 +609,8 @@ def test_fsledger_run_serves_over_a_real_socket(tmp_path: Path, root: Path) -> N
             wait_for("the webhook delivery", lambda: receiver.accepted)
             delivered = receiver.accepted[0].json()["changes"]
             assert [c["path"] for c in delivered] == ["from-another-process.jpg"]
-            assert verify(
-                "s3cret",
-                receiver.accepted[0].body,
-                receiver.accepted[0].headers["x-fsledger-signature"],
+            standardwebhooks.Webhook(secret).verify(
+                receiver.accepted[0].body, receiver.accepted[0].headers
             )
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -13,6 +13,7 @@ from typing import Any
 import blake3
 import httpx
 import pytest
+import standardwebhooks
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
@@ -27,15 +28,15 @@ from api_support import (
     webhook_receiver,
 )
 from fsledger.api import create_app
-from fsledger.api.webhooks import SIGNATURE_HEADER, WebhookDispatcher, verify
+from fsledger.api.webhooks import WebhookDispatcher
 from fsledger.cli import main
 from fsledger.config import Settings
 from fsledger.errors import ResyncNeeded, RootUnavailable
-from fsledger.feed import Cursor, Feed, FeedHub, Retention
+from fsledger.feed import Cursor, Feed, FeedHub, Retention, entry_cursor
 from fsledger.ledger import Ledger
 from fsledger.model import Repository, RepoState
 
-SECRET = "test-webhook-secret"
+SECRET = "whsec_" + base64.b64encode(b"test-webhook-secret, 32 bytes...").decode()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -332,13 +333,21 @@ def test_webhook_gets_every_batch_once_signed_and_resumes_after_restart(
         first.close()
 
         assert delivered_seqs(receiver) == list(range(2, total + 1))  # each once, in order
-        ids = [d.headers["x-fsledger-delivery"] for d in receiver.accepted]
+        ids = [d.headers["webhook-id"] for d in receiver.accepted]
         assert len(ids) == len(set(ids))
         assert len(receiver.refused) == 1
-        assert receiver.refused[0].body == receiver.accepted[0].body  # the same batch, again
+        refused = receiver.refused[0]
+        assert refused.body == receiver.accepted[0].body  # the same batch, again
+        assert refused.headers["webhook-id"] == ids[0]  # with the same id
+        hook_lib = standardwebhooks.Webhook(SECRET)  # a stock verifier of the specification
+        other = standardwebhooks.Webhook(base64.b64encode(b"another secret, 32 bytes long..."))
         for d in receiver.accepted:
-            assert verify(SECRET, d.body, d.headers[SIGNATURE_HEADER.lower()])
-            assert not verify("another secret", d.body, d.headers[SIGNATURE_HEADER.lower()])
+            assert hook_lib.verify(d.body, d.headers)["type"] == "changes"
+            with pytest.raises(standardwebhooks.WebhookVerificationError):
+                other.verify(d.body, d.headers)
+            # The id is signed: changing it breaks the signature.
+            with pytest.raises(standardwebhooks.WebhookVerificationError):
+                hook_lib.verify(d.body, {**d.headers, "webhook-id": "msg_forged"})
             assert len(d.json()["changes"]) <= 3
         cursors = [(d.json()["since"], d.json()["cursor"]) for d in receiver.accepted]
         assert all(a[1] == b[0] for a, b in zip(cursors, cursors[1:], strict=False))
@@ -382,7 +391,7 @@ def test_webhook_behind_retention_gets_a_resync_notice(ledger: Ledger, root: Pat
             hook.stop()
             hub.stop()
         notice = receiver.accepted[0].json()
-        assert notice["resync_needed"] is True
+        assert notice["type"] == "resync_needed"
         assert notice["cursor"] == str(Feed(ledger.store).head())
         assert ledger.store.get_consumer_cursor(name) == ledger.store.latest_seq()
 
@@ -622,3 +631,36 @@ def test_repository_lifecycle_is_in_the_feed_and_the_head_never_moves_back(
         "sub/x.jpg",
         "sub/deeper/y.jpg",
     }
+
+
+@pytest.mark.parametrize("start", ["start", "cursor", "now"])
+def test_where_a_new_webhook_starts_is_explicit(ledger: Ledger, root: Path, start: str) -> None:
+    """Item 5: ``--webhook-from start`` delivers the history first, a cursor what follows
+    it, ``now`` only what happens next; a webhook with a stored cursor resumes from it."""
+    repo = ledger.add_repository(str(root))
+    ledger.scan(repo)
+    history, head = read_to_head(ledger)
+    middle = str(entry_cursor(history[2], head.split(":")[0]))
+    (root / "next.txt").write_bytes(b"next")
+    with webhook_receiver() as receiver:
+        hub = FeedHub(ledger, poll_s=0.05)
+        hub.start()
+        given = {"start": "start", "cursor": middle, "now": "now"}[start]
+        hook = WebhookDispatcher(
+            receiver.url, SECRET, ledger.store, hub, batch_size=100, backoff_s=0.05, start=given
+        )
+        hook.start()
+        try:
+            wait_for("the webhook's cursor", lambda: ledger.store.get_consumer_cursor(hook.name))
+            ledger.scan(repo)
+            newest = ledger.store.latest_seq()
+            wait_for("the delivery", lambda: delivered_seqs(receiver)[-1:] == [newest])
+        finally:
+            hook.stop()
+            hub.stop()
+    first = {"start": 1, "cursor": history[2].seq + 1, "now": newest}[start]
+    assert delivered_seqs(receiver) == list(range(first, newest + 1))
+    body = receiver.accepted[0].json()
+    assert body["since"] == {"start": f"{head.split(':')[0]}:0:00000000", "cursor": middle}.get(
+        start, head
+    )

@@ -497,8 +497,15 @@ def duplicates(ctx: Context, ref: str | None, limit: int, min_size: int, as_json
     "webhooks",
     multiple=True,
     metavar="URL",
-    help="POST batches of changes here, signed with FSLEDGER_WEBHOOK_SECRET (repeatable; "
-    "env FSLEDGER_WEBHOOKS too).",
+    help="POST batches of changes here, signed per Standard Webhooks with "
+    "FSLEDGER_WEBHOOK_SECRET (repeatable; env FSLEDGER_WEBHOOKS too).",
+)
+@click.option(
+    "--webhook-from",
+    metavar="now|start|CURSOR",
+    help="Where a webhook that has no stored cursor yet starts: now (only what happens "
+    "next), start (the oldest change kept first) or a cursor [default: now]. A webhook "
+    "that has delivered before resumes where its receiver last acknowledged.",
 )
 @click.option(
     "--distributed/--no-distributed",
@@ -516,6 +523,7 @@ def run(
     listen: str | None,
     no_http: bool,
     webhooks: tuple[str, ...],
+    webhook_from: str | None,
     distributed: bool | None,
 ) -> None:
     """Keep every repository in sync: startup reconciliation, live watching, schedules; serve
@@ -529,6 +537,8 @@ def run(
     if distributed is not None:
         # Before the ledger opens: its reconciler reads the setting too.
         ctx.settings = replace(ctx.settings, distributed=distributed)
+    if webhook_from is not None:
+        ctx.settings = replace(ctx.settings, webhook_from=webhook_from)
     ledger = ctx.ledger
     live_factory = None if (no_watch or once) else _live_factory()
     manager = SyncManager(ledger, ctx.settings, live_factory=live_factory)

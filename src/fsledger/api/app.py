@@ -558,8 +558,32 @@ def create_app(
             metrics.sse_closed()
 
     app.include_router(api)
+    _document_webhooks(app)
     app.add_middleware(Guard, loopback_only=token is None)
     return app
+
+
+def _document_webhooks(app: FastAPI) -> None:
+    """The deliveries of ``fsledger run --webhook URL`` in the OpenAPI document's
+    ``webhooks``: what a receiver gets, and how it is signed."""
+
+    @app.webhooks.post(
+        "changes",
+        status_code=204,
+        tags=["feed"],
+        openapi_extra={
+            "parameters": [
+                {"name": h, "in": "header", "required": True, "schema": {"type": "string"}}
+                for h in ("webhook-id", "webhook-timestamp", "webhook-signature")
+            ]
+        },
+    )
+    def changes_delivered(body: schemas.WebhookChanges | schemas.WebhookResync) -> None:
+        """A batch of the change feed, POSTed until the receiver answers 2xx, signed per
+        Standard Webhooks (``webhook-signature: v1,<base64 HMAC-SHA256 of
+        "webhook-id.webhook-timestamp.body">``, verifiable with the ``standardwebhooks``
+        package). ``webhook-id`` is stable across retries. Apply the changes if ``since``
+        is your last cursor, then store ``cursor``; see docs/api.md for the other cases."""
 
 
 __all__ = ["create_app", "ApiError"]

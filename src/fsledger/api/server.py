@@ -83,7 +83,8 @@ class Service:
 
     Raises:
         ConfigError: the listen address is malformed or unsafe, or webhooks are configured
-            without ``FSLEDGER_WEBHOOK_SECRET``.
+            without a ``FSLEDGER_WEBHOOK_SECRET`` of at least 16 bytes, or ``--webhook-from``
+            is not now, start or a cursor.
     """
 
     def __init__(
@@ -116,7 +117,13 @@ class Service:
             retention=Retention(settings.feed_retention_s, settings.feed_retention_entries),
         )
         self.webhooks = [
-            WebhookDispatcher(url, settings.webhook_secret or "", ledger.store, self.hub)
+            WebhookDispatcher(
+                url,
+                settings.webhook_secret or "",
+                ledger.store,
+                self.hub,
+                start=settings.webhook_from,
+            )
             for url in urls
         ]
         self.app = create_app(ledger, manager, settings, hub=self.hub, webhooks=self.webhooks)
