@@ -4,9 +4,13 @@ restart, over SSE (resumable), to webhooks (signed, once, resumed), and retentio
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
 import shutil
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,8 @@ import pytest
 import standardwebhooks
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
+from httpx_sse import connect_sse
+from prometheus_client.parser import text_string_to_metric_families
 
 from api_support import (
     Receiver,
@@ -34,7 +40,7 @@ from fsledger.config import Settings
 from fsledger.errors import ResyncNeeded, RootUnavailable
 from fsledger.feed import Cursor, Feed, FeedHub, Retention, entry_cursor
 from fsledger.ledger import Ledger
-from fsledger.model import Repository, RepoState
+from fsledger.model import ChangeKind, FeedEntry, Repository, RepoState
 
 SECRET = "whsec_" + base64.b64encode(b"test-webhook-secret, 32 bytes...").decode()
 
@@ -664,3 +670,44 @@ def test_where_a_new_webhook_starts_is_explicit(ledger: Ledger, root: Path, star
     assert body["since"] == {"start": f"{head.split(':')[0]}:0:00000000", "cursor": middle}.get(
         start, head
     )
+
+
+def test_timestamps_have_one_rfc3339_form(ledger: Ledger, root: Path) -> None:
+    """Item 6: microseconds always, even when they are zero (strict parsers with a fixed
+    layout refused the shorter form)."""
+    moment = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    entry = FeedEntry(1, uuid.uuid4(), ChangeKind.CREATED, b"x", None, 1, "ab", "blake3", moment)
+    assert entry.to_json()["recorded_at"] == "2025-01-02T03:04:05.000000+00:00"
+    ledger.scan(ledger.add_repository(str(root)))
+    layout = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00")
+    with api(ledger) as http:
+        for change in http.get("/api/v1/changes").json()["changes"]:
+            assert layout.fullmatch(change["recorded_at"]), change
+
+
+def metric_count(http: httpx.Client, name: str) -> float:
+    families = text_string_to_metric_families(http.get("/metrics").text)
+    return next(s.value for f in families for s in f.samples if s.name == name + "_count")
+
+
+def test_sse_starts_clean_and_latency_counts_live_deliveries_only(
+    ledger: Ledger, root: Path
+) -> None:
+    """Item 6: a stock SSE client (httpx-sse) yields no empty first message, and a replay
+    of older changes adds nothing to the delivery-latency histogram; a live change does."""
+    repo = ledger.add_repository(str(root))
+    ledger.scan(repo)
+    app = create_app(ledger, None, ledger.settings, heartbeat_s=0.2)
+    with serve(app) as base, httpx.Client(base_url=base, timeout=20) as http:
+        start = str(Cursor(ledger.feed_head().feed_id, 0, 0))
+        with connect_sse(http, "GET", "/api/v1/events", params={"since": start}) as source:
+            events = source.iter_sse()
+            replayed = [next(events) for _ in range(5)]  # the repository and its 4 files
+            assert all(e.event == "change" and e.data for e in replayed)
+            assert replayed[0].retry == 2000
+            assert metric_count(http, "fsledger_feed_delivery_latency_seconds") == 0
+            (root / "live.txt").write_bytes(b"live")
+            ledger.scan(repo)
+            live = next(events)
+            assert json.loads(live.data)["path"] == "live.txt"
+            assert metric_count(http, "fsledger_feed_delivery_latency_seconds") == 1

@@ -268,7 +268,10 @@ def create_app(
         404: {"model": schemas.ErrorOut},
         503: {"model": schemas.ErrorOut},
     }
-    api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=errors)
+    # Without a token no route asks for one, and the OpenAPI document says so (it marked
+    # bearer auth as required on every route that a loopback server answers without it).
+    auth = [Depends(authorize)] if token is not None else []
+    api = APIRouter(prefix="/api/v1", dependencies=auth, responses=errors)
 
     # --- helpers ------------------------------------------------------------------------
     def get_repo(repo_id: UUID) -> Repository:
@@ -312,7 +315,7 @@ def create_app(
     @app.get(
         "/metrics",
         response_model=None,
-        dependencies=[Depends(authorize)],
+        dependencies=auth,
         responses={
             200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
             401: {"model": schemas.ErrorOut},
@@ -521,7 +524,14 @@ def create_app(
     async def _stream(page: FeedPage, repo_id: UUID | None) -> AsyncIterator[str]:
         metrics.sse_opened()
         try:
-            yield "retry: 2000\n: fsledger change feed\n\n"
+            # A comment only: a block with a field but no data (``retry:``) made stock clients
+            # yield an empty message. The retry delay rides on the first event instead.
+            yield ": fsledger change feed\n\n"
+            retry = "retry: 2000\n"
+            # Only changes sent once the stream had caught up (and waited) are delivery
+            # latency: a replay of older ones (a client resuming from an old cursor, the
+            # first page) buried every live sample.
+            live = False
             while True:
                 fid = page.cursor.feed_id
                 now = utcnow()
@@ -530,16 +540,18 @@ def create_app(
                 events: list[str] = []
                 for entry in page.entries:
                     data = json.dumps(entry_json(entry, fid), ensure_ascii=True)
-                    events.append(
-                        f"id: {entry_cursor(entry, fid)}\nevent: change\ndata: {data}\n\n"
-                    )
-                    metrics.delivery_latency.observe(
-                        max((now - entry.recorded_at).total_seconds(), 0.0)
-                    )
+                    ident = entry_cursor(entry, fid)
+                    events.append(f"{retry}id: {ident}\nevent: change\ndata: {data}\n\n")
+                    retry = ""
+                    if live:
+                        metrics.delivery_latency.observe(
+                            max((now - entry.recorded_at).total_seconds(), 0.0)
+                        )
                 if events:
                     yield "".join(events)
                 cursor = page.cursor
                 if not page.has_more:
+                    live = True
                     woke = await feed_hub.wait_async(cursor.seq, heartbeat_s)
                     if feed_hub.closed:
                         return

@@ -77,7 +77,8 @@ class Metrics(Collector):
         )
         self.delivery_latency = Histogram(
             "fsledger_feed_delivery_latency_seconds",
-            "Time from a change being recorded in the feed to its SSE event being sent.",
+            "Time from a change being recorded in the feed to its SSE event being sent, for "
+            "streams that had caught up (a replay of older changes is not a delivery delay).",
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -204,6 +205,7 @@ class Metrics(Collector):
             ("added", m.files_added),
             ("updated", m.files_updated),
             ("removed", m.files_removed),
+            ("moved", m.files_moved),
         ):
             files.add_metric([action], value)
         yield files
