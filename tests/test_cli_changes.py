@@ -172,3 +172,20 @@ def test_duplicates_text_and_json(db_url: str, repo: Repository) -> None:
     assert "tree: dir/two.txt" in text.stdout and "tree: one.txt" in text.stdout
     assert "1 group(s), 12 bytes wasted" in text.stderr
     assert fsl(db_url, "duplicates", "nonesuch").exit_code == 2
+
+
+def test_changes_loads_no_web_stack(db_url: str, repo: Repository) -> None:
+    """The feed is in the core: ``fsledger changes`` imports neither FastAPI, uvicorn nor
+    prometheus (it paid 0.56 s of imports for them through ``fsledger.api``)."""
+    probe = (
+        "import sys\n"
+        "from fsledger.cli import main\n"
+        f"main(['--db', {db_url!r}, 'changes', '--json'], standalone_mode=False)\n"
+        "web = [m for m in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client', 'orjson')"
+        " if m in sys.modules]\n"
+        "print('WEB', web)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "WEB []" in out.stdout, out.stdout + out.stderr

@@ -531,7 +531,13 @@ def run(
 
     Stops cleanly on SIGINT/SIGTERM (pending events are flushed first).
     """
-    from fsledger.api.server import Service
+    try:
+        from fsledger.api.server import Service
+    except ImportError as exc:  # installed without the server extra
+        raise ConfigError(
+            f"'fsledger run' serves HTTP with packages that are not installed ({exc.name}): "
+            "install fsledger[server]"
+        ) from exc
     from fsledger.manager import SyncManager
 
     if distributed is not None:

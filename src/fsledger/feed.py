@@ -39,11 +39,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from uuid import UUID
 
 from fsledger.errors import ConfigError, ResyncNeeded, StoreError
-from fsledger.model import FeedEntry, FileRecord, RelPath, Repository, utcnow
+from fsledger.model import FeedEntry, FeedRow, FileRecord, RelPath, Repository, utcnow
 from fsledger.store.base import Store
 
 if TYPE_CHECKING:  # the ledger reads the feed through this module: no import cycle at run time
@@ -88,7 +88,20 @@ class Cursor:
         return cls(m.group(1), int(m.group(2)), int(tag, 16) if tag is not None else None)
 
 
-def entry_cursor(entry: FeedEntry, feed_id: str) -> Cursor:
+class _Entry(Protocol):
+    """What a page is made of: ``FeedEntry`` objects or flat ``FeedRow``s."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def tag(self) -> int: ...
+
+
+E = TypeVar("E", bound=_Entry)
+
+
+def entry_cursor(entry: _Entry, feed_id: str) -> Cursor:
     """The cursor right after ``entry``."""
     return Cursor(feed_id, entry.seq, entry.tag)
 
@@ -142,6 +155,16 @@ class FilesPage:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class RowsPage:
+    """One read of the feed as flat rows (``Feed.read_rows``): what the HTTP API serialises
+    a page from, straight, with no object per change."""
+
+    rows: list[FeedRow]
+    cursor: Cursor
+    has_more: bool
+
+
 class Feed:
     """Reads the change feed of one store by cursor.
 
@@ -171,13 +194,47 @@ class Feed:
                 issued for (see the module's docstring).
             StoreError: the database failed.
         """
+        entries, cursor, full = self._read(since, limit, repo_id, self.store.changes_since)
+        return FeedPage(tuple(entries), cursor, full)
+
+    def read_rows(self, since: Cursor | None, limit: int, repo_id: UUID | None = None) -> RowsPage:
+        """``read`` as flat rows (see ``RowsPage``); the same checks and cursors, with the
+        state, the rows and the retention mark read in one transaction (``feed_page``)."""
+        after = since.seq if since is not None else 0
+        info, at, rows, pruned = self.store.feed_page(after, limit, repo_id)
+        head = Cursor(info.feed_id, info.latest_seq, info.latest_tag)
+        start = since or Cursor(info.feed_id, 0, 0)
+        # ``pruned`` was read with the rows: a prune that passed the cursor meanwhile refuses
+        # the page rather than answering it with a hole.
+        self._check(start, info.feed_id, head, max(info.pruned_through, pruned), at)
+        return RowsPage(rows, *self._next(start, head, rows, limit))
+
+    def _next(
+        self, start: Cursor, head: Cursor, entries: list[E], limit: int
+    ) -> tuple[Cursor, bool]:
+        """Where the next read starts, and whether this page was full."""
+        full = len(entries) >= limit
+        if entries and (full or entries[-1].seq >= head.seq):
+            return entry_cursor(entries[-1], head.feed_id), full
+        if head.seq > start.seq:
+            # A filter skipped the rest up to the head (other repositories, blanked entries).
+            return head, full
+        return start, full
+
+    def _read(
+        self,
+        since: Cursor | None,
+        limit: int,
+        repo_id: UUID | None,
+        fetch: Callable[[int, int, UUID | None], list[E]],
+    ) -> tuple[list[E], Cursor, bool]:
         # The head is read before the entries: everything up to it is committed (appends are
         # serialised in sequence order), so an empty or partial page may advance to it.
         info = self.store.feed_info()
         start = since or Cursor(info.feed_id, 0, 0)
         head = Cursor(info.feed_id, info.latest_seq, info.latest_tag)
         self._check(start, info.feed_id, head, info.pruned_through)
-        entries = self.store.changes_since(start.seq, limit, repo_id)
+        entries = fetch(start.seq, limit, repo_id)
         # Checked after reading: pruning only moves forward, so a page read before a prune
         # that passed the cursor is still refused rather than returned with a hole.
         pruned = self.store.feed_info().pruned_through
@@ -188,18 +245,14 @@ class Feed:
                 f"feed from {head}",
                 str(head),
             )
-        full = len(entries) >= limit
-        if entries and (full or entries[-1].seq >= head.seq):
-            cursor = entry_cursor(entries[-1], info.feed_id)
-        elif head.seq > start.seq:
-            # A filter skipped the rest up to the head (other repositories, blanked entries).
-            cursor = head
-        else:
-            cursor = start
-        return FeedPage(tuple(entries), cursor, full)
+        cursor, full = self._next(start, head, entries, limit)
+        return entries, cursor, full
 
-    def _check(self, start: Cursor, feed_id: str, head: Cursor, pruned: int) -> None:
-        """Refuse a cursor that this feed cannot answer exactly (``ResyncNeeded``)."""
+    def _check(
+        self, start: Cursor, feed_id: str, head: Cursor, pruned: int, tag: int | None = -1
+    ) -> None:
+        """Refuse a cursor that this feed cannot answer exactly (``ResyncNeeded``). ``tag``:
+        the tag of the entry at ``start.seq`` when the caller read it already (-1: not)."""
         why = None
         if start.feed_id != feed_id:
             why = f"belongs to another change feed (this database's is {feed_id})"
@@ -214,7 +267,8 @@ class Feed:
                 "older backup, or the cursor was not issued by this feed"
             )
         elif start.tag is not None and start.seq > 0:
-            tag = head.tag if start.seq == head.seq else self.store.feed_tag(start.seq)
+            if tag == -1:
+                tag = head.tag if start.seq == head.seq else self.store.feed_tag(start.seq)
             if tag != start.tag:
                 why = (
                     "no longer names the entry it was issued for: the database was restored "
@@ -423,6 +477,7 @@ __all__ = [
     "FeedPage",
     "FilesPage",
     "Retention",
+    "RowsPage",
     "entry_cursor",
     "entry_json",
 ]

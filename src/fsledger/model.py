@@ -281,6 +281,26 @@ class FeedEntry:
         return out
 
 
+class FeedRow(NamedTuple):
+    """A feed entry in the flat form the HTTP API serialises it from: the store's columns as
+    text where JSON wants text (``repository_id``, ``recorded_at`` in ``rfc3339`` form).
+
+    A page of a few thousand changes is read and written in milliseconds only when no object
+    is built per row (a ``FeedEntry`` with a ``UUID``, a ``datetime`` and an enum cost more
+    than the rest of the request together)."""
+
+    seq: int
+    repository_id: str
+    kind: str
+    path: RelPath
+    old_path: RelPath | None
+    size: int | None
+    content_hash: str | None
+    hash_algo: str | None
+    recorded_at: str
+    tag: int
+
+
 @dataclass(frozen=True, slots=True)
 class FeedInfo:
     """Where the change feed stands.

@@ -31,12 +31,19 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fsledger.api import schemas
+from fsledger.api.encode import changes_json
 from fsledger.api.metrics import CONTENT_TYPE, Metrics
 from fsledger.api.security import Guard, error_response
 from fsledger.api.webhooks import WebhookDispatcher
@@ -73,6 +80,8 @@ PREFIX_PATTERN = rf"^/*(?:{_COMPONENT}(?:/{_COMPONENT})*)?/*$"
 B64URL_PATTERN = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$"
 B64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 MAX_LIMIT = 1000
+MAX_CHANGES_LIMIT = 10_000
+"""A change-feed page may be larger: a consumer catching up reads it in one request."""
 STATIC = resources.files("fsledger.api") / "static"
 # Module level: route signatures are resolved from module globals (postponed annotations).
 _BEARER = HTTPBearer(auto_error=False, description="FSLEDGER_API_TOKEN, when it is set.")
@@ -478,20 +487,25 @@ def create_app(
 
     @api.get(
         "/changes",
-        response_model=schemas.ChangesPage,
-        response_model_exclude_unset=True,  # old_path only on moves, as in the CLI and SSE
-        responses=feed_errors,
+        response_model=None,
+        responses={200: {"model": schemas.ChangesPage}, **feed_errors},
         tags=["feed"],
     )
     def changes(
         since: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+        limit: Annotated[int, Query(ge=1, le=MAX_CHANGES_LIMIT)] = 1000,
         repository: UUID | None = None,
-    ) -> Any:
+    ) -> Response:
         """Exactly the changes after ``since`` (from the start of the feed without it), and
-        the cursor to ask with next. A cursor older than the retention window, or of
-        another database, is answered 410 with the cursor to resync from."""
-        return first_page(since, repository, limit).to_json()
+        the cursor to ask with next. A cursor the feed cannot answer exactly (older than
+        the retention window, of another database, beyond the newest change, or naming
+        another change since a restore from backup) is answered 410 with the cursor to
+        resync from."""
+        # Serialised straight from the store's rows (api/encode.py): the response model
+        # documents the shape, and is not run per change.
+        repo_id = get_repo(repository).id if repository is not None else None
+        page = feed.read_rows(_parse_cursor(since), limit, repo_id)
+        return Response(changes_json(page), media_type="application/json")
 
     @api.get(
         "/events",

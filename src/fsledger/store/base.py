@@ -18,6 +18,7 @@ from fsledger.model import (
     DuplicateGroup,
     FeedEntry,
     FeedInfo,
+    FeedRow,
     FileRecord,
     MountPoint,
     OperationStatus,
@@ -139,6 +140,14 @@ class Store(Protocol):
     def changes_since(
         self, after_seq: int, limit: int, repo_id: UUID | None = None
     ) -> list[FeedEntry]: ...
+
+    def feed_page(
+        self, after_seq: int, limit: int, repo_id: UUID | None = None
+    ) -> tuple[FeedInfo, int | None, list[FeedRow], int]:
+        """What one read of the feed needs, in one transaction: the feed's state, the tag of
+        the entry at ``after_seq`` (``feed_tag``), up to ``limit`` rows after it (as
+        ``feed_rows``) and the retention mark as of the rows' read."""
+        ...
 
     def latest_seq(self) -> int:
         """The newest sequence number the feed ever held (0 for an empty feed)."""
