@@ -389,6 +389,7 @@ def measure_changes_api(runner: StoreRun, clock: str | None = None) -> Measureme
         {
             "changes_read": count,
             "pages": -(-count // API_PAGE),
+            "page_limit": API_PAGE,
             "watchman_files": watchman_files if reference else None,
         },
     )

@@ -203,7 +203,12 @@ def markdown(
         if "changes_read" in m.details:
             lines.append(
                 f"\n{LABELS[m.scenario]} ({m.store}): {m.details['changes_read']:,} changes "
-                f"in {m.details['pages']} pages of up to 1000."
+                f"in {m.details['pages']} page(s) of up to {m.details.get('page_limit', 1000):,}"
+                + (
+                    f"; watchman since listed {m.details['watchman_files']:,} files."
+                    if m.details.get("watchman_files")
+                    else "."
+                )
             )
         if m.details.get("unexpected_changes"):
             lines.append(
