@@ -15,8 +15,9 @@ import pytest
 from fsledger.config import Settings
 from fsledger.errors import ConfigError
 from fsledger.ledger import Ledger
-from fsledger.manager import SyncManager, load_repo_yaml
-from fsledger.model import OperationType, RepoState
+from fsledger.manager import SyncManager
+from fsledger.model import OperationType, RepoSettings, RepoState
+from fsledger.repoconfig import load_repo_yaml
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -193,7 +194,7 @@ def test_repository_yaml_sync_settings(ledger, settings, tmp_path):
     loaded = load_repo_yaml(os.fsencode(root))
     assert loaded is not None
     assert loaded.quick_scan_interval_s == 300 and loaded.full_scan_interval_s == 3600
-    repo = ledger.add_repository(root)
+    repo = ledger.add_repository(root, settings=RepoSettings(trust_repo_config=True))
     manager = SyncManager(ledger, settings)
     manager.start()
     try:

@@ -37,7 +37,7 @@ from fsledger.watch.backend import (
     IN_UNMOUNT,
 )
 from treeutil import FakeMounts
-from watch_support import assert_in_sync, digest_of, ledger_state, wait_until, write
+from watch_support import assert_in_sync, digest_of, exchange, ledger_state, wait_until, write
 
 _cookies = itertools.count(1000)
 
@@ -385,6 +385,153 @@ def test_chained_and_swapped_directory_renames_in_one_window(rig: Rig) -> None:
     rig.watcher.flush()
     rig.assert_exact()
     assert rig.state()[b"y/1.jpg"][1] == digest_of(os.fsencode(rig.p("y/1.jpg")))
+
+
+def test_each_hop_of_a_directory_rename_chain_reaches_the_feed(rig: Rig) -> None:
+    """By the time a pass writes ``D0 -> C/D1``, ``C/D1`` is gone (renamed on): the hop is
+    still written, as a move, and so is every later one; no file is deleted and created."""
+    write(rig.p("D0/x/f.jpg"), "f")
+    write(rig.p("a/y/h.jpg"), "h")
+    write(rig.p("b/keep.jpg"), "k")
+    rig.p("C").mkdir()
+    rig.start()
+    for src, dst in (("D0", "C/D1"), ("C/D1", "D2"), ("D2", "D3"), ("a", "b/c"), ("b", "c2")):
+        os.rename(rig.p(src), rig.p(dst))
+        rig.renamed(src, dst, is_dir=True)
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert rig.kinds() == [
+        (ChangeKind.DIR_MOVED, b"C/D1", b"D0"),
+        (ChangeKind.DIR_MOVED, b"D2", b"C/D1"),
+        (ChangeKind.DIR_MOVED, b"D3", b"D2"),
+        (ChangeKind.DIR_MOVED, b"b/c", b"a"),
+        (ChangeKind.DIR_MOVED, b"c2", b"b"),
+    ]
+
+
+def test_a_write_through_one_hard_link_refreshes_every_name(rig: Rig) -> None:
+    """inotify reports a write only for the name written; the other names of the file
+    (records with its inode) are refreshed in the same pass."""
+    write(rig.p("a/x.dat"), "shared")
+    rig.p("b").mkdir()
+    os.link(rig.p("a/x.dat"), rig.p("b/y.dat"))
+    os.link(rig.p("a/x.dat"), rig.p("a/z.dat"))
+    write(rig.p("a/other.dat"), "not a link")
+    rig.start()
+    with open(rig.p("a/x.dat"), "ab") as fh:
+        fh.write(b" and appended")
+    rig.emit("a/x.dat", IN_MODIFY)
+    rig.emit("a/x.dat", IN_CLOSE_WRITE)
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert sorted(rig.kinds()) == [
+        (ChangeKind.MODIFIED, b"a/x.dat", None),
+        (ChangeKind.MODIFIED, b"a/z.dat", None),
+        (ChangeKind.MODIFIED, b"b/y.dat", None),
+    ]
+
+
+@pytest.mark.parametrize("had_records", [False, True], ids=["listed", "reconciled"])
+def test_a_file_still_open_in_a_new_directory_is_recorded_once_closed(
+    tmp_path: Path, request: pytest.FixtureRequest, had_records: bool
+) -> None:
+    """A directory created and filled at once: its file is found by the directory's check
+    (a listing, or a subtree reconciliation when records were below its path) while the
+    writer still has it open. Like any path, it is recorded once closed (or quiet for the
+    debounce time): one ``created``, at the final size."""
+    rig = make_rig(tmp_path, request, debounce_s=3600.0)
+    if had_records:
+        write(rig.p("d/old.jpg"), "old")
+    write(rig.p("keep.jpg"), "keep")
+    rig.start()
+    if had_records:  # deleted and made again before the watcher wrote the deletion
+        os.unlink(rig.p("d/old.jpg"))
+        os.rmdir(rig.p("d"))
+        rig.emit("d", IN_DELETE | IN_ISDIR)
+    rig.p("d").mkdir()
+    rig.emit("d", IN_CREATE | IN_ISDIR)
+    with open(rig.p("d/f.bin"), "wb") as fh:
+        fh.write(b"a" * 65536)
+        fh.flush()
+        # The directory's check is due after the settle time; the file is still open.
+        assert wait_until(rig.watcher.process_due)
+        assert b"d/f.bin" not in rig.state()
+        fh.write(b"b" * 65536)
+    rig.emit("d/f.bin", IN_MODIFY)
+    rig.emit("d/f.bin", IN_CLOSE_WRITE)
+    # Settled by its close (not the hour of debounce): written by a pass that is due.
+    assert wait_until(lambda: rig.watcher.process_due() and b"d/f.bin" in rig.state())
+    rig.assert_exact()
+    assert [(e.kind, e.path, e.size) for e in rig.feed()] == [
+        *([(ChangeKind.DELETED, b"d/old.jpg", None)] if had_records else []),
+        (ChangeKind.CREATED, b"d/f.bin", 131072),
+    ]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "split-reads"])
+def test_an_exchange_of_two_directories_is_written_as_one_swap(rig: Rig, split: bool) -> None:
+    """renameat2(RENAME_EXCHANGE) sends a rename pair for each side, from and to the same
+    two names. Written one after the other, the second would take the records the first
+    just moved; they are one swap, also when a pass runs between the two pairs."""
+    write(rig.p("L/a.jpg"), "left a")
+    write(rig.p("L/s/b.jpg"), "left b")
+    write(rig.p("R/c.jpg"), "right c")
+    rig.start()
+    before = rig.state()
+    exchange(rig.p("L"), rig.p("R"))
+    c1, c2 = next(_cookies), next(_cookies)
+    rig.emit("L", IN_MOVED_FROM | IN_ISDIR, c1)
+    rig.emit("R", IN_MOVED_TO | IN_ISDIR, c1)
+    if split:
+        rig.watcher.process_due()
+        assert rig.state() == before  # nothing written while the other half may come
+    rig.emit("R", IN_MOVED_FROM | IN_ISDIR, c2)
+    rig.emit("L", IN_MOVED_TO | IN_ISDIR, c2)
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert {kind for kind, _, _ in rig.kinds()} == {ChangeKind.DIR_MOVED}
+    # The watches follow their directories: events below them name the right paths.
+    rig.mark()
+    write(rig.p("R/s/new.jpg"), "new")
+    rig.created("R/s/new.jpg")
+    write(rig.p("L/new.jpg"), "new too")
+    rig.created("L/new.jpg")
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert sorted(rig.kinds()) == [
+        (ChangeKind.CREATED, b"L/new.jpg", None),
+        (ChangeKind.CREATED, b"R/s/new.jpg", None),
+    ]
+
+
+@pytest.mark.parametrize("renamed_on", [False, True], ids=["stays", "renamed-on"])
+def test_a_rename_onto_an_empty_watched_directory(rig: Rig, renamed_on: bool) -> None:
+    """Not an exchange: the directory renamed over is gone (its IN_DELETE_SELF comes
+    within the rename), also when the directory that took its name moves on at once."""
+    write(rig.p("A/x.jpg"), "x")
+    rig.p("E").mkdir()
+    rig.start()
+    e_wd = rig.wd("E")
+    os.rename(rig.p("A"), rig.p("E"))
+    rig.renamed("A", "E", is_dir=True)
+    rig.backend.emit(e_wd, IN_DELETE_SELF)
+    final = "E"
+    if renamed_on:
+        os.rename(rig.p("E"), rig.p("F"))
+        rig.renamed("E", "F", is_dir=True)
+        final = "F"
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert rig.kinds() == [(ChangeKind.DIR_MOVED, b"E", b"A")] + (
+        [(ChangeKind.DIR_MOVED, b"F", b"E")] if renamed_on else []
+    )
+    rig.mark()
+    write(rig.p(f"{final}/y.jpg"), "y")
+    rig.created(f"{final}/y.jpg")
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert rig.kinds() == [(ChangeKind.CREATED, f"{final}/y.jpg".encode(), None)]
+    assert rig.watcher.metrics.watched_directories == 2
 
 
 # === moves out of and into the repository ==============================================

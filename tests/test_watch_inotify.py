@@ -8,8 +8,11 @@ equal an independent walk of the disk.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,9 +22,9 @@ import pytest
 
 from fsledger.config import Settings
 from fsledger.ledger import Ledger
-from fsledger.model import ChangeKind, OperationType, Repository
+from fsledger.model import ChangeKind, FeedEntry, OperationType, Repository
 from fsledger.watch import Watcher
-from watch_support import disk_state, ledger_state, wait_in_sync, wait_until, write
+from watch_support import disk_state, exchange, ledger_state, wait_in_sync, wait_until, write
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/proc/sys/fs/inotify"), reason="inotify is Linux-only"
@@ -48,13 +51,13 @@ def run(*args: str | Path, cwd: Path | None = None) -> None:
 class Live:
     """A ledger, a scanned repository at ``root`` and a started watcher on real inotify."""
 
-    def __init__(self, tmp_path: Path, debounce_s: float = 0.5) -> None:
+    def __init__(self, tmp_path: Path, debounce_s: float = 0.5, url: str | None = None) -> None:
         self.root = tmp_path / "lib"
         self.outside = tmp_path / "outside"
         self.root.mkdir()
         self.outside.mkdir()
         self.settings = Settings(
-            database_url="sqlite://" + str(tmp_path / "db.sqlite"),
+            database_url=url or "sqlite://" + str(tmp_path / "db.sqlite"),
             max_concurrency=2,
             debounce_s=debounce_s,
         )
@@ -357,3 +360,297 @@ def test_stop_flushes_pending_events(tmp_path: Path) -> None:
         )
     finally:
         live.close()
+
+
+# === issue 13: renames the kernel reports in pieces, new directories, hard links ===========
+State = dict[bytes, tuple[int, str | None]]
+
+
+def replay(state: State, entries: list[FeedEntry]) -> State:
+    """What a consumer that knew ``state`` holds after applying ``entries`` in order."""
+    out = dict(state)
+    for e in entries:
+        if e.kind is ChangeKind.DIR_MOVED:
+            assert e.old_path is not None
+            lo_new, lo_old = e.path + b"/", e.old_path + b"/"
+            for path in [p for p in out if p.startswith(lo_new)]:
+                del out[path]
+            for path in [p for p in out if p.startswith(lo_old)]:
+                out[e.path + path[len(e.old_path) :]] = out.pop(path)
+        elif e.kind is ChangeKind.MOVED:
+            assert e.old_path is not None and e.size is not None
+            out.pop(e.old_path, None)
+            out[e.path] = (e.size, e.content_hash)
+        elif e.kind is ChangeKind.DELETED:
+            out.pop(e.path, None)
+        elif e.kind in (ChangeKind.CREATED, ChangeKind.MODIFIED):
+            assert e.size is not None
+            out[e.path] = (e.size, e.content_hash)
+    return out
+
+
+@pytest.fixture
+def live_db(tmp_path: Path, store_url: str) -> Iterator[Live]:
+    """``Live`` on each store (SQLite and PostgreSQL)."""
+    lv = Live(tmp_path, url=store_url)
+    yield lv
+    lv.close()
+
+
+def swap_tree(root: Path) -> None:
+    for side in ("left", "right"):
+        for i in range(6):
+            write(root / f"{side}/sub{i % 2}/f{i}.jpg", f"{side} {i} " * (10 + i))
+    write(root / "other/keep.txt", "x")
+
+
+def test_exchange_of_two_directories_swaps_their_records(live_db: Live) -> None:
+    """renameat2(RENAME_EXCHANGE) of two directories: inotify sends a rename pair for each
+    side; they must be applied as one swap, the feed must replay to the ledger, and the
+    swapped directories' watches must name the right paths afterwards."""
+    lv = live_db
+    lv.start(swap_tree)
+    assert lv.repo is not None
+    for round_ in range(3):
+        seq0 = lv.ledger.store.latest_seq()
+        before = ledger_state(lv.ledger, lv.repo)
+        exchange(lv.p("left"), lv.p("right"))
+        lv.settle()
+        entries = lv.ledger.store.changes_since(seq0, 10_000, lv.repo.id)
+        assert {e.kind for e in entries} == {ChangeKind.DIR_MOVED}, entries
+        assert replay(before, entries) == ledger_state(lv.ledger, lv.repo)
+        # Files written below both swapped directories land at their new paths.
+        write(lv.p(f"left/sub0/new{round_}.jpg"), f"new left {round_}")
+        write(lv.p(f"right/sub1/new{round_}.jpg"), f"new right {round_}")
+        lv.settle()
+    # Directories in different parents, one of them nested below the other's sibling.
+    write(lv.p("other/deep/x/f.jpg"), "deep")
+    lv.settle()
+    seq0 = lv.ledger.store.latest_seq()
+    before = ledger_state(lv.ledger, lv.repo)
+    exchange(lv.p("left/sub1"), lv.p("other/deep"))
+    lv.settle()
+    entries = lv.ledger.store.changes_since(seq0, 10_000, lv.repo.id)
+    assert {e.kind for e in entries} == {ChangeKind.DIR_MOVED}, entries
+    assert replay(before, entries) == ledger_state(lv.ledger, lv.repo)
+
+
+def test_exchange_of_two_files(live_db: Live) -> None:
+    lv = live_db
+    lv.start(swap_tree)
+    assert lv.repo is not None
+    seq0 = lv.ledger.store.latest_seq()
+    before = ledger_state(lv.ledger, lv.repo)
+    exchange(lv.p("left/sub0/f0.jpg"), lv.p("right/sub1/f1.jpg"))
+    lv.settle()
+    entries = lv.ledger.store.changes_since(seq0, 10_000, lv.repo.id)
+    assert replay(before, entries) == ledger_state(lv.ledger, lv.repo)
+
+
+def test_chained_directory_renames_reach_the_feed_as_moves(live_db: Live) -> None:
+    """``mv D0 C/D1 && mv C/D1 D2 && mv D2 D3`` and ``mv a b/c && mv b c2`` in quick
+    succession, many times over: the feed says only moves, and replays to the ledger."""
+    lv = live_db
+
+    def tree(root: Path) -> None:
+        write(root / "D0/x/f.jpg", "moving file")
+        write(root / "D0/g.jpg", "another")
+        write(root / "a/y/h.jpg", "a's file")
+        write(root / "b/keep.jpg", "b's file")
+        (root / "C").mkdir()
+
+    lv.start(tree)
+    assert lv.repo is not None
+    for i in range(20):
+        seq0 = lv.ledger.store.latest_seq()
+        before = ledger_state(lv.ledger, lv.repo)
+        os.rename(lv.p("D0"), lv.p("C/D1"))
+        os.rename(lv.p("C/D1"), lv.p("D2"))
+        os.rename(lv.p("D2"), lv.p("D3"))
+        os.rename(lv.p("a"), lv.p("b/c"))
+        os.rename(lv.p("b"), lv.p("c2"))
+        lv.settle()
+        entries = lv.ledger.store.changes_since(seq0, 10_000, lv.repo.id)
+        kinds = {e.kind for e in entries}
+        shown = [(e.kind.value, e.old_path, e.path) for e in entries]
+        assert kinds <= {ChangeKind.DIR_MOVED, ChangeKind.MOVED}, (i, shown)
+        assert replay(before, entries) == ledger_state(lv.ledger, lv.repo), (i, entries)
+        # Back again, for the next round.
+        os.rename(lv.p("D3"), lv.p("D0"))
+        os.rename(lv.p("c2/c"), lv.p("a"))
+        os.rename(lv.p("c2"), lv.p("b"))
+        lv.settle()
+
+
+def test_first_file_of_a_new_directory_is_recorded_once_at_its_final_size(
+    live_db: Live,
+) -> None:
+    """A program that creates a directory and writes a file in it in two parts (with a
+    pause while the file is open): one ``created``, at the final size."""
+    lv = live_db
+    lv.start(base_tree)
+    assert lv.repo is not None
+    seq0 = lv.ledger.store.latest_seq()
+    for i in range(5):
+        d = lv.p(f"new{i}/inner")
+        d.mkdir(parents=True)
+        with open(d / "f.bin", "wb") as fh:
+            fh.write(os.urandom(65536))
+            fh.flush()
+            time.sleep(0.05)  # the workload: a writer pausing with the file open
+            fh.write(os.urandom(65536))
+    lv.settle()
+    entries = lv.ledger.store.changes_since(seq0, 10_000, lv.repo.id)
+    assert [(e.kind, e.path, e.size) for e in entries] == [
+        (ChangeKind.CREATED, f"new{i}/inner/f.bin".encode(), 131072) for i in range(5)
+    ]
+
+
+@pytest.mark.slow
+def test_no_file_of_a_copied_tree_first_appears_at_a_partial_size(
+    live: Live, tmp_path: Path
+) -> None:
+    cp = need("cp")
+    live.start(base_tree)
+    assert live.repo is not None
+    src = tmp_path / "src"
+    rng = random.Random(13)
+    for i in range(2000):
+        size = rng.choice((0, 1, 100, 5000, 70_000, 200_000)) if i % 50 else 600_000
+        write(src / f"d{i % 40}/s{i % 7}/file_{i:04}.dat", rng.randbytes(size))
+    seq0 = live.ledger.store.latest_seq()
+    run(cp, "-a", src, live.p("copy"))
+    live.settle()
+    final = disk_state(live.root)
+    entries = live.ledger.store.changes_since(seq0, 100_000, live.repo.id)
+    partial = [
+        (e.path, e.size, final[e.path][0])
+        for e in entries
+        if e.kind is ChangeKind.CREATED and e.size != final[e.path][0]
+    ]
+    assert partial == []
+    assert [e for e in entries if e.kind is not ChangeKind.CREATED] == []
+
+
+def test_a_write_through_one_hard_link_refreshes_the_others(live_db: Live) -> None:
+    lv = live_db
+
+    def tree(root: Path) -> None:
+        write(root / "a/x.dat", "shared content")
+        (root / "b").mkdir()
+        os.link(root / "a/x.dat", root / "b/y.dat")
+        os.link(root / "a/x.dat", root / "a/z.dat")
+
+    lv.start(tree)
+    assert lv.repo is not None
+    seq0 = lv.ledger.store.latest_seq()
+    with open(lv.p("a/x.dat"), "ab") as fh:
+        fh.write(b" and more")
+    lv.settle()
+    state = ledger_state(lv.ledger, lv.repo)
+    assert state[b"b/y.dat"] == state[b"a/x.dat"] == state[b"a/z.dat"]
+    assert state[b"b/y.dat"][0] == len(b"shared content and more")
+    entries = lv.ledger.store.changes_since(seq0, 10_000, lv.repo.id)
+    assert sorted((e.kind, e.path) for e in entries) == [
+        (ChangeKind.MODIFIED, b"a/x.dat"),
+        (ChangeKind.MODIFIED, b"a/z.dat"),
+        (ChangeKind.MODIFIED, b"b/y.dat"),
+    ]
+
+
+UNPRIVILEGED_WATCHER = r"""
+import logging, os, sys
+from fsledger.config import Settings
+from fsledger.ledger import Ledger
+from fsledger.watch import Watcher
+
+url, root, closed = sys.argv[1], sys.argv[2], sys.argv[3]
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+try:
+    os.listdir(closed)
+    print("CAN-READ", flush=True)
+except PermissionError:
+    print("DENIED", flush=True)
+settings = Settings(database_url=url, max_concurrency=1, debounce_s=0.2)
+ledger = Ledger(settings)
+repo = ledger.add_repository(root)
+ledger.scan(repo)
+repo = ledger.store.get_repository(repo.id)
+watcher = Watcher(
+    ledger, settings, on_resync=lambda r, p, why: print("RESYNC", p, why, flush=True)
+)
+watcher.add(repo)
+watcher.start()
+print("READY", repo.id, flush=True)
+sys.stdin.readline()
+watcher.stop()
+ledger.close()
+"""
+
+
+def test_a_directory_readable_again_is_scanned_again(tmp_path: Path, store_url: str) -> None:
+    """A directory that could not be read (``chmod 000``: one from before the watcher
+    started, which it could not watch, and one closed while watched, whose files it could
+    not look at) and becomes readable again (``chmod 755``): the watcher alone makes what
+    changed meanwhile true. The watcher runs in a child without the capabilities that let
+    root read through any mode, so the directories are really unreadable to it."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        prefix = [need("setpriv"), "--bounding-set=-dac_override,-dac_read_search"]
+    root = tmp_path / "lib"
+    write(root / "open/old.txt", "old")
+    write(root / "open/keep.txt", "keep")
+    write(root / "closed/x.txt", "behind a closed door from the start")
+    write(root / "other.txt", "other")
+    (root / "closed").chmod(0)
+    child = subprocess.Popen(
+        [*prefix, sys.executable, "-c", UNPRIVILEGED_WATCHER, store_url, root, root / "closed"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(child.stderr or ()), daemon=True)
+    reader.start()
+    ledger = Ledger(Settings(database_url=store_url))
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "DENIED\n", "the watcher must not read through modes"
+        ready = child.stdout.readline().split()
+        assert ready[:1] == ["READY"], (ready, "".join(log))
+        repo = ledger.store.get_repository(UUID(ready[1]))
+        assert repo is not None
+        seq0 = ledger.store.latest_seq()
+        assert b"closed/x.txt" not in ledger_state(ledger, repo)
+        # Closed while watched: a file created and one deleted behind the closed door.
+        (root / "open").chmod(0)
+        write(root / "open/new.txt", "created while unreadable")
+        (root / "open/old.txt").unlink()
+        write(root / "closed/y.txt", "also created while unreadable")
+        assert wait_until(lambda: sum("cannot look at open/" in line for line in log) >= 2), (
+            "".join(log)
+        )
+        (root / "open").chmod(0o755)
+        (root / "closed").chmod(0o755)
+        wait_in_sync(ledger, repo, root)
+        entries = ledger.store.changes_since(seq0, 1000, repo.id)
+        assert sorted((e.kind, e.path) for e in entries) == [
+            (ChangeKind.CREATED, b"closed/x.txt"),
+            (ChangeKind.CREATED, b"closed/y.txt"),
+            (ChangeKind.CREATED, b"open/new.txt"),
+            (ChangeKind.DELETED, b"open/old.txt"),
+        ]
+        # The directory that could not be watched is watched now.
+        write(root / "closed/z.txt", "after")
+        wait_in_sync(ledger, repo, root)
+    finally:
+        (root / "open").chmod(0o755)
+        (root / "closed").chmod(0o755)
+        assert child.stdin is not None
+        child.stdin.write("stop\n")
+        child.stdin.close()
+        rest = child.stdout.read() if child.stdout else ""
+        child.wait(60)
+        ledger.close()
+    assert "RESYNC" not in rest, rest

@@ -29,7 +29,7 @@ from fsledger.model import RelPath
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Beneath", "split"]
+__all__ = ["Beneath", "is_dir_below", "resolve_dir", "split"]
 
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
@@ -234,10 +234,13 @@ class Beneath:
         return os.stat(name, dir_fd=self.dir_fd(parent), follow_symlinks=False)
 
     def open(self, rel: RelPath, flags: int) -> int:
-        """``open`` of the file ``rel`` with ``O_NOFOLLOW`` added; the caller closes it."""
+        """``open`` of the file ``rel`` with ``O_NOFOLLOW`` and ``O_NONBLOCK`` added (a FIFO
+        planted under a file's name must not block the open); the caller closes it and
+        checks with ``fstat`` that it got the kind of file it wanted."""
         parent, name = split(rel)
         _check(rel)
-        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd(parent))
+        flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        return os.open(name, flags, dir_fd=self.dir_fd(parent))
 
     def open_dir(self, rel: RelPath) -> int:
         """A new readable descriptor of directory ``rel`` (listable); the caller closes it."""
@@ -267,3 +270,13 @@ class Beneath:
         """A ``/proc/self/fd`` path naming directory ``rel`` for as long as this object
         lives: for calls that take only a path (``inotify_add_watch``), whatever its depth."""
         return b"/proc/self/fd/%d" % self.dir_fd(rel)
+
+
+def is_dir_below(root: bytes, rel: RelPath) -> bool:
+    """Whether ``rel`` below ``root`` is a directory, reached without following symlinks
+    (False when it, or the root, cannot be seen)."""
+    try:
+        with Beneath(root) as tree:
+            return tree.is_dir(rel)
+    except OSError:
+        return False

@@ -36,6 +36,7 @@ from fsledger.hashing import HashPool
 from fsledger.ledger import Ledger, normalize_root
 from fsledger.model import FeedEntry, OperationType, RepoSettings, Repository, ScanStats
 from fsledger.reconcile import start_workers
+from fsledger.text import SafeFormatter, escape_controls, show_path
 
 if TYPE_CHECKING:
     # Only ``run`` uses the manager (and YAML schedules): a scan's start does not load them.
@@ -45,7 +46,7 @@ log = logging.getLogger("fsledger")
 
 
 def _fail(exc: FsledgerError) -> NoReturn:
-    click.echo(f"fsledger: error: {exc}", err=True)
+    click.echo(f"fsledger: error: {_show(str(exc))}", err=True)
     sys.exit(exc.exit_code)
 
 
@@ -54,11 +55,15 @@ def _emit(obj: Any) -> None:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s [%(levelname)s] %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    # A file name can hold a newline or an escape sequence: one record, one line.
+    handler.setFormatter(SafeFormatter("%(asctime)s [%(levelname)s] %(message)s"))
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler])
+
+
+def _show(text: str | bytes) -> str:
+    """A name or path for human output, control characters escaped."""
+    return show_path(text) if isinstance(text, bytes) else escape_controls(text)
 
 
 class Context:
@@ -67,6 +72,7 @@ class Context:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._ledger: Ledger | None = None
+        self._recovered = False
 
     @property
     def ledger(self) -> Ledger:
@@ -80,6 +86,16 @@ class Context:
         if self._ledger is None:
             self._ledger = _open_ledger(self.settings, pool=start_workers(self.settings))
         return self._ledger
+
+    def writing_ledger(self, scanning: bool = False) -> Ledger:
+        """The ledger, for a command that writes: operations left "running" by a process of
+        this host that died (a scan killed from cron, say) are marked failed first, as
+        ``run`` does at start; otherwise they would show as running until a daemon starts."""
+        ledger = self.scanning_ledger() if scanning else self.ledger
+        if not self._recovered:
+            self._recovered = True
+            ledger.recover_interrupted()
+        return ledger
 
     def close(self) -> None:
         if self._ledger is not None:
@@ -174,7 +190,7 @@ def _progress(enabled: bool) -> Iterator[Callable[[ScanStats], None] | None]:
 
 def _stats_line(repo: Repository, stats: ScanStats) -> str:
     return (
-        f"{repo.name}: scanned={stats.files_scanned} added={stats.files_added} "
+        f"{_show(repo.name)}: scanned={stats.files_scanned} added={stats.files_added} "
         f"updated={stats.files_updated} removed={stats.files_removed} "
         f"moved={stats.files_moved} hashed={stats.files_hashed} errors={len(stats.errors)} "
         f"corrupt={len(stats.corrupt)} duration={stats.duration_ms / 1000:.1f}s"
@@ -187,6 +203,13 @@ def _stats_line(repo: Repository, stats: ScanStats) -> str:
 @click.option("--no-scan", is_flag=True, help="Register only; the next scan or run indexes it.")
 @click.option("--if-missing", is_flag=True, help="Succeed quietly if PATH is already added.")
 @click.option("--ignore", "ignore", multiple=True, help="Extra ignore pattern (repeatable).")
+@click.option(
+    "--trust-repo-config",
+    is_flag=True,
+    help="Honour the root's own .fsledger.yaml (off by default: whoever can write into the "
+    "tree can write it). Its ignore patterns never retire records without 'scan "
+    "--accept-ignores'.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the repository as JSON.")
 @pass_ctx
 @_guard
@@ -197,12 +220,14 @@ def repo_add(
     no_scan: bool,
     if_missing: bool,
     ignore: tuple[str, ...],
+    trust_repo_config: bool,
     as_json: bool,
 ) -> None:
     """Add PATH as a repository and index it."""
-    ledger = ctx.ledger if no_scan else ctx.scanning_ledger()
+    ledger = ctx.writing_ledger(scanning=not no_scan)
+    wanted = RepoSettings(ignore_patterns=ignore, trust_repo_config=trust_repo_config)
     try:
-        repository = ledger.add_repository(path, name, RepoSettings(ignore_patterns=ignore))
+        repository = ledger.add_repository(path, name, wanted)
     except RepositoryExists:
         root = normalize_root(path)
         existing = [r for r in ledger.list_repositories() if r.root == root]
@@ -210,10 +235,14 @@ def repo_add(
             raise
         repository = existing[0]
         if not as_json:
-            click.echo(f"{repository.name} ({repository.root_str}) is already a repository")
+            click.echo(
+                f"{_show(repository.name)} ({_show(repository.root)}) is already a repository"
+            )
     else:
         if not as_json:
-            click.echo(f"added {repository.name} ({repository.root_str}) as {repository.id}")
+            click.echo(
+                f"added {_show(repository.name)} ({_show(repository.root)}) as {repository.id}"
+            )
     out = repository.to_json()
     if not no_scan:
         with _progress(not as_json) as progress:
@@ -238,7 +267,47 @@ def repo_list(ctx: Context, as_json: bool) -> None:
     if not repos:
         click.echo("no repositories yet: add one with 'fsledger repo add PATH'")
     for r in repos:
-        click.echo(f"{r.id}  {r.name:<20} {r.state.value:<8} {r.root_str}")
+        click.echo(f"{r.id}  {_show(r.name):<20} {r.state.value:<8} {_show(r.root)}")
+
+
+@repo.command("set")
+@click.argument("ref", metavar="REPO")
+@click.option(
+    "--ignore",
+    "ignore",
+    multiple=True,
+    help="The repository's ignore patterns, replacing its current ones (repeatable); "
+    "records they match are retired at the next scan.",
+)
+@click.option("--no-ignore", is_flag=True, help="Remove every ignore pattern of the operator.")
+@click.option(
+    "--trust-repo-config/--no-trust-repo-config",
+    default=None,
+    help="Honour the root's own .fsledger.yaml, or stop (its stored copy is then cleared).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the repository as JSON.")
+@pass_ctx
+@_guard
+def repo_set(
+    ctx: Context,
+    ref: str,
+    ignore: tuple[str, ...],
+    no_ignore: bool,
+    trust_repo_config: bool | None,
+    as_json: bool,
+) -> None:
+    """Change the settings of REPO (the operator's: a root's file cannot reach them)."""
+    repository = ctx.ledger.resolve(ref)
+    settings = repository.settings
+    if ignore or no_ignore:
+        settings = replace(settings, ignore_patterns=() if no_ignore else ignore)
+    if trust_repo_config is not None:
+        settings = replace(settings, trust_repo_config=trust_repo_config)
+    repository = ctx.writing_ledger().set_settings(repository, settings)
+    if as_json:
+        _emit(repository.to_json())
+    else:
+        click.echo(f"{_show(repository.name)}: {json.dumps(repository.settings.to_json())}")
 
 
 @repo.command("remove")
@@ -249,12 +318,12 @@ def repo_list(ctx: Context, as_json: bool) -> None:
 @_guard
 def repo_remove(ctx: Context, ref: str, purge: bool, as_json: bool) -> None:
     """Remove REPO (an id, a name or a root path). Records are kept unless --purge."""
-    repository = ctx.ledger.resolve(ref)
+    repository = ctx.writing_ledger().resolve(ref)
     ctx.ledger.remove_repository(repository, purge)
     if as_json:
         _emit({"id": str(repository.id), "name": repository.name, "purged": purge})
     else:
-        click.echo(f"removed {repository.name}{' and its records' if purge else ''}")
+        click.echo(f"removed {_show(repository.name)}{' and its records' if purge else ''}")
 
 
 # --- scanning and reading ---------------------------------------------------------------------
@@ -275,20 +344,39 @@ def _repos(ctx: Context, refs: tuple[str, ...]) -> list[Repository]:
     is_flag=True,
     help="Override the root guard (empty root or another device than recorded).",
 )
+@click.option(
+    "--accept-ignores",
+    is_flag=True,
+    help="Retire the records that the root's own .fsledger.yaml ignores (otherwise they are "
+    "kept and reported).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @_guard
-def scan(ctx: Context, refs: tuple[str, ...], verify: bool, force: bool, as_json: bool) -> None:
+def scan(
+    ctx: Context,
+    refs: tuple[str, ...],
+    verify: bool,
+    force: bool,
+    accept_ignores: bool,
+    as_json: bool,
+) -> None:
     """Reconcile repositories with the disk (all of them without REPO)."""
-    ctx.scanning_ledger()
+    ctx.writing_ledger(scanning=True)
     corrupt = 0
     failure: FsledgerError | None = None
     for repository in _repos(ctx, refs):
         try:
             with _progress(not as_json) as progress:
-                stats = ctx.ledger.scan(repository, verify=verify, force=force, progress=progress)
+                stats = ctx.ledger.scan(
+                    repository,
+                    verify=verify,
+                    force=force,
+                    progress=progress,
+                    accept_ignores=accept_ignores,
+                )
         except FsledgerError as exc:
-            click.echo(f"fsledger: error: {exc}", err=True)
+            click.echo(f"fsledger: error: {_show(str(exc))}", err=True)
             if as_json:
                 _emit({"repository": repository.name, "id": str(repository.id), "error": str(exc)})
             failure = failure or exc
@@ -299,11 +387,11 @@ def scan(ctx: Context, refs: tuple[str, ...], verify: bool, force: bool, as_json
         else:
             click.echo(_stats_line(repository, stats))
             for err in stats.errors[:20]:
-                click.echo(f"  error: {err}", err=True)
+                click.echo(f"  error: {_show(str(err))}", err=True)
             for note in stats.notes:
-                click.echo(f"  note: {note}", err=True)
+                click.echo(f"  note: {_show(note)}", err=True)
             for path in stats.corrupt:
-                click.echo(f"  CORRUPT: {path}", err=True)
+                click.echo(f"  CORRUPT: {_show(path)}", err=True)
     if failure is not None:
         sys.exit(failure.exit_code)
     if corrupt:
@@ -327,10 +415,7 @@ def files(ctx: Context, ref: str, prefix: str, as_json: bool) -> None:
         if as_json:
             out.write(json.dumps(rec.to_json(), ensure_ascii=True) + "\n")
         else:
-            out.write(
-                f"{rec.size}\t{rec.content_hash or '-'}\t"
-                f"{rec.path.decode('utf-8', 'backslashreplace')}\n"
-            )
+            out.write(f"{rec.size}\t{rec.content_hash or '-'}\t{_show(rec.path)}\n")
 
 
 @main.command()
@@ -350,7 +435,7 @@ def status(ctx: Context, ref: str | None, as_json: bool) -> None:
     for s in statuses:
         last = s["last_sync_operation"]
         click.echo(
-            f"{s['name']}: {s['total_files']} files, {s['state']}, last scan "
+            f"{_show(s['name'])}: {s['total_files']} files, {s['state']}, last scan "
             f"{s['last_scan_time'] or 'never'}"
             + (f", last operation {last['operation_type']} {last['status']}" if last else "")
         )
@@ -374,7 +459,7 @@ def ops(ctx: Context, ref: str | None, limit: int, as_json: bool) -> None:
             f"{o.id:>6} {o.start_time:%Y-%m-%d %H:%M:%S} {o.operation_type.value:<14} "
             f"{o.status.value:<9} scanned={o.files_scanned} added={o.files_added} "
             f"updated={o.files_updated} removed={o.files_removed} "
-            f"{(o.duration_ms or 0) / 1000:.1f}s {o.error_message or ''}"
+            f"{(o.duration_ms or 0) / 1000:.1f}s {_show(o.error_message or '')}"
         )
 
 
@@ -383,10 +468,10 @@ def _feed_line(entry: FeedEntry, names: dict[UUID, str]) -> str:
     name = names.get(entry.repository_id, str(entry.repository_id))
     line = (
         f"{entry.seq:>8} {entry.recorded_at:%Y-%m-%d %H:%M:%S} {entry.kind.value:<18} "
-        f"{name}: {entry.path.decode('utf-8', 'backslashreplace')}"
+        f"{_show(name)}: {_show(entry.path)}"
     )
     if entry.old_path is not None:
-        line += f" (from {entry.old_path.decode('utf-8', 'backslashreplace')})"
+        line += f" (from {_show(entry.old_path)})"
     return line
 
 
@@ -477,7 +562,7 @@ def duplicates(ctx: Context, ref: str | None, limit: int, min_size: int, as_json
         )
         for f in g.files:
             name = names.get(f.repository_id, str(f.repository_id))
-            click.echo(f"  {name}: {f.path.decode('utf-8', 'backslashreplace')}")
+            click.echo(f"  {_show(name)}: {_show(f.path)}")
     click.echo(f"{len(groups)} group(s), {wasted} bytes wasted", err=True)
 
 
@@ -561,8 +646,16 @@ def run(
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            _hard_exit(signum, "a second signal")
         log.info("Received %s, stopping", signal.Signals(signum).name)
         stop.set()
+        # The main thread may be stuck in something stopping cannot reach (an open or a
+        # read that blocks for good: this handler runs when the call is interrupted, and
+        # then the call is retried). A clean stop gets STOP_GRACE_S, then the process ends.
+        timer = threading.Timer(STOP_GRACE_S, _hard_exit, (signum, "the stop took too long"))
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -585,6 +678,21 @@ def run(
         if service is not None:
             service.stop()
         manager.stop()
+
+
+STOP_GRACE_S = 5.0
+"""How long ``run`` may take to stop cleanly after SIGTERM/SIGINT before it just exits.
+An operation cut short is marked failed by the next command that writes."""
+
+
+def _hard_exit(signum: int, why: str) -> NoReturn:
+    """End the process now, whatever any thread is blocked on."""
+    # os.write, not logging: a thread blocked while holding the log handler's lock must
+    # not keep the process alive.
+    try:
+        os.write(2, f"fsledger: stopping at once ({why}): no clean stop\n".encode())
+    finally:
+        os._exit(128 + signum)
 
 
 def _live_factory() -> LiveFactory:

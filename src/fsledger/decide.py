@@ -12,6 +12,9 @@ computed by other agents) ask these questions here and nowhere else:
 - ``is_move_of`` / ``pair_moves``: whether a new path is a record's file that moved
   (the record follows it and keeps its hash).
 - ``count``: what a batch the writer wrote adds to a run's statistics.
+- ``SettleRule``: when the watcher may look at a path an event named, or a file a listing
+  found: not while a writer may still have it open (before its ``IN_CLOSE_WRITE``, or
+  until it has been quiet for the debounce time).
 
 The I/O (lstat, hashing, the database) stays with the callers; what they pass in is
 plain data: ``FileStat`` keys, ``Digest``s, ``FileRecord``s.
@@ -38,6 +41,7 @@ from fsledger.model import (
 __all__ = [
     "RACY_WINDOW_NS",
     "LookRule",
+    "SettleRule",
     "classify",
     "corrupted",
     "count",
@@ -243,3 +247,38 @@ def count(stats: ScanStats, changes: Iterable[Change]) -> None:
             stats.files_moved += 1
         elif kind is ChangeKind.DELETED:
             stats.files_removed += 1
+
+
+@dataclass(frozen=True, slots=True)
+class SettleRule:
+    """When a path is settled enough to be looked at (the watcher's tier; a scan looks at
+    what is there, and its unsettled files are the ones that change while hashed).
+
+    Args:
+        settle_s: a short pause after an event that ends a write (a close, a delete, a
+            rename), so that the events of one operation are taken together.
+        debounce_s: how long a path must be quiet after an event that says a writer may
+            still be at work (a create, a write, attributes during a write).
+    """
+
+    settle_s: float
+    debounce_s: float
+
+    def after_close(self) -> float:
+        """Seconds to wait after ``IN_CLOSE_WRITE``, a delete or a rename."""
+        return self.settle_s
+
+    def after_write(self) -> float:
+        """Seconds to wait after ``IN_CREATE`` or ``IN_MODIFY``: the file may still be open."""
+        return self.debounce_s
+
+    def after_attrib(self, writing: bool) -> float:
+        """Seconds to wait after ``IN_ATTRIB`` (tar and ``cp -p`` set times after the
+        close): it settles fast, unless a write is still in progress."""
+        return self.debounce_s if writing else self.settle_s
+
+    def found_by_walk(self, ctime_ns: int, wall_ns: int) -> float:
+        """Seconds until a file a listing found (with no event history from before its
+        directory was watched) has been quiet for the debounce time: its ctime stands in
+        for its last event. Zero or less: settled now."""
+        return (ctime_ns - wall_ns) / 1e9 + self.debounce_s

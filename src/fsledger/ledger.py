@@ -41,6 +41,7 @@ from fsledger.model import (
     utcnow,
 )
 from fsledger.reconcile import Progress, Reconciler
+from fsledger.repoconfig import follow_file
 from fsledger.roots import stat_new_root
 from fsledger.store import Store, open_store
 from fsledger.writer import RepoWriter
@@ -175,16 +176,52 @@ class Ledger:
 
     # --- writing ------------------------------------------------------------------------
     def rules(self, repo: Repository) -> IgnoreRules:
-        return IgnoreRules.default(repo.settings.ignore_patterns)
+        """What the walker and the watcher skip: the operator's and the trusted file's
+        patterns."""
+        return IgnoreRules.default(repo.settings.walk_patterns)
+
+    def retiring_rules(self, repo: Repository, accept_ignores: bool = False) -> IgnoreRules:
+        """The rules whose matches lose their records while still on disk: the operator's
+        only, plus the root file's when the operator accepts them (``--accept-ignores``)."""
+        settings = repo.settings
+        if accept_ignores or not settings.file_ignore_patterns:
+            return self.rules(repo)
+        return IgnoreRules.default(settings.ignore_patterns)
 
     def writer(self, repo: Repository) -> RepoWriter:
         """The one writer of ``repo`` in this process."""
         with self._lock:
             w = self._writers.get(repo.id)
             if w is None:
-                w = RepoWriter(self.store, repo, self.rules(repo))
+                w = RepoWriter(self.store, repo, self.rules(repo), retire=self.retiring_rules(repo))
                 self._writers[repo.id] = w
             return w
+
+    def follow_config(self, repo: Repository) -> Repository:
+        """Bring the stored copy of the root's ``.fsledger.yaml`` up to date (read only if
+        the operator trusts it; cleared when the file is gone) and return the repository."""
+        updated = follow_file(repo)
+        if updated is not repo:
+            self.store.update_repository(updated)
+            log.info(
+                "Repository %s: settings of the root's .fsledger.yaml now: %s",
+                repo.id,
+                {k: v for k, v in updated.settings.to_json().items() if k.startswith("file_") and v}
+                or "none",
+            )
+        return updated
+
+    def set_settings(self, repo: Repository, settings: RepoSettings) -> Repository:
+        """The operator's settings of a repository (CLI, API). Its own ignore patterns
+        retire the records they match at the next scan."""
+        current = self.store.get_repository(repo.id) or repo
+        updated = self.follow_config(replace(current, settings=settings))
+        self.store.update_repository(updated)
+        with self._lock:
+            if (w := self._writers.get(repo.id)) is not None:
+                w.refresh(updated, self.rules(updated), self.retiring_rules(updated))
+        log.info("Repository %s: settings set by the operator", repo.id)
+        return updated
 
     def scan(
         self,
@@ -195,17 +232,19 @@ class Ledger:
         op_type: OperationType = OperationType.RECONCILIATION,
         progress: Progress | None = None,
         prefix: RelPath = b"",
+        accept_ignores: bool = False,
     ) -> ScanStats:
         """Reconcile one repository (or the subtree below ``prefix``) with the disk (tier 2).
 
         A root that fails the guard marks the repository offline and raises; a
-        successful scan marks it online.
+        successful scan marks it online. ``accept_ignores``: records that the root's own
+        ``.fsledger.yaml`` ignores are retired too (otherwise they are kept and reported).
         """
         writer = self.writer(repo)
         # The stored copy is the newest: another process (or an earlier --force) may have
         # changed its device, state or settings since this one was read.
-        repo = self.store.get_repository(repo.id) or repo
-        writer.refresh(repo, self.rules(repo))
+        repo = self.follow_config(self.store.get_repository(repo.id) or repo)
+        writer.refresh(repo, self.rules(repo), self.retiring_rules(repo, accept_ignores))
         try:
             stats = self.reconciler.reconcile(
                 writer,
@@ -218,6 +257,9 @@ class Ledger:
         except RootUnavailable:
             self.set_state(repo, RepoState.OFFLINE)
             raise
+        finally:
+            if accept_ignores:  # for this scan only
+                writer.refresh(writer.repo, self.rules(repo), self.retiring_rules(repo))
         if writer.repo.state is not RepoState.ONLINE:
             self.set_state(writer.repo, RepoState.ONLINE)
         return stats
@@ -274,10 +316,16 @@ class Ledger:
         return self.feed.head()
 
     def duplicates(
-        self, repository: Repository | None = None, limit: int = 100, min_size: int = 1
+        self,
+        repository: Repository | None = None,
+        limit: int = 100,
+        min_size: int = 1,
+        files_per_group: int | None = None,
     ) -> list[DuplicateGroup]:
-        """Groups of files with the same content, largest waste first."""
-        return self.store.duplicates(repository.id if repository else None, limit, min_size)
+        """Groups of files with the same content, largest waste first, each with its first
+        ``files_per_group`` files (all without it)."""
+        repo_id = repository.id if repository else None
+        return self.store.duplicates(repo_id, limit, min_size, files_per_group)
 
     def status(self, repo: Repository, is_watching: bool = False) -> SyncStatus:
         ops = self.store.recent_operations(repo.id, 1)

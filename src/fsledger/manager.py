@@ -18,7 +18,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -27,10 +26,8 @@ from datetime import date, datetime
 from typing import TYPE_CHECKING, Protocol
 from uuid import UUID
 
-import yaml
-
-from fsledger.config import Settings, parse_duration
-from fsledger.errors import ConfigError, FsledgerError, LeaseLost, RootUnavailable, StoreError
+from fsledger.config import Settings
+from fsledger.errors import FsledgerError, LeaseLost, RootUnavailable, StoreError
 from fsledger.ledger import Ledger
 from fsledger.model import (
     OperationType,
@@ -51,8 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REPO_CONFIG_NAMES = (b".fsledger.yaml", b".fsledger.yml")
-"""Per-repository YAML in the root (hidden, so never recorded), with a ``sync_settings`` map."""
 REPO_POLL_S = 2.0
 """How often the repository list is re-read (repositories added by another process)."""
 OFFLINE_POLL_S = 5.0
@@ -77,53 +72,6 @@ class LiveSource(Protocol):
 
 ResyncCallback = Callable[[Repository, RelPath, str], None]
 LiveFactory = Callable[[Ledger, Settings, ResyncCallback], LiveSource]
-
-
-def load_repo_yaml(root: bytes) -> RepoSettings | None:
-    """Read ``sync_settings`` from a repository's YAML file, if it has one.
-
-    Example file::
-
-        sync_settings:
-          quick_scan_interval: "5m"
-          full_scan_interval: "30m"
-          ignore_patterns: ["*.xmp", "exports/*"]
-
-    Raises:
-        ConfigError: the file exists but cannot be used.
-    """
-    for name in REPO_CONFIG_NAMES:
-        path = os.path.join(root, name)
-        try:
-            with open(path, "rb") as fh:
-                data = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            continue
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{os.fsdecode(path)}: cannot be read as YAML: {exc}") from exc
-        return _sync_settings(data, os.fsdecode(path))
-    return None
-
-
-def _sync_settings(data: object, where: str) -> RepoSettings:
-    sync = data.get("sync_settings") if isinstance(data, dict) else None
-    if sync is None:
-        return RepoSettings()
-    if not isinstance(sync, dict):
-        raise ConfigError(f"{where}: sync_settings must be a mapping")
-    patterns = sync.get("ignore_patterns") or []
-    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-        raise ConfigError(f"{where}: sync_settings.ignore_patterns must be a list of strings")
-
-    def dur(key: str) -> float | None:
-        value = sync.get(key)
-        return None if value is None else parse_duration(f"{where}: {key}", str(value))
-
-    return RepoSettings(
-        ignore_patterns=tuple(patterns),
-        quick_scan_interval_s=dur("quick_scan_interval"),
-        full_scan_interval_s=dur("full_scan_interval"),
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,9 +226,11 @@ class SyncManager:
         return True
 
     # --- repositories -------------------------------------------------------------------
-    def add_repository(self, path: str | bytes, name: str | None = None) -> Repository:
+    def add_repository(
+        self, path: str | bytes, name: str | None = None, settings: RepoSettings | None = None
+    ) -> Repository:
         """Register a directory, queue its initial scan and start watching it."""
-        repo = self.ledger.add_repository(path, name)
+        repo = self.ledger.add_repository(path, name, settings)
         self._attach(repo, OperationType.STARTUP)
         return repo
 
@@ -338,27 +288,6 @@ class SyncManager:
             ),
         )
 
-    def _with_yaml(self, repo: Repository) -> Repository:
-        try:
-            extra = load_repo_yaml(repo.root)
-        except ConfigError as exc:
-            log.error("Repository %s: %s (using stored settings)", repo.id, exc)
-            return repo
-        if extra is None:
-            return repo
-        merged = RepoSettings(
-            ignore_patterns=tuple(
-                dict.fromkeys(repo.settings.ignore_patterns + extra.ignore_patterns)
-            ),
-            quick_scan_interval_s=extra.quick_scan_interval_s
-            or repo.settings.quick_scan_interval_s,
-            full_scan_interval_s=extra.full_scan_interval_s or repo.settings.full_scan_interval_s,
-        )
-        if merged != repo.settings:
-            repo = replace(repo, settings=merged)
-            self.ledger.store.update_repository(repo)
-        return repo
-
     def _attach(self, repo: Repository, op_type: OperationType) -> None:
         lease = self.ledger.store.acquire_lease(repo.id)
         if lease is None:
@@ -368,7 +297,10 @@ class SyncManager:
             return
         if self._standby.pop(repo.id, None) is not None:
             log.warning("Repository %s: taking over from the agent that owned it", repo.id)
-        repo = self._with_yaml(repo)
+        try:
+            repo = self.ledger.follow_config(repo)
+        except StoreError as exc:
+            log.warning("Repository %s: settings not refreshed: %s", repo.id, exc)
         writer = self.ledger.writer(repo)
         writer.lease = lease
         runtime = _RepoRuntime(repo, lease=lease, network=_network(repo.root))
@@ -406,7 +338,7 @@ class SyncManager:
         log.info("Repository %s removed from sync manager", repo_id)
 
     def _network_interval(self, repo: Repository) -> float:
-        return repo.settings.quick_scan_interval_s or NETWORK_POLL_S
+        return repo.settings.quick_interval_s or NETWORK_POLL_S
 
     # --- requests -----------------------------------------------------------------------
     def _on_resync(self, repo: Repository, prefix: RelPath, reason: str) -> None:
@@ -534,12 +466,14 @@ class SyncManager:
                 self._reconciliation_errors += 1
                 log.exception("Reconciliation failed for repository %s", repo.id)
                 return
+            # The scan re-read the settings (the root's file may have changed them).
+            settings = self.ledger.writer(repo).repo.settings
+            was_online = runtime.repo.state is RepoState.ONLINE
+            runtime.repo = replace(runtime.repo, settings=settings, state=RepoState.ONLINE)
             self._record(stats)
-            if runtime.repo.state is not RepoState.ONLINE:
-                runtime.repo = replace(runtime.repo, state=RepoState.ONLINE)
-                if self.live is not None and not runtime.network:
-                    self.live.remove(repo.id)
-                    self.live.add(runtime.repo)
+            if not was_online and self.live is not None and not runtime.network:
+                self.live.remove(repo.id)
+                self.live.add(runtime.repo)
             return
 
     def _record(self, stats: ScanStats) -> None:
@@ -609,7 +543,7 @@ class SyncManager:
                 self._enqueue(repo, b"", OperationType.RECONCILIATION, "root unavailable", 0.5)
             else:
                 self._check_mounts(runtime)
-        quick = repo.settings.quick_scan_interval_s
+        quick = repo.settings.quick_interval_s
         if runtime.network:
             quick = quick or NETWORK_POLL_S
         elif self.live is not None and self.live.degraded(repo.id):
@@ -617,7 +551,7 @@ class SyncManager:
         if quick and now - runtime.last_quick >= quick:
             runtime.last_quick = now
             self._enqueue(repo, b"", OperationType.RECONCILIATION, "quick scan", 2.0)
-        full = repo.settings.full_scan_interval_s
+        full = repo.settings.full_interval_s
         if full and now - runtime.last_full >= full:
             runtime.last_full = now
             self._enqueue(repo, b"", OperationType.RECONCILIATION, "full scan", 3.0, verify=True)

@@ -328,6 +328,18 @@ class DuplicateFile:
     def to_json(self) -> dict[str, Any]:
         return {"repository_id": str(self.repository_id), **path_to_json(self.path)}
 
+    def cursor(self) -> str:
+        """The position after this file in its group (repository id and path, base64url)."""
+        raw = self.repository_id.bytes + self.path
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def from_cursor(cls, raw: bytes) -> DuplicateFile:
+        """The file a decoded ``cursor`` names. Raises ValueError if it names none."""
+        if len(raw) < 17:
+            raise ValueError("not a duplicate-files cursor")
+        return cls(UUID(bytes=raw[:16]), raw[16:])
+
 
 @dataclass(frozen=True, slots=True)
 class DuplicateGroup:
@@ -337,44 +349,96 @@ class DuplicateGroup:
     hash_algo: str
     size: int
     files: tuple[DuplicateFile, ...]
+    """The first files of the group, in (repository, path) order: all of them, or a page
+    when the caller bounded it (one group can hold thousands of files)."""
+    count: int = -1
+    """How many files the group holds in all (-1: ``len(files)``)."""
+
+    @property
+    def total(self) -> int:
+        return len(self.files) if self.count < 0 else self.count
 
     @property
     def wasted_bytes(self) -> int:
         """What keeping one copy would save."""
-        return self.size * (len(self.files) - 1)
+        return self.size * (self.total - 1)
+
+    @property
+    def complete(self) -> bool:
+        """Whether ``files`` holds every file of the group."""
+        return len(self.files) >= self.total
 
     def to_json(self) -> dict[str, Any]:
         return {
             "hash": self.content_hash,
             "hash_algo": self.hash_algo,
             "size": self.size,
-            "count": len(self.files),
+            "count": self.total,
             "wasted_bytes": self.wasted_bytes,
             "files": [f.to_json() for f in self.files],
+            "files_cursor": None if self.complete else self.files[-1].cursor(),
         }
 
 
 @dataclass(frozen=True, slots=True)
 class RepoSettings:
-    """Per-repository settings, stored with the repository (and from its YAML, if any)."""
+    """Per-repository settings, stored with the repository.
+
+    Two sources, kept apart because they are trusted differently: the operator's (set through
+    the CLI or the API, which only the operator reaches) and the root's own ``.fsledger.yaml``
+    (``file_*``: written by whoever can write into the tree). The file is read only when the
+    operator said so (``trust_repo_config``), and its stored copy follows the file: a file
+    removed or no longer trusted clears it. Only the operator's patterns retire records; a
+    file's patterns stop new records and leave existing ones alone until the operator accepts
+    (``fsledger scan REPO --accept-ignores``).
+    """
 
     ignore_patterns: tuple[str, ...] = ()
     quick_scan_interval_s: float | None = None
     full_scan_interval_s: float | None = None
+    trust_repo_config: bool = False
+    """Honour the root's ``.fsledger.yaml`` (``repo add --trust-repo-config``)."""
+    file_ignore_patterns: tuple[str, ...] = ()
+    file_quick_scan_interval_s: float | None = None
+    file_full_scan_interval_s: float | None = None
+
+    @property
+    def walk_patterns(self) -> tuple[str, ...]:
+        """What the walker and the watcher skip: the operator's and the file's patterns."""
+        return tuple(dict.fromkeys(self.ignore_patterns + self.file_ignore_patterns))
+
+    @property
+    def quick_interval_s(self) -> float | None:
+        """The file's interval (the operator trusted it), else the operator's."""
+        return self.file_quick_scan_interval_s or self.quick_scan_interval_s
+
+    @property
+    def full_interval_s(self) -> float | None:
+        return self.file_full_scan_interval_s or self.full_scan_interval_s
 
     def to_json(self) -> dict[str, Any]:
         return {
             "ignore_patterns": list(self.ignore_patterns),
             "quick_scan_interval_s": self.quick_scan_interval_s,
             "full_scan_interval_s": self.full_scan_interval_s,
+            "trust_repo_config": self.trust_repo_config,
+            "file_ignore_patterns": list(self.file_ignore_patterns),
+            "file_quick_scan_interval_s": self.file_quick_scan_interval_s,
+            "file_full_scan_interval_s": self.file_full_scan_interval_s,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RepoSettings:
+        # A repository stored before ``trust_repo_config`` existed is not trusted: its
+        # file is no longer read (see docs/security.md, "Migration").
         return cls(
             ignore_patterns=tuple(data.get("ignore_patterns") or ()),
             quick_scan_interval_s=data.get("quick_scan_interval_s"),
             full_scan_interval_s=data.get("full_scan_interval_s"),
+            trust_repo_config=bool(data.get("trust_repo_config", False)),
+            file_ignore_patterns=tuple(data.get("file_ignore_patterns") or ()),
+            file_quick_scan_interval_s=data.get("file_quick_scan_interval_s"),
+            file_full_scan_interval_s=data.get("file_full_scan_interval_s"),
         )
 
 

@@ -30,7 +30,7 @@ from functools import partial
 from multiprocessing.pool import AsyncResult
 
 from fsledger import decide
-from fsledger.beneath import Beneath
+from fsledger.beneath import Beneath, is_dir_below
 from fsledger.config import Settings
 from fsledger.decide import RACY_WINDOW_NS, LookRule
 from fsledger.errors import GuardRefused, RootUnavailable
@@ -366,7 +366,7 @@ class _Run:
             for _round in range(3):
                 targets, renamed[:] = list(dict.fromkeys(renamed)), []
                 for path in targets:
-                    if _is_dir(self.repo.root, path):
+                    if is_dir_below(self.repo.root, path):
                         log.info(
                             "Repository %s: %s was renamed during the scan; walking it again",
                             self.repo.id,
@@ -707,19 +707,38 @@ class _Run:
         for point in self.mounts.unmounted_since_start() if self.mounts is not None else ():
             self._error(point, "unmounted during the scan; its records are kept", True)
             self.deletions = {p for p in self.deletions if not p.startswith(point + b"/")}
+        self._keep_newly_ignored()
         for path in sorted(self.deletions):
             self._emit(Change(ChangeKind.DELETED, path))
         self.out.flush()
         self.out.wait()
 
-
-def _is_dir(root: bytes, rel: RelPath) -> bool:
-    """Whether ``rel`` below ``root`` is a directory, reached without following symlinks."""
-    try:
-        with Beneath(root) as tree:
-            return tree.is_dir(rel)
-    except OSError:
-        return False
+    def _keep_newly_ignored(self) -> None:
+        """Records the walk skipped only because of patterns the operator has not accepted
+        (a root's own ``.fsledger.yaml``): kept while their file is there, and reported.
+        Anyone who can write into the tree can write that file, and must not be able to
+        make the feed announce a library deleted; ``scan --accept-ignores`` retires them."""
+        rules, retire = self.writer.rules, self.writer.retire
+        if rules is retire:
+            return
+        suspects = [p for p in self.deletions if rules.ignores_path(p)]
+        suspects = [p for p in suspects if not retire.ignores_path(p)]
+        if not suspects:
+            return
+        kept: list[RelPath] = []
+        with _Looker(self.repo.root) as looker:
+            kept = [p for p in suspects if looker.present(p)]
+        if not kept:
+            return
+        self.deletions.difference_update(kept)
+        example = os.fsdecode(min(kept)).encode("unicode_escape").decode("ascii")
+        note = (
+            f"{len(kept)} record(s) match ignore patterns of the root's .fsledger.yaml and are "
+            f"kept (e.g. {example}); 'fsledger scan {self.repo.name} --accept-ignores' "
+            "retires them"
+        )
+        self.stats.notes.append(note)
+        log.warning("Repository %s: %s", self.repo.id, note)
 
 
 class _Looker:
@@ -736,6 +755,15 @@ class _Looker:
     def __exit__(self, *exc: object) -> None:
         if self._tree is not None:
             self._tree.close()
+
+    def present(self, path: RelPath) -> bool:
+        """Whether a regular file is at ``path`` (False if it cannot be seen)."""
+        try:
+            if self._tree is None:
+                self._tree = Beneath(self.root)
+            return stat_mod.S_ISREG(self._tree.lstat(path).st_mode)
+        except OSError:
+            return False
 
     def gone(self, rec: FileRecord) -> bool:
         try:

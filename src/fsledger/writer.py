@@ -10,6 +10,7 @@ one that no longer holds is dropped (and counted): the newer state wins.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import stat as stat_mod
@@ -22,7 +23,7 @@ from fsledger import decide
 from fsledger.beneath import Beneath
 from fsledger.errors import LeaseLost
 from fsledger.ignore import IgnoreRules
-from fsledger.model import Change, ChangeKind, FileStat, Repository, ScanStats
+from fsledger.model import Change, ChangeKind, FileStat, RelPath, Repository, ScanStats
 from fsledger.store.base import Store
 from fsledger.store.lease import Lease
 
@@ -50,28 +51,41 @@ class RepoWriter:
     Args:
         store: where records live.
         repo: the repository written.
-        rules: the repository's ignore rules (a deletion of a now-ignored path is true
-            even though the file is still on disk).
+        rules: the repository's ignore rules: what the walker and the watcher skip.
         verify: confirm each change against the disk before writing it.
+        retire: the rules under which a deletion of a path still on disk is true (the
+            operator's: see ``RepoSettings``); ``rules`` when omitted. A path ignored only
+            by other rules (a root's own ``.fsledger.yaml``, not accepted) keeps its record
+            while the file is there: an untrusted writer of the tree cannot turn records
+            into deletions by adding a pattern.
     """
 
     def __init__(
-        self, store: Store, repo: Repository, rules: IgnoreRules, verify: bool = True
+        self,
+        store: Store,
+        repo: Repository,
+        rules: IgnoreRules,
+        verify: bool = True,
+        retire: IgnoreRules | None = None,
     ) -> None:
         self.store = store
         self.repo = repo
         self.rules = rules
+        self.retire = rules if retire is None else retire
         self.verify = verify
         self.lock = threading.RLock()
         self.listeners: list[Listener] = []
         self.lease: Lease | None = None
         """Set by an agent that owns the repository among several: checked before each write."""
 
-    def refresh(self, repo: Repository, rules: IgnoreRules) -> None:
+    def refresh(
+        self, repo: Repository, rules: IgnoreRules, retire: IgnoreRules | None = None
+    ) -> None:
         """Adopt the newest copy of the repository (settings, device, state) and its rules."""
         with self.lock:
             self.repo = repo
             self.rules = rules
+            self.retire = rules if retire is None else retire
 
     def still_true(self, change: Change, tree: Beneath | None = None) -> bool:
         """Whether the disk still shows what ``change`` says, looked at below the root
@@ -86,7 +100,7 @@ class RepoWriter:
                 return False
         kind = change.kind
         if kind is ChangeKind.DELETED:
-            if self.rules.ignores_path(change.path):
+            if self.retire.ignores_path(change.path):
                 return True
             try:
                 st = tree.lstat(change.path)
@@ -104,17 +118,23 @@ class RepoWriter:
             return False
         return stat_mod.S_ISREG(st.st_mode) and FileStat.from_stat(st) == change.record.stat
 
-    def apply(self, changes: Sequence[Change]) -> Applied:
+    def apply(
+        self, changes: Sequence[Change], confirm: Callable[[Change], bool] | None = None
+    ) -> Applied:
         """Confirm and write a batch of changes in one transaction.
+
+        Args:
+            changes: the batch, in order.
+            confirm: vouches for a change the disk no longer shows but that is still to be
+                written: a directory rename whose directory has since been renamed again
+                (the watcher has read the later rename and writes it after this one; each
+                hop is a pure path rewrite, and consumers of the feed need every hop).
 
         Raises:
             StoreError: the store failed; nothing of the batch was written.
         """
         with self.lock:
-            if self.lease is not None and not self.lease.held():
-                raise LeaseLost(
-                    f"repository {self.repo.id}: this agent no longer owns it; nothing written"
-                )
+            self._check_lease()
             kept: list[Change] = []
             dropped: list[Change] = []
             if not self.verify:
@@ -126,19 +146,72 @@ class RepoWriter:
                     tree = None
                 try:
                     for change in changes:
-                        true = tree is not None and self.still_true(change, tree)
-                        (kept if true else dropped).append(change)
+                        ok = tree is not None and self.still_true(change, tree)
+                        ok = ok or (confirm is not None and confirm(change))
+                        (kept if ok else dropped).append(change)
                 finally:
                     if tree is not None:
                         tree.close()
             last_seq = self.store.apply(self.repo.id, kept) if kept else None
-            applied = Applied(tuple(kept), tuple(dropped), last_seq)
-            for listener in self.listeners:
-                try:
-                    listener(self.repo, applied)
-                except Exception:
-                    log.exception("Change listener failed for repository %s", self.repo.id)
-            return applied
+            return self._tell(Applied(tuple(kept), tuple(dropped), last_seq))
+
+    def exchange(self, a: RelPath, b: RelPath) -> Applied:
+        """Directories ``a`` and ``b`` exchanged names (``renameat2(RENAME_EXCHANGE)``): swap
+        their records in one transaction, or nothing when the disk shows no directory at
+        one of them any more (then the caller makes both true from the disk).
+
+        A store knows one kind of prefix rewrite, ``DIR_MOVED``, which replaces what is at
+        its target; so the swap is three of them through a prefix no record has: ``a`` to
+        it, ``b`` to ``a``, it to ``b``. The feed carries the three, and a consumer that
+        applies them in order (as it applies any ``dir_moved``) ends with the swap.
+
+        Raises:
+            StoreError: the store failed; nothing was written.
+        """
+        with self.lock:
+            self._check_lease()
+            halves = (
+                Change(ChangeKind.DIR_MOVED, b, old_path=a),
+                Change(ChangeKind.DIR_MOVED, a, old_path=b),
+            )
+            if self.verify and not all(self.still_true(c) for c in halves):
+                return Applied((), halves, None)
+            via = self._unused_prefix(a)
+            changes = (
+                Change(ChangeKind.DIR_MOVED, via, old_path=a),
+                Change(ChangeKind.DIR_MOVED, a, old_path=b),
+                Change(ChangeKind.DIR_MOVED, b, old_path=via),
+            )
+            last_seq = self.store.apply(self.repo.id, changes)
+            return self._tell(Applied(changes, (), last_seq))
+
+    def _unused_prefix(self, near: RelPath) -> RelPath:
+        """A directory path beside ``near`` with no record at or below it (a hidden name,
+        which the ignore rules keep out of the ledger anyway)."""
+        parent = near.rpartition(b"/")[0]
+        for n in itertools.count():
+            name = b".fsledger-exchange-%d" % n
+            path = parent + b"/" + name if parent else name
+            if not self.store.page_records(self.repo.id, None, 1, path) and not (
+                self.store.get_records(self.repo.id, [path])
+            ):
+                return path
+        raise AssertionError("unreachable")
+
+    def _check_lease(self) -> None:
+        if self.lease is not None and not self.lease.held():
+            raise LeaseLost(
+                f"repository {self.repo.id}: this agent no longer owns it; nothing written"
+            )
+
+    def _tell(self, applied: Applied) -> Applied:
+        """Hand what was written to the listeners (feed hub, the watcher's foreign log)."""
+        for listener in self.listeners:
+            try:
+                listener(self.repo, applied)
+            except Exception:
+                log.exception("Change listener failed for repository %s", self.repo.id)
+        return applied
 
 
 class Batches:

@@ -1,6 +1,6 @@
 """The HTTP API and the dashboard: a thin face over ``Ledger``, ``SyncManager`` and the feed.
 
-Routes (JSON; OpenAPI at /openapi.json):
+Routes (JSON; OpenAPI at /openapi.json, behind the token like the API; no /docs):
 
 * ``GET /healthz``, ``GET /metrics`` (Prometheus text), ``GET /`` (the dashboard);
 * ``/api/v1/repositories`` (list, add), ``/api/v1/repositories/{id}`` (remove),
@@ -23,14 +23,19 @@ import hmac
 import json
 import logging
 import os
+import threading
 import uuid
-from collections.abc import AsyncIterator, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib import resources
 from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
     FileResponse,
     JSONResponse,
@@ -69,7 +74,7 @@ from fsledger.feed import (
 )
 from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
-from fsledger.model import Repository, utcnow
+from fsledger.model import DuplicateFile, RepoSettings, Repository, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,8 @@ B64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$
 MAX_LIMIT = 1000
 MAX_CHANGES_LIMIT = 10_000
 """A change-feed page may be larger: a consumer catching up reads it in one request."""
+MAX_STREAMS = 128
+"""SSE streams open at once (the HTTP server takes up to ``server.MAX_CONNECTIONS``)."""
 STATIC = resources.files("fsledger.api") / "static"
 # Module level: route signatures are resolved from module globals (postponed annotations).
 _BEARER = HTTPBearer(auto_error=False, description="FSLEDGER_API_TOKEN, when it is set.")
@@ -95,6 +102,20 @@ _HTTP_CODES = {
     405: "method_not_allowed",
     413: "too_large",
 }
+
+
+class _Slot:
+    """One open SSE stream, counted once and released once, whoever ends it."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 class ApiError(Exception):
@@ -129,6 +150,13 @@ def _b64_path(text: str, what: str) -> bytes:
         return base64.b64decode(padded, altchars=b"-_", validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
         raise ApiError(400, "bad_request", f"{what} is not base64") from None
+
+
+def _dup_after(cursor: str) -> DuplicateFile:
+    try:
+        return DuplicateFile.from_cursor(_b64_path(cursor, "cursor"))
+    except ValueError as exc:
+        raise ApiError(400, "bad_request", f"cursor: {exc}") from None
 
 
 def _clean_prefix(raw: bytes) -> bytes:
@@ -193,6 +221,7 @@ def create_app(
     hub: FeedHub | None = None,
     webhooks: Sequence[WebhookDispatcher] = (),
     heartbeat_s: float = 15.0,
+    max_streams: int = MAX_STREAMS,
 ) -> FastAPI:
     """Build the ASGI app.
 
@@ -205,6 +234,8 @@ def create_app(
             lifespan.
         webhooks: dispatchers whose counters /metrics shows.
         heartbeat_s: idle time after which an SSE stream sends a comment line.
+        max_streams: SSE streams open at once; one more is answered 503 (the server's
+            connection limit is well above it, so /healthz and the API keep answering).
     """
     own_hub = hub is None
     feed_hub = hub or FeedHub(
@@ -232,6 +263,14 @@ def create_app(
         summary="A database of every file in directory trees, true to disk, and its changes.",
         lifespan=lifespan,
         dependencies=[Depends(_known_query_only)],
+        # No /docs or /redoc: they load scripts from a CDN into this origin. /openapi.json
+        # is served below, behind the token like the API it describes.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        # Starlette's slash redirect builds its Location from the Host header, which a
+        # client chooses (Host: evil.example): no redirects at all, a 404 instead.
+        redirect_slashes=False,
     )
     app.state.hub = feed_hub
     app.state.metrics = metrics
@@ -244,6 +283,18 @@ def create_app(
         given = credentials.credentials if credentials is not None else ""
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer TOKEN' is needed")
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorize)])
+    def openapi_json() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_request(_request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's own handler echoes the input, and a JSON body can spell a lone
+        # surrogate ("\ud800") that no UTF-8 response can carry: it turned a 422 into a 500.
+        # ASCII JSON escapes whatever the input held.
+        body = {"detail": jsonable_encoder(exc.errors())}
+        return Response(json.dumps(body, ensure_ascii=True), 422, media_type="application/json")
 
     @app.exception_handler(ApiError)
     async def on_apierror_response(_request: Request, exc: ApiError) -> JSONResponse:
@@ -376,11 +427,31 @@ def create_app(
         if "\0" in body.path or not os.path.isabs(body.path):
             raise ApiError(400, "bad_request", "path must be an absolute path on the server")
         path = os.fsencode(body.path)
-        repo = (
-            manager.add_repository(path, body.name)
-            if manager is not None
-            else ledger.add_repository(path, body.name)
+        wanted = RepoSettings(
+            ignore_patterns=tuple(body.ignore_patterns), trust_repo_config=body.trust_repo_config
         )
+        repo = (
+            manager.add_repository(path, body.name, wanted)
+            if manager is not None
+            else ledger.add_repository(path, body.name, wanted)
+        )
+        return {**repo.to_json(), "status": status_json(repo)}
+
+    @api.put(
+        "/repositories/{repo_id}/settings",
+        response_model=schemas.RepositoryOut,
+        tags=["repositories"],
+    )
+    def set_settings(repo_id: UUID, body: schemas.RepoSettingsIn) -> Any:
+        """The operator's settings: ignore patterns (records they match are retired at the
+        next scan) and whether the root's own .fsledger.yaml is honoured."""
+        repo = get_repo(repo_id)
+        wanted = replace(
+            repo.settings,
+            ignore_patterns=tuple(body.ignore_patterns),
+            trust_repo_config=body.trust_repo_config,
+        )
+        repo = ledger.set_settings(repo, wanted)
         return {**repo.to_json(), "status": status_json(repo)}
 
     @api.delete("/repositories/{repo_id}", response_model=schemas.RemovedOut, tags=["repositories"])
@@ -470,13 +541,32 @@ def create_app(
         repository: UUID | None = None,
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
         min_size: Annotated[int, Query(ge=0, le=1 << 62)] = 1,
+        files_limit: Annotated[int, Query(ge=2, le=MAX_LIMIT)] = 100,
     ) -> Any:
-        """Groups of files with the same content, largest waste first."""
-        groups = ledger.duplicates(get_repo(repository) if repository else None, limit, min_size)
+        """Groups of files with the same content, largest waste first, each with its first
+        ``files_limit`` files (one group can hold thousands) and a cursor to the rest."""
+        repo = get_repo(repository) if repository is not None else None
+        groups = ledger.duplicates(repo, limit, min_size, files_limit)
         return {
             "groups": [g.to_json() for g in groups],
             "wasted_bytes": sum(g.wasted_bytes for g in groups),
         }
+
+    @api.get("/duplicates/files", response_model=schemas.DuplicateFilesPage, tags=["files"])
+    def duplicate_files(
+        hash: Annotated[str, Query(min_length=1, max_length=128, pattern="^[0-9a-f]+$")],  # noqa: A002
+        hash_algo: Annotated[str, Query(min_length=1, max_length=32, pattern="^[a-z0-9]+$")],
+        size: Annotated[int, Query(ge=0, le=1 << 62)],
+        repository: UUID | None = None,
+        cursor: Annotated[str | None, Query(max_length=8192, pattern=B64URL_PATTERN)] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+    ) -> Any:
+        """The files of one duplicate group, a page at a time, in (repository, path) order."""
+        repo_id = get_repo(repository).id if repository is not None else None
+        after = _dup_after(cursor) if cursor else None
+        page = ledger.store.duplicate_files(repo_id, hash, hash_algo, size, after, limit)
+        nxt = page[-1].cursor() if len(page) == limit else None
+        return {"files": [f.to_json() for f in page], "cursor": nxt}
 
     # --- the change feed ----------------------------------------------------------------
     feed_errors: dict[int | str, dict[str, Any]] = {410: {"model": schemas.ResyncOut}}
@@ -525,18 +615,32 @@ def create_app(
         the change. Resumes after ``Last-Event-ID`` (or ``since``); without either, starts
         at the newest change. Comment lines keep idle connections alive."""
         start = last_event_id or since
-        if start is None:
-            start = str(await run_in_threadpool(feed.head))
-        page = await run_in_threadpool(first_page, start, repository, 500)
-        repo_id = repository
+        if not metrics.sse_try_open(max_streams):
+            raise ApiError(
+                503,
+                "too_many_streams",
+                f"{max_streams} event streams are open already: retry later, or follow "
+                "/api/v1/changes by cursor",
+            )
+        slot = _Slot(metrics.sse_closed)
+        try:
+            if start is None:
+                start = str(await run_in_threadpool(feed.head))
+            page = await run_in_threadpool(first_page, start, repository, 500)
+        except BaseException:
+            slot.release()
+            raise
+        stream = _stream(page, repository, slot)
+        # A client gone before the body starts leaves the generator unstarted, and its
+        # ``finally`` unrun: the slot is then released when the generator is collected.
+        weakref.finalize(stream, slot.release)
         return StreamingResponse(
-            _stream(page, repo_id),
+            stream,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _stream(page: FeedPage, repo_id: UUID | None) -> AsyncIterator[str]:
-        metrics.sse_opened()
+    async def _stream(page: FeedPage, repo_id: UUID | None, slot: _Slot) -> AsyncIterator[str]:
         try:
             # A comment only: a block with a field but no data (``retry:``) made stock clients
             # yield an empty message. The retry delay rides on the first event instead.
@@ -581,7 +685,7 @@ def create_app(
                     log.warning("SSE stream: the store failed, ending the stream: %s", exc)
                     return
         finally:
-            metrics.sse_closed()
+            slot.release()
 
     app.include_router(api)
     _document_webhooks(app)

@@ -88,6 +88,14 @@ class Metrics(Collector):
         with self._lock:
             self.sse_clients += 1
 
+    def sse_try_open(self, cap: int) -> bool:
+        """Count one more stream unless ``cap`` are open already (then False)."""
+        with self._lock:
+            if self.sse_clients >= cap:
+                return False
+            self.sse_clients += 1
+            return True
+
     def sse_closed(self) -> None:
         with self._lock:
             self.sse_clients -= 1

@@ -4,11 +4,25 @@ which the CLI prints too, so the API returns what the CLI says."""
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 MAX_PATH = 4096
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_surrogate(text: str) -> str:
+    """JSON can spell a lone surrogate (``"\\udc80"``), which is no character: such text
+    cannot be stored, encoded as a path or sent back, so the request is refused (422)."""
+    if _SURROGATE.search(text):
+        raise ValueError("text holds a lone surrogate (\\ud800-\\udfff), which is no character")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_surrogate)]
+"""A string of a request body: any characters, but no lone surrogate."""
 
 
 class ErrorOut(BaseModel):
@@ -32,6 +46,27 @@ class RepoSettingsOut(BaseModel):
     ignore_patterns: list[str]
     quick_scan_interval_s: float | None
     full_scan_interval_s: float | None
+    trust_repo_config: bool = Field(description="Whether the root's .fsledger.yaml is read.")
+    file_ignore_patterns: list[str] = Field(
+        description="Patterns of the root's .fsledger.yaml (when trusted): they stop new "
+        "records but retire none without 'fsledger scan --accept-ignores'."
+    )
+    file_quick_scan_interval_s: float | None
+    file_full_scan_interval_s: float | None
+
+
+_PATTERNS: Any = Field(
+    default_factory=list,
+    max_length=200,
+    description="Ignore patterns of the operator: records they match are retired.",
+)
+
+
+class RepoSettingsIn(BaseModel):
+    ignore_patterns: list[Text] = _PATTERNS
+    trust_repo_config: bool = Field(
+        default=False, description="Honour the root's own .fsledger.yaml (off by default)."
+    )
 
 
 class OperationOut(BaseModel):
@@ -73,10 +108,14 @@ class RepositoryOut(BaseModel):
 
 
 class RepositoryIn(BaseModel):
-    path: str = Field(
+    path: Text = Field(
         min_length=1, max_length=MAX_PATH, pattern="^/", description="Absolute path of the root."
     )
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Text | None = Field(default=None, min_length=1, max_length=200)
+    ignore_patterns: list[Text] = _PATTERNS
+    trust_repo_config: bool = Field(
+        default=False, description="Honour the root's own .fsledger.yaml (off by default)."
+    )
 
 
 class RemovedOut(BaseModel):
@@ -156,9 +195,12 @@ class DuplicateGroupOut(BaseModel):
     hash: str
     hash_algo: str
     size: int
-    count: int
+    count: int = Field(description="Files in the group, in all.")
     wasted_bytes: int
-    files: list[DuplicateFileOut]
+    files: list[DuplicateFileOut] = Field(description="The first ``files_limit`` of them.")
+    files_cursor: str | None = Field(
+        description="More files: GET /api/v1/duplicates/files with this cursor (null: none)."
+    )
 
 
 class DuplicatesOut(BaseModel):
@@ -184,3 +226,8 @@ class WebhookResync(BaseModel):
         description="List the files again, then apply the deliveries that follow this one."
     )
     detail: str
+
+
+class DuplicateFilesPage(BaseModel):
+    files: list[DuplicateFileOut]
+    cursor: str | None = Field(description="Ask again with this cursor for more (null: done).")

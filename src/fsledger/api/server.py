@@ -31,6 +31,9 @@ from fsledger.manager import SyncManager
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 15.0
+MAX_CONNECTIONS = 1024
+"""uvicorn's connection limit (past it every request is answered 503): far above the SSE
+streams' own cap (``app.MAX_STREAMS``), so held streams cannot take /healthz down."""
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -179,7 +182,7 @@ class Service:
             lifespan="on",
             timeout_graceful_shutdown=5,
             h11_max_incomplete_event_size=64 * 1024,
-            limit_concurrency=256,
+            limit_concurrency=MAX_CONNECTIONS,
         )
         server = _Server(config)
         sock = self._sock

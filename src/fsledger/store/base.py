@@ -15,6 +15,7 @@ from uuid import UUID
 
 from fsledger.model import (
     Change,
+    DuplicateFile,
     DuplicateGroup,
     FeedEntry,
     FeedInfo,
@@ -180,11 +181,29 @@ class Store(Protocol):
 
     # --- duplicates ---------------------------------------------------------------
     def duplicates(
-        self, repo_id: UUID | None, limit: int, min_size: int = 1
+        self,
+        repo_id: UUID | None,
+        limit: int,
+        min_size: int = 1,
+        files_per_group: int | None = None,
     ) -> list[DuplicateGroup]:
         """Up to ``limit`` groups of at least two files with the same content hash and at
         least ``min_size`` bytes, largest waste first (across repositories without
-        ``repo_id``)."""
+        ``repo_id``); each with its first ``files_per_group`` files (all without it) and
+        its total count. The rest of a group: ``duplicate_files``."""
+        ...
+
+    def duplicate_files(
+        self,
+        repo_id: UUID | None,
+        content_hash: str,
+        hash_algo: str,
+        size: int,
+        after: DuplicateFile | None,
+        limit: int,
+    ) -> list[DuplicateFile]:
+        """Up to ``limit`` files of one duplicate group after ``after``, in (repository,
+        path) order."""
         ...
 
     # --- distributed scanning ----------------------------------------------------------

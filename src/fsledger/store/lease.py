@@ -49,6 +49,32 @@ def lock_key(repo_id: UUID) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+def make_private_dirs(path: str) -> None:
+    """Create ``path`` and each missing parent ``0700``, whatever the umask.
+
+    ``os.makedirs`` gives only the last directory its ``mode``: the parents it creates get
+    ``0777 & ~umask``, which under ``umask 0`` made ``~/.local`` and ``~/.local/share``
+    world-writable (anyone could then swap the database's directory). Directories that
+    exist keep their mode.
+    """
+    missing: list[str] = []
+    head = os.path.abspath(path)
+    while not os.path.isdir(head):
+        missing.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            continue  # made meanwhile by someone else: theirs, left as it is
+        os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
+
+
 class FileLease:
     """An ``flock`` held on ``<db>.leases/<repo_id>.lock``."""
 
@@ -59,7 +85,7 @@ class FileLease:
     @classmethod
     def try_acquire(cls, db_path: str, repo_id: UUID) -> FileLease | None:
         folder = db_path + ".leases"
-        os.makedirs(folder, mode=0o700, exist_ok=True)
+        make_private_dirs(folder)
         fd = os.open(
             os.path.join(folder, f"{repo_id}.lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600
         )

@@ -941,14 +941,22 @@ class SqlStore:
                 )
 
     # --- duplicates ---------------------------------------------------------------------
-    def duplicates(
-        self, repo_id: UUID | None, limit: int, min_size: int = 1
-    ) -> list[DuplicateGroup]:
+    def _dup_where(self, repo_id: UUID | None, min_size: int) -> tuple[str, list[Any]]:
         where = "content_hash IS NOT NULL AND file_size >= ?"
         params: list[Any] = [min_size]
         if repo_id is not None:
             where += " AND repository_id = ?"
             params.append(self._uuid_in(repo_id))
+        return where, params
+
+    def duplicates(
+        self,
+        repo_id: UUID | None,
+        limit: int,
+        min_size: int = 1,
+        files_per_group: int | None = None,
+    ) -> list[DuplicateGroup]:
+        where, params = self._dup_where(repo_id, min_size)
         with self._read() as cur:
             # Same hash and algorithm means same content; size is in the key only so that
             # waste can be computed (equal content has equal size).
@@ -960,16 +968,35 @@ class SqlStore:
                 (*params, limit),
             )
             heads = cur.fetchall()
-            groups: list[DuplicateGroup] = []
-            for chash, algo, size, _count in heads:
-                cur.execute(
-                    "SELECT repository_id, file_path FROM file_records WHERE "
-                    f"{where} AND content_hash = ? AND hash_algo = ? AND file_size = ? "
-                    "ORDER BY repository_id, file_path",
-                    (*params, chash, algo, size),
-                )
-                files = tuple(
-                    DuplicateFile(self._uuid_out(r), self._blob_out(p)) for r, p in cur.fetchall()
-                )
-                groups.append(DuplicateGroup(chash, algo, int(size), files))
+        groups: list[DuplicateGroup] = []
+        for chash, algo, size, count in heads:
+            files = self.duplicate_files(
+                repo_id, chash, algo, int(size), None, files_per_group or int(count)
+            )
+            groups.append(DuplicateGroup(chash, algo, int(size), tuple(files), int(count)))
         return groups
+
+    def duplicate_files(
+        self,
+        repo_id: UUID | None,
+        content_hash: str,
+        hash_algo: str,
+        size: int,
+        after: DuplicateFile | None,
+        limit: int,
+    ) -> list[DuplicateFile]:
+        where, params = self._dup_where(repo_id, 0)
+        where += " AND content_hash = ? AND hash_algo = ? AND file_size = ?"
+        params += [content_hash, hash_algo, size]
+        if after is not None:
+            # (repository, path) > after, spelled out: row values compare alike everywhere.
+            where += " AND (repository_id > ? OR (repository_id = ? AND file_path > ?))"
+            rid = self._uuid_in(after.repository_id)
+            params += [rid, rid, after.path]
+        with self._read() as cur:
+            cur.execute(
+                f"SELECT repository_id, file_path FROM file_records WHERE {where} "
+                "ORDER BY repository_id, file_path LIMIT ?",
+                (*params, limit),
+            )
+            return [DuplicateFile(self._uuid_out(r), self._blob_out(p)) for r, p in cur.fetchall()]

@@ -14,7 +14,7 @@ from uuid import UUID
 
 from fsledger.errors import StoreError, StoreUnavailable
 from fsledger.store import migrations
-from fsledger.store.lease import FileLease, Lease
+from fsledger.store.lease import FileLease, Lease, make_private_dirs
 from fsledger.store.sql import DUP_INDEX, Cursor, DeferredIndex, SqlStore, upsert_sql
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class SqliteStore(SqlStore):
             if path != ":memory:":
                 parent = os.path.dirname(path)
                 if parent:
-                    os.makedirs(parent, mode=0o700, exist_ok=True)
+                    make_private_dirs(parent)
                 # Create the file 0600 ourselves: the ledger lists every file name a user has.
                 os.close(os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
             self._conn = sqlite3.connect(

@@ -20,14 +20,16 @@ path is looked at again.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat as stat_mod
 import threading
 import time
+from collections.abc import Callable
 
 from fsledger import decide
-from fsledger.beneath import Beneath
+from fsledger.beneath import Beneath, is_dir_below
 from fsledger.config import Settings
 from fsledger.errors import RootUnavailable
 from fsledger.hashing import HashOutcome, hash_below
@@ -43,10 +45,12 @@ from fsledger.model import (
     utcnow,
 )
 from fsledger.mounts import unmounted
-from fsledger.walk import FileEntry, walk
+from fsledger.walk import FileEntry, Unreadable, walk
 from fsledger.watch.metrics import WatcherMetrics
+from fsledger.watch.settle import SettlingWriter, wait_quiet
 from fsledger.watch.state import (
     Check,
+    DirMove,
     Dirty,
     DirtyJob,
     RepoWatch,
@@ -55,6 +59,7 @@ from fsledger.watch.state import (
     moved,
     parent_of,
     show,
+    swapped,
     under,
 )
 from fsledger.watch.tree import GONE, WatchTree
@@ -79,6 +84,7 @@ class Applier:
         tree: the watch tree (directories that need watching are watched before a check).
         settle_s: how soon a path that was dropped (the disk moved on) is looked at again.
         debounce_s: how soon a file that changed while it was hashed is looked at again.
+        catch_up: reads the events queued before now (the watcher's reader).
     """
 
     def __init__(
@@ -90,8 +96,11 @@ class Applier:
         tree: WatchTree,
         settle_s: float,
         debounce_s: float,
+        catch_up: Callable[[], None] | None = None,
     ) -> None:
         self.ledger = ledger
+        self.catch_up = catch_up
+        """Lets the reader read every event queued before now (never called under the lock)."""
         self.store = ledger.store
         self.settings = settings
         self.metrics = metrics
@@ -118,18 +127,56 @@ class Applier:
         if not moves:
             work.dir_moves = []
             return
-        changes = [Change(ChangeKind.DIR_MOVED, m.new, old_path=m.old) for m in moves]
-        applied = repo.writer.apply(changes)
-        work.dir_moves = []
-        for change in applied.changes:
-            log.info(
-                "Directory moved: %s -> %s (repository %s)",
-                show(change.old_path or b""),
-                show(change.path),
-                repo.id,
-            )
-        stats.files_moved += len(applied.changes)
-        dropped = {id(c) for c in applied.dropped}
+        units = _units(moves)
+        done: list[tuple[list[DirMove], bool]] = []
+        """Each unit written (a rename, or the two halves of an exchange) and whether it was."""
+        try:
+            i = 0
+            while i < len(units):
+                if len(units[i]) == 2:  # an exchange: its own transaction
+                    first, second = units[i]
+                    if first is second:  # a half without its partner: see _units
+                        done.append(([first], False))
+                        i += 1
+                        continue
+                    applied = repo.writer.exchange(first.old, first.new)
+                    done.append((units[i], bool(applied.changes)))
+                    if applied.changes:
+                        log.info(
+                            "Directories exchanged: %s <-> %s (repository %s)",
+                            show(first.old),
+                            show(first.new),
+                            repo.id,
+                        )
+                        stats.files_moved += 2
+                    i += 1
+                    continue
+                j = i
+                while j < len(units) and len(units[j]) == 1:
+                    j += 1
+                run = [u[0] for u in units[i:j]]
+                changes = [Change(ChangeKind.DIR_MOVED, m.new, old_path=m.old) for m in run]
+                hops = self._hops(repo, run, changes)
+                applied = repo.writer.apply(changes, confirm=_vouched(hops))
+                kept = {id(c) for c in applied.changes}
+                done += [([m], id(c) in kept) for m, c in zip(run, changes, strict=True)]
+                for change in applied.changes:
+                    log.info(
+                        "Directory moved: %s -> %s (repository %s)",
+                        show(change.old_path or b""),
+                        show(change.path),
+                        repo.id,
+                    )
+                stats.files_moved += len(applied.changes)
+                i = j
+        finally:
+            written = {id(m) for unit, _ in done for m in unit}
+            work.dir_moves = [m for m in moves if id(m) not in written]
+            self._after_dir_moves(repo, done, work)
+
+    def _after_dir_moves(
+        self, repo: RepoWatch, done: list[tuple[list[DirMove], bool]], work: Work
+    ) -> None:
         with self.lock:
             foreign = list(repo.foreign)
         # Walk the batch in order, in the path space the records are in after each rename.
@@ -140,20 +187,33 @@ class Applier:
         # of files that only moved), as are renames another writer raced (below).
         hollow: list[RelPath] = []
         checks: list[Check] = []
-        for change, move in zip(changes, moves, strict=True):
-            if id(change) in dropped:
-                hollow.append(move.new)
-                checks += [Check(move.new, move.wd), Check(move.old, None)]
+        for unit, ok in done:
+            if not ok:
+                for move in unit:
+                    hollow.append(move.new)
+                    checks += [Check(move.new, move.wd), Check(move.old, None)]
                 continue
-            carried_hollow = any(under(move.old, h) for h in hollow)
-            hollow = [moved(h, move.old, move.new) for h in hollow]
-            checks = [Check(moved(c.path, move.old, move.new), c.wd) for c in checks]
+            move = unit[0]
+            if len(unit) == 2:  # an exchange: each side's paths go to the other side
+
+                def step(path: RelPath, a: RelPath = move.old, b: RelPath = move.new) -> RelPath:
+                    return swapped(path, a, b)
+
+                carried_hollow = any(under(move.old, h) or under(move.new, h) for h in hollow)
+            else:
+
+                def step(path: RelPath, a: RelPath = move.old, b: RelPath = move.new) -> RelPath:
+                    return moved(path, a, b)
+
+                carried_hollow = any(under(move.old, h) for h in hollow)
+            hollow = [step(h) for h in hollow]
+            checks = [Check(step(c.path), c.wd) for c in checks]
             raced = any(
                 t >= move.read_at - FOREIGN_SLACK_S and (under(p, move.old) or under(p, move.new))
                 for t, p in foreign
             )
             if carried_hollow:
-                hollow.append(move.new)
+                hollow += [m.new for m in unit]
             if carried_hollow or raced:
                 if raced:
                     # Another writer (a reconciliation) changed records on either side
@@ -164,8 +224,34 @@ class Applier:
                         repo.id,
                         show(move.new),
                     )
-                checks.append(Check(move.new, move.wd))
+                checks += [Check(m.new, m.wd) for m in unit]
         work.checks += checks
+
+    def _hops(self, repo: RepoWatch, moves: list[DirMove], changes: list[Change]) -> set[int]:
+        """The renames (ids of their changes) whose directory has been renamed again since:
+        ``mv D0 C/D1 && mv C/D1 D2`` leaves no directory at ``C/D1`` by the time the first
+        rename is written, yet it happened, and the feed's consumers know the files by the
+        paths it gives them. The writer's disk check cannot confirm such a hop; the watch
+        tree can (the directory's watch names where it is now). When the tree does not know
+        yet, the reader is first let to read the events queued meanwhile."""
+
+        def moved_on() -> tuple[set[int], bool]:
+            ids: set[int] = set()
+            unknown = False
+            with self.lock:
+                for move, change in zip(moves, changes, strict=True):
+                    now_at = self.tree.path_of(move.wd)
+                    if now_at is not None and now_at != move.new:
+                        ids.add(id(change))
+                    elif not is_dir_below(repo.repo.root, move.new):
+                        unknown = True
+            return ids, unknown
+
+        ids, unknown = moved_on()
+        if unknown and self.catch_up is not None:
+            self.catch_up()
+            ids, _ = moved_on()
+        return ids
 
     # --- 2. file renames -------------------------------------------------------------------
     def _file_moves(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:
@@ -259,6 +345,7 @@ class Applier:
                 show(path),
                 exc,
             )
+            self._failed(repo, parent_of(path) if exc.errno == errno.EACCES else path)
             return "unknown"
         return "dir" if stat_mod.S_ISDIR(st.st_mode) else "gone"
 
@@ -271,7 +358,8 @@ class Applier:
             self.tree.watch(repo, path)
             self._absorb_checks(repo, path, work)
         try:
-            result = self.ledger.reconciler.reconcile(repo.writer, prefix=path, record=False)
+            writer = SettlingWriter(repo.writer, lambda changes: self._hold(repo, changes))
+            result = self.ledger.reconciler.reconcile(writer, prefix=path, record=False)
         except RootUnavailable as exc:
             # The guard looks at the root; for a subtree it means the directory went away
             # meanwhile (its events tell where), or the root did (the next pass's root check
@@ -280,6 +368,11 @@ class Applier:
             return
         work.covered.append(path)
         stats.add(result)
+        with self.lock:
+            if result.errors:
+                repo.failed.add(path)  # some of it could not be read: see RepoWatch.failed
+            else:
+                repo.failed = {f for f in repo.failed if not under(f, path)}
         changed = result.files_added + result.files_updated + result.files_removed
         log.log(
             logging.INFO if changed or result.files_moved else logging.DEBUG,
@@ -298,13 +391,62 @@ class Applier:
         with self.lock:
             self.tree.watch(repo, path)
             self._absorb_checks(repo, path, work)
-        found = [i.path for i in walk(repo.repo.root, repo.rules, path) if isinstance(i, FileEntry)]
+        found: list[FileEntry] = []
+        for item in walk(repo.repo.root, repo.rules, path):
+            if isinstance(item, FileEntry):
+                found.append(item)
+            elif isinstance(item, Unreadable):
+                self._failed(repo, item.path if item.is_dir else parent_of(item.path))
         with self.lock:
-            wds = {p: repo.index.by_path.get(p) for p in {parent_of(f) for f in found}}
+            work.dirty += self._settle_listed(repo, found)
+
+    def _settle_listed(self, repo: RepoWatch, found: list[FileEntry]) -> list[DirtyJob]:
+        """Files a listing of a new directory found, under the settle rule of every other
+        path (caller holds the lock): a file is recorded once closed or quiet.
+
+        A program that creates a directory and writes into it may still have its files
+        open when the listing comes (their IN_CREATE came before the watch existed).
+        Events read since the watch landed decide when such a file is looked at (an
+        IN_CLOSE_WRITE, or the debounce after its last IN_MODIFY); a file without any is
+        looked at now if its ctime is older than the debounce, otherwise when it will be
+        (a write before then sends events, which push it further). Returns the files to
+        look at in this pass; the others wait in the pending state."""
+        pending = repo.pending
+        wds = {p: repo.index.by_path.get(p) for p in {parent_of(f.path) for f in found}}
+        now, wall_ns = time.monotonic(), time.time_ns()
+        jobs: list[DirtyJob] = []
         for file in found:
-            wd = wds[parent_of(file)]
-            key = (wd, file.rpartition(b"/")[2]) if wd is not None else None
-            work.dirty.append(DirtyJob(key, file, Dirty(0.0)))
+            wd = wds[parent_of(file.path)]
+            if wd is None:  # not watched (the watch limit): no event would tell more
+                jobs.append(DirtyJob(None, file.path, Dirty(0.0)))
+                continue
+            key = (wd, file.path.rpartition(b"/")[2])
+            if not wait_quiet(pending, key, file.stat.ctime_ns, now, wall_ns, self.debounce_s):
+                jobs.append(DirtyJob(key, file.path, Dirty(0.0)))
+        return jobs
+
+    def _hold(self, repo: RepoWatch, changes: list[Change]) -> list[Change]:
+        """Of the created/modified records a subtree reconciliation is about to write, those
+        that may be written now; the others (files not closed or quiet yet: ``wait_quiet``)
+        wait in the pending state, to be looked at as any path an event touched."""
+        now, wall_ns = time.monotonic(), time.time_ns()
+        kept: list[Change] = []
+        with self.lock:
+            for change in changes:
+                assert change.record is not None
+                wd = repo.index.by_path.get(parent_of(change.path))
+                key = (wd, change.path.rpartition(b"/")[2]) if wd is not None else None
+                ctime_ns = change.record.stat.ctime_ns
+                if key is None or not wait_quiet(
+                    repo.pending, key, ctime_ns, now, wall_ns, self.debounce_s
+                ):
+                    kept.append(change)
+        return kept
+
+    def _failed(self, repo: RepoWatch, path: RelPath) -> None:
+        """Remember a directory that could not be read (see ``RepoWatch.failed``)."""
+        with self.lock:
+            repo.failed.add(path)
 
     def _absorb_checks(self, repo: RepoWatch, top: RelPath, work: Work) -> None:
         """Take the pending checks of directories in ``top``'s subtree (caller holds the lock):
@@ -367,6 +509,42 @@ class Applier:
                 batch = self._keep_unmounted(repo, batch)
             self._commit_dirty(repo, batch, jobs, stats)
             del work.dirty[: len(jobs)]
+            work.dirty += self._link_peers(repo, batch, looked)
+
+    def _link_peers(
+        self, repo: RepoWatch, batch: list[Change], looked: set[RelPath]
+    ) -> list[DirtyJob]:
+        """Other names of the files just written (hard links: records with the same inode),
+        to be looked at in this pass too. A write through one name changes the content of
+        all of them, but inotify reports only the name written (and nothing at all for a
+        name in another directory); a new link changes the others' ctime. Looks are
+        state-based, so a record that merely shares an inode number (another filesystem
+        mounted below the root) costs one lstat and changes nothing."""
+        inodes = {
+            c.record.stat.inode
+            for c in batch
+            if c.record is not None
+            and c.kind in (ChangeKind.CREATED, ChangeKind.MODIFIED, ChangeKind.META)
+        }
+        if not inodes:
+            return []
+        peers = [
+            r.path
+            for r in self.store.records_by_inode(repo.id, sorted(inodes))
+            if r.path not in looked
+        ]
+        if not peers:
+            return []
+        with self.lock:
+            wds = {p: repo.index.by_path.get(parent_of(p)) for p in peers}
+        return [
+            DirtyJob(
+                (wd, path.rpartition(b"/")[2]) if (wd := wds[path]) is not None else None,
+                path,
+                Dirty(0.0, content=True),
+            )
+            for path in peers
+        ]
 
     def _unmounted(self, repo: RepoWatch) -> list[RelPath]:
         """Remembered mount points below the root that are not mounted now."""
@@ -435,6 +613,7 @@ class Applier:
                 show(path),
                 exc,
             )
+            self._failed(repo, parent_of(path))  # issue 13 item 7: looked at again
             return None, False
         if st is None or not stat_mod.S_ISREG(st.st_mode):
             return (Change(ChangeKind.DELETED, path) if old is not None else None), False
@@ -536,3 +715,31 @@ class _Tree:
         if self._tree is None:
             return HashOutcome(None, error=str(self._error))
         return hash_below(self._tree, rel, algo, threads, expect)
+
+
+def _units(moves: list[DirMove]) -> list[list[DirMove]]:
+    """Directory renames as written: one each, except the two halves of an exchange
+    (``renameat2(RENAME_EXCHANGE)``: X -> Y, then Y -> X marked ``exchange``), which are
+    one swap; written one after the other, the second would take the records the first
+    just moved. A second half whose first half is not right before it cannot be written
+    as a swap: it is left unwritten (a unit that fails), so both sides are scanned."""
+    units: list[list[DirMove]] = []
+    for move in moves:
+        prev = units[-1] if units else None
+        if (
+            move.exchange
+            and prev is not None
+            and len(prev) == 1
+            and (prev[0].old, prev[0].new) == (move.new, move.old)
+        ):
+            prev.append(move)
+        elif move.exchange:
+            units.append([move, move])  # no partner: not written (see _dir_moves)
+        else:
+            units.append([move])
+    return units
+
+
+def _vouched(ids: set[int]) -> Callable[[Change], bool]:
+    """The writer's ``confirm`` for the changes with these ids."""
+    return lambda change: id(change) in ids

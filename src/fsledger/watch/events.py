@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
+from fsledger.decide import SettleRule
 from fsledger.model import RelPath, Repository
 from fsledger.watch.backend import (
     IN_ATTRIB,
@@ -46,6 +47,25 @@ class PendingMove:
     key: Key
     is_dir: bool
     at: float
+    displaced: Displaced | None = None
+    """Set when the directory moving is one another rename just took the name of (the
+    second half of an exchange)."""
+
+
+@dataclass(slots=True)
+class Displaced:
+    """A watched directory another directory was renamed onto. Either it was empty and is
+    gone (a plain rename over it), or it is the other side of ``renameat2(RENAME_EXCHANGE)``,
+    whose rename pair comes right after, from the same name. Until one is known (the pair
+    wait), its watches are detached from the path index and their events held back."""
+
+    repo: RepoWatch
+    key: Key
+    path: RelPath
+    watches: list[tuple[RelPath, int]]
+    checks: dict[RelPath, float]
+    """Its subtree's checks queued by path (suffixes), which must not follow the rename."""
+    at: float
 
 
 class EventInterpreter:
@@ -75,6 +95,8 @@ class EventInterpreter:
         self.metrics = metrics
         self.settle_s = settle_s
         self.debounce_s = debounce_s
+        self.rule = SettleRule(settle_s, debounce_s)
+        """When an event's path may be looked at (``fsledger.decide``)."""
         self.pair_wait_s = pair_wait_s
         self.unpaired: dict[int, PendingMove] = {}
         """IN_MOVED_FROM events by cookie."""
@@ -84,6 +106,13 @@ class EventInterpreter:
         """Events of frozen watches, in order, replayed once their directory's move is known."""
         self.resyncs: list[tuple[Repository, RelPath, str]] = []
         """Reconciliations to ask for, handed over by the watcher outside its lock."""
+        self.displaced: dict[Key, Displaced] = {}
+        """Directories another rename took the name of, by that name's key."""
+
+    def displacing(self, state: RepoWatch) -> bool:
+        """Whether a rename of ``state`` landed on a watched directory and whether that was
+        half an exchange is not known yet: its renames must not be written meanwhile."""
+        return any(d.repo is state for d in self.displaced.values())
 
     def frozen_paths(self, state: RepoWatch) -> list[RelPath]:
         """Directories of ``state`` whose IN_MOVED_FROM is unpaired: what is below them is
@@ -105,6 +134,8 @@ class EventInterpreter:
     def _one(self, ev: RawEvent, now: float) -> None:
         if ev.mask & IN_Q_OVERFLOW:
             self._overflow()
+            return
+        if ev.mask & IN_DELETE_SELF and self._overwritten(ev.wd, now):
             return
         if ev.wd in self.frozen:
             # Its directory is below one whose IN_MOVED_FROM is unpaired: where it is (in
@@ -137,6 +168,10 @@ class EventInterpreter:
             if s.is_dir and (path := self.tree.key_path(s.key)) is not None
             for _, wd in s.repo.index.subtree_wds(path)
         }
+        self.frozen.update(wd for d in self.displaced.values() for _, wd in d.watches)
+        for s in self.unpaired.values():
+            if s.displaced is not None:
+                self.frozen.update(wd for _, wd in s.displaced.watches)
         if self.deferred:
             held, self.deferred = self.deferred, []
             for ev in held:
@@ -148,7 +183,11 @@ class EventInterpreter:
         is_dir = bool(mask & IN_ISDIR)
         pending = state.pending
         if mask & IN_MOVED_FROM:
-            self.unpaired[ev.cookie] = PendingMove(state, key, is_dir, now)
+            displaced = self.displaced.pop(key, None) if is_dir else None
+            if displaced is not None and displaced.repo is not state:
+                self._drop_displaced(displaced)
+                displaced = None
+            self.unpaired[ev.cookie] = PendingMove(state, key, is_dir, now, displaced)
             if is_dir:
                 self._refreeze(now)
             else:
@@ -161,26 +200,26 @@ class EventInterpreter:
                 self._dir_arrived(state, rel, now)
             elif mask & IN_DELETE:
                 self._dir_gone(state, rel, now)
-            # IN_ATTRIB/IN_MODIFY of a directory change no record.
+            elif mask & IN_ATTRIB and state.had_failed(rel):
+                self._dir_readable(state, rel, now)
+            # Otherwise IN_ATTRIB/IN_MODIFY of a directory change no record.
         elif mask & (IN_CLOSE_WRITE | IN_DELETE):
             closed = bool(mask & IN_CLOSE_WRITE)
             pending.mark(
                 key,
-                now + self.settle_s,
+                now + self.rule.after_close(),
                 content=closed,
                 writing=False,
                 closed_at=now if closed else None,
             )
         elif mask & IN_MODIFY:
-            pending.mark(key, now + self.debounce_s, content=True, writing=True)
+            pending.mark(key, now + self.rule.after_write(), content=True, writing=True)
         elif mask & IN_CREATE:
-            pending.mark(key, now + self.debounce_s, writing=True)
+            pending.mark(key, now + self.rule.after_write(), writing=True)
         elif mask & IN_ATTRIB:
-            # Metadata only (tar and cp -p set times after the close): settles fast unless
-            # a write is still in progress.
             current = pending.dirty.get(key)
-            slow = current is not None and current.writing
-            pending.mark(key, now + (self.debounce_s if slow else self.settle_s))
+            writing = current is not None and current.writing
+            pending.mark(key, now + self.rule.after_attrib(writing))
 
     def _moved_to(
         self, state: RepoWatch, key: Key, rel: RelPath, is_dir: bool, cookie: int, now: float
@@ -210,6 +249,9 @@ class EventInterpreter:
             else:
                 state.pending.mark(key, now + self.settle_s)
             return
+        if is_dir and src.displaced is not None:
+            self._exchanged(state, src.displaced, rel, now)
+            return
         if is_dir:
             old_path = self.tree.key_path(src.key)
             if old_path is None:  # its parent is gone from the tree: count it as moved in
@@ -235,6 +277,9 @@ class EventInterpreter:
                 (p := self.tree.path_of(w)) is not None and under(old_path, p) and p != old_path
                 for w in pending.check_wds
             )
+            target = state.index.by_path.get(rel)
+            if target is not None and target != state.index.by_path.get(old_path):
+                self._displace(state, key, rel, now)
             self.tree.rename(state, old_path, rel)
             wd = state.index.by_path.get(rel)
             pending.renamed(old_path, rel)
@@ -262,7 +307,49 @@ class EventInterpreter:
             closed_at=old.closed_at if old is not None else None,
         )
 
+    def _displace(self, state: RepoWatch, key: Key, rel: RelPath, now: float) -> None:
+        """A directory is being renamed onto the watched directory ``rel``: detach ``rel``'s
+        watches until it is known whether it is gone or comes back (see ``Displaced``)."""
+        pending = state.pending
+        checks = {p[len(rel) :]: d for p, d in pending.check_paths.items() if under(p, rel)}
+        for suffix in checks:
+            del pending.check_paths[rel + suffix]
+        old = self.displaced.pop(key, None)
+        if old is not None:
+            self._drop_displaced(old)
+        self.displaced[key] = Displaced(state, key, rel, self.tree.detach(state, rel), checks, now)
+        self._refreeze(now)
+
+    def _exchanged(self, state: RepoWatch, gone: Displaced, rel: RelPath, now: float) -> None:
+        """The second half of an exchange: the displaced directory reappears at ``rel``
+        (where the first half's directory came from). Its watches follow it, and the
+        rename is queued right after the first half, marked to be written with it."""
+        self.tree.attach(state, rel, gone.watches)
+        for suffix, due in gone.checks.items():
+            state.pending.check_path(rel + suffix, due)
+        wd = state.index.by_path.get(rel)
+        state.pending.dir_moves.append(DirMove(wd, gone.path, rel, now, exchange=True))
+        state.move_log.append((gone.path, rel, wd))
+
+    def _overwritten(self, wd: int, now: float) -> bool:
+        """IN_DELETE_SELF of a displaced directory: the rename onto it replaced it (the
+        kernel says so within the rename call), so no exchange half is to come."""
+        for key, gone in list(self.displaced.items()):
+            if any(w == wd and not suffix for suffix, w in gone.watches):
+                del self.displaced[key]
+                self._drop_displaced(gone)
+                self._refreeze(now)
+                return True
+        return False
+
+    def _drop_displaced(self, gone: Displaced) -> None:
+        self.tree.forget_detached(gone.watches)
+        self.update_metrics()
+
     def _moved_out(self, src: PendingMove, now: float) -> None:
+        if src.displaced is not None:  # not the exchange it looked like: nothing comes back
+            self._drop_displaced(src.displaced)
+            src.displaced = None
         if not src.is_dir:
             src.repo.pending.mark(src.key, now + self.settle_s)
         elif (path := self.tree.key_path(src.key)) is not None:
@@ -273,6 +360,11 @@ class EventInterpreter:
         """IN_MOVED_FROM events whose pair did not come (``force``: all of them) were moves
         out of the repository."""
         dirs = False
+        for key, gone in list(self.displaced.items()):
+            if force or now - gone.at >= self.pair_wait_s:
+                del self.displaced[key]  # overwritten: a plain rename onto an empty directory
+                self._drop_displaced(gone)
+                dirs = True
         for cookie, src in list(self.unpaired.items()):
             if force or now - src.at >= self.pair_wait_s:
                 del self.unpaired[cookie]
@@ -292,6 +384,16 @@ class EventInterpreter:
             state.pending.check_wd(wd, now + self.settle_s)
         else:
             state.pending.check_path(rel, now + self.settle_s)
+
+    def _dir_readable(self, state: RepoWatch, rel: RelPath, now: float) -> None:
+        """The mode (or owner, ACL) of a directory that could not be watched or listed, or
+        of one of its ancestors, changed: it may be readable now (``chmod 755`` after
+        ``chmod 000``). Whatever happened in it meanwhile sent no event the watcher could
+        act on, so it is watched again and its subtree reconciled; a check that still
+        fails marks it failed again."""
+        state.failed = {f for f in state.failed if not under(f, rel)}
+        log.info("Repository %s: %s changed mode; scanning it again", state.id, show(rel))
+        self._dir_arrived(state, rel, now)
 
     def _dir_gone(self, state: RepoWatch, rel: RelPath, now: float) -> None:
         """A directory was deleted or moved out: unwatch its subtree, clear its records."""
@@ -326,6 +428,9 @@ class EventInterpreter:
                 self.tree.deleted.add(ev.wd)
         elif ev.mask & IN_MOVE_SELF and root:
             self.lose(state, "the repository root was moved")
+        elif ev.mask & IN_ATTRIB and root and state.had_failed(b""):
+            # The root's own mode changed (its parent is not watched): see _dir_readable.
+            self._dir_readable(state, b"", time.monotonic())
         # A subdirectory's IN_MOVE_SELF: its parent's IN_MOVED_FROM/TO tell where it went.
 
     def _overflow(self) -> None:
@@ -335,6 +440,11 @@ class EventInterpreter:
             "watched repository"
         )
         # Pairs whose other half may be lost cannot be trusted; the reconciliation sees all.
+        for gone in [*self.displaced.values()] + [
+            s.displaced for s in self.unpaired.values() if s.displaced is not None
+        ]:
+            self._drop_displaced(gone)
+        self.displaced.clear()
         self.unpaired.clear()
         self.frozen.clear()
         self.deferred.clear()
@@ -363,6 +473,12 @@ class EventInterpreter:
         for cookie, src in list(self.unpaired.items()):
             if src.repo is state:
                 del self.unpaired[cookie]
+                if src.displaced is not None:
+                    self._drop_displaced(src.displaced)
+        for key, gone in list(self.displaced.items()):
+            if gone.repo is state:
+                del self.displaced[key]
+                self._drop_displaced(gone)
         self._refreeze(time.monotonic())
         self.update_metrics()
 

@@ -53,6 +53,15 @@ def moved(path: RelPath, old: RelPath, new: RelPath) -> RelPath:
     return new + path[len(old) :] if old and under(path, old) else path
 
 
+def swapped(path: RelPath, a: RelPath, b: RelPath) -> RelPath:
+    """``path`` after directories ``a`` and ``b`` exchanged names."""
+    if under(path, a):
+        return b + path[len(a) :]
+    if under(path, b):
+        return a + path[len(b) :]
+    return path
+
+
 def related(a: RelPath, b: RelPath) -> bool:
     """Whether one path is the other or an ancestor of it."""
     return under(a, b) or under(b, a)
@@ -154,6 +163,9 @@ class DirMove:
     old: RelPath
     new: RelPath
     read_at: float = 0.0
+    exchange: bool = False
+    """The second half of ``renameat2(RENAME_EXCHANGE)``: this directory took the place
+    of the one the rename before it moved here (it is written with it, as one swap)."""
 
 
 @dataclass(slots=True)
@@ -301,14 +313,18 @@ class RepoWatch:
         """Directory renames (old, new, wd) read since the current pass took its work."""
         self.foreign: collections.deque[tuple[float, RelPath]] = collections.deque()
         """Paths other writers (a reconciliation) changed lately, with when (monotonic)."""
+        self.failed: set[RelPath] = set()
+        """Directories that could not be watched, listed or looked into (EACCES, EIO...):
+        an attribute change on one of them or an ancestor (``chmod 755``) has the subtree
+        watched and reconciled again, as nothing else would tell what changed meanwhile."""
+
+    def had_failed(self, top: RelPath) -> bool:
+        """Whether a directory at or below ``top`` failed (see ``failed``)."""
+        return any(under(f, top) for f in self.failed)
 
     @property
     def id(self) -> UUID:
         return self.repo.id
-
-    def full(self, rel: RelPath) -> bytes:
-        """The absolute path of ``rel``."""
-        return self.repo.root + b"/" + rel if rel else self.repo.root
 
 
 def show(path: RelPath) -> str:

@@ -77,6 +77,7 @@ class WatchTree:
                 except OSError as exc:
                     if exc.errno not in GONE:
                         log.warning("Cannot watch %s in repository %s: %s", show(rel), repo.id, exc)
+                        repo.failed.add(rel)
                     continue
                 self._map(repo, rel, wd)
                 added += 1
@@ -91,6 +92,7 @@ class WatchTree:
         except OSError as exc:
             if exc.errno not in GONE:
                 log.warning("Cannot list %s in repository %s: %s", show(rel), repo.id, exc)
+                repo.failed.add(rel)
             return out
         try:
             with os.scandir(fd) as entries:
@@ -106,6 +108,7 @@ class WatchTree:
         except OSError as exc:
             if exc.errno not in GONE:
                 log.warning("Cannot list %s in repository %s: %s", show(rel), repo.id, exc)
+                repo.failed.add(rel)
         finally:
             os.close(fd)
         return out
@@ -131,6 +134,28 @@ class WatchTree:
             moved = new + path[len(old) :]
             repo.index.add(moved, wd)
             self.owners[wd] = (repo, moved)
+
+    def detach(self, repo: RepoWatch, top: RelPath) -> list[tuple[RelPath, int]]:
+        """Take ``top``'s subtree out of the path index, keeping its watches: another
+        directory was renamed onto ``top``, and this one is either gone (overwritten) or
+        about to reappear under another name (an exchange). Returns ``(suffix, wd)``
+        pairs, the suffix being the path below ``top`` (``b""`` for ``top`` itself)."""
+        return [(path[len(top) :], wd) for path, wd in repo.index.remove_subtree(top)]
+
+    def attach(self, repo: RepoWatch, top: RelPath, watches: list[tuple[RelPath, int]]) -> None:
+        """Put a detached subtree back, at ``top``."""
+        self.unwatch(repo, top)
+        for suffix, wd in watches:
+            if wd in self.owners:
+                repo.index.add(top + suffix, wd)
+                self.owners[wd] = (repo, top + suffix)
+
+    def forget_detached(self, watches: list[tuple[RelPath, int]]) -> None:
+        """A detached subtree that did not reappear: its directory was overwritten."""
+        for _suffix, wd in watches:
+            self.owners.pop(wd, None)
+            self.deleted.discard(wd)
+            self.backend.remove_watch(wd)
 
     def rewatch(self, repo: RepoWatch) -> bool:
         """Rebuild a repository's watches from the disk (after an overflow, renames may be

@@ -143,6 +143,7 @@ class Watcher:
             self._tree,
             self.settle_s,
             self.debounce_s,
+            catch_up=self._catch_up,
         )
         self._read_cycles = 0
         self._busy = False
@@ -420,6 +421,10 @@ class Watcher:
     def _take(self, state: RepoWatch, now: float, force: bool) -> Work | None:
         """Move the due part of a repository's pending state into a ``Work`` (caller holds
         the lock), resolving watch descriptors to the paths they have now."""
+        if self._events.displacing(state) and not force:
+            # A rename landed on a watched directory: until its exchange partner comes
+            # (or the pair wait ends) nothing of this repository is written.
+            return None
         pending = state.pending
         tree = self._tree
         state.move_log.clear()
