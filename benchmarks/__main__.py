@@ -164,7 +164,13 @@ def run_store(
     if "rescan_nochange" in only:
         log(f"[{name}] no-change rescan")
         out.append(runner.rescan_nochange())
+    clock = None
     if "rescan_changes" in only:
+        if "api" in only and shutil.which("watchman"):
+            # The feed's reference: Watchman's since-query on the same changes, so its
+            # clock is taken before them (after its crawl of the tree).
+            log(f"[{name}] watchman crawls the tree (the change feed's reference)")
+            clock = live.watchman_watch(runner.work)
         log(f"[{name}] rescan after changes")
         out.append(runner.rescan_changes())
     if "api" in only:
@@ -175,11 +181,15 @@ def run_store(
             skipped.append("GET /api/v1/changes: needs the rescan_changes scenario's changes")
         else:
             log(f"[{name}] change feed over HTTP")
+            if clock is None:
+                skipped.append("watchman since (the feed's reference): watchman is missing")
             try:
-                out.append(live.measure_changes_api(runner))
+                out.append(live.measure_changes_api(runner, clock))
             except (TimeoutError, OSError, CommandFailed, KeyError) as exc:
                 skipped.append(f"GET /api/v1/changes on {name}: failed: {exc}")
                 log(f"  change feed over HTTP failed: {exc}")
+    if clock is not None:
+        live.watchman_unwatch(runner.work)
     # Last: it adds files to the tree (200 written one by one, then a 10k-file burst).
     if "watch" in only:
         if reason := live.watcher_missing():

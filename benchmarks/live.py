@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from benchmarks.library import ContentSource, plan
-from benchmarks.proc import Timing
+from benchmarks.proc import Timing, run
 from benchmarks.scenarios import REPO, Measurement, StoreRun
 
 LATENCY_FILES = 200
@@ -38,7 +38,8 @@ BURST_FILES = 10_000
 """The issue's burst; ``--quick`` uses ``QUICK_BURST_FILES`` to stay under a minute."""
 QUICK_BURST_FILES = 1_000
 POLL_S = 0.001
-API_PAGE = 1000
+API_PAGE = 10_000
+"""The API's largest page of changes: a client catching up asks for as much as it may."""
 WARMUP_FILES = 5
 
 
@@ -312,10 +313,28 @@ def _free_port() -> int:
         return port
 
 
-def measure_changes_api(runner: StoreRun) -> Measurement:
+def watchman_watch(root: Path) -> str:
+    """Have Watchman watch ``root`` (its crawl done) and return its clock: the reference's
+    cursor, taken before the changes as the feed's is."""
+    subprocess.run(["watchman", "watch", str(root)], check=True, capture_output=True, timeout=600)
+    out = subprocess.run(
+        ["watchman", "clock", str(root)], check=True, capture_output=True, timeout=600
+    )
+    clock: str = json.loads(out.stdout)["clock"]
+    return clock
+
+
+def watchman_unwatch(root: Path) -> None:
+    subprocess.run(["watchman", "watch-del", str(root)], capture_output=True, timeout=60)
+
+
+def measure_changes_api(runner: StoreRun, clock: str | None = None) -> Measurement:
     """``GET /api/v1/changes?since=CURSOR`` for the changes of the changed rescan, read the
-    way a client reads them: pages of ``limit=1000`` following ``cursor`` until
-    ``has_more`` is false. One reading is the time for all of its pages."""
+    way a client reads them: pages of ``limit=10000`` following ``cursor`` until
+    ``has_more`` is false, each body parsed. One reading is the time for all of its pages.
+
+    With ``clock`` (Watchman's, taken before the same changes), each reading is paired
+    with Watchman's ``since`` query for them, run right after it: the reference."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}/api/v1/changes?limit={API_PAGE}&since="
 
@@ -340,21 +359,37 @@ def measure_changes_api(runner: StoreRun) -> Measurement:
             return False
         return True
 
+    since = ["watchman", "since", str(runner.work), clock or ""]
     timing = Timing()
+    reference = Timing() if clock else None
+    watchman_files = 0
     with daemon(runner, "--no-watch", "--listen", f"127.0.0.1:{port}") as d:
         _wait(answers, 120, "HTTP API start")
         read_all()  # untimed: warms the daemon's caches and the database's
+        if reference is not None:
+            run(since, capture=True)  # untimed, as the feed's first reading
         for _ in range(runner.repeats):
             seconds, count = read_all()
             timing.seconds.append(seconds)
+            if reference is not None:
+                answer = run(since, capture=True)
+                reference.add(answer)
+                watchman_files = len(json.loads(answer.stdout)["files"])
     timing.peak_rss_bytes = d.peak_rss_bytes
     return Measurement(
         "api_changes",
         runner.store.name,
         timing,
-        None,
-        "",
+        reference,
+        "watchman since ROOT CLOCK (the same changes; its clock taken before them)"
+        if reference
+        else "",
         f"GET /api/v1/changes?since=CURSOR&limit={API_PAGE} (following cursor) under "
         + runner.cli.shown("run", "--no-watch", "--listen", "HOST:PORT"),
-        {"changes_read": count, "pages": -(-count // API_PAGE)},
+        {
+            "changes_read": count,
+            "pages": -(-count // API_PAGE),
+            "page_limit": API_PAGE,
+            "watchman_files": watchman_files if reference else None,
+        },
     )

@@ -51,6 +51,7 @@ def machine(pg_version: str | None) -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "postgresql": pg_version,
         "b3sum": _first_line(["b3sum", "--version"]),
+        "watchman": _first_line(["watchman", "--version"]),
         "find": _first_line(["find", "--version"]),
         "fsledger_commit": _first_line(["git", "rev-parse", "--short", "HEAD"])
         + (" (+ uncommitted changes in src)" if git_dirty else ""),
@@ -99,6 +100,9 @@ TARGETS = (
     Target("live close-to-row p99 < 100 ms", "watch_latency", "p99", 0.100),
     Target("live close-to-SSE p99 < 100 ms", "watch_sse", "p99", 0.100),
     Target("10k-file burst applied within 2 s of its end", "watch_burst", "applied_after_end", 2.0),
+    # Issue 14: reading the changes through the API no slower than Watchman's since-query
+    # on the same changes, measured in the same run.
+    Target("change feed ≤ 1× watchman since", "api_changes", "ratio", 1.0, 100_000),
 )
 
 
@@ -199,7 +203,12 @@ def markdown(
         if "changes_read" in m.details:
             lines.append(
                 f"\n{LABELS[m.scenario]} ({m.store}): {m.details['changes_read']:,} changes "
-                f"in {m.details['pages']} pages of up to 1000."
+                f"in {m.details['pages']} page(s) of up to {m.details.get('page_limit', 1000):,}"
+                + (
+                    f"; watchman since listed {m.details['watchman_files']:,} files."
+                    if m.details.get("watchman_files")
+                    else "."
+                )
             )
         if m.details.get("unexpected_changes"):
             lines.append(

@@ -223,14 +223,14 @@ class StoreRun:
         )
 
     def _feed_cursor(self) -> str:
+        from fsledger.feed import Feed
         from fsledger.store import open_store
 
         store = open_store(self.url)
         try:
-            info = store.feed_info()
+            return str(Feed(store).head())
         finally:
             store.close()
-        return f"{info.feed_id}:{info.latest_seq}"
 
     def check_exact(self) -> verify.Comparison:
         listed = self.cli(self.url, "files", REPO, "--json")

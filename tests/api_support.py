@@ -198,3 +198,43 @@ def webhook_receiver() -> Iterator[Receiver]:
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+# --- backups: what an operator restores after losing the database ---------------------------
+def _pg_schema(url: str) -> str:
+    """The schema a ``backend_url`` PostgreSQL URL names (its search_path)."""
+    return url.rsplit("csearch_path%3D", 1)[1].split("&", 1)[0]
+
+
+def backup_database(url: str, dest: Path) -> None:
+    """Back the database up as an operator would: SQLite's online backup API, or ``pg_dump``
+    of the schema (custom format)."""
+    if url.startswith("sqlite://"):
+        import sqlite3
+
+        with sqlite3.connect(url.removeprefix("sqlite://")) as src, sqlite3.connect(dest) as dst:
+            src.backup(dst)
+        return
+    import subprocess
+
+    subprocess.run(
+        ["pg_dump", "-Fc", "-n", _pg_schema(url), "-f", str(dest), PG_ADMIN_URL],
+        check=True,
+        timeout=120,
+    )
+
+
+def restore_database(url: str, backup: Path) -> None:
+    """Put a backup back in place of the database (nothing may be using it meanwhile)."""
+    if url.startswith("sqlite://"):
+        import sqlite3
+
+        with sqlite3.connect(backup) as src, sqlite3.connect(url.removeprefix("sqlite://")) as dst:
+            src.backup(dst)
+        return
+    import subprocess
+
+    schema = _pg_schema(url)
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    subprocess.run(["pg_restore", "-d", PG_ADMIN_URL, str(backup)], check=True, timeout=120)

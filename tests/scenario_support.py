@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from fsledger.api.feed import Cursor, Feed
+from fsledger.feed import Cursor, Feed
 from fsledger.ledger import Ledger
 from fsledger.model import FeedEntry, Repository
 from oracle import Files, oracle_files, replay_feed

@@ -64,7 +64,12 @@ def test_changes_json_then_exactly_what_follows(
     result = fsl(db_url, "changes", "--json")
     assert result.exit_code == 0, result.output
     first = json.loads(result.stdout)
-    assert sorted(c["path"] for c in first["changes"]) == ["dir/two.txt", "one.txt", "three.txt"]
+    assert first["changes"][0]["kind"] == "repository_added"
+    assert sorted(c["path"] for c in first["changes"][1:]) == [
+        "dir/two.txt",
+        "one.txt",
+        "three.txt",
+    ]
     assert first["has_more"] is False
 
     (root / "four.txt").write_bytes(b"4")
@@ -81,10 +86,11 @@ def test_changes_json_then_exactly_what_follows(
 
 
 def test_changes_text_and_limit(db_url: str, repo: Repository) -> None:
-    result = fsl(db_url, "changes", "--limit", "2")
+    result = fsl(db_url, "changes", "--limit", "3")
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert len(lines) == 2 and all("created" in line and "tree: " in line for line in lines)
+    assert len(lines) == 3 and all("tree: " in line for line in lines)
+    assert "repository_added" in lines[0] and all("created" in line for line in lines[1:])
     cursor = stderr_cursor(result.stderr)
     rest = fsl(db_url, "changes", "--since", cursor)
     assert len(rest.stdout.splitlines()) == 1
@@ -104,7 +110,10 @@ def test_changes_filtered_by_repository(
     (other_root / "x").write_bytes(b"x")
     ledger.scan(ledger.add_repository(str(other_root), "other"))
     out = json.loads(fsl(db_url, "changes", "--repo", "other", "--json").stdout)
-    assert [c["path"] for c in out["changes"]] == ["x"]
+    assert [(c["kind"], c["path"]) for c in out["changes"]] == [
+        ("repository_added", ""),
+        ("created", "x"),
+    ]
 
 
 def test_changes_past_retention_exits_5_with_the_cursor_to_resume(
@@ -146,7 +155,7 @@ def test_changes_follow_prints_changes_as_they_happen(
         ledger.scan(repo)  # another process writes the feed
         line: Any = json.loads(lines.get(timeout=30))
         assert (line["kind"], line["path"]) == ("created", "live.txt")
-        assert line["cursor"].endswith(f":{line['seq']}")
+        assert f":{line['seq']}:" in line["cursor"]
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
@@ -163,3 +172,20 @@ def test_duplicates_text_and_json(db_url: str, repo: Repository) -> None:
     assert "tree: dir/two.txt" in text.stdout and "tree: one.txt" in text.stdout
     assert "1 group(s), 12 bytes wasted" in text.stderr
     assert fsl(db_url, "duplicates", "nonesuch").exit_code == 2
+
+
+def test_changes_loads_no_web_stack(db_url: str, repo: Repository) -> None:
+    """The feed is in the core: ``fsledger changes`` imports neither FastAPI, uvicorn nor
+    prometheus (it paid 0.56 s of imports for them through ``fsledger.api``)."""
+    probe = (
+        "import sys\n"
+        "from fsledger.cli import main\n"
+        f"main(['--db', {db_url!r}, 'changes', '--json'], standalone_mode=False)\n"
+        "web = [m for m in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client', 'orjson')"
+        " if m in sys.modules]\n"
+        "print('WEB', web)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "WEB []" in out.stdout, out.stdout + out.stderr

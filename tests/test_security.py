@@ -595,7 +595,7 @@ def test_names_cannot_forge_output_or_log_lines(tmp_path: Path) -> None:
     assert len(listed.stdout.splitlines()) == len(EVIL_NAMES)
     assert b"x\\x0a[ERROR] FORGED.jpg" in listed.stdout
     assert b"not-utf8-\\xff.jpg" in listed.stdout
-    assert len(feed.stdout.splitlines()) == len(EVIL_NAMES)
+    assert len(feed.stdout.splitlines()) == len(EVIL_NAMES) + 1  # + repository_added
     log = outputs[1].stderr
     assert b"\\x0a[ERROR] FORGED" in log  # the DEBUG line of its record, escaped
     # JSON output is exact: every name round-trips through path_b64.

@@ -175,15 +175,24 @@ def test_delete_repository_with_purge_removes_everything(store: Store, repo: Rep
     op = store.start_operation(repo.id, OperationType.RECONCILIATION, "h:1", T0)
     store.finish_operation(op.id, OperationStatus.COMPLETED, ScanStats(), None, T0)
 
+    head = store.latest_seq()
     store.delete_repository(repo.id, purge=True)
 
     assert store.get_repository(repo.id) is None
     assert store.count_records(repo.id) == 0
     assert store.recent_operations(repo.id, 10) == []
-    assert store.changes_since(0, 100, repo.id) == []
+    # Its feed entries are blanked, not deleted: the head moves on (by the removal event)
+    # instead of back, and the only entry of the repository left to read is the removal.
+    assert store.latest_seq() == head + 1
+    assert [(e.kind, e.path) for e in store.changes_since(0, 100, repo.id)] == [
+        (ChangeKind.REPO_REMOVED, b"")
+    ]
     # The other repository is untouched.
     assert store.count_records(keep.id) == 1
-    assert [e.path for e in store.changes_since(0, 100, keep.id)] == [b"c"]
+    assert [(e.kind, e.path) for e in store.changes_since(0, 100, keep.id)] == [
+        (ChangeKind.REPO_ADDED, b""),
+        (ChangeKind.CREATED, b"c"),
+    ]
 
 
 def test_delete_repository_without_purge_keeps_records(store: Store, repo: Repository) -> None:
@@ -790,7 +799,9 @@ def test_add_to_operation_accumulates(store: Store, repo: Repository) -> None:
 
 
 def test_change_feed(store: Store, repo: Repository) -> None:
-    assert store.latest_seq() == 0
+    # Adding the repository was the first entry.
+    assert [(e.seq, e.kind) for e in store.changes_since(0, 10)] == [(1, ChangeKind.REPO_ADDED)]
+    assert store.latest_seq() == 1
     a = make_record(b"a", size=3, digest="aa" * 32)
     b = make_record(b"b\xff", size=4)
     seq1 = store.apply(
@@ -824,16 +835,20 @@ def test_change_feed(store: Store, repo: Repository) -> None:
     modified = entries[0]
     assert (modified.size, modified.content_hash, modified.hash_algo) == (5, "a2" * 32, "blake3")
     assert modified.repository_id == repo.id
+    # A deleted entry carries what the file was: its last size and hash.
     deleted = entries[-1]
-    assert (deleted.size, deleted.content_hash, deleted.hash_algo) == (None, None, None)
+    assert (deleted.size, deleted.content_hash, deleted.hash_algo) == (4, "ab" * 32, "blake3")
+    # One transaction, one tag; another transaction, another.
+    assert len({e.tag for e in entries}) == 1
+    assert entries[0].tag != store.changes_since(0, 100)[1].tag
 
-    everything = store.changes_since(0, 100)
+    everything = store.changes_since(0, 100)[1:]
     assert [(e.kind, e.path) for e in everything[:2]] == [
         (ChangeKind.CREATED, b"a"),
         (ChangeKind.CREATED, b"b\xff"),
     ]
     assert everything[2:] == entries
-    assert store.changes_since(0, 2) == everything[:2]
+    assert store.changes_since(1, 2) == everything[:2]
     assert store.changes_since(seq2, 100) == []
     # The records agree with the feed's story.
     assert all_records(store, repo) == {b"dir2/a": replace(moved, path=b"dir2/a")}
@@ -855,7 +870,7 @@ def test_change_feed_per_repository(store: Store, repo: Repository) -> None:
     store.apply(repo.id, created(b"r1"))
     store.apply(other.id, created(b"o1"))
     store.apply(repo.id, created(b"r2"))
-    assert [e.path for e in store.changes_since(0, 10)] == [b"r1", b"o1", b"r2"]
-    assert [e.path for e in store.changes_since(0, 10, repo.id)] == [b"r1", b"r2"]
-    assert [e.path for e in store.changes_since(0, 10, other.id)] == [b"o1"]
+    assert [e.path for e in store.changes_since(0, 10) if e.path] == [b"r1", b"o1", b"r2"]
+    assert [e.path for e in store.changes_since(0, 10, repo.id) if e.path] == [b"r1", b"r2"]
+    assert [e.path for e in store.changes_since(0, 10, other.id) if e.path] == [b"o1"]
     assert {e.repository_id for e in store.changes_since(0, 10, other.id)} == {other.id}

@@ -497,15 +497,14 @@ def changes(
     its cursor in --json. A cursor older than the feed's retention exits with code 5: list
     the files again, then continue from the cursor the error names.
     """
-    from fsledger.api.feed import Cursor, Feed, entry_json
+    from fsledger.feed import Cursor, entry_json
 
     ledger = ctx.ledger
-    feed = Feed(ledger.store)
-    repo_id = ledger.resolve(ref).id if ref else None
-    cursor = Cursor.parse(since) if since else feed.oldest()
+    repo = ledger.resolve(ref) if ref else None
+    cursor = Cursor.parse(since) if since else ledger.feed.oldest()
     names = {r.id: r.name for r in ledger.list_repositories()}
     if not follow:
-        page = feed.read(cursor, limit, repo_id)
+        page = ledger.changes(cursor, limit, repo)
         if as_json:
             _emit(page.to_json())
             return
@@ -523,7 +522,7 @@ def changes(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     while not stop.is_set():
-        page = feed.read(cursor, limit, repo_id)
+        page = ledger.changes(cursor, limit, repo)
         for entry in page.entries:
             if entry.repository_id not in names:
                 names = {r.id: r.name for r in ledger.list_repositories()}
@@ -535,7 +534,7 @@ def changes(
         cursor = page.cursor
         if not page.has_more:
             # Another process writes the feed: poll its head, cheaply, until it moves.
-            while not stop.wait(0.25) and ledger.store.latest_seq() <= cursor.seq:
+            while not stop.wait(0.25) and ledger.feed_head().seq <= cursor.seq:
                 pass
 
 
@@ -550,8 +549,7 @@ def duplicates(ctx: Context, ref: str | None, limit: int, min_size: int, as_json
     """List groups of files with the same content, largest waste first (in REPO, or across
     every repository)."""
     ledger = ctx.ledger
-    repo_id = ledger.resolve(ref).id if ref else None
-    groups = ledger.store.duplicates(repo_id, limit, min_size)
+    groups = ledger.duplicates(ledger.resolve(ref) if ref else None, limit, min_size)
     wasted = sum(g.wasted_bytes for g in groups)
     if as_json:
         _emit({"groups": [g.to_json() for g in groups], "wasted_bytes": wasted})
@@ -584,8 +582,15 @@ def duplicates(ctx: Context, ref: str | None, limit: int, min_size: int, as_json
     "webhooks",
     multiple=True,
     metavar="URL",
-    help="POST batches of changes here, signed with FSLEDGER_WEBHOOK_SECRET (repeatable; "
-    "env FSLEDGER_WEBHOOKS too).",
+    help="POST batches of changes here, signed per Standard Webhooks with "
+    "FSLEDGER_WEBHOOK_SECRET (repeatable; env FSLEDGER_WEBHOOKS too).",
+)
+@click.option(
+    "--webhook-from",
+    metavar="now|start|CURSOR",
+    help="Where a webhook that has no stored cursor yet starts: now (only what happens "
+    "next), start (the oldest change kept first) or a cursor [default: now]. A webhook "
+    "that has delivered before resumes where its receiver last acknowledged.",
 )
 @click.option(
     "--distributed/--no-distributed",
@@ -603,6 +608,7 @@ def run(
     listen: str | None,
     no_http: bool,
     webhooks: tuple[str, ...],
+    webhook_from: str | None,
     distributed: bool | None,
 ) -> None:
     """Keep every repository in sync: startup reconciliation, live watching, schedules; serve
@@ -610,12 +616,20 @@ def run(
 
     Stops cleanly on SIGINT/SIGTERM (pending events are flushed first).
     """
-    from fsledger.api.server import Service
+    try:
+        from fsledger.api.server import Service
+    except ImportError as exc:  # installed without the server extra
+        raise ConfigError(
+            f"'fsledger run' serves HTTP with packages that are not installed ({exc.name}): "
+            "install fsledger[server]"
+        ) from exc
     from fsledger.manager import SyncManager
 
     if distributed is not None:
         # Before the ledger opens: its reconciler reads the setting too.
         ctx.settings = replace(ctx.settings, distributed=distributed)
+    if webhook_from is not None:
+        ctx.settings = replace(ctx.settings, webhook_from=webhook_from)
     ledger = ctx.ledger
     live_factory = None if (no_watch or once) else _live_factory()
     manager = SyncManager(ledger, ctx.settings, live_factory=live_factory)

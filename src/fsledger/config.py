@@ -7,6 +7,8 @@ RECONCILIATION_CALCULATE_HASHES, plus FSLEDGER_* for fsledger's own.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import os
 import re
@@ -90,6 +92,37 @@ def default_database_url(env: Mapping[str, str]) -> str:
     return "sqlite://" + str(Path(base).absolute() / "fsledger" / "fsledger.db")
 
 
+WEBHOOK_SECRET_PREFIX = "whsec_"
+MIN_SECRET_BYTES = 16
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a webhook secret: the decoded bytes of ``whsec_BASE64`` (Standard
+    Webhooks' form, what its libraries take), else the secret's UTF-8 bytes.
+
+    Raises:
+        ConfigError: the secret is not valid base64 after ``whsec_``, or its key is shorter
+            than 16 bytes (a short key can be guessed from one signed delivery).
+    """
+    if secret.startswith(WEBHOOK_SECRET_PREFIX):
+        text = secret[len(WEBHOOK_SECRET_PREFIX) :]
+        try:
+            key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(
+                "FSLEDGER_WEBHOOK_SECRET starts with 'whsec_' but the rest is not base64"
+            ) from None
+    else:
+        key = secret.encode()
+    if len(key) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"FSLEDGER_WEBHOOK_SECRET is too short ({len(key)} bytes): use at least "
+            f"{MIN_SECRET_BYTES} random bytes, e.g. from 'python3 -c \"import base64, os; "
+            "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\"'"
+        )
+    return key
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything configurable, with the seed's defaults."""
@@ -118,7 +151,12 @@ class Settings:
     webhooks: tuple[str, ...] = ()
     """URLs that receive batches of the change feed."""
     webhook_secret: str | None = field(default=None, repr=False)
-    """Key of the HMAC-SHA256 signature on every webhook delivery."""
+    """Key of the Standard Webhooks signature on every delivery: ``whsec_BASE64`` (the
+    specification's form) or any other text of at least 16 bytes, used as it is (see
+    ``webhook_key``)."""
+    webhook_from: str = "now"
+    """Where a webhook without a stored cursor starts: ``now`` (the head), ``start`` (the
+    oldest entry kept) or a cursor."""
     feed_retention_s: float = 30 * 86400.0
     """Change-feed entries older than this are pruned; 0 keeps them by age."""
     feed_retention_entries: int = 1_000_000
@@ -179,6 +217,7 @@ class Settings:
         if v := env.get("FSLEDGER_WEBHOOKS"):
             kw["webhooks"] = tuple(u for u in re.split(r"[\s,]+", v) if u)
         if v := env.get("FSLEDGER_WEBHOOK_SECRET"):
+            webhook_key(v)  # refused here, at the edge, when it is too short or malformed
             kw["webhook_secret"] = v
         if v := env.get("FSLEDGER_FEED_RETENTION"):
             kw["feed_retention_s"] = parse_duration("FSLEDGER_FEED_RETENTION", v, MAX_DURATION_S)

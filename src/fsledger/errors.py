@@ -10,7 +10,7 @@ FsledgerError                 exit code 1 unless a subclass says otherwise
 │   └── StoreUnavailable      the database cannot be reached (after retries)
     ├── LeaseLost                 another agent owns the repository now
 ├── CorruptionFound           ``scan --verify`` found silent corruption (exit 3)
-└── ResyncNeeded              a change-feed cursor is older than the retention window (exit 5)
+└── ResyncNeeded              a change-feed cursor the feed cannot answer exactly (exit 5)
 """
 
 from __future__ import annotations
@@ -63,9 +63,11 @@ class LeaseLost(FsledgerError):
 
 
 class ResyncNeeded(FsledgerError):
-    """A change-feed cursor predates what the feed still holds (retention pruned it, or it is
-    from another database). The reader must list the files again, then follow the feed from
-    ``cursor``, which was taken before the listing so no change falls in between."""
+    """A change-feed cursor the feed cannot answer exactly: retention pruned past it, it is
+    from another database, it lies beyond the newest entry, or its entry is not the one it
+    was issued for (the database was restored from a backup). The reader must list the
+    files again, then follow the feed from ``cursor``, which was taken before the listing
+    so no change falls in between."""
 
     exit_code = 5
 

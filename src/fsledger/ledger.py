@@ -23,9 +23,11 @@ from fsledger.errors import (
     RepositoryNotFound,
     RootUnavailable,
 )
+from fsledger.feed import Cursor, Feed, FeedPage, FilesPage
 from fsledger.hashing import HashPool
 from fsledger.ignore import IgnoreRules
 from fsledger.model import (
+    DuplicateGroup,
     FileRecord,
     OperationStatus,
     OperationType,
@@ -123,6 +125,10 @@ class Ledger:
 
     def list_repositories(self) -> list[Repository]:
         return self.store.list_repositories()
+
+    def repository(self, repo_id: UUID) -> Repository | None:
+        """The stored repository with that id, if any."""
+        return self.store.get_repository(repo_id)
 
     def resolve(self, ref: str) -> Repository:
         """Find a repository by id, name or root path.
@@ -265,6 +271,61 @@ class Ledger:
         while batch := self.store.page_records(repo.id, after, 5000, prefix):
             yield from batch
             after = batch[-1].path
+
+    def files_page(
+        self,
+        repo: Repository,
+        after: RelPath | None = None,
+        limit: int = 1000,
+        prefix: RelPath = b"",
+    ) -> FilesPage:
+        """One page of records (below directory ``prefix``) with paths after ``after``, in
+        path byte order. Paging by the last path is stable under concurrent writes: a file
+        present throughout is listed exactly once. The first page (``after`` None) carries
+        the feed cursor to follow once every page is read (see ``FilesPage.feed_cursor``)."""
+        head = self.feed.head() if after is None else None
+        records = self.store.page_records(repo.id, after, limit, prefix)
+        last = records[-1].path if len(records) == limit else None
+        return FilesPage(tuple(records), last, head)
+
+    # --- the change feed ----------------------------------------------------------------
+    @property
+    def feed(self) -> Feed:
+        """The change feed of this ledger's store."""
+        return Feed(self.store)
+
+    def changes(
+        self,
+        since: Cursor | str | None = None,
+        limit: int = 1000,
+        repository: Repository | None = None,
+    ) -> FeedPage:
+        """Up to ``limit`` changes after the cursor ``since`` (from the start of the feed
+        without it), of one repository or all.
+
+        Raises:
+            ConfigError: ``since`` is not a cursor.
+            ResyncNeeded: the feed cannot answer ``since`` exactly (list the files again,
+                then follow from the cursor the error carries).
+        """
+        cursor = Cursor.parse(since) if isinstance(since, str) else since
+        return self.feed.read(cursor, limit, repository.id if repository else None)
+
+    def feed_head(self) -> Cursor:
+        """The newest cursor: following from it yields only what happens next."""
+        return self.feed.head()
+
+    def duplicates(
+        self,
+        repository: Repository | None = None,
+        limit: int = 100,
+        min_size: int = 1,
+        files_per_group: int | None = None,
+    ) -> list[DuplicateGroup]:
+        """Groups of files with the same content, largest waste first, each with its first
+        ``files_per_group`` files (all without it)."""
+        repo_id = repository.id if repository else None
+        return self.store.duplicates(repo_id, limit, min_size, files_per_group)
 
     def status(self, repo: Repository, is_watching: bool = False) -> SyncStatus:
         ops = self.store.recent_operations(repo.id, 1)

@@ -93,6 +93,7 @@ class SyncMetrics:
     reconciliations_queued: int
     degraded_repositories: int
     offline_repositories: int
+    files_moved: int = 0
 
 
 @dataclass(order=True)
@@ -276,6 +277,7 @@ class SyncManager:
             files_added=self._totals.files_added,
             files_updated=self._totals.files_updated,
             files_removed=self._totals.files_removed,
+            files_moved=self._totals.files_moved,
             reconciliation_errors=self._reconciliation_errors,
             reconciliations_queued=len(self._queue),
             degraded_repositories=sum(
@@ -482,6 +484,7 @@ class SyncManager:
         t.files_added += stats.files_added
         t.files_updated += stats.files_updated
         t.files_removed += stats.files_removed
+        t.files_moved += stats.files_moved
 
     def _scheduler(self) -> None:
         while not self._stop.wait(1.0):

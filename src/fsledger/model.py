@@ -32,11 +32,29 @@ def ns_to_datetime(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / NS_PER_S, UTC)
 
 
+def path_text(path: RelPath) -> str:
+    """A path as text that every encoder and every strict JSON parser accepts: UTF-8, with
+    each byte that is not valid UTF-8 shown as U+FFFD.
+
+    Not ``os.fsdecode``: its lone surrogates (``\\udcff``) are refused by pydantic, orjson,
+    browsers and most JSON parsers, so one such name made every page holding it fail. The
+    text is for display and prefix matching; the exact bytes travel beside it as base64.
+    """
+    return path.decode("utf-8", "replace")
+
+
 def path_to_json(path: RelPath) -> dict[str, str]:
-    """The two JSON forms of a path: ``path`` (text via ``os.fsdecode``: a non-UTF-8 byte
-    becomes a lone surrogate, which ``json`` writes as ``\\udcXX`` and reads back losslessly)
-    and ``path_b64`` (the exact bytes)."""
-    return {"path": os.fsdecode(path), "path_b64": base64.b64encode(path).decode("ascii")}
+    """The two JSON forms of a path: ``path`` (``path_text``: always encodable, lossy only
+    for names that are not UTF-8) and ``path_b64`` (standard base64 of the exact bytes: the
+    key a consumer should use)."""
+    return {"path": path_text(path), "path_b64": base64.b64encode(path).decode("ascii")}
+
+
+def rfc3339(moment: datetime) -> str:
+    """One RFC 3339 form for every timestamp the API, the feed and the CLI print: UTC, always
+    with microseconds (``isoformat`` drops them when they are zero, which strict parsers with
+    a fixed layout refuse)."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 class ChangeKind(enum.StrEnum):
@@ -56,6 +74,11 @@ class ChangeKind(enum.StrEnum):
     """Feed only: the repository's root became unavailable (records are kept). ``path`` is empty."""
     REPO_ONLINE = "repository_online"
     """Feed only: the repository's root is back."""
+    REPO_ADDED = "repository_added"
+    """Feed only: a repository was registered; its files follow as ``created`` entries."""
+    REPO_REMOVED = "repository_removed"
+    """Feed only: a repository was removed (purged or not): a consumer drops what it holds of
+    it. Its earlier entries stay in the feed (a purge blanks their paths)."""
 
 
 class OperationType(enum.StrEnum):
@@ -135,7 +158,7 @@ class FileRecord:
             "inode": self.stat.inode,
             "hash": self.content_hash,
             "hash_algo": self.hash_algo,
-            "last_scanned": self.last_scanned.isoformat(),
+            "last_scanned": rfc3339(self.last_scanned),
         }
 
 
@@ -183,7 +206,14 @@ _NEEDS_RECORD = frozenset(
     {ChangeKind.CREATED, ChangeKind.MODIFIED, ChangeKind.META, ChangeKind.MOVED}
 )
 _NEEDS_OLD_PATH = frozenset({ChangeKind.MOVED, ChangeKind.DIR_MOVED})
-_FEED_ONLY = frozenset({ChangeKind.REPO_OFFLINE, ChangeKind.REPO_ONLINE})
+_FEED_ONLY = frozenset(
+    {
+        ChangeKind.REPO_OFFLINE,
+        ChangeKind.REPO_ONLINE,
+        ChangeKind.REPO_ADDED,
+        ChangeKind.REPO_REMOVED,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +258,10 @@ class FeedEntry:
     content_hash: str | None
     hash_algo: str | None
     recorded_at: datetime
+    tag: int = 0
+    """A random number shared by the entries one transaction appended. A cursor carries the
+    tag of the entry it points at, so a cursor issued before the database was restored from
+    a backup (the same seq now names another entry) is recognised, not silently answered."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -238,13 +272,33 @@ class FeedEntry:
             "size": self.size,
             "hash": self.content_hash,
             "hash_algo": self.hash_algo,
-            "recorded_at": self.recorded_at.isoformat(),
+            "recorded_at": rfc3339(self.recorded_at),
         }
         if self.old_path is not None:
             old = path_to_json(self.old_path)
             out["old_path"] = old["path"]
             out["old_path_b64"] = old["path_b64"]
         return out
+
+
+class FeedRow(NamedTuple):
+    """A feed entry in the flat form the HTTP API serialises it from: the store's columns as
+    text where JSON wants text (``repository_id``, ``recorded_at`` in ``rfc3339`` form).
+
+    A page of a few thousand changes is read and written in milliseconds only when no object
+    is built per row (a ``FeedEntry`` with a ``UUID``, a ``datetime`` and an enum cost more
+    than the rest of the request together)."""
+
+    seq: int
+    repository_id: str
+    kind: str
+    path: RelPath
+    old_path: RelPath | None
+    size: int | None
+    content_hash: str | None
+    hash_algo: str | None
+    recorded_at: str
+    tag: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +314,8 @@ class FeedInfo:
     feed_id: str
     pruned_through: int
     latest_seq: int
+    latest_tag: int = 0
+    """The tag of the entry at ``latest_seq`` (of the retention mark when that was pruned)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +468,7 @@ class Repository:
             "settings": self.settings.to_json(),
             "root_dev": self.root_dev,
             "state": self.state.value,
-            "created_at": self.created_at.isoformat(),
+            "created_at": rfc3339(self.created_at),
         }
 
 
@@ -536,8 +592,8 @@ class SyncOperation:
             "repository_id": str(self.repository_id),
             "operation_type": self.operation_type.value,
             "status": self.status.value,
-            "start_time": self.start_time.isoformat(),
-            "end_time": self.end_time.isoformat() if self.end_time else None,
+            "start_time": rfc3339(self.start_time),
+            "end_time": rfc3339(self.end_time) if self.end_time else None,
             "duration_ms": self.duration_ms,
             "files_scanned": self.files_scanned,
             "files_added": self.files_added,
@@ -561,10 +617,10 @@ class SyncStatus:
         return {
             "repository_id": str(self.repository.id),
             "name": self.repository.name,
-            "path": os.fsdecode(self.repository.root),
+            "path": path_text(self.repository.root),
             "state": self.repository.state.value,
             "total_files": self.total_files,
-            "last_scan_time": self.last_scan_time.isoformat() if self.last_scan_time else None,
+            "last_scan_time": rfc3339(self.last_scan_time) if self.last_scan_time else None,
             "is_watching": self.is_watching,
             "last_sync_operation": (
                 self.last_sync_operation.to_json() if self.last_sync_operation else None

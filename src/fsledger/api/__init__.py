@@ -8,9 +8,9 @@ framework.
 from __future__ import annotations
 
 from fsledger.api.app import create_app
-from fsledger.api.feed import Cursor, Feed, FeedHub, FeedPage, Retention
 from fsledger.api.server import Service, parse_listen
 from fsledger.api.webhooks import WebhookDispatcher, sign, verify
+from fsledger.feed import Cursor, Feed, FeedHub, FeedPage, Retention
 
 __all__ = [
     "Cursor",

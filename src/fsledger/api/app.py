@@ -48,7 +48,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fsledger.api import schemas
-from fsledger.api.feed import Cursor, Feed, FeedHub, FeedPage, Retention, entry_json
+from fsledger.api.encode import changes_json
 from fsledger.api.metrics import CONTENT_TYPE, Metrics
 from fsledger.api.security import Guard, error_response
 from fsledger.api.webhooks import WebhookDispatcher
@@ -63,6 +63,15 @@ from fsledger.errors import (
     StoreError,
     StoreUnavailable,
 )
+from fsledger.feed import (
+    CURSOR_PATTERN,
+    Cursor,
+    FeedHub,
+    FeedPage,
+    Retention,
+    entry_cursor,
+    entry_json,
+)
 from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
 from fsledger.model import DuplicateFile, RepoSettings, Repository, utcnow
@@ -75,8 +84,9 @@ _COMPONENT = r"(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)"
 PREFIX_PATTERN = rf"^/*(?:{_COMPONENT}(?:/{_COMPONENT})*)?/*$"
 B64URL_PATTERN = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$"
 B64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
-CURSOR_PATTERN = r"^[0-9a-f]{1,32}:[0-9]{1,18}$"
 MAX_LIMIT = 1000
+MAX_CHANGES_LIMIT = 10_000
+"""A change-feed page may be larger: a consumer catching up reads it in one request."""
 MAX_STREAMS = 128
 """SSE streams open at once (the HTTP server takes up to ``server.MAX_CONNECTIONS``)."""
 STATIC = resources.files("fsledger.api") / "static"
@@ -187,6 +197,18 @@ async def _known_query_only(request: Request) -> None:
         )
 
 
+async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    """A bug: a 500 in the API's shape that says ``Connection: close``. The server closes
+    the connection after an unhandled error anyway; without the header a keep-alive client
+    sent its next request into the closed connection and failed a second time."""
+    log.error("API request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
+    response = error_response(
+        500, "internal_error", "the server failed on this request; its log says why"
+    )
+    response.headers["Connection"] = "close"
+    return response
+
+
 def _parse_cursor(text: str | None) -> Cursor | None:
     return Cursor.parse(text) if text else None
 
@@ -221,7 +243,7 @@ def create_app(
         repositories=manager.repositories if manager is not None else None,
         retention=Retention(settings.feed_retention_s, settings.feed_retention_entries),
     )
-    feed = Feed(ledger.store)
+    feed = ledger.feed
     metrics = Metrics(ledger, manager, feed_hub, lambda: webhooks)
     token = settings.api_token
 
@@ -291,6 +313,8 @@ def create_app(
     async def on_resync(_request: Request, exc: ResyncNeeded) -> JSONResponse:
         return error_response(410, "resync_needed", str(exc), cursor=exc.cursor)
 
+    app.add_exception_handler(Exception, _on_unexpected)
+
     @app.exception_handler(FsledgerError)
     async def on_fsledgererror_response(_request: Request, exc: FsledgerError) -> JSONResponse:
         status, code = _status_of(exc)
@@ -304,11 +328,14 @@ def create_app(
         404: {"model": schemas.ErrorOut},
         503: {"model": schemas.ErrorOut},
     }
-    api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=errors)
+    # Without a token no route asks for one, and the OpenAPI document says so (it marked
+    # bearer auth as required on every route that a loopback server answers without it).
+    auth = [Depends(authorize)] if token is not None else []
+    api = APIRouter(prefix="/api/v1", dependencies=auth, responses=errors)
 
     # --- helpers ------------------------------------------------------------------------
     def get_repo(repo_id: UUID) -> Repository:
-        repo = ledger.store.get_repository(repo_id)
+        repo = ledger.repository(repo_id)
         if repo is None:
             raise ApiError(404, "not_found", f"no repository {repo_id}")
         return repo
@@ -348,7 +375,7 @@ def create_app(
     @app.get(
         "/metrics",
         response_model=None,
-        dependencies=[Depends(authorize)],
+        dependencies=auth,
         responses={
             200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
             401: {"model": schemas.ErrorOut},
@@ -506,13 +533,7 @@ def create_app(
                 raise ApiError(400, "bad_request", "prefix cannot be encoded") from None
         raw = _clean_prefix(raw)
         after = _b64_path(cursor, "cursor") if cursor else None
-        page = ledger.store.page_records(repo.id, after, limit, raw)
-        nxt = (
-            base64.urlsafe_b64encode(page[-1].path).decode().rstrip("=")
-            if len(page) == limit
-            else None
-        )
-        return {"files": [r.to_json() for r in page], "cursor": nxt}
+        return ledger.files_page(repo, after, limit, raw).to_json()
 
     # --- duplicates ---------------------------------------------------------------------
     @api.get("/duplicates", response_model=schemas.DuplicatesOut, tags=["files"])
@@ -524,8 +545,8 @@ def create_app(
     ) -> Any:
         """Groups of files with the same content, largest waste first, each with its first
         ``files_limit`` files (one group can hold thousands) and a cursor to the rest."""
-        repo_id = get_repo(repository).id if repository is not None else None
-        groups = ledger.store.duplicates(repo_id, limit, min_size, files_limit)
+        repo = get_repo(repository) if repository is not None else None
+        groups = ledger.duplicates(repo, limit, min_size, files_limit)
         return {
             "groups": [g.to_json() for g in groups],
             "wasted_bytes": sum(g.wasted_bytes for g in groups),
@@ -556,20 +577,25 @@ def create_app(
 
     @api.get(
         "/changes",
-        response_model=schemas.ChangesPage,
-        response_model_exclude_unset=True,  # old_path only on moves, as in the CLI and SSE
-        responses=feed_errors,
+        response_model=None,
+        responses={200: {"model": schemas.ChangesPage}, **feed_errors},
         tags=["feed"],
     )
     def changes(
         since: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+        limit: Annotated[int, Query(ge=1, le=MAX_CHANGES_LIMIT)] = 1000,
         repository: UUID | None = None,
-    ) -> Any:
+    ) -> Response:
         """Exactly the changes after ``since`` (from the start of the feed without it), and
-        the cursor to ask with next. A cursor older than the retention window, or of
-        another database, is answered 410 with the cursor to resync from."""
-        return first_page(since, repository, limit).to_json()
+        the cursor to ask with next. A cursor the feed cannot answer exactly (older than
+        the retention window, of another database, beyond the newest change, or naming
+        another change since a restore from backup) is answered 410 with the cursor to
+        resync from."""
+        # Serialised straight from the store's rows (api/encode.py): the response model
+        # documents the shape, and is not run per change.
+        repo_id = get_repo(repository).id if repository is not None else None
+        page = feed.read_rows(_parse_cursor(since), limit, repo_id)
+        return Response(changes_json(page), media_type="application/json")
 
     @api.get(
         "/events",
@@ -616,7 +642,14 @@ def create_app(
 
     async def _stream(page: FeedPage, repo_id: UUID | None, slot: _Slot) -> AsyncIterator[str]:
         try:
-            yield "retry: 2000\n: fsledger change feed\n\n"
+            # A comment only: a block with a field but no data (``retry:``) made stock clients
+            # yield an empty message. The retry delay rides on the first event instead.
+            yield ": fsledger change feed\n\n"
+            retry = "retry: 2000\n"
+            # Only changes sent once the stream had caught up (and waited) are delivery
+            # latency: a replay of older ones (a client resuming from an old cursor, the
+            # first page) buried every live sample.
+            live = False
             while True:
                 fid = page.cursor.feed_id
                 now = utcnow()
@@ -625,14 +658,18 @@ def create_app(
                 events: list[str] = []
                 for entry in page.entries:
                     data = json.dumps(entry_json(entry, fid), ensure_ascii=True)
-                    events.append(f"id: {Cursor(fid, entry.seq)}\nevent: change\ndata: {data}\n\n")
-                    metrics.delivery_latency.observe(
-                        max((now - entry.recorded_at).total_seconds(), 0.0)
-                    )
+                    ident = entry_cursor(entry, fid)
+                    events.append(f"{retry}id: {ident}\nevent: change\ndata: {data}\n\n")
+                    retry = ""
+                    if live:
+                        metrics.delivery_latency.observe(
+                            max((now - entry.recorded_at).total_seconds(), 0.0)
+                        )
                 if events:
                     yield "".join(events)
                 cursor = page.cursor
                 if not page.has_more:
+                    live = True
                     woke = await feed_hub.wait_async(cursor.seq, heartbeat_s)
                     if feed_hub.closed:
                         return
@@ -651,8 +688,32 @@ def create_app(
             slot.release()
 
     app.include_router(api)
+    _document_webhooks(app)
     app.add_middleware(Guard, loopback_only=token is None)
     return app
+
+
+def _document_webhooks(app: FastAPI) -> None:
+    """The deliveries of ``fsledger run --webhook URL`` in the OpenAPI document's
+    ``webhooks``: what a receiver gets, and how it is signed."""
+
+    @app.webhooks.post(
+        "changes",
+        status_code=204,
+        tags=["feed"],
+        openapi_extra={
+            "parameters": [
+                {"name": h, "in": "header", "required": True, "schema": {"type": "string"}}
+                for h in ("webhook-id", "webhook-timestamp", "webhook-signature")
+            ]
+        },
+    )
+    def changes_delivered(body: schemas.WebhookChanges | schemas.WebhookResync) -> None:
+        """A batch of the change feed, POSTed until the receiver answers 2xx, signed per
+        Standard Webhooks (``webhook-signature: v1,<base64 HMAC-SHA256 of
+        "webhook-id.webhook-timestamp.body">``, verifiable with the ``standardwebhooks``
+        package). ``webhook-id`` is stable across retries. Apply the changes if ``since``
+        is your last cursor, then store ``cursor``; see docs/api.md for the other cases."""
 
 
 __all__ = ["create_app", "ApiError"]

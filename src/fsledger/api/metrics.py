@@ -21,9 +21,9 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fsledger.api.feed import FeedHub
 from fsledger.api.webhooks import WebhookDispatcher, display_url
 from fsledger.errors import StoreError
+from fsledger.feed import FeedHub
 from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
 from fsledger.model import RepoState
@@ -77,7 +77,8 @@ class Metrics(Collector):
         )
         self.delivery_latency = Histogram(
             "fsledger_feed_delivery_latency_seconds",
-            "Time from a change being recorded in the feed to its SSE event being sent.",
+            "Time from a change being recorded in the feed to its SSE event being sent, for "
+            "streams that had caught up (a replay of older changes is not a delivery delay).",
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -212,6 +213,7 @@ class Metrics(Collector):
             ("added", m.files_added),
             ("updated", m.files_updated),
             ("removed", m.files_removed),
+            ("moved", m.files_moved),
         ):
             files.add_metric([action], value)
         yield files

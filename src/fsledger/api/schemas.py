@@ -148,24 +148,35 @@ class FilesPage(BaseModel):
     cursor: str | None = Field(
         description="Pass back as ?cursor= for the next page; null at the end."
     )
+    feed_cursor: str | None = Field(
+        description="First page only: the change feed's head, read before this page. List "
+        "every page, then follow GET /api/v1/changes?since= from here: nothing is missed."
+    )
 
 
 class ChangeOut(BaseModel):
     seq: int
     repository_id: str
     kind: str = Field(
-        description="created, modified, deleted, moved, dir_moved, repository_offline or "
-        "repository_online"
+        description="created, modified, deleted, moved, dir_moved (a file entry); "
+        "repository_added, repository_offline, repository_online, repository_removed (a "
+        "repository event: path is empty)"
     )
-    path: str
-    path_b64: str
-    old_path: str | None = None
+    path: str = Field(
+        description="The path relative to the root as UTF-8 text; bytes that are not UTF-8 "
+        "show as U+FFFD. For display: key a mirror by path_b64."
+    )
+    path_b64: str = Field(description="The exact path bytes, standard base64.")
+    old_path: str | None = Field(default=None, description="moved and dir_moved only.")
     old_path_b64: str | None = None
-    size: int | None
-    hash: str | None
+    size: int | None = Field(
+        description="Bytes: the new size, or for deleted the last known size (null when "
+        "unknown and for dir_moved and repository events)."
+    )
+    hash: str | None = Field(description="Content hash (hex), as size.")
     hash_algo: str | None
-    recorded_at: str
-    cursor: str = Field(description="The cursor after this change.")
+    recorded_at: str = Field(description="RFC 3339, UTC, always with microseconds.")
+    cursor: str = Field(description="The cursor after this change (the SSE event's id).")
 
 
 class ChangesPage(BaseModel):
@@ -195,6 +206,26 @@ class DuplicateGroupOut(BaseModel):
 class DuplicatesOut(BaseModel):
     groups: list[DuplicateGroupOut]
     wasted_bytes: int
+
+
+class WebhookChanges(BaseModel):
+    """The body of a webhook delivery that carries changes."""
+
+    type: Literal["changes"]
+    since: str = Field(description="The cursor this batch follows: your last cursor.")
+    cursor: str = Field(description="The cursor after this batch: store it once applied.")
+    changes: list[ChangeOut]
+
+
+class WebhookResync(BaseModel):
+    """The body of a webhook delivery telling the receiver to resync."""
+
+    type: Literal["resync_needed"]
+    since: str
+    cursor: str = Field(
+        description="List the files again, then apply the deliveries that follow this one."
+    )
+    detail: str
 
 
 class DuplicateFilesPage(BaseModel):

@@ -20,11 +20,11 @@ import time
 import uvicorn
 
 from fsledger.api.app import create_app
-from fsledger.api.feed import FeedHub, Retention
 from fsledger.api.security import is_loopback_host
 from fsledger.api.webhooks import WebhookDispatcher, check_url, display_url
 from fsledger.config import Settings
 from fsledger.errors import ConfigError
+from fsledger.feed import FeedHub, Retention
 from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
 
@@ -86,7 +86,8 @@ class Service:
 
     Raises:
         ConfigError: the listen address is malformed or unsafe, or webhooks are configured
-            without ``FSLEDGER_WEBHOOK_SECRET``.
+            without a ``FSLEDGER_WEBHOOK_SECRET`` of at least 16 bytes, or ``--webhook-from``
+            is not now, start or a cursor.
     """
 
     def __init__(
@@ -119,7 +120,13 @@ class Service:
             retention=Retention(settings.feed_retention_s, settings.feed_retention_entries),
         )
         self.webhooks = [
-            WebhookDispatcher(url, settings.webhook_secret or "", ledger.store, self.hub)
+            WebhookDispatcher(
+                url,
+                settings.webhook_secret or "",
+                ledger.store,
+                self.hub,
+                start=settings.webhook_from,
+            )
             for url in urls
         ]
         self.app = create_app(ledger, manager, settings, hub=self.hub, webhooks=self.webhooks)

@@ -1,58 +1,104 @@
-"""Webhooks: POST batches of the change feed to a URL, signed, retried, resumed.
+"""Webhooks: POST batches of the change feed to a URL, signed per Standard Webhooks, retried,
+resumed.
 
 Each URL has one dispatcher thread and one durable cursor in the store (table
 ``feed_consumers``, named ``webhook:URL``). A batch is read after the cursor, POSTed until
 the receiver answers 2xx (retrying with capped exponential backoff, forever: a change is
 never skipped), and only then is the cursor advanced. So after a crash or restart the
 dispatcher resumes where the receiver last acknowledged: delivery is at-least-once, and a
-batch that is sent again carries the same ``X-Fsledger-Delivery`` id for the receiver to
-recognise it.
+batch sent again carries the same ``webhook-id`` for the receiver to recognise it.
 
-The body is JSON::
+Where a new webhook (one without a stored cursor) starts is explicit: ``now`` (the head:
+only what happens next), ``start`` (the oldest entry kept: the history first) or a cursor
+(``fsledger run --webhook-from``).
 
-    {"changes": [...], "cursor": "FEED:SEQ", "since": "FEED:SEQ"}
+The body is JSON (``schemas.WebhookChanges`` / ``WebhookResync``, in the OpenAPI document's
+``webhooks``)::
 
-signed with HMAC-SHA256 over the exact body bytes, keyed by ``FSLEDGER_WEBHOOK_SECRET``::
+    {"type": "changes", "since": "F:S:T", "cursor": "F:S:T", "changes": [...]}
+    {"type": "resync_needed", "since": "F:S:T", "cursor": "F:S:T", "detail": "..."}
 
-    X-Fsledger-Signature: sha256=<hex>
+``since`` is the cursor the batch follows, ``cursor`` the one after it: a receiver whose own
+cursor is not ``since`` missed something, or the database was restored (see docs/api.md).
 
-A receiver verifies it with ``hmac.compare_digest(expected, header)``. When the cursor
-falls behind the retention window (the receiver was unreachable for longer than the feed
-keeps entries), one ``{"resync_needed": true, "cursor": ...}`` body is delivered instead,
-and the dispatcher continues from that newest cursor.
+Signed as the Standard Webhooks specification says (any of its libraries verifies it, e.g.
+``standardwebhooks.Webhook(secret).verify(body, headers)``)::
+
+    webhook-id: <stable id of the batch>
+    webhook-timestamp: <Unix seconds of this attempt>
+    webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">
+
+The id and the timestamp are signed with the body, and each attempt is signed afresh, so a
+receiver that rejects stale timestamps (the libraries do, after five minutes) cannot be fed
+a replayed delivery.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import logging
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import httpx
 
-from fsledger.api.feed import Cursor, Feed, FeedHub, entry_json
+from fsledger.config import webhook_key
 from fsledger.errors import ConfigError, ResyncNeeded, StoreError
+from fsledger.feed import Cursor, Feed, FeedHub, entry_json
 from fsledger.store.base import Store
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Fsledger-Signature"
-DELIVERY_HEADER = "X-Fsledger-Delivery"
+ID_HEADER = "webhook-id"
+TIMESTAMP_HEADER = "webhook-timestamp"
+SIGNATURE_HEADER = "webhook-signature"
+TOLERANCE_S = 300
+"""How far a delivery's timestamp may be from the receiver's clock (the specification's)."""
 
 
-def sign(secret: str, body: bytes) -> str:
-    """The signature header value of ``body``: ``sha256=<hex HMAC-SHA256>``."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` value of one attempt: ``v1,<base64 HMAC-SHA256>`` of
+    ``id.timestamp.body``."""
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode("ascii")
 
 
-def verify(secret: str, body: bytes, header: str) -> bool:
-    """Whether ``header`` is the signature of ``body`` (constant-time)."""
-    return hmac.compare_digest(sign(secret, body), header)
+def verify(key: bytes, headers: dict[str, str], body: bytes, now: float | None = None) -> bool:
+    """Whether a delivery is authentic and fresh: one of the header's signatures matches
+    (constant-time) and its timestamp is within ``TOLERANCE_S`` of ``now``. The same check
+    as the Standard Webhooks libraries, for receivers written with fsledger itself."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    msg_id, stamp, given = (lower.get(h) for h in (ID_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER))
+    if not (msg_id and stamp and given and stamp.isdigit()):
+        return False
+    if abs((time.time() if now is None else now) - int(stamp)) > TOLERANCE_S:
+        return False
+    expected = sign(key, msg_id, int(stamp), body)
+    return any(hmac.compare_digest(expected, s) for s in given.split(" "))
+
+
+def start_cursor(text: str, feed: Feed) -> Cursor:
+    """Where a new webhook starts: ``now``, ``start`` or a cursor.
+
+    Raises:
+        ConfigError: none of these.
+    """
+    if text == "now":
+        return feed.head()
+    if text == "start":
+        return Cursor(feed.head().feed_id, 0, 0)
+    try:
+        return Cursor.parse(text)
+    except ConfigError:
+        raise ConfigError(
+            f"--webhook-from {text[:80]!r}: expected now, start or a change-feed cursor"
+        ) from None
 
 
 def check_url(url: str) -> str:
@@ -92,13 +138,18 @@ class WebhookDispatcher:
 
     Args:
         url: the receiver.
-        secret: HMAC key of the signature header.
+        secret: ``FSLEDGER_WEBHOOK_SECRET`` (see ``fsledger.config.webhook_key``).
         store: where the feed and the dispatcher's cursor live.
         hub: wakes the dispatcher when the feed grows.
         batch_size: changes per POST at most.
         timeout_s: per-request timeout.
         backoff_s: first retry delay; doubled per failure up to ``max_backoff_s``.
         transport: an httpx transport (tests); the network when omitted.
+        start: where the webhook starts when it has no stored cursor: ``now``, ``start`` or
+            a cursor (``start_cursor``).
+
+    Raises:
+        ConfigError: the URL, the secret or ``start`` is not acceptable.
     """
 
     def __init__(
@@ -113,12 +164,16 @@ class WebhookDispatcher:
         backoff_s: float = 0.5,
         max_backoff_s: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        start: str = "now",
     ) -> None:
         self.url = check_url(url)
         self.name = "webhook:" + url
-        self.secret = secret
+        self.key = webhook_key(secret)
         self.store = store
         self.feed = Feed(store)
+        if start not in ("now", "start"):
+            start_cursor(start, self.feed)  # refused now, not in the thread
+        self.start_at = start
         self.hub = hub
         self.batch_size = batch_size
         self.backoff_s = backoff_s
@@ -151,14 +206,15 @@ class WebhookDispatcher:
 
     # --- the loop -----------------------------------------------------------------------
     def _initial_cursor(self) -> Cursor:
-        head = self.feed.head()
-        stored = self.store.get_consumer_cursor(self.name)
+        stored = self.store.get_consumer_position(self.name)
         if stored is None:
-            # A new webhook starts at the present: it is not flooded with the history.
-            self.store.set_consumer_cursor(self.name, head.seq)
-            log.info("Webhook %s starts at cursor %s", display_url(self.url), head)
-            return head
-        return Cursor(head.feed_id, stored)
+            first = start_cursor(self.start_at, self.feed)
+            self.store.set_consumer_cursor(self.name, first.seq, first.tag or 0)
+            log.info(
+                "Webhook %s starts at cursor %s (%s)", display_url(self.url), first, self.start_at
+            )
+            return first
+        return Cursor(self.feed.head().feed_id, stored[0], stored[1])
 
     def _run(self) -> None:
         cursor: Cursor | None = None
@@ -184,9 +240,14 @@ class WebhookDispatcher:
             page = self.feed.read(cursor, self.batch_size)
         except ResyncNeeded as exc:
             log.warning("Webhook %s: %s", display_url(self.url), exc)
-            body = {"resync_needed": True, "detail": str(exc), "cursor": exc.cursor}
             new = Cursor.parse(exc.cursor)
-            if self._deliver(_dump(body), f"resync:{cursor}"):
+            body: dict[str, object] = {
+                "type": "resync_needed",
+                "since": str(cursor),
+                "cursor": exc.cursor,
+                "detail": str(exc),
+            }
+            if self._deliver(_dump(body), f"resync_{new.feed_id}_{new.seq}_{new.tag or 0:08x}"):
                 self._advance(new, 0)
                 return new
             return cursor
@@ -196,19 +257,23 @@ class WebhookDispatcher:
             if not self.hub.wait(page.cursor.seq, 5.0, self._stop) and self.hub.closed:
                 self._stop.wait(1.0)  # no wake-ups any more: poll instead of spinning
             return page.cursor
-        body = {
-            "changes": [entry_json(e, page.cursor.feed_id) for e in page.entries],
-            "cursor": str(page.cursor),
+        batch: dict[str, object] = {
+            "type": "changes",
             "since": str(cursor),
+            "cursor": str(page.cursor),
+            "changes": [entry_json(e, page.cursor.feed_id) for e in page.entries],
         }
-        delivery = f"{page.cursor.feed_id}:{page.entries[0].seq}-{page.entries[-1].seq}"
-        if self._deliver(_dump(body), delivery):
+        last = page.entries[-1]
+        # Stable across retries and restarts; the tag tells apart the batches a restored
+        # database numbers alike.
+        delivery = f"msg_{page.cursor.feed_id}_{page.entries[0].seq}_{last.seq}_{last.tag:08x}"
+        if self._deliver(_dump(batch), delivery):
             self._advance(page.cursor, len(page.entries))
             return page.cursor
         return cursor
 
     def _advance(self, cursor: Cursor, changes: int) -> None:
-        self.store.set_consumer_cursor(self.name, cursor.seq)
+        self.store.set_consumer_cursor(self.name, cursor.seq, cursor.tag or 0)
         with self.stats.lock:
             self.stats.cursor_seq = cursor.seq
             if changes:
@@ -222,13 +287,15 @@ class WebhookDispatcher:
 
     def _deliver(self, body: bytes, delivery: str) -> bool:
         """POST one body until it is acknowledged (True) or the dispatcher stops (False)."""
-        headers = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(self.secret, body),
-            DELIVERY_HEADER: delivery,
-        }
         failures = 0
         while not self._stop.is_set():
+            stamp = int(time.time())  # each attempt signed afresh: retries stay fresh
+            headers = {
+                "Content-Type": "application/json",
+                ID_HEADER: delivery,
+                TIMESTAMP_HEADER: str(stamp),
+                SIGNATURE_HEADER: sign(self.key, delivery, stamp, body),
+            }
             try:
                 response = self._client.post(self.url, content=body, headers=headers)
             except httpx.HTTPError as exc:
@@ -258,4 +325,13 @@ def _dump(obj: object) -> bytes:
     return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode()
 
 
-__all__ = ["WebhookDispatcher", "sign", "verify", "check_url", "SIGNATURE_HEADER"]
+__all__ = [
+    "ID_HEADER",
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "WebhookDispatcher",
+    "check_url",
+    "sign",
+    "start_cursor",
+    "verify",
+]

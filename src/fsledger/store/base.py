@@ -19,6 +19,7 @@ from fsledger.model import (
     DuplicateGroup,
     FeedEntry,
     FeedInfo,
+    FeedRow,
     FileRecord,
     MountPoint,
     OperationStatus,
@@ -141,12 +142,26 @@ class Store(Protocol):
         self, after_seq: int, limit: int, repo_id: UUID | None = None
     ) -> list[FeedEntry]: ...
 
+    def feed_page(
+        self, after_seq: int, limit: int, repo_id: UUID | None = None
+    ) -> tuple[FeedInfo, int | None, list[FeedRow], int]:
+        """What one read of the feed needs, in one transaction: the feed's state, the tag of
+        the entry at ``after_seq`` (``feed_tag``), up to ``limit`` rows after it (as
+        ``feed_rows``) and the retention mark as of the rows' read."""
+        ...
+
     def latest_seq(self) -> int:
         """The newest sequence number the feed ever held (0 for an empty feed)."""
         ...
 
     def feed_info(self) -> FeedInfo:
-        """The feed's id, retention low-water mark and newest sequence number, read at once."""
+        """The feed's id, retention low-water mark, newest sequence number and its tag, read
+        at once."""
+        ...
+
+    def feed_tag(self, seq: int) -> int | None:
+        """The tag of the entry at ``seq`` (of the retention mark when that is ``seq``; 0 for
+        the start of the feed), or None when no entry has that number."""
         ...
 
     def prune_changes(self, older_than: datetime | None, keep_last: int | None) -> int:
@@ -158,7 +173,11 @@ class Store(Protocol):
         """The stored cursor (a sequence number) of a named feed reader, e.g. a webhook."""
         ...
 
-    def set_consumer_cursor(self, name: str, seq: int) -> None: ...
+    def get_consumer_position(self, name: str) -> tuple[int, int] | None:
+        """The stored cursor of a named feed reader as (seq, tag)."""
+        ...
+
+    def set_consumer_cursor(self, name: str, seq: int, tag: int = 0) -> None: ...
 
     # --- duplicates ---------------------------------------------------------------
     def duplicates(

@@ -116,6 +116,16 @@ SQLITE: list[str] = [
     """,
     # 6: PostgreSQL's content_hash collation (TEXT compares bytewise here already).
     "",
+    # 7: cursors that notice a restored database (fsledger.feed). Each entry keeps the random
+    # tag of the transaction that appended it, and a cursor carries the tag of its entry: a
+    # seq that a restore handed out again now has another tag. feed_state keeps the tag of
+    # the retention mark (its entry may be pruned), feed_consumers the tag of a webhook's
+    # cursor. Entries written before this migration have tag 0.
+    """
+    ALTER TABLE change_log ADD COLUMN tag INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE feed_state ADD COLUMN pruned_tag INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE feed_consumers ADD COLUMN tag INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 POSTGRES: list[str] = [
@@ -251,5 +261,11 @@ POSTGRES: list[str] = [
     # Rebuilds that index; the table itself is not rewritten.
     """
     ALTER TABLE file_records ALTER COLUMN content_hash TYPE TEXT COLLATE "C";
+    """,
+    # 7: see SQLITE's 7.
+    """
+    ALTER TABLE change_log ADD COLUMN tag BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE feed_state ADD COLUMN pruned_tag BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE feed_consumers ADD COLUMN tag BIGINT NOT NULL DEFAULT 0;
     """,
 ]

@@ -16,7 +16,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from fsledger.errors import StoreError, StoreUnavailable
-from fsledger.model import RecordRow
+from fsledger.model import FeedRow, RecordRow
 from fsledger.store import migrations
 from fsledger.store.lease import Lease, PgLease
 from fsledger.store.redact import redact_url as _redact
@@ -118,7 +118,7 @@ def _mod_time(mtime_ns: int) -> datetime:
     return _EPOCH + timedelta(microseconds=mtime_ns // 1000)
 
 
-_FEED_TYPES = ("uuid", "text", "bytea", "bytea", "int8", "text", "text", "timestamptz")
+_FEED_TYPES = ("uuid", "text", "bytea", "bytea", "int8", "text", "text", "timestamptz", "int8")
 
 
 def _connect(url: str, timeout_s: float, autocommit: bool = False) -> psycopg.Connection[Any]:
@@ -321,6 +321,16 @@ class PostgresStore(SqlStore):
             conn.close()
         with self._tx() as cur:
             cur.execute(DUP_INDEX)
+
+    # Text made by the server: no UUID or datetime object per row in Python.
+    _FEED_ROW_COLS = (
+        "seq, repository_id::text, kind, file_path, old_path, file_size, content_hash, "
+        "hash_algo, to_char(recorded_at AT TIME ZONE 'UTC', "
+        '\'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"\'), tag'
+    )
+
+    def _feed_rows_out(self, rows: list[Any]) -> list[FeedRow]:
+        return list(map(FeedRow._make, rows))
 
     def _lock_feed(self, cur: Cursor) -> None:
         # Without this, two transactions could commit seq 6 before seq 5 and a reader

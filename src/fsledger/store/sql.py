@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -24,6 +25,7 @@ from fsledger.model import (
     DuplicateGroup,
     FeedEntry,
     FeedInfo,
+    FeedRow,
     FileRecord,
     FileStat,
     MountPoint,
@@ -37,6 +39,7 @@ from fsledger.model import (
     ScanStats,
     SyncOperation,
     datetime_to_ns,
+    rfc3339,
     utcnow,
 )
 
@@ -59,6 +62,12 @@ def inode_out(value: int) -> int:
 def _parse_ts(text: str) -> datetime:
     """A stored timestamp text as a datetime; cached, since a scan's rows share one."""
     return datetime.fromisoformat(text)
+
+
+@lru_cache(maxsize=256)
+def _rfc3339_text(text: str) -> str:
+    """A stored ISO timestamp in the one RFC 3339 form (``model.rfc3339``)."""
+    return rfc3339(datetime.fromisoformat(text))
 
 
 def prefix_range(prefix: RelPath) -> tuple[bytes, bytes]:
@@ -84,8 +93,17 @@ _OP_COLS = (
     "files_scanned, files_added, files_updated, files_removed, error_message"
 )
 _FEED_COLS = (
-    "seq, repository_id, kind, file_path, old_path, file_size, content_hash, hash_algo, recorded_at"
+    "seq, repository_id, kind, file_path, old_path, file_size, content_hash, hash_algo, "
+    "recorded_at, tag"
 )
+_REDACTED = "redacted"
+"""The kind of a feed entry whose repository was purged: its path is blanked, its seq and
+tag stay (so cursors pointing at it still check out), and readers skip it."""
+
+
+def new_tag() -> int:
+    """The tag of the feed entries one transaction appends (see ``FeedEntry.tag``)."""
+    return secrets.randbits(32)
 
 
 def upsert_sql(mod_time: str) -> str:
@@ -263,6 +281,7 @@ class SqlStore:
             content_hash=row[6],
             hash_algo=row[7],
             recorded_at=self._ts_out(row[8]),
+            tag=row[9],
         )
 
     # --- repositories -------------------------------------------------------------------
@@ -293,6 +312,17 @@ class SqlStore:
                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (*self._repo_params(repo), self._uuid_in(repo.id), self._ts_in(repo.created_at)),
             )
+            self._append_event(cur, self._uuid_in(repo.id), ChangeKind.REPO_ADDED)
+
+    def _append_event(self, cur: Cursor, rid: Any, kind: ChangeKind) -> None:
+        """Append a repository's lifecycle event to the feed, in the caller's transaction, so
+        the feed never shows the change without the event or the event without the change."""
+        self._lock_feed(cur)
+        cur.execute(
+            "INSERT INTO change_log (repository_id, kind, file_path, recorded_at, tag) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (rid, kind.value, b"", self._ts_in(utcnow()), new_tag()),
+        )
 
     def update_repository(self, repo: Repository) -> None:
         rid = self._uuid_in(repo.id)
@@ -312,12 +342,7 @@ class SqlStore:
                     if repo.state is RepoState.OFFLINE
                     else ChangeKind.REPO_ONLINE
                 )
-                self._lock_feed(cur)
-                cur.execute(
-                    "INSERT INTO change_log (repository_id, kind, file_path, recorded_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    (rid, kind.value, b"", self._ts_in(utcnow())),
-                )
+                self._append_event(cur, rid, kind)
 
     _REPO_SELECT = (
         "SELECT id, name, root_path, settings, root_dev, state, created_at FROM repositories"
@@ -338,9 +363,21 @@ class SqlStore:
         rid = self._uuid_in(repo_id)
         with self._tx() as cur:
             cur.execute("DELETE FROM repositories WHERE id = ?", (rid,))
+            if cur.rowcount == 0:
+                return
             if purge:
-                for table in ("file_records", "sync_operations", "change_log", "mount_points"):
+                for table in ("file_records", "sync_operations", "mount_points"):
                     cur.execute(f"DELETE FROM {table} WHERE repository_id = ?", (rid,))
+                # The feed's entries are blanked, not deleted: deleting them moved the head
+                # backwards when they were the newest, and left cursors naming nothing.
+                self._lock_feed(cur)
+                cur.execute(
+                    "UPDATE change_log SET kind = ?, file_path = ?, old_path = NULL, "
+                    "file_size = NULL, content_hash = NULL, hash_algo = NULL "
+                    "WHERE repository_id = ?",
+                    (_REDACTED, b"", rid),
+                )
+            self._append_event(cur, rid, ChangeKind.REPO_REMOVED)
 
     # --- file records -------------------------------------------------------------------
     def page_records(
@@ -486,14 +523,35 @@ class SqlStore:
         cur.executemany(self._UPSERT, rows)
 
     _FEED_COLS_IN = (
-        "repository_id, kind, file_path, old_path, file_size, content_hash, hash_algo, recorded_at"
+        "repository_id, kind, file_path, old_path, file_size, content_hash, hash_algo, "
+        "recorded_at, tag"
     )
 
     def _insert_feed(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
         """Append rows (in ``_FEED_COLS_IN`` order) to the change feed, in order."""
         cur.executemany(
-            f"INSERT INTO change_log ({self._FEED_COLS_IN}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
+            f"INSERT INTO change_log ({self._FEED_COLS_IN}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
         )
+
+    def _last_known(
+        self, cur: Cursor, rid: Any, paths: list[RelPath]
+    ) -> dict[RelPath, tuple[int | None, str | None, str | None]]:
+        """(size, hash, algorithm) of the records of ``paths`` that have one, read in the
+        writing transaction before the batch changes them: what a ``deleted`` entry says the
+        file was, so that a consumer can pair it with a later ``created`` of the same content."""
+        out: dict[RelPath, tuple[int | None, str | None, str | None]] = {}
+        for i in range(0, len(paths), 500):
+            chunk = paths[i : i + 500]
+            marks = ", ".join("?" * len(chunk))
+            cur.execute(
+                "SELECT file_path, file_size, content_hash, hash_algo FROM file_records "
+                f"WHERE repository_id = ? AND file_path IN ({marks})",
+                (rid, *chunk),
+            )
+            for path, size, chash, algo in cur.fetchall():
+                out[self._blob_out(path)] = (size, chash, algo)
+        return out
 
     def _delete_prefix(self, cur: Cursor, rid: Any, prefix: RelPath) -> None:
         lo, hi = prefix_range(prefix)
@@ -520,6 +578,8 @@ class SqlStore:
         now = self._ts_in(utcnow())
         feed = [c for c in changes if c.in_feed]
         with self._tx() as cur:
+            deleted = [c.path for c in feed if c.kind is ChangeKind.DELETED]
+            last = self._last_known(cur, rid, deleted) if deleted else {}
             upserts: list[tuple[Any, ...]] = []
             deletes: list[tuple[Any, ...]] = []
             created = 0  # how many of the upserts are CREATED changes
@@ -569,22 +629,23 @@ class SqlStore:
             if not feed:
                 return None
             self._lock_feed(cur)
-            self._insert_feed(
-                cur,
-                [
-                    (
-                        rid,
-                        c.kind.value,
-                        c.path,
-                        c.old_path,
-                        c.record.size if c.record else None,
-                        c.record.content_hash if c.record else None,
-                        c.record.hash_algo if c.record else None,
-                        now,
-                    )
-                    for c in feed
-                ],
-            )
+            tag = new_tag()
+            rows: list[tuple[Any, ...]] = []
+            size: int | None
+            chash: str | None
+            algo: str | None
+            for c in feed:
+                rec = c.record
+                if rec is not None:
+                    size, chash, algo = rec.size, rec.content_hash, rec.hash_algo
+                    if deleted:  # a path written earlier in this batch, then deleted in it
+                        last[c.path] = (size, chash, algo)
+                elif c.kind is ChangeKind.DELETED:
+                    size, chash, algo = last.pop(c.path, (None, None, None))
+                else:
+                    size = chash = algo = None
+                rows.append((rid, c.kind.value, c.path, c.old_path, size, chash, algo, now, tag))
+            self._insert_feed(cur, rows)
             cur.execute("SELECT max(seq) FROM change_log")
             return int(cur.fetchone()[0])
 
@@ -700,16 +761,79 @@ class SqlStore:
         with self._read() as cur:
             if repo_id is None:
                 cur.execute(
-                    f"SELECT {_FEED_COLS} FROM change_log WHERE seq > ? ORDER BY seq LIMIT ?",
-                    (after_seq, limit),
+                    f"SELECT {_FEED_COLS} FROM change_log WHERE seq > ? AND kind <> ? "
+                    "ORDER BY seq LIMIT ?",
+                    (after_seq, _REDACTED, limit),
                 )
             else:
                 cur.execute(
                     f"SELECT {_FEED_COLS} FROM change_log WHERE seq > ? AND repository_id = ? "
-                    "ORDER BY seq LIMIT ?",
-                    (after_seq, self._uuid_in(repo_id), limit),
+                    "AND kind <> ? ORDER BY seq LIMIT ?",
+                    (after_seq, self._uuid_in(repo_id), _REDACTED, limit),
                 )
             return [self._feed(r) for r in cur.fetchall()]
+
+    # The columns of a FeedRow, as the dialect turns them into text in SQL.
+    _FEED_ROW_COLS = (
+        "seq, repository_id, kind, file_path, old_path, file_size, content_hash, hash_algo, "
+        "recorded_at, tag"
+    )
+
+    def feed_page(
+        self, after_seq: int, limit: int, repo_id: UUID | None = None
+    ) -> tuple[FeedInfo, int | None, list[FeedRow], int]:
+        # One transaction, two statements (three when the page is empty): the API's hot
+        # path paid a pooled transaction per question before, four of them a page.
+        where = "seq > ? AND kind <> ?"
+        params: list[Any] = [after_seq, _REDACTED]
+        if repo_id is not None:
+            where += " AND repository_id = ?"
+            params.append(self._uuid_in(repo_id))
+        with self._read() as cur:
+            cur.execute(
+                "SELECT f.feed_id, f.pruned_through, f.pruned_tag, c.seq, c.tag, "
+                "(SELECT tag FROM change_log WHERE seq = ?) FROM feed_state f "
+                "LEFT JOIN (SELECT seq, tag FROM change_log ORDER BY seq DESC LIMIT 1) c ON 1 = 1 "
+                "WHERE f.id = 1",
+                (after_seq,),
+            )
+            feed_id, pruned, pruned_tag, seq, tag, at = cur.fetchone()
+            # The retention mark is read with the rows, in the same statement: a prune that
+            # passed the cursor while the page was read is seen, not answered with a hole.
+            cur.execute(
+                f"SELECT {self._FEED_ROW_COLS}, (SELECT pruned_through FROM feed_state "
+                f"WHERE id = 1) FROM change_log WHERE {where} ORDER BY seq LIMIT ?",
+                (*params, limit),
+            )
+            rows = cur.fetchall()
+            if rows:
+                pruned_after = int(rows[0][-1])
+            else:
+                cur.execute("SELECT pruned_through FROM feed_state WHERE id = 1")
+                pruned_after = int(cur.fetchone()[0])
+        if seq is None or seq < pruned:
+            seq, tag = pruned, pruned_tag
+        if at is None:
+            at = pruned_tag if after_seq == pruned else (0 if after_seq == 0 else None)
+        info = FeedInfo(str(feed_id), int(pruned), int(seq), int(tag))
+        page = self._feed_rows_out([r[:-1] for r in rows])
+        return info, None if at is None else int(at), page, pruned_after
+
+    def _feed_rows_out(self, rows: list[Any]) -> list[FeedRow]:
+        """Fetched rows as ``FeedRow``s (SQLite: stored ISO text made RFC 3339 once per
+        distinct value, which one batch shares)."""
+        make = FeedRow._make
+        blob = self._blob_out
+        out = []
+        for r in rows:
+            path, old = r[3], r[4]
+            if type(path) is not bytes:
+                path = blob(path)
+                old = blob(old) if old is not None else None
+            out.append(
+                make((r[0], r[1], r[2], path, old, r[5], r[6], r[7], _rfc3339_text(r[8]), r[9]))
+            )
+        return out
 
     def latest_seq(self) -> int:
         with self._read() as cur:
@@ -725,10 +849,27 @@ class SqlStore:
 
     def feed_info(self) -> FeedInfo:
         with self._read() as cur:
-            latest = self._latest_seq(cur)
-            cur.execute("SELECT feed_id, pruned_through FROM feed_state WHERE id = 1")
-            feed_id, pruned = cur.fetchone()
-        return FeedInfo(str(feed_id), int(pruned), latest)
+            cur.execute(
+                "SELECT f.feed_id, f.pruned_through, f.pruned_tag, c.seq, c.tag FROM feed_state f "
+                "LEFT JOIN (SELECT seq, tag FROM change_log ORDER BY seq DESC LIMIT 1) c ON 1 = 1 "
+                "WHERE f.id = 1"
+            )
+            feed_id, pruned, pruned_tag, seq, tag = cur.fetchone()
+        if seq is None or seq < pruned:  # retention emptied the log: the mark is the head
+            seq, tag = pruned, pruned_tag
+        return FeedInfo(str(feed_id), int(pruned), int(seq), int(tag))
+
+    def feed_tag(self, seq: int) -> int | None:
+        with self._read() as cur:
+            cur.execute("SELECT tag FROM change_log WHERE seq = ?", (seq,))
+            row = cur.fetchone()
+            if row is not None:
+                return int(row[0])
+            cur.execute("SELECT pruned_through, pruned_tag FROM feed_state WHERE id = 1")
+            pruned, pruned_tag = cur.fetchone()
+        if seq == pruned:
+            return int(pruned_tag)
+        return 0 if seq == 0 else None
 
     def prune_changes(self, older_than: datetime | None, keep_last: int | None) -> int:
         with self._tx() as cur:
@@ -747,24 +888,34 @@ class SqlStore:
             pruned = int(cur.fetchone()[0])
             if cutoff <= pruned:
                 return 0
+            # The mark's tag is kept: a reader whose cursor is the mark is still checked.
+            cur.execute("SELECT tag FROM change_log WHERE seq = ?", (cutoff,))
+            row = cur.fetchone()
             cur.execute("DELETE FROM change_log WHERE seq <= ?", (cutoff,))
             removed = max(cur.rowcount, 0)
-            cur.execute("UPDATE feed_state SET pruned_through = ? WHERE id = 1", (cutoff,))
+            cur.execute(
+                "UPDATE feed_state SET pruned_through = ?, pruned_tag = ? WHERE id = 1",
+                (cutoff, int(row[0]) if row else 0),
+            )
             return removed
 
     def get_consumer_cursor(self, name: str) -> int | None:
-        with self._read() as cur:
-            cur.execute("SELECT seq FROM feed_consumers WHERE name = ?", (name,))
-            row = cur.fetchone()
-        return int(row[0]) if row else None
+        position = self.get_consumer_position(name)
+        return position[0] if position else None
 
-    def set_consumer_cursor(self, name: str, seq: int) -> None:
+    def get_consumer_position(self, name: str) -> tuple[int, int] | None:
+        with self._read() as cur:
+            cur.execute("SELECT seq, tag FROM feed_consumers WHERE name = ?", (name,))
+            row = cur.fetchone()
+        return (int(row[0]), int(row[1])) if row else None
+
+    def set_consumer_cursor(self, name: str, seq: int, tag: int = 0) -> None:
         with self._tx() as cur:
             cur.execute(
-                "INSERT INTO feed_consumers (name, seq, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, "
+                "INSERT INTO feed_consumers (name, seq, tag, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, tag = excluded.tag, "
                 "updated_at = excluded.updated_at",
-                (name, seq, self._ts_in(utcnow())),
+                (name, seq, tag, self._ts_in(utcnow())),
             )
 
     # --- mount points below the root ----------------------------------------------------
