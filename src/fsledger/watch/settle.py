@@ -135,3 +135,7 @@ class SettlingWriter(RepoWriter):
         rest = [c for c in changes if id(c) not in ids]
         applied = self.inner.apply(rest, confirm) if rest else Applied((), (), None)
         return Applied(applied.changes, applied.dropped + held, applied.last_seq)
+
+    def apply_moves(self, moves: Sequence[Change]) -> Applied:
+        # A move keeps its record's content: nothing to hold back.
+        return self.inner.apply_moves(moves)
