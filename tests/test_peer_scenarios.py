@@ -407,6 +407,21 @@ def dir_renamed_over_empty_dir(root: Path, outside: Path) -> None:
     os.rename(root / "dir2", root / "one" / "two" / "e")
 
 
+@peer(
+    "watchdog test_move_nested_subdirectories: into a directory just made, written later",
+    moves=[("dir1/a.jpg", "new/dir1/a.jpg"), ("one/two/twofile", "new2/twofile")],
+)
+def moved_into_new_dir_then_written(root: Path, outside: Path) -> None:
+    (root / "new").mkdir()
+    os.rename(root / "dir1", root / "new" / "dir1")
+    (root / "new2").mkdir()
+    os.rename(root / "one" / "two" / "twofile", root / "new2" / "twofile")
+    time.sleep(0.3)  # the program goes on a little later, in the moved directory
+    write(root / "new" / "dir1" / "later.jpg", b"written after the move")
+    (root / "new" / "dir1" / "b.jpg").unlink()
+    write(root / "new" / "dir1" / "sub" / "deeper.jpg", b"deeper")
+
+
 @peer("watchdog test_emitter: test_move_to_full, then files created in its subdirectories")
 def move_in_then_write_in_subdirs(root: Path, outside: Path) -> None:
     os.rename(outside / "tree", root / "in")
@@ -864,3 +879,42 @@ def test_peer_scenario(scenario: Scenario, peer_case: Peer) -> None:
     peer_case.ops(scenario.root, scenario.outside)
     scenario.check(peer_case.source)
     scenario.check_moves(peer_case.moves, peer_case.source)
+
+
+def test_directory_unreadable_mid_scan(scenario: Scenario) -> None:
+    """Watchman ``test_perms`` during a crawl: a directory is made unreadable while a big
+    tree is being walked (offline: one scan; live: the listing of a tree just moved in)
+    and readable again afterwards. Nothing behind it is taken for deleted, and the ledger
+    is exact once it can be read."""
+    sc = scenario
+    sc.unprivileged_scans = True
+
+    def big(root: Path, outside: Path) -> None:
+        base(root, outside)
+        for i in range(1500):
+            write(root / "crawl" / f"d{i % 30:02}" / f"f{i:04}.jpg", b"%d" % i)
+            write(outside / "tree2" / f"d{i % 30:02}" / f"g{i:04}.jpg", b"g%d" % i)
+
+    sc.start(big)
+    if sc.live:
+        os.rename(sc.outside / "tree2", sc.p("arrived"))
+        target = sc.p("arrived/d17")
+    else:
+        write(sc.p("crawl/d17/new.jpg"), b"new behind the lock")
+        target = sc.p("crawl/d17")
+    errors: list[str] = []
+    scan = threading.Thread(target=lambda: errors.extend(sc.scan())) if not sc.live else None
+    if scan is not None:
+        scan.start()
+    time.sleep(0.05)  # the crawl is under way
+    target.chmod(0)
+    try:
+        if scan is not None:
+            scan.join()
+            kept = {p for p in sc.files() if p.startswith(b"crawl/d17/")}
+            assert len(kept) >= 50, f"records behind the unreadable directory went: {errors}"
+        else:
+            time.sleep(0.5)  # locked for a while
+    finally:
+        target.chmod(0o755)
+    sc.check("readable again")
