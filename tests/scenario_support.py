@@ -122,10 +122,16 @@ def unlink_at(top: bytes | str | Path, rel: bytes) -> None:
 
 # === the watcher's process ===============================================================
 class WatcherProcess:
-    """``watch_runner.py watch`` on one repository: started, awaited ready, stopped."""
+    """``watch_runner.py watch`` (or ``run``: the daemon's manager with its watcher) on one
+    repository: started, awaited ready, stopped."""
 
     def __init__(
-        self, store_url: str, repo: Repository, workdir: Path, env: dict[str, str] | None = None
+        self,
+        store_url: str,
+        repo: Repository,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        command: str = "watch",
     ) -> None:
         self.log = workdir / f"applied-{repo.id.hex[:8]}.jsonl"
         self.err = workdir / f"runner-{repo.id.hex[:8]}.stderr"
@@ -137,7 +143,7 @@ class WatcherProcess:
                     *unprivileged_prefix(),
                     sys.executable,
                     str(RUNNER),
-                    "watch",
+                    command,
                     str(repo.id),
                     str(self.log),
                 ],
@@ -244,6 +250,33 @@ def diff(want: Files, got: Files) -> str:
     )
 
 
+def follow_identities(
+    identity: dict[bytes, bytes], entries: Iterable[FeedEntry]
+) -> dict[bytes, bytes]:
+    """Which starting file each path holds after ``entries``, for a consumer following the
+    feed: ``moved`` and ``dir_moved`` carry a file's identity along, ``modified`` keeps it,
+    ``created`` starts a new one (not in the result), ``deleted`` ends one."""
+    ids = dict(identity)
+    for e in entries:
+        kind = e.kind.value
+        if kind in ("created", "deleted"):
+            ids.pop(e.path, None)
+        elif kind == "moved":
+            assert e.old_path is not None
+            was = ids.pop(e.old_path, None)
+            ids.pop(e.path, None)
+            if was is not None:
+                ids[e.path] = was
+        elif kind == "dir_moved":
+            assert e.old_path is not None
+            new_prefix, old_prefix = e.path + b"/", e.old_path + b"/"
+            for p in [p for p in ids if p.startswith(new_prefix)]:
+                del ids[p]
+            for p in [p for p in ids if p.startswith(old_prefix)]:
+                ids[new_prefix + p[len(old_prefix) :]] = ids.pop(p)
+    return ids
+
+
 def feed_rows(entries: Iterable[FeedEntry]) -> list[str]:
     """Feed entries as short readable lines, for assertion messages."""
     rows = []
@@ -283,6 +316,9 @@ class Scenario:
         self.algo = algo
         self.unprivileged_scans = False
         """Offline checks scan in a process without root's DAC bypass (``chmod`` tests)."""
+        self.daemon = False
+        """Live: run the daemon's ``SyncManager`` (periodic reconciliation off) around the
+        watcher, for what the manager owns (a root that goes away and comes back)."""
         self.root = tmp_path / name
         self.outside = tmp_path / f"{name}-outside"
         self.root.mkdir(exist_ok=True)  # two scenarios may check one tree
@@ -312,7 +348,10 @@ class Scenario:
         assert got == want, f"the initial scan is not exact: {diff(want, got)}"
         self.seq0 = self.ledger.store.latest_seq()
         if self.live:
-            self.watcher = WatcherProcess(self.store_url, self.repo, self.tmp_path, self.env)
+            command = "run" if self.daemon else "watch"
+            self.watcher = WatcherProcess(
+                self.store_url, self.repo, self.tmp_path, self.env, command
+            )
         return self.repo
 
     def close(self) -> None:
@@ -355,6 +394,27 @@ class Scenario:
             )
         self.check_feed(where)
         return want
+
+    def check_moves(self, moves: Iterable[tuple[bytes, bytes]], where: str = "") -> None:
+        """Every ``(old, new)``: the file that was at ``old`` when the operations began is
+        at ``new`` for a consumer following the feed; it got there through ``moved`` /
+        ``dir_moved`` entries (and ``modified``, which keeps a file's identity), never as a
+        deletion and a creation."""
+        assert self.repo is not None
+        start = read_feed(self.ledger, self.repo, 0)
+        before = [e for e in start if e.seq <= self.seq0]
+        identity = {p: p for p in replay_feed(before)}
+        identity = follow_identities(identity, self.feed())
+        wrong = {
+            show(old): show(identity[new]) if new in identity else "(created anew)"
+            for old, new in moves
+            if identity.get(new) != old
+        }
+        assert not wrong, (
+            f"[{self.mode}{' ' + where if where else ''}] files that moved did not reach the "
+            f"feed as moves (where each came from, for a feed consumer): {wrong}\nfeed since "
+            "start:\n  " + "\n  ".join(feed_rows(self.feed())[-40:])
+        )
 
     def scan(self) -> list[str]:
         """One reconciliation (offline tier); returns its errors."""

@@ -6,6 +6,7 @@ once, instead of in each caller's tests.
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime
 
 from hypothesis import given
@@ -200,3 +201,38 @@ def test_count() -> None:
     )
     assert (s.files_added, s.files_updated, s.metadata_updated, s.files_moved) == (1, 1, 1, 2)
     assert s.files_removed == 1
+
+
+@given(
+    st.lists(st.sampled_from([b"a", b"b", b"c", b"d/e", b"f"]), min_size=1, unique=True),
+    st.randoms(use_true_random=False),
+)
+def test_order_moves_lands_every_record_where_it_moved(
+    sources: list[bytes], rnd: random.Random
+) -> None:
+    """Any set of moves (a permutation of some paths, with cycles, plus moves onto paths
+    that hold a record that stays behind) written in ``order_moves``'s order, each
+    replacing what is at its target as the store and the feed do, leaves every moved
+    record at its target; the parking names are used only on the way."""
+    paths = [b"a", b"b", b"c", b"d/e", b"f"]
+    targets = rnd.sample(paths, len(sources))  # other records' paths, some not moving
+    state = {p: p for p in paths}  # path -> whose record is there
+    key, at = FileStat(1, 1, 1, 1), ns_to_datetime(NOW)
+    moves = [
+        Change(ChangeKind.MOVED, dst, FileRecord(dst, key, None, at), src)
+        for src, dst in zip(sources, targets, strict=True)
+    ]
+    parked: list[bytes] = []
+
+    def park(near: bytes) -> bytes:
+        parked.append(b".park-%d" % len(parked))
+        return parked[-1]
+
+    for m in decide.order_moves(moves, park):
+        assert m.old_path is not None and m.kind is ChangeKind.MOVED
+        assert m.old_path in state, f"{m.old_path!r} moved away before its move"
+        state[m.path] = state.pop(m.old_path)
+    want = {dst: src for src, dst in zip(sources, targets, strict=True)}
+    for dst, src in want.items():
+        assert state[dst] == src
+    assert not any(p in state for p in parked)

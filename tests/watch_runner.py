@@ -8,6 +8,10 @@ line a change), and stops (flushing what is pending) when its stdin closes.
 
 ``python watch_runner.py scan REPO_ID LOG``: one reconciliation (tier 2), same log.
 
+``python watch_runner.py run REPO_ID LOG``: the daemon's ``SyncManager`` with its watcher,
+as ``fsledger run`` with periodic reconciliation off (what it does when a root goes away
+and comes back is the manager's); ``ready`` once its startup reconciliation is done.
+
 The tests start it under ``setpriv`` without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH when
 they run as root, so that ``chmod 000`` means for fsledger what it means for any user.
 """
@@ -17,13 +21,21 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from collections.abc import Callable
 from uuid import UUID
 
 from fsledger.config import Settings
 from fsledger.ledger import Ledger
-from fsledger.model import Repository
+from fsledger.manager import LiveSource, SyncManager
+from fsledger.model import RelPath, Repository
 from fsledger.watch import Watcher
 from fsledger.writer import Applied
+
+
+def _live(
+    ledger: Ledger, settings: Settings, on_resync: Callable[[Repository, RelPath, str], None]
+) -> LiveSource:
+    return Watcher(ledger, settings, on_resync=on_resync)
 
 
 def main(argv: list[str]) -> int:
@@ -57,6 +69,14 @@ def main(argv: list[str]) -> int:
         if command == "scan":
             stats = ledger.scan(repo)
             print(json.dumps({"errors": list(stats.errors)}), flush=True)
+            return 0
+        if command == "run":
+            manager = SyncManager(ledger, settings, live_factory=_live)
+            manager.start()
+            assert manager.wait_idle(60.0), "the startup reconciliation did not finish"
+            print("ready", flush=True)
+            sys.stdin.read()
+            manager.stop()
             return 0
         watcher = Watcher(ledger, settings)
         watcher.add(repo)

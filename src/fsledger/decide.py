@@ -10,7 +10,9 @@ computed by other agents) ask these questions here and nowhere else:
 - ``classify``: what a look found, as a change kind (or nothing); ``corrupted`` says
   when a ``--verify`` rehash found content that changed behind the filesystem's back.
 - ``is_move_of`` / ``pair_moves``: whether a new path is a record's file that moved
-  (the record follows it and keeps its hash).
+  (the record follows it and keeps its hash); ``order_moves``: in which order a set of
+  moves is written, so that none lands on a record still to move away (a cycle of
+  renames, ``a -> b -> c -> a``, goes through a parking name).
 - ``count``: what a batch the writer wrote adds to a run's statistics.
 - ``SettleRule``: when the watcher may look at a path an event named, or a file a listing
   found: not while a writer may still have it open (before its ``IN_CLOSE_WRITE``, or
@@ -23,7 +25,7 @@ plain data: ``FileStat`` keys, ``Digest``s, ``FileRecord``s.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fsledger.model import (
     NS_PER_S,
@@ -48,6 +50,7 @@ __all__ = [
     "is_move_of",
     "is_racy",
     "needs_look",
+    "order_moves",
     "pair_moves",
     "row_settled",
 ]
@@ -229,6 +232,39 @@ def pair_moves(
                 taken.add(rec.path)
                 out[path] = rec
                 break
+    return out
+
+
+def order_moves(moves: Sequence[Change], park: Callable[[RelPath], RelPath]) -> list[Change]:
+    """The order in which to write ``moves`` (``MOVED`` changes, each a record found at its
+    new path, all as the records were before any of them is written): a move whose target
+    holds a record that moves away itself comes after that record's move, since a move
+    replaces what is at its target, for the store and for every consumer of the feed.
+
+    A cycle (``mv a t; mv c a; mv b c; mv t b``, two files swapped through a temporary
+    name) has no such order: one of its files is first moved to ``park(path)``, a name no
+    record has, and from there to its target once that is free, as a consumer following
+    the feed would have to.
+
+    Returns the moves in order, parking hops included (recognisable by ``park``'s names).
+    """
+    waiting = [m for m in moves if m.old_path is not None and m.old_path != m.path]
+    out: list[Change] = []
+    while waiting:
+        sources = {m.old_path for m in waiting}
+        ready = [m for m in waiting if m.path not in sources]
+        if not ready:
+            first = waiting[0]
+            assert first.record is not None and first.old_path is not None
+            via = park(first.path)
+            out.append(
+                Change(ChangeKind.MOVED, via, replace(first.record, path=via), first.old_path)
+            )
+            waiting[0] = Change(ChangeKind.MOVED, first.path, first.record, via)
+            continue
+        out += ready
+        taken = {id(m) for m in ready}
+        waiting = [m for m in waiting if id(m) not in taken]
     return out
 
 

@@ -436,6 +436,7 @@ class SyncManager:
             )
             stored = None
         repo = replace(stored or runtime.repo, settings=runtime.repo.settings)
+        rewatched = self._rewatch(runtime)
         attempt = 0
         while not self._stop.is_set():
             try:
@@ -469,12 +470,30 @@ class SyncManager:
             # The scan re-read the settings (the root's file may have changed them).
             settings = self.ledger.writer(repo).repo.settings
             was_online = runtime.repo.state is RepoState.ONLINE
+            late = not was_online and not rewatched and self._rewatch(runtime)
             runtime.repo = replace(runtime.repo, settings=settings, state=RepoState.ONLINE)
             self._record(stats)
-            if not was_online and self.live is not None and not runtime.network:
-                self.live.remove(repo.id)
-                self.live.add(runtime.repo)
+            if late:
+                # The root came back during this request: watched only after the walk, what
+                # was written in between is in neither; one more walk sees it.
+                reason = "watched again after the root returned"
+                self._enqueue(repo, b"", OperationType.RECONCILIATION, reason, 0.5)
             return
+
+    def _rewatch(self, runtime: _RepoRuntime) -> bool:
+        """A repository that is offline is watched afresh (its root came back, maybe another
+        filesystem on the same path) *before* the reconciliation that brings it online, as
+        at start-up: a file written between that walk and the watch would otherwise be
+        seen by neither. Returns whether it is watched now."""
+        if runtime.repo.state is RepoState.ONLINE or self.live is None or runtime.network:
+            return False
+        self.live.remove(runtime.repo.id)
+        try:
+            self.live.add(runtime.repo)
+        except FsledgerError as exc:
+            log.info("Repository %s: not watched yet: %s", runtime.repo.id, exc)
+            return False
+        return True
 
     def _record(self, stats: ScanStats) -> None:
         self._last_stats = stats

@@ -344,6 +344,8 @@ class _Run:
         self._last_unreadable: Unreadable | None = None
         self._cuts: list[RelPath] | None = None
         self.moved_from: set[RelPath] = set()
+        self.displacing: list[Change] = []
+        """Moves onto a path that has a record of its own (see ``_write_displacing``)."""
         self.chunk: list[_Job] = []
         self.chunk_bytes = 0
         self.in_flight: collections.deque[tuple[list[_Job], AsyncResult[list[HashOutcome]]]] = (
@@ -428,6 +430,7 @@ class _Run:
             self._collect_one()
         self.out.flush()
         self.out.wait()
+        self._write_displacing()
         self._apply_deletions()
         if self.progress:
             self.progress(self.stats)
@@ -635,7 +638,10 @@ class _Run:
         the record follows the file and keeps its hash."""
         if not self.has_records:
             return jobs
-        new = [j for j in jobs if j.old is None]
+        # New paths, and paths whose record's file was replaced by another file (another
+        # inode): ``mv a t; mv b a; mv t b`` leaves every path in place, each holding
+        # another record's file.
+        new = [j for j in jobs if j.old is None or j.old.stat.inode != j.entry.stat.inode]
         if not new:
             return jobs
         self._await_write()  # the records of this run's batches count too
@@ -652,13 +658,19 @@ class _Run:
             return jobs
         rest: list[_Job] = []
         for job in jobs:
-            source = pairs.get(job.entry.path) if job.old is None else None
+            source = pairs.get(job.entry.path)
             if source is None:
                 rest.append(job)
                 continue
             self.deletions.discard(source.path)
             record = self._record(job.entry, source.digest)
-            self._emit(Change(ChangeKind.MOVED, job.entry.path, record, old_path=source.path))
+            move = Change(ChangeKind.MOVED, job.entry.path, record, old_path=source.path)
+            if job.old is None:
+                self._emit(move)
+            else:
+                # Onto a record that may itself move (a swap, a cycle): written at the end,
+                # after every move to a new path, in an order that keeps each record.
+                self.displacing.append(move)
         return rest
 
     def _finish_jobs(self, jobs: list[_Job], outcomes: list[HashOutcome]) -> None:
@@ -700,6 +712,18 @@ class _Run:
 
     def _await_write(self) -> None:
         self.out.wait()
+
+    def _write_displacing(self) -> None:
+        """The moves onto paths that had records of their own, once every other change of
+        the run is written: each replaces its target's record, which may be one that moves
+        away too, so they are written together, in an order that loses none
+        (``RepoWriter.apply_moves``)."""
+        if not self.displacing:
+            return
+        moves, self.displacing = self.displacing, []
+        applied = self.writer.apply_moves(moves)
+        self.stats.unsettled += len(applied.dropped)
+        decide.count(self.stats, applied.changes)
 
     def _apply_deletions(self) -> None:
         if not self.deletions:

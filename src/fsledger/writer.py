@@ -142,25 +142,49 @@ class RepoWriter:
         """
         with self.lock:
             self._check_lease()
-            kept: list[Change] = []
-            dropped: list[Change] = []
-            if not self.verify:
-                kept = list(changes)
-            else:
-                try:
-                    tree: Beneath | None = Beneath(self.repo.root)
-                except OSError:
-                    tree = None
-                try:
-                    for change in changes:
-                        ok = tree is not None and self.still_true(change, tree)
-                        ok = ok or (confirm is not None and confirm(change))
-                        (kept if ok else dropped).append(change)
-                finally:
-                    if tree is not None:
-                        tree.close()
+            kept, dropped = self._confirmed(changes, confirm)
             last_seq = self.store.apply(self.repo.id, kept) if kept else None
             return self._tell(Applied(tuple(kept), tuple(dropped), last_seq))
+
+    def _confirmed(
+        self, changes: Sequence[Change], confirm: Callable[[Change], bool] | None = None
+    ) -> tuple[list[Change], list[Change]]:
+        """The changes the disk still shows (or ``confirm`` vouches for), and the others."""
+        if not self.verify:
+            return list(changes), []
+        kept: list[Change] = []
+        dropped: list[Change] = []
+        try:
+            tree: Beneath | None = Beneath(self.repo.root)
+        except OSError:
+            tree = None
+        try:
+            for change in changes:
+                ok = tree is not None and self.still_true(change, tree)
+                ok = ok or (confirm is not None and confirm(change))
+                (kept if ok else dropped).append(change)
+        finally:
+            if tree is not None:
+                tree.close()
+        return kept, dropped
+
+    def apply_moves(self, moves: Sequence[Change]) -> Applied:
+        """Confirm and write a set of file moves (``MOVED`` changes, each found against the
+        records as they were before any of them is written) in one transaction, in an order
+        in which none replaces a record that is still to move away: a cycle of renames
+        (two files swapped through a temporary name) reaches the store and the feed as
+        moves, one of them through a hidden parking name (``decide.order_moves``).
+
+        Raises:
+            StoreError: the store failed; nothing was written.
+        """
+        with self.lock:
+            self._check_lease()
+            kept, dropped = self._confirmed(moves)
+            # Parking hops are confirmed by the moves they are part of, checked above.
+            ordered = decide.order_moves(kept, self._unused_path)
+            last_seq = self.store.apply(self.repo.id, ordered) if ordered else None
+            return self._tell(Applied(tuple(ordered), tuple(dropped), last_seq))
 
     def exchange(self, a: RelPath, b: RelPath) -> Applied:
         """Directories ``a`` and ``b`` exchanged names (``renameat2(RENAME_EXCHANGE)``): swap
@@ -202,6 +226,17 @@ class RepoWriter:
             if not self.store.page_records(self.repo.id, None, 1, path) and not (
                 self.store.get_records(self.repo.id, [path])
             ):
+                return path
+        raise AssertionError("unreachable")
+
+    def _unused_path(self, near: RelPath) -> RelPath:
+        """A file path beside ``near`` with no record (a hidden name, which the ignore rules
+        keep out of the ledger anyway)."""
+        parent = near.rpartition(b"/")[0]
+        for n in itertools.count():
+            name = b".fsledger-move-%d" % n
+            path = parent + b"/" + name if parent else name
+            if not self.store.get_records(self.repo.id, [path]):
                 return path
         raise AssertionError("unreachable")
 

@@ -286,7 +286,8 @@ class Applier:
                 record = FileRecord(dst, stat, old.digest, now)
                 changes.append(Change(ChangeKind.MOVED, dst, record, old_path=src))
         if changes:
-            self._committed(repo, repo.writer.apply(changes), stats)
+            # In an order that never replaces a record still to move (a swap, a cycle).
+            self._committed(repo, repo.writer.apply_moves(changes), stats)
         work.moves = []
 
     def _rule(self) -> decide.LookRule:
@@ -328,7 +329,7 @@ class Applier:
             gone = [p for p in gone if not any(under(p, m) for m in away)]
         for path in tops:
             if path and not self.store.page_records(repo.id, None, 1, path):
-                self._list_new(repo, path, work)
+                self._list_new(repo, path, work, stats)
             else:
                 self._reconcile_below(repo, path, work, stats)
         for path in gone:
@@ -398,7 +399,7 @@ class Applier:
             result.files_moved,
         )
 
-    def _list_new(self, repo: RepoWatch, path: RelPath, work: Work) -> None:
+    def _list_new(self, repo: RepoWatch, path: RelPath, work: Work, stats: ScanStats) -> None:
         """A directory with nothing stored below it (created, or moved in): no reconciliation
         needed, its files join this pass's dirty paths (and its large batches)."""
         with self.lock:
@@ -410,8 +411,53 @@ class Applier:
                 found.append(item)
             elif isinstance(item, Unreadable):
                 self._failed(repo, item.path if item.is_dir else parent_of(item.path))
+        found = self._moved_into_new(repo, found, stats)
         with self.lock:
             work.dirty += self._settle_listed(repo, found)
+
+    def _moved_into_new(
+        self, repo: RepoWatch, found: list[FileEntry], stats: ScanStats
+    ) -> list[FileEntry]:
+        """Of the files a listing of a new directory found, write those that are recorded
+        files moved there as moves; returns the others.
+
+        ``mkdir new && mv a/f new/`` (or a directory moved into a directory just made) sends
+        the IN_MOVED_TO to a watch that did not exist yet: only the IN_MOVED_FROM arrives,
+        which alone would count as a move out, and the listing would find a new file. The
+        file is the record's (same inode, size and mtime, its old path no longer holds it,
+        as a reconciliation pairs moves), so it keeps its identity and its hash."""
+        if not found:
+            return found
+        candidates = self.store.records_by_inode(repo.id, [f.stat.inode for f in found])
+        if not candidates:
+            return found
+        with _Tree(repo.repo.root) as tree:
+
+            def gone(rec: FileRecord) -> bool:
+                try:
+                    st = tree.lstat(rec.path)
+                except OSError:
+                    return False  # cannot know: not a move
+                return st is None or st.st_ino != rec.stat.inode or not stat_mod.S_ISREG(st.st_mode)
+
+            pairs = decide.pair_moves(
+                [(f.path, f.stat) for f in found], candidates, self._rule(), gone
+            )
+        if not pairs:
+            return found
+        now = utcnow()
+        moves = [
+            Change(
+                ChangeKind.MOVED,
+                f.path,
+                FileRecord(f.path, f.stat, pairs[f.path].digest, now),
+                old_path=pairs[f.path].path,
+            )
+            for f in found
+            if f.path in pairs
+        ]
+        self._committed(repo, repo.writer.apply_moves(moves), stats)
+        return [f for f in found if f.path not in pairs]
 
     def _settle_listed(self, repo: RepoWatch, found: list[FileEntry]) -> list[DirtyJob]:
         """Files a listing of a new directory found, under the settle rule of every other
