@@ -7,7 +7,8 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
 from fsledger.model import OperationType, RepoSettings, RepoState
 from fsledger.repoconfig import load_repo_yaml
+from fsledger.schedule import Pressure, Quiet, ScheduleView
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -257,5 +259,105 @@ def test_recently_active_directories_are_reconciled_first_after_a_loss(ledger, s
         order = [heapq.heappop(manager._queue).prefix for _ in range(len(manager._queue))]
         # album/ was written last, quiet/ only by the first index, the whole tree goes last.
         assert order == [b"album", b"quiet", b""]
+    finally:
+        manager.stop()
+
+
+class Pressures:
+    """The pressure the manager's scheduler sees: the test sets it."""
+
+    def __init__(self, io: float = 0.0) -> None:
+        self.io = io
+
+    def __call__(self) -> Pressure:
+        return Pressure(io_avg60=self.io, cpu_avg60=0.0)
+
+
+def periodic(settings: Settings, **kw: object) -> Settings:
+    """A scheduled reconciliation every second (no daily run)."""
+    return replace(settings, reconciliation_interval_s=1.0, daily_at=None, **kw)
+
+
+def test_scheduled_run_waits_under_pressure_then_runs_and_is_recorded(ledger, settings, tmp_path):
+    root = make_photos(tmp_path / "photos")
+    repo = ledger.add_repository(root)
+    pressure = Pressures(io=80.0)
+    manager = SyncManager(ledger, periodic(settings), pressure=pressure)
+    manager.start()
+    try:
+        assert manager.wait_idle(30)  # the startup run is never deferred
+        # What `fsledger status` of another process shows: read from the store.
+        wait_for(lambda: (ledger.status(repo).schedule or ScheduleView()).waiting_reason)
+        view = ledger.status(repo).schedule
+        assert view is not None and "I/O pressure 80.0%" in (view.waiting_reason or "")
+        assert view.deadline is not None and view.next_run == view.deadline
+        assert "I/O pressure" in ledger.status(repo).to_json()["schedule"]["waiting_reason"]
+        (root / "album" / "missed.jpg").write_bytes(b"no watcher saw this")
+        assert manager.metrics().schedule_waiting == 1
+        assert b"album/missed.jpg" not in {r.path for r in ledger.files(repo)}
+        pressure.io = 0.0
+        wait_for(lambda: b"album/missed.jpg" in {r.path for r in ledger.files(repo)})
+        wait_for(lambda: any(o.error_message for o in _waits(ledger, repo)))
+        wait = next(o for o in _waits(ledger, repo) if o.error_message)
+        assert "I/O pressure" in wait.error_message and "ran when quiet" in wait.error_message
+        runs = [
+            o for o in ledger.operations(repo) if o.operation_type is OperationType.RECONCILIATION
+        ]
+        assert any(o.start_time >= wait.start_time for o in runs)
+        assert manager.metrics().schedule_deferrals["io_pressure"] >= 1
+        # The deferred run found drift: the interval shortened, and status says why.
+        wait_for(lambda: "missed change" in (ledger.status(repo).schedule.interval.reason or ""))
+    finally:
+        manager.stop()
+
+
+def _waits(ledger: Ledger, repo) -> list:
+    return [o for o in ledger.operations(repo, 100) if o.operation_type is OperationType.DEFERRAL]
+
+
+def test_scheduled_run_never_waits_past_the_maximum(ledger, settings, tmp_path):
+    root = make_photos(tmp_path / "photos")
+    repo = ledger.add_repository(root)
+    clock = Clock(datetime(2026, 3, 1, 10, 0, tzinfo=UTC))
+    manager = SyncManager(
+        ledger,
+        periodic(settings, schedule_max_deferral_s=6 * 3600.0),
+        clock=clock,
+        pressure=Pressures(io=99.0),
+    )
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        wait_for(lambda: manager.metrics().schedule_waiting == 1)
+        (root / "album" / "late.jpg").write_bytes(b"late")
+        clock.now += timedelta(hours=6)  # still busy, but it has waited long enough
+        wait_for(lambda: b"album/late.jpg" in {r.path for r in ledger.files(repo)})
+        wait_for(lambda: any("maximum 6h" in (o.error_message or "") for o in _waits(ledger, repo)))
+    finally:
+        manager.stop()
+
+
+def test_quiet_request_from_another_process_holds_runs_until_it_expires(ledger, settings, tmp_path):
+    root = make_photos(tmp_path / "photos")
+    repo = ledger.add_repository(root)
+    clock = Clock(datetime(2026, 3, 1, 10, 0, tzinfo=UTC))
+    manager = SyncManager(ledger, periodic(settings), clock=clock, pressure=Pressures())
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        # Another process (the CLI) asks for quiet through the database.
+        with Ledger(settings) as other:
+            other.request_quiet(Quiet(clock.now + timedelta(hours=2), by="thumbnailer"))
+        wait_for(
+            lambda: (
+                "thumbnailer"
+                in ((ledger.status(repo).schedule or ScheduleView()).waiting_reason or "")
+            )
+        )
+        (root / "album" / "quiet.jpg").write_bytes(b"q")
+        assert b"album/quiet.jpg" not in {r.path for r in ledger.files(repo)}
+        clock.now += timedelta(hours=2)  # the request expires by itself
+        wait_for(lambda: b"album/quiet.jpg" in {r.path for r in ledger.files(repo)})
+        assert manager.metrics().schedule_deferrals["quiet"] >= 1
     finally:
         manager.stop()

@@ -116,6 +116,16 @@ SQLITE: list[str] = [
     """,
     # 6: PostgreSQL's content_hash collation (TEXT compares bytewise here already).
     "",
+    # 7: the running manager's schedule (fsledger.schedule): a consumer's quiet request and
+    # each repository's next run, wait and interval, as JSON, so that `fsledger quiet` reaches
+    # the manager and `fsledger status` shows what it decided, from other processes.
+    """
+    CREATE TABLE schedule_state (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    """,
 ]
 
 POSTGRES: list[str] = [
@@ -251,5 +261,13 @@ POSTGRES: list[str] = [
     # Rebuilds that index; the table itself is not rewritten.
     """
     ALTER TABLE file_records ALTER COLUMN content_hash TYPE TEXT COLLATE "C";
+    """,
+    # 7: see SQLITE's 7.
+    """
+    CREATE TABLE schedule_state (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL
+    );
     """,
 ]
