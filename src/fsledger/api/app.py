@@ -50,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fsledger.api import schemas
 from fsledger.api.feed import Cursor, Feed, FeedHub, FeedPage, Retention, entry_json
 from fsledger.api.metrics import CONTENT_TYPE, Metrics
+from fsledger.api.schedule import add_schedule_routes
 from fsledger.api.security import Guard, error_response
 from fsledger.api.webhooks import WebhookDispatcher
 from fsledger.config import Settings
@@ -650,6 +651,7 @@ def create_app(
         finally:
             slot.release()
 
+    add_schedule_routes(api, ledger, manager)
     app.include_router(api)
     app.add_middleware(Guard, loopback_only=token is None)
     return app
