@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -359,5 +360,68 @@ def test_quiet_request_from_another_process_holds_runs_until_it_expires(ledger, 
         clock.now += timedelta(hours=2)  # the request expires by itself
         wait_for(lambda: b"album/quiet.jpg" in {r.path for r in ledger.files(repo)})
         assert manager.metrics().schedule_deferrals["quiet"] >= 1
+    finally:
+        manager.stop()
+
+
+def test_scheduled_run_waits_while_a_real_cp_runs_then_runs_after(ledger, settings, tmp_path):
+    """A real `cp -a` into the watched root (an import) holds the scheduled reconciliation;
+    it runs once the copying is over, and the ledger equals the disk."""
+    from fsledger.watch import Watcher
+
+    source = tmp_path / "import"
+    for d in range(10):
+        (source / f"roll{d}").mkdir(parents=True)
+        for i in range(30):
+            (source / f"roll{d}" / f"{i}.jpg").write_bytes(b"%d-%d" % (d, i))
+    root = make_photos(tmp_path / "photos")
+    repo = ledger.add_repository(root)
+    busy = periodic(settings, schedule_busy_changes=30.0, schedule_activity_window_s=2.0)
+    manager = SyncManager(
+        ledger,
+        busy,
+        live_factory=lambda led, s, on_resync: Watcher(led, s, on_resync=on_resync),
+        pressure=lambda: None,
+    )
+    manager.start()
+    stop = tmp_path / "stop-copying"
+    copying = subprocess.Popen(
+        [
+            "sh",
+            "-c",
+            'n=0; while [ ! -e "$1" ]; do n=$((n+1)); cp -a "$2" "$3/import-$n"; done',
+            "sh",
+            str(stop),
+            str(source),
+            str(root),
+        ]
+    )
+    try:
+        wait_for(
+            lambda: (
+                "changes/min"
+                in ((ledger.status(repo).schedule or ScheduleView()).waiting_reason or "")
+            ),
+            timeout=60,
+        )
+    finally:
+        stop.touch()
+        assert copying.wait(60) == 0
+    copied = datetime.now(UTC)
+    try:
+        wait_for(lambda: any(o.end_time for o in _waits(ledger, repo)), timeout=60)
+        wait = next(o for o in _waits(ledger, repo) if o.end_time)
+        assert "changes/min" in (wait.error_message or "")
+        assert "ran when quiet" in (wait.error_message or "")
+        assert wait.end_time is not None and wait.end_time >= copied
+        wait_for(
+            lambda: any(
+                o.operation_type is OperationType.RECONCILIATION and o.start_time >= wait.end_time
+                for o in ledger.operations(repo, 100)
+            ),
+            timeout=60,
+        )
+        assert manager.wait_idle(60)
+        assert {r.path for r in ledger.files(repo)} == on_disk(root)
     finally:
         manager.stop()
