@@ -425,3 +425,78 @@ def test_scheduled_run_waits_while_a_real_cp_runs_then_runs_after(ledger, settin
         assert {r.path for r in ledger.files(repo)} == on_disk(root)
     finally:
         manager.stop()
+
+
+def _interval(ledger: Ledger, repo) -> tuple[float, str]:
+    view = ledger.status(repo).schedule
+    if view is None or view.interval is None:
+        return 0.0, ""
+    return view.interval.seconds, view.interval.reason
+
+
+def test_clean_runs_lengthen_the_interval_within_bounds_and_a_restart_keeps_it(
+    ledger, settings, tmp_path
+):
+    root = make_photos(tmp_path / "photos")
+    repo = ledger.add_repository(root)
+    adaptive = periodic(settings, interval_max_s=4.0)  # 1 s up to 4 s
+    manager = SyncManager(ledger, adaptive, pressure=lambda: None)
+    manager.start()
+    try:
+        wait_for(lambda: _interval(ledger, repo)[0] == 4.0, timeout=30)
+        assert "ceiling" in _interval(ledger, repo)[1] or "lengthened" in _interval(ledger, repo)[1]
+    finally:
+        manager.stop()
+    again = SyncManager(ledger, adaptive, pressure=lambda: None)
+    again.start()
+    try:
+        view = again.schedule_view(repo.id)
+        assert view is not None and view.interval is not None and view.interval.seconds == 4.0
+    finally:
+        again.stop()
+
+
+def test_a_polled_network_filesystem_keeps_its_polling_interval(
+    ledger, settings, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("fsledger.manager._network", lambda root: True)
+    root = make_photos(tmp_path / "nfs")
+    repo = ledger.add_repository(root)
+    manager = SyncManager(ledger, periodic(settings, interval_max_s=4.0), pressure=lambda: None)
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        wait_for(lambda: "network filesystem" in _interval(ledger, repo)[1])
+        assert _interval(ledger, repo)[0] == 60.0  # NETWORK_POLL_S, not adapted
+    finally:
+        manager.stop()
+
+
+def test_clean_daily_runs_lengthen_the_interval_and_skip_days(ledger, settings, tmp_path):
+    repo = ledger.add_repository(make_photos(tmp_path / "p"))
+    tz = timezone(timedelta(hours=1))
+    clock = Clock(datetime(2026, 3, 1, 1, 0, tzinfo=tz))
+    manager = SyncManager(ledger, settings, clock=clock)
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+
+        def daily_runs_on(days: list[int]) -> int:
+            for day in days:
+                clock.now = datetime(2026, 3, day, 2, 0, 5, tzinfo=tz)
+                manager.tick()
+                assert manager.wait_idle(30)
+            return sum(
+                1
+                for op in ledger.operations(repo, 100)
+                if op.operation_type is OperationType.RECONCILIATION
+            )
+
+        assert daily_runs_on([1, 2]) == 2  # two clean runs: 24 h -> 48 h
+        view = manager.schedule_view(repo.id)
+        assert view is not None and view.interval is not None
+        assert view.interval.seconds == 48 * 3600 and "lengthened" in view.interval.reason
+        assert daily_runs_on([3]) == 2  # skipped: the last run was a day ago
+        assert daily_runs_on([4]) == 3  # two days on: due again
+    finally:
+        manager.stop()
