@@ -500,3 +500,45 @@ def test_clean_daily_runs_lengthen_the_interval_and_skip_days(ledger, settings, 
         assert daily_runs_on([4]) == 3  # two days on: due again
     finally:
         manager.stop()
+
+
+def test_daily_auto_learns_the_quiet_hour_from_the_feed_and_status_shows_it(
+    ledger, settings, tmp_path
+):
+    from test_store import backdate_feed
+
+    tz = timezone(timedelta(hours=-5))
+    now = datetime(2026, 3, 20, 12, 0, tzinfo=tz)
+    root = make_photos(tmp_path / "p", n=1)
+    repo = ledger.add_repository(root)
+    auto = replace(settings, daily_auto=True)
+    # Without history: the fallback, and status says why.
+    manager = SyncManager(ledger, auto, clock=Clock(now))
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        manager.tick()
+        view = manager.schedule_view(repo.id)
+        assert view is not None and view.daily is not None
+        assert view.daily.at.hour == 2 and "default" in view.daily.reason
+    finally:
+        manager.stop()
+    # Fourteen days of history, busy every local hour but 05:00.
+    hours = [
+        at for h in range(14 * 24) if (at := now - timedelta(hours=h + 1)).astimezone(tz).hour != 5
+    ]
+    for i, _ in enumerate(hours):
+        (root / "album" / f"h{i}.jpg").write_bytes(b"%d" % i)
+    with Ledger(settings) as writer:  # the stopped manager's writer gave its lease up
+        writer.scan(repo)
+    backdate_feed(ledger.store, [*hours, *([now] * (ledger.store.latest_seq() - len(hours)))])
+    manager = SyncManager(ledger, auto, clock=Clock(now))
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        manager.tick()
+        wait_for(lambda: (ledger.status(repo).schedule or ScheduleView()).daily is not None)
+        daily = ledger.status(repo).to_json()["schedule"]
+        assert daily["daily_at"] == "05:00" and "quietest" in daily["daily_reason"]
+    finally:
+        manager.stop()

@@ -237,6 +237,12 @@ class Settings:
             kw["feed_retention_entries"] = parse_int(
                 "FSLEDGER_FEED_RETENTION_ENTRIES", v, 0, 1 << 62
             )
+        floor, ceiling = kw.get("interval_min_s", 3600.0), kw.get("interval_max_s", 7 * 86400.0)
+        if isinstance(floor, float) and isinstance(ceiling, float) and floor > ceiling:
+            raise ConfigError(
+                "FSLEDGER_INTERVAL_MIN is longer than FSLEDGER_INTERVAL_MAX: the adaptive "
+                "interval needs a floor at or below its ceiling"
+            )
         settings = cls(**kw)  # type: ignore[arg-type]
         clean = {k: v for k, v in overrides.items() if v is not None}
         return replace(settings, **clean) if clean else settings  # type: ignore[arg-type]
