@@ -230,12 +230,14 @@ class Ledger:
         progress: Progress | None = None,
         prefix: RelPath = b"",
         accept_ignores: bool = False,
+        gentle: bool = False,
     ) -> ScanStats:
         """Reconcile one repository (or the subtree below ``prefix``) with the disk (tier 2).
 
         A root that fails the guard marks the repository offline and raises; a
         successful scan marks it online. ``accept_ignores``: records that the root's own
         ``.fsledger.yaml`` ignores are retired too (otherwise they are kept and reported).
+        ``gentle``: hash in workers at nice 10 and the idle I/O class (scheduled runs).
         """
         writer = self.writer(repo)
         # The stored copy is the newest: another process (or an earlier --force) may have
@@ -250,6 +252,7 @@ class Ledger:
                 force=force,
                 progress=progress,
                 prefix=prefix,
+                gentle=gentle,
             )
         except RootUnavailable:
             self.set_state(repo, RepoState.OFFLINE)

@@ -735,7 +735,11 @@ class SyncManager:
         while not self._stop.is_set():
             try:
                 stats = self.ledger.scan(
-                    repo, op_type=req.op_type, verify=req.verify, prefix=req.prefix
+                    repo,
+                    op_type=req.op_type,
+                    verify=req.verify,
+                    prefix=req.prefix,
+                    gentle=req.scheduled and self.settings.gentle_scans,
                 )
             except RootUnavailable as exc:
                 self._reconciliation_errors += 1
