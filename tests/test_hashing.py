@@ -283,7 +283,7 @@ def test_a_gentle_pools_workers_run_at_nice_10_and_idle_io_and_the_parent_does_n
         assert set(normal.map_ordered(current_priority, [0, 1], 30.0)) == {parent}
 
 
-def test_a_gentle_scan_of_a_tree_big_enough_for_workers_records_it_exactly(tmp_path):
+def test_a_gentle_paced_scan_in_workers_records_the_tree_exactly(tmp_path):
     from fsledger.config import Settings
     from fsledger.ledger import Ledger
 
@@ -292,11 +292,21 @@ def test_a_gentle_scan_of_a_tree_big_enough_for_workers_records_it_exactly(tmp_p
         (root / f"d{d:02d}").mkdir(parents=True)
         for i in range(3):
             (root / f"d{d:02d}" / f"{i}.jpg").write_bytes(b"%d-%d" % (d, i))
-    settings = Settings(database_url="sqlite://" + str(tmp_path / "g.db"), max_concurrency=2)
+    settings = Settings(
+        database_url="sqlite://" + str(tmp_path / "g.db"), max_concurrency=2, batch_size=10
+    )
+
+    def on_disk() -> dict[bytes, int]:
+        return {os.fsencode(p.relative_to(root)): p.stat().st_size for p in root.rglob("*.jpg")}
+
     with Ledger(settings) as ledger:
         repo = ledger.add_repository(root)
         stats = ledger.scan(repo, gentle=True)
         assert stats.files_added == 120
-        assert {r.path for r in ledger.files(repo)} == {
-            os.fsencode(p.relative_to(root)) for p in root.rglob("*.jpg")
-        }
+        assert {r.path: r.size for r in ledger.files(repo)} == on_disk()
+        # A rescan with changes writes paced batches of ten: still exact.
+        for p in sorted(root.rglob("0.jpg")):
+            p.write_bytes(b"changed, and longer than before")
+        stats = ledger.scan(repo, gentle=True)
+        assert stats.files_updated == 40
+        assert {r.path: r.size for r in ledger.files(repo)} == on_disk()

@@ -66,7 +66,7 @@ from fsledger.roots import check_root
 from fsledger.store.base import Store
 from fsledger.store.sql import prefix_range
 from fsledger.walk import FileEntry, Unreadable, walk
-from fsledger.writer import Applied, Batches, Hold, RepoWriter
+from fsledger.writer import GENTLE_PACE, Applied, Batches, Hold, RepoWriter
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +362,7 @@ class _Run:
             stats,
             defer_after=None if self.has_records else DEFER_INDEXES_AFTER,
             hold=hold,
+            pace=GENTLE_PACE if gentle else 0.0,
         )
         """The changes, handed to the writer a batch at a time (one in flight)."""
         self.deletions: set[RelPath] = set()
