@@ -373,8 +373,9 @@ class SyncManager:
                 1 for r in self._repos.values() if r.repo.state is RepoState.OFFLINE
             ),
             schedule_deferrals=dict(self._deferrals),
+            # Snapshots (list() runs in C, under the GIL): the scheduler thread changes these.
             schedule_waiting=sum(
-                1 for r in list(self._repos.values()) for d in r.due.values() if d.kind
+                1 for r in list(self._repos.values()) for d in list(r.due.values()) if d.kind
             ),
         )
 
@@ -527,7 +528,8 @@ class SyncManager:
         return local + timedelta(seconds=max(0.0, runtime.last_scheduled + interval - now))
 
     def _view(self, runtime: _RepoRuntime, now: float) -> ScheduleView:
-        waiting = next((d for d in runtime.due.values() if d.kind), None)
+        # A snapshot: the HTTP API calls this while the scheduler thread changes ``due``.
+        waiting = next((d for d in list(runtime.due.values()) if d.kind), None)
         interval = None
         if self.settings.reconciliation_interval_s > 0:
             if runtime.network:
