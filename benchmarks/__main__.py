@@ -26,7 +26,14 @@ from benchmarks.proc import CommandFailed, require_tool
 from benchmarks.scenarios import Cli, Measurement, StoreRun
 from benchmarks.stores import DEFAULT_PG_URL, make_store
 
-SCENARIOS = ("initial_index", "rescan_nochange", "rescan_changes", "api", "watch")
+SCENARIOS = (
+    "initial_index",
+    "rescan_nochange",
+    "rescan_changes",
+    "api",
+    "api_scheduled",
+    "watch",
+)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -188,6 +195,16 @@ def run_store(
             except (TimeoutError, OSError, CommandFailed, KeyError) as exc:
                 skipped.append(f"GET /api/v1/changes on {name}: failed: {exc}")
                 log(f"  change feed over HTTP failed: {exc}")
+    if "api_scheduled" in only:
+        if reason := live.api_missing():
+            skipped.append(f"API during a scheduled scan: {reason}")
+        else:
+            log(f"[{name}] API latency during a scheduled reconciliation")
+            try:
+                out.append(live.measure_api_during_scheduled_scan(runner))
+            except (TimeoutError, OSError, CommandFailed, KeyError) as exc:
+                skipped.append(f"API during a scheduled scan on {name}: failed: {exc}")
+                log(f"  API during a scheduled scan failed: {exc}")
     if clock is not None:
         live.watchman_unwatch(runner.work)
     # Last: it adds files to the tree (200 written one by one, then a 10k-file burst).

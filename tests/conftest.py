@@ -26,6 +26,14 @@ PG_ADMIN_URL = os.environ.get("FSLEDGER_TEST_PG_URL", "postgresql://postgres@127
 BACKENDS = ("sqlite", "postgres")
 
 
+@pytest.fixture(autouse=True)
+def calm_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SyncManager's default pressure source reports none: tests share a busy machine,
+    whose real /proc/pressure would hold their scheduled runs at random. Tests of the
+    scheduler pass a pressure source of their own."""
+    monkeypatch.setattr("fsledger.manager.default_pressure", lambda: None)
+
+
 def make_settings(url: str, **overrides: Any) -> Settings:
     """Settings for tests: the given database, two hashing workers, plus ``overrides``."""
     kw: dict[str, Any] = {"database_url": url, "max_concurrency": 2}

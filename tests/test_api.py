@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -650,3 +651,51 @@ def test_fsledger_run_serves_over_a_real_socket(tmp_path: Path, root: Path) -> N
                 raise
         assert proc.returncode == 0, err.decode(errors="replace")
         assert stream_ended.wait(10), "the event stream did not end with the server"
+
+
+# --- the schedule ---------------------------------------------------------------------------
+def test_quiet_request_over_http_holds_scheduled_runs_visibly(ledger: Ledger, root: Path) -> None:
+    repo = ledger.add_repository(root)
+    conf = Settings(
+        database_url=ledger.store.url,
+        max_concurrency=2,
+        reconciliation_interval_s=1.0,
+        daily_at=None,
+    )
+    manager = SyncManager(ledger, conf, pressure=lambda: None)
+    manager.start()
+    try:
+        assert manager.wait_idle(60)
+        with client(ledger, manager) as http:
+            assert (
+                http.post(
+                    "/api/v1/schedule/quiet", params={"until": "2099-01-01T00:00"}
+                ).status_code
+                == 400
+            )
+            until = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+            r = http.post("/api/v1/schedule/quiet", params={"until": until, "by": "thumbnailer"})
+            assert r.status_code == 200 and r.json()["by"] == "thumbnailer"
+            assert http.get("/api/v1/schedule/quiet").json()["until"] == r.json()["until"]
+
+            def waiting() -> str | None:
+                sched = http.get(f"/api/v1/repositories/{repo.id}/status").json()["schedule"]
+                return sched and sched["waiting_reason"]
+
+            assert "quiet requested by thumbnailer" in wait_for("a waiting run", waiting)
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(http.get("/metrics").text)
+                for s in f.samples
+            }
+            assert samples[("fsledger_schedule_deferrals_total", (("reason", "quiet"),))] == 1
+            assert samples[("fsledger_schedule_waiting", ())] == 1
+            (root / "while-quiet.jpg").write_bytes(b"q")
+            assert http.delete("/api/v1/schedule/quiet").json()["until"] is None
+            wait_for(
+                "the held run",
+                lambda: any(r.path == b"while-quiet.jpg" for r in ledger.files(repo)),
+            )
+            wait_for("no waiting run", lambda: not waiting())
+    finally:
+        manager.stop()

@@ -7,12 +7,18 @@ import json
 import os
 import subprocess
 import sys
+import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from fsledger.cli import main
+from fsledger.config import Settings
+from fsledger.ledger import Ledger
+from fsledger.manager import SyncManager
 
 
 @pytest.fixture
@@ -278,3 +284,43 @@ def test_a_briefly_unreachable_database_is_retried(
     code, _out, err = invoke(env, "repo", "list", "--json")
     assert (code, len(tries), waits) == (1, 3, [0.5, 1.0])
     assert err.strip() == "fsledger: error: PostgreSQL at ... is unreachable"
+
+
+def test_quiet_for_holds_the_running_managers_scheduled_runs_and_status_says_why(env, photos):
+    code, out, _ = invoke(env, "repo", "add", str(photos), "--json")
+    assert code == 0
+    repo_id = json.loads(out)["id"]
+    code, out, _ = invoke(env, "quiet", "--for", "2h", "--by", "pipeline", "--json")
+    assert code == 0
+    until = datetime.fromisoformat(json.loads(out)["until"])
+    assert timedelta(hours=1, minutes=59) < until - datetime.now(UTC) <= timedelta(hours=2)
+    assert invoke(env, "quiet", "--for", "8d")[0] == 2  # a courtesy, not an off switch
+    settings = Settings.from_env(env, reconciliation_interval_s=1.0, daily_at=None)
+    with Ledger(settings) as ledger:
+        manager = SyncManager(ledger, replace(settings, daily_at=None), pressure=lambda: None)
+        manager.start()
+        try:
+            assert manager.wait_idle(30)
+
+            def waiting() -> str | None:
+                code, out, _ = invoke(env, "status", repo_id, "--json")
+                sched = json.loads(out)["schedule"]
+                return sched and sched["waiting_reason"]
+
+            deadline = time.monotonic() + 20
+            while not waiting():
+                assert time.monotonic() < deadline, "no waiting run shown"
+                time.sleep(0.05)
+            assert "quiet requested by pipeline" in waiting()
+            code, out, _ = invoke(env, "status", repo_id)
+            assert "waiting since" in out and "quiet requested by pipeline" in out
+            assert invoke(env, "quiet", "--off")[0] == 0
+            deadline = time.monotonic() + 20
+            while waiting():
+                assert time.monotonic() < deadline, "the run still waits after --off"
+                time.sleep(0.05)
+            code, out, _ = invoke(env, "ops", repo_id, "--json")
+            waits = [o for o in json.loads(out) if o["operation_type"] == "deferral"]
+        finally:
+            manager.stop()
+    assert waits and "quiet requested by pipeline" in waits[0]["error_message"]

@@ -180,3 +180,29 @@ def test_settings_are_frozen() -> None:
     s = Settings(database_url="sqlite:///x")
     with pytest.raises(AttributeError):
         s.batch_size = 5  # type: ignore[misc]
+
+
+def test_schedule_settings_from_env() -> None:
+    s = Settings.from_env(
+        {
+            "FSLEDGER_DATABASE_URL": "sqlite:///x.db",
+            "RECONCILIATION_DAILY_AT": "auto",
+            "FSLEDGER_SCHEDULE_MAX_DEFERRAL": "3h",
+            "FSLEDGER_SCHEDULE_BUSY_CHANGES": "120",
+            "FSLEDGER_SCHEDULE_BUSY_IO_PRESSURE": "35",
+            "FSLEDGER_SCHEDULE_BUSY_CPU_PRESSURE": "80",
+            "FSLEDGER_INTERVAL_MIN": "2h",
+            "FSLEDGER_INTERVAL_MAX": "3d",
+            "FSLEDGER_ADAPTIVE_INTERVAL": "off",
+            "FSLEDGER_GENTLE_SCANS": "false",
+        }
+    )
+    assert s.daily_auto and s.daily_at == time(2, 0)  # 02:00 until history exists
+    assert s.schedule_max_deferral_s == 3 * 3600 and s.schedule_busy_changes == 120
+    assert (s.schedule_busy_io_pressure, s.schedule_busy_cpu_pressure) == (35, 80)
+    assert (s.interval_min_s, s.interval_max_s) == (7200, 3 * 86400)
+    assert not s.adaptive_interval and not s.gentle_scans
+    with pytest.raises(ConfigError, match="FSLEDGER_SCHEDULE_BUSY_IO_PRESSURE"):
+        Settings.from_env({"FSLEDGER_SCHEDULE_BUSY_IO_PRESSURE": "101"})
+    with pytest.raises(ConfigError, match="FSLEDGER_INTERVAL_MIN"):
+        Settings.from_env({"FSLEDGER_INTERVAL_MIN": "2d", "FSLEDGER_INTERVAL_MAX": "1d"})

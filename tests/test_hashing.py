@@ -14,7 +14,17 @@ import blake3
 import pytest
 
 import fsledger.hashing
-from fsledger.hashing import ALGORITHMS, BLOCK, HashOutcome, HashPool, hash_file, hash_many
+from fsledger.hashing import (
+    ALGORITHMS,
+    BLOCK,
+    GENTLE_NICE,
+    IOPRIO_CLASS_IDLE,
+    HashOutcome,
+    HashPool,
+    current_priority,
+    hash_file,
+    hash_many,
+)
 from treeutil import OsWith
 
 SIZES = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17]
@@ -260,3 +270,43 @@ def test_forked_workers_leave_what_they_share_out_of_collections(
     finally:
         pool.close()
         gc.unfreeze()
+
+
+def test_a_gentle_pools_workers_run_at_nice_10_and_idle_io_and_the_parent_does_not():
+    parent = current_priority()
+    with HashPool(2, "blake3", 30.0, gentle=True) as gentle:
+        probes = list(gentle.map_ordered(current_priority, [0, 1, 2, 3], 30.0))
+    assert {p.nice for p in probes} == {max(GENTLE_NICE, parent.nice)}
+    assert {p.io_class for p in probes} == {IOPRIO_CLASS_IDLE}
+    assert current_priority() == parent
+    with HashPool(2, "blake3", 30.0) as normal:
+        assert set(normal.map_ordered(current_priority, [0, 1], 30.0)) == {parent}
+
+
+def test_a_gentle_paced_scan_in_workers_records_the_tree_exactly(tmp_path):
+    from fsledger.config import Settings
+    from fsledger.ledger import Ledger
+
+    root = tmp_path / "tree"
+    for d in range(40):  # enough top-level folders for a first index in worker processes
+        (root / f"d{d:02d}").mkdir(parents=True)
+        for i in range(3):
+            (root / f"d{d:02d}" / f"{i}.jpg").write_bytes(b"%d-%d" % (d, i))
+    settings = Settings(
+        database_url="sqlite://" + str(tmp_path / "g.db"), max_concurrency=2, batch_size=10
+    )
+
+    def on_disk() -> dict[bytes, int]:
+        return {os.fsencode(p.relative_to(root)): p.stat().st_size for p in root.rglob("*.jpg")}
+
+    with Ledger(settings) as ledger:
+        repo = ledger.add_repository(root)
+        stats = ledger.scan(repo, gentle=True)
+        assert stats.files_added == 120
+        assert {r.path: r.size for r in ledger.files(repo)} == on_disk()
+        # A rescan with changes writes paced batches of ten: still exact.
+        for p in sorted(root.rglob("0.jpg")):
+            p.write_bytes(b"changed, and longer than before")
+        stats = ledger.scan(repo, gentle=True)
+        assert stats.files_updated == 40
+        assert {r.path: r.size for r in ledger.files(repo)} == on_disk()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
 from fsledger.model import OperationType, RepoSettings, RepoState
 from fsledger.repoconfig import load_repo_yaml
+from fsledger.schedule import Pressure, Quiet, ScheduleView
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -257,5 +260,285 @@ def test_recently_active_directories_are_reconciled_first_after_a_loss(ledger, s
         order = [heapq.heappop(manager._queue).prefix for _ in range(len(manager._queue))]
         # album/ was written last, quiet/ only by the first index, the whole tree goes last.
         assert order == [b"album", b"quiet", b""]
+    finally:
+        manager.stop()
+
+
+class Pressures:
+    """The pressure the manager's scheduler sees: the test sets it."""
+
+    def __init__(self, io: float = 0.0) -> None:
+        self.io = io
+
+    def __call__(self) -> Pressure:
+        return Pressure(io_avg60=self.io, cpu_avg60=0.0)
+
+
+def periodic(settings: Settings, **kw: object) -> Settings:
+    """A scheduled reconciliation every second (no daily run)."""
+    return replace(settings, reconciliation_interval_s=1.0, daily_at=None, **kw)
+
+
+def test_scheduled_run_waits_under_pressure_then_runs_and_is_recorded(ledger, settings, tmp_path):
+    root = make_photos(tmp_path / "photos")
+    repo = ledger.add_repository(root)
+    pressure = Pressures(io=80.0)
+    manager = SyncManager(ledger, periodic(settings), pressure=pressure)
+    manager.start()
+    try:
+        assert manager.wait_idle(30)  # the startup run is never deferred
+        # What `fsledger status` of another process shows: read from the store.
+        wait_for(lambda: (ledger.status(repo).schedule or ScheduleView()).waiting_reason)
+        view = ledger.status(repo).schedule
+        assert view is not None and "I/O pressure 80.0%" in (view.waiting_reason or "")
+        assert view.deadline is not None and view.next_run == view.deadline
+        assert "I/O pressure" in ledger.status(repo).to_json()["schedule"]["waiting_reason"]
+        (root / "album" / "missed.jpg").write_bytes(b"no watcher saw this")
+        assert manager.metrics().schedule_waiting == 1
+        assert b"album/missed.jpg" not in {r.path for r in ledger.files(repo)}
+        pressure.io = 0.0
+        wait_for(lambda: b"album/missed.jpg" in {r.path for r in ledger.files(repo)})
+        wait_for(lambda: any(o.error_message for o in _waits(ledger, repo)))
+        wait = next(o for o in _waits(ledger, repo) if o.error_message)
+        assert "I/O pressure" in wait.error_message and "ran when quiet" in wait.error_message
+        runs = [
+            o for o in ledger.operations(repo) if o.operation_type is OperationType.RECONCILIATION
+        ]
+        assert any(o.start_time >= wait.start_time for o in runs)
+        assert manager.metrics().schedule_deferrals["io_pressure"] >= 1
+        # The deferred run found drift: the interval shortened, and status says why.
+        wait_for(lambda: "missed change" in (ledger.status(repo).schedule.interval.reason or ""))
+    finally:
+        manager.stop()
+
+
+def _waits(ledger: Ledger, repo) -> list:
+    return [o for o in ledger.operations(repo, 100) if o.operation_type is OperationType.DEFERRAL]
+
+
+def test_scheduled_run_never_waits_past_the_maximum(ledger, settings, tmp_path):
+    root = make_photos(tmp_path / "photos")
+    repo = ledger.add_repository(root)
+    clock = Clock(datetime(2026, 3, 1, 10, 0, tzinfo=UTC))
+    manager = SyncManager(
+        ledger,
+        periodic(settings, schedule_max_deferral_s=6 * 3600.0),
+        clock=clock,
+        pressure=Pressures(io=99.0),
+    )
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        wait_for(lambda: manager.metrics().schedule_waiting == 1)
+        (root / "album" / "late.jpg").write_bytes(b"late")
+        clock.now += timedelta(hours=6)  # still busy, but it has waited long enough
+        wait_for(lambda: b"album/late.jpg" in {r.path for r in ledger.files(repo)})
+        wait_for(lambda: any("maximum 6h" in (o.error_message or "") for o in _waits(ledger, repo)))
+    finally:
+        manager.stop()
+
+
+def test_quiet_request_from_another_process_holds_runs_until_it_expires(ledger, settings, tmp_path):
+    root = make_photos(tmp_path / "photos")
+    repo = ledger.add_repository(root)
+    clock = Clock(datetime(2026, 3, 1, 10, 0, tzinfo=UTC))
+    manager = SyncManager(ledger, periodic(settings), clock=clock, pressure=Pressures())
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        # Another process (the CLI) asks for quiet through the database.
+        with Ledger(settings) as other:
+            other.request_quiet(Quiet(clock.now + timedelta(hours=2), by="thumbnailer"))
+        wait_for(
+            lambda: (
+                "thumbnailer"
+                in ((ledger.status(repo).schedule or ScheduleView()).waiting_reason or "")
+            )
+        )
+        (root / "album" / "quiet.jpg").write_bytes(b"q")
+        assert b"album/quiet.jpg" not in {r.path for r in ledger.files(repo)}
+        clock.now += timedelta(hours=2)  # the request expires by itself
+        wait_for(lambda: b"album/quiet.jpg" in {r.path for r in ledger.files(repo)})
+        assert manager.metrics().schedule_deferrals["quiet"] >= 1
+    finally:
+        manager.stop()
+
+
+def test_scheduled_run_waits_while_a_real_cp_runs_then_runs_after(ledger, settings, tmp_path):
+    """A real `cp -a` into the watched root (an import) holds the scheduled reconciliation;
+    it runs once the copying is over, and the ledger equals the disk."""
+    from fsledger.watch import Watcher
+
+    source = tmp_path / "import"
+    for d in range(10):
+        (source / f"roll{d}").mkdir(parents=True)
+        for i in range(30):
+            (source / f"roll{d}" / f"{i}.jpg").write_bytes(b"%d-%d" % (d, i))
+    root = make_photos(tmp_path / "photos")
+    repo = ledger.add_repository(root)
+    busy = periodic(settings, schedule_busy_changes=30.0, schedule_activity_window_s=2.0)
+    manager = SyncManager(
+        ledger,
+        busy,
+        live_factory=lambda led, s, on_resync: Watcher(led, s, on_resync=on_resync),
+        pressure=lambda: None,
+    )
+    manager.start()
+    stop = tmp_path / "stop-copying"
+    copying = subprocess.Popen(
+        [
+            "sh",
+            "-c",
+            'n=0; while [ ! -e "$1" ]; do n=$((n+1)); cp -a "$2" "$3/import-$n"; done',
+            "sh",
+            str(stop),
+            str(source),
+            str(root),
+        ]
+    )
+    try:
+        wait_for(
+            lambda: (
+                "changes/min"
+                in ((ledger.status(repo).schedule or ScheduleView()).waiting_reason or "")
+            ),
+            timeout=60,
+        )
+    finally:
+        stop.touch()
+        assert copying.wait(60) == 0
+    copied = datetime.now(UTC)
+    try:
+        wait_for(lambda: any(o.end_time for o in _waits(ledger, repo)), timeout=60)
+        wait = next(o for o in _waits(ledger, repo) if o.end_time)
+        assert "changes/min" in (wait.error_message or "")
+        assert "ran when quiet" in (wait.error_message or "")
+        assert wait.end_time is not None and wait.end_time >= copied
+        wait_for(
+            lambda: any(
+                o.operation_type is OperationType.RECONCILIATION and o.start_time >= wait.end_time
+                for o in ledger.operations(repo, 100)
+            ),
+            timeout=60,
+        )
+        assert manager.wait_idle(60)
+        assert {r.path for r in ledger.files(repo)} == on_disk(root)
+    finally:
+        manager.stop()
+
+
+def _interval(ledger: Ledger, repo) -> tuple[float, str]:
+    view = ledger.status(repo).schedule
+    if view is None or view.interval is None:
+        return 0.0, ""
+    return view.interval.seconds, view.interval.reason
+
+
+def test_clean_runs_lengthen_the_interval_within_bounds_and_a_restart_keeps_it(
+    ledger, settings, tmp_path
+):
+    root = make_photos(tmp_path / "photos")
+    repo = ledger.add_repository(root)
+    adaptive = periodic(settings, interval_max_s=4.0)  # 1 s up to 4 s
+    manager = SyncManager(ledger, adaptive, pressure=lambda: None)
+    manager.start()
+    try:
+        wait_for(lambda: _interval(ledger, repo)[0] == 4.0, timeout=30)
+        assert "ceiling" in _interval(ledger, repo)[1] or "lengthened" in _interval(ledger, repo)[1]
+    finally:
+        manager.stop()
+    again = SyncManager(ledger, adaptive, pressure=lambda: None)
+    again.start()
+    try:
+        view = again.schedule_view(repo.id)
+        assert view is not None and view.interval is not None and view.interval.seconds == 4.0
+    finally:
+        again.stop()
+
+
+def test_a_polled_network_filesystem_keeps_its_polling_interval(
+    ledger, settings, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("fsledger.manager._network", lambda root: True)
+    root = make_photos(tmp_path / "nfs")
+    repo = ledger.add_repository(root)
+    manager = SyncManager(ledger, periodic(settings, interval_max_s=4.0), pressure=lambda: None)
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        wait_for(lambda: "network filesystem" in _interval(ledger, repo)[1])
+        assert _interval(ledger, repo)[0] == 60.0  # NETWORK_POLL_S, not adapted
+    finally:
+        manager.stop()
+
+
+def test_clean_daily_runs_lengthen_the_interval_and_skip_days(ledger, settings, tmp_path):
+    repo = ledger.add_repository(make_photos(tmp_path / "p"))
+    tz = timezone(timedelta(hours=1))
+    clock = Clock(datetime(2026, 3, 1, 1, 0, tzinfo=tz))
+    manager = SyncManager(ledger, settings, clock=clock)
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+
+        def daily_runs_on(days: list[int]) -> int:
+            for day in days:
+                clock.now = datetime(2026, 3, day, 2, 0, 5, tzinfo=tz)
+                manager.tick()
+                assert manager.wait_idle(30)
+            return sum(
+                1
+                for op in ledger.operations(repo, 100)
+                if op.operation_type is OperationType.RECONCILIATION
+            )
+
+        assert daily_runs_on([1, 2]) == 2  # two clean runs: 24 h -> 48 h
+        view = manager.schedule_view(repo.id)
+        assert view is not None and view.interval is not None
+        assert view.interval.seconds == 48 * 3600 and "lengthened" in view.interval.reason
+        assert daily_runs_on([3]) == 2  # skipped: the last run was a day ago
+        assert daily_runs_on([4]) == 3  # two days on: due again
+    finally:
+        manager.stop()
+
+
+def test_daily_auto_learns_the_quiet_hour_from_the_feed_and_status_shows_it(
+    ledger, settings, tmp_path
+):
+    from test_store import backdate_feed
+
+    tz = timezone(timedelta(hours=-5))
+    now = datetime(2026, 3, 20, 12, 0, tzinfo=tz)
+    root = make_photos(tmp_path / "p", n=1)
+    repo = ledger.add_repository(root)
+    auto = replace(settings, daily_auto=True)
+    # Without history: the fallback, and status says why.
+    manager = SyncManager(ledger, auto, clock=Clock(now))
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        manager.tick()
+        view = manager.schedule_view(repo.id)
+        assert view is not None and view.daily is not None
+        assert view.daily.at.hour == 2 and "default" in view.daily.reason
+    finally:
+        manager.stop()
+    # Fourteen days of history, busy every local hour but 05:00.
+    hours = [
+        at for h in range(14 * 24) if (at := now - timedelta(hours=h + 1)).astimezone(tz).hour != 5
+    ]
+    for i, _ in enumerate(hours):
+        (root / "album" / f"h{i}.jpg").write_bytes(b"%d" % i)
+    with Ledger(settings) as writer:  # the stopped manager's writer gave its lease up
+        writer.scan(repo)
+    backdate_feed(ledger.store, [*hours, *([now] * (ledger.store.latest_seq() - len(hours)))])
+    manager = SyncManager(ledger, auto, clock=Clock(now))
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        manager.tick()
+        wait_for(lambda: (ledger.status(repo).schedule or ScheduleView()).daily is not None)
+        daily = ledger.status(repo).to_json()["schedule"]
+        assert daily["daily_at"] == "05:00" and "quietest" in daily["daily_reason"]
     finally:
         manager.stop()

@@ -874,3 +874,38 @@ def test_change_feed_per_repository(store: Store, repo: Repository) -> None:
     assert [e.path for e in store.changes_since(0, 10, repo.id) if e.path] == [b"r1", b"r2"]
     assert [e.path for e in store.changes_since(0, 10, other.id) if e.path] == [b"o1"]
     assert {e.repository_id for e in store.changes_since(0, 10, other.id)} == {other.id}
+
+
+def backdate_feed(store: Store, times: list[datetime]) -> None:
+    """Give the feed's entries, in seq order, the recorded times ``times`` (a history), in
+    UTC as the stores write them."""
+    sql = cast(SqlStore, store)
+    with sql._tx() as cur:
+        cur.execute("SELECT seq FROM change_log ORDER BY seq")
+        seqs = [int(r[0]) for r in cur.fetchall()]
+        for seq, at in zip(seqs, times, strict=True):
+            cur.execute(
+                "UPDATE change_log SET recorded_at = ? WHERE seq = ?",
+                (sql._ts_in(at.astimezone(UTC)), seq),
+            )
+
+
+def test_change_counts_by_hour_and_schedule_state(store: Store, repo: Repository) -> None:
+    start = datetime(2026, 10, 20, 0, 0, tzinfo=UTC)
+    times = [start + timedelta(minutes=m) for m in (0, 10, 59, 60, 61, 24 * 60 + 5)]
+    store.apply(repo.id, created(*(b"h/%d" % i for i in range(len(times)))))
+    backdate_feed(store, times)
+    assert store.change_counts_by_hour(start) == [
+        (start, 3),
+        (start + timedelta(hours=1), 2),
+        (start + timedelta(hours=24), 1),
+    ]
+    assert store.change_counts_by_hour(start + timedelta(hours=2)) == [
+        (start + timedelta(hours=24), 1)
+    ]
+    assert store.get_schedule_state("quiet") is None
+    store.set_schedule_state("quiet", '{"until": "x"}')
+    store.set_schedule_state("quiet", '{"until": "y"}')
+    assert store.get_schedule_state("quiet") == '{"until": "y"}'
+    store.set_schedule_state("quiet", None)
+    assert store.get_schedule_state("quiet") is None

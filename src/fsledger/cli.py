@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 from uuid import UUID
 
 import click
 
-from fsledger.config import Settings
+from fsledger.config import Settings, parse_duration
 from fsledger.errors import (
     ConfigError,
     CorruptionFound,
@@ -36,6 +37,7 @@ from fsledger.hashing import HashPool
 from fsledger.ledger import Ledger, normalize_root
 from fsledger.model import FeedEntry, OperationType, RepoSettings, Repository, ScanStats
 from fsledger.reconcile import start_workers
+from fsledger.schedule import Quiet
 from fsledger.text import SafeFormatter, escape_controls, show_path
 
 if TYPE_CHECKING:
@@ -438,6 +440,73 @@ def status(ctx: Context, ref: str | None, as_json: bool) -> None:
             f"{_show(s['name'])}: {s['total_files']} files, {s['state']}, last scan "
             f"{s['last_scan_time'] or 'never'}"
             + (f", last operation {last['operation_type']} {last['status']}" if last else "")
+        )
+        if s.get("schedule"):
+            click.echo("  " + _schedule_line(s["schedule"]))
+
+
+def _schedule_line(sched: dict[str, Any]) -> str:
+    """The running manager's schedule of a repository, in one line."""
+    parts = [f"next run {sched['next_run'] or 'none scheduled'}"]
+    if sched.get("waiting_reason"):
+        parts.append(f"waiting since {sched['waiting_since']}: {sched['waiting_reason']}")
+    if sched.get("interval_s"):
+        parts.append(f"interval {sched['interval_s'] / 3600:g}h ({sched['interval_reason']})")
+    if sched.get("daily_at"):
+        parts.append(f"daily at {sched['daily_at']} ({sched['daily_reason']})")
+    return "; ".join(_show(p) for p in parts)
+
+
+@main.command()
+@click.option(
+    "--for",
+    "duration",
+    metavar="DURATION",
+    help="How long, e.g. 30m or 2h (at most 7 days).",
+)
+@click.option("--until", "until", metavar="TIME", help="Until when (ISO 8601, local if no offset).")
+@click.option("--by", default="cli", show_default=True, help="Who asks (shown in status).")
+@click.option("--off", is_flag=True, help="Withdraw the request: waiting runs start now.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@_guard
+def quiet(
+    ctx: Context,
+    duration: str | None,
+    until: str | None,
+    by: str,
+    off: bool,
+    as_json: bool,
+) -> None:
+    """Ask the running manager to start no scheduled reconciliation for a while
+    ("my pipeline is busy"). Startup and recovery reconciliations still run, and a
+    scheduled one waits at most FSLEDGER_SCHEDULE_MAX_DEFERRAL (6h)."""
+    now = datetime.now().astimezone()
+    if off:
+        ctx.ledger.request_quiet(None)
+        if as_json:
+            _emit({"until": None})
+        else:
+            click.echo("quiet request withdrawn")
+        return
+    if (duration is None) == (until is None):
+        raise ConfigError("give either --for DURATION or --until TIME (or --off)")
+    if duration is not None:
+        when = now + timedelta(seconds=parse_duration("--for", duration, 7 * 86400.0))
+    else:
+        try:
+            when = datetime.fromisoformat(str(until))
+        except ValueError:
+            raise ConfigError(f"--until {until!r} is not an ISO 8601 time") from None
+        when = when if when.tzinfo else when.astimezone()
+        if when - now > timedelta(days=7):
+            raise ConfigError(f"--until {until!r} is more than 7 days ahead")
+    ctx.ledger.request_quiet(Quiet(when, by))
+    if as_json:
+        _emit({"until": when.isoformat(), "by": by})
+    else:
+        click.echo(
+            f"no scheduled reconciliation starts before {when.isoformat(timespec='minutes')}"
         )
 
 

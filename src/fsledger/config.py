@@ -74,6 +74,16 @@ def parse_int(name: str, value: str, minimum: int, maximum: int) -> int:
     return number
 
 
+def parse_number(name: str, value: str, minimum: float, maximum: float) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a number") from None
+    if not minimum <= number <= maximum:
+        raise ConfigError(f"{name}={value!r} is out of range: expected {minimum:g}..{maximum:g}")
+    return number
+
+
 def parse_clock(name: str, value: str) -> time | None:
     text = value.strip().lower()
     if text in ("", "off", "none", "never"):
@@ -133,6 +143,25 @@ class Settings:
     """0 turns periodic reconciliation off (startup and recovery reconciliations still run)."""
     daily_at: time | None = time(2, 0)
     """Local time of the daily reconciliation; None turns it off."""
+    daily_auto: bool = False
+    """``RECONCILIATION_DAILY_AT=auto``: the daily run moves to the local hour the feed's
+    history shows quietest (``daily_at`` is the fallback until 7 days of history exist)."""
+    schedule_max_deferral_s: float = 6 * 3600.0
+    """How long past due a scheduled reconciliation may wait for a quiet system."""
+    schedule_busy_changes: float = 600.0
+    """Changes per minute in a repository above which it counts as busy (an import)."""
+    schedule_busy_io_pressure: float = 20.0
+    """``/proc/pressure/io`` some avg60 (percent) above which the system counts as busy."""
+    schedule_busy_cpu_pressure: float = 60.0
+    """``/proc/pressure/cpu`` some avg60 (percent) above which the system counts as busy."""
+    schedule_activity_window_s: float = 60.0
+    """The window over which a repository's changes per minute are measured."""
+    adaptive_interval: bool = True
+    """Scheduled reconciliations that find drift come sooner, clean ones later."""
+    interval_min_s: float = 3600.0
+    interval_max_s: float = 7 * 86400.0
+    gentle_scans: bool = True
+    """Scheduled reconciliations hash at idle I/O priority and nice 10."""
     debounce_s: float = 0.5
     batch_size: int = 100
     max_concurrency: int = os.cpu_count() or 1
@@ -178,7 +207,29 @@ class Settings:
                 "RECONCILIATION_INTERVAL", v, MAX_DURATION_S
             )
         if (v := env.get("RECONCILIATION_DAILY_AT")) is not None:
-            kw["daily_at"] = parse_clock("RECONCILIATION_DAILY_AT", v)
+            if v.strip().lower() == "auto":
+                kw["daily_auto"] = True
+            else:
+                kw["daily_at"] = parse_clock("RECONCILIATION_DAILY_AT", v)
+        for var, key in (
+            ("FSLEDGER_SCHEDULE_MAX_DEFERRAL", "schedule_max_deferral_s"),
+            ("FSLEDGER_SCHEDULE_ACTIVITY_WINDOW", "schedule_activity_window_s"),
+            ("FSLEDGER_INTERVAL_MIN", "interval_min_s"),
+            ("FSLEDGER_INTERVAL_MAX", "interval_max_s"),
+        ):
+            if v := env.get(var):
+                kw[key] = parse_duration(var, v, MAX_DURATION_S)
+        for var, key, top in (
+            ("FSLEDGER_SCHEDULE_BUSY_CHANGES", "schedule_busy_changes", 1e9),
+            ("FSLEDGER_SCHEDULE_BUSY_IO_PRESSURE", "schedule_busy_io_pressure", 100.0),
+            ("FSLEDGER_SCHEDULE_BUSY_CPU_PRESSURE", "schedule_busy_cpu_pressure", 100.0),
+        ):
+            if v := env.get(var):
+                kw[key] = parse_number(var, v, 0.0, top)
+        if v := env.get("FSLEDGER_ADAPTIVE_INTERVAL"):
+            kw["adaptive_interval"] = parse_bool("FSLEDGER_ADAPTIVE_INTERVAL", v)
+        if v := env.get("FSLEDGER_GENTLE_SCANS"):
+            kw["gentle_scans"] = parse_bool("FSLEDGER_GENTLE_SCANS", v)
         if v := env.get("FILE_WATCHER_DEBOUNCE"):
             kw["debounce_s"] = parse_duration("FILE_WATCHER_DEBOUNCE", v, MAX_DURATION_S)
         if v := env.get("RECONCILIATION_BATCH_SIZE"):
@@ -224,6 +275,12 @@ class Settings:
         if v := env.get("FSLEDGER_FEED_RETENTION_ENTRIES"):
             kw["feed_retention_entries"] = parse_int(
                 "FSLEDGER_FEED_RETENTION_ENTRIES", v, 0, 1 << 62
+            )
+        floor, ceiling = kw.get("interval_min_s", 3600.0), kw.get("interval_max_s", 7 * 86400.0)
+        if isinstance(floor, float) and isinstance(ceiling, float) and floor > ceiling:
+            raise ConfigError(
+                "FSLEDGER_INTERVAL_MIN is longer than FSLEDGER_INTERVAL_MAX: the adaptive "
+                "interval needs a floor at or below its ceiling"
             )
         settings = cls(**kw)  # type: ignore[arg-type]
         clean = {k: v for k, v in overrides.items() if v is not None}

@@ -224,13 +224,66 @@ def hash_many(root: bytes, paths: Sequence[RelPath], algo: str) -> list[HashOutc
         return [hash_below(below, p, algo) for p in paths]
 
 
-def _worker_init(warm: Callable[[], object] | None = None) -> None:
+GENTLE_NICE = 10
+"""The nice value of a gentle (scheduled) reconciliation's workers."""
+IOPRIO_CLASS_IDLE = 3
+_IOPRIO_CLASS_SHIFT = 13
+_IOPRIO_WHO_PROCESS = 1
+_IOPRIO_SYSCALLS = {"x86_64": (251, 252), "aarch64": (30, 31), "i686": (289, 290)}
+"""(ioprio_set, ioprio_get) syscall numbers: glibc has no wrapper for either."""
+
+
+class Priority(NamedTuple):
+    """A process's CPU nice value and I/O scheduling class (None where unknown)."""
+
+    nice: int
+    io_class: int | None
+
+
+def _ioprio_syscall(which: int, *args: int) -> int | None:
+    import ctypes
+    import platform
+
+    numbers = _IOPRIO_SYSCALLS.get(platform.machine())
+    if numbers is None:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = int(libc.syscall(numbers[which], *args))
+    return None if result < 0 else result
+
+
+def lower_priority() -> None:
+    """Make this process gentle: nice 10 and the idle I/O class, so that a scheduled
+    reconciliation's reads and hashing yield to everything else on the machine (a photo
+    server's thumbnailing, the API). One-way: an unprivileged process cannot raise its
+    priority again, which is why gentle runs get workers of their own."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) < GENTLE_NICE:
+            os.setpriority(os.PRIO_PROCESS, 0, GENTLE_NICE)
+    except OSError as exc:
+        log.warning("Hashing worker keeps its CPU priority: %s", exc)
+    value = IOPRIO_CLASS_IDLE << _IOPRIO_CLASS_SHIFT
+    if _ioprio_syscall(0, _IOPRIO_WHO_PROCESS, 0, value) is None:
+        log.warning("Hashing worker keeps its I/O priority: ioprio_set is unavailable")
+
+
+def current_priority(_: object = None) -> Priority:
+    """This process's priority (what a gentle worker runs at; also a probe for tests)."""
+    raw = _ioprio_syscall(1, _IOPRIO_WHO_PROCESS, 0)
+    io_class = None if raw is None else raw >> _IOPRIO_CLASS_SHIFT
+    return Priority(os.getpriority(os.PRIO_PROCESS, 0), io_class)
+
+
+def _worker_init(warm: Callable[[], object] | None = None, gentle: bool = False) -> None:
     """Workers leave Ctrl-C to their parent: a terminal's SIGINT reaches the whole process
     group, and a worker dying mid-queue-operation could leave the pool unable to stop.
 
-    ``warm`` is called next (see ``HashPool.start``); it must not raise.
+    A gentle pool's workers lower their priority first (``lower_priority``). ``warm`` is
+    called next (see ``HashPool.start``); it must not raise.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if gentle:
+        lower_priority()
     # A worker builds a range's items, thousands of small acyclic objects, then hands them
     # off: the default young-generation threshold (700) would traverse them over and over.
     gc.set_threshold(50_000, *gc.get_threshold()[1:])
@@ -268,12 +321,14 @@ class HashPool:
 
     A chunk that takes longer than its budget (a hung network mount) is abandoned:
     its files come back as errors, a warning is logged and the workers are replaced.
+    A ``gentle`` pool's workers run at nice 10 and the idle I/O class (scheduled runs).
     """
 
-    def __init__(self, workers: int, algo: str, timeout_s: float) -> None:
+    def __init__(self, workers: int, algo: str, timeout_s: float, gentle: bool = False) -> None:
         self.workers = max(1, workers)
         self.algo = algo
         self.timeout_s = timeout_s
+        self.gentle = gentle
         self._pool: multiprocessing.pool.Pool | None = None
         self._lock = threading.Lock()
 
@@ -289,7 +344,10 @@ class HashPool:
                     # it touches), and so does this process's last one at exit.
                     gc.freeze()
                 self._pool = _Pool(
-                    self.workers, initializer=_worker_init, initargs=(warm,), context=context
+                    self.workers,
+                    initializer=_worker_init,
+                    initargs=(warm, self.gentle),
+                    context=context,
                 )
             return self._pool
 

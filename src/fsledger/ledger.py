@@ -6,6 +6,7 @@ which records change) and the reconciler with its hashing workers.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -13,6 +14,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import datetime
 from uuid import UUID
 
 from fsledger.config import Settings
@@ -40,9 +42,10 @@ from fsledger.model import (
     SyncStatus,
     utcnow,
 )
-from fsledger.reconcile import Progress, Reconciler
+from fsledger.reconcile import Progress, Reconciler, owner_tag
 from fsledger.repoconfig import follow_file
 from fsledger.roots import stat_new_root
+from fsledger.schedule import Quiet, ScheduleView
 from fsledger.store import Store, open_store
 from fsledger.writer import RepoWriter
 
@@ -233,12 +236,14 @@ class Ledger:
         progress: Progress | None = None,
         prefix: RelPath = b"",
         accept_ignores: bool = False,
+        gentle: bool = False,
     ) -> ScanStats:
         """Reconcile one repository (or the subtree below ``prefix``) with the disk (tier 2).
 
         A root that fails the guard marks the repository offline and raises; a
         successful scan marks it online. ``accept_ignores``: records that the root's own
         ``.fsledger.yaml`` ignores are retired too (otherwise they are kept and reported).
+        ``gentle``: hash in workers at nice 10 and the idle I/O class (scheduled runs).
         """
         writer = self.writer(repo)
         # The stored copy is the newest: another process (or an earlier --force) may have
@@ -253,6 +258,7 @@ class Ledger:
                 force=force,
                 progress=progress,
                 prefix=prefix,
+                gentle=gentle,
             )
         except RootUnavailable:
             self.set_state(repo, RepoState.OFFLINE)
@@ -335,7 +341,39 @@ class Ledger:
             last_scan_time=self.store.last_completed_scan(repo.id),
             is_watching=is_watching,
             last_sync_operation=ops[0] if ops else None,
+            schedule=self.schedule_view(repo.id),
         )
+
+    # --- the schedule (kept by the running manager, read by any process) ----------------
+    def schedule_view(self, repo_id: UUID) -> ScheduleView | None:
+        """The running manager's schedule of a repository: next run, why it waits, interval."""
+        text = self.store.get_schedule_state(f"repo:{repo_id}")
+        return ScheduleView.from_json(json.loads(text)) if text else None
+
+    def set_schedule_view(self, repo_id: UUID, view: ScheduleView) -> None:
+        self.store.set_schedule_state(f"repo:{repo_id}", json.dumps(view.to_json()))
+
+    def quiet(self) -> Quiet | None:
+        """A consumer's quiet request, if one was made (it may have expired)."""
+        text = self.store.get_schedule_state("quiet")
+        return Quiet.from_json(json.loads(text)) if text else None
+
+    def request_quiet(self, quiet: Quiet | None) -> None:
+        """Ask the running manager(s) to start no scheduled reconciliation before
+        ``quiet.until``; ``None`` withdraws the request."""
+        self.store.set_schedule_state("quiet", json.dumps(quiet.to_json()) if quiet else None)
+
+    def change_counts_by_hour(self, since: datetime) -> list[tuple[datetime, int]]:
+        """The feed's entries per UTC hour since ``since`` (the quiet hour is learned from it)."""
+        return self.store.change_counts_by_hour(since)
+
+    def start_wait(self, repo_id: UUID) -> int:
+        """Open the ``deferral`` operation row of a scheduled run that waits."""
+        return self.store.start_operation(repo_id, OperationType.DEFERRAL, owner_tag(), utcnow()).id
+
+    def end_wait(self, op_id: int, message: str) -> None:
+        """Close a ``deferral`` row, saying how long the run waited, why, and how it ended."""
+        self.store.finish_operation(op_id, OperationStatus.COMPLETED, None, message, utcnow())
 
     def operations(self, repo: Repository | None, limit: int = 20) -> list[SyncOperation]:
         return self.store.recent_operations(repo.id if repo else None, limit)

@@ -7,7 +7,9 @@ Threads it owns:
   them one at a time; requests for a repository with recent events go first;
 * the *scheduler*: once a second decides what is due (periodic and daily runs,
   per-repository quick/full intervals, polling of network filesystems, roots that
-  came back, repositories added or removed by another process);
+  came back, repositories added or removed by another process); a due *scheduled* run
+  waits while the system or the library is busy (``fsledger.schedule`` decides), and
+  each repository's interval adapts to the drift its reconciliations find;
 * the live source (the inotify watcher), when one is plugged in.
 
 Every write still goes through the one ``RepoWriter`` of each repository.
@@ -17,12 +19,15 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as time_of_day
 from typing import TYPE_CHECKING, Protocol
 from uuid import UUID
 
@@ -40,6 +45,21 @@ from fsledger.model import (
 )
 from fsledger.mounts import changed_mounts
 from fsledger.roots import root_present
+from fsledger.schedule import (
+    HISTORY_DAYS,
+    Adaptive,
+    Gate,
+    HourChoice,
+    Interval,
+    Policy,
+    Pressure,
+    PressureSource,
+    Quiet,
+    ScheduleView,
+    Verdict,
+    quiet_hour,
+    read_pressure,
+)
 from fsledger.store.lease import Lease
 from fsledger.writer import Applied
 
@@ -94,6 +114,10 @@ class SyncMetrics:
     degraded_repositories: int
     offline_repositories: int
     files_moved: int = 0
+    schedule_deferrals: Mapping[str, int] = field(default_factory=dict)
+    """Scheduled reconciliations that waited, by the reason they first waited for."""
+    schedule_waiting: int = 0
+    """Scheduled reconciliations waiting now."""
 
 
 @dataclass(order=True)
@@ -105,6 +129,24 @@ class _Request:
     op_type: OperationType = field(compare=False)
     reason: str = field(compare=False)
     verify: bool = field(compare=False, default=False)
+    scheduled: bool = field(compare=False, default=False)
+    """A scheduled run: gentle while it runs, and its drift adapts the interval."""
+
+
+@dataclass
+class _Due:
+    """A scheduled run that fell due and has not been queued yet (it may be waiting)."""
+
+    since: datetime
+    reason: str
+    verify: bool
+    op_id: int | None = None
+    """The ``deferral`` operation row, once it waits."""
+    kind: str | None = None
+    """Why it first waited (the label of ``fsledger_schedule_deferrals_total``)."""
+    first_reason: str | None = None
+    waiting: Verdict | None = None
+    """The latest verdict while it waits."""
 
 
 @dataclass
@@ -118,6 +160,20 @@ class _RepoRuntime:
     last_offline_check: float = 0.0
     recent_dirs: dict[RelPath, float] = field(default_factory=dict)
     """Directories written to lately, most recent last (bounded): reconciled first."""
+    due: dict[bool, _Due] = field(default_factory=dict)
+    """Scheduled runs due, by their verify flag."""
+    activity: deque[tuple[float, int]] = field(default_factory=deque)
+    """(monotonic time, changes) the watcher applied: the activity the scheduler weighs."""
+    interval: Interval | None = None
+    last_scheduled: float = 0.0
+    """Monotonic time the last scheduled run fell due (periodic schedules)."""
+    last_daily_run: datetime | None = None
+    """Wall-clock time the last daily run fell due: a lengthened interval skips days."""
+    deferrals: int = 0
+    view: str = ""
+    """The schedule view last stored for ``status``."""
+    view_key: tuple[object, ...] = ()
+    view_stored: float = 0.0
 
 
 class SyncManager:
@@ -128,6 +184,8 @@ class SyncManager:
         settings: the configuration.
         live_factory: builds the tier-1 watcher; ``None`` runs reconciliation only.
         clock: local wall-clock time (tests pass their own).
+        pressure: the system's pressure-stall information (tests pass their own); by
+            default ``/proc/pressure``.
     """
 
     def __init__(
@@ -136,6 +194,7 @@ class SyncManager:
         settings: Settings,
         live_factory: LiveFactory | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now().astimezone(),
+        pressure: PressureSource | None = None,
     ) -> None:
         self.ledger = ledger
         self.settings = settings
@@ -154,20 +213,44 @@ class SyncManager:
         self._threads: list[threading.Thread] = []
         self._busy: UUID | None = None
         self._last_daily: date | None = None
-        self._last_periodic = time.monotonic()
         self._last_repo_poll = 0.0
         self._last_stats: ScanStats | None = None
         self._last_reconciliation: datetime | None = None
         self._reconciliation_errors = 0
         self._totals = ScanStats()
         self._helper: ScanHelper | None = None
+        self.gate = Gate(
+            Policy(
+                busy_changes_per_min=settings.schedule_busy_changes,
+                busy_io_pressure=settings.schedule_busy_io_pressure,
+                busy_cpu_pressure=settings.schedule_busy_cpu_pressure,
+                max_deferral_s=settings.schedule_max_deferral_s,
+            ),
+            clock,
+            pressure or default_pressure,
+            self._activity,
+        )
+        base = settings.reconciliation_interval_s
+        # The bounds lie around the configured interval, whatever it is.
+        self.adaptive = Adaptive(
+            min(settings.interval_min_s, base or settings.interval_min_s),
+            max(settings.interval_max_s, base),
+        )
+        self._deferrals: Counter[str] = Counter()
+        self._daily = (
+            HourChoice(settings.daily_at, "configured", False) if settings.daily_at else None
+        )
+        self._daily_learned: float | None = None
+        self._pressure_hours: dict[int, tuple[float, int]] = {}
+        self._last_pressure_sample = 0.0
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         """Recover interrupted operations, queue a startup reconciliation of every repository,
         start watching, and start the worker and scheduler threads."""
         self.ledger.recover_interrupted()
-        daily = self.settings.daily_at
+        self.gate.request_quiet(self._read_quiet())
+        daily = self._daily_time()
         if daily is not None and self.clock().time() < daily:
             # Started before today's run time: today's run is still due (a later start
             # counts the startup reconciliation as today's).
@@ -210,6 +293,8 @@ class SyncManager:
         for t in self._threads:
             t.join(timeout)
         for runtime in self._repos.values():
+            for due in runtime.due.values():
+                self._end_wait(runtime, due, "not run: fsledger stopped while it waited")
             if runtime.lease is not None:
                 runtime.lease.release()
         log.info("Sync manager stopped")
@@ -256,7 +341,10 @@ class SyncManager:
         if repo is None:
             raise FsledgerError(f"repository {repo_id} not found")
         watching = self.live is not None and self.live.is_watching(repo_id)
-        return self.ledger.status(repo, is_watching=watching)
+        status = self.ledger.status(repo, is_watching=watching)
+        # This process's own view is current; the stored one may be seconds old.
+        live = self.schedule_view(repo_id)
+        return replace(status, schedule=live) if live is not None else status
 
     def repositories(self) -> list[Repository]:
         return [r.repo for r in self._repos.values()]
@@ -286,7 +374,202 @@ class SyncManager:
             offline_repositories=sum(
                 1 for r in self._repos.values() if r.repo.state is RepoState.OFFLINE
             ),
+            schedule_deferrals=dict(self._deferrals),
+            # Snapshots (list() runs in C, under the GIL): the scheduler thread changes these.
+            schedule_waiting=sum(
+                1 for r in list(self._repos.values()) for d in list(r.due.values()) if d.kind
+            ),
         )
+
+    # --- the schedule -------------------------------------------------------------------
+    def request_quiet(self, until: datetime | None, by: str = "") -> Quiet | None:
+        """A consumer asks that no scheduled reconciliation start before ``until`` (``None``
+        withdraws the request). Stored, so that other processes' requests reach the running
+        manager and this one reaches every agent on the database."""
+        quiet = Quiet(until, by) if until is not None else None
+        self.ledger.request_quiet(quiet)
+        self.gate.request_quiet(quiet)
+        return quiet
+
+    def schedule_view(self, repo_id: UUID) -> ScheduleView | None:
+        """What ``status`` shows of a repository's schedule, as this manager sees it now."""
+        runtime = self._repos.get(repo_id)
+        return self._view(runtime, time.monotonic()) if runtime is not None else None
+
+    def _read_quiet(self) -> Quiet | None:
+        try:
+            return self.ledger.quiet()
+        except StoreError as exc:
+            log.warning("Cannot read the quiet request: %s", exc)
+            return self.gate.quiet()
+
+    def _activity(self, repo_id: UUID) -> float:
+        """Changes per minute the watcher applied to ``repo_id`` over the activity window."""
+        runtime = self._repos.get(repo_id)
+        if runtime is None:
+            return 0.0
+        window = max(self.settings.schedule_activity_window_s, 1e-3)
+        cutoff = time.monotonic() - window
+        samples = runtime.activity
+        while samples and samples[0][0] < cutoff:
+            samples.popleft()
+        return sum(n for _, n in list(samples)) * 60.0 / window
+
+    def _interval(self, runtime: _RepoRuntime) -> float:
+        """The repository's scheduled-reconciliation interval now (adapted or configured)."""
+        base = self.settings.reconciliation_interval_s
+        if runtime.network or not self.settings.adaptive_interval or runtime.interval is None:
+            return base
+        return runtime.interval.seconds
+
+    def _daily_time(self) -> time_of_day | None:
+        """The local time of the daily run; with ``auto``, learned from the feed's history
+        (again every hour: the history moves on)."""
+        if self._daily is None:
+            return None
+        if self.settings.daily_auto and (
+            self._daily_learned is None or time.monotonic() - self._daily_learned >= 3600
+        ):
+            self._daily_learned = time.monotonic()
+            now = self.clock()
+            try:
+                buckets = self.ledger.change_counts_by_hour(now - timedelta(days=HISTORY_DAYS))
+            except StoreError as exc:
+                log.warning("Cannot read the feed's history for the quiet hour: %s", exc)
+                return self._daily.at
+            pressure = {h: total / n for h, (total, n) in self._pressure_hours.items() if n}
+            choice = quiet_hour(buckets, now, now.tzinfo or UTC, pressure)
+            if choice.at != self._daily.at or choice.reason != self._daily.reason:
+                log.info(
+                    "Daily reconciliation at %s: %s", choice.at.strftime("%H:%M"), choice.reason
+                )
+            self._daily = choice
+        return self._daily.at
+
+    def _sample_pressure(self, now: float) -> None:
+        """Once a minute, the I/O pressure of this local hour (the quiet hour weighs it)."""
+        if not self.settings.daily_auto or now - self._last_pressure_sample < 60.0:
+            return
+        self._last_pressure_sample = now
+        pressure = self.gate.pressure()
+        if pressure is None:
+            return
+        hour = self.clock().hour
+        total, n = self._pressure_hours.get(hour, (0.0, 0))
+        self._pressure_hours[hour] = (total + pressure.io_avg60, n + 1)
+
+    def _make_due(self, runtime: _RepoRuntime, reason: str, verify: bool = False) -> None:
+        """A scheduled run fell due: the scheduler queues it when the system is quiet."""
+        if verify not in runtime.due:
+            runtime.due[verify] = _Due(self.clock(), reason, verify)
+
+    def _tick_due(self, runtime: _RepoRuntime) -> None:
+        repo = runtime.repo
+        for verify, due in list(runtime.due.items()):
+            verdict = self.gate.check(repo.id, due.since)
+            if not verdict.run:
+                if due.kind is None:
+                    due.kind, due.first_reason = verdict.kind, verdict.reason
+                    self._deferrals[verdict.kind or "busy"] += 1
+                    runtime.deferrals += 1
+                    log.info(
+                        "Repository %s: %s waits: %s (at the latest until %s)",
+                        repo.id,
+                        due.reason,
+                        verdict.reason,
+                        verdict.deadline.isoformat(timespec="minutes"),
+                    )
+                    try:
+                        due.op_id = self.ledger.start_wait(repo.id)
+                    except StoreError as exc:
+                        log.warning("Repository %s: the wait is not recorded: %s", repo.id, exc)
+                due.waiting = verdict
+                continue
+            del runtime.due[verify]
+            if due.kind is not None:
+                if verdict.kind == "max_deferral":
+                    log.warning("Repository %s: %s runs: %s", repo.id, due.reason, verdict.reason)
+                    end = f"ran: {verdict.reason}"
+                else:
+                    end = "ran when quiet again"
+                self._end_wait(runtime, due, end)
+            self._enqueue(
+                repo,
+                b"",
+                OperationType.RECONCILIATION,
+                due.reason,
+                3.0 if verify else 2.0,
+                verify,
+                scheduled=True,
+            )
+
+    def _end_wait(self, runtime: _RepoRuntime, due: _Due, end: str) -> None:
+        """Close the ``deferral`` row of a run that waited: how long, why, how it ended."""
+        if due.op_id is None:
+            return
+        waited = (self.clock() - due.since).total_seconds()
+        message = f"{due.reason} waited {waited / 60:.0f}m for: {due.first_reason}; {end}"
+        try:
+            self.ledger.end_wait(due.op_id, message)
+        except StoreError as exc:
+            log.warning("Repository %s: the wait's end is not recorded: %s", runtime.repo.id, exc)
+        due.op_id = None
+
+    def _next_run(self, runtime: _RepoRuntime, now: float) -> datetime | None:
+        local = self.clock()
+        interval = self._interval(runtime)
+        if interval <= 0:
+            return None
+        daily = self._daily.at if self._daily is not None else None
+        if daily is not None and self.settings.reconciliation_interval_s == 24 * 3600:
+            day = local.date() if self._last_daily != local.date() else local.date() + timedelta(1)
+            at = datetime.combine(day, daily, tzinfo=local.tzinfo)
+            if interval < 24 * 3600:
+                at = min(at, local + timedelta(seconds=runtime.last_scheduled + interval - now))
+            return at
+        return local + timedelta(seconds=max(0.0, runtime.last_scheduled + interval - now))
+
+    def _view(self, runtime: _RepoRuntime, now: float) -> ScheduleView:
+        # A snapshot: the HTTP API calls this while the scheduler thread changes ``due``.
+        waiting = next((d for d in list(runtime.due.values()) if d.kind), None)
+        interval = None
+        if self.settings.reconciliation_interval_s > 0:
+            if runtime.network:
+                interval = Interval(
+                    self._network_interval(runtime.repo),
+                    "network filesystem: polled at its fixed interval",
+                )
+            elif runtime.interval is not None and self.settings.adaptive_interval:
+                interval = runtime.interval
+            else:
+                interval = Interval(self.settings.reconciliation_interval_s, "configured interval")
+        verdict = waiting.waiting if waiting else None
+        return ScheduleView(
+            next_run=verdict.deadline if verdict else self._next_run(runtime, now),
+            waiting_since=waiting.since if waiting else None,
+            waiting_reason=verdict.reason if verdict else None,
+            deadline=verdict.deadline if verdict else None,
+            interval=interval,
+            daily=self._daily if self.settings.reconciliation_interval_s == 24 * 3600 else None,
+            deferrals=runtime.deferrals,
+        )
+
+    def _store_view(self, runtime: _RepoRuntime, now: float) -> None:
+        """Keep the view ``status`` reads from other processes current: at once when what it
+        says changes, at most every 10 s when only its figures move."""
+        view = self._view(runtime, now)
+        key = (view.waiting_since, view.interval, view.daily, view.deferrals)
+        if key == runtime.view_key and now - runtime.view_stored < 10.0:
+            return
+        text = json.dumps(view.to_json(), sort_keys=True)
+        if text == runtime.view:
+            return
+        try:
+            self.ledger.set_schedule_view(runtime.repo.id, view)
+        except StoreError as exc:
+            log.debug("Repository %s: schedule view not stored: %s", runtime.repo.id, exc)
+            return
+        runtime.view, runtime.view_key, runtime.view_stored = text, key, now
 
     def _attach(self, repo: Repository, op_type: OperationType) -> None:
         lease = self.ledger.store.acquire_lease(repo.id)
@@ -307,7 +590,9 @@ class SyncManager:
         if self._note_applied not in writer.listeners:
             writer.listeners = [*writer.listeners, self._note_applied]
         now = time.monotonic()
-        runtime.last_quick = runtime.last_full = now
+        runtime.last_quick = runtime.last_full = runtime.last_scheduled = now
+        if self.settings.adaptive_interval and self.settings.reconciliation_interval_s > 0:
+            runtime.interval = self._stored_interval(repo.id)
         self._repos[repo.id] = runtime
         if self.live is not None and not runtime.network:
             try:
@@ -337,6 +622,17 @@ class SyncManager:
             self._queued = {k: v for k, v in self._queued.items() if k[0] != repo_id}
         log.info("Repository %s removed from sync manager", repo_id)
 
+    def _stored_interval(self, repo_id: UUID) -> Interval:
+        """The adapted interval the last run left (a restart keeps what drift taught)."""
+        try:
+            view = self.ledger.schedule_view(repo_id)
+        except StoreError:
+            view = None
+        if view is not None and view.interval is not None:
+            bounded = self.adaptive.bound(view.interval.seconds)
+            return replace(view.interval, seconds=bounded)
+        return self.adaptive.initial(self.settings.reconciliation_interval_s)
+
     def _network_interval(self, repo: Repository) -> float:
         return repo.settings.quick_interval_s or NETWORK_POLL_S
 
@@ -365,6 +661,9 @@ class SyncManager:
             return
         now = time.monotonic()
         runtime.last_event = now
+        if self._busy != repo.id:
+            # The watcher's work, not a reconciliation's: what "the library is busy" means.
+            runtime.activity.append((now, sum(1 for c in applied.changes if c.in_feed)))
         recent = runtime.recent_dirs
         for change in news:
             directory = change.path.rpartition(b"/")[0]
@@ -387,6 +686,7 @@ class SyncManager:
         reason: str,
         base_priority: float,
         verify: bool = False,
+        scheduled: bool = False,
     ) -> None:
         runtime = self._repos.get(repo.id)
         # Repositories with recent events come first: lower is sooner.
@@ -396,7 +696,9 @@ class SyncManager:
         with self._cv:
             if key in self._queued:
                 return
-            req = _Request(priority, next(self._seq), repo.id, prefix, op_type, reason, verify)
+            req = _Request(
+                priority, next(self._seq), repo.id, prefix, op_type, reason, verify, scheduled
+            )
             heapq.heappush(self._queue, req)
             self._queued[key] = req
             self._cv.notify_all()
@@ -441,7 +743,11 @@ class SyncManager:
         while not self._stop.is_set():
             try:
                 stats = self.ledger.scan(
-                    repo, op_type=req.op_type, verify=req.verify, prefix=req.prefix
+                    repo,
+                    op_type=req.op_type,
+                    verify=req.verify,
+                    prefix=req.prefix,
+                    gentle=req.scheduled and self.settings.gentle_scans,
                 )
             except RootUnavailable as exc:
                 self._reconciliation_errors += 1
@@ -478,6 +784,8 @@ class SyncManager:
                 # was written in between is in neither; one more walk sees it.
                 reason = "watched again after the root returned"
                 self._enqueue(repo, b"", OperationType.RECONCILIATION, reason, 0.5)
+            if req.scheduled and not req.prefix:
+                self._adapt(runtime, stats)
             return
 
     def _rewatch(self, runtime: _RepoRuntime) -> bool:
@@ -494,6 +802,23 @@ class SyncManager:
             log.info("Repository %s: not watched yet: %s", runtime.repo.id, exc)
             return False
         return True
+
+    def _adapt(self, runtime: _RepoRuntime, stats: ScanStats) -> None:
+        """A scheduled reconciliation's drift (changes the watcher had missed) shortens the
+        repository's interval; clean runs in a row lengthen it."""
+        if runtime.network or runtime.interval is None or not self.settings.adaptive_interval:
+            return
+        drift = stats.files_added + stats.files_updated + stats.files_removed + stats.files_moved
+        before = runtime.interval
+        runtime.interval = self.adaptive.after(before, drift)
+        if runtime.interval.seconds != before.seconds:
+            log.info(
+                "Repository %s: reconciliation interval %.0fs -> %.0fs (%s)",
+                runtime.repo.id,
+                before.seconds,
+                runtime.interval.seconds,
+                runtime.interval.reason,
+            )
 
     def _record(self, stats: ScanStats) -> None:
         self._last_stats = stats
@@ -518,21 +843,55 @@ class SyncManager:
         if now - self._last_repo_poll >= REPO_POLL_S:
             self._last_repo_poll = now
             self._sync_repo_list()
+            self.gate.request_quiet(self._read_quiet())
+        self._sample_pressure(now)
         interval = self.settings.reconciliation_interval_s
+        daily = self._daily_time()
         if interval > 0:
-            if self.settings.daily_at is not None and interval == 24 * 3600:
+            if daily is not None and interval == 24 * 3600:
                 local = self.clock()
                 # Once per local date, at or after the time of day: a DST jump can neither
                 # skip the run nor make it run twice.
-                if local.time() >= self.settings.daily_at and self._last_daily != local.date():
+                if local.time() >= daily and self._last_daily != local.date():
                     if self._last_daily is not None:
-                        self._queue_all("daily reconciliation")
+                        self._daily_due(now)
                     self._last_daily = local.date()
-            elif now - self._last_periodic >= interval:
-                self._last_periodic = now
-                self._queue_all("scheduled reconciliation")
+                # Drift shortened some intervals below a day: those run between daily runs.
+                for runtime in list(self._repos.values()):
+                    short = self._interval(runtime)
+                    if short < interval and now - runtime.last_scheduled >= short:
+                        runtime.last_scheduled = now
+                        self._make_due(runtime, "scheduled reconciliation (drift found)")
+            else:
+                for runtime in list(self._repos.values()):
+                    if now - runtime.last_scheduled >= self._interval(runtime):
+                        runtime.last_scheduled = now
+                        self._make_due(runtime, "scheduled reconciliation")
         for runtime in list(self._repos.values()):
             self._tick_repo(runtime, now)
+            if runtime.repo.id in self._repos:
+                self._tick_due(runtime)
+                self._store_view(runtime, now)
+
+    def _daily_due(self, now: float) -> None:
+        """The daily run: every repository, except one whose clean runs lengthened its
+        interval past a day and whose last scheduled run is recent enough."""
+        local = self.clock()
+        for runtime in list(self._repos.values()):
+            interval = self._interval(runtime)
+            last = runtime.last_daily_run
+            # An hour of slack: the daily run comes a second or so later each day. A 48 h
+            # interval runs every other day; one between whole days rounds up to the next.
+            if last is not None and (local - last).total_seconds() < interval - 3600:
+                log.info(
+                    "Repository %s: daily reconciliation skipped (interval %.0fh: %s)",
+                    runtime.repo.id,
+                    interval / 3600,
+                    runtime.interval.reason if runtime.interval else "configured",
+                )
+                continue
+            runtime.last_scheduled, runtime.last_daily_run = now, local
+            self._make_due(runtime, "daily reconciliation")
 
     def _lose(self, repo: Repository) -> None:
         """Another agent owns this repository now: stop writing it and stand by."""
@@ -569,11 +928,11 @@ class SyncManager:
             quick = quick or max(60.0, min(self.settings.reconciliation_interval_s, 3600.0))
         if quick and now - runtime.last_quick >= quick:
             runtime.last_quick = now
-            self._enqueue(repo, b"", OperationType.RECONCILIATION, "quick scan", 2.0)
+            self._make_due(runtime, "quick scan")
         full = repo.settings.full_interval_s
         if full and now - runtime.last_full >= full:
             runtime.last_full = now
-            self._enqueue(repo, b"", OperationType.RECONCILIATION, "full scan", 3.0, verify=True)
+            self._make_due(runtime, "full scan", verify=True)
 
     def _check_mounts(self, runtime: _RepoRuntime) -> None:
         """Filesystems mounted below the root that came or went since the last scan looked
@@ -609,11 +968,6 @@ class SyncManager:
         """The root is a directory on the device its last scan saw (one stat)."""
         return root_present(repo.root, self.ledger.writer(repo).repo.root_dev)
 
-    def _queue_all(self, reason: str) -> None:
-        for runtime in list(self._repos.values()):
-            log.info("Starting %s for repository %s", reason, runtime.repo.id)
-            self._enqueue(runtime.repo, b"", OperationType.RECONCILIATION, reason, 2.0)
-
     def _sync_repo_list(self) -> None:
         """Pick up repositories added or removed by another process (the CLI)."""
         try:
@@ -627,6 +981,12 @@ class SyncManager:
             if rid not in self._repos:
                 # New here, or a standby whose owner may have gone: try to own it.
                 self._attach(repo, OperationType.STARTUP)
+
+
+def default_pressure() -> Pressure | None:
+    """The kernel's pressure-stall information (a module-level seam: tests of other
+    behaviour replace it, so that a busy test machine does not hold their scheduled runs)."""
+    return read_pressure()
 
 
 def _network(root: bytes) -> bool:

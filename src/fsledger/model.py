@@ -13,8 +13,11 @@ import os
 import stat as stat_mod
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from uuid import UUID
+
+if TYPE_CHECKING:
+    from fsledger.schedule import ScheduleView
 
 RelPath = bytes
 """A path relative to a repository root, as the bytes the kernel knows it by."""
@@ -85,6 +88,9 @@ class OperationType(enum.StrEnum):
     STARTUP = "startup"
     RECONCILIATION = "reconciliation"
     REALTIME = "realtime"
+    DEFERRAL = "deferral"
+    """A scheduled reconciliation waiting for a quiet system (``fsledger.schedule``): the
+    row spans the wait, and its message says why it waited."""
 
 
 class OperationStatus(enum.StrEnum):
@@ -612,6 +618,8 @@ class SyncStatus:
     last_scan_time: datetime | None
     is_watching: bool
     last_sync_operation: SyncOperation | None
+    schedule: ScheduleView | None = None
+    """The running manager's schedule: next run, why it waits, the interval and why."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -625,4 +633,5 @@ class SyncStatus:
             "last_sync_operation": (
                 self.last_sync_operation.to_json() if self.last_sync_operation else None
             ),
+            "schedule": self.schedule.to_json() if self.schedule else None,
         }

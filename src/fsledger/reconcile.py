@@ -66,7 +66,7 @@ from fsledger.roots import check_root
 from fsledger.store.base import Store
 from fsledger.store.sql import prefix_range
 from fsledger.walk import FileEntry, Unreadable, walk
-from fsledger.writer import Applied, Batches, Hold, RepoWriter
+from fsledger.writer import GENTLE_PACE, Applied, Batches, Hold, RepoWriter
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +155,28 @@ class Reconciler:
         self.store = store
         self.settings = settings
         self._pool = pool
+        self._gentle_pool: HashPool | None = None
+        """Workers of gentle (scheduled) runs: started for such a run, closed after it."""
 
     def close(self) -> None:
+        self._close_gentle()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
 
-    def _hash_pool(self) -> HashPool:
+    def _close_gentle(self) -> None:
+        if self._gentle_pool is not None:
+            self._gentle_pool.close()
+            self._gentle_pool = None
+
+    def _hash_pool(self, gentle: bool = False) -> HashPool:
+        if gentle:
+            if self._gentle_pool is None:
+                s = self.settings
+                self._gentle_pool = HashPool(
+                    s.max_concurrency, s.hash_algo, s.hash_timeout_s, gentle=True
+                )
+            return self._gentle_pool
         if self._pool is None:
             self._pool = HashPool(
                 self.settings.max_concurrency, self.settings.hash_algo, self.settings.hash_timeout_s
@@ -179,6 +194,7 @@ class Reconciler:
         prefix: RelPath = b"",
         record: bool = True,
         hold: Hold | None = None,
+        gentle: bool = False,
     ) -> ScanStats:
         """Make the ledger of ``writer.repo`` equal to its tree on disk.
 
@@ -195,6 +211,8 @@ class Reconciler:
             hold: given the created and modified changes of a batch, returns those that may
                 be written now; the others are held back (the watcher's settle rule for
                 files still being written into a new directory) and counted unsettled.
+            gentle: a scheduled run: its worker processes run at nice 10 and the idle I/O
+                class (workers of their own, closed after the run).
 
         Raises:
             RootUnavailable, GuardRefused: the root failed the guard; nothing was changed.
@@ -204,7 +222,7 @@ class Reconciler:
         started = utcnow()
         t0 = time.monotonic()
         if not prefix and self.settings.max_concurrency >= 2:
-            self._hash_pool().start()
+            self._hash_pool(gentle).start()
         record_count = self.store.count_records(repo.id)
         has_records = record_count > 0
         op = self.store.start_operation(repo.id, op_type, owner_tag(), started) if record else None
@@ -227,6 +245,7 @@ class Reconciler:
                     dev=dev,
                     mounts=mounts,
                     hold=hold,
+                    gentle=gentle,
                 ).run()
             stats.notes += mounts.remember(self.store)
         except Exception as exc:
@@ -244,6 +263,9 @@ class Reconciler:
                 exc,
             )
             raise
+        finally:
+            if gentle:
+                self._close_gentle()
         stats.duration_ms = int((time.monotonic() - t0) * 1000)
         if repo.root_dev != dev and not prefix:
             repo = _with_dev(repo, dev)
@@ -306,8 +328,10 @@ class _Run:
         dev: int | None = None,
         mounts: MountGuard | None = None,
         hold: Hold | None = None,
+        gentle: bool = False,
     ) -> None:
         self.owner = owner
+        self.gentle = gentle
         self.hold = hold
         self.mounts = mounts
         """Filesystems mounted below the root: those not mounted now are walked as unreadable."""
@@ -338,6 +362,7 @@ class _Run:
             stats,
             defer_after=None if self.has_records else DEFER_INDEXES_AFTER,
             hold=hold,
+            pace=GENTLE_PACE if gentle else 0.0,
         )
         """The changes, handed to the writer a batch at a time (one in flight)."""
         self.deletions: set[RelPath] = set()

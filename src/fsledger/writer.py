@@ -15,6 +15,7 @@ import logging
 import os
 import stat as stat_mod
 import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -256,6 +257,12 @@ class RepoWriter:
         return applied
 
 
+GENTLE_PACE = 0.5
+"""A gentle run rests half as long as each batch took to write (two thirds of full speed)."""
+MAX_PACE_S = 0.5
+"""The longest rest between two batches, whatever the last write cost."""
+
+
 class Batches:
     """Changes handed to a ``RepoWriter`` a batch at a time, each batch written in a thread
     of its own while the next is built: the database's work on batch n (SQLite's and
@@ -272,6 +279,9 @@ class Batches:
         hold: keeps back created/modified records of files not settled yet (the watcher's
             reconciliation of a new subtree: see ``fsledger.watch.settle``); what it holds
             is reported as dropped, so the run counts it unsettled.
+        pace: a gentle (scheduled) run's duty cycle: before each batch, the scanning thread
+            rests this fraction of the time the previous batch took to write, so the
+            database and the GIL are left to the API and the watcher between batches.
     """
 
     def __init__(
@@ -281,9 +291,12 @@ class Batches:
         stats: ScanStats,
         defer_after: int | None = None,
         hold: Hold | None = None,
+        pace: float = 0.0,
     ) -> None:
         self.writer = writer
         self.hold = hold
+        self.pace = pace
+        self._write_s = 0.0
         self.batch_size = batch_size
         self.stats = stats
         self.defer_after = defer_after
@@ -305,6 +318,8 @@ class Batches:
         if not batch:
             return
         self.wait()
+        if self.pace and self._write_s:
+            time.sleep(min(self._write_s * self.pace, MAX_PACE_S))
         if self.defer_after is not None and self._deferral is None:
             self._flushed += len(batch)
             if self._flushed >= self.defer_after:
@@ -317,10 +332,12 @@ class Batches:
         self._thread.start()
 
     def _write(self, batch: list[Change]) -> None:
+        t0 = time.monotonic()
         try:
             self._written = self._apply(batch)
         except BaseException as exc:
             self._error = exc
+        self._write_s = time.monotonic() - t0
 
     def _apply(self, batch: list[Change]) -> Applied:
         if self.hold is None:

@@ -50,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fsledger.api import schemas
 from fsledger.api.encode import changes_json
 from fsledger.api.metrics import CONTENT_TYPE, Metrics
+from fsledger.api.schedule import add_schedule_routes
 from fsledger.api.security import Guard, error_response
 from fsledger.api.webhooks import WebhookDispatcher
 from fsledger.config import Settings
@@ -687,6 +688,7 @@ def create_app(
         finally:
             slot.release()
 
+    add_schedule_routes(api, ledger, manager)
     app.include_router(api)
     _document_webhooks(app)
     app.add_middleware(Guard, loopback_only=token is None)

@@ -188,6 +188,19 @@ class Metrics(Collector):
             "Events waiting in the watcher's queue.",
             float(getattr(live, "queue_depth", 0) or 0),
         )
+        deferrals = CounterMetricFamily(
+            "fsledger_schedule_deferrals",
+            "Scheduled reconciliations that waited for a quiet system, by what they waited for.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(m.schedule_deferrals.items()):
+            deferrals.add_metric([reason], count)
+        yield deferrals
+        yield gauge(
+            "fsledger_schedule_waiting",
+            "Scheduled reconciliations waiting for a quiet system now.",
+            m.schedule_waiting,
+        )
         yield gauge(
             "fsledger_reconciliation_queue_depth",
             "Reconciliations queued.",

@@ -93,6 +93,8 @@ class StatusOut(BaseModel):
     last_scan_time: str | None
     is_watching: bool
     last_sync_operation: OperationOut | None
+    schedule: dict[str, Any] | None = None
+    """The running manager's schedule: next_run, waiting_reason, interval_s and its reason."""
 
 
 class RepositoryOut(BaseModel):

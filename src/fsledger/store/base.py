@@ -115,6 +115,19 @@ class Store(Protocol):
     def set_mount_points(self, repo_id: UUID, points: Sequence[MountPoint]) -> None:
         """Replace the remembered mount points of a repository (one transaction)."""
 
+    # --- the schedule (fsledger.schedule) ------------------------------------------
+    def get_schedule_state(self, name: str) -> str | None:
+        """A value the running manager's scheduler keeps (JSON text), or ``None``."""
+        ...
+
+    def set_schedule_state(self, name: str, value: str | None) -> None:
+        """Store (or with ``None`` delete) a value of the scheduler's, visible to every
+        process on this database."""
+
+    def change_counts_by_hour(self, since: datetime) -> list[tuple[datetime, int]]:
+        """Feed entries per UTC hour since ``since``: (the hour's start, count), in order."""
+        ...
+
     # --- sync operations ----------------------------------------------------------
     def start_operation(
         self, repo_id: UUID, op_type: OperationType, owner: str, start_time: datetime

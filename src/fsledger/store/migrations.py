@@ -126,6 +126,16 @@ SQLITE: list[str] = [
     ALTER TABLE feed_state ADD COLUMN pruned_tag INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE feed_consumers ADD COLUMN tag INTEGER NOT NULL DEFAULT 0;
     """,
+    # 8: the running manager's schedule (fsledger.schedule): a consumer's quiet request and
+    # each repository's next run, wait and interval, as JSON, so that `fsledger quiet` reaches
+    # the manager and `fsledger status` shows what it decided, from other processes.
+    """
+    CREATE TABLE schedule_state (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    """,
 ]
 
 POSTGRES: list[str] = [
@@ -267,5 +277,13 @@ POSTGRES: list[str] = [
     ALTER TABLE change_log ADD COLUMN tag BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE feed_state ADD COLUMN pruned_tag BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE feed_consumers ADD COLUMN tag BIGINT NOT NULL DEFAULT 0;
+    """,
+    # 8: see SQLITE's 8.
+    """
+    CREATE TABLE schedule_state (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL
+    );
     """,
 ]

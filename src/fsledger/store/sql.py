@@ -12,7 +12,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Protocol
 from uuid import UUID
@@ -744,11 +744,12 @@ class SqlStore:
         with self._read() as cur:
             cur.execute(
                 "SELECT max(start_time) FROM sync_operations WHERE repository_id = ? "
-                "AND status = ? AND operation_type <> ?",
+                "AND status = ? AND operation_type NOT IN (?, ?)",
                 (
                     self._uuid_in(repo_id),
                     OperationStatus.COMPLETED.value,
                     OperationType.REALTIME.value,
+                    OperationType.DEFERRAL.value,
                 ),
             )
             row = cur.fetchone()
@@ -917,6 +918,40 @@ class SqlStore:
                 "updated_at = excluded.updated_at",
                 (name, seq, tag, self._ts_in(utcnow())),
             )
+
+    # --- the schedule ------------------------------------------------------------------
+    _HOUR_BUCKET = "substr(recorded_at, 1, 13)"
+    """The UTC hour of a feed entry as text ``YYYY-MM-DDTHH`` (each store's SQL)."""
+
+    def get_schedule_state(self, name: str) -> str | None:
+        with self._read() as cur:
+            cur.execute("SELECT value FROM schedule_state WHERE name = ?", (name,))
+            row = cur.fetchone()
+        return str(row[0]) if row else None
+
+    def set_schedule_state(self, name: str, value: str | None) -> None:
+        with self._tx() as cur:
+            if value is None:
+                cur.execute("DELETE FROM schedule_state WHERE name = ?", (name,))
+                return
+            cur.execute(
+                "INSERT INTO schedule_state (name, value, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
+                "updated_at = excluded.updated_at",
+                (name, value, self._ts_in(utcnow())),
+            )
+
+    def change_counts_by_hour(self, since: datetime) -> list[tuple[datetime, int]]:
+        with self._read() as cur:
+            cur.execute(
+                f"SELECT {self._HOUR_BUCKET} AS h, count(*) FROM change_log "
+                "WHERE recorded_at >= ? GROUP BY h ORDER BY h",
+                (self._ts_in(since),),
+            )
+            rows = cur.fetchall()
+        return [
+            (datetime.strptime(str(h), "%Y-%m-%dT%H").replace(tzinfo=UTC), int(n)) for h, n in rows
+        ]
 
     # --- mount points below the root ----------------------------------------------------
     def mount_points(self, repo_id: UUID) -> list[MountPoint]:

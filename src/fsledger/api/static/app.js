@@ -56,6 +56,22 @@ function repoName(id) {
   return repo ? repo.name : id;
 }
 
+function scheduleCell(sched) {
+  // The running manager's schedule: when the next scheduled run comes and why it waits.
+  if (!sched) return el("td", "");
+  const cell = el("td", sched.next_run ? "next " + when(sched.next_run) : "none scheduled", "schedule");
+  const why = [];
+  if (sched.waiting_reason) why.push("waiting: " + sched.waiting_reason);
+  if (sched.interval_reason) why.push("interval: " + sched.interval_reason);
+  if (sched.daily_at) why.push("daily at " + sched.daily_at + " (" + sched.daily_reason + ")");
+  cell.title = why.join("\n");
+  if (sched.waiting_reason) {
+    cell.classList.add("waiting");
+    cell.append(el("div", "waiting: " + sched.waiting_reason, "reason"));
+  }
+  return cell;
+}
+
 async function loadRepositories() {
   const repos = await api("/api/v1/repositories");
   state.repos = new Map(repos.map((r) => [r.id, r]));
@@ -70,6 +86,7 @@ async function loadRepositories() {
     const op = s.last_sync_operation;
     tr.append(el("td", op ? op.operation_type + " " + op.status + " " + seconds(op.duration_ms) : "none",
       op ? "status-" + op.status : ""));
+    tr.append(scheduleCell(s.schedule));
     const button = el("button", "Reconcile", "reconcile");
     button.type = "button";
     button.addEventListener("click", () => reconcile(r.id, button));
