@@ -880,8 +880,15 @@ def backdate_feed(store: Store, times: list[datetime]) -> None:
     """Give the feed's entries, in seq order, the recorded times ``times`` (a history), in
     UTC as the stores write them."""
     sql = cast(SqlStore, store)
+    files = "('created', 'modified', 'deleted', 'moved', 'dir_moved')"
     with sql._tx() as cur:
-        cur.execute("SELECT seq FROM change_log ORDER BY seq")
+        # Lifecycle entries (repository_added, ...) go far into the past: the history is
+        # the files' changes.
+        cur.execute(
+            f"UPDATE change_log SET recorded_at = ? WHERE kind NOT IN {files}",
+            (sql._ts_in(datetime(2000, 1, 1, tzinfo=UTC)),),
+        )
+        cur.execute(f"SELECT seq FROM change_log WHERE kind IN {files} ORDER BY seq")
         seqs = [int(r[0]) for r in cur.fetchall()]
         for seq, at in zip(seqs, times, strict=True):
             cur.execute(
