@@ -37,7 +37,6 @@ from fsledger.hashing import HashPool
 from fsledger.ledger import Ledger, normalize_root
 from fsledger.model import FeedEntry, OperationType, RepoSettings, Repository, ScanStats
 from fsledger.reconcile import start_workers
-from fsledger.schedule import Quiet
 from fsledger.text import SafeFormatter, escape_controls, show_path
 
 if TYPE_CHECKING:
@@ -501,6 +500,8 @@ def quiet(
         when = when if when.tzinfo else when.astimezone()
         if when - now > timedelta(days=7):
             raise ConfigError(f"--until {until!r} is more than 7 days ahead")
+    from fsledger.schedule import Quiet  # imported by the one command that needs it
+
     ctx.ledger.request_quiet(Quiet(when, by))
     if as_json:
         _emit({"until": when.isoformat(), "by": by})

@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import logging
@@ -47,6 +46,8 @@ from fsledger.model import FeedEntry, FeedRow, FileRecord, RelPath, Repository, 
 from fsledger.store.base import Store
 
 if TYPE_CHECKING:  # the ledger reads the feed through this module: no import cycle at run time
+    import asyncio
+
     from fsledger.ledger import Ledger
     from fsledger.writer import Applied
 
@@ -417,6 +418,8 @@ class FeedHub:
         """``wait`` for an event loop."""
         if self._latest > after or self.closed:
             return self._latest > after
+        import asyncio  # here: the CLI's feed commands never wait on an event loop
+
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
         key = (loop, event)

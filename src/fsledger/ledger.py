@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from fsledger.config import Settings
@@ -45,9 +46,11 @@ from fsledger.model import (
 from fsledger.reconcile import Progress, Reconciler, owner_tag
 from fsledger.repoconfig import follow_file
 from fsledger.roots import stat_new_root
-from fsledger.schedule import Quiet, ScheduleView
 from fsledger.store import Store, open_store
 from fsledger.writer import RepoWriter
+
+if TYPE_CHECKING:
+    from fsledger.schedule import Quiet, ScheduleView
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +351,8 @@ class Ledger:
     def schedule_view(self, repo_id: UUID) -> ScheduleView | None:
         """The running manager's schedule of a repository: next run, why it waits, interval."""
         text = self.store.get_schedule_state(f"repo:{repo_id}")
+        from fsledger.schedule import ScheduleView
+
         return ScheduleView.from_json(json.loads(text)) if text else None
 
     def set_schedule_view(self, repo_id: UUID, view: ScheduleView) -> None:
@@ -356,6 +361,8 @@ class Ledger:
     def quiet(self) -> Quiet | None:
         """A consumer's quiet request, if one was made (it may have expired)."""
         text = self.store.get_schedule_state("quiet")
+        from fsledger.schedule import Quiet
+
         return Quiet.from_json(json.loads(text)) if text else None
 
     def request_quiet(self, quiet: Quiet | None) -> None:

@@ -21,8 +21,6 @@ import os
 import stat as stat_mod
 from dataclasses import replace
 
-import yaml
-
 from fsledger.beneath import Beneath
 from fsledger.config import parse_duration
 from fsledger.errors import ConfigError
@@ -95,6 +93,8 @@ def load_repo_yaml(root: bytes) -> RepoSettings | None:
             continue
         where = os.fsdecode(os.path.join(root, name))
         try:
+            import yaml  # here: most roots have no such file, and yaml costs 20 ms to import
+
             data = yaml.safe_load(raw) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{where}: cannot be read as YAML: {exc}") from exc
