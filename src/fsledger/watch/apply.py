@@ -53,6 +53,7 @@ from fsledger.watch.state import (
     DirMove,
     Dirty,
     DirtyJob,
+    FileMove,
     RepoWatch,
     Work,
     below,
@@ -269,6 +270,7 @@ class Applier:
         sources = [job.src for job in work.moves if job.src is not None]
         records = self.store.get_records(repo.id, sources)  # as before any of them is written
         rule = self._rule()
+        moved_on: list[FileMove] = []
         with _Tree(repo.repo.root) as tree:
             for job in work.moves:
                 src, dst = job.src, job.dst
@@ -278,6 +280,11 @@ class Applier:
                 if old is None:
                     continue
                 st = tree.lstat(dst)
+                if st is None and not job.move.retried:
+                    # Renamed on again (a -> t, then t -> b) before this pass looked, and the
+                    # next rename may not be read yet: put it back, to join the next hop.
+                    moved_on.append(job.move)
+                    continue
                 if st is None or not stat_mod.S_ISREG(st.st_mode):
                     continue
                 stat = FileStat.from_stat(st)
@@ -289,6 +296,24 @@ class Applier:
             # In an order that never replaces a record still to move (a swap, a cycle).
             self._committed(repo, repo.writer.apply_moves(changes), stats)
         work.moves = []
+        if moved_on:
+            self._put_back_moves(repo, moved_on)
+
+    def _put_back_moves(self, repo: RepoWatch, moves: list[FileMove]) -> None:
+        """File moves whose file had moved on again go back to the pending work, once: a
+        later hop from their target (read now or soon) joins them into one move, as the
+        event reader joins hops it reads together."""
+        with self.lock:
+            pending = repo.pending.file_moves
+            for move in moves:
+                move.retried = True
+                later = next((m for m in pending if m.src == move.dst), None)
+                if later is not None:
+                    later.src = move.src
+                    later.retried = True
+                else:
+                    pending.insert(0, move)
+            repo.pending.mark(moves[0].dst, time.monotonic() + self.settle_s)
 
     def _rule(self) -> decide.LookRule:
         return decide.LookRule(self.settings.hash_algo, self.settings.calculate_hashes)

@@ -172,6 +172,8 @@ class DirMove:
 class FileMove:
     src: Key
     dst: Key
+    retried: bool = False
+    """Put back once already because its file had moved on again (see ``Applier``)."""
 
 
 @dataclass(slots=True)
