@@ -153,3 +153,40 @@ def scenario(
     sc = Scenario(ledger, store_url, tmp_path, request.param)
     yield sc
     sc.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real S3 server (SeaweedFS ``weed mini``, tests/s3_support.py) for the session.
+    Tests that stop or restart a server take ``own_s3_server`` instead."""
+    from s3_support import SeaweedServer
+
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_s3_server(tmp_path: Path) -> Iterator[Any]:
+    """A real S3 server of this test's own, free to stop and restart."""
+    from s3_support import SeaweedServer
+
+    server = SeaweedServer(tmp_path / "seaweed")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: Any) -> Iterator[str]:
+    """A fresh, empty bucket on the session's S3 server, removed with its objects afterwards."""
+    name = s3_server.new_bucket()
+    try:
+        yield name
+    finally:
+        s3_server.drop_bucket(name)
