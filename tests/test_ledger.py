@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_settings
+from fsledger.config import Settings
 from fsledger.errors import RepositoryExists, RepositoryNotFound, RootUnavailable
 from fsledger.ledger import Ledger, normalize_root
 from fsledger.model import (
@@ -192,6 +193,28 @@ def test_status_and_operations(ledger: Ledger, tree: bytes) -> None:
     doc = status.to_json()
     assert doc["total_files"] == 2 and doc["state"] == "online"
     assert [o.id for o in ledger.operations(None)] == [status.last_sync_operation.id]
+
+
+def test_status_count_follows_changes_made_by_another_process(
+    ledger: Ledger, tree: bytes, settings: Settings
+) -> None:
+    """The count ``status`` shows is kept between polls; it must still follow every change,
+    including those another process (a CLI scan) writes to the same database."""
+    make_tree(tree, {"a": b"a", "b/c": b"c"})
+    repo = ledger.add_repository(tree)
+    ledger.scan(repo)
+    assert ledger.status(repo).total_files == 2
+    make_tree(tree, {"d": b"d", "e/f": b"f"})
+    os.unlink(os.path.join(tree, b"a"))
+    with Ledger(settings) as other:
+        other.scan(repo)
+    assert ledger.status(repo).total_files == 3
+    os.rename(os.path.join(tree, b"e"), os.path.join(tree, b"g"))
+    ledger.scan(repo)
+    assert ledger.status(repo).total_files == 3
+    os.unlink(os.path.join(tree, b"d"))
+    ledger.scan(repo)
+    assert ledger.status(repo).total_files == ledger.store.count_records(repo.id) == 2
 
 
 def test_recover_interrupted_marks_dead_owners_failed(ledger: Ledger, tree: bytes) -> None:

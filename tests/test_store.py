@@ -195,6 +195,33 @@ def test_delete_repository_with_purge_removes_everything(store: Store, repo: Rep
     ]
 
 
+def test_repository_head_moves_with_every_change_that_adds_or_removes_a_record(
+    store: Store, repo: Repository
+) -> None:
+    """``Ledger.status`` keeps a repository's record count by this head: a change that adds
+    or removes a record must move it, and only the repository's own changes do."""
+    other = make_repo("other", b"/other")
+    store.add_repository(other)
+    heads = [store.repository_head(repo.id)]
+    store.apply(repo.id, created(b"a", b"b", b"dir/c"))
+    heads.append(store.repository_head(repo.id))
+    store.apply(repo.id, [Change(ChangeKind.DELETED, b"b")])
+    heads.append(store.repository_head(repo.id))
+    moved = replace(make_record(b"z"), path=b"z")
+    store.apply(repo.id, [Change(ChangeKind.MOVED, b"z", moved, old_path=b"a")])
+    heads.append(store.repository_head(repo.id))
+    store.apply(repo.id, [Change(ChangeKind.DIR_MOVED, b"e", old_path=b"dir")])
+    heads.append(store.repository_head(repo.id))
+    assert heads == sorted(set(heads)), heads  # strictly increasing
+    # A metadata-only update (not news) and another repository's changes leave it alone.
+    before = store.repository_head(repo.id)
+    store.apply(repo.id, [Change(ChangeKind.META, b"z", replace(moved, last_scanned=T0))])
+    store.apply(other.id, created(b"x"))
+    assert store.repository_head(repo.id) == before
+    assert store.count_records(repo.id) == 2
+    assert store.repository_head(uuid.uuid4()) == 0
+
+
 def test_delete_repository_without_purge_keeps_records(store: Store, repo: Repository) -> None:
     store.apply(repo.id, created(b"a", b"b"))
     store.delete_repository(repo.id, purge=False)

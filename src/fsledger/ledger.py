@@ -88,6 +88,8 @@ class Ledger:
         self.reconciler = Reconciler(self.store, settings, pool)
         self._writers: dict[UUID, RepoWriter] = {}
         self._lock = threading.Lock()
+        self._counts: dict[UUID, tuple[int, int]] = {}
+        """Record counts by repository, with the feed head they were counted at."""
 
     def close(self) -> None:
         self.reconciler.close()
@@ -336,16 +338,37 @@ class Ledger:
         repo_id = repository.id if repository else None
         return self.store.duplicates(repo_id, limit, min_size, files_per_group)
 
-    def status(self, repo: Repository, is_watching: bool = False) -> SyncStatus:
+    def status(
+        self,
+        repo: Repository,
+        is_watching: bool = False,
+        schedule: ScheduleView | None = None,
+    ) -> SyncStatus:
+        """A repository's status. ``schedule``: the running manager's own (current) view of
+        its schedule; the stored one is read without it."""
         ops = self.store.recent_operations(repo.id, 1)
         return SyncStatus(
             repository=self.store.get_repository(repo.id) or repo,
-            total_files=self.store.count_records(repo.id),
+            total_files=self.count_files(repo.id),
             last_scan_time=self.store.last_completed_scan(repo.id),
             is_watching=is_watching,
             last_sync_operation=ops[0] if ops else None,
-            schedule=self.schedule_view(repo.id),
+            schedule=schedule if schedule is not None else self.schedule_view(repo.id),
         )
+
+    def count_files(self, repo_id: UUID) -> int:
+        """How many records the repository holds. Counting 100k rows costs PostgreSQL tens
+        of milliseconds (a status poll's whole budget while a scan runs), so the count is
+        kept by the repository's feed head, which moves with every change that adds or
+        removes a record (``Store.repository_head``); the head is read before the count, so
+        a change committed between the two only makes the next call count again."""
+        head = self.store.repository_head(repo_id)
+        cached = self._counts.get(repo_id)
+        if cached is not None and cached[0] == head:
+            return cached[1]
+        total = self.store.count_records(repo_id)
+        self._counts[repo_id] = (head, total)
+        return total
 
     # --- the schedule (kept by the running manager, read by any process) ----------------
     def schedule_view(self, repo_id: UUID) -> ScheduleView | None:

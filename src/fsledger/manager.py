@@ -341,10 +341,8 @@ class SyncManager:
         if repo is None:
             raise FsledgerError(f"repository {repo_id} not found")
         watching = self.live is not None and self.live.is_watching(repo_id)
-        status = self.ledger.status(repo, is_watching=watching)
-        # This process's own view is current; the stored one may be seconds old.
-        live = self.schedule_view(repo_id)
-        return replace(status, schedule=live) if live is not None else status
+        # This process's own view of the schedule is current; the stored one may be seconds old.
+        return self.ledger.status(repo, is_watching=watching, schedule=self.schedule_view(repo_id))
 
     def repositories(self) -> list[Repository]:
         return [r.repo for r in self._repos.values()]

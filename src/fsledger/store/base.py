@@ -93,6 +93,13 @@ class Store(Protocol):
 
     def count_records(self, repo_id: UUID) -> int: ...
 
+    def repository_head(self, repo_id: UUID) -> int:
+        """The newest feed sequence number of the repository (0 when it has none). Feed
+        appends are serialised in commit order, and every change that adds or removes a
+        record appends to the feed in the same transaction: while this number stays the same,
+        so does the repository's record count (``Ledger.status`` caches it by this)."""
+        ...
+
     def defer_indexes(self) -> AbstractContextManager[None]:
         """Around the creation of very many records (a big first index): the store may stop
         maintaining indexes that only queries use, and rebuild them on exit. Queries stay

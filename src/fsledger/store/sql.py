@@ -489,6 +489,14 @@ class SqlStore:
             )
             return int(cur.fetchone()[0])
 
+    def repository_head(self, repo_id: UUID) -> int:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT coalesce(max(seq), 0) FROM change_log WHERE repository_id = ?",
+                (self._uuid_in(repo_id),),
+            )
+            return int(cur.fetchone()[0])
+
     # --- apply --------------------------------------------------------------------------
     _UPSERT: str
     """The dialect's ``upsert_sql``."""
