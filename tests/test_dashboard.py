@@ -1,31 +1,22 @@
-"""The dashboard in headless Chromium (Debian's ``chromium``, driven by playwright): the page
-loads, lists a repository, and a file created on disk appears in the live list."""
+"""The dashboard in headless Chromium (Debian's ``chromium``, driven by playwright) against a
+real daemon: the manager with the inotify watcher, the HTTP server, real trees on disk.
+
+The cards, the recent changes shown on load and then live (a change on disk within a
+second), the filters, the progress bar moving during a real scan, the offline banner when a
+root disappears, the duplicates page, the token asked once, and the phone width."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import pytest
 
-from api_support import serve
-from fsledger.api import create_app
-from fsledger.config import Settings
-from fsledger.ledger import Ledger
-from fsledger.manager import SyncManager
-from fsledger.model import Repository
+from api_support import wait_for
+from dashboard_support import CHROMIUM, chromium, make_tree, site
 
-CHROMIUM = "/usr/bin/chromium"
 XSS = "<img src=x onerror=window.pwned=1>.txt"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 if not os.path.exists(CHROMIUM):
     if os.environ.get("CI") == "true":
@@ -38,67 +29,248 @@ if not os.path.exists(CHROMIUM):
         allow_module_level=True,
     )
 
-from playwright.sync_api import expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Page, expect  # noqa: E402
 
 
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[tuple[Ledger, SyncManager, Repository, Path]]:
+def _errors(page: Page) -> list[str]:
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return errors
+
+
+def test_cards_and_changes_on_load_then_live(tmp_path: Path) -> None:
     root = tmp_path / "photos"
     (root / "2024").mkdir(parents=True)
     (root / "2024" / "beach.jpg").write_bytes(b"sand")
+    (root / "2024" / "dune.jpg").write_bytes(b"dune")
     (root / XSS).write_bytes(b"markup in a name stays text")
-    settings = Settings(database_url="sqlite://" + str(tmp_path / "ledger.db"), max_concurrency=2)
-    ledger = Ledger(settings)
-    repo = ledger.add_repository(str(root), "holiday")
-    manager = SyncManager(ledger, settings)  # no live watcher: the button reconciles
-    manager.start()
-    try:
-        assert manager.wait_idle(60)
-        yield ledger, manager, repo, root
-    finally:
-        manager.stop()
-        ledger.close()
+    with site(tmp_path, {"holiday": root}) as s, chromium() as browser:
+        repo = s.repos["holiday"]
+        # Before the page opens: a move, applied by the watcher.
+        (root / "2024" / "dune.jpg").rename(root / "2024" / "dunes.jpg")
+        wait_for(
+            "the move in the feed",
+            lambda: any(e.kind.value == "moved" for e in s.ledger.recent_changes(repo, (), 5)),
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors = _errors(page)
+        page.goto(s.base + "/")
+        card = page.locator(f".card[data-repo-id='{repo.id}']")
+        expect(card.locator("h3")).to_have_text("holiday", timeout=20_000)
+        expect(card.locator(".badge.state")).to_have_text("online")
+        expect(card.locator(".root")).to_have_text(str(root))
+        expect(card.locator(".stat.files .value")).to_have_text("3")
+        expect(card.locator(".stat.bytes .value")).to_have_text("35 B")
+        expect(card.locator(".stat.watching .value")).to_have_text("yes")
+        expect(card.locator(".stat.last-scan .value")).to_have_text("just now")
+        expect(card.locator(".stat.next-scan .value")).not_to_have_text("none")
+        expect(card.locator(".stat.problems .value")).to_have_text("0 / 0")
+        expect(card.locator(".reason")).to_be_hidden()
+        expect(page.locator("#banner")).to_be_hidden()
+
+        # Changes made before the page opened are listed on load; a move reads old → new.
+        moved = page.locator("#changes tbody tr[data-kind='moved']")
+        expect(moved).to_have_count(1)
+        expect(moved.locator("td.path")).to_have_text("2024/dune.jpg → 2024/dunes.jpg")
+        expect(page.locator("#changes tbody tr[data-kind='created']")).to_have_count(3)
+        expect(page.locator("#connection")).to_have_text("live", timeout=20_000)
+
+        # A change made on disk appears within a second.
+        t0 = time.monotonic()
+        (root / "2024" / "sunset.jpg").write_bytes(b"orange")
+        row = page.locator("#changes tbody tr", has_text="2024/sunset.jpg")
+        expect(row).to_have_count(1, timeout=10_000)
+        elapsed = time.monotonic() - t0
+        assert elapsed < 1.0, f"the change took {elapsed:.2f} s to show"
+        expect(row.locator(".kind")).to_have_text("created")
+        expect(row).to_have_class("fresh")
+        expect(card.locator(".stat.files .value")).to_have_text("4", timeout=10_000)
+
+        # File names are text, never markup.
+        (root / XSS).unlink()
+        gone = page.locator("#changes tbody tr[data-kind='deleted']", has_text=XSS)
+        expect(gone).to_have_count(1, timeout=10_000)
+        expect(gone.locator("td.path")).to_have_text(XSS)
+        expect(page.locator("#changes img")).to_have_count(0)
+        assert page.evaluate("window.pwned") is None
+
+        # Filter by kind, then by repository (reloaded from the server, then live).
+        page.select_option("#changes-kind", "deleted")
+        expect(page.locator("#changes tbody tr")).to_have_count(1)
+        (root / "2024" / "beach.jpg").write_bytes(b"more sand")  # modified: filtered out
+        (root / "2024" / "sunset.jpg").unlink()
+        expect(page.locator("#changes tbody tr")).to_have_count(2, timeout=10_000)
+        kinds = page.locator("#changes tbody tr").evaluate_all("rs => rs.map(r => r.dataset.kind)")
+        assert kinds == ["deleted", "deleted"]
+        page.select_option("#changes-kind", "")
+        page.select_option("#changes-repo", str(repo.id))
+        expect(page.locator("#changes tbody tr[data-kind='modified']")).to_have_count(1)
+
+        # Operations, filtered; the activity chart drew this hour's changes.
+        expect(page.locator("#operations tbody tr").first).to_be_visible()
+        page.select_option("#ops-type", "startup")
+        expect(page.locator("#operations tbody tr")).to_have_count(1)
+        expect(page.locator("#operations tbody tr td").nth(3)).to_have_text("completed")
+        page.select_option("#ops-type", "realtime")
+        expect(page.locator("#operations tbody tr[data-type='realtime']").first).to_be_visible()
+        assert page.locator("#operations tbody tr:not([data-type='realtime'])").count() == 0
+        assert int(page.locator("#chart").get_attribute("data-bars") or 0) >= 1
+        assert page.locator("#chart rect.k-created").count() >= 1
+        page.locator(".tabs button[data-window='day']").click()
+        expect(page.locator(".tabs button.active")).to_have_text("Last day")
+        expect(page.locator("#chart-axis")).to_contain_text("peak")
+        assert errors == []
 
 
-def test_dashboard_lists_repositories_and_streams_changes(
-    running: tuple[Ledger, SyncManager, Repository, Path], tmp_path: Path
-) -> None:
-    ledger, manager, repo, root = running
-    app = create_app(ledger, manager, ledger.settings)
-    with serve(app) as base, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        try:
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(base + "/")
+@pytest.mark.slow
+def test_progress_bar_moves_during_a_real_scan(tmp_path: Path) -> None:
+    root = tmp_path / "big"
+    n = make_tree(root, 12, 1000)
+    with site(tmp_path, {"big": root}, watch=False) as s, chromium() as browser:
+        repo = s.repos["big"]
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors = _errors(page)
+        page.goto(s.base + "/")
+        card = page.locator(f".card[data-repo-id='{repo.id}']")
+        expect(card.locator(".stat.files .value")).to_have_text(f"{n:,}", timeout=20_000)
+        expect(page.locator("#connection")).to_have_text("live", timeout=20_000)
+        expect(card.locator(".progress")).to_be_hidden()
+        # Every value the bar takes, as the page sets it (cards are redrawn meanwhile).
+        page.evaluate(
+            """() => {
+              window.seen = [];
+              new MutationObserver(() => {
+                const bar = document.querySelector('.card .progress:not([hidden]) .bar');
+                const v = bar && bar.getAttribute('aria-valuenow');
+                const text = bar && bar.parentNode.querySelector('.progress-text').textContent;
+                if (v !== null && v !== undefined) window.seen.push([Number(v), text]);
+              }).observe(document.body, {subtree: true, childList: true, attributes: true,
+                                         characterData: true});
+            }"""
+        )
+        card.locator("button.verify").click()
+        expect(card.locator(".progress")).to_be_visible(timeout=10_000)
+        expect(card.locator(".progress-phase")).to_contain_text("Verifying")
+        assert s.manager.wait_idle(120)
+        expect(card.locator(".progress")).to_be_hidden(timeout=20_000)
+        seen: list[tuple[float, str]] = page.evaluate("window.seen")
+        values = [v for v, _ in seen]
+        middle = sorted({v for v in values if 0 < v < 100})
+        assert len(middle) >= 2, f"the bar did not move: {seen}"
+        assert values == sorted(values), values  # it only goes forward
+        assert any(f"of {n:,} files" in text for _, text in seen), seen
+        assert any("files/s" in text for _, text in seen), seen
+        assert errors == []
 
-            row = page.locator(f"#repos tbody tr[data-repo-id='{repo.id}']")
-            expect(row.locator("td.name")).to_have_text("holiday", timeout=20_000)
-            expect(row.locator("td.files")).to_have_text("2")
-            expect(row).to_contain_text("online")
-            expect(page.locator("#connection")).to_have_text("live", timeout=20_000)
-            expect(page.locator("#operations tbody tr").first).to_contain_text("startup")
 
-            # A file appears on disk; a reconciliation from the page brings it into the feed.
-            (root / "2024" / "sunset.jpg").write_bytes(b"orange")
-            row.locator("button.reconcile").click()
-            expect(page.locator("#message")).to_contain_text("queued")
-            change = page.locator("#changes li", has_text="2024/sunset.jpg")
-            expect(change).to_have_count(1, timeout=20_000)
-            expect(change.locator(".kind")).to_have_text("created")
-            expect(row.locator("td.files")).to_have_text("3", timeout=20_000)
+def test_offline_banner_when_the_root_disappears(tmp_path: Path) -> None:
+    root = tmp_path / "disk"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(b"a")
+    with site(tmp_path, {"holiday": root}) as s, chromium() as browser:
+        repo = s.repos["holiday"]
+        page = browser.new_page()
+        errors = _errors(page)
+        page.goto(s.base + "/")
+        card = page.locator(f".card[data-repo-id='{repo.id}']")
+        expect(card.locator(".badge.state")).to_have_text("online", timeout=20_000)
+        banner = page.locator("#banner")
+        expect(banner).to_be_hidden()
 
-            # File names are text, never markup.
-            (root / XSS).unlink()
-            row.locator("button.reconcile").click()
-            gone = page.locator("#changes li", has_text=XSS)
-            expect(gone).to_have_count(1, timeout=20_000)
-            expect(gone.locator(".kind")).to_have_text("deleted")
-            expect(page.locator("#changes img")).to_have_count(0)
-            assert page.evaluate("window.pwned") is None
+        root.rename(tmp_path / "unplugged")  # the disk went away
+        expect(banner).to_be_visible(timeout=20_000)
+        expect(banner).to_contain_text("holiday is offline: root missing since")
+        expect(banner).to_contain_text("records are kept")
+        expect(card.locator(".badge.state")).to_have_text("offline")
+        expect(card).to_have_class("card state-offline")
+        expect(card.locator(".reason")).to_contain_text("root missing since")
+        expect(card.locator(".stat.files .value")).to_have_text("1")  # records kept
+        expect(card.locator(".stat.watching .value")).to_have_text("no")
 
-            page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
-            assert errors == []
-        finally:
-            browser.close()
+        (tmp_path / "unplugged").rename(root)  # and came back
+        expect(banner).to_be_hidden(timeout=30_000)
+        expect(card.locator(".badge.state")).to_have_text("online")
+        assert errors == []
+
+
+def test_duplicates_page(tmp_path: Path) -> None:
+    root = tmp_path / "dups"
+    root.mkdir()
+    for g in range(25):  # group g: g+2 copies of (g+1) KiB
+        for c in range(g % 3 + 2):
+            (root / f"g{g:02d}_copy{c}.bin").write_bytes(bytes([g]) * ((g + 1) * 1000))
+    (root / "unique.bin").write_bytes(b"only one")
+    with site(tmp_path, {"library": root}, watch=False) as s, chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors = _errors(page)
+        page.goto(s.base + "/#duplicates")
+        expect(page.locator("#overview")).to_be_hidden()
+        groups = page.locator("#dup-groups > li")
+        expect(groups).to_have_count(20, timeout=20_000)
+        page.locator("#nav-overview").click()
+        expect(page.locator("#duplicates")).to_be_hidden()
+        page.locator("#nav-duplicates").click()
+        expect(page.locator("#overview")).to_be_hidden()
+        expect(groups).to_have_count(20)
+        wastes = [(g + 1) * 1000 * (g % 3 + 1) for g in range(25)]
+        expected = sorted(wastes, reverse=True)
+        first = groups.first
+        expect(first.locator(".wasted")).to_have_text(f"{expected[0] / 1000:.0f} kB wasted")
+        top = max(range(25), key=lambda g: wastes[g])
+        expect(first.locator(".copies")).to_have_text(
+            f"{top % 3 + 2} copies of {(top + 1) * 1000 / 1000:.0f} kB"
+        )
+        expect(first.locator(".files li.path")).to_have_count(top % 3 + 2)
+        expect(first).to_contain_text(f"library: g{top:02d}_copy0.bin")
+        expect(page.locator("#dups-summary")).to_contain_text("Groups 1–20")
+        expect(page.locator("#dups-prev")).to_be_disabled()
+        page.locator("#dups-next").click()
+        expect(groups).to_have_count(5)
+        expect(page.locator("#dups-summary")).to_contain_text("Groups 21–25")
+        expect(page.locator("#dups-next")).to_be_disabled()
+        assert page.locator("#dup-groups").get_attribute("start") == "21"
+        last = groups.last.locator(".wasted").text_content() or ""
+        assert expected[-1] == 1000 and last == "1.0 kB wasted", last
+        assert "unique.bin" not in (page.locator("#dup-groups").text_content() or "")
+
+        # No watcher here: a copy made on disk comes in with the card's "Scan now".
+        (root / "another_copy.bin").write_bytes(b"only one")
+        page.locator("#nav-overview").click()
+        card = page.locator(".card")
+        files_before = sum(g % 3 + 2 for g in range(25)) + 1
+        expect(card.locator(".stat.files .value")).to_have_text(str(files_before))
+        card.locator("button.reconcile").click()
+        expect(page.locator("#message")).to_contain_text("Scan of library queued")
+        expect(card.locator(".stat.files .value")).to_have_text(
+            str(files_before + 1), timeout=20_000
+        )
+        page.locator("#nav-duplicates").click()
+        expect(groups.last.locator(".copies")).to_have_text("2 copies of 8 B")
+        assert errors == []
+
+
+def test_token_asked_once_and_phone_width(tmp_path: Path) -> None:
+    root = tmp_path / "p"
+    root.mkdir()
+    (root / "x").write_bytes(b"x")
+    with site(tmp_path, {"phone": root}, token="s3cret-token") as s, chromium() as browser:
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        errors = _errors(page)
+        page.goto(s.base + "/")
+        form = page.locator("#token-form")
+        expect(form).to_be_visible(timeout=20_000)
+        expect(page.locator("#connection")).to_have_text("token needed")
+        page.fill("#token", "s3cret-token")
+        page.locator("#token-form button").click()
+        expect(form).to_be_hidden()
+        expect(page.locator(".card h3")).to_have_text("phone", timeout=20_000)
+        expect(page.locator("#connection")).to_have_text("live", timeout=20_000)
+        page.reload()  # kept for the tab: not asked again
+        expect(page.locator(".card h3")).to_have_text("phone", timeout=20_000)
+        expect(form).to_be_hidden()
+        # Phone width: one column, nothing wider than the screen.
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, width
+        box = page.locator(".card").bounding_box()
+        assert box is not None and box["width"] > 330
+        assert errors == []

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -18,6 +19,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 from uuid import UUID
 
+from fsledger.activity import Activity
 from fsledger.config import Settings
 from fsledger.errors import (
     ConfigError,
@@ -30,8 +32,12 @@ from fsledger.feed import Cursor, Feed, FeedPage, FilesPage
 from fsledger.hashing import HashPool
 from fsledger.ignore import IgnoreRules
 from fsledger.model import (
+    Condition,
+    ConditionKind,
     DuplicateGroup,
+    FeedEntry,
     FileRecord,
+    LastScan,
     OperationStatus,
     OperationType,
     RelPath,
@@ -43,6 +49,7 @@ from fsledger.model import (
     SyncStatus,
     utcnow,
 )
+from fsledger.progress import Estimate
 from fsledger.reconcile import Progress, Reconciler, owner_tag
 from fsledger.repoconfig import follow_file
 from fsledger.roots import stat_new_root
@@ -53,6 +60,12 @@ if TYPE_CHECKING:
     from fsledger.schedule import Quiet, ScheduleView
 
 log = logging.getLogger(__name__)
+
+SLOW_TOTALS_S = 0.05
+"""A status's record totals slower than this are reused for a while (``Ledger._totals``)."""
+TOTALS_REUSE = 10
+TOTALS_REUSE_FROM = 100_000
+"""Records below which the totals are always exact (a slow answer there is a busy machine)."""
 
 
 def normalize_root(path: str | bytes) -> bytes:
@@ -88,8 +101,10 @@ class Ledger:
         self.reconciler = Reconciler(self.store, settings, pool)
         self._writers: dict[UUID, RepoWriter] = {}
         self._lock = threading.Lock()
-        self._counts: dict[UUID, tuple[int, int]] = {}
-        """Record counts by repository, with the feed head they were counted at."""
+        self._counts: dict[UUID, tuple[int, tuple[int, int]]] = {}
+        """Record counts and bytes by repository, with the feed head they were counted at."""
+        self._totals_kept: dict[UUID, tuple[float, tuple[int, int]]] = {}
+        self._activity = Activity(self.store)
 
     def close(self) -> None:
         self.reconciler.close()
@@ -242,6 +257,7 @@ class Ledger:
         prefix: RelPath = b"",
         accept_ignores: bool = False,
         gentle: bool = False,
+        walked: Progress | None = None,
     ) -> ScanStats:
         """Reconcile one repository (or the subtree below ``prefix``) with the disk (tier 2).
 
@@ -249,6 +265,7 @@ class Ledger:
         successful scan marks it online. ``accept_ignores``: records that the root's own
         ``.fsledger.yaml`` ignores are retired too (otherwise they are kept and reported).
         ``gentle``: hash in workers at nice 10 and the idle I/O class (scheduled runs).
+        ``walked``: called when the walk has ended (see ``Reconciler.reconcile``).
         """
         writer = self.writer(repo)
         # The stored copy is the newest: another process (or an earlier --force) may have
@@ -264,6 +281,7 @@ class Ledger:
                 progress=progress,
                 prefix=prefix,
                 gentle=gentle,
+                walked=walked,
             )
         except RootUnavailable:
             self.set_state(repo, RepoState.OFFLINE)
@@ -332,11 +350,12 @@ class Ledger:
         limit: int = 100,
         min_size: int = 1,
         files_per_group: int | None = None,
+        offset: int = 0,
     ) -> list[DuplicateGroup]:
         """Groups of files with the same content, largest waste first, each with its first
-        ``files_per_group`` files (all without it)."""
+        ``files_per_group`` files (all without it); the ``offset`` first groups skipped."""
         repo_id = repository.id if repository else None
-        return self.store.duplicates(repo_id, limit, min_size, files_per_group)
+        return self.store.duplicates(repo_id, limit, min_size, files_per_group, offset)
 
     def status(
         self,
@@ -347,28 +366,98 @@ class Ledger:
         """A repository's status. ``schedule``: the running manager's own (current) view of
         its schedule; the stored one is read without it."""
         ops = self.store.recent_operations(repo.id, 1)
+        stored = self.store.get_repository(repo.id) or repo
+        files, nbytes = self._totals(repo.id)
+        stats = self.store.last_scan_stats(repo.id)
         return SyncStatus(
-            repository=self.store.get_repository(repo.id) or repo,
-            total_files=self.count_files(repo.id),
+            repository=stored,
+            total_files=files,
             last_scan_time=self.store.last_completed_scan(repo.id),
             is_watching=is_watching,
             last_sync_operation=ops[0] if ops else None,
             schedule=schedule if schedule is not None else self.schedule_view(repo.id),
+            total_bytes=nbytes,
+            condition=self._stored_condition(stored),
+            last_scan=LastScan.from_stats(stats) if stats is not None else None,
         )
 
     def count_files(self, repo_id: UUID) -> int:
-        """How many records the repository holds. Counting 100k rows costs PostgreSQL tens
-        of milliseconds (a status poll's whole budget while a scan runs), so the count is
+        """How many records the repository holds (see ``_totals``)."""
+        return self._totals(repo_id)[0]
+
+    def _totals(self, repo_id: UUID) -> tuple[int, int]:
+        """The record count and bytes of a repository. Counting 100k rows costs PostgreSQL
+        tens of milliseconds (a status poll's whole budget while a scan runs), so they are
         kept by the repository's feed head, which moves with every change that adds or
-        removes a record (``Store.repository_head``); the head is read before the count, so
-        a change committed between the two only makes the next call count again."""
+        removes a record or changes its size (``Store.repository_head``); the head is read
+        before the count, so a change committed between the two only makes the next call
+        count again. While the head moves (a scan writing) and counting is slow on a big
+        repository (a million records: a scan of every row), an answer is reused for
+        ``TOTALS_REUSE`` times what it cost, so that pages polling the status keep the
+        database busy a bounded share of the time."""
         head = self.store.repository_head(repo_id)
         cached = self._counts.get(repo_id)
         if cached is not None and cached[0] == head:
             return cached[1]
-        total = self.store.count_records(repo_id)
-        self._counts[repo_id] = (head, total)
-        return total
+        now = time.monotonic()
+        kept = self._totals_kept.get(repo_id)
+        if kept is not None and kept[0] > now:
+            return kept[1]
+        totals = self.store.record_totals(repo_id)
+        cost = time.monotonic() - now
+        self._counts[repo_id] = (head, totals)
+        if cost >= SLOW_TOTALS_S and totals[0] >= TOTALS_REUSE_FROM:
+            self._totals_kept[repo_id] = (now + cost * TOTALS_REUSE, totals)
+        else:
+            self._totals_kept.pop(repo_id, None)
+        return totals
+
+    def _stored_condition(self, repo: Repository) -> Condition:
+        """The condition the database tells: offline, since the oldest of the failed scans
+        that followed the last one that completed, for the reason the newest gave."""
+        if repo.state is not RepoState.OFFLINE:
+            return Condition(ConditionKind.ONLINE.value)
+        failed = self.store.recent_operations(repo.id, 20, status=OperationStatus.FAILED)
+        scans = [o for o in failed if o.operation_type is not OperationType.REALTIME]
+        last_ok = self.store.last_completed_scan(repo.id)
+        streak = [o for o in scans if last_ok is None or o.start_time > last_ok]
+        if not streak:
+            return Condition(ConditionKind.OFFLINE.value, "root unavailable")
+        return Condition(
+            ConditionKind.OFFLINE.value,
+            offline_reason(streak[0].error_message or "root unavailable"),
+            streak[-1].start_time,
+        )
+
+    def scan_estimate(self, repo: Repository, verify: bool) -> Estimate:
+        """What a whole-tree scan of ``repo`` will go through, from the last completed
+        scan's counts: its files (or the records now, if more), and the bytes it hashed (a
+        ``verify`` scan hashes every record: their total size). Unknown before the first."""
+        files, nbytes = self.store.record_totals(repo.id)
+        stats = self.store.last_scan_stats(repo.id) or {}
+        last_files = int(stats.get("files_scanned") or 0)
+        last_bytes = int(stats.get("bytes_hashed") or 0)
+        return Estimate(
+            max(last_files, files) or None,
+            (nbytes if verify else last_bytes) or None,
+        )
+
+    def recent_changes(
+        self, repository: Repository | None, kinds: tuple[str, ...] = (), limit: int = 100
+    ) -> list[FeedEntry]:
+        """The newest feed entries (of one repository, of these kinds), newest first: what
+        a page shows before it follows the feed from its head."""
+        return self.store.recent_changes(repository.id if repository else None, kinds, limit)
+
+    def activity(
+        self, since: datetime, repository: Repository | None = None
+    ) -> list[tuple[datetime, str, int]]:
+        """Feed entries per UTC minute and kind since ``since``, counted by the database.
+
+        Counting is a scan of the entries (a million in the hour of a first index took
+        seconds), so the counts of minutes that are over are kept (``Activity``): each
+        call counts only what came since the last, and the minutes still open."""
+        return self._activity.counts(since, repository.id if repository else None)
 
     # --- the schedule (kept by the running manager, read by any process) ----------------
     def schedule_view(self, repo_id: UUID) -> ScheduleView | None:
@@ -405,8 +494,14 @@ class Ledger:
         """Close a ``deferral`` row, saying how long the run waited, why, and how it ended."""
         self.store.finish_operation(op_id, OperationStatus.COMPLETED, None, message, utcnow())
 
-    def operations(self, repo: Repository | None, limit: int = 20) -> list[SyncOperation]:
-        return self.store.recent_operations(repo.id if repo else None, limit)
+    def operations(
+        self,
+        repo: Repository | None,
+        limit: int = 20,
+        op_type: OperationType | None = None,
+        status: OperationStatus | None = None,
+    ) -> list[SyncOperation]:
+        return self.store.recent_operations(repo.id if repo else None, limit, op_type, status)
 
     # --- recovery -----------------------------------------------------------------------
     def recover_interrupted(self) -> int:
@@ -432,6 +527,26 @@ class Ledger:
         if count:
             log.warning("Marked %d interrupted operation(s) as failed", count)
         return count
+
+
+_REASONS = (
+    ("No such file or directory", "root missing"),
+    ("is not a directory", "root is not a directory"),
+    ("cannot be listed", "root cannot be listed"),
+    ("but was on", "root on another device (not mounted?)"),
+    ("is empty but", "root empty while files are recorded (not mounted?)"),
+    ("stopped answering", "root stopped answering (a hung mount?)"),
+    ("is unavailable", "root unavailable"),
+)
+
+
+def offline_reason(message: str) -> str:
+    """A refused root's message (``roots.check_root``, a stalled walk) in the few words a
+    status card shows; the operation's row keeps the whole message."""
+    for needle, reason in _REASONS:
+        if needle in message:
+            return reason
+    return message.split(". ", 1)[0][:200] or "root unavailable"
 
 
 def _alive(pid: int) -> bool:

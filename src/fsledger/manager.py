@@ -33,8 +33,10 @@ from uuid import UUID
 
 from fsledger.config import Settings
 from fsledger.errors import FsledgerError, LeaseLost, RootUnavailable, StoreError
-from fsledger.ledger import Ledger
+from fsledger.ledger import Ledger, offline_reason
 from fsledger.model import (
+    Condition,
+    ConditionKind,
     OperationType,
     RelPath,
     RepoSettings,
@@ -42,8 +44,10 @@ from fsledger.model import (
     RepoState,
     ScanStats,
     SyncStatus,
+    utcnow,
 )
 from fsledger.mounts import changed_mounts
+from fsledger.progress import Estimate, ProgressBoard, ProgressTracker
 from fsledger.roots import root_present
 from fsledger.schedule import (
     HISTORY_DAYS,
@@ -170,6 +174,8 @@ class _RepoRuntime:
     last_daily_run: datetime | None = None
     """Wall-clock time the last daily run fell due: a lengthened interval skips days."""
     deferrals: int = 0
+    offline: Condition | None = None
+    """Why and since when the root is refused (None while online)."""
     view: str = ""
     """The schedule view last stored for ``status``."""
     view_key: tuple[object, ...] = ()
@@ -219,6 +225,9 @@ class SyncManager:
         self._reconciliation_errors = 0
         self._totals = ScanStats()
         self._helper: ScanHelper | None = None
+        self.progress = ProgressBoard()
+        self._tracker: ProgressTracker | None = None
+        """The running scan of each repository, for the status route and the SSE stream."""
         self.gate = Gate(
             Policy(
                 busy_changes_per_min=settings.schedule_busy_changes,
@@ -342,7 +351,38 @@ class SyncManager:
             raise FsledgerError(f"repository {repo_id} not found")
         watching = self.live is not None and self.live.is_watching(repo_id)
         # This process's own view of the schedule is current; the stored one may be seconds old.
-        return self.ledger.status(repo, is_watching=watching, schedule=self.schedule_view(repo_id))
+        status = self.ledger.status(
+            repo, is_watching=watching, schedule=self.schedule_view(repo_id)
+        )
+        condition = self._condition(runtime) if runtime is not None else None
+        return replace(
+            status,
+            condition=condition or status.condition,
+            progress=self.progress.get(repo_id),
+        )
+
+    def _condition(self, runtime: _RepoRuntime) -> Condition | None:
+        """What this process knows of the repository's condition beyond the database:
+        when and why it went offline, a watch limit, a network filesystem."""
+        if runtime.repo.state is RepoState.OFFLINE:
+            return runtime.offline
+        if runtime.network:
+            minutes = self._network_interval(runtime.repo) / 60
+            return Condition(
+                ConditionKind.POLLING.value,
+                f"network filesystem: polling every {minutes:g} min",
+            )
+        if self.live is not None and self.live.degraded(runtime.repo.id):
+            quick = runtime.repo.settings.quick_interval_s or max(
+                60.0, min(self.settings.reconciliation_interval_s, 3600.0)
+            )
+            return Condition(
+                ConditionKind.DEGRADED.value,
+                f"watch limit reached: polling every {quick / 60:g} min",
+            )
+        if self.live is None:
+            return Condition(ConditionKind.ONLINE.value, "not watched: scheduled scans only")
+        return Condition(ConditionKind.ONLINE.value)
 
     def repositories(self) -> list[Repository]:
         return [r.repo for r in self._repos.values()]
@@ -719,6 +759,9 @@ class SyncManager:
                 # one of them (a dead worker would leave every later request queued forever).
                 log.exception("Reconciliation request for repository %s failed", req.repo_id)
             finally:
+                tracker, self._tracker = self._tracker, None
+                if tracker is not None and tracker.current.running:
+                    tracker.failed("stopped before it finished")  # stopping, lease lost
                 with self._cv:
                     self._busy = None
                     self._cv.notify_all()
@@ -738,6 +781,14 @@ class SyncManager:
         repo = replace(stored or runtime.repo, settings=runtime.repo.settings)
         rewatched = self._rewatch(runtime)
         attempt = 0
+        tracker = None
+        if not req.prefix:  # a whole-tree scan: its progress is shown
+            try:
+                estimate = self.ledger.scan_estimate(repo, req.verify)
+            except StoreError:
+                estimate = Estimate(None, None)
+            tracker = self.progress.track(repo.id, req.op_type.value, req.verify, estimate)
+            self._tracker = tracker
         while not self._stop.is_set():
             try:
                 stats = self.ledger.scan(
@@ -746,11 +797,19 @@ class SyncManager:
                     verify=req.verify,
                     prefix=req.prefix,
                     gentle=req.scheduled and self.settings.gentle_scans,
+                    progress=tracker.update if tracker else None,
+                    walked=tracker.finishing if tracker else None,
                 )
             except RootUnavailable as exc:
                 self._reconciliation_errors += 1
+                if runtime.repo.state is not RepoState.OFFLINE or runtime.offline is None:
+                    runtime.offline = Condition(
+                        ConditionKind.OFFLINE.value, offline_reason(str(exc)), utcnow()
+                    )
                 runtime.repo = replace(runtime.repo, state=RepoState.OFFLINE)
                 log.error("Repository %s is offline, records kept: %s", repo.id, exc)
+                if tracker:
+                    tracker.failed(offline_reason(str(exc)))
                 return
             except LeaseLost as exc:
                 log.warning("%s: standing by", exc)
@@ -767,14 +826,19 @@ class SyncManager:
                 if self._stop.wait(delay):
                     return
                 continue
-            except Exception:
+            except Exception as exc:
                 self._reconciliation_errors += 1
                 log.exception("Reconciliation failed for repository %s", repo.id)
+                if tracker:
+                    tracker.failed(str(exc)[:200])
                 return
+            if tracker:
+                tracker.done(stats)
             # The scan re-read the settings (the root's file may have changed them).
             settings = self.ledger.writer(repo).repo.settings
             was_online = runtime.repo.state is RepoState.ONLINE
             late = not was_online and not rewatched and self._rewatch(runtime)
+            runtime.offline = None
             runtime.repo = replace(runtime.repo, settings=settings, state=RepoState.ONLINE)
             self._record(stats)
             if late:

@@ -13,10 +13,11 @@ import os
 import stat as stat_mod
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 from uuid import UUID
 
 if TYPE_CHECKING:
+    from fsledger.progress import ScanProgress
     from fsledger.schedule import ScheduleView
 
 RelPath = bytes
@@ -620,18 +621,96 @@ class SyncStatus:
     last_sync_operation: SyncOperation | None
     schedule: ScheduleView | None = None
     """The running manager's schedule: next run, why it waits, the interval and why."""
+    total_bytes: int = 0
+    condition: Condition | None = None
+    """online, offline, degraded or polling, and why (None: the stored state says it)."""
+    last_scan: LastScan | None = None
+    progress: ScanProgress | None = None
+    """The scan running now (or ended in the last seconds), as the daemon publishes it."""
 
     def to_json(self) -> dict[str, Any]:
+        cond = self.condition or Condition(self.repository.state.value)
         return {
             "repository_id": str(self.repository.id),
             "name": self.repository.name,
             "path": path_text(self.repository.root),
             "state": self.repository.state.value,
             "total_files": self.total_files,
+            "total_bytes": self.total_bytes,
             "last_scan_time": rfc3339(self.last_scan_time) if self.last_scan_time else None,
             "is_watching": self.is_watching,
             "last_sync_operation": (
                 self.last_sync_operation.to_json() if self.last_sync_operation else None
             ),
             "schedule": self.schedule.to_json() if self.schedule else None,
+            "condition": cond.to_json(),
+            "last_scan": self.last_scan.to_json() if self.last_scan else None,
+            "progress": self.progress.to_json() if self.progress else None,
+        }
+
+
+class ConditionKind(enum.StrEnum):
+    """How a repository is kept true to disk right now."""
+
+    ONLINE = "online"
+    """Watched (or scanned on schedule when no watcher runs)."""
+    OFFLINE = "offline"
+    """The root is missing, unmounted or refused by the guard: records kept, nothing synced."""
+    DEGRADED = "degraded"
+    """Partly watched (the inotify watch limit): quick scans fill in."""
+    POLLING = "polling"
+    """A network filesystem: inotify sees no other client's changes, so it is scanned."""
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """A repository's condition, with the reason a person reads (``root missing``)."""
+
+    state: str
+    reason: str | None = None
+    since: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "since": rfc3339(self.since) if self.since else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LastScan:
+    """What the last completed scan reported: its errors and the corruption ``--verify``
+    found (the first few of each, and how many)."""
+
+    files_scanned: int
+    error_count: int
+    errors: tuple[str, ...]
+    corrupt_count: int
+    corrupt: tuple[str, ...]
+    notes: tuple[str, ...]
+
+    SHOWN: ClassVar[int] = 5
+
+    @classmethod
+    def from_stats(cls, stats: dict[str, Any]) -> LastScan:
+        errors = [str(e) for e in stats.get("errors") or []]
+        corrupt = [str(c) for c in stats.get("corrupt") or []]
+        return cls(
+            int(stats.get("files_scanned") or 0),
+            max(int(stats.get("error_count") or 0), len(errors)),
+            tuple(errors[: cls.SHOWN]),
+            len(corrupt),
+            tuple(corrupt[: cls.SHOWN]),
+            tuple(str(n) for n in (stats.get("notes") or [])[: cls.SHOWN]),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "files_scanned": self.files_scanned,
+            "error_count": self.error_count,
+            "errors": list(self.errors),
+            "corrupt_count": self.corrupt_count,
+            "corrupt": list(self.corrupt),
+            "notes": list(self.notes),
         }

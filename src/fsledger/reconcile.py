@@ -195,6 +195,7 @@ class Reconciler:
         record: bool = True,
         hold: Hold | None = None,
         gentle: bool = False,
+        walked: Progress | None = None,
     ) -> ScanStats:
         """Make the ledger of ``writer.repo`` equal to its tree on disk.
 
@@ -213,6 +214,8 @@ class Reconciler:
                 files still being written into a new directory) and counted unsettled.
             gentle: a scheduled run: its worker processes run at nice 10 and the idle I/O
                 class (workers of their own, closed after the run).
+            walked: called once with the stats when the walk has ended (the moves, the
+                deletions and the last writes follow): the phase a progress display shows.
 
         Raises:
             RootUnavailable, GuardRefused: the root failed the guard; nothing was changed.
@@ -246,6 +249,7 @@ class Reconciler:
                     mounts=mounts,
                     hold=hold,
                     gentle=gentle,
+                    walked=walked,
                 ).run()
             stats.notes += mounts.remember(self.store)
         except Exception as exc:
@@ -329,8 +333,10 @@ class _Run:
         mounts: MountGuard | None = None,
         hold: Hold | None = None,
         gentle: bool = False,
+        walked: Progress | None = None,
     ) -> None:
         self.owner = owner
+        self.walked = walked
         self.gentle = gentle
         self.hold = hold
         self.mounts = mounts
@@ -453,6 +459,8 @@ class _Run:
         self._dispatch_chunk(final=True)
         while self.in_flight:
             self._collect_one()
+        if self.walked:
+            self.walked(self.stats)
         self.out.flush()
         self.out.wait()
         self._write_displacing()

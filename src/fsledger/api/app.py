@@ -48,6 +48,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fsledger.api import schemas
+from fsledger.api.dashboard import add_dashboard_routes
 from fsledger.api.encode import changes_json
 from fsledger.api.metrics import CONTENT_TYPE, Metrics
 from fsledger.api.schedule import add_schedule_routes
@@ -76,6 +77,7 @@ from fsledger.feed import (
 from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
 from fsledger.model import DuplicateFile, RepoSettings, Repository, utcnow
+from fsledger.progress import ProgressBoard
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ MAX_LIMIT = 1000
 MAX_CHANGES_LIMIT = 10_000
 """A change-feed page may be larger: a consumer catching up reads it in one request."""
 MAX_STREAMS = 128
+PROGRESS_POLL_S = 0.1
+"""How often a stream that sends progress looks at the scans' progress while it waits."""
 """SSE streams open at once (the HTTP server takes up to ``server.MAX_CONNECTIONS``)."""
 STATIC = resources.files("fsledger.api") / "static"
 # Module level: route signatures are resolved from module globals (postponed annotations).
@@ -543,14 +547,17 @@ def create_app(
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
         min_size: Annotated[int, Query(ge=0, le=1 << 62)] = 1,
         files_limit: Annotated[int, Query(ge=2, le=MAX_LIMIT)] = 100,
+        offset: Annotated[int, Query(ge=0, le=1 << 31)] = 0,
     ) -> Any:
         """Groups of files with the same content, largest waste first, each with its first
-        ``files_limit`` files (one group can hold thousands) and a cursor to the rest."""
+        ``files_limit`` files (one group can hold thousands) and a cursor to the rest; a
+        page of ``limit`` groups after the first ``offset`` (``next_offset`` for the next)."""
         repo = get_repo(repository) if repository is not None else None
-        groups = ledger.duplicates(repo, limit, min_size, files_limit)
+        groups = ledger.duplicates(repo, limit, min_size, files_limit, offset)
         return {
             "groups": [g.to_json() for g in groups],
             "wasted_bytes": sum(g.wasted_bytes for g in groups),
+            "next_offset": offset + limit if len(groups) == limit else None,
         }
 
     @api.get("/duplicates/files", response_model=schemas.DuplicateFilesPage, tags=["files"])
@@ -610,11 +617,15 @@ def create_app(
     async def events(
         since: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None,
         repository: UUID | None = None,
+        progress: bool = False,
         last_event_id: Annotated[str | None, Header(max_length=64)] = None,
     ) -> StreamingResponse:
         """The feed as Server-Sent Events: ``event: change``, ``id:`` the cursor, ``data:``
         the change. Resumes after ``Last-Event-ID`` (or ``since``); without either, starts
-        at the newest change. Comment lines keep idle connections alive."""
+        at the newest change. Comment lines keep idle connections alive. With
+        ``progress=true``, the progress of running scans comes too, as ``event: progress``
+        (no ``id:``; ``data:`` as the status route's ``progress``), a few times a second
+        while a scan runs."""
         start = last_event_id or since
         if not metrics.sse_try_open(max_streams):
             raise ApiError(
@@ -631,7 +642,8 @@ def create_app(
         except BaseException:
             slot.release()
             raise
-        stream = _stream(page, repository, slot)
+        board = manager.progress if progress and manager is not None else None
+        stream = _stream(page, repository, slot, board)
         # A client gone before the body starts leaves the generator unstarted, and its
         # ``finally`` unrun: the slot is then released when the generator is collected.
         weakref.finalize(stream, slot.release)
@@ -641,12 +653,51 @@ def create_app(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _stream(page: FeedPage, repo_id: UUID | None, slot: _Slot) -> AsyncIterator[str]:
+    def progress_events(board: ProgressBoard, repo_id: UUID | None, seen: int) -> tuple[int, str]:
+        """The scans' progress as SSE blocks, if the board changed since version ``seen``."""
+        if board.version == seen:
+            return seen, ""
+        version, items = board.snapshot()
+        blocks = [
+            f"event: progress\ndata: {json.dumps(p.to_json(), ensure_ascii=True)}\n\n"
+            for p in items
+            if repo_id is None or p.repository_id == repo_id
+        ]
+        return version, "".join(blocks)
+
+    async def _wait(
+        cursor: Cursor, board: ProgressBoard | None, repo_id: UUID | None, seen: int
+    ) -> AsyncIterator[tuple[bool, int, str]]:
+        """Wait for the feed to move past ``cursor`` (at most ``heartbeat_s``), yielding
+        (woke, progress version, progress blocks) whenever the board changes meanwhile."""
+        if board is None:
+            yield await feed_hub.wait_async(cursor.seq, heartbeat_s), seen, ""
+            return
+        waited = 0.0
+        while True:
+            step = min(PROGRESS_POLL_S, heartbeat_s - waited)
+            woke = await feed_hub.wait_async(cursor.seq, step)
+            waited += step
+            seen, blocks = progress_events(board, repo_id, seen)
+            if woke or waited >= heartbeat_s or feed_hub.closed:
+                yield woke, seen, blocks
+                return
+            if blocks:
+                yield False, seen, blocks
+
+    async def _stream(
+        page: FeedPage, repo_id: UUID | None, slot: _Slot, board: ProgressBoard | None
+    ) -> AsyncIterator[str]:
         try:
             # A comment only: a block with a field but no data (``retry:``) made stock clients
             # yield an empty message. The retry delay rides on the first event instead.
             yield ": fsledger change feed\n\n"
             retry = "retry: 2000\n"
+            seen = -1
+            if board is not None:
+                seen, blocks = progress_events(board, repo_id, seen)
+                if blocks:
+                    yield blocks
             # Only changes sent once the stream had caught up (and waited) are delivery
             # latency: a replay of older ones (a client resuming from an old cursor, the
             # first page) buried every live sample.
@@ -671,7 +722,11 @@ def create_app(
                 cursor = page.cursor
                 if not page.has_more:
                     live = True
-                    woke = await feed_hub.wait_async(cursor.seq, heartbeat_s)
+                    woke = False
+                    async for got, version, blocks in _wait(cursor, board, repo_id, seen):
+                        woke, seen = got, version
+                        if blocks:
+                            yield blocks
                     if feed_hub.closed:
                         return
                     if not woke:
@@ -689,6 +744,7 @@ def create_app(
             slot.release()
 
     add_schedule_routes(api, ledger, manager)
+    add_dashboard_routes(api, ledger, get_repo)
     app.include_router(api)
     _document_webhooks(app)
     app.add_middleware(Guard, loopback_only=token is None)

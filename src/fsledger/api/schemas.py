@@ -95,6 +95,48 @@ class StatusOut(BaseModel):
     last_sync_operation: OperationOut | None
     schedule: dict[str, Any] | None = None
     """The running manager's schedule: next_run, waiting_reason, interval_s and its reason."""
+    total_bytes: int = 0
+    condition: ConditionOut | None = None
+    last_scan: LastScanOut | None = None
+    progress: ProgressOut | None = Field(
+        default=None,
+        description="The whole-tree scan running now (or ended in the last seconds), as the "
+        "daemon publishes it; also sent as `event: progress` on /api/v1/events?progress=true.",
+    )
+
+
+class ConditionOut(BaseModel):
+    state: Literal["online", "offline", "degraded", "polling"]
+    reason: str | None = Field(description="Why, in a few words (e.g. 'root missing').")
+    since: str | None
+
+
+class LastScanOut(BaseModel):
+    files_scanned: int
+    error_count: int
+    errors: list[str] = Field(description="The first few errors, as 'path: what happened'.")
+    corrupt_count: int = Field(description="Files a --verify scan found corrupt.")
+    corrupt: list[str]
+    notes: list[str]
+
+
+class ProgressOut(BaseModel):
+    repository_id: str
+    operation: str
+    verify: bool
+    phase: Literal["starting", "scanning", "finishing", "done", "failed"]
+    running: bool
+    started_at: str
+    updated_at: str
+    files_done: int
+    bytes_done: int = Field(description="Bytes hashed so far.")
+    files_expected: int | None = Field(description="From the last completed scan's counts.")
+    bytes_expected: int | None
+    fraction: float | None = Field(description="Done over expected, 0..1; null if unknown.")
+    files_per_s: float | None
+    bytes_per_s: float | None
+    eta_s: float | None
+    message: str | None
 
 
 class RepositoryOut(BaseModel):
@@ -208,6 +250,24 @@ class DuplicateGroupOut(BaseModel):
 class DuplicatesOut(BaseModel):
     groups: list[DuplicateGroupOut]
     wasted_bytes: int
+    next_offset: int | None = Field(
+        default=None, description="Pass as `offset` for the next page; null on the last."
+    )
+
+
+class RecentChangesOut(BaseModel):
+    changes: list[dict[str, Any]] = Field(description="Newest first, as /api/v1/changes.")
+    cursor: str = Field(description="The feed's head: follow /api/v1/events from here.")
+
+
+class ActivityOut(BaseModel):
+    since: str
+    until: str
+    step_s: int
+    kinds: list[str]
+    buckets: list[dict[str, Any]] = Field(
+        description="Minutes with changes only, in order: {'t': RFC 3339, kind: count...}."
+    )
 
 
 class WebhookChanges(BaseModel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 from uuid import UUID
 
 from fsledger.model import (
@@ -100,6 +100,10 @@ class Store(Protocol):
         so does the repository's record count (``Ledger.status`` caches it by this)."""
         ...
 
+    def record_totals(self, repo_id: UUID) -> tuple[int, int]:
+        """The repository's record count and the sum of their sizes (one aggregate)."""
+        ...
+
     def defer_indexes(self) -> AbstractContextManager[None]:
         """Around the creation of very many records (a big first index): the store may stop
         maintaining indexes that only queries use, and rebuild them on exit. Queries stay
@@ -135,6 +139,21 @@ class Store(Protocol):
         """Feed entries per UTC hour since ``since``: (the hour's start, count), in order."""
         ...
 
+    def change_counts_by_minute(
+        self, since: datetime, repo_id: UUID | None = None, until: datetime | None = None
+    ) -> list[tuple[datetime, str, int]]:
+        """Feed entries per UTC minute and kind recorded from ``since`` (to before
+        ``until``), of one repository or all: (the minute's start, kind, count), in order;
+        counted by the database."""
+        ...
+
+    def recent_changes(
+        self, repo_id: UUID | None, kinds: Sequence[str], limit: int
+    ) -> list[FeedEntry]:
+        """The newest ``limit`` feed entries (of one repository, of these kinds), newest
+        first."""
+        ...
+
     # --- sync operations ----------------------------------------------------------
     def start_operation(
         self, repo_id: UUID, op_type: OperationType, owner: str, start_time: datetime
@@ -149,7 +168,20 @@ class Store(Protocol):
         end_time: datetime,
     ) -> None: ...
 
-    def recent_operations(self, repo_id: UUID | None, limit: int) -> list[SyncOperation]: ...
+    def recent_operations(
+        self,
+        repo_id: UUID | None,
+        limit: int,
+        op_type: OperationType | None = None,
+        status: OperationStatus | None = None,
+    ) -> list[SyncOperation]:
+        """The newest operations (of one repository, type, status), newest first."""
+        ...
+
+    def last_scan_stats(self, repo_id: UUID) -> dict[str, Any] | None:
+        """The stats (``ScanStats.to_json``) of the repository's last completed startup
+        or reconciliation."""
+        ...
 
     def running_operations(self) -> list[tuple[SyncOperation, str]]:
         """Operations still marked running, with their owner (``host:pid``)."""
@@ -206,11 +238,13 @@ class Store(Protocol):
         limit: int,
         min_size: int = 1,
         files_per_group: int | None = None,
+        offset: int = 0,
     ) -> list[DuplicateGroup]:
-        """Up to ``limit`` groups of at least two files with the same content hash and at
-        least ``min_size`` bytes, largest waste first (across repositories without
-        ``repo_id``); each with its first ``files_per_group`` files (all without it) and
-        its total count. The rest of a group: ``duplicate_files``."""
+        """Up to ``limit`` groups (after the first ``offset``) of at least two files with
+        the same content hash and at least ``min_size`` bytes, largest waste first
+        (across repositories without ``repo_id``); each with its first
+        ``files_per_group`` files (all without it) and its total count. The rest of a
+        group: ``duplicate_files``."""
         ...
 
     def duplicate_files(

@@ -147,6 +147,7 @@ class PostgresStore(SqlStore):
     shares_scans = True
     _UPSERT = upsert_sql(_MOD_TIME.format("?::bigint"))
     _HOUR_BUCKET = "to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24')"
+    _MINUTE_BUCKET = "to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI')"
 
     def __init__(self, url: str, max_connections: int = 4, connect_timeout: float = 10.0) -> None:
         self.url = url

@@ -497,6 +497,16 @@ class SqlStore:
             )
             return int(cur.fetchone()[0])
 
+    def record_totals(self, repo_id: UUID) -> tuple[int, int]:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT count(*), coalesce(sum(file_size), 0) FROM file_records "
+                "WHERE repository_id = ?",
+                (self._uuid_in(repo_id),),
+            )
+            count, total = cur.fetchone()
+            return int(count), int(total)
+
     # --- apply --------------------------------------------------------------------------
     _UPSERT: str
     """The dialect's ``upsert_sql``."""
@@ -724,21 +734,51 @@ class SqlStore:
                 ),
             )
 
-    def recent_operations(self, repo_id: UUID | None, limit: int) -> list[SyncOperation]:
+    def recent_operations(
+        self,
+        repo_id: UUID | None,
+        limit: int,
+        op_type: OperationType | None = None,
+        status: OperationStatus | None = None,
+    ) -> list[SyncOperation]:
+        conds: list[str] = []
+        params: list[Any] = []
+        if repo_id is not None:
+            conds.append("repository_id = ?")
+            params.append(self._uuid_in(repo_id))
+        if op_type is not None:
+            conds.append("operation_type = ?")
+            params.append(op_type.value)
+        if status is not None:
+            conds.append("status = ?")
+            params.append(status.value)
+        where = f"WHERE {' AND '.join(conds)} " if conds else ""
         with self._read() as cur:
-            if repo_id is None:
-                cur.execute(
-                    f"SELECT {_OP_COLS} FROM sync_operations ORDER BY start_time DESC, id DESC "
-                    "LIMIT ?",
-                    (limit,),
-                )
-            else:
-                cur.execute(
-                    f"SELECT {_OP_COLS} FROM sync_operations WHERE repository_id = ? "
-                    "ORDER BY start_time DESC, id DESC LIMIT ?",
-                    (self._uuid_in(repo_id), limit),
-                )
+            cur.execute(
+                f"SELECT {_OP_COLS} FROM sync_operations {where}"
+                "ORDER BY start_time DESC, id DESC LIMIT ?",
+                (*params, limit),
+            )
             return [self._op(r) for r in cur.fetchall()]
+
+    def last_scan_stats(self, repo_id: UUID) -> dict[str, Any] | None:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT stats FROM sync_operations WHERE repository_id = ? AND status = ? "
+                "AND operation_type IN (?, ?) AND stats IS NOT NULL "
+                "ORDER BY start_time DESC, id DESC LIMIT 1",
+                (
+                    self._uuid_in(repo_id),
+                    OperationStatus.COMPLETED.value,
+                    OperationType.STARTUP.value,
+                    OperationType.RECONCILIATION.value,
+                ),
+            )
+            row = cur.fetchone()
+        if row is None or row[0] is None:
+            return None
+        value = row[0] if isinstance(row[0], dict) else json.loads(row[0])
+        return value if isinstance(value, dict) else None
 
     def running_operations(self) -> list[tuple[SyncOperation, str]]:
         with self._read() as cur:
@@ -961,6 +1001,50 @@ class SqlStore:
             (datetime.strptime(str(h), "%Y-%m-%dT%H").replace(tzinfo=UTC), int(n)) for h, n in rows
         ]
 
+    _MINUTE_BUCKET = "substr(recorded_at, 1, 16)"
+    """The UTC minute of a feed entry as text ``YYYY-MM-DDTHH:MM`` (each store's SQL)."""
+
+    def change_counts_by_minute(
+        self, since: datetime, repo_id: UUID | None = None, until: datetime | None = None
+    ) -> list[tuple[datetime, str, int]]:
+        where = "recorded_at >= ? AND kind <> ?"
+        params: list[Any] = [self._ts_in(since), _REDACTED]
+        if until is not None:
+            where += " AND recorded_at < ?"
+            params.append(self._ts_in(until))
+        if repo_id is not None:
+            where += " AND repository_id = ?"
+            params.append(self._uuid_in(repo_id))
+        with self._read() as cur:
+            cur.execute(
+                f"SELECT {self._MINUTE_BUCKET} AS m, kind, count(*) FROM change_log "
+                f"WHERE {where} GROUP BY m, kind ORDER BY m, kind",
+                params,
+            )
+            rows = cur.fetchall()
+        return [
+            (datetime.strptime(str(m), "%Y-%m-%dT%H:%M").replace(tzinfo=UTC), str(k), int(n))
+            for m, k, n in rows
+        ]
+
+    def recent_changes(
+        self, repo_id: UUID | None, kinds: Sequence[str], limit: int
+    ) -> list[FeedEntry]:
+        where = "kind <> ?"
+        params: list[Any] = [_REDACTED]
+        if repo_id is not None:
+            where += " AND repository_id = ?"
+            params.append(self._uuid_in(repo_id))
+        if kinds:
+            where += f" AND kind IN ({', '.join('?' * len(kinds))})"
+            params += list(kinds)
+        with self._read() as cur:
+            cur.execute(
+                f"SELECT {_FEED_COLS} FROM change_log WHERE {where} ORDER BY seq DESC LIMIT ?",
+                (*params, limit),
+            )
+            return [self._feed(r) for r in cur.fetchall()]
+
     # --- mount points below the root ----------------------------------------------------
     def mount_points(self, repo_id: UUID) -> list[MountPoint]:
         with self._read() as cur:
@@ -998,6 +1082,7 @@ class SqlStore:
         limit: int,
         min_size: int = 1,
         files_per_group: int | None = None,
+        offset: int = 0,
     ) -> list[DuplicateGroup]:
         where, params = self._dup_where(repo_id, min_size)
         with self._read() as cur:
@@ -1007,8 +1092,9 @@ class SqlStore:
                 "SELECT content_hash, hash_algo, file_size, count(*) FROM file_records "
                 f"WHERE {where} GROUP BY content_hash, hash_algo, file_size "
                 "HAVING count(*) > 1 "
-                "ORDER BY file_size * (count(*) - 1) DESC, content_hash LIMIT ?",
-                (*params, limit),
+                "ORDER BY file_size * (count(*) - 1) DESC, content_hash, hash_algo "
+                "LIMIT ? OFFSET ?",
+                (*params, limit, offset),
             )
             heads = cur.fetchall()
         groups: list[DuplicateGroup] = []
