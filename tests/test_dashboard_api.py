@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -352,3 +353,15 @@ def test_activity_counts_each_minute_once_it_is_over() -> None:
     source.asked.clear()
     day = activity.counts(now[0] - timedelta(days=1))
     assert day == again and len(source.asked) == 2
+
+
+def test_dashboard_routes_want_the_token(ledger: Ledger) -> None:
+    settings = replace(ledger.settings, api_token="a-token-of-16-chars-or-more")
+    app = create_app(ledger, None, settings)
+    with serve(app) as base, httpx.Client(base_url=base) as client:
+        for path in ("/changes/recent", "/activity", "/operations", "/events?progress=true"):
+            assert client.get("/api/v1" + path).status_code == 401, path
+        ok = client.get(
+            "/api/v1/activity", headers={"Authorization": "Bearer a-token-of-16-chars-or-more"}
+        )
+        assert ok.status_code == 200
