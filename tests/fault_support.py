@@ -29,20 +29,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 from uuid import UUID
 
 import httpx
 import psycopg
 
-import api_support
-from fsledger.errors import StoreError
 from fsledger.model import ChangeKind, OperationStatus, SyncOperation
 from fsledger.store import Store
-from treeutil import Files, blake3_of_file, describe_diff, disk_files
-
-T = TypeVar("T")
-
+from support import wait_for
+from treeutil import Files, blake3_of_file
 
 FSLEDGER = [str(Path(sys.executable).with_name("fsledger"))]
 if not os.path.exists(FSLEDGER[0]):  # pragma: no cover - an environment without the script
@@ -64,37 +60,6 @@ def cli_files(env: Mapping[str, str], repo: str) -> Files:
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     return {base64.b64decode(r["path_b64"]): (r["size"], r["hash"]) for r in rows}
-
-
-def assert_exact(store: Store, repo_id: UUID, root: bytes | str | Path) -> Files:
-    """The ledger equals the disk, now."""
-    want = disk_files(root)
-    got = store_files(store, repo_id)
-    assert got == want, f"ledger != disk: {describe_diff(want, got)}"
-    return want
-
-
-def wait_exact(
-    store: Store, repo_id: UUID, root: bytes | str | Path, timeout: float = 60.0
-) -> float:
-    """Wait until the ledger equals the disk (walked once: the workload must be over).
-    Returns the seconds it took."""
-    want = disk_files(root)
-    t0 = time.monotonic()
-    deadline = t0 + timeout
-    while True:
-        got = store_files(store, repo_id)
-        if got == want:
-            return time.monotonic() - t0
-        if time.monotonic() > deadline:
-            raise AssertionError(f"ledger != disk after {timeout:.0f}s: {describe_diff(want, got)}")
-        time.sleep(0.1)
-
-
-# --- waiting ----------------------------------------------------------------------------------
-def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0) -> T:
-    """Poll ``check`` until it returns something truthy, or fail naming ``what``."""
-    return api_support.wait_for(what, check, timeout)
 
 
 # --- the command line -------------------------------------------------------------------------
@@ -469,21 +434,6 @@ def http_status(port: int, path: str) -> int:
         return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=60).status_code
     except httpx.TransportError:
         return 0
-
-
-def wait_exact_through_outage(store: Store, repo_id: UUID, root: Path, timeout: float) -> float:
-    """``wait_exact`` through a database that may still be refusing connections."""
-    want = disk_files(root)
-    t0 = time.monotonic()
-
-    def exact() -> bool:
-        try:
-            return store_files(store, repo_id) == want
-        except StoreError:
-            return False
-
-    wait_for("the ledger to equal the disk", exact, timeout)
-    return time.monotonic() - t0
 
 
 _LOCK_HOLDER = """

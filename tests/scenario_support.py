@@ -32,8 +32,8 @@ from fsledger.feed import Cursor, Feed
 from fsledger.ledger import Ledger
 from fsledger.model import FeedEntry, Repository
 from oracle import Files, oracle_files, replay_feed
+from support import wait_for
 from treeutil import describe_diff
-from watch_support import wait_until
 
 MODES = ("live", "offline")
 RUNNER = Path(__file__).with_name("watch_runner.py")
@@ -376,14 +376,23 @@ class Scenario:
         where = f"[{self.mode}{' ' + step if step else ''}]"
         if self.live:
             assert self.watcher is not None
-            if not wait_until(lambda: self.files() == want, LIVE_TIMEOUT_S):
+            watcher = self.watcher
+
+            def details() -> str:
                 got = self.files()
-                raise AssertionError(
-                    f"{where} ledger != disk after {LIVE_TIMEOUT_S}s: {diff(want, got)}"
+                return (
+                    f"{where} ledger != disk: {diff(want, got)}"
                     f"\n{self.diff_details(want, got)}\nfeed since start:\n  "
                     + "\n  ".join(feed_rows(self.feed())[-30:])
-                    + f"\nwatcher stderr:\n{self.watcher.stderr_tail(1500)}"
+                    + f"\nwatcher stderr:\n{watcher.stderr_tail(1500)}"
                 )
+
+            wait_for(
+                f"{where} the ledger to equal the disk",
+                lambda: self.files() == want,
+                LIVE_TIMEOUT_S,
+                detail=details,
+            )
         else:
             self.scan()
             got = self.files()

@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from api_support import SseReader, free_port, wait_for, webhook_receiver
+from api_support import SseReader, free_port, webhook_receiver
 from fsledger.api import Service, create_app
 from fsledger.api.security import is_loopback_host
 from fsledger.cli import main
@@ -41,6 +41,7 @@ from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
 from fsledger.model import OperationStatus, Repository
 from fsledger.store import open_store
+from support import wait_for
 
 TOKEN = "t0ken-for-tests-0123456789"
 

@@ -45,7 +45,6 @@ from fault_support import (
     LockHolder,
     Mutator,
     add_repo,
-    assert_exact,
     assert_no_churn,
     base_env,
     can_unshare_mounts,
@@ -54,7 +53,6 @@ from fault_support import (
     cli_ops,
     cli_status,
     completed_scans,
-    disk_files,
     flaky_command,
     free_port,
     http_status,
@@ -70,9 +68,6 @@ from fault_support import (
     sqlite_running_ops,
     start_daemon,
     store_files,
-    wait_exact,
-    wait_exact_through_outage,
-    wait_for,
     wait_state,
 )
 from fsledger.api.metrics import Metrics
@@ -85,6 +80,8 @@ from fsledger.model import Change, ChangeKind
 from fsledger.store import Store, open_store
 from fsledger.walk import FileEntry
 from fsledger.watch import InotifyBackend, Watcher, WatchLimitReached
+from support import assert_exact, wait_exact, wait_for
+from treeutil import disk_files
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/proc/sys/fs/inotify"), reason="the fault suite drives Linux processes"
@@ -304,7 +301,7 @@ def test_postgres_stopped_and_restarted_under_the_daemon(
             started_at = time.monotonic()
             pg_ctl("start")
             wait_for("PostgreSQL to accept connections", lambda: pg_ready(pg_admin_url), 60)
-        wait_exact_through_outage(store, repo_id, root, 120)
+        wait_exact(store, repo_id, root, 120, outage=True)
         # From "pg_ctlcluster start" to the ledger equal to the disk.
         recover_s = time.monotonic() - started_at
         assert daemon.alive()

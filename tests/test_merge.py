@@ -25,7 +25,6 @@ import pytest
 import fsledger.hashing
 import fsledger.merge
 import fsledger.reconcile
-from api_support import wait_for
 from fsledger.config import Settings
 from fsledger.errors import RootUnavailable, StoreError
 from fsledger.ignore import IgnoreRules
@@ -45,7 +44,8 @@ from fsledger.model import NS_PER_S, ScanStats
 from fsledger.reconcile import start_workers
 from fsledger.store.base import Store
 from fsledger.walk import FileEntry, Unreadable, walk
-from test_reconcile import assert_exact, no_change, p
+from support import assert_exact, wait_for
+from test_reconcile import no_change, p
 from treeutil import age_tree, make_tree
 
 RULES = IgnoreRules.default()

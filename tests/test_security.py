@@ -23,7 +23,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from api_support import free_port, wait_for, webhook_receiver
+from api_support import free_port, webhook_receiver
 from fsledger import cli
 from fsledger.api import Service, create_app
 from fsledger.api.app import MAX_STREAMS
@@ -33,6 +33,7 @@ from fsledger.ledger import Ledger
 from fsledger.model import RepoSettings
 from fsledger.store import open_store
 from fsledger.store.redact import redact_url, scrub
+from support import wait_for
 from treeutil import disk_snapshot, ledger_snapshot, make_tree
 
 FSLEDGER = str(Path(sys.executable).with_name("fsledger"))

@@ -36,8 +36,9 @@ from fsledger.watch.backend import (
     IN_MOVED_TO,
     IN_UNMOUNT,
 )
+from support import assert_exact, ledger_state, wait_for
 from treeutil import FakeMounts
-from watch_support import assert_in_sync, digest_of, exchange, ledger_state, wait_until, write
+from watch_support import digest_of, exchange, write
 
 _cookies = itertools.count(1000)
 
@@ -123,7 +124,7 @@ class Rig:
 
     def assert_exact(self) -> None:
         assert self.repo is not None
-        assert_in_sync(self.ledger, self.repo, self.root)
+        assert_exact(self.ledger, self.repo, self.root)
 
 
 @pytest.fixture
@@ -195,7 +196,10 @@ def test_debounce_holds_writes_in_progress_but_a_close_settles_at_once(
 
     write(rig.p("growing.mov"), "first chunk, second chunk")
     rig.emit("growing.mov", IN_CLOSE_WRITE)
-    assert wait_until(lambda: (rig.watcher.process_due(), b"growing.mov" in rig.state())[1])
+    wait_for(
+        "growing.mov recorded",
+        lambda: (rig.watcher.process_due(), b"growing.mov" in rig.state())[1],
+    )
     rig.assert_exact()
     assert len(rig.watcher.metrics.latency_ms) == 1
 
@@ -454,13 +458,13 @@ def test_a_file_still_open_in_a_new_directory_is_recorded_once_closed(
         fh.write(b"a" * 65536)
         fh.flush()
         # The directory's check is due after the settle time; the file is still open.
-        assert wait_until(rig.watcher.process_due)
+        wait_for("due work processed", rig.watcher.process_due)
         assert b"d/f.bin" not in rig.state()
         fh.write(b"b" * 65536)
     rig.emit("d/f.bin", IN_MODIFY)
     rig.emit("d/f.bin", IN_CLOSE_WRITE)
     # Settled by its close (not the hour of debounce): written by a pass that is due.
-    assert wait_until(lambda: rig.watcher.process_due() and b"d/f.bin" in rig.state())
+    wait_for("d/f.bin recorded", lambda: rig.watcher.process_due() and b"d/f.bin" in rig.state())
     rig.assert_exact()
     assert [(e.kind, e.path, e.size) for e in rig.feed()] == [
         *([(ChangeKind.DELETED, b"d/old.jpg", 3)] if had_records else []),
@@ -646,13 +650,14 @@ def test_without_a_manager_the_watcher_runs_the_resync_itself(tmp_path: Path) ->
         r.backend.overflow()
         r.watcher.flush()
         assert r.repo is not None
-        assert wait_until(lambda: b"silent.jpg" in r.state())
+        wait_for("silent.jpg recorded", lambda: b"silent.jpg" in r.state())
         ops = r.ledger.store.recent_operations(r.repo.id, 10)
-        assert wait_until(
+        wait_for(
+            "every operation completed",
             lambda: all(
                 o.status is OperationStatus.COMPLETED
                 for o in r.ledger.store.recent_operations(r.repo.id, 10)
-            )
+            ),
         )
         assert sum(o.operation_type is OperationType.RECONCILIATION for o in ops) == 2
     finally:
@@ -878,7 +883,7 @@ def test_background_threads_apply_events(rig: Rig) -> None:
     rig.watcher.start()
     write(rig.p("bg.jpg"), "background")
     rig.created("bg.jpg")
-    assert wait_until(lambda: b"bg.jpg" in rig.state())
+    wait_for("bg.jpg recorded", lambda: b"bg.jpg" in rig.state())
     rig.assert_exact()
 
 
