@@ -101,7 +101,9 @@ class SseReader:
         return None
 
     def next(self) -> SseEvent:
-        event, ident, data = "message", None, []
+        event: str = "message"
+        ident: str | None = None
+        data: list[str] = []
         for line in self.lines:
             if line == "":
                 if data:

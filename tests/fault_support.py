@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Set
 from pathlib import Path
 from typing import IO, Any
 from uuid import UUID
@@ -468,6 +468,34 @@ class LockHolder:
         assert self.proc.wait(30) == 0
 
 
+# clock_nanosleep and nanosleep: x86_64, aarch64 (for a kernel that shows no wait channel).
+_SLEEP_SYSCALLS = {"230", "35", "115", "101"}
+
+
+def sleeping(pid: int) -> bool:
+    """Whether a thread of process ``pid`` sleeps in ``nanosleep`` right now.
+
+    SQLite's busy handler sleeps between its tries at a lock another process holds, and an
+    ``fsledger scan`` sleeps nowhere else (its other threads wait on futexes): for it, this
+    means "waiting for the database lock".
+    """
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as fh:
+                wchan = fh.read()
+            with open(f"/proc/{pid}/task/{tid}/syscall") as fh:
+                syscall = fh.read().split(maxsplit=1)[0] if wchan in ("", "0") else ""
+        except (OSError, IndexError):
+            continue
+        if "nanosleep" in wchan or syscall in _SLEEP_SYSCALLS:
+            return True
+    return False
+
+
 def sqlite_running_ops(db: Path) -> int:
     conn = sqlite3.connect(db, timeout=30)
     try:
@@ -497,7 +525,7 @@ def wait_state(env: dict[str, str], repo: str, state: str, timeout: float = 60.0
 
 
 def assert_no_churn(
-    store: Store, repo_id: UUID, after_seq: int, kept: set[bytes], allowed: set[bytes] = frozenset()
+    store: Store, repo_id: UUID, after_seq: int, kept: set[bytes], allowed: Set[bytes] = frozenset()
 ) -> list[str]:
     """No file that was there before the fault and after it was deleted or re-added in the
     feed (no re-add storm); returns the feed's kinds for the figures."""

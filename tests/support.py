@@ -13,21 +13,21 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar, overload
 from uuid import UUID
 
 from fsledger.errors import StoreError
 from fsledger.ledger import Ledger
 from fsledger.model import FileRecord, Repository
 from fsledger.store import Store
-from treeutil import describe_diff, disk_files, disk_snapshot
+from treeutil import Files, Snapshot, describe_diff, disk_files, disk_snapshot
 
 T = TypeVar("T")
 
 POLL_S = 0.02
 """How often ``wait_for`` asks again: short next to any deadline, long next to one check."""
 
-State = dict[bytes, tuple[int, str | None]] | dict[bytes, tuple[int, int, str | None]]
+State = Files | Snapshot
 """relative path -> (size, blake3 hex), or (size, mtime_ns, blake3 hex) with ``mtimes``."""
 
 
@@ -63,6 +63,16 @@ def _records(source: Ledger | Store, repo: Repository | UUID) -> Iterable[FileRe
     return source.iter_records(repo.id if isinstance(repo, Repository) else repo)
 
 
+@overload
+def ledger_state(
+    source: Ledger | Store, repo: Repository | UUID, *, mtimes: Literal[False] = False
+) -> Files: ...
+@overload
+def ledger_state(
+    source: Ledger | Store, repo: Repository | UUID, *, mtimes: Literal[True]
+) -> Snapshot: ...
+@overload
+def ledger_state(source: Ledger | Store, repo: Repository | UUID, *, mtimes: bool) -> State: ...
 def ledger_state(source: Ledger | Store, repo: Repository | UUID, *, mtimes: bool = False) -> State:
     """What the ledger holds for ``repo``: path -> (size, [mtime_ns,] hash)."""
     if mtimes:
@@ -70,6 +80,21 @@ def ledger_state(source: Ledger | Store, repo: Repository | UUID, *, mtimes: boo
     return {r.path: (r.size, r.content_hash) for r in _records(source, repo)}
 
 
+@overload
+def disk_state(
+    root: bytes | str | os.PathLike[str],
+    rules: Iterable[str] = (),
+    *,
+    mtimes: Literal[False] = False,
+) -> Files: ...
+@overload
+def disk_state(
+    root: bytes | str | os.PathLike[str], rules: Iterable[str] = (), *, mtimes: Literal[True]
+) -> Snapshot: ...
+@overload
+def disk_state(
+    root: bytes | str | os.PathLike[str], rules: Iterable[str] = (), *, mtimes: bool
+) -> State: ...
 def disk_state(
     root: bytes | str | os.PathLike[str], rules: Iterable[str] = (), *, mtimes: bool = False
 ) -> State:
@@ -95,14 +120,13 @@ def assert_exact(
     rules: Iterable[str] = (),
     *,
     mtimes: bool = True,
-) -> State:
+) -> None:
     """The ledger equals the disk, now: every regular file below the root (``repo.root``
-    unless given) with its size and blake3 digest, and with ``mtimes`` its mtime too.
-    Returns the disk's state."""
+    unless given) with its size, mtime and blake3 digest (``mtimes=False``: without the
+    mtime, for a file rewritten with the same content meanwhile)."""
     want = disk_state(_root(repo, root), rules, mtimes=mtimes)
     got = ledger_state(source, repo, mtimes=mtimes)
     assert got == want, f"ledger != disk: {describe_diff(want, got)}"
-    return want
 
 
 def wait_exact(

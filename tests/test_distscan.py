@@ -32,7 +32,7 @@ import fsledger.merge
 from fsledger.config import Settings
 from fsledger.distscan import JobParams, root_view
 from fsledger.errors import RootUnavailable
-from fsledger.hashing import HashOutcome
+from fsledger.hashing import HashOutcome, hash_at
 from fsledger.ignore import IgnoreRules
 from fsledger.ledger import Ledger
 from fsledger.merge import Absent, Look, LookRule, RangeResult, decode_result, encode_result
@@ -114,7 +114,7 @@ def test_an_item_stuck_in_the_owner_fails_the_scan_within_its_budget(
     scan retries. One budget, whoever computes the range."""
     photo_tree(tree, files=30)
     release = threading.Event()
-    real = fsledger.merge.hash_at
+    real = hash_at
 
     def stuck(dir_fd: int, name: bytes, *args: Any, **kw: Any) -> HashOutcome:
         if name == b"top.jpg":

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,7 +85,7 @@ def test_repository_added_by_another_process_is_picked_up(ledger, settings, tmp_
     try:
         root = make_photos(tmp_path / "later")
         with Ledger(settings) as other:  # as the CLI in another process would
-            repo = other.add_repository(root)
+            repo = other.add_repository(os.fsencode(root))
         wait_for(
             "the manager to take the repository",
             lambda: any(r.id == repo.id for r in manager.repositories()),
@@ -270,7 +271,7 @@ class Pressures:
         return Pressure(io_avg60=self.io, cpu_avg60=0.0)
 
 
-def periodic(settings: Settings, **kw: object) -> Settings:
+def periodic(settings: Settings, **kw: Any) -> Settings:
     """A scheduled reconciliation every second (no daily run)."""
     return replace(settings, reconciliation_interval_s=1.0, daily_at=None, **kw)
 

@@ -847,11 +847,12 @@ def test_root_deleted_and_recreated(scenario: Scenario, how: str) -> None:
     if sc.live:
         assert sc.repo is not None
         repo_id = sc.repo.id
-        wait_for(
-            "the repository to be marked offline",
-            lambda: sc.ledger.store.get_repository(repo_id).state is RepoState.OFFLINE,
-            15.0,
-        )
+
+        def offline() -> bool:
+            repo = sc.ledger.store.get_repository(repo_id)
+            return repo is not None and repo.state is RepoState.OFFLINE
+
+        wait_for("the repository to be marked offline", offline, 15.0)
     else:
         with pytest.raises(RootUnavailable):
             sc.scan()

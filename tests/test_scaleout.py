@@ -28,7 +28,7 @@ def make_photos(root: Path) -> Path:
 def test_one_owner_and_takeover_when_it_stops(settings: Settings, tmp_path: Path) -> None:
     root = make_photos(tmp_path / "lib")
     with Ledger(settings) as first, Ledger(settings) as second:
-        repo = first.add_repository(root)
+        repo = first.add_repository(os.fsencode(root))
         a = SyncManager(first, settings)
         a.start()
         b = SyncManager(second, settings)
@@ -58,7 +58,7 @@ def test_one_owner_and_takeover_when_it_stops(settings: Settings, tmp_path: Path
 def test_standby_takes_over_from_a_killed_agent(settings: Settings, tmp_path: Path) -> None:
     root = make_photos(tmp_path / "lib")
     with Ledger(settings) as ledger:
-        repo = ledger.add_repository(root)
+        repo = ledger.add_repository(os.fsencode(root))
     exe = Path(sys.executable).with_name("fsledger")
     env = {**os.environ, "FSLEDGER_DATABASE_URL": settings.database_url}
     agent = subprocess.Popen(

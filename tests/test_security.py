@@ -725,7 +725,7 @@ def test_a_killed_scan_is_marked_failed_by_the_next_scan(tmp_path: Path) -> None
                 start_new_session=True,
             )
             try:
-                wait_for(f"the scan to reach '{point.__name__}'", lambda p=point: p() or None)
+                wait_for(f"the scan to reach '{point.__name__}'", point)
             finally:
                 os.killpg(scan.pid, signal.SIGKILL)
                 scan.wait()

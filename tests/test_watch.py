@@ -73,7 +73,7 @@ class Rig:
         self.resyncs.append((repo.id, prefix, reason))
 
     def start(self) -> Repository:
-        self.repo = self.ledger.add_repository(self.root)
+        self.repo = self.ledger.add_repository(os.fsencode(self.root))
         self.ledger.scan(self.repo)
         self.repo = self.ledger.store.get_repository(self.repo.id)
         assert self.repo is not None
@@ -266,7 +266,9 @@ def test_repository_ignore_patterns_apply_to_events(tmp_path: Path) -> None:
 
     r = Rig(tmp_path)
     try:
-        r.repo = r.ledger.add_repository(r.root, settings=RepoSettings(ignore_patterns=("*.xmp",)))
+        r.repo = r.ledger.add_repository(
+            os.fsencode(r.root), settings=RepoSettings(ignore_patterns=("*.xmp",))
+        )
         r.ledger.scan(r.repo)
         r.watcher.add(r.repo)
         write(r.p("IMG_1.xmp"), "sidecar")
@@ -651,12 +653,13 @@ def test_without_a_manager_the_watcher_runs_the_resync_itself(tmp_path: Path) ->
         r.watcher.flush()
         assert r.repo is not None
         wait_for("silent.jpg recorded", lambda: b"silent.jpg" in r.state())
-        ops = r.ledger.store.recent_operations(r.repo.id, 10)
+        repo_id = r.repo.id
+        ops = r.ledger.store.recent_operations(repo_id, 10)
         wait_for(
             "every operation completed",
             lambda: all(
                 o.status is OperationStatus.COMPLETED
-                for o in r.ledger.store.recent_operations(r.repo.id, 10)
+                for o in r.ledger.store.recent_operations(repo_id, 10)
             ),
         )
         assert sum(o.operation_type is OperationType.RECONCILIATION for o in ops) == 2
@@ -808,7 +811,7 @@ def test_events_arriving_during_a_reconciliation(
     for i in range(40):  # changed while nobody watched: the reconciliation's work
         write(rig.p(f"d{i % 4}/f{i}.jpg"), f"version two {i}")
     writer = rig.ledger.writer(repo)
-    fired = []
+    fired: list[bool] = []
 
     def live_changes(_repo: Repository, _applied: Any) -> None:
         if fired:

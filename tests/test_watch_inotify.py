@@ -70,7 +70,7 @@ class Live:
     def start(self, populate: Callable[[Path], None] | None = None) -> Repository:
         if populate is not None:
             populate(self.root)
-        repo = self.ledger.add_repository(self.root)
+        repo = self.ledger.add_repository(os.fsencode(self.root))
         self.ledger.scan(repo)
         self.repo = self.ledger.store.get_repository(repo.id)
         assert self.repo is not None
