@@ -77,13 +77,17 @@ def cli(env: Mapping[str, str], *args: str | bytes, timeout: float = 300.0) -> A
 
 def base_env(url: str, **extra: str) -> dict[str, str]:
     """The environment of an fsledger subprocess on the database ``url``: quick debounce, no
-    periodic reconciliation (the tests decide when a scan runs), two hashing workers."""
+    periodic reconciliation (the tests decide when a scan runs), two hashing workers, and
+    no waiting on the machine's CPU or I/O pressure (``conftest.calm_machine``'s rule, for
+    the daemon in its own process: a shared, busy machine would hold its scheduled runs)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FSLEDGER_", "RECONCIL"))}
     env.update(
         FSLEDGER_DATABASE_URL=url,
         RECONCILIATION_MAX_CONCURRENCY="2",
         RECONCILIATION_INTERVAL="0",
         FILE_WATCHER_DEBOUNCE="100ms",
+        FSLEDGER_SCHEDULE_BUSY_CPU_PRESSURE="100",
+        FSLEDGER_SCHEDULE_BUSY_IO_PRESSURE="100",
         PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
     )
     env.update(extra)

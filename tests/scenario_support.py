@@ -197,6 +197,9 @@ def runner_env(store_url: str, extra: dict[str, str] | None = None) -> dict[str,
         "RECONCILIATION_DAILY_AT": "off",
         "RECONCILIATION_MAX_CONCURRENCY": "2",
         "FSLEDGER_LOG_LEVEL": "WARNING",
+        # Never "busy" (pressure cannot pass 100%): conftest.calm_machine, in this process.
+        "FSLEDGER_SCHEDULE_BUSY_CPU_PRESSURE": "100",
+        "FSLEDGER_SCHEDULE_BUSY_IO_PRESSURE": "100",
         "PYTHONPATH": os.pathsep.join(
             p for p in (os.environ.get("PYTHONPATH", ""), str(RUNNER.parent)) if p
         ),

@@ -122,8 +122,8 @@ def assert_exact(
     mtimes: bool = True,
 ) -> None:
     """The ledger equals the disk, now: every regular file below the root (``repo.root``
-    unless given) with its size, mtime and blake3 digest (``mtimes=False``: without the
-    mtime, for a file rewritten with the same content meanwhile)."""
+    unless given, less a repository's own ignore ``rules``) with its size, mtime and blake3
+    digest (``mtimes=False``: size and digest only)."""
     want = disk_state(_root(repo, root), rules, mtimes=mtimes)
     got = ledger_state(source, repo, mtimes=mtimes)
     assert got == want, f"ledger != disk: {describe_diff(want, got)}"

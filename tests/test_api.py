@@ -524,6 +524,7 @@ def test_openapi_asks_for_bearer_auth_only_when_a_token_is_set(ledger: Ledger) -
 
 
 # --- schemathesis -----------------------------------------------------------------------------
+@pytest.mark.slow  # generated requests to every operation
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_openapi_schema_holds(ledger: Ledger, root: Path, mode: GenerationMode) -> None:
     """No 5xx, and every response conforms to /openapi.json, for generated requests to every

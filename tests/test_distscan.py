@@ -362,6 +362,7 @@ def test_two_agents_reconcile_a_tree_exactly(
     assert "Traceback" not in helper.text()
 
 
+@pytest.mark.slow  # agents killed and frozen mid-job
 def test_the_owner_killed_mid_job_a_helper_takes_over(pg_url: str, tmp_path: Path) -> None:
     """Two real agents: the owner is frozen during its distributed first index, the other agent
     helps with it, then the owner is killed (its main process, ``kill -9``). The helper takes the
@@ -431,6 +432,7 @@ def holds_an_item(url: str, tag: str) -> bool:
     return bool(row and row[0])
 
 
+@pytest.mark.slow  # an agent killed mid-job
 def test_a_helper_killed_holding_an_item_loses_nothing(
     pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -509,6 +511,7 @@ def _can_unshare_mounts() -> bool:
     return can_unshare_mounts()
 
 
+@pytest.mark.slow  # an agent in a mount namespace of its own
 @pytest.mark.skipif(not _can_unshare_mounts(), reason="needs root and unshare -m")
 def test_an_agent_without_the_root_mounted_takes_no_item(
     pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -86,9 +86,14 @@ from fsledger.watch import InotifyBackend, Watcher, WatchLimitReached
 from support import assert_exact, wait_exact, wait_for
 from treeutil import disk_files
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/proc/sys/fs/inotify"), reason="the fault suite drives Linux processes"
-)
+# The whole fault suite is `slow`: real daemons killed, stopped, starved and restarted, each
+# test tens of seconds. `make test` runs it; `make test-fast` does not.
+pytestmark = [
+    pytest.mark.skipif(
+        not os.path.exists("/proc/sys/fs/inotify"), reason="the fault suite drives Linux processes"
+    ),
+    pytest.mark.slow,
+]
 
 
 @pytest.fixture
@@ -339,7 +344,6 @@ def test_postgres_stopped_and_restarted_under_the_daemon(
 # === SQLite: another process holds the write lock ==============================================
 
 
-@pytest.mark.slow
 def test_sqlite_write_lock_held_by_another_process(tmp_path: Path, seed: int) -> None:
     """Another process holds SQLite's write lock: a scan waits for it (before it starts, and
     between batches) and completes exactly; past the store's 30 s wait it fails with one clear
@@ -1344,7 +1348,6 @@ def test_fuzzed_command_lines_exit_cleanly(tmp_path: Path) -> None:
 # === a soak ======================================================================================
 
 
-@pytest.mark.slow
 def test_soak_daemon_under_a_steady_stream_of_changes(tmp_path: Path, seed: int) -> None:
     """``fsledger run`` (watcher, HTTP on loopback) under a steady stream of changes for
     ``FSLEDGER_SOAK_SECONDS`` (90 by default), a client following the change feed over HTTP

@@ -55,6 +55,7 @@ def test_one_owner_and_takeover_when_it_stops(settings: Settings, tmp_path: Path
             b.stop()
 
 
+@pytest.mark.slow  # an agent process killed, its lease waited out
 def test_standby_takes_over_from_a_killed_agent(settings: Settings, tmp_path: Path) -> None:
     root = make_photos(tmp_path / "lib")
     with Ledger(settings) as ledger:

@@ -178,6 +178,7 @@ def test_settings_repr_shows_no_secret() -> None:
     assert SECRET not in repr(s)
 
 
+@pytest.mark.slow  # four command processes, one a whole `run --once`, at DEBUG
 def test_a_daemon_run_logs_no_password(pg_url: str, tmp_path: Path) -> None:
     """A whole ``run --once`` at DEBUG with a password in the URL (the test server trusts
     local connections, so the password is carried but never checked): not in the log."""
@@ -687,6 +688,7 @@ def test_a_lone_surrogate_in_a_body_is_a_422(
 
 
 # --- 8. a killed scan ---------------------------------------------------------------------------
+@pytest.mark.slow  # scans killed at three points
 def test_a_killed_scan_is_marked_failed_by_the_next_scan(tmp_path: Path) -> None:
     """``fsledger scan`` killed with SIGKILL (its workers with it) as its operation starts,
     while it writes records, and while a rescan walks: the next ``scan`` marks each killed
