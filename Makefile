@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps run test lint unit bench bench-quick clean
+.PHONY: install system-deps run test test-fast lint unit bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,18 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
+# Tests run on every core (pytest-xdist; XDIST= runs them in one process). The tests marked
+# pg_restart stop the shared PostgreSQL server, which would fail every other test using it
+# meanwhile: they run afterwards, alone (exit code 5 is "none selected", with PYTEST_ARGS).
+XDIST ?= -n auto --dist worksteal
+
 unit: $(STAMP)
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q $(XDIST) -m "not pg_restart" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m pg_restart $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# The edit-test loop: everything but the tests marked slow (and pg_restart), on every core.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q $(XDIST) -m "not slow and not pg_restart" $(PYTEST_ARGS)
 
 test: system-deps lint unit
 

@@ -7,22 +7,22 @@ import json
 import os
 import socket
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import psycopg
 import pytest
 import uvicorn
 
+from support import wait_for
+
 PG_ADMIN_URL = os.environ.get("FSLEDGER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-T = TypeVar("T")
 
 
 def backend_url(backend: str, tmp_path: Path) -> Iterator[str]:
@@ -47,18 +47,6 @@ def backend_url(backend: str, tmp_path: Path) -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
-def wait_for(what: str, check: Callable[[], T | None], timeout: float = 20.0) -> T:
-    """Poll ``check`` until it returns something truthy, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def free_port() -> int:
@@ -113,7 +101,9 @@ class SseReader:
         return None
 
     def next(self) -> SseEvent:
-        event, ident, data = "message", None, []
+        event: str = "message"
+        ident: str | None = None
+        data: list[str] = []
         for line in self.lines:
             if line == "":
                 if data:

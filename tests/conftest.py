@@ -142,6 +142,19 @@ def model_examples(request: pytest.FixtureRequest) -> int | None:
     return int(value) if value is not None else None
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A live scenario on PostgreSQL is ``slow``: ``make test`` runs every scenario four ways,
+    ``make test-fast`` leaves out this one. Each live case starts a watcher process, and what
+    it checks of the watcher is the same on both stores (the stores have tests of their own,
+    on both, in the fast loop)."""
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if params is None or "scenario" not in params.params:
+            continue
+        if params.params["scenario"] == "live" and params.params.get("store_url") == "postgres":
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(params=("live", "offline"))
 def scenario(
     request: pytest.FixtureRequest, ledger: Ledger, store_url: str, tmp_path: Path

@@ -27,22 +27,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Set
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 from uuid import UUID
 
 import httpx
 import psycopg
 
-import api_support
-from fsledger.errors import StoreError
 from fsledger.model import ChangeKind, OperationStatus, SyncOperation
 from fsledger.store import Store
-from treeutil import Files, blake3_of_file, describe_diff, disk_files
-
-T = TypeVar("T")
-
+from support import wait_for
+from treeutil import Files, blake3_of_file
 
 FSLEDGER = [str(Path(sys.executable).with_name("fsledger"))]
 if not os.path.exists(FSLEDGER[0]):  # pragma: no cover - an environment without the script
@@ -66,37 +62,6 @@ def cli_files(env: Mapping[str, str], repo: str) -> Files:
     return {base64.b64decode(r["path_b64"]): (r["size"], r["hash"]) for r in rows}
 
 
-def assert_exact(store: Store, repo_id: UUID, root: bytes | str | Path) -> Files:
-    """The ledger equals the disk, now."""
-    want = disk_files(root)
-    got = store_files(store, repo_id)
-    assert got == want, f"ledger != disk: {describe_diff(want, got)}"
-    return want
-
-
-def wait_exact(
-    store: Store, repo_id: UUID, root: bytes | str | Path, timeout: float = 60.0
-) -> float:
-    """Wait until the ledger equals the disk (walked once: the workload must be over).
-    Returns the seconds it took."""
-    want = disk_files(root)
-    t0 = time.monotonic()
-    deadline = t0 + timeout
-    while True:
-        got = store_files(store, repo_id)
-        if got == want:
-            return time.monotonic() - t0
-        if time.monotonic() > deadline:
-            raise AssertionError(f"ledger != disk after {timeout:.0f}s: {describe_diff(want, got)}")
-        time.sleep(0.1)
-
-
-# --- waiting ----------------------------------------------------------------------------------
-def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0) -> T:
-    """Poll ``check`` until it returns something truthy, or fail naming ``what``."""
-    return api_support.wait_for(what, check, timeout)
-
-
 # --- the command line -------------------------------------------------------------------------
 def cli(env: Mapping[str, str], *args: str | bytes, timeout: float = 300.0) -> Any:
     """Run ``fsledger ARGS`` to completion; returns the ``CompletedProcess`` (text output)."""
@@ -112,13 +77,17 @@ def cli(env: Mapping[str, str], *args: str | bytes, timeout: float = 300.0) -> A
 
 def base_env(url: str, **extra: str) -> dict[str, str]:
     """The environment of an fsledger subprocess on the database ``url``: quick debounce, no
-    periodic reconciliation (the tests decide when a scan runs), two hashing workers."""
+    periodic reconciliation (the tests decide when a scan runs), two hashing workers, and
+    no waiting on the machine's CPU or I/O pressure (``conftest.calm_machine``'s rule, for
+    the daemon in its own process: a shared, busy machine would hold its scheduled runs)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FSLEDGER_", "RECONCIL"))}
     env.update(
         FSLEDGER_DATABASE_URL=url,
         RECONCILIATION_MAX_CONCURRENCY="2",
         RECONCILIATION_INTERVAL="0",
         FILE_WATCHER_DEBOUNCE="100ms",
+        FSLEDGER_SCHEDULE_BUSY_CPU_PRESSURE="100",
+        FSLEDGER_SCHEDULE_BUSY_IO_PRESSURE="100",
         PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
     )
     env.update(extra)
@@ -471,21 +440,6 @@ def http_status(port: int, path: str) -> int:
         return 0
 
 
-def wait_exact_through_outage(store: Store, repo_id: UUID, root: Path, timeout: float) -> float:
-    """``wait_exact`` through a database that may still be refusing connections."""
-    want = disk_files(root)
-    t0 = time.monotonic()
-
-    def exact() -> bool:
-        try:
-            return store_files(store, repo_id) == want
-        except StoreError:
-            return False
-
-    wait_for("the ledger to equal the disk", exact, timeout)
-    return time.monotonic() - t0
-
-
 _LOCK_HOLDER = """
 import sqlite3, sys
 conn = sqlite3.connect(sys.argv[1], timeout=120, isolation_level=None)
@@ -518,6 +472,34 @@ class LockHolder:
         assert self.proc.wait(30) == 0
 
 
+# clock_nanosleep and nanosleep: x86_64, aarch64 (for a kernel that shows no wait channel).
+_SLEEP_SYSCALLS = {"230", "35", "115", "101"}
+
+
+def sleeping(pid: int) -> bool:
+    """Whether a thread of process ``pid`` sleeps in ``nanosleep`` right now.
+
+    SQLite's busy handler sleeps between its tries at a lock another process holds, and an
+    ``fsledger scan`` sleeps nowhere else (its other threads wait on futexes): for it, this
+    means "waiting for the database lock".
+    """
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as fh:
+                wchan = fh.read()
+            with open(f"/proc/{pid}/task/{tid}/syscall") as fh:
+                syscall = fh.read().split(maxsplit=1)[0] if wchan in ("", "0") else ""
+        except (OSError, IndexError):
+            continue
+        if "nanosleep" in wchan or syscall in _SLEEP_SYSCALLS:
+            return True
+    return False
+
+
 def sqlite_running_ops(db: Path) -> int:
     conn = sqlite3.connect(db, timeout=30)
     try:
@@ -547,7 +529,7 @@ def wait_state(env: dict[str, str], repo: str, state: str, timeout: float = 60.0
 
 
 def assert_no_churn(
-    store: Store, repo_id: UUID, after_seq: int, kept: set[bytes], allowed: set[bytes] = frozenset()
+    store: Store, repo_id: UUID, after_seq: int, kept: set[bytes], allowed: Set[bytes] = frozenset()
 ) -> list[str]:
     """No file that was there before the fault and after it was deleted or re-added in the
     feed (no re-add storm); returns the feed's kinds for the figures."""

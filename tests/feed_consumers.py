@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -259,15 +258,3 @@ def serve_receiver(receiver: WebhookReceiver) -> Iterator[WebhookReceiver]:
         server.shutdown()
         server.server_close()
         thread.join(10)
-
-
-def wait_until(what: str, check: Any, timeout: float = 90.0) -> None:
-    """Poll ``check`` until it returns True, or fail with what it returned last."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last is True:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}: {last}")

@@ -32,8 +32,8 @@ from fsledger.feed import Cursor, Feed
 from fsledger.ledger import Ledger
 from fsledger.model import FeedEntry, Repository
 from oracle import Files, oracle_files, replay_feed
+from support import wait_for
 from treeutil import describe_diff
-from watch_support import wait_until
 
 MODES = ("live", "offline")
 RUNNER = Path(__file__).with_name("watch_runner.py")
@@ -197,6 +197,9 @@ def runner_env(store_url: str, extra: dict[str, str] | None = None) -> dict[str,
         "RECONCILIATION_DAILY_AT": "off",
         "RECONCILIATION_MAX_CONCURRENCY": "2",
         "FSLEDGER_LOG_LEVEL": "WARNING",
+        # Never "busy" (pressure cannot pass 100%): conftest.calm_machine, in this process.
+        "FSLEDGER_SCHEDULE_BUSY_CPU_PRESSURE": "100",
+        "FSLEDGER_SCHEDULE_BUSY_IO_PRESSURE": "100",
         "PYTHONPATH": os.pathsep.join(
             p for p in (os.environ.get("PYTHONPATH", ""), str(RUNNER.parent)) if p
         ),
@@ -376,14 +379,23 @@ class Scenario:
         where = f"[{self.mode}{' ' + step if step else ''}]"
         if self.live:
             assert self.watcher is not None
-            if not wait_until(lambda: self.files() == want, LIVE_TIMEOUT_S):
+            watcher = self.watcher
+
+            def details() -> str:
                 got = self.files()
-                raise AssertionError(
-                    f"{where} ledger != disk after {LIVE_TIMEOUT_S}s: {diff(want, got)}"
+                return (
+                    f"{where} ledger != disk: {diff(want, got)}"
                     f"\n{self.diff_details(want, got)}\nfeed since start:\n  "
                     + "\n  ".join(feed_rows(self.feed())[-30:])
-                    + f"\nwatcher stderr:\n{self.watcher.stderr_tail(1500)}"
+                    + f"\nwatcher stderr:\n{watcher.stderr_tail(1500)}"
                 )
+
+            wait_for(
+                f"{where} the ledger to equal the disk",
+                lambda: self.files() == want,
+                LIVE_TIMEOUT_S,
+                detail=details,
+            )
         else:
             self.scan()
             got = self.files()

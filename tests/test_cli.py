@@ -11,12 +11,14 @@ import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from fsledger.cli import main
 from fsledger.config import Settings
+from fsledger.errors import StoreUnavailable
 from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
 
@@ -47,7 +49,7 @@ def invoke(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def files_json(env: dict[str, str], repo: str) -> dict[bytes, dict[str, object]]:
+def files_json(env: dict[str, str], repo: str) -> dict[bytes, dict[str, Any]]:
     code, out, err = invoke(env, "files", repo, "--json")
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
@@ -270,11 +272,11 @@ def test_a_briefly_unreachable_database_is_retried(
     def flaky(*args: object, **kw: object) -> fsledger.ledger.Ledger:
         tries.append(0)
         if len(tries) < down:
-            raise fsledger.cli.StoreUnavailable("PostgreSQL at ... is unreachable")
+            raise StoreUnavailable("PostgreSQL at ... is unreachable")
         return real(*args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(fsledger.cli, "Ledger", flaky)
-    monkeypatch.setattr(fsledger.cli.time, "sleep", waits.append)
+    monkeypatch.setattr(time, "sleep", waits.append)  # the time module fsledger.cli uses
     down = 3
     code, out, _err = invoke(env, "repo", "list", "--json")
     assert (code, json.loads(out), len(tries), waits) == (0, [], 3, [0.5, 1.0])
@@ -311,7 +313,7 @@ def test_quiet_for_holds_the_running_managers_scheduled_runs_and_status_says_why
             while not waiting():
                 assert time.monotonic() < deadline, "no waiting run shown"
                 time.sleep(0.05)
-            assert "quiet requested by pipeline" in waiting()
+            assert "quiet requested by pipeline" in (waiting() or "")
             code, out, _ = invoke(env, "status", repo_id)
             assert "waiting since" in out and "quiet requested by pipeline" in out
             assert invoke(env, "quiet", "--off")[0] == 0

@@ -148,7 +148,12 @@ def test_changes_follow_prints_changes_as_they_happen(
     lines: queue.Queue[bytes] = queue.Queue()
     assert proc.stdout is not None
     stdout = proc.stdout
-    reader = threading.Thread(target=lambda: [lines.put(x) for x in stdout], daemon=True)
+
+    def read() -> None:
+        for line in stdout:
+            lines.put(line)
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
         (root / "live.txt").write_bytes(b"live")

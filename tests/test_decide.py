@@ -67,7 +67,7 @@ def _row(rec: FileRecord) -> RecordRow:
 @given(records(), stats, rules)
 def test_the_merge_fast_path_is_needs_look(old: FileRecord, now: FileStat, rule: LookRule) -> None:
     """``row_settled`` (the merge's per-file question on flat rows) is ``not needs_look``."""
-    settled = decide.row_settled(_row(old), tuple(now), rule.algo, rule.hashing, rule.verify)
+    settled = decide.row_settled(_row(old), (*now,), rule.algo, rule.hashing, rule.verify)
     assert settled == (not decide.needs_look(old, now, rule))
 
 

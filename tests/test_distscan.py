@@ -32,7 +32,7 @@ import fsledger.merge
 from fsledger.config import Settings
 from fsledger.distscan import JobParams, root_view
 from fsledger.errors import RootUnavailable
-from fsledger.hashing import HashOutcome
+from fsledger.hashing import HashOutcome, hash_at
 from fsledger.ignore import IgnoreRules
 from fsledger.ledger import Ledger
 from fsledger.merge import Absent, Look, LookRule, RangeResult, decode_result, encode_result
@@ -49,19 +49,12 @@ from fsledger.model import (
 from fsledger.store import open_store
 from fsledger.store.scanwork import create_job, open_jobs
 from fsledger.walk import FileEntry, Unreadable
+from support import assert_exact, wait_for
 from test_merge import changes_across_the_tree, photo_tree
-from test_reconcile import assert_exact, no_change
+from test_reconcile import no_change
 from treeutil import age_tree
 
 FSLEDGER = Path(sys.executable).with_name("fsledger")
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout:.0f}s")
-        time.sleep(0.05)
 
 
 # --- encodings --------------------------------------------------------------------------------
@@ -121,7 +114,7 @@ def test_an_item_stuck_in_the_owner_fails_the_scan_within_its_budget(
     scan retries. One budget, whoever computes the range."""
     photo_tree(tree, files=30)
     release = threading.Event()
-    real = fsledger.merge.hash_at
+    real = hash_at
 
     def stuck(dir_fd: int, name: bytes, *args: Any, **kw: Any) -> HashOutcome:
         if name == b"top.jpg":
@@ -279,7 +272,7 @@ class Helper:
             start_new_session=True,
         )
         self.tag = f"{socket.gethostname()}:{self.proc.pid}"
-        wait_for(lambda: b"Sync manager started" in self.text().encode(), 60, "helper started")
+        wait_for("helper started", lambda: b"Sync manager started" in self.text().encode(), 60)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -357,7 +350,7 @@ def test_two_agents_reconcile_a_tree_exactly(
             stats = ledger.scan(repo)
             assert (stats.files_added, stats.files_hashed, stats.error_count) == (1504, 1504, 0)
             assert_exact(ledger, repo)
-            wait_for(lambda: helper.helped() > 0, 30, "the helper took items")
+            wait_for("the helper took items", lambda: helper.helped() > 0, 30)
             changes_across_the_tree(tree)
             stats = ledger.scan(repo)
             assert stats.error_count == 0 and stats.files_removed > 0 and stats.files_moved > 0
@@ -369,6 +362,7 @@ def test_two_agents_reconcile_a_tree_exactly(
     assert "Traceback" not in helper.text()
 
 
+@pytest.mark.slow  # agents killed and frozen mid-job
 def test_the_owner_killed_mid_job_a_helper_takes_over(pg_url: str, tmp_path: Path) -> None:
     """Two real agents: the owner is frozen during its distributed first index, the other agent
     helps with it, then the owner is killed (its main process, ``kill -9``). The helper takes the
@@ -390,20 +384,24 @@ def test_the_owner_killed_mid_job_a_helper_takes_over(pg_url: str, tmp_path: Pat
                 ).fetchone()
             return int(row[0]) if row else 0
 
-        wait_for(lambda: jobs_of(first.tag) > 0, 30, "the owner's job")
+        wait_for("the owner's job", lambda: jobs_of(first.tag) > 0, 30)
         # Frozen mid-job (its connections, its job's lock and its workers' claims held), so
         # that the helper starting now finds the job open, whatever the machine's speed.
         os.killpg(first.proc.pid, signal.SIGSTOP)
         assert jobs_of(first.tag) > 0, "the owner's job ended before it could be frozen"
         second = Helper(pg_url, tmp_path / "second.log")
-        wait_for(lambda: "Helped with" in second.text(), 30, "the helper helped")
+        wait_for("the helper helped", lambda: "Helped with" in second.text(), 30)
         first.proc.kill()
         os.killpg(first.proc.pid, signal.SIGCONT)
         first.proc.wait(10)
-        wait_for(lambda: not session(first.proc.pid), 30, "the owner's workers end")
+        wait_for("the owner's workers end", lambda: not session(first.proc.pid), 30)
         with Ledger(Settings(database_url=pg_url)) as ledger:
-            wait_for(lambda: "taking over" in second.text(), 30, "takeover")
-            wait_for(lambda: jobs_of(second.tag) > 0 or ledger.store.count_records(repo.id) > 0)
+            wait_for("takeover", lambda: "taking over" in second.text(), 30)
+            wait_for(
+                "the new owner's job or records",
+                lambda: jobs_of(second.tag) > 0 or ledger.store.count_records(repo.id) > 0,
+                60,
+            )
 
             def exact() -> bool:
                 try:
@@ -412,8 +410,8 @@ def test_the_owner_killed_mid_job_a_helper_takes_over(pg_url: str, tmp_path: Pat
                     return False
                 return True
 
-            wait_for(exact, 120, "the ledger equals the disk")
-            wait_for(lambda: left_over(pg_url) == (0, 0, 0), 30, "no job, item or claim left")
+            wait_for("the ledger equals the disk", exact, 120)
+            wait_for("no job, item or claim left", lambda: left_over(pg_url) == (0, 0, 0), 30)
             (op, *_rest) = ledger.store.recent_operations(repo.id, 1)
             assert op.status is OperationStatus.COMPLETED
     finally:
@@ -434,6 +432,7 @@ def holds_an_item(url: str, tag: str) -> bool:
     return bool(row and row[0])
 
 
+@pytest.mark.slow  # an agent killed mid-job
 def test_a_helper_killed_holding_an_item_loses_nothing(
     pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -468,7 +467,7 @@ def test_a_helper_killed_holding_an_item_loses_nothing(
                     time.sleep(0.02)
             assert killed, "the helper never held an item"
             helper.proc.wait(10)
-            wait_for(lambda: not session(helper.proc.pid), 30, "the helper's workers end")
+            wait_for("the helper's workers end", lambda: not session(helper.proc.pid), 30)
             scan.join(120)
             assert not scan.is_alive() and errors == []
             done_after = time.monotonic() - killed_at
@@ -478,7 +477,7 @@ def test_a_helper_killed_holding_an_item_loses_nothing(
         (op,) = ledger.store.recent_operations(repo.id, 1)
         assert op.status is OperationStatus.COMPLETED
         assert ledger.store.running_operations() == []
-        wait_for(lambda: left_over(pg_url) == (0, 0, 0), 10, "no job, item or claim left")
+        wait_for("no job, item or claim left", lambda: left_over(pg_url) == (0, 0, 0), 10)
         assert no_change(ledger.scan(repo))
     print(f"DIST-FIGURES reconciliation done {done_after:.2f}s after the helper was killed")
 
@@ -512,6 +511,7 @@ def _can_unshare_mounts() -> bool:
     return can_unshare_mounts()
 
 
+@pytest.mark.slow  # an agent in a mount namespace of its own
 @pytest.mark.skipif(not _can_unshare_mounts(), reason="needs root and unshare -m")
 def test_an_agent_without_the_root_mounted_takes_no_item(
     pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -540,7 +540,7 @@ def test_an_agent_without_the_root_mounted_takes_no_item(
             stats = ledger.scan(repo)
             assert stats.files_added == 304
             assert_exact(ledger, repo)
-            wait_for(lambda: "not mounted here as on the owner" in helper.text(), 10, "skip")
+            wait_for("skip", lambda: "not mounted here as on the owner" in helper.text(), 10)
         finally:
             helper.stop()
     assert "Helping with" not in helper.text() and helper.helped() == 0

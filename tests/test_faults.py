@@ -27,7 +27,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -45,7 +47,6 @@ from fault_support import (
     LockHolder,
     Mutator,
     add_repo,
-    assert_exact,
     assert_no_churn,
     base_env,
     can_unshare_mounts,
@@ -54,7 +55,6 @@ from fault_support import (
     cli_ops,
     cli_status,
     completed_scans,
-    disk_files,
     flaky_command,
     free_port,
     http_status,
@@ -67,12 +67,10 @@ from fault_support import (
     record_figure,
     scan_running,
     session_pids,
+    sleeping,
     sqlite_running_ops,
     start_daemon,
     store_files,
-    wait_exact,
-    wait_exact_through_outage,
-    wait_for,
     wait_state,
 )
 from fsledger.api.metrics import Metrics
@@ -83,12 +81,19 @@ from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
 from fsledger.model import Change, ChangeKind
 from fsledger.store import Store, open_store
-from fsledger.walk import FileEntry
+from fsledger.walk import FileEntry, walk
 from fsledger.watch import InotifyBackend, Watcher, WatchLimitReached
+from support import assert_exact, wait_exact, wait_for
+from treeutil import disk_files
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/proc/sys/fs/inotify"), reason="the fault suite drives Linux processes"
-)
+# The whole fault suite is `slow`: real daemons killed, stopped, starved and restarted, each
+# test tens of seconds. `make test` runs it; `make test-fast` does not.
+pytestmark = [
+    pytest.mark.skipif(
+        not os.path.exists("/proc/sys/fs/inotify"), reason="the fault suite drives Linux processes"
+    ),
+    pytest.mark.slow,
+]
 
 
 @pytest.fixture
@@ -115,7 +120,7 @@ def test_kill_9_of_a_scan_at_random_points(
     env = base_env(store_url)
     repo_id = add_repo(env, root, "--no-scan")
 
-    kills: list[tuple[str, int]] = []
+    kills: list[tuple[str, str, int]] = []
     plans = ["hashing", "mid-index", "random", "random"]
     for round_no, plan in enumerate(plans):
         before = store.count_records(repo_id)
@@ -127,22 +132,20 @@ def test_kill_9_of_a_scan_at_random_points(
             start_new_session=True,
         )
         try:
-            wait_for(
-                "the scan to start",
-                lambda p=proc: scan_running(store, p.pid) or p.poll() is not None,
-                60,
-            )
+
+            def started(p: subprocess.Popen[bytes] = proc) -> bool:
+                return scan_running(store, p.pid) or p.poll() is not None
+
+            wait_for("the scan to start", started, 60)
             if plan == "hashing":
                 pass  # at once: the walk and the first hashes, nothing committed yet
             elif plan == "mid-index":
                 target = before + rng.randrange(1, 6000)
-                wait_for(
-                    "records to be committed",
-                    lambda t=target, p=proc: (
-                        store.count_records(repo_id) >= t or p.poll() is not None
-                    ),
-                    120,
-                )
+
+                def committed(t: int = target, p: subprocess.Popen[bytes] = proc) -> bool:
+                    return store.count_records(repo_id) >= t or p.poll() is not None
+
+                wait_for("records to be committed", committed, 120)
             else:
                 # Not a wait for anything: the random moment of the kill is the fault itself.
                 time.sleep(rng.uniform(0.0, 0.8))
@@ -154,7 +157,11 @@ def test_kill_9_of_a_scan_at_random_points(
                 os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
         sid = proc.pid
-        wait_for("the killed scan's processes to end", lambda s=sid: not session_pids(s), 30)
+
+        def ended(s: int = sid) -> bool:
+            return not session_pids(s)
+
+        wait_for("the killed scan's processes to end", ended, 30)
         kills.append(
             (plan, "killed" if was_running else "had finished", store.count_records(repo_id))
         )
@@ -304,7 +311,7 @@ def test_postgres_stopped_and_restarted_under_the_daemon(
             started_at = time.monotonic()
             pg_ctl("start")
             wait_for("PostgreSQL to accept connections", lambda: pg_ready(pg_admin_url), 60)
-        wait_exact_through_outage(store, repo_id, root, 120)
+        wait_exact(store, repo_id, root, 120, outage=True)
         # From "pg_ctlcluster start" to the ledger equal to the disk.
         recover_s = time.monotonic() - started_at
         assert daemon.alive()
@@ -337,7 +344,6 @@ def test_postgres_stopped_and_restarted_under_the_daemon(
 # === SQLite: another process holds the write lock ==============================================
 
 
-@pytest.mark.slow
 def test_sqlite_write_lock_held_by_another_process(tmp_path: Path, seed: int) -> None:
     """Another process holds SQLite's write lock: a scan waits for it (before it starts, and
     between batches) and completes exactly; past the store's 30 s wait it fails with one clear
@@ -350,15 +356,20 @@ def test_sqlite_write_lock_held_by_another_process(tmp_path: Path, seed: int) ->
     repo_id = add_repo(env, root, "--no-scan")
     figures: dict[str, object] = {}
 
-    # 1. Held when the scan starts, released a few seconds later: the scan waits.
+    # 1. Held when the scan starts, released once the scan waits for it.
     holder = LockHolder(db)
     holder.wait_locked()
     t0 = time.monotonic()
     scan = subprocess.Popen(
         [*FSLEDGER, "scan"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
     )
-    time.sleep(3)  # the fault's duration: the lock is held this long
+    # Released once the scan is seen waiting for it (in SQLite's busy handler), not after a
+    # fixed time: the scan must have met the lock, and waited instead of failing.
+    wait_for(
+        "the scan to wait for the lock", lambda: scan.poll() is not None or sleeping(scan.pid), 60
+    )
     assert scan.poll() is None, "the scan should be waiting for the lock"
+    figures["waited_at_start_s"] = round(time.monotonic() - t0, 2)
     holder.release()
     _, err = scan.communicate(timeout=120)
     assert scan.returncode == 0, err
@@ -378,7 +389,12 @@ def test_sqlite_write_lock_held_by_another_process(tmp_path: Path, seed: int) ->
         holder = LockHolder(db)
         holder.wait_locked()
         mid_scan = scan.poll() is None
-        time.sleep(3)  # the fault's duration
+        # Held until the scan's next batch is seen waiting for it (or the scan is done).
+        wait_for(
+            "the scan's next batch to wait for the lock",
+            lambda: scan.poll() is not None or sleeping(scan.pid),
+            60,
+        )
         holder.release()
         _, err = scan.communicate(timeout=120)
         assert scan.returncode == 0, err
@@ -501,7 +517,7 @@ def test_watch_limit_exhausted_degrades_to_scheduled_scans(
         return Watcher(ledger, s, backend=LimitedInotify(3), on_resync=on_resync)
 
     with Ledger(settings) as ledger, caplog.at_level(logging.WARNING):
-        repo = ledger.add_repository(root)
+        repo = ledger.add_repository(os.fsencode(root))
         manager = SyncManager(ledger, settings, live_factory=live)
         manager.start()
         try:
@@ -687,8 +703,8 @@ def test_flapping_directory_and_root_lose_nothing_and_readd_nothing(tmp_path: Pa
     flapped = {p for p in kept if p.startswith(b"d1/")}
     figures: dict[str, object] = {"flaps": 0}
 
-    def scans_after(n: int) -> int:
-        return completed_scans(store, repo_id) - n
+    def two_scans_after(n: int) -> Callable[[], bool]:
+        return lambda: completed_scans(store, repo_id) - n >= 2
 
     try:
         daemon.wait_log(rf"File watcher started for repository {repo_id}")
@@ -697,13 +713,13 @@ def test_flapping_directory_and_root_lose_nothing_and_readd_nothing(tmp_path: Pa
             n = completed_scans(store, repo_id)
             # Reconciliations run while d1/ cannot be listed; a change elsewhere is still seen.
             (root / "d2" / f"during-flap-{flap}.jpg").write_bytes(b"elsewhere")
-            wait_for("two reconciliations during the flap", lambda k=n: scans_after(k) >= 2, 60)
+            wait_for("two reconciliations during the flap", two_scans_after(n), 60)
             assert flapped <= set(store_files(store, repo_id))
             flag.unlink()
             n = completed_scans(store, repo_id)
-            wait_for("two reconciliations after it", lambda k=n: scans_after(k) >= 2, 60)
+            wait_for("two reconciliations after it", two_scans_after(n), 60)
             wait_exact(store, repo_id, root, 30)
-            figures["flaps"] = int(figures["flaps"]) + 1
+            figures["flaps"] = flap + 1
 
         # The root itself flaps: offline (records kept), then online again.
         flag_root = tmp_path / "root-flapping"
@@ -842,7 +858,7 @@ def test_tree_changing_during_a_scan_and_during_hashing(
         big.append(path)
     settings = Settings(database_url=store_url, max_concurrency=2)
     with Ledger(settings, store) as ledger:
-        repo = ledger.add_repository(root)
+        repo = ledger.add_repository(os.fsencode(root))
         mutator = Mutator(root, seed)
         mutator.start()
         with Appender(big) as appender:
@@ -910,17 +926,17 @@ def test_directory_renamed_by_the_watcher_behind_the_scan(
     must still end exact."""
     root = tmp_path / "photos"
     make_tree(root, 600, size=200)
-    real_walk = fsledger.reconcile.walk
+    real_walk = walk
     # The walk is replaced in this process, so the first index must merge here, not in
     # worker processes (the re-walk of a renamed directory is the same code either way).
     monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_DIRS", 10**9)
     settings = Settings(database_url=store_url, max_concurrency=2)
     with Ledger(settings, store) as ledger:
-        repo = ledger.add_repository(root)
+        repo = ledger.add_repository(os.fsencode(root))
         writer = ledger.writer(repo)
-        done = []
+        done: list[bool] = []
 
-        def walk_with_a_rename(top: bytes, *args: object, **kw: object):
+        def walk_with_a_rename(top: bytes, *args: Any, **kw: Any) -> Iterator[object]:
             for item in real_walk(top, *args, **kw):
                 yield item
                 if not done and isinstance(item, FileEntry) and item.path.startswith(b"d5/"):
@@ -1148,7 +1164,7 @@ ENV_VARIABLES = (
 DURATIONS = ("RECONCILIATION_INTERVAL", "FILE_WATCHER_DEBOUNCE", "FSLEDGER_HASH_TIMEOUT")
 
 
-def _env(variable: str) -> object:
+def _env(variable: str) -> st.SearchStrategy[str]:
     """Values for one variable: any text, odd literals, and numbers of every length (with a
     unit, for the durations)."""
     digits = st.one_of(
@@ -1332,7 +1348,6 @@ def test_fuzzed_command_lines_exit_cleanly(tmp_path: Path) -> None:
 # === a soak ======================================================================================
 
 
-@pytest.mark.slow
 def test_soak_daemon_under_a_steady_stream_of_changes(tmp_path: Path, seed: int) -> None:
     """``fsledger run`` (watcher, HTTP on loopback) under a steady stream of changes for
     ``FSLEDGER_SOAK_SECONDS`` (90 by default), a client following the change feed over HTTP
@@ -1368,9 +1383,12 @@ def test_soak_daemon_under_a_steady_stream_of_changes(tmp_path: Path, seed: int)
         ops = mutator.stop()
         recover_s = wait_exact(store, repo_id, root, 60)
         want = store_files(store, repo_id)
-        wait_for(
-            "the feed to reach the ledger", lambda: follower.poll() or follower.files == want, 30
-        )
+
+        def caught_up() -> bool:
+            follower.poll()
+            return follower.files == want
+
+        wait_for("the feed to reach the ledger", caught_up, 30)
         assert cli_files(env, "photos") == disk_files(root)
         assert daemon.stop() == 0
     finally:

@@ -30,7 +30,6 @@ from api_support import (
     backup_database,
     restore_database,
     serve,
-    wait_for,
     webhook_receiver,
 )
 from fsledger.api import create_app
@@ -41,6 +40,7 @@ from fsledger.errors import ResyncNeeded, RootUnavailable
 from fsledger.feed import Cursor, Feed, FeedHub, Retention, entry_cursor
 from fsledger.ledger import Ledger
 from fsledger.model import ChangeKind, FeedEntry, Repository, RepoState
+from support import wait_for
 
 SECRET = "whsec_" + base64.b64encode(b"test-webhook-secret, 32 bytes...").decode()
 

@@ -20,14 +20,17 @@ from typing import IO
 import httpx
 import pytest
 
-from api_support import backend_url, backup_database, free_port, restore_database, wait_for
-from feed_consumers import Mirror, Poller, SseClient, WebhookReceiver, serve_receiver, wait_until
+from api_support import backend_url, backup_database, free_port, restore_database
+from feed_consumers import Mirror, Poller, SseClient, WebhookReceiver, serve_receiver
 from oracle import oracle_files
+from support import wait_for
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 SECRET = "whsec_" + base64.b64encode(b"consumer-test secret of 32 bytes").decode()
 ODD = b"\xe9t\xe9-\xff.jpg"
 """A name that is not UTF-8 (Latin-1 and a stray byte)."""
+MIRROR_TIMEOUT_S = 90.0
+"""How long three consumers may take to follow a change: they poll, stream and receive."""
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -119,7 +122,7 @@ def test_three_consumers_stay_exact_through_restart_outage_restore_and_purge(
                     for path, value in oracle_files(tree).items()
                 }
 
-            def exact() -> bool | list[str]:
+            def wrong_mirrors() -> list[str]:
                 poller.poll()
                 expected = want()
                 mirrors = {
@@ -127,10 +130,17 @@ def test_three_consumers_stay_exact_through_restart_outage_restore_and_purge(
                     "sse": sse.snapshot(),
                     "webhook": receiver.snapshot(),
                 }
-                wrong = [name for name, m in mirrors.items() if m != expected]
-                return wrong or True
+                return [name for name, m in mirrors.items() if m != expected]
 
-            wait_until("three exact mirrors after the first index", exact)
+            def exact(what: str) -> None:
+                wait_for(
+                    what,
+                    lambda: not wrong_mirrors(),
+                    MIRROR_TIMEOUT_S,
+                    detail=lambda: f"mirrors that differ: {wrong_mirrors()}",
+                )
+
+            exact("three exact mirrors after the first index")
 
             # Live changes, one of them a name that is not UTF-8.
             (root / "2024/a.jpg").write_bytes(b"alpha, edited")
@@ -138,14 +148,14 @@ def test_three_consumers_stay_exact_through_restart_outage_restore_and_purge(
             os.rename(root / "2024/trip", root / "2024/holiday")
             populate(root, {b"new/" + ODD: b"odd, new", b"new/d.jpg": b"delta"})
             os.rename(os.path.join(os.fsencode(root), ODD), os.fsencode(root / "renamed.jpg"))
-            wait_until("exact mirrors after live changes", exact)
+            exact("exact mirrors after live changes")
 
             # A daemon restart, with changes made while it is down.
             daemon.stop()
             (root / "down.jpg").write_bytes(b"made while down")
             (root / "notes.txt").unlink()
             daemon.start()
-            wait_until("exact mirrors after a restart", exact)
+            exact("exact mirrors after a restart")
             assert sse.connects >= 2
 
             # A receiver outage: deliveries are refused, then retried until acknowledged.
@@ -153,7 +163,7 @@ def test_three_consumers_stay_exact_through_restart_outage_restore_and_purge(
             populate(root, {b"outage/1.jpg": b"one", b"outage/2.jpg": b"two"})
             wait_for("a refused delivery", lambda: receiver.refused_while_down > 0)
             receiver.down = False
-            wait_until("exact mirrors after the receiver's outage", exact)
+            exact("exact mirrors after the receiver's outage")
 
             # A restore from a backup: the changes after it are lost to the database (the
             # disk still has them); each consumer must be told, and be exact after.
@@ -161,14 +171,14 @@ def test_three_consumers_stay_exact_through_restart_outage_restore_and_purge(
             backup_database(url, backup)
             populate(root, {b"after-backup/a2.jpg": b"a2", b"after-backup/b2.jpg": b"b2"})
             (root / "down.jpg").unlink()
-            wait_until("exact mirrors after the backup", exact)
+            exact("exact mirrors after the backup")
             before = (poller.resyncs, sse.resyncs, receiver.resyncs)
             assert before == (0, 0, 0)
             daemon.stop()
             restore_database(url, backup)
             daemon.start()
             (root / "after-restore.jpg").write_bytes(b"restored, then written")
-            wait_until("exact mirrors after the restore", exact)
+            exact("exact mirrors after the restore")
             assert poller.resyncs >= 1, "the poller was not told to resync"
             assert sse.resyncs >= 1, "the SSE client was not told to resync"
             assert receiver.resyncs >= 1, "the webhook receiver was not told to resync"
@@ -179,12 +189,12 @@ def test_three_consumers_stay_exact_through_restart_outage_restore_and_purge(
             r = http.post("/api/v1/repositories", json={"path": str(other)})
             assert r.status_code == 201, r.text
             roots[r.json()["id"]] = other
-            wait_until("exact mirrors with a second repository", exact)
+            exact("exact mirrors with a second repository")
             head = http.get("/healthz").json()["cursor"]
             r = http.delete(f"/api/v1/repositories/{r.json()['id']}", params={"purge": "true"})
             assert r.status_code == 200, r.text
             del roots[r.json()["id"]]
-            wait_until("exact mirrors after the purge", exact)
+            exact("exact mirrors after the purge")
             assert int(http.get("/healthz").json()["cursor"].split(":")[1]) > int(
                 head.split(":")[1]
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def test_hung_read_is_abandoned_and_the_scan_completes(tmp_path: Path, monkeypat
     )
     try:
         with Ledger(settings) as ledger:
-            repo = ledger.add_repository(root)
+            repo = ledger.add_repository(os.fsencode(root))
             stats = ledger.scan(repo)
             assert any("timed out" in e for e in stats.errors)
             assert "Failed to calculate hash" in caplog.text

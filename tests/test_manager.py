@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,14 +21,7 @@ from fsledger.manager import SyncManager
 from fsledger.model import OperationType, RepoSettings, RepoState
 from fsledger.repoconfig import load_repo_yaml
 from fsledger.schedule import Pressure, Quiet, ScheduleView
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        time.sleep(0.02)
+from support import wait_for
 
 
 def on_disk(root: Path) -> set[bytes]:
@@ -92,12 +85,15 @@ def test_repository_added_by_another_process_is_picked_up(ledger, settings, tmp_
     try:
         root = make_photos(tmp_path / "later")
         with Ledger(settings) as other:  # as the CLI in another process would
-            repo = other.add_repository(root)
-        wait_for(lambda: any(r.id == repo.id for r in manager.repositories()))
-        wait_for(lambda: ledger.store.count_records(repo.id) == 5)
+            repo = other.add_repository(os.fsencode(root))
+        wait_for(
+            "the manager to take the repository",
+            lambda: any(r.id == repo.id for r in manager.repositories()),
+        )
+        wait_for("the first index", lambda: ledger.store.count_records(repo.id) == 5)
         with Ledger(settings) as other:
             other.remove_repository(repo)
-        wait_for(lambda: not manager.repositories())
+        wait_for("the manager to drop the repository", lambda: not manager.repositories())
     finally:
         manager.stop()
 
@@ -170,11 +166,12 @@ def test_offline_root_keeps_records_and_resumes_when_back(ledger, settings, tmp_
         (root / "album" / "while-away.jpg").write_bytes(b"w")
         # The scan writes the new record, then the repository is marked online: wait for both.
         wait_for(
+            "the new record and the repository online",
             lambda: (
                 ledger.store.count_records(repo.id) == 6
                 and ledger.store.get_repository(repo.id).state is RepoState.ONLINE
             ),
-            timeout=30,
+            30,
         )
         assert metrics_offline(manager) == 0
     finally:
@@ -274,7 +271,7 @@ class Pressures:
         return Pressure(io_avg60=self.io, cpu_avg60=0.0)
 
 
-def periodic(settings: Settings, **kw: object) -> Settings:
+def periodic(settings: Settings, **kw: Any) -> Settings:
     """A scheduled reconciliation every second (no daily run)."""
     return replace(settings, reconciliation_interval_s=1.0, daily_at=None, **kw)
 
@@ -288,7 +285,10 @@ def test_scheduled_run_waits_under_pressure_then_runs_and_is_recorded(ledger, se
     try:
         assert manager.wait_idle(30)  # the startup run is never deferred
         # What `fsledger status` of another process shows: read from the store.
-        wait_for(lambda: (ledger.status(repo).schedule or ScheduleView()).waiting_reason)
+        wait_for(
+            "the schedule to wait",
+            lambda: (ledger.status(repo).schedule or ScheduleView()).waiting_reason,
+        )
         view = ledger.status(repo).schedule
         assert view is not None and "I/O pressure 80.0%" in (view.waiting_reason or "")
         assert view.deadline is not None and view.next_run == view.deadline
@@ -297,8 +297,11 @@ def test_scheduled_run_waits_under_pressure_then_runs_and_is_recorded(ledger, se
         assert manager.metrics().schedule_waiting == 1
         assert b"album/missed.jpg" not in {r.path for r in ledger.files(repo)}
         pressure.io = 0.0
-        wait_for(lambda: b"album/missed.jpg" in {r.path for r in ledger.files(repo)})
-        wait_for(lambda: any(o.error_message for o in _waits(ledger, repo)))
+        wait_for(
+            "missed.jpg recorded",
+            lambda: b"album/missed.jpg" in {r.path for r in ledger.files(repo)},
+        )
+        wait_for("a wait recorded", lambda: any(o.error_message for o in _waits(ledger, repo)))
         wait = next(o for o in _waits(ledger, repo) if o.error_message)
         assert "I/O pressure" in wait.error_message and "ran when quiet" in wait.error_message
         runs = [
@@ -307,7 +310,10 @@ def test_scheduled_run_waits_under_pressure_then_runs_and_is_recorded(ledger, se
         assert any(o.start_time >= wait.start_time for o in runs)
         assert manager.metrics().schedule_deferrals["io_pressure"] >= 1
         # The deferred run found drift: the interval shortened, and status says why.
-        wait_for(lambda: "missed change" in (ledger.status(repo).schedule.interval.reason or ""))
+        wait_for(
+            "the interval to shorten",
+            lambda: "missed change" in (ledger.status(repo).schedule.interval.reason or ""),
+        )
     finally:
         manager.stop()
 
@@ -329,11 +335,16 @@ def test_scheduled_run_never_waits_past_the_maximum(ledger, settings, tmp_path):
     manager.start()
     try:
         assert manager.wait_idle(30)
-        wait_for(lambda: manager.metrics().schedule_waiting == 1)
+        wait_for("the schedule to wait", lambda: manager.metrics().schedule_waiting == 1)
         (root / "album" / "late.jpg").write_bytes(b"late")
         clock.now += timedelta(hours=6)  # still busy, but it has waited long enough
-        wait_for(lambda: b"album/late.jpg" in {r.path for r in ledger.files(repo)})
-        wait_for(lambda: any("maximum 6h" in (o.error_message or "") for o in _waits(ledger, repo)))
+        wait_for(
+            "late.jpg recorded", lambda: b"album/late.jpg" in {r.path for r in ledger.files(repo)}
+        )
+        wait_for(
+            "a wait ended by the maximum deferral",
+            lambda: any("maximum 6h" in (o.error_message or "") for o in _waits(ledger, repo)),
+        )
     finally:
         manager.stop()
 
@@ -350,15 +361,18 @@ def test_quiet_request_from_another_process_holds_runs_until_it_expires(ledger, 
         with Ledger(settings) as other:
             other.request_quiet(Quiet(clock.now + timedelta(hours=2), by="thumbnailer"))
         wait_for(
+            "the schedule to wait for the thumbnailer",
             lambda: (
                 "thumbnailer"
                 in ((ledger.status(repo).schedule or ScheduleView()).waiting_reason or "")
-            )
+            ),
         )
         (root / "album" / "quiet.jpg").write_bytes(b"q")
         assert b"album/quiet.jpg" not in {r.path for r in ledger.files(repo)}
         clock.now += timedelta(hours=2)  # the request expires by itself
-        wait_for(lambda: b"album/quiet.jpg" in {r.path for r in ledger.files(repo)})
+        wait_for(
+            "quiet.jpg recorded", lambda: b"album/quiet.jpg" in {r.path for r in ledger.files(repo)}
+        )
         assert manager.metrics().schedule_deferrals["quiet"] >= 1
     finally:
         manager.stop()
@@ -398,28 +412,30 @@ def test_scheduled_run_waits_while_a_real_cp_runs_then_runs_after(ledger, settin
     )
     try:
         wait_for(
+            "the schedule to wait for the changes",
             lambda: (
                 "changes/min"
                 in ((ledger.status(repo).schedule or ScheduleView()).waiting_reason or "")
             ),
-            timeout=60,
+            60,
         )
     finally:
         stop.touch()
         assert copying.wait(60) == 0
     copied = datetime.now(UTC)
     try:
-        wait_for(lambda: any(o.end_time for o in _waits(ledger, repo)), timeout=60)
+        wait_for("the wait to end", lambda: any(o.end_time for o in _waits(ledger, repo)), 60)
         wait = next(o for o in _waits(ledger, repo) if o.end_time)
         assert "changes/min" in (wait.error_message or "")
         assert "ran when quiet" in (wait.error_message or "")
         assert wait.end_time is not None and wait.end_time >= copied
         wait_for(
+            "a reconciliation after the wait",
             lambda: any(
                 o.operation_type is OperationType.RECONCILIATION and o.start_time >= wait.end_time
                 for o in ledger.operations(repo, 100)
             ),
-            timeout=60,
+            60,
         )
         assert manager.wait_idle(60)
         assert {r.path for r in ledger.files(repo)} == on_disk(root)
@@ -443,7 +459,7 @@ def test_clean_runs_lengthen_the_interval_within_bounds_and_a_restart_keeps_it(
     manager = SyncManager(ledger, adaptive, pressure=lambda: None)
     manager.start()
     try:
-        wait_for(lambda: _interval(ledger, repo)[0] == 4.0, timeout=30)
+        wait_for("the interval to reach its ceiling", lambda: _interval(ledger, repo)[0] == 4.0, 30)
         assert "ceiling" in _interval(ledger, repo)[1] or "lengthened" in _interval(ledger, repo)[1]
     finally:
         manager.stop()
@@ -466,7 +482,9 @@ def test_a_polled_network_filesystem_keeps_its_polling_interval(
     manager.start()
     try:
         assert manager.wait_idle(30)
-        wait_for(lambda: "network filesystem" in _interval(ledger, repo)[1])
+        wait_for(
+            "the network poll interval", lambda: "network filesystem" in _interval(ledger, repo)[1]
+        )
         assert _interval(ledger, repo)[0] == 60.0  # NETWORK_POLL_S, not adapted
     finally:
         manager.stop()
@@ -537,7 +555,10 @@ def test_daily_auto_learns_the_quiet_hour_from_the_feed_and_status_shows_it(
     try:
         assert manager.wait_idle(30)
         manager.tick()
-        wait_for(lambda: (ledger.status(repo).schedule or ScheduleView()).daily is not None)
+        wait_for(
+            "the daily time chosen",
+            lambda: (ledger.status(repo).schedule or ScheduleView()).daily is not None,
+        )
         daily = ledger.status(repo).to_json()["schedule"]
         assert daily["daily_at"] == "05:00" and "quietest" in daily["daily_reason"]
     finally:

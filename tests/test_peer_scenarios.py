@@ -26,7 +26,8 @@ import pytest
 from fsledger.errors import RootUnavailable
 from fsledger.model import RepoState
 from scenario_support import Scenario, exchange
-from watch_support import wait_until, write
+from support import wait_for
+from watch_support import write
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/proc/sys/fs/inotify"), reason="inotify is Linux-only"
@@ -845,10 +846,13 @@ def test_root_deleted_and_recreated(scenario: Scenario, how: str) -> None:
         os.rename(sc.root, parked)
     if sc.live:
         assert sc.repo is not None
-        assert wait_until(
-            lambda: sc.ledger.store.get_repository(sc.repo.id).state is RepoState.OFFLINE,  # type: ignore[union-attr]
-            15.0,
-        ), "the repository was not marked offline"
+        repo_id = sc.repo.id
+
+        def offline() -> bool:
+            repo = sc.ledger.store.get_repository(repo_id)
+            return repo is not None and repo.state is RepoState.OFFLINE
+
+        wait_for("the repository to be marked offline", offline, 15.0)
     else:
         with pytest.raises(RootUnavailable):
             sc.scan()

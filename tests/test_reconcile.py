@@ -39,6 +39,7 @@ from fsledger.model import (
 )
 from fsledger.store import Store
 from fsledger.walk import FileEntry
+from support import assert_exact
 from treeutil import (
     OsWith,
     age_tree,
@@ -66,10 +67,6 @@ def p(root: bytes, rel: str | bytes) -> bytes:
     return os.path.join(root, os.fsencode(rel))
 
 
-def assert_exact(ledger: Ledger, repo: Repository, rules: tuple[str, ...] = ()) -> None:
-    assert ledger_snapshot(ledger, repo) == disk_snapshot(repo.root, rules)
-
-
 def no_change(stats: ScanStats) -> bool:
     return (
         stats.files_added,
@@ -94,7 +91,7 @@ def scanned(
     repo = ledger.add_repository(tree, settings=settings)
     stats = ledger.scan(repo)
     assert stats.errors == []
-    assert_exact(ledger, repo, settings.ignore_patterns if settings else ())
+    assert_exact(ledger, repo, rules=settings.ignore_patterns if settings else ())
     return repo
 
 

@@ -6,8 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,14 +15,7 @@ from fsledger.errors import LeaseLost
 from fsledger.ledger import Ledger
 from fsledger.manager import SyncManager
 from fsledger.model import Change, ChangeKind
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        time.sleep(0.05)
+from support import wait_for
 
 
 def make_photos(root: Path) -> Path:
@@ -37,7 +28,7 @@ def make_photos(root: Path) -> Path:
 def test_one_owner_and_takeover_when_it_stops(settings: Settings, tmp_path: Path) -> None:
     root = make_photos(tmp_path / "lib")
     with Ledger(settings) as first, Ledger(settings) as second:
-        repo = first.add_repository(root)
+        repo = first.add_repository(os.fsencode(root))
         a = SyncManager(first, settings)
         a.start()
         b = SyncManager(second, settings)
@@ -51,7 +42,10 @@ def test_one_owner_and_takeover_when_it_stops(settings: Settings, tmp_path: Path
             # The owner's writer is fenced: it may not write any more.
             with pytest.raises(LeaseLost):
                 first.writer(repo).apply([Change(ChangeKind.DELETED, b"a/0.jpg")])
-            wait_for(lambda: [r.id for r in b.repositories()] == [repo.id])
+            wait_for(
+                "agent b to own the repository",
+                lambda: [r.id for r in b.repositories()] == [repo.id],
+            )
             (root / "a" / "new.jpg").write_bytes(b"n")
             b.trigger_reconciliation(repo.id)
             assert b.wait_idle(30)
@@ -61,10 +55,11 @@ def test_one_owner_and_takeover_when_it_stops(settings: Settings, tmp_path: Path
             b.stop()
 
 
+@pytest.mark.slow  # an agent process killed, its lease waited out
 def test_standby_takes_over_from_a_killed_agent(settings: Settings, tmp_path: Path) -> None:
     root = make_photos(tmp_path / "lib")
     with Ledger(settings) as ledger:
-        repo = ledger.add_repository(root)
+        repo = ledger.add_repository(os.fsencode(root))
     exe = Path(sys.executable).with_name("fsledger")
     env = {**os.environ, "FSLEDGER_DATABASE_URL": settings.database_url}
     agent = subprocess.Popen(
@@ -77,14 +72,17 @@ def test_standby_takes_over_from_a_killed_agent(settings: Settings, tmp_path: Pa
     )
     try:
         with Ledger(settings) as ledger:
-            wait_for(lambda: ledger.store.count_records(repo.id) == 3)
+            wait_for("the agent's first index", lambda: ledger.store.count_records(repo.id) == 3)
             standby = SyncManager(ledger, settings)
             standby.start()
             try:
-                wait_for(lambda: repo.id in standby._standby)
+                wait_for("the standby to wait for the lease", lambda: repo.id in standby._standby)
                 agent.send_signal(signal.SIGKILL)
                 agent.wait(10)
-                wait_for(lambda: [r.id for r in standby.repositories()] == [repo.id], 30)
+                wait_for(
+                    "the standby to take over",
+                    lambda: [r.id for r in standby.repositories()] == [repo.id],
+                )
                 (root / "a" / "after.jpg").write_bytes(b"a")
                 standby.trigger_reconciliation(repo.id)
                 assert standby.wait_idle(30)

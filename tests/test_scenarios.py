@@ -30,8 +30,9 @@ from scenario_support import (
     unlink_at,
     write_at,
 )
+from support import wait_for
 from treeutil import describe_diff, hash_bytes
-from watch_support import wait_until, write
+from watch_support import write
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/proc/sys/fs/inotify"), reason="inotify is Linux-only"
@@ -286,7 +287,7 @@ def test_item7_directory_readable_again_is_looked_at_again(
             # A barrier, not a sleep: a file written after all of the above is recorded once
             # the watcher has processed what came before it.
             write(sc.p("marker.jpg"), b"marker")
-            assert wait_until(lambda: b"marker.jpg" in sc.files(), 15.0), "watcher is stuck"
+            wait_for("the watcher to record marker.jpg", lambda: b"marker.jpg" in sc.files(), 15.0)
         else:
             errors = sc.scan()
             assert any("ermission denied" in e for e in errors), errors
@@ -346,7 +347,7 @@ def test_item8_touch_after_hash_algo_change_same_kind_in_both_tiers(
             def seen() -> list[str]:
                 return [r["kind"] for r in watcher.applied() if r["path"] == b"photo.jpg"]
 
-            wait_until(lambda: bool(seen()), 15.0)
+            wait_for("the watcher to apply the touch", seen, 15.0)
             watch_kinds = [ChangeKind(k) for k in seen()]
             assert scan_kinds == watch_kinds, (
                 f"the tiers disagree on touch of an unchanged file: scanner {scan_kinds}, "

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from api_support import free_port, wait_for, webhook_receiver
+from api_support import free_port, webhook_receiver
 from fsledger import cli
 from fsledger.api import Service, create_app
 from fsledger.api.app import MAX_STREAMS
@@ -33,6 +33,7 @@ from fsledger.ledger import Ledger
 from fsledger.model import RepoSettings
 from fsledger.store import open_store
 from fsledger.store.redact import redact_url, scrub
+from support import wait_for
 from treeutil import disk_snapshot, ledger_snapshot, make_tree
 
 FSLEDGER = str(Path(sys.executable).with_name("fsledger"))
@@ -177,6 +178,7 @@ def test_settings_repr_shows_no_secret() -> None:
     assert SECRET not in repr(s)
 
 
+@pytest.mark.slow  # four command processes, one a whole `run --once`, at DEBUG
 def test_a_daemon_run_logs_no_password(pg_url: str, tmp_path: Path) -> None:
     """A whole ``run --once`` at DEBUG with a password in the URL (the test server trusts
     local connections, so the password is carried but never checked): not in the log."""
@@ -686,6 +688,7 @@ def test_a_lone_surrogate_in_a_body_is_a_422(
 
 
 # --- 8. a killed scan ---------------------------------------------------------------------------
+@pytest.mark.slow  # scans killed at three points
 def test_a_killed_scan_is_marked_failed_by_the_next_scan(tmp_path: Path) -> None:
     """``fsledger scan`` killed with SIGKILL (its workers with it) as its operation starts,
     while it writes records, and while a rescan walks: the next ``scan`` marks each killed
@@ -724,7 +727,7 @@ def test_a_killed_scan_is_marked_failed_by_the_next_scan(tmp_path: Path) -> None
                 start_new_session=True,
             )
             try:
-                wait_for(f"the scan to reach '{point.__name__}'", lambda p=point: p() or None)
+                wait_for(f"the scan to reach '{point.__name__}'", point)
             finally:
                 os.killpg(scan.pid, signal.SIGKILL)
                 scan.wait()

@@ -15,7 +15,6 @@ from typing import Any, cast
 import psycopg
 import pytest
 
-from api_support import wait_for
 from fsledger.errors import RepositoryExists, StoreUnavailable
 from fsledger.model import (
     Change,
@@ -39,6 +38,7 @@ from fsledger.store import sqlite as sqlite_store
 from fsledger.store.migrations import POSTGRES, SQLITE
 from fsledger.store.postgres import PostgresWorkerStore
 from fsledger.store.sql import SqlStore
+from support import wait_for
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 _inodes = itertools.count(1000)

@@ -36,8 +36,9 @@ from fsledger.watch.backend import (
     IN_MOVED_TO,
     IN_UNMOUNT,
 )
+from support import assert_exact, ledger_state, wait_for
 from treeutil import FakeMounts
-from watch_support import assert_in_sync, digest_of, exchange, ledger_state, wait_until, write
+from watch_support import digest_of, exchange, write
 
 _cookies = itertools.count(1000)
 
@@ -72,7 +73,7 @@ class Rig:
         self.resyncs.append((repo.id, prefix, reason))
 
     def start(self) -> Repository:
-        self.repo = self.ledger.add_repository(self.root)
+        self.repo = self.ledger.add_repository(os.fsencode(self.root))
         self.ledger.scan(self.repo)
         self.repo = self.ledger.store.get_repository(self.repo.id)
         assert self.repo is not None
@@ -123,7 +124,7 @@ class Rig:
 
     def assert_exact(self) -> None:
         assert self.repo is not None
-        assert_in_sync(self.ledger, self.repo, self.root)
+        assert_exact(self.ledger, self.repo, self.root)
 
 
 @pytest.fixture
@@ -195,7 +196,10 @@ def test_debounce_holds_writes_in_progress_but_a_close_settles_at_once(
 
     write(rig.p("growing.mov"), "first chunk, second chunk")
     rig.emit("growing.mov", IN_CLOSE_WRITE)
-    assert wait_until(lambda: (rig.watcher.process_due(), b"growing.mov" in rig.state())[1])
+    wait_for(
+        "growing.mov recorded",
+        lambda: (rig.watcher.process_due(), b"growing.mov" in rig.state())[1],
+    )
     rig.assert_exact()
     assert len(rig.watcher.metrics.latency_ms) == 1
 
@@ -262,7 +266,9 @@ def test_repository_ignore_patterns_apply_to_events(tmp_path: Path) -> None:
 
     r = Rig(tmp_path)
     try:
-        r.repo = r.ledger.add_repository(r.root, settings=RepoSettings(ignore_patterns=("*.xmp",)))
+        r.repo = r.ledger.add_repository(
+            os.fsencode(r.root), settings=RepoSettings(ignore_patterns=("*.xmp",))
+        )
         r.ledger.scan(r.repo)
         r.watcher.add(r.repo)
         write(r.p("IMG_1.xmp"), "sidecar")
@@ -454,13 +460,13 @@ def test_a_file_still_open_in_a_new_directory_is_recorded_once_closed(
         fh.write(b"a" * 65536)
         fh.flush()
         # The directory's check is due after the settle time; the file is still open.
-        assert wait_until(rig.watcher.process_due)
+        wait_for("due work processed", rig.watcher.process_due)
         assert b"d/f.bin" not in rig.state()
         fh.write(b"b" * 65536)
     rig.emit("d/f.bin", IN_MODIFY)
     rig.emit("d/f.bin", IN_CLOSE_WRITE)
     # Settled by its close (not the hour of debounce): written by a pass that is due.
-    assert wait_until(lambda: rig.watcher.process_due() and b"d/f.bin" in rig.state())
+    wait_for("d/f.bin recorded", lambda: rig.watcher.process_due() and b"d/f.bin" in rig.state())
     rig.assert_exact()
     assert [(e.kind, e.path, e.size) for e in rig.feed()] == [
         *([(ChangeKind.DELETED, b"d/old.jpg", 3)] if had_records else []),
@@ -646,13 +652,15 @@ def test_without_a_manager_the_watcher_runs_the_resync_itself(tmp_path: Path) ->
         r.backend.overflow()
         r.watcher.flush()
         assert r.repo is not None
-        assert wait_until(lambda: b"silent.jpg" in r.state())
-        ops = r.ledger.store.recent_operations(r.repo.id, 10)
-        assert wait_until(
+        wait_for("silent.jpg recorded", lambda: b"silent.jpg" in r.state())
+        repo_id = r.repo.id
+        ops = r.ledger.store.recent_operations(repo_id, 10)
+        wait_for(
+            "every operation completed",
             lambda: all(
                 o.status is OperationStatus.COMPLETED
-                for o in r.ledger.store.recent_operations(r.repo.id, 10)
-            )
+                for o in r.ledger.store.recent_operations(repo_id, 10)
+            ),
         )
         assert sum(o.operation_type is OperationType.RECONCILIATION for o in ops) == 2
     finally:
@@ -803,7 +811,7 @@ def test_events_arriving_during_a_reconciliation(
     for i in range(40):  # changed while nobody watched: the reconciliation's work
         write(rig.p(f"d{i % 4}/f{i}.jpg"), f"version two {i}")
     writer = rig.ledger.writer(repo)
-    fired = []
+    fired: list[bool] = []
 
     def live_changes(_repo: Repository, _applied: Any) -> None:
         if fired:
@@ -878,7 +886,7 @@ def test_background_threads_apply_events(rig: Rig) -> None:
     rig.watcher.start()
     write(rig.p("bg.jpg"), "background")
     rig.created("bg.jpg")
-    assert wait_until(lambda: b"bg.jpg" in rig.state())
+    wait_for("bg.jpg recorded", lambda: b"bg.jpg" in rig.state())
     rig.assert_exact()
 
 

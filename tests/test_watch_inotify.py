@@ -24,7 +24,8 @@ from fsledger.config import Settings
 from fsledger.ledger import Ledger
 from fsledger.model import ChangeKind, FeedEntry, OperationType, Repository
 from fsledger.watch import Watcher
-from watch_support import disk_state, exchange, ledger_state, wait_in_sync, wait_until, write
+from support import disk_state, ledger_state, wait_exact, wait_for
+from watch_support import exchange, write
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/proc/sys/fs/inotify"), reason="inotify is Linux-only"
@@ -69,7 +70,7 @@ class Live:
     def start(self, populate: Callable[[Path], None] | None = None) -> Repository:
         if populate is not None:
             populate(self.root)
-        repo = self.ledger.add_repository(self.root)
+        repo = self.ledger.add_repository(os.fsencode(self.root))
         self.ledger.scan(repo)
         self.repo = self.ledger.store.get_repository(repo.id)
         assert self.repo is not None
@@ -93,7 +94,7 @@ class Live:
     def settle(self, timeout: float = 20.0) -> None:
         """Wait until the ledger equals the disk, then check it got there from events only."""
         assert self.repo is not None
-        wait_in_sync(self.ledger, self.repo, self.root, timeout)
+        wait_exact(self.ledger, self.repo, self.root, timeout)
         ops = self.ledger.store.recent_operations(self.repo.id, 1000)
         scans = [o for o in ops if o.operation_type is not OperationType.REALTIME]
         assert len(scans) == 1, f"only the initial scan may have run: {scans}"
@@ -313,16 +314,16 @@ def test_a_real_queue_overflow_loses_nothing(tmp_path: Path) -> None:
             for i in range(limit // 2):
                 write(live.p(f"albums/a{i % 3}/f{i}.dat"), str(i))
             write(live.p("flood/deep/f.dat"), "in a directory created during the overflow")
-        assert wait_until(lambda: bool(live.resyncs))
+        wait_for("a resync request", lambda: bool(live.resyncs))
         assert live.watcher.metrics.overflows >= 1
         assert (live.repo.id, b"", "inotify queue overflow") in live.resyncs
         # The manager would run this reconciliation; here the test does.
         live.ledger.reconciler.reconcile(live.ledger.writer(live.repo))
-        wait_in_sync(live.ledger, live.repo, live.root)
+        wait_exact(live.ledger, live.repo, live.root)
         # And the tree stays watched, new directories included.
         write(live.p("flood/deep/after.dat"), "after")
         write(live.p("flood/new/after.dat"), "after")
-        wait_in_sync(live.ledger, live.repo, live.root)
+        wait_exact(live.ledger, live.repo, live.root)
     finally:
         live.close()
 
@@ -352,7 +353,8 @@ def test_stop_flushes_pending_events(tmp_path: Path) -> None:
         with open(live.p("open.jpg"), "wb") as fh:
             fh.write(b"still open")
             fh.flush()
-            assert wait_until(lambda: live.watcher.metrics.events_processed >= 2)  # type: ignore[union-attr]
+            watcher = live.watcher
+            wait_for("two events processed", lambda: watcher.metrics.events_processed >= 2)
             live.watcher.stop()
         assert b"open.jpg" in ledger_state(live.ledger, live.repo)
         assert (
@@ -628,12 +630,14 @@ def test_a_directory_readable_again_is_scanned_again(tmp_path: Path, store_url: 
         write(root / "open/new.txt", "created while unreadable")
         (root / "open/old.txt").unlink()
         write(root / "closed/y.txt", "also created while unreadable")
-        assert wait_until(lambda: sum("cannot look at open/" in line for line in log) >= 2), (
-            "".join(log)
+        wait_for(
+            "two failed looks logged",
+            lambda: sum("cannot look at open/" in line for line in log) >= 2,
+            detail=lambda: "".join(log),
         )
         (root / "open").chmod(0o755)
         (root / "closed").chmod(0o755)
-        wait_in_sync(ledger, repo, root)
+        wait_exact(ledger, repo, root)
         entries = ledger.store.changes_since(seq0, 1000, repo.id)
         assert sorted((e.kind, e.path) for e in entries) == [
             (ChangeKind.CREATED, b"closed/x.txt"),
@@ -643,7 +647,7 @@ def test_a_directory_readable_again_is_scanned_again(tmp_path: Path, store_url: 
         ]
         # The directory that could not be watched is watched now.
         write(root / "closed/z.txt", "after")
-        wait_in_sync(ledger, repo, root)
+        wait_exact(ledger, repo, root)
     finally:
         (root / "open").chmod(0o755)
         (root / "closed").chmod(0o755)
