@@ -18,7 +18,6 @@ from datetime import time
 from pathlib import Path
 
 from fsledger.errors import ConfigError
-from fsledger.hashing import ALGORITHMS
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|s|m|h|d)")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -241,6 +240,8 @@ class Settings:
         if v := env.get("RECONCILIATION_DISTRIBUTED"):
             kw["distributed"] = parse_bool("RECONCILIATION_DISTRIBUTED", v)
         if v := env.get("FSLEDGER_HASH_ALGO"):
+            from fsledger.hashing import ALGORITHMS  # only when set: hashing is heavy to load
+
             if v not in ALGORITHMS:
                 raise ConfigError(
                     f"FSLEDGER_HASH_ALGO={v!r} is not supported: expected one of "

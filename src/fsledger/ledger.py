@@ -27,7 +27,6 @@ from fsledger.errors import (
     RootUnavailable,
 )
 from fsledger.feed import Cursor, Feed, FeedPage, FilesPage
-from fsledger.hashing import HashPool
 from fsledger.ignore import IgnoreRules
 from fsledger.model import (
     DuplicateGroup,
@@ -43,14 +42,17 @@ from fsledger.model import (
     SyncStatus,
     utcnow,
 )
-from fsledger.reconcile import Progress, Reconciler, owner_tag
-from fsledger.repoconfig import follow_file
 from fsledger.roots import stat_new_root
 from fsledger.store import Store, open_store
-from fsledger.writer import RepoWriter
 
 if TYPE_CHECKING:
+    # The scanning machinery (worker processes, hashing, the writer) is imported when a
+    # command first scans or writes: reading commands (files, status, changes) start
+    # without it.
+    from fsledger.hashing import HashPool
+    from fsledger.reconcile import Progress, Reconciler
     from fsledger.schedule import Quiet, ScheduleView
+    from fsledger.writer import RepoWriter
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +87,29 @@ class Ledger:
             if pool is not None:
                 pool.close()
             raise
-        self.reconciler = Reconciler(self.store, settings, pool)
+        self._pool = pool
+        self._reconciler: Reconciler | None = None
         self._writers: dict[UUID, RepoWriter] = {}
         self._lock = threading.Lock()
         self._counts: dict[UUID, tuple[int, int]] = {}
         """Record counts by repository, with the feed head they were counted at."""
 
+    @property
+    def reconciler(self) -> Reconciler:
+        """Tier 2 of this ledger, made on first use."""
+        with self._lock:
+            if self._reconciler is None:
+                from fsledger.reconcile import Reconciler
+
+                self._reconciler = Reconciler(self.store, self.settings, self._pool)
+                self._pool = None  # the reconciler owns it now
+            return self._reconciler
+
     def close(self) -> None:
-        self.reconciler.close()
+        if self._reconciler is not None:
+            self._reconciler.close()
+        elif self._pool is not None:
+            self._pool.close()
         self.store.close()
 
     def __enter__(self) -> Ledger:
@@ -201,6 +218,8 @@ class Ledger:
         with self._lock:
             w = self._writers.get(repo.id)
             if w is None:
+                from fsledger.writer import RepoWriter
+
                 w = RepoWriter(self.store, repo, self.rules(repo), retire=self.retiring_rules(repo))
                 self._writers[repo.id] = w
             return w
@@ -208,6 +227,8 @@ class Ledger:
     def follow_config(self, repo: Repository) -> Repository:
         """Bring the stored copy of the root's ``.fsledger.yaml`` up to date (read only if
         the operator trusts it; cleared when the file is gone) and return the repository."""
+        from fsledger.repoconfig import follow_file
+
         updated = follow_file(repo)
         if updated is not repo:
             self.store.update_repository(updated)
@@ -399,6 +420,8 @@ class Ledger:
 
     def start_wait(self, repo_id: UUID) -> int:
         """Open the ``deferral`` operation row of a scheduled run that waits."""
+        from fsledger.reconcile import owner_tag
+
         return self.store.start_operation(repo_id, OperationType.DEFERRAL, owner_tag(), utcnow()).id
 
     def end_wait(self, op_id: int, message: str) -> None:
