@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -44,6 +44,7 @@ from fsledger.model import (
 )
 from fsledger.roots import stat_new_root
 from fsledger.store import Store, open_store
+from fsledger.store.base import ServerInfo
 
 if TYPE_CHECKING:
     # The scanning machinery (worker processes, hashing, the writer) is imported when a
@@ -91,8 +92,8 @@ class Ledger:
         self._reconciler: Reconciler | None = None
         self._writers: dict[UUID, RepoWriter] = {}
         self._lock = threading.Lock()
-        self._counts: dict[UUID, tuple[int, int]] = {}
-        """Record counts by repository, with the feed head they were counted at."""
+        self._counts: dict[UUID, tuple[int, tuple[int, int]]] = {}
+        """Record totals (count, bytes) by repository, with the feed head they were read at."""
 
     @property
     def reconciler(self) -> Reconciler:
@@ -320,6 +321,20 @@ class Ledger:
         last = records[-1].path if len(records) == limit else None
         return FilesPage(tuple(records), last, head)
 
+    def directory_count(self, repo: Repository) -> int:
+        """How many directories hold the repository's records, the root included: what the
+        watcher needs an inotify watch for (at least: empty directories have no record)."""
+        return count_directories(row.path for row in self.store.iter_record_rows(repo.id))
+
+    # --- the database itself (fsledger doctor) ------------------------------------------
+    def server_info(self) -> ServerInfo:
+        """What the database is, its version and its clock."""
+        return self.store.server_info()
+
+    def write_problem(self) -> str | None:
+        """Why this process could not write the ledger, or None when it can."""
+        return self.store.write_problem()
+
     # --- the change feed ----------------------------------------------------------------
     @property
     def feed(self) -> Feed:
@@ -368,9 +383,11 @@ class Ledger:
         """A repository's status. ``schedule``: the running manager's own (current) view of
         its schedule; the stored one is read without it."""
         ops = self.store.recent_operations(repo.id, 1)
+        files, nbytes = self.record_totals(repo.id)
         return SyncStatus(
             repository=self.store.get_repository(repo.id) or repo,
-            total_files=self.count_files(repo.id),
+            total_files=files,
+            total_bytes=nbytes,
             last_scan_time=self.store.last_completed_scan(repo.id),
             is_watching=is_watching,
             last_sync_operation=ops[0] if ops else None,
@@ -378,18 +395,23 @@ class Ledger:
         )
 
     def count_files(self, repo_id: UUID) -> int:
-        """How many records the repository holds. Counting 100k rows costs PostgreSQL tens
-        of milliseconds (a status poll's whole budget while a scan runs), so the count is
-        kept by the repository's feed head, which moves with every change that adds or
-        removes a record (``Store.repository_head``); the head is read before the count, so
-        a change committed between the two only makes the next call count again."""
+        """How many records the repository holds (see ``record_totals``)."""
+        return self.record_totals(repo_id)[0]
+
+    def record_totals(self, repo_id: UUID) -> tuple[int, int]:
+        """How many records the repository holds and their total size. Counting 100k rows
+        costs PostgreSQL tens of milliseconds (a status poll's whole budget while a scan
+        runs), so the totals are kept by the repository's feed head, which moves with every
+        change that adds or removes a record or changes a size (``Store.repository_head``);
+        the head is read before the totals, so a change committed between the two only
+        makes the next call count again."""
         head = self.store.repository_head(repo_id)
         cached = self._counts.get(repo_id)
         if cached is not None and cached[0] == head:
             return cached[1]
-        total = self.store.count_records(repo_id)
-        self._counts[repo_id] = (head, total)
-        return total
+        totals = self.store.record_totals(repo_id)
+        self._counts[repo_id] = (head, totals)
+        return totals
 
     # --- the schedule (kept by the running manager, read by any process) ----------------
     def schedule_view(self, repo_id: UUID) -> ScheduleView | None:
@@ -455,6 +477,30 @@ class Ledger:
         if count:
             log.warning("Marked %d interrupted operation(s) as failed", count)
         return count
+
+
+def count_directories(paths: Iterable[RelPath]) -> int:
+    """The directories that hold ``paths`` (relative file paths in path byte order), the
+    root included. In that order a directory, once left, never comes back (it sorts as
+    ``name/``: its whole subtree is contiguous), so each file adds the directories of its
+    own that the previous file's directory did not share: no set of every directory.
+
+    Example:
+        >>> count_directories([b"a/b/1", b"a/b/2", b"a/c/3", b"d"])
+        4
+    """
+    count = 1
+    prev: list[bytes] = []
+    for path in paths:
+        parts = path.split(b"/")[:-1]
+        same = 0
+        for mine, theirs in zip(parts, prev, strict=False):
+            if mine != theirs:
+                break
+            same += 1
+        count += len(parts) - same
+        prev = parts
+    return count
 
 
 def _alive(pid: int) -> bool:

@@ -620,6 +620,7 @@ class SyncStatus:
     last_sync_operation: SyncOperation | None
     schedule: ScheduleView | None = None
     """The running manager's schedule: next run, why it waits, the interval and why."""
+    total_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -628,6 +629,7 @@ class SyncStatus:
             "path": path_text(self.repository.root),
             "state": self.repository.state.value,
             "total_files": self.total_files,
+            "total_bytes": self.total_bytes,
             "last_scan_time": rfc3339(self.last_scan_time) if self.last_scan_time else None,
             "is_watching": self.is_watching,
             "last_sync_operation": (

@@ -497,6 +497,16 @@ class SqlStore:
             )
             return int(cur.fetchone()[0])
 
+    def record_totals(self, repo_id: UUID) -> tuple[int, int]:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT count(*), coalesce(sum(file_size), 0) FROM file_records "
+                "WHERE repository_id = ?",
+                (self._uuid_in(repo_id),),
+            )
+            count, total = cur.fetchone()
+            return int(count), int(total)
+
     # --- apply --------------------------------------------------------------------------
     _UPSERT: str
     """The dialect's ``upsert_sql``."""
