@@ -273,7 +273,7 @@ def test_a_briefly_unreachable_database_is_retried(
             raise fsledger.cli.StoreUnavailable("PostgreSQL at ... is unreachable")
         return real(*args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(fsledger.cli, "Ledger", flaky)
+    monkeypatch.setattr(fsledger.ledger, "Ledger", flaky)
     monkeypatch.setattr(fsledger.cli.time, "sleep", waits.append)
     down = 3
     code, out, _err = invoke(env, "repo", "list", "--json")
