@@ -197,7 +197,8 @@ def _progress(
         if not latest:
             return None
         stats = latest[-1]
-        return f"{stats.files_hashed:,} hashed ({human.size(stats.bytes_hashed)})"
+        done = "" if expected else f"{stats.files_scanned:,} files, "
+        return f"{done}{stats.files_hashed:,} hashed ({human.size(stats.bytes_hashed)})"
 
     import itertools
 
@@ -206,9 +207,11 @@ def _progress(
         length=expected or None,
         label=label,
         file=sys.stdout,
-        show_pos=True,
+        show_pos=bool(expected),
         show_eta=True,
         item_show_func=info,
+        # Without an estimate a bar would say nothing: the counts alone.
+        bar_template="%(label)s  [%(bar)s]  %(info)s" if expected else "%(label)s  %(info)s",
     ) as bar:
 
         def show(stats: ScanStats) -> None:

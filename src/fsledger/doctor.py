@@ -37,6 +37,13 @@ operations, the feed's times and schedules are compared across hosts."""
 FREE_FAIL_BYTES = 100 * 1000 * 1000
 
 
+_GRANT = (
+    "run fsledger as the user that owns the database, or grant this one write access "
+    "(PostgreSQL: USAGE and CREATE on the schema, INSERT/UPDATE/DELETE on its tables); the "
+    "daemon and the CLI must both be able to write the ledger"
+)
+
+
 class Level(enum.StrEnum):
     OK = "ok"
     WARN = "warn"
@@ -78,6 +85,11 @@ def diagnose(open_ledger: Callable[[], Ledger], system: System = System()) -> li
     except MissingExtra as exc:
         return [Finding("database", Level.FAIL, str(exc), "install the extra it names")]
     except FsledgerError as exc:
+        if "permission denied" in str(exc).lower():
+            return [
+                Finding("permissions", Level.FAIL, f"cannot open the database: {exc}", _GRANT),
+                *_watch_limit(None, system),
+            ]
         return [
             Finding(
                 "database",
@@ -107,15 +119,7 @@ def _database(ledger: Ledger) -> list[Finding]:
     out = [Finding("database", Level.OK, f"{info.kind} {info.version}{where}, reachable")]
     problem = ledger.write_problem()
     if problem:
-        out.append(
-            Finding(
-                "permissions",
-                Level.FAIL,
-                problem,
-                "run fsledger as the user that owns the database, or grant this one write "
-                "access (the daemon and the CLI must be able to write the same ledger)",
-            )
-        )
+        out.append(Finding("permissions", Level.FAIL, problem, _GRANT))
     else:
         out.append(Finding("permissions", Level.OK, "this user can write the ledger"))
     if info.path is not None:
