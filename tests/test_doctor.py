@@ -14,7 +14,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
-import pytest
 from click.testing import CliRunner
 
 from fsledger.cli import main
