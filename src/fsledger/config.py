@@ -15,7 +15,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import time
-from pathlib import Path
 
 from fsledger.errors import ConfigError
 
@@ -98,7 +97,7 @@ def default_database_url(env: Mapping[str, str]) -> str:
     base = env.get("XDG_DATA_HOME") or os.path.join(
         env.get("HOME") or os.path.expanduser("~"), ".local", "share"
     )
-    return "sqlite://" + str(Path(base).absolute() / "fsledger" / "fsledger.db")
+    return "sqlite://" + os.path.join(os.path.abspath(base), "fsledger", "fsledger.db")
 
 
 WEBHOOK_SECRET_PREFIX = "whsec_"

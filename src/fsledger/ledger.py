@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
@@ -26,7 +25,6 @@ from fsledger.errors import (
     RepositoryNotFound,
     RootUnavailable,
 )
-from fsledger.feed import Cursor, Feed, FeedPage, FilesPage
 from fsledger.ignore import IgnoreRules
 from fsledger.model import (
     DuplicateGroup,
@@ -50,6 +48,7 @@ if TYPE_CHECKING:
     # The scanning machinery (worker processes, hashing, the writer) is imported when a
     # command first scans or writes: reading commands (files, status, changes) start
     # without it.
+    from fsledger.feed import Cursor, Feed, FeedPage, FilesPage
     from fsledger.hashing import HashPool
     from fsledger.reconcile import Progress, Reconciler
     from fsledger.schedule import Quiet, ScheduleView
@@ -319,6 +318,8 @@ class Ledger:
         head = self.feed.head() if after is None else None
         records = self.store.page_records(repo.id, after, limit, prefix)
         last = records[-1].path if len(records) == limit else None
+        from fsledger.feed import FilesPage
+
         return FilesPage(tuple(records), last, head)
 
     def directory_count(self, repo: Repository) -> int:
@@ -339,6 +340,8 @@ class Ledger:
     @property
     def feed(self) -> Feed:
         """The change feed of this ledger's store."""
+        from fsledger.feed import Feed
+
         return Feed(self.store)
 
     def changes(
@@ -355,6 +358,8 @@ class Ledger:
             ResyncNeeded: the feed cannot answer ``since`` exactly (list the files again,
                 then follow from the cursor the error carries).
         """
+        from fsledger.feed import Cursor
+
         cursor = Cursor.parse(since) if isinstance(since, str) else since
         return self.feed.read(cursor, limit, repository.id if repository else None)
 
@@ -460,6 +465,8 @@ class Ledger:
         Only operations owned by a process of this host that no longer exists are
         touched: another process's scan in progress is left alone.
         """
+        import socket
+
         host = socket.gethostname()
         count = 0
         for op, owner in self.store.running_operations():
