@@ -46,7 +46,7 @@ bench: $(STAMP)
 
 # The CLI's start-up (python -m benchmarks.startup) first: seconds, and no library needed.
 bench-quick: $(STAMP)
-	$(BIN)/python -m benchmarks.startup --quick || true
+	-$(BIN)/python -m benchmarks.startup --quick
 	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
 
 clean:
