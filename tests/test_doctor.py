@@ -15,10 +15,12 @@ from urllib.parse import quote
 
 import psycopg
 from click.testing import CliRunner
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from fsledger.cli import main
 from fsledger.doctor import Finding, Level, System, diagnose, exit_code
-from fsledger.ledger import Ledger
+from fsledger.ledger import Ledger, count_directories
 from fsledger.model import OperationType, utcnow
 from scenario_support import unprivileged_prefix
 
@@ -206,3 +208,41 @@ def test_a_sqlite_file_this_user_cannot_write_fails(tmp_path: Path) -> None:
     first = done.stdout.splitlines()[0]
     assert first.startswith("FAIL  permissions") and str(db) in first, done.stdout
     assert "Permission denied" in first
+
+
+def test_the_store_reports_itself_and_its_totals(
+    ledger: Ledger, store_url: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "photos"
+    make_tree(root)
+    repo = ledger.add_repository(str(root))
+    assert ledger.store.record_totals(repo.id) == (0, 0)
+    ledger.scan(repo)
+    on_disk = [p.stat().st_size for p in root.rglob("*") if p.is_file()]
+    assert ledger.store.record_totals(repo.id) == (len(on_disk), sum(on_disk))
+    assert ledger.status(repo).total_bytes == sum(on_disk)
+
+    info = ledger.server_info()
+    assert ledger.write_problem() is None
+    if store_url.startswith("sqlite"):
+        assert (info.kind, info.now) == ("SQLite", None)
+        assert info.path == str(tmp_path / "ledger.db")
+    else:
+        assert info.kind == "PostgreSQL" and info.path is None
+        assert info.version.split(".")[0].isdigit()
+        assert info.now is not None and abs(info.now - utcnow()) < timedelta(seconds=5)
+
+
+@given(
+    st.lists(
+        st.lists(st.sampled_from([b"a", b"b", b"a!", b"a0", b"c"]), min_size=1, max_size=5),
+        max_size=30,
+    )
+)
+def test_directories_are_counted_in_one_pass_over_sorted_paths(parts: list[list[bytes]]) -> None:
+    """``count_directories`` against the set of every file's ancestors (a file and a
+    directory may not share a name: such a tree cannot exist)."""
+    paths = sorted({b"/".join(p) for p in parts})
+    dirs = {b"/".join(p.split(b"/")[:i]) for p in paths for i in range(1, p.count(b"/") + 1)}
+    assume(not dirs & set(paths))
+    assert count_directories(paths) == len(dirs) + 1
