@@ -9,8 +9,6 @@ than the feed keeps (``changes --since``: list the files again, then resume).
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import signal
 import sys
@@ -18,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 from uuid import UUID
@@ -44,19 +41,25 @@ if TYPE_CHECKING:
     from fsledger.manager import LiveFactory, LiveSource, ResyncCallback
     from fsledger.model import FeedEntry, Repository, ScanStats
 
-log = logging.getLogger("fsledger")
-
 
 def _fail(exc: FsledgerError) -> NoReturn:
     click.echo(f"fsledger: error: {_show(str(exc))}", err=True)
     sys.exit(exc.exit_code)
 
 
+def _dumps(obj: Any) -> str:
+    import json  # here, as every import this module does not need for --version
+
+    return json.dumps(obj, ensure_ascii=True)
+
+
 def _emit(obj: Any) -> None:
-    click.echo(json.dumps(obj, ensure_ascii=True))
+    click.echo(_dumps(obj))
 
 
 def _setup_logging(level: str) -> None:
+    import logging
+
     from fsledger.text import SafeFormatter
 
     handler = logging.StreamHandler(sys.stderr)
@@ -355,6 +358,8 @@ def repo_set(
     as_json: bool,
 ) -> None:
     """Change the settings of REPO (the operator's: a root's file cannot reach them)."""
+    from dataclasses import replace
+
     repository = ctx.ledger.resolve(ref)
     settings = repository.settings
     if ignore or no_ignore:
@@ -365,7 +370,7 @@ def repo_set(
     if as_json:
         _emit(repository.to_json())
     else:
-        click.echo(f"{_show(repository.name)}: {json.dumps(repository.settings.to_json())}")
+        click.echo(f"{_show(repository.name)}: {_dumps(repository.settings.to_json())}")
 
 
 @repo.command("remove")
@@ -471,7 +476,7 @@ def files(ctx: Context, ref: str, prefix: str, as_json: bool) -> None:
     out = sys.stdout
     for rec in ctx.ledger.files(repository, raw_prefix):
         if as_json:
-            out.write(json.dumps(rec.to_json(), ensure_ascii=True) + "\n")
+            out.write(_dumps(rec.to_json()) + "\n")
         else:
             out.write(
                 f"{human.size(rec.size):>8}  {(rec.content_hash or '-')[:16]:<16}  "
@@ -715,7 +720,7 @@ def changes(
             if entry.repository_id not in names:
                 names = {r.id: r.name for r in ledger.list_repositories()}
             if as_json:
-                click.echo(json.dumps(entry_json(entry, page.cursor.feed_id), ensure_ascii=True))
+                click.echo(_dumps(entry_json(entry, page.cursor.feed_id)))
             else:
                 click.echo(_feed_line(entry, names))
         sys.stdout.flush()
@@ -838,7 +843,12 @@ def run(
             raise MissingExtra(
                 "server", "'fsledger run' (its HTTP API, dashboard and webhooks)", exc.name
             ) from exc
+    import logging
+    from dataclasses import replace
+
     from fsledger.manager import SyncManager
+
+    log = logging.getLogger("fsledger")
 
     if distributed is not None:
         # Before the ledger opens: its reconciler reads the setting too.
