@@ -566,11 +566,16 @@ def _status_detail(s: dict[str, Any]) -> None:
 
 def _schedule_line(sched: dict[str, Any]) -> str:
     """The running manager's schedule of a repository, in one line."""
-    parts = [f"next run {sched['next_run'] or 'none scheduled'}"]
+    next_run = sched["next_run"]
+    parts = [
+        f"next run {human.local_time(_parse_time(next_run)) if next_run else 'none scheduled'}"
+    ]
     if sched.get("waiting_reason"):
-        parts.append(f"waiting since {sched['waiting_since']}: {sched['waiting_reason']}")
+        since = human.local_time(_parse_time(sched["waiting_since"]))
+        parts.append(f"waiting since {since}: {sched['waiting_reason']}")
     if sched.get("interval_s"):
-        parts.append(f"interval {sched['interval_s'] / 3600:g}h ({sched['interval_reason']})")
+        every = human.duration(sched["interval_s"])
+        parts.append(f"interval {every} ({sched['interval_reason']})")
     if sched.get("daily_at"):
         parts.append(f"daily at {sched['daily_at']} ({sched['daily_reason']})")
     return "; ".join(_show(p) for p in parts)
