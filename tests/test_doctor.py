@@ -221,6 +221,12 @@ def test_the_store_reports_itself_and_its_totals(
     on_disk = [p.stat().st_size for p in root.rglob("*") if p.is_file()]
     assert ledger.store.record_totals(repo.id) == (len(on_disk), sum(on_disk))
     assert ledger.status(repo).total_bytes == sum(on_disk)
+    # The ledger keeps the totals by the repository's feed head: a file that grew moves it.
+    with open(root / "x" / "b.jpg", "ab") as fh:
+        fh.write(b"+" * 1000)
+    ledger.scan(repo)
+    assert ledger.status(repo).total_bytes == sum(on_disk) + 1000
+    assert ledger.status(repo).total_files == len(on_disk)
 
     info = ledger.server_info()
     assert ledger.write_problem() is None
