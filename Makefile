@@ -2,13 +2,20 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Two stamps on one venv: `make run` installs the runtime only (fsledger[all]: no test
+# tools); `make test` / `make install` add the dev extras to the same venv.
+RUNTIME := $(VENV)/.installed-runtime
+STAMP   := $(VENV)/.installed
 
 .PHONY: install system-deps run test test-fast lint unit bench bench-quick clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+$(RUNTIME): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[all]'
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -18,7 +25,7 @@ install: $(STAMP)
 system-deps:
 	bash .ci/system-deps
 
-run: $(STAMP)
+run: $(RUNTIME)
 	@if [ -n "$(PHOTOS)" ]; then \
 	    $(BIN)/fsledger repo add "$(PHOTOS)" --if-missing --no-scan || exit $$?; \
 	fi
@@ -47,7 +54,9 @@ test: system-deps lint unit
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
+# The CLI's start-up (python -m benchmarks.startup) first: seconds, and no library needed.
 bench-quick: $(STAMP)
+	-$(BIN)/python -m benchmarks.startup --quick
 	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
 
 clean:

@@ -275,7 +275,7 @@ def test_a_briefly_unreachable_database_is_retried(
             raise StoreUnavailable("PostgreSQL at ... is unreachable")
         return real(*args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(fsledger.cli, "Ledger", flaky)
+    monkeypatch.setattr(fsledger.ledger, "Ledger", flaky)
     monkeypatch.setattr(time, "sleep", waits.append)  # the time module fsledger.cli uses
     down = 3
     code, out, _err = invoke(env, "repo", "list", "--json")

@@ -175,7 +175,7 @@ def test_duplicates_text_and_json(db_url: str, repo: Repository) -> None:
     text = fsl(db_url, "duplicates", "tree")
     assert text.exit_code == 0
     assert "tree: dir/two.txt" in text.stdout and "tree: one.txt" in text.stdout
-    assert "1 group(s), 12 bytes wasted" in text.stderr
+    assert "1 group(s), 12 B wasted" in text.stderr
     assert fsl(db_url, "duplicates", "nonesuch").exit_code == 2
 
 

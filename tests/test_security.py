@@ -298,7 +298,7 @@ def test_the_daemon_keeps_records_a_planted_file_ignores(tmp_path: Path) -> None
     assert "a.jpg" in listed and "b/c.jpg" in listed
     assert "deleted" not in cli("changes").stdout
     done = cli("scan", "photos", "--accept-ignores")
-    assert "removed=2" in done.stdout
+    assert "2 removed" in done.stdout
     assert "a.jpg" not in cli("files", "photos").stdout
 
 

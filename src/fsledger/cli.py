@@ -9,41 +9,37 @@ than the feed keeps (``changes --since``: list the files again, then resume).
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import replace
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 from uuid import UUID
 
 import click
 
-from fsledger.config import Settings, parse_duration
+from fsledger import __version__, human
 from fsledger.errors import (
     ConfigError,
     CorruptionFound,
     FsledgerError,
+    MissingExtra,
     RepositoryExists,
     StoreUnavailable,
 )
-from fsledger.hashing import HashPool
-from fsledger.ledger import Ledger, normalize_root
-from fsledger.model import FeedEntry, OperationType, RepoSettings, Repository, ScanStats
-from fsledger.reconcile import start_workers
-from fsledger.text import SafeFormatter, escape_controls, show_path
 
 if TYPE_CHECKING:
-    # Only ``run`` uses the manager (and YAML schedules): a scan's start does not load them.
+    # What a command needs is imported in it: ``fsledger --version`` loads click and
+    # nothing else, a reading command no scanning machinery and no command the web stack.
+    from fsledger.config import Settings
+    from fsledger.hashing import HashPool
+    from fsledger.ledger import Ledger
     from fsledger.manager import LiveFactory, LiveSource, ResyncCallback
-
-log = logging.getLogger("fsledger")
+    from fsledger.model import FeedEntry, Repository, ScanStats
 
 
 def _fail(exc: FsledgerError) -> NoReturn:
@@ -51,11 +47,21 @@ def _fail(exc: FsledgerError) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
+def _dumps(obj: Any) -> str:
+    import json  # here, as every import this module does not need for --version
+
+    return json.dumps(obj, ensure_ascii=True)
+
+
 def _emit(obj: Any) -> None:
-    click.echo(json.dumps(obj, ensure_ascii=True))
+    click.echo(_dumps(obj))
 
 
 def _setup_logging(level: str) -> None:
+    import logging
+
+    from fsledger.text import SafeFormatter
+
     handler = logging.StreamHandler(sys.stderr)
     # A file name can hold a newline or an escape sequence: one record, one line.
     handler.setFormatter(SafeFormatter("%(asctime)s [%(levelname)s] %(message)s"))
@@ -64,6 +70,8 @@ def _setup_logging(level: str) -> None:
 
 def _show(text: str | bytes) -> str:
     """A name or path for human output, control characters escaped."""
+    from fsledger.text import escape_controls, show_path
+
     return show_path(text) if isinstance(text, bytes) else escape_controls(text)
 
 
@@ -85,6 +93,8 @@ class Context:
         """The ledger, for a command that scans: its workers start first, as plain forks of
         this still single-threaded process (see ``start_workers``)."""
         if self._ledger is None:
+            from fsledger.reconcile import start_workers
+
             self._ledger = _open_ledger(self.settings, pool=start_workers(self.settings))
         return self._ledger
 
@@ -107,6 +117,8 @@ def _open_ledger(settings: Settings, attempts: int = 3, pool: HashPool | None = 
     """Open the store, retrying a database that is briefly unreachable (after 0.5 s, then
     twice as long each time, at most 4 s; a loop, not tenacity, which every command's
     start would pay ~10 ms to import)."""
+    from fsledger.ledger import Ledger
+
     for attempt in range(1, attempts + 1):
         try:
             return Ledger(settings, pool=pool)
@@ -147,10 +159,12 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     help="Log level on stderr [env FSLEDGER_LOG_LEVEL; default INFO for run, WARNING otherwise].",
 )
-@click.version_option(package_name="fsledger")
+@click.version_option(__version__, prog_name="fsledger")
 @click.pass_context
 def main(ctx: click.Context, database_url: str | None, log_level: str | None) -> None:
     """fsledger keeps a database of every file in your directory trees true to disk."""
+    from fsledger.config import Settings
+
     try:
         settings = Settings.from_env(database_url=database_url)
     except ConfigError as exc:
@@ -169,32 +183,75 @@ def repo() -> None:
 
 
 @contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[ScanStats], None] | None]:
-    if not enabled or not sys.stderr.isatty():
+def _progress(
+    enabled: bool, label: str, expected: int | None
+) -> Iterator[Callable[[ScanStats], None] | None]:
+    """A progress bar of a scan, on a terminal only: files looked at against ``expected``
+    (the records the ledger holds: a rescan's estimate; unknown on a first index, then the
+    bar only shows that work goes on). Nothing when stdout is not a terminal or under
+    --json (``enabled`` False)."""
+    if not enabled or not sys.stdout.isatty():
         yield None
         return
 
-    def show(stats: ScanStats) -> None:
-        mb = stats.bytes_hashed / (1 << 20)
-        click.echo(
-            f"\r  scanned {stats.files_scanned:,} files, hashed {stats.files_hashed:,} "
-            f"({mb:,.0f} MiB), added {stats.files_added:,}",
-            err=True,
-            nl=False,
-        )
+    latest: list[ScanStats] = []
 
-    try:
+    def info(_pos: int | None) -> str | None:
+        if not latest:
+            return None
+        stats = latest[-1]
+        done = "" if expected else f"{stats.files_scanned:,} files, "
+        return f"{done}{stats.files_hashed:,} hashed ({human.size(stats.bytes_hashed)})"
+
+    import itertools
+
+    with click.progressbar(
+        itertools.count() if not expected else None,
+        length=expected or None,
+        label=label,
+        file=sys.stdout,
+        show_pos=bool(expected),
+        show_eta=True,
+        item_show_func=info,
+        # Without an estimate a bar would say nothing: the counts alone.
+        bar_template="%(label)s  [%(bar)s]  %(info)s" if expected else "%(label)s  %(info)s",
+    ) as bar:
+
+        def show(stats: ScanStats) -> None:
+            latest[:] = [stats]
+            bar.update(max(0, stats.files_scanned - bar.pos))
+
         yield show
-    finally:
-        click.echo("", err=True)
+
+
+def _scan_progress(
+    ctx: Context, repo: Repository, as_json: bool, verify: bool = False
+) -> AbstractContextManager[Callable[[ScanStats], None] | None]:
+    """The progress bar of one repository's scan (see ``_progress``)."""
+    if as_json or not sys.stdout.isatty():
+        return _progress(False, "", None)
+    expected = ctx.ledger.status(repo).total_files
+    what = "indexing" if not expected else "verifying" if verify else "scanning"
+    return _progress(True, f"{what} {_show(repo.name)}", expected)
 
 
 def _stats_line(repo: Repository, stats: ScanStats) -> str:
+    parts = [
+        f"{stats.files_scanned:,} files",
+        f"{stats.files_added:,} added",
+        f"{stats.files_updated:,} updated",
+        f"{stats.files_removed:,} removed",
+        f"{stats.files_moved:,} moved",
+        f"{stats.files_hashed:,} hashed ({human.size(stats.bytes_hashed)})",
+    ]
+    if stats.errors or stats.error_count:
+        parts.append(f"{max(stats.error_count, len(stats.errors)):,} errors")
+    if stats.corrupt:
+        parts.append(f"{len(stats.corrupt):,} CORRUPT")
     return (
-        f"{_show(repo.name)}: scanned={stats.files_scanned} added={stats.files_added} "
-        f"updated={stats.files_updated} removed={stats.files_removed} "
-        f"moved={stats.files_moved} hashed={stats.files_hashed} errors={len(stats.errors)} "
-        f"corrupt={len(stats.corrupt)} duration={stats.duration_ms / 1000:.1f}s"
+        f"{_show(repo.name)}: "
+        + ", ".join(parts)
+        + f" in {human.duration(stats.duration_ms / 1000)}"
     )
 
 
@@ -225,6 +282,9 @@ def repo_add(
     as_json: bool,
 ) -> None:
     """Add PATH as a repository and index it."""
+    from fsledger.ledger import normalize_root
+    from fsledger.model import OperationType, RepoSettings
+
     ledger = ctx.writing_ledger(scanning=not no_scan)
     wanted = RepoSettings(ignore_patterns=ignore, trust_repo_config=trust_repo_config)
     try:
@@ -246,7 +306,7 @@ def repo_add(
             )
     out = repository.to_json()
     if not no_scan:
-        with _progress(not as_json) as progress:
+        with _scan_progress(ctx, repository, as_json) as progress:
             stats = ledger.scan(repository, op_type=OperationType.STARTUP, progress=progress)
         out["scan"] = stats.to_json()
         if not as_json:
@@ -298,6 +358,8 @@ def repo_set(
     as_json: bool,
 ) -> None:
     """Change the settings of REPO (the operator's: a root's file cannot reach them)."""
+    from dataclasses import replace
+
     repository = ctx.ledger.resolve(ref)
     settings = repository.settings
     if ignore or no_ignore:
@@ -308,7 +370,7 @@ def repo_set(
     if as_json:
         _emit(repository.to_json())
     else:
-        click.echo(f"{_show(repository.name)}: {json.dumps(repository.settings.to_json())}")
+        click.echo(f"{_show(repository.name)}: {_dumps(repository.settings.to_json())}")
 
 
 @repo.command("remove")
@@ -368,7 +430,7 @@ def scan(
     failure: FsledgerError | None = None
     for repository in _repos(ctx, refs):
         try:
-            with _progress(not as_json) as progress:
+            with _scan_progress(ctx, repository, as_json, verify) as progress:
                 stats = ctx.ledger.scan(
                     repository,
                     verify=verify,
@@ -414,9 +476,12 @@ def files(ctx: Context, ref: str, prefix: str, as_json: bool) -> None:
     out = sys.stdout
     for rec in ctx.ledger.files(repository, raw_prefix):
         if as_json:
-            out.write(json.dumps(rec.to_json(), ensure_ascii=True) + "\n")
+            out.write(_dumps(rec.to_json()) + "\n")
         else:
-            out.write(f"{rec.size}\t{rec.content_hash or '-'}\t{_show(rec.path)}\n")
+            out.write(
+                f"{human.size(rec.size):>8}  {(rec.content_hash or '-')[:16]:<16}  "
+                f"{_show(rec.path)}\n"
+            )
 
 
 @main.command()
@@ -433,24 +498,84 @@ def status(ctx: Context, ref: str | None, as_json: bool) -> None:
         return
     if not statuses:
         click.echo("no repositories yet: add one with 'fsledger repo add PATH'")
-    for s in statuses:
-        last = s["last_sync_operation"]
-        click.echo(
-            f"{_show(s['name'])}: {s['total_files']} files, {s['state']}, last scan "
-            f"{s['last_scan_time'] or 'never'}"
-            + (f", last operation {last['operation_type']} {last['status']}" if last else "")
+        return
+    if ref:
+        _status_detail(statuses[0])
+        return
+    rows = [
+        (
+            _show(s["name"]),
+            _state(s),
+            f"{s['total_files']:,}",
+            human.size(s.get("total_bytes") or 0),
+            human.local_time(_parse_time(s["last_scan_time"])),
+            _show(_reason(s) or ""),
         )
-        if s.get("schedule"):
-            click.echo("  " + _schedule_line(s["schedule"]))
+        for s in statuses
+    ]
+    headers = ("NAME", "STATE", "FILES", "SIZE", "LAST SCAN", "REASON")
+    click.echo(human.table(headers, rows, right=frozenset({2, 3})))
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+def _state(status: dict[str, Any]) -> str:
+    """The repository's state as the status says it (its condition when the daemon
+    publishes one: degraded, polling)."""
+    condition = status.get("condition") or {}
+    return str(condition.get("state") or status["state"])
+
+
+def _reason(status: dict[str, Any]) -> str | None:
+    """Why a repository is not online: the condition's reason, else what its last failed
+    operation said."""
+    condition = status.get("condition") or {}
+    if condition.get("reason"):
+        return str(condition["reason"])
+    if _state(status) == "online":
+        return None
+    last = status.get("last_sync_operation") or {}
+    message = last.get("error_message") if last.get("status") == "failed" else None
+    return str(message).splitlines()[0] if message else "root unavailable"
+
+
+def _status_detail(s: dict[str, Any]) -> None:
+    """One repository's status, one fact a line."""
+    click.echo(f"{_show(s['name'])} ({_show(s['path'])})")
+    state = _state(s)
+    reason = _reason(s)
+    click.echo(f"  state      {state}" + (f": {_show(reason)}" if reason else ""))
+    click.echo(f"  files      {s['total_files']:,} ({human.size(s.get('total_bytes') or 0)})")
+    click.echo(f"  last scan  {human.local_time(_parse_time(s['last_scan_time']))}")
+    last = s["last_sync_operation"]
+    if last:
+        took = (
+            f" in {human.duration(last['duration_ms'] / 1000)}"
+            if last["duration_ms"] is not None
+            else ""
+        )
+        started = human.local_time(_parse_time(last["start_time"]))
+        click.echo(
+            f"  last op    {last['operation_type']} {last['status']}, started {started}{took}"
+        )
+    if s.get("schedule"):
+        click.echo("  schedule   " + _schedule_line(s["schedule"]))
 
 
 def _schedule_line(sched: dict[str, Any]) -> str:
     """The running manager's schedule of a repository, in one line."""
-    parts = [f"next run {sched['next_run'] or 'none scheduled'}"]
+    next_run = sched["next_run"]
+    parts = [
+        f"next run {human.local_time(_parse_time(next_run)) if next_run else 'none scheduled'}"
+    ]
     if sched.get("waiting_reason"):
-        parts.append(f"waiting since {sched['waiting_since']}: {sched['waiting_reason']}")
+        since = human.local_time(_parse_time(sched["waiting_since"]))
+        parts.append(f"waiting since {since}: {sched['waiting_reason']}")
     if sched.get("interval_s"):
-        parts.append(f"interval {sched['interval_s'] / 3600:g}h ({sched['interval_reason']})")
+        every = human.duration(sched["interval_s"])
+        parts.append(f"interval {every} ({sched['interval_reason']})")
     if sched.get("daily_at"):
         parts.append(f"daily at {sched['daily_at']} ({sched['daily_reason']})")
     return "; ".join(_show(p) for p in parts)
@@ -491,6 +616,8 @@ def quiet(
     if (duration is None) == (until is None):
         raise ConfigError("give either --for DURATION or --until TIME (or --off)")
     if duration is not None:
+        from fsledger.config import parse_duration
+
         when = now + timedelta(seconds=parse_duration("--for", duration, 7 * 86400.0))
     else:
         try:
@@ -526,10 +653,11 @@ def ops(ctx: Context, ref: str | None, limit: int, as_json: bool) -> None:
         return
     for o in operations:
         click.echo(
-            f"{o.id:>6} {o.start_time:%Y-%m-%d %H:%M:%S} {o.operation_type.value:<14} "
-            f"{o.status.value:<9} scanned={o.files_scanned} added={o.files_added} "
-            f"updated={o.files_updated} removed={o.files_removed} "
-            f"{(o.duration_ms or 0) / 1000:.1f}s {_show(o.error_message or '')}"
+            f"{o.id:>6} {human.local_time(o.start_time):<19} {o.operation_type.value:<14} "
+            f"{o.status.value:<9} {human.duration((o.duration_ms or 0) / 1000):>8}  "
+            f"scanned {o.files_scanned:,}, added {o.files_added:,}, "
+            f"updated {o.files_updated:,}, removed {o.files_removed:,}"
+            + (f"  {_show(o.error_message)}" if o.error_message else "")
         )
 
 
@@ -537,7 +665,7 @@ def ops(ctx: Context, ref: str | None, limit: int, as_json: bool) -> None:
 def _feed_line(entry: FeedEntry, names: dict[UUID, str]) -> str:
     name = names.get(entry.repository_id, str(entry.repository_id))
     line = (
-        f"{entry.seq:>8} {entry.recorded_at:%Y-%m-%d %H:%M:%S} {entry.kind.value:<18} "
+        f"{entry.seq:>8} {human.local_time(entry.recorded_at):<19} {entry.kind.value:<18} "
         f"{_show(name)}: {_show(entry.path)}"
     )
     if entry.old_path is not None:
@@ -597,7 +725,7 @@ def changes(
             if entry.repository_id not in names:
                 names = {r.id: r.name for r in ledger.list_repositories()}
             if as_json:
-                click.echo(json.dumps(entry_json(entry, page.cursor.feed_id), ensure_ascii=True))
+                click.echo(_dumps(entry_json(entry, page.cursor.feed_id)))
             else:
                 click.echo(_feed_line(entry, names))
         sys.stdout.flush()
@@ -627,13 +755,40 @@ def duplicates(ctx: Context, ref: str | None, limit: int, min_size: int, as_json
     names = {r.id: r.name for r in ledger.list_repositories()}
     for g in groups:
         click.echo(
-            f"{g.size} bytes x {len(g.files)} (wastes {g.wasted_bytes}) "
+            f"{human.size(g.size)} x {len(g.files)} (wastes {human.size(g.wasted_bytes)}) "
             f"{g.hash_algo}:{g.content_hash[:16]}"
         )
         for f in g.files:
             name = names.get(f.repository_id, str(f.repository_id))
             click.echo(f"  {_show(name)}: {_show(f.path)}")
-    click.echo(f"{len(groups)} group(s), {wasted} bytes wasted", err=True)
+    click.echo(f"{len(groups)} group(s), {human.size(wasted)} wasted", err=True)
+
+
+# --- health ------------------------------------------------------------------------------
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="The findings as a JSON list.")
+@pass_ctx
+def doctor(ctx: Context, as_json: bool) -> None:
+    """Check what fsledger depends on and say what to do about each problem: the inotify
+    watch limit against the trees, free space where the database lives, the database
+    (reachable, its version, write permission), the clock, each root's filesystem.
+    Exits 1 when a check fails (warnings do not)."""
+    from fsledger.doctor import Level, diagnose, exit_code
+
+    findings = diagnose(lambda: _open_ledger(ctx.settings, attempts=1))
+    if as_json:
+        _emit([f.to_json() for f in findings])
+    else:
+        marks = {Level.OK: "ok  ", Level.WARN: "WARN", Level.FAIL: "FAIL"}
+        width = max(len(f.check) for f in findings)
+        for f in findings:
+            click.echo(f"{marks[f.level]}  {_show(f.check):<{width}}  {_show(f.detail)}")
+            if f.advice and f.level is not Level.OK:
+                click.echo(f"      {'':<{width}}  -> {_show(f.advice)}")
+        failed = sum(f.level is Level.FAIL for f in findings)
+        warned = sum(f.level is Level.WARN for f in findings)
+        click.echo(f"{failed} failed, {warned} warning(s), {len(findings)} checks", err=True)
+    sys.exit(exit_code(findings))
 
 
 # --- the daemon ------------------------------------------------------------------------------
@@ -686,14 +841,19 @@ def run(
 
     Stops cleanly on SIGINT/SIGTERM (pending events are flushed first).
     """
-    try:
-        from fsledger.api.server import Service
-    except ImportError as exc:  # installed without the server extra
-        raise ConfigError(
-            f"'fsledger run' serves HTTP with packages that are not installed ({exc.name}): "
-            "install fsledger[server]"
-        ) from exc
+    if not once:
+        try:
+            from fsledger.api.server import Service
+        except ImportError as exc:  # installed without the server extra
+            raise MissingExtra(
+                "server", "'fsledger run' (its HTTP API, dashboard and webhooks)", exc.name
+            ) from exc
+    import logging
+    from dataclasses import replace
+
     from fsledger.manager import SyncManager
+
+    log = logging.getLogger("fsledger")
 
     if distributed is not None:
         # Before the ledger opens: its reconciler reads the setting too.

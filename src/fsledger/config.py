@@ -15,10 +15,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import time
-from pathlib import Path
 
 from fsledger.errors import ConfigError
-from fsledger.hashing import ALGORITHMS
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|s|m|h|d)")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -99,7 +97,7 @@ def default_database_url(env: Mapping[str, str]) -> str:
     base = env.get("XDG_DATA_HOME") or os.path.join(
         env.get("HOME") or os.path.expanduser("~"), ".local", "share"
     )
-    return "sqlite://" + str(Path(base).absolute() / "fsledger" / "fsledger.db")
+    return "sqlite://" + os.path.join(os.path.abspath(base), "fsledger", "fsledger.db")
 
 
 WEBHOOK_SECRET_PREFIX = "whsec_"
@@ -241,6 +239,8 @@ class Settings:
         if v := env.get("RECONCILIATION_DISTRIBUTED"):
             kw["distributed"] = parse_bool("RECONCILIATION_DISTRIBUTED", v)
         if v := env.get("FSLEDGER_HASH_ALGO"):
+            from fsledger.hashing import ALGORITHMS  # only when set: hashing is heavy to load
+
             if v not in ALGORITHMS:
                 raise ConfigError(
                     f"FSLEDGER_HASH_ALGO={v!r} is not supported: expected one of "

@@ -2,6 +2,7 @@
 
 FsledgerError                 exit code 1 unless a subclass says otherwise
 ├── ConfigError               a bad setting or argument (exit 2)
+│   └── MissingExtra          a command needs an extra that is not installed (exit 2)
 ├── RepositoryNotFound        no repository matches the reference given (exit 2)
 ├── RepositoryExists          a repository with that name or root already exists (exit 2)
 ├── RootUnavailable           the root is missing, not a directory or unreadable (exit 4)
@@ -26,6 +27,19 @@ class ConfigError(FsledgerError):
     """A setting (environment variable, option or file) has a value that cannot be used."""
 
     exit_code = 2
+
+
+class MissingExtra(ConfigError):
+    """A command needs packages of an extra that is not installed (``fsledger[server]``,
+    ``fsledger[postgres]``): the message names the extra to install."""
+
+    def __init__(self, extra: str, need: str, module: str | None) -> None:
+        missing = f" ({module} is not installed)" if module else ""
+        super().__init__(
+            f"{need} needs the '{extra}' extra{missing}: "
+            f"pip install 'fsledger[{extra}]' (or fsledger[all])"
+        )
+        self.extra = extra
 
 
 class RepositoryNotFound(FsledgerError):

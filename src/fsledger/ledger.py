@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -28,8 +27,6 @@ from fsledger.errors import (
     RepositoryNotFound,
     RootUnavailable,
 )
-from fsledger.feed import Cursor, Feed, FeedPage, FilesPage
-from fsledger.hashing import HashPool
 from fsledger.ignore import IgnoreRules
 from fsledger.model import (
     Condition,
@@ -50,19 +47,24 @@ from fsledger.model import (
     utcnow,
 )
 from fsledger.progress import Estimate
-from fsledger.reconcile import Progress, Reconciler, owner_tag
-from fsledger.repoconfig import follow_file
 from fsledger.roots import stat_new_root
 from fsledger.store import Store, open_store
-from fsledger.writer import RepoWriter
+from fsledger.store.base import ServerInfo
 
 if TYPE_CHECKING:
+    # The scanning machinery (worker processes, hashing, the writer) is imported when a
+    # command first scans or writes: reading commands (files, status, changes) start
+    # without it.
+    from fsledger.feed import Cursor, Feed, FeedPage, FilesPage
+    from fsledger.hashing import HashPool
+    from fsledger.reconcile import Progress, Reconciler
     from fsledger.schedule import Quiet, ScheduleView
+    from fsledger.writer import RepoWriter
 
 log = logging.getLogger(__name__)
 
 SLOW_TOTALS_S = 0.05
-"""A status's record totals slower than this are reused for a while (``Ledger._totals``)."""
+"""A status's record totals slower than this are reused for a while (``Ledger.record_totals``)."""
 TOTALS_REUSE = 10
 TOTALS_REUSE_FROM = 100_000
 """Records below which the totals are always exact (a slow answer there is a busy machine)."""
@@ -98,16 +100,31 @@ class Ledger:
             if pool is not None:
                 pool.close()
             raise
-        self.reconciler = Reconciler(self.store, settings, pool)
+        self._pool = pool
+        self._reconciler: Reconciler | None = None
         self._writers: dict[UUID, RepoWriter] = {}
         self._lock = threading.Lock()
         self._counts: dict[UUID, tuple[int, tuple[int, int]]] = {}
-        """Record counts and bytes by repository, with the feed head they were counted at."""
+        """Record totals (count, bytes) by repository, with the feed head they were read at."""
         self._totals_kept: dict[UUID, tuple[float, tuple[int, int]]] = {}
         self._activity = Activity(self.store)
 
+    @property
+    def reconciler(self) -> Reconciler:
+        """Tier 2 of this ledger, made on first use."""
+        with self._lock:
+            if self._reconciler is None:
+                from fsledger.reconcile import Reconciler
+
+                self._reconciler = Reconciler(self.store, self.settings, self._pool)
+                self._pool = None  # the reconciler owns it now
+            return self._reconciler
+
     def close(self) -> None:
-        self.reconciler.close()
+        if self._reconciler is not None:
+            self._reconciler.close()
+        elif self._pool is not None:
+            self._pool.close()
         self.store.close()
 
     def __enter__(self) -> Ledger:
@@ -216,6 +233,8 @@ class Ledger:
         with self._lock:
             w = self._writers.get(repo.id)
             if w is None:
+                from fsledger.writer import RepoWriter
+
                 w = RepoWriter(self.store, repo, self.rules(repo), retire=self.retiring_rules(repo))
                 self._writers[repo.id] = w
             return w
@@ -223,6 +242,8 @@ class Ledger:
     def follow_config(self, repo: Repository) -> Repository:
         """Bring the stored copy of the root's ``.fsledger.yaml`` up to date (read only if
         the operator trusts it; cleared when the file is gone) and return the repository."""
+        from fsledger.repoconfig import follow_file
+
         updated = follow_file(repo)
         if updated is not repo:
             self.store.update_repository(updated)
@@ -315,12 +336,30 @@ class Ledger:
         head = self.feed.head() if after is None else None
         records = self.store.page_records(repo.id, after, limit, prefix)
         last = records[-1].path if len(records) == limit else None
+        from fsledger.feed import FilesPage
+
         return FilesPage(tuple(records), last, head)
+
+    def directory_count(self, repo: Repository) -> int:
+        """How many directories hold the repository's records, the root included: what the
+        watcher needs an inotify watch for (at least: empty directories have no record)."""
+        return count_directories(row.path for row in self.store.iter_record_rows(repo.id))
+
+    # --- the database itself (fsledger doctor) ------------------------------------------
+    def server_info(self) -> ServerInfo:
+        """What the database is, its version and its clock."""
+        return self.store.server_info()
+
+    def write_problem(self) -> str | None:
+        """Why this process could not write the ledger, or None when it can."""
+        return self.store.write_problem()
 
     # --- the change feed ----------------------------------------------------------------
     @property
     def feed(self) -> Feed:
         """The change feed of this ledger's store."""
+        from fsledger.feed import Feed
+
         return Feed(self.store)
 
     def changes(
@@ -337,6 +376,8 @@ class Ledger:
             ResyncNeeded: the feed cannot answer ``since`` exactly (list the files again,
                 then follow from the cursor the error carries).
         """
+        from fsledger.feed import Cursor
+
         cursor = Cursor.parse(since) if isinstance(since, str) else since
         return self.feed.read(cursor, limit, repository.id if repository else None)
 
@@ -367,7 +408,7 @@ class Ledger:
         its schedule; the stored one is read without it."""
         ops = self.store.recent_operations(repo.id, 1)
         stored = self.store.get_repository(repo.id) or repo
-        files, nbytes = self._totals(repo.id)
+        files, nbytes = self.record_totals(repo.id)
         stats = self.store.last_scan_stats(repo.id)
         return SyncStatus(
             repository=stored,
@@ -382,10 +423,10 @@ class Ledger:
         )
 
     def count_files(self, repo_id: UUID) -> int:
-        """How many records the repository holds (see ``_totals``)."""
-        return self._totals(repo_id)[0]
+        """How many records the repository holds (see ``record_totals``)."""
+        return self.record_totals(repo_id)[0]
 
-    def _totals(self, repo_id: UUID) -> tuple[int, int]:
+    def record_totals(self, repo_id: UUID) -> tuple[int, int]:
         """The record count and bytes of a repository. Counting 100k rows costs PostgreSQL
         tens of milliseconds (a status poll's whole budget while a scan runs), so they are
         kept by the repository's feed head, which moves with every change that adds or
@@ -488,6 +529,8 @@ class Ledger:
 
     def start_wait(self, repo_id: UUID) -> int:
         """Open the ``deferral`` operation row of a scheduled run that waits."""
+        from fsledger.reconcile import owner_tag
+
         return self.store.start_operation(repo_id, OperationType.DEFERRAL, owner_tag(), utcnow()).id
 
     def end_wait(self, op_id: int, message: str) -> None:
@@ -510,6 +553,8 @@ class Ledger:
         Only operations owned by a process of this host that no longer exists are
         touched: another process's scan in progress is left alone.
         """
+        import socket
+
         host = socket.gethostname()
         count = 0
         for op, owner in self.store.running_operations():
@@ -547,6 +592,30 @@ def offline_reason(message: str) -> str:
         if needle in message:
             return reason
     return message.split(". ", 1)[0][:200] or "root unavailable"
+
+
+def count_directories(paths: Iterable[RelPath]) -> int:
+    """The directories that hold ``paths`` (relative file paths in path byte order), the
+    root included. In that order a directory, once left, never comes back (it sorts as
+    ``name/``: its whole subtree is contiguous), so each file adds the directories of its
+    own that the previous file's directory did not share: no set of every directory.
+
+    Example:
+        >>> count_directories([b"a/b/1", b"a/b/2", b"a/c/3", b"d"])
+        4
+    """
+    count = 1
+    prev: list[bytes] = []
+    for path in paths:
+        parts = path.split(b"/")[:-1]
+        same = 0
+        for mine, theirs in zip(parts, prev, strict=False):
+            if mine != theirs:
+                break
+            same += 1
+        count += len(parts) - same
+        prev = parts
+    return count
 
 
 def _alive(pid: int) -> bool:

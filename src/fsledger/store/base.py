@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
@@ -31,6 +32,20 @@ from fsledger.model import (
     SyncOperation,
 )
 from fsledger.store.lease import Lease
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """The database itself, as ``fsledger doctor`` reports it."""
+
+    kind: str
+    """``SQLite`` or ``PostgreSQL``."""
+    version: str
+    now: datetime | None
+    """The database server's clock (``now()``); None when it has none of its own (SQLite
+    runs in this process)."""
+    path: str | None
+    """The local file the database lives in (SQLite), else None."""
 
 
 class Store(Protocol):
@@ -102,6 +117,15 @@ class Store(Protocol):
 
     def record_totals(self, repo_id: UUID) -> tuple[int, int]:
         """The repository's record count and the sum of their sizes (one aggregate)."""
+        ...
+
+    def server_info(self) -> ServerInfo:
+        """What the database is, its version and its clock."""
+        ...
+
+    def write_problem(self) -> str | None:
+        """Why this process could not write the ledger (file permissions, a read-only
+        server, missing table privileges), or None when it can."""
         ...
 
     def defer_indexes(self) -> AbstractContextManager[None]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import threading
@@ -45,6 +44,8 @@ class Lease(Protocol):
 
 def lock_key(repo_id: UUID) -> int:
     """A stable signed 64-bit advisory-lock key for a repository."""
+    import hashlib  # here: a SQLite ledger takes no advisory locks
+
     digest = hashlib.blake2b(b"fsledger-repo:" + repo_id.bytes, digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 

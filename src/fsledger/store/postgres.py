@@ -18,6 +18,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from fsledger.errors import StoreError, StoreUnavailable
 from fsledger.model import FeedRow, RecordRow
 from fsledger.store import migrations
+from fsledger.store.base import ServerInfo
 from fsledger.store.lease import Lease, PgLease
 from fsledger.store.redact import redact_url as _redact
 from fsledger.store.redact import scrub
@@ -354,6 +355,34 @@ class PostgresStore(SqlStore):
             raise StoreUnavailable(
                 f"PostgreSQL at {_redact(self.url)} is unreachable: {scrub(str(exc), self.url)}"
             ) from exc
+
+    def server_info(self) -> ServerInfo:
+        with self._read() as cur:
+            cur.execute("SELECT current_setting('server_version'), now()")
+            version, now = cur.fetchone()
+        return ServerInfo("PostgreSQL", str(version), now, None)
+
+    def write_problem(self) -> str | None:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), "
+                "has_table_privilege('file_records', 'INSERT, UPDATE, DELETE') "
+                "AND has_table_privilege('change_log', 'INSERT') "
+                "AND has_table_privilege('sync_operations', 'INSERT, UPDATE') "
+                "AND has_table_privilege('repositories', 'INSERT, UPDATE, DELETE'), "
+                "current_user"
+            )
+            standby, read_only, granted, user = cur.fetchone()
+        if standby:
+            return "the server is a read-only standby (in recovery): connect to the primary"
+        if read_only == "on":
+            return "the session is read-only (default_transaction_read_only is on)"
+        if not granted:
+            return (
+                f"the role {user} lacks INSERT/UPDATE/DELETE on fsledger's tables: "
+                f"GRANT them (or connect as the tables' owner)"
+            )
+        return None
 
     def close(self) -> None:
         self._pool.close()

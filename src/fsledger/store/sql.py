@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -103,6 +102,8 @@ tag stay (so cursors pointing at it still check out), and readers skip it."""
 
 def new_tag() -> int:
     """The tag of the feed entries one transaction appends (see ``FeedEntry.tag``)."""
+    import secrets  # here: only a write needs it, and it loads random and hmac
+
     return secrets.randbits(32)
 
 

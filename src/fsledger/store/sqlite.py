@@ -14,6 +14,7 @@ from uuid import UUID
 
 from fsledger.errors import StoreError, StoreUnavailable
 from fsledger.store import migrations
+from fsledger.store.base import ServerInfo
 from fsledger.store.lease import FileLease, Lease, make_private_dirs
 from fsledger.store.sql import DUP_INDEX, Cursor, DeferredIndex, SqlStore, upsert_sql
 
@@ -106,6 +107,26 @@ class SqliteStore(SqlStore):
                     self._conn.commit()
             except sqlite3.Error as exc:
                 raise _translate(exc, self.path) from exc
+
+    def server_info(self) -> ServerInfo:
+        # sqlite:////abs gives //abs: the same file, shown the usual way.
+        path = None if self.path == ":memory:" else "/" + os.path.abspath(self.path).lstrip("/")
+        return ServerInfo("SQLite", sqlite3.sqlite_version, None, path)
+
+    def write_problem(self) -> str | None:
+        if self.path == ":memory:":
+            return None
+        if not os.access(self.path, os.W_OK):
+            return f"the database file {self.path} is not writable by this user"
+        directory = os.path.dirname(self.path) or "."
+        for suffix in ("-wal", "-shm"):
+            side = self.path + suffix
+            if os.path.exists(side):
+                if not os.access(side, os.W_OK):
+                    return f"{side} (SQLite's write-ahead log) is not writable by this user"
+            elif not os.access(directory, os.W_OK | os.X_OK):
+                return f"SQLite cannot create {side}: {directory} is not writable by this user"
+        return None
 
     def migrate(self) -> None:
         with self._tx() as cur:

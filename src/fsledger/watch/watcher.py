@@ -34,8 +34,6 @@ import time
 from collections.abc import Callable
 from uuid import UUID
 
-import tenacity
-
 from fsledger.config import Settings
 from fsledger.errors import FsledgerError, RootUnavailable, StoreError
 from fsledger.ledger import Ledger
@@ -471,19 +469,9 @@ class Watcher:
         if not self._root_ok(state):
             return
         stats = ScanStats()
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(StoreError),
-            wait=tenacity.wait_exponential(multiplier=self.retry_initial_s, max=self.retry_max_s),
-            stop=self._retry_stop,
-            sleep=self._backoff,
-            before_sleep=lambda rs: self._log_retry(state, rs),
-            reraise=True,
-        )
         self._own.active = True
         try:
-            for attempt in retrying:
-                with attempt:
-                    self._applier.run(state, work, stats)
+            self._apply_retrying(state, work, stats)
         except StoreError as exc:
             log.error(
                 "Repository %s: cannot write live changes (%s); %d items kept for the next try",
@@ -525,25 +513,35 @@ class Watcher:
                     break
                 self._cond.wait(left)
 
-    def _retry_stop(self, retry_state: tenacity.RetryCallState) -> bool:
-        # While running, a database outage is waited out; stopping gives it three tries.
-        return self._stop.is_set() and retry_state.attempt_number >= 3
+    def _apply_retrying(self, state: RepoWatch, work: Work, stats: ScanStats) -> None:
+        """Apply ``work``, waiting out database errors with exponential backoff (from
+        ``retry_initial_s``, doubling up to ``retry_max_s``). While running, an outage is
+        waited out for as long as it lasts; once stopping, the third failure is raised.
+        (A loop of its own: a retry library would be one more dependency for ten lines.)"""
+        wait = self.retry_initial_s
+        attempt = 1
+        while True:
+            try:
+                self._applier.run(state, work, stats)
+                return
+            except StoreError as exc:
+                if self._stop.is_set() and attempt >= 3:
+                    raise
+                self.metrics.store_retries += 1
+                log.warning(
+                    "Repository %s: database error writing live changes (%s); retrying in "
+                    "%.1fs (attempt %d), events are kept",
+                    state.id,
+                    exc,
+                    wait,
+                    attempt,
+                )
+                self._backoff(wait)
+                wait = min(wait * 2, self.retry_max_s)
+                attempt += 1
 
     def _backoff(self, seconds: float) -> None:
         self._stop.wait(seconds)  # stop() cuts a backoff short
-
-    def _log_retry(self, state: RepoWatch, retry_state: tenacity.RetryCallState) -> None:
-        self.metrics.store_retries += 1
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
-        log.warning(
-            "Repository %s: database error writing live changes (%s); retrying in %.1fs "
-            "(attempt %d), events are kept",
-            state.id,
-            exc,
-            wait,
-            retry_state.attempt_number,
-        )
 
     def _root_ok(self, state: RepoWatch) -> bool:
         """Never act on a root that is missing or on another device (an unmounted disk looks
