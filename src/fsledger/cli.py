@@ -533,7 +533,9 @@ def _reason(status: dict[str, Any]) -> str | None:
     operation said."""
     condition = status.get("condition") or {}
     if condition.get("reason"):
-        return str(condition["reason"])
+        since = condition.get("since")
+        when = f" since {human.local_time(_parse_time(since))}" if since else ""
+        return f"{condition['reason']}{when}"
     if _state(status) == "online":
         return None
     last = status.get("last_sync_operation") or {}
