@@ -215,7 +215,9 @@ def test_racy_rule_is_off_for_objects() -> None:
     racy = FileRecord(b"x", key, Digest("blake3", "aa"), ns_to_datetime(NOW + NS_PER_S))
     assert decide.needs_look(racy, key, LookRule("blake3"))
     assert not decide.needs_look(racy, key, LookRule("blake3", racy=False))
-    assert decide.classify(racy, key, Digest("blake3", "aa"), LookRule("blake3", racy=False)) is None
+    assert (
+        decide.classify(racy, key, Digest("blake3", "aa"), LookRule("blake3", racy=False)) is None
+    )
 
 
 def test_count() -> None:

@@ -53,6 +53,9 @@ class RepoSettingsOut(BaseModel):
     )
     file_quick_scan_interval_s: float | None
     file_full_scan_interval_s: float | None
+    endpoint_url: str | None = Field(
+        default=None, description="A bucket's S3 endpoint (s3:// repositories), if set."
+    )
 
 
 _PATTERNS: Any = Field(

@@ -1,0 +1,153 @@
+"""A bucket (or a prefix of one) as a repository, against a real S3 server (SeaweedFS).
+
+Every ledger is checked against the bucket itself: each object downloaded here, with the
+stock client, and hashed with blake3 here. Both stores (the ``ledger`` fixture).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import blake3
+import pytest
+
+from fsledger import errors
+from fsledger.ledger import Ledger
+from fsledger.model import ChangeKind, Repository, RepoSettings, RepoState
+from fsledger.s3 import bucket as s3bucket
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def aws(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """This process finds the server's credentials the standard way (AWS variables); the
+    endpoint is given to each repository (``--endpoint-url``)."""
+    for name, value in s3_server.env().items():
+        if name.startswith("AWS_") and name != "AWS_ENDPOINT_URL":
+            monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server
+
+
+def bucket_truth(client: Any, bucket: str, prefix: str = "") -> dict[bytes, tuple[int, str]]:
+    """What the bucket holds below ``prefix``: path -> (size, blake3 of its content), each
+    object downloaded and hashed here (folder markers are not files)."""
+    out: dict[bytes, tuple[int, str]] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", ()):
+            key = obj["Key"]
+            if key.endswith("/"):
+                continue
+            data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            out[key[len(prefix) :].encode()] = (len(data), blake3.blake3(data).hexdigest())
+    return out
+
+
+def ledger_view(ledger: Ledger, repo: Repository) -> dict[bytes, tuple[int, str | None]]:
+    return {r.path: (r.size, r.content_hash) for r in ledger.files(repo)}
+
+
+def feed_kinds(ledger: Ledger, repo: Repository, since: Any = None) -> list[tuple[str, bytes, Any]]:
+    page = ledger.changes(since, 10_000, repo)
+    return [(e.kind.value, e.path, e.old_path) for e in page.entries]
+
+
+def add_bucket(ledger: Ledger, server: Any, bucket: str, prefix: str = "") -> Repository:
+    url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    return ledger.add_repository(url, None, RepoSettings(endpoint_url=server.endpoint))
+
+
+def gets() -> int:
+    return s3bucket.CALLS["GetObject"]
+
+
+def test_puts_overwrites_deletes_copies_and_prefix_renames(
+    ledger: Ledger, aws: Any, s3_bucket: str
+) -> None:
+    client = aws.client()
+    objects = {
+        "a.txt": b"alpha",
+        "a/b.jpg": b"B" * 3000,
+        "a/c/d.bin": os.urandom(70_000),
+        "photos/2024/x.jpg": b"x" * 10,
+        "photos/2024/y.jpg": b"y" * 20,
+        "photos-old/z.jpg": b"z" * 30,
+        "é/ü.txt": "unicode".encode(),
+        "big.bin": os.urandom(3 * 1024 * 1024 + 17),  # streamed in 1 MiB pieces
+    }
+    for key, body in objects.items():
+        client.put_object(Bucket=s3_bucket, Key=key, Body=body)
+    client.put_object(Bucket=s3_bucket, Key="photos/", Body=b"")  # a folder marker
+    repo = add_bucket(ledger, aws, s3_bucket)
+    assert repo.root == f"s3://{s3_bucket}".encode()
+    stats = ledger.scan(repo)
+    assert stats.files_added == len(objects)
+    assert ledger_view(ledger, repo) == bucket_truth(client, s3_bucket)
+    head = ledger.feed_head()
+
+    # A rescan with no change downloads nothing.
+    before = gets()
+    stats = ledger.scan(repo)
+    assert gets() == before and stats.files_hashed == 0 and not stats.has_work() or (
+        stats.files_scanned == len(objects) and stats.files_hashed == 0
+    )
+    assert gets() == before
+
+    # Overwrite (same size, other content), delete, a copy, a new object.
+    client.put_object(Bucket=s3_bucket, Key="a.txt", Body=b"ALPHA")
+    client.delete_object(Bucket=s3_bucket, Key="a/b.jpg")
+    client.copy_object(
+        Bucket=s3_bucket, Key="copy/x.jpg", CopySource={"Bucket": s3_bucket, "Key": "photos/2024/x.jpg"}
+    )
+    client.put_object(Bucket=s3_bucket, Key="new.txt", Body=b"new")
+    before = gets()
+    stats = ledger.scan(repo)
+    assert gets() - before == 3  # a.txt, copy/x.jpg, new.txt: nothing else is downloaded
+    assert (stats.files_added, stats.files_updated, stats.files_removed) == (2, 1, 1)
+    assert ledger_view(ledger, repo) == bucket_truth(client, s3_bucket)
+    kinds = feed_kinds(ledger, repo, head)
+    assert ("modified", b"a.txt", None) in kinds
+    assert ("deleted", b"a/b.jpg", None) in kinds
+    assert ("created", b"copy/x.jpg", None) in kinds
+    head = ledger.feed_head()
+
+    # A prefix renamed the S3 way: copy every object to the new prefix, delete the old.
+    time.sleep(1.1)  # the copies get another LastModified than the originals
+    for key in ("photos/2024/x.jpg", "photos/2024/y.jpg"):
+        new = "renamed/" + key.partition("/")[2]
+        client.copy_object(Bucket=s3_bucket, Key=new, CopySource={"Bucket": s3_bucket, "Key": key})
+        client.delete_object(Bucket=s3_bucket, Key=key)
+    before = gets()
+    stats = ledger.scan(repo)
+    assert gets() == before, "moved objects must not be downloaded"
+    assert stats.files_moved == 2 and stats.files_added == 0 and stats.files_removed == 0
+    assert ledger_view(ledger, repo) == bucket_truth(client, s3_bucket)
+    assert sorted(feed_kinds(ledger, repo, head)) == [
+        ("moved", b"renamed/2024/x.jpg", b"photos/2024/x.jpg"),
+        ("moved", b"renamed/2024/y.jpg", b"photos/2024/y.jpg"),
+    ]
+    # The duplicates query sees the copy and its original.
+    groups = ledger.duplicates(repo)
+    assert any({f.path for f in g.files} == {b"copy/x.jpg", b"renamed/2024/x.jpg"} for g in groups)
+
+
+def test_a_prefix_is_a_repository_of_its_own(ledger: Ledger, aws: Any, s3_bucket: str) -> None:
+    client = aws.client()
+    for key in ("lib/a.jpg", "lib/sub/b.jpg", "library/c.jpg", "other/d.jpg", "lib.txt"):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=key.encode())
+    repo = add_bucket(ledger, aws, s3_bucket, "lib")
+    assert repo.root == f"s3://{s3_bucket}/lib".encode() and repo.name == "lib"
+    ledger.scan(repo)
+    assert ledger_view(ledger, repo) == bucket_truth(client, s3_bucket, "lib/")
+    assert set(ledger_view(ledger, repo)) == {b"a.jpg", b"sub/b.jpg"}
+    with pytest.raises(errors.RepositoryExists):
+        add_bucket(ledger, aws, s3_bucket, "lib/sub")
