@@ -20,7 +20,7 @@ import pytest
 
 from fsledger import errors
 from fsledger.ledger import Ledger
-from fsledger.model import ChangeKind, Repository, RepoSettings, RepoState
+from fsledger.model import RepoSettings, Repository, RepoState
 from fsledger.s3 import bucket as s3bucket
 
 pytestmark = pytest.mark.slow
@@ -81,7 +81,7 @@ def test_puts_overwrites_deletes_copies_and_prefix_renames(
         "photos/2024/x.jpg": b"x" * 10,
         "photos/2024/y.jpg": b"y" * 20,
         "photos-old/z.jpg": b"z" * 30,
-        "é/ü.txt": "unicode".encode(),
+        "é/ü.txt": b"unicode",
         "big.bin": os.urandom(3 * 1024 * 1024 + 17),  # streamed in 1 MiB pieces
     }
     for key, body in objects.items():
@@ -97,16 +97,18 @@ def test_puts_overwrites_deletes_copies_and_prefix_renames(
     # A rescan with no change downloads nothing.
     before = gets()
     stats = ledger.scan(repo)
-    assert gets() == before and stats.files_hashed == 0 and not stats.has_work() or (
-        stats.files_scanned == len(objects) and stats.files_hashed == 0
-    )
     assert gets() == before
+    assert stats.files_scanned == len(objects) and stats.files_hashed == 0
+    assert stats.files_added + stats.files_updated + stats.metadata_updated == 0
+    assert feed_kinds(ledger, repo, head) == []
 
     # Overwrite (same size, other content), delete, a copy, a new object.
     client.put_object(Bucket=s3_bucket, Key="a.txt", Body=b"ALPHA")
     client.delete_object(Bucket=s3_bucket, Key="a/b.jpg")
     client.copy_object(
-        Bucket=s3_bucket, Key="copy/x.jpg", CopySource={"Bucket": s3_bucket, "Key": "photos/2024/x.jpg"}
+        Bucket=s3_bucket,
+        Key="copy/x.jpg",
+        CopySource={"Bucket": s3_bucket, "Key": "photos/2024/x.jpg"},
     )
     client.put_object(Bucket=s3_bucket, Key="new.txt", Body=b"new")
     before = gets()
@@ -151,3 +153,122 @@ def test_a_prefix_is_a_repository_of_its_own(ledger: Ledger, aws: Any, s3_bucket
     assert set(ledger_view(ledger, repo)) == {b"a.jpg", b"sub/b.jpg"}
     with pytest.raises(errors.RepositoryExists):
         add_bucket(ledger, aws, s3_bucket, "lib/sub")
+
+
+def _fill(client: Any, bucket: str, n: int = 5, prefix: str = "") -> None:
+    for i in range(n):
+        client.put_object(Bucket=bucket, Key=f"{prefix}f{i}.jpg", Body=b"%d" % i * 100)
+
+
+def _refused(ledger: Ledger, repo: Repository, records: dict[bytes, Any]) -> None:
+    """The scan is refused (exit code 4), nothing is deleted, the repository is offline."""
+    head = ledger.feed_head()
+    with pytest.raises(errors.RootUnavailable) as caught:
+        ledger.scan(repo)
+    assert caught.value.exit_code == 4
+    assert ledger_view(ledger, repo) == records
+    assert (ledger.repository(repo.id) or repo).state is RepoState.OFFLINE
+    assert [k for k, _, _ in feed_kinds(ledger, repo, head)] == ["repository_offline"]
+
+
+def test_guard_bucket_deleted(ledger: Ledger, aws: Any) -> None:
+    client = aws.client()
+    name = aws.new_bucket()
+    _fill(client, name)
+    repo = add_bucket(ledger, aws, name)
+    ledger.scan(repo)
+    records = ledger_view(ledger, repo)
+    assert len(records) == 5
+    aws.drop_bucket(name)
+    _refused(ledger, repo, records)
+
+
+def test_guard_prefix_emptied(ledger: Ledger, aws: Any, s3_bucket: str) -> None:
+    client = aws.client()
+    _fill(client, s3_bucket, prefix="lib/")
+    repo = add_bucket(ledger, aws, s3_bucket, "lib")
+    ledger.scan(repo)
+    records = ledger_view(ledger, repo)
+    for i in range(5):
+        client.delete_object(Bucket=s3_bucket, Key=f"lib/f{i}.jpg")
+    _refused(ledger, repo, records)
+    with pytest.raises(errors.GuardRefused):
+        ledger.scan(repo)
+    # The operator says the objects really are gone: deleted, and online again.
+    stats = ledger.scan(repo, force=True)
+    assert stats.files_removed == 5 and ledger_view(ledger, repo) == {}
+    assert (ledger.repository(repo.id) or repo).state is RepoState.ONLINE
+
+
+def test_guard_wrong_credentials(
+    ledger: Ledger, aws: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fill(aws.client(), s3_bucket)
+    repo = add_bucket(ledger, aws, s3_bucket)
+    ledger.scan(repo)
+    records = ledger_view(ledger, repo)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    wrong = Ledger(ledger.settings, ledger.store)  # a new process's clients
+    try:
+        _refused(wrong, repo, records)
+        with pytest.raises(errors.RootUnavailable, match="SignatureDoesNotMatch|AccessDenied"):
+            wrong.add_repository(
+                "s3://fsl-not-this-one", None, RepoSettings(endpoint_url=aws.endpoint)
+            )
+    finally:
+        wrong.reconciler.close()
+
+
+def test_guard_server_stopped_then_back(
+    ledger: Ledger, own_s3_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = own_s3_server
+    for name, value in server.env().items():
+        if name.startswith("AWS_") and name != "AWS_ENDPOINT_URL":
+            monkeypatch.setenv(name, value)
+    name = server.new_bucket()
+    _fill(server.client(), name)
+    repo = add_bucket(ledger, server, name)
+    ledger.scan(repo)
+    records = ledger_view(ledger, repo)
+    server.stop()
+    _refused(ledger, repo, records)
+    server.start()
+    server.client().put_object(Bucket=name, Key="while-away.jpg", Body=b"w")
+    stats = ledger.scan(repo)
+    assert stats.files_added == 1 and stats.files_removed == 0
+    assert ledger_view(ledger, repo) == bucket_truth(server.client(), name)
+    assert (ledger.repository(repo.id) or repo).state is RepoState.ONLINE
+
+
+def _fsledger(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("fsledger")
+    return subprocess.run(
+        [str(exe), *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_cli_repo_add_files_json_and_exit_4(s3_server: Any, s3_bucket: str, store_url: str) -> None:
+    """The CLI as a user runs it, configured by the standard AWS variables only."""
+    client = s3_server.client()
+    _fill(client, s3_bucket, prefix="photos/")
+    client.put_object(Bucket=s3_bucket, Key="photos/sub/é.jpg", Body=b"e" * 77)
+    env = s3_server.env(FSLEDGER_DATABASE_URL=store_url, RECONCILIATION_MAX_CONCURRENCY="2")
+    env.pop("AWS_PROFILE", None)
+    done = _fsledger(env, "repo", "add", f"s3://{s3_bucket}/photos", "--json")
+    assert done.returncode == 0, done.stderr
+    added = json.loads(done.stdout)
+    assert added["path"] == f"s3://{s3_bucket}/photos" and added["scan"]["files_added"] == 6
+    assert "secret" not in done.stdout.lower()
+    done = _fsledger(env, "files", "photos", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    listed = {base64.b64decode(r["path_b64"]): (r["size"], r["hash"]) for r in rows}
+    assert listed == bucket_truth(client, s3_bucket, "photos/")
+    # Wrong credentials: exit code 4, nothing deleted.
+    bad = dict(env, AWS_SECRET_ACCESS_KEY="wrong")
+    done = _fsledger(bad, "scan", "photos")
+    assert done.returncode == 4, done.stderr
+    assert "Traceback" not in done.stderr and "wrong" not in done.stderr
+    done = _fsledger(env, "files", "photos", "--json")
+    assert len(done.stdout.splitlines()) == 6
