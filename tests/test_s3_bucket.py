@@ -18,6 +18,7 @@ from typing import Any
 import blake3
 import pytest
 
+from conftest import make_settings
 from fsledger import errors
 from fsledger.ledger import Ledger
 from fsledger.model import RepoSettings, Repository, RepoState
@@ -272,3 +273,146 @@ def test_cli_repo_add_files_json_and_exit_4(s3_server: Any, s3_bucket: str, stor
     assert "Traceback" not in done.stderr and "wrong" not in done.stderr
     done = _fsledger(env, "files", "photos", "--json")
     assert len(done.stdout.splitlines()) == 6
+
+
+def _record(bucket: str, key: str, event: str, minio: bool = False) -> dict[str, Any]:
+    """One record of the AWS S3 event message structure (the key URL-encoded, as S3 does)."""
+    from urllib.parse import quote_plus
+
+    return {
+        "eventVersion": "2.1",
+        "eventSource": "minio:s3" if minio else "aws:s3",
+        "awsRegion": "us-east-1",
+        "eventTime": "2026-01-01T00:00:00.000Z",
+        "eventName": ("s3:" if minio else "") + event,
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": "fsledger",
+            "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
+            "object": {"key": quote_plus(key), "size": 1, "eTag": "x", "sequencer": "0"},
+        },
+    }
+
+
+def test_daemon_applies_event_hints_and_polls(
+    s3_server: Any, store_url: str, tmp_path: Path
+) -> None:
+    """``fsledger run`` as a user runs it: S3 event notifications POSTed to its API (bare AWS
+    messages, SNS envelopes, MinIO webhooks) are applied at once through the writer; a
+    bucket without notifications is polled at its quick interval."""
+    import httpx
+
+    from api_support import free_port, wait_for
+
+    client = s3_server.client()
+    hinted, polled = s3_server.new_bucket(), s3_server.new_bucket()
+    try:
+        client.put_object(Bucket=hinted, Key="a.jpg", Body=b"a" * 10)
+        client.put_object(Bucket=hinted, Key="b.jpg", Body=b"b" * 10)
+        token = "t0ken-for-the-s3-hints-test"
+        port = free_port()
+        env = s3_server.env(
+            FSLEDGER_DATABASE_URL=store_url,
+            RECONCILIATION_MAX_CONCURRENCY="2",
+            FSLEDGER_LISTEN=f"127.0.0.1:{port}",
+            FSLEDGER_API_TOKEN=token,
+            FSLEDGER_SCHEDULE_BUSY_IO_PRESSURE="100",
+            FSLEDGER_SCHEDULE_BUSY_CPU_PRESSURE="100",
+        )
+        done = _fsledger(env, "repo", "add", f"s3://{hinted}", "--quick-interval", "3600")
+        assert done.returncode == 0, done.stderr
+        exe = Path(sys.executable).with_name("fsledger")
+        log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen([str(exe), "run"], env=env, stderr=log, stdout=log)
+        base = f"http://127.0.0.1:{port}"
+        auth = {"Authorization": f"Bearer {token}"}
+        ledger = Ledger(make_settings(store_url))
+        try:
+            wait_for("the API", lambda: _get_ok(f"{base}/healthz"), 60)
+            repo = ledger.resolve(hinted)
+            head = ledger.feed_head()
+            client.put_object(Bucket=hinted, Key="a.jpg", Body=b"A" * 12)
+            client.put_object(Bucket=hinted, Key="new photo+1.jpg", Body=b"n" * 5)
+            client.delete_object(Bucket=hinted, Key="b.jpg")
+            message = {
+                "Records": [
+                    _record(hinted, "a.jpg", "ObjectCreated:Put"),
+                    _record(hinted, "new photo+1.jpg", "ObjectCreated:Put"),
+                    _record(hinted, "b.jpg", "ObjectRemoved:Delete"),
+                ]
+            }
+            assert httpx.post(f"{base}/api/v1/s3/events", json=message).status_code == 401
+            t0 = time.monotonic()
+            resp = httpx.post(f"{base}/api/v1/s3/events", json=message, headers=auth, timeout=30)
+            took = time.monotonic() - t0
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["applied"] == 3
+            print(f"hint of 3 objects applied in {took * 1000:.0f} ms")
+            assert took < 5.0
+            assert ledger_view(ledger, repo) == bucket_truth(client, hinted)
+            assert sorted(feed_kinds(ledger, repo, head)) == [
+                ("created", b"new photo+1.jpg", None),
+                ("deleted", b"b.jpg", None),
+                ("modified", b"a.jpg", None),
+            ]
+            # The same message again: nothing changed, nothing downloaded or written.
+            resp = httpx.post(f"{base}/api/v1/s3/events", json=message, headers=auth, timeout=30)
+            assert resp.json()["applied"] == 0
+            # An SNS HTTP subscription's envelope, authenticated as SNS can (Basic, in the URL).
+            client.put_object(Bucket=hinted, Key="sns/c.jpg", Body=b"c")
+            envelope = {
+                "Type": "Notification",
+                "MessageId": "1",
+                "TopicArn": "arn:aws:sns:us-east-1:1:t",
+                "Message": json.dumps(
+                    {"Records": [_record(hinted, "sns/c.jpg", "ObjectCreated:Copy")]}
+                ),
+            }
+            resp = httpx.post(
+                f"{base}/api/v1/s3/events", json=envelope, auth=("sns", token), timeout=30
+            )
+            assert resp.status_code == 200 and resp.json()["applied"] == 1, resp.text
+            # A MinIO webhook target's body.
+            client.delete_object(Bucket=hinted, Key="sns/c.jpg")
+            minio = {
+                "EventName": "s3:ObjectRemoved:Delete",
+                "Key": f"{hinted}/sns/c.jpg",
+                "Records": [_record(hinted, "sns/c.jpg", "ObjectRemoved:Delete", minio=True)],
+            }
+            resp = httpx.post(f"{base}/api/v1/s3/events", json=minio, headers=auth, timeout=30)
+            assert resp.status_code == 200 and resp.json()["applied"] == 1, resp.text
+            assert ledger_view(ledger, repo) == bucket_truth(client, hinted)
+            # A subscription confirmation is fetched only from AWS's SNS.
+            confirm = {"Type": "SubscriptionConfirmation", "SubscribeURL": "http://127.0.0.1:1/x"}
+            resp = httpx.post(f"{base}/api/v1/s3/events", json=confirm, headers=auth)
+            assert resp.status_code == 400
+
+            # Polling: a bucket added while the daemon runs, with a short quick interval.
+            client.put_object(Bucket=polled, Key="p.jpg", Body=b"p")
+            done = _fsledger(env, "repo", "add", f"s3://{polled}", "--quick-interval", "2")
+            assert done.returncode == 0, done.stderr
+            other = ledger.resolve(polled)
+            client.put_object(Bucket=polled, Key="q/r.jpg", Body=b"r" * 3)
+            client.delete_object(Bucket=polled, Key="p.jpg")
+            wait_for(
+                "the poll",
+                lambda: ledger_view(ledger, other) == bucket_truth(client, polled) or None,
+                30,
+            )
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            log.close()
+            ledger.close()
+    finally:
+        s3_server.drop_bucket(hinted)
+        s3_server.drop_bucket(polled)
+
+
+def _get_ok(url: str) -> bool | None:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code == 200 or None
+    except httpx.HTTPError:
+        return None

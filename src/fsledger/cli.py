@@ -253,9 +253,7 @@ def repo_add(
     try:
         repository = ledger.add_repository(path, name, wanted)
     except RepositoryExists:
-        root = (
-            str(S3Location.parse(path)).encode() if is_s3_url(path) else normalize_root(path)
-        )
+        root = str(S3Location.parse(path)).encode() if is_s3_url(path) else normalize_root(path)
         existing = [r for r in ledger.list_repositories() if r.root == root]
         if not (if_missing and existing):
             raise

@@ -50,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fsledger.api import schemas
 from fsledger.api.encode import changes_json
 from fsledger.api.metrics import CONTENT_TYPE, Metrics
+from fsledger.api.s3events import add_s3_event_routes
 from fsledger.api.schedule import add_schedule_routes
 from fsledger.api.security import Guard, error_response
 from fsledger.api.webhooks import WebhookDispatcher
@@ -690,6 +691,7 @@ def create_app(
 
     add_schedule_routes(api, ledger, manager)
     app.include_router(api)
+    add_s3_event_routes(app, ledger, token)
     _document_webhooks(app)
     app.add_middleware(Guard, loopback_only=token is None)
     return app
