@@ -21,7 +21,7 @@ import pytest
 from conftest import make_settings
 from fsledger import errors
 from fsledger.ledger import Ledger
-from fsledger.model import RepoSettings, Repository, RepoState
+from fsledger.model import Change, ChangeKind, RepoSettings, Repository, RepoState
 from fsledger.s3 import bucket as s3bucket
 
 pytestmark = pytest.mark.slow
@@ -330,6 +330,14 @@ def test_daemon_applies_event_hints_and_polls(
         try:
             wait_for("the API", lambda: _get_ok(f"{base}/healthz"), 60)
             repo = ledger.resolve(hinted)
+            # The daemon's startup reconciliation is done (the one of repo add came first).
+            wait_for(
+                "the startup reconciliation",
+                lambda: (
+                    sum(o.status.value == "completed" for o in ledger.operations(repo)) >= 2 or None
+                ),
+                60,
+            )
             head = ledger.feed_head()
             client.put_object(Bucket=hinted, Key="a.jpg", Body=b"A" * 12)
             client.put_object(Bucket=hinted, Key="new photo+1.jpg", Body=b"n" * 5)
@@ -350,11 +358,12 @@ def test_daemon_applies_event_hints_and_polls(
             print(f"hint of 3 objects applied in {took * 1000:.0f} ms")
             assert took < 5.0
             assert ledger_view(ledger, repo) == bucket_truth(client, hinted)
-            assert sorted(feed_kinds(ledger, repo, head)) == [
+            kinds = feed_kinds(ledger, repo, head)
+            assert sorted(kinds) == [
                 ("created", b"new photo+1.jpg", None),
                 ("deleted", b"b.jpg", None),
                 ("modified", b"a.jpg", None),
-            ]
+            ], kinds
             # The same message again: nothing changed, nothing downloaded or written.
             resp = httpx.post(f"{base}/api/v1/s3/events", json=message, headers=auth, timeout=30)
             assert resp.json()["applied"] == 0
@@ -416,3 +425,31 @@ def _get_ok(url: str) -> bool | None:
         return httpx.get(url, timeout=2).status_code == 200 or None
     except httpx.HTTPError:
         return None
+
+
+def test_hints_in_process_and_no_change_announced_twice(
+    ledger: Ledger, aws: Any, s3_bucket: str
+) -> None:
+    """``Ledger.object_hints`` (what the endpoint calls): HEAD, GET only if changed; and a
+    change decided on records that another look has since written (a poll and a hint that
+    both saw one new object) is not announced twice."""
+    client = aws.client()
+    client.put_object(Bucket=s3_bucket, Key="k.jpg", Body=b"k" * 9)
+    client.put_object(Bucket=s3_bucket, Key="ignored/.hidden", Body=b"h")
+    repo = add_bucket(ledger, aws, s3_bucket)
+    head = ledger.feed_head()
+    before = gets()
+    done = ledger.object_hints(s3_bucket, ["k.jpg", "ignored/.hidden", "folder/"])
+    assert [len(a.changes) for _, a in done] == [1] and gets() - before == 1
+    assert ledger.object_hints("some-other-bucket", ["k.jpg"]) == []
+    before = gets()
+    assert [len(a.changes) for _, a in ledger.object_hints(s3_bucket, ["k.jpg"])] == [0]
+    assert gets() == before  # unchanged: HEAD only
+    record = ledger.store.get_record(repo.id, b"k.jpg")
+    assert record is not None
+    applied = ledger.writer(repo).apply([Change(ChangeKind.CREATED, b"k.jpg", record)])
+    assert applied.changes == () and len(applied.dropped) == 1
+    stats = ledger.scan(repo)
+    assert stats.files_added == 0 and stats.files_hashed == 0
+    assert feed_kinds(ledger, repo, head) == [("created", b"k.jpg", None)]
+    assert ledger_view(ledger, repo) == {b"k.jpg": (9, blake3.blake3(b"k" * 9).hexdigest())}

@@ -329,7 +329,38 @@ class ObjectWriter(RepoWriter):
         for change, ok in zip(changes, verdicts, strict=True):
             ok = ok or (confirm is not None and confirm(change))
             (kept if ok else dropped).append(change)
-        return kept, dropped
+        fresh, stale = self._against_records(kept)
+        return fresh, dropped + stale
+
+    def _against_records(self, changes: list[Change]) -> tuple[list[Change], list[Change]]:
+        """The changes decided again against the records as they are now (under the lock):
+        a poll and a hint may both have seen one new object, and the second to write must
+        not announce it created again. A change the records already show is dropped; one
+        whose record appeared or went meanwhile gets the kind ``decide.classify`` says."""
+        paths = [c.path for c in changes] + [c.old_path for c in changes if c.old_path]
+        current = self.store.get_records(self.repo.id, paths) if paths else {}
+        fresh: list[Change] = []
+        stale: list[Change] = []
+        for change in changes:
+            kind, rec = change.kind, change.record
+            if kind is ChangeKind.DELETED:
+                (fresh if change.path in current else stale).append(change)
+                continue
+            if kind is ChangeKind.MOVED:
+                assert change.old_path is not None
+                (fresh if change.old_path in current else stale).append(change)
+                continue
+            if rec is None:
+                fresh.append(change)
+                continue
+            algo = rec.digest.algo if rec.digest else ""
+            rule = LookRule(algo, rec.digest is not None, racy=False)
+            now = decide.classify(current.get(change.path), rec.stat, rec.digest, rule)
+            if now is None:
+                stale.append(change)
+            else:
+                fresh.append(change if now is kind else Change(now, change.path, rec))
+        return fresh, stale
 
 
 class _ObjectLooker:
