@@ -113,7 +113,7 @@ class Ledger:
             RootUnavailable: the path is not an existing directory.
             RepositoryExists: the name or the root is taken.
         """
-        if is_s3_url(path):
+        if is_s3_url(os.fsencode(path)):
             return self._add_bucket(os.fsdecode(path), name, settings or RepoSettings())
         root = normalize_root(path)
         stat_new_root(root)
