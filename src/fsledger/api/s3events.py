@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from fsledger.api import schemas
 from fsledger.api.security import error_response
 from fsledger.errors import RootUnavailable
 from fsledger.ledger import Ledger
@@ -139,7 +140,36 @@ def add_s3_event_routes(
 ) -> None:
     """Register ``POST /api/v1/s3/events`` on ``app``."""
 
-    @app.post("/api/v1/s3/events", tags=["s3"], response_model=None)
+    error = {"model": schemas.ErrorOut}
+    extra: dict[str, Any] = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "description": "An S3 event notification message (Records[].s3), "
+                        "bare or in an SNS envelope (Type, Message), or a MinIO webhook body.",
+                    }
+                }
+            },
+        }
+    }
+    if token is not None:
+        extra["security"] = [{"HTTPBearer": []}]
+
+    @app.post(
+        "/api/v1/s3/events",
+        tags=["s3"],
+        response_model=None,
+        responses={
+            200: {"model": schemas.S3EventsOut},
+            400: error,
+            401: error,
+            503: error,
+        },
+        openapi_extra=extra,
+    )
     async def s3_events(request: Request) -> JSONResponse:
         """Apply the hints of an S3 event notification (AWS, SNS, MinIO, Ceph RGW): each
         object named is looked at (HEAD, GET if changed) and its record written."""
@@ -159,7 +189,7 @@ def add_s3_event_routes(
                 )
             await run_in_threadpool(confirm, event.subscribe_url)
             log.info("SNS subscription confirmed")
-            return JSONResponse({"confirmed": True, "applied": 0})
+            return JSONResponse({"confirmed": True, "applied": 0, "repositories": []})
         by_bucket: dict[str, list[str]] = {}
         for bucket, key in event.objects:
             by_bucket.setdefault(bucket, []).append(key)

@@ -236,3 +236,14 @@ class WebhookResync(BaseModel):
 class DuplicateFilesPage(BaseModel):
     files: list[DuplicateFileOut]
     cursor: str | None = Field(description="Ask again with this cursor for more (null: done).")
+
+
+class S3EventApplied(BaseModel):
+    repository_id: str
+    changes: int = Field(description="Records written for the objects the message named.")
+
+
+class S3EventsOut(BaseModel):
+    applied: int = Field(description="Records written in all (0: every object was known).")
+    repositories: list[S3EventApplied] = Field(default_factory=list)
+    confirmed: bool = Field(default=False, description="An SNS subscription was confirmed.")
