@@ -477,3 +477,34 @@ def test_listing_sorted_in_spilled_runs(
     assert ledger_view(ledger, repo) == bucket_truth(client, s3_bucket)
     stats = ledger.scan(repo)
     assert stats.files_hashed == 0 and stats.files_removed == 0 and stats.files_added == 0
+
+
+def test_event_message_forms() -> None:
+    """The bodies the endpoint reads (pure: no server). A real SNS envelope, Ceph RGW's
+    push body (the AWS record structure), MinIO's webhook body, S3's test event."""
+    from fsledger.api.s3events import parse_s3_event, sns_url_allowed
+
+    records = {"Records": [_record("b", "dir/a b+c%.jpg", "ObjectCreated:Put")]}
+    assert parse_s3_event(json.dumps(records).encode()).objects == [("b", "dir/a b+c%.jpg")]
+    sns = {"Type": "Notification", "Message": json.dumps(records)}
+    assert parse_s3_event(json.dumps(sns).encode()).objects == [("b", "dir/a b+c%.jpg")]
+    minio = {"EventName": "s3:ObjectRemoved:Delete", "Key": "b/x", **records}
+    assert parse_s3_event(json.dumps(minio).encode()).objects == [("b", "dir/a b+c%.jpg")]
+    assert parse_s3_event(b'{"Event": "s3:TestEvent", "Bucket": "b"}').test
+    confirm = {
+        "Type": "SubscriptionConfirmation",
+        "SubscribeURL": "https://sns.eu-west-1.amazonaws.com/?Action=ConfirmSubscription",
+    }
+    assert parse_s3_event(json.dumps(confirm).encode()).subscribe_url == confirm["SubscribeURL"]
+    assert sns_url_allowed(confirm["SubscribeURL"])
+    for bad_url in (
+        "http://sns.eu-west-1.amazonaws.com/x",
+        "https://sns.evil.example/x",
+        "https://sns.x.amazonaws.com.evil.example/",
+        "https://user@sns.us-east-1.amazonaws.com/",
+        "https://127.0.0.1/",
+    ):
+        assert not sns_url_allowed(bad_url), bad_url
+    for bad in (b"", b"[]", b"not json", b'{"Records": [{"s3": {}}]}', b'{"Records": 1}'):
+        with pytest.raises(ValueError):
+            parse_s3_event(bad)
