@@ -508,3 +508,36 @@ def test_event_message_forms() -> None:
     for bad in (b"", b"[]", b"not json", b'{"Records": [{"s3": {}}]}', b'{"Records": 1}'):
         with pytest.raises(ValueError):
             parse_s3_event(bad)
+
+
+def test_a_run_checks_its_view_of_keys_a_hint_wrote(
+    ledger: Ledger, aws: Any, s3_bucket: str
+) -> None:
+    """A reconciliation's change is HEADed only for keys a hint wrote since the run began:
+    there it is the older view and is dropped, not written over the hint's newer one."""
+    client = aws.client()
+    client.put_object(Bucket=s3_bucket, Key="k.jpg", Body=b"one")
+    client.put_object(Bucket=s3_bucket, Key="other.jpg", Body=b"other")
+    repo = add_bucket(ledger, aws, s3_bucket)
+    ledger.scan(repo)
+    writer = ledger.writer(repo)
+    older = ledger.store.get_record(repo.id, b"k.jpg")
+    other = ledger.store.get_record(repo.id, b"other.jpg")
+    assert older is not None and other is not None
+    writer.run_started = time.monotonic()  # type: ignore[attr-defined]
+    try:
+        time.sleep(1.1)
+        client.put_object(Bucket=s3_bucket, Key="k.jpg", Body=b"two")
+        [(_, hinted)] = ledger.object_hints(s3_bucket, ["k.jpg"])
+        assert [c.kind for c in hinted.changes] == [ChangeKind.MODIFIED]
+        newer = ledger.store.get_record(repo.id, b"k.jpg")
+        heads = s3bucket.CALLS["HeadObject"]
+        # The run's stale view of k.jpg (as if its GET had read "one"): HEADed, dropped.
+        stale = Change(ChangeKind.MODIFIED, b"k.jpg", older)
+        applied = writer.apply([stale, Change(ChangeKind.META, b"other.jpg", other)])
+        assert applied.changes == ()
+        assert s3bucket.CALLS["HeadObject"] - heads == 1  # k.jpg only
+        assert ledger.store.get_record(repo.id, b"k.jpg") == newer
+    finally:
+        writer.run_started = None  # type: ignore[attr-defined]
+    assert ledger_view(ledger, repo) == bucket_truth(client, s3_bucket)

@@ -49,6 +49,7 @@ import logging
 import pickle
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
@@ -273,9 +274,22 @@ def _read_run(f: IO[bytes]) -> Iterator[FlatEntry]:
         yield from cast("list[FlatEntry]", chunk)
 
 
+HINT_MEMORY_S = 3600.0
+"""How long the writer remembers that a hint wrote a key (see ``ObjectWriter``)."""
+
+
 class ObjectWriter(RepoWriter):
-    """The ``RepoWriter`` of a bucket repository: each change is confirmed by a HEAD of its
-    key (``max_concurrency`` at a time) instead of an ``lstat``."""
+    """The ``RepoWriter`` of a bucket repository: changes are confirmed by a HEAD of their
+    key (``max_concurrency`` at a time) instead of an ``lstat``, and decided again against
+    the records as they are under the lock.
+
+    Which changes are HEADed: every change of a hint (``apply_hinted``); of a reconciliation
+    (``apply``, through its batches, while ``run_started`` is set), only those whose key a
+    hint wrote since the run began: the run's view of any other key (its listing, the GET's
+    own headers) is the newest any look has had, and a HEAD of every object would double the
+    requests of a first index. Where the object changed again since, the next poll sees its
+    key differ, as it would after any write.
+    """
 
     def __init__(
         self,
@@ -290,6 +304,11 @@ class ObjectWriter(RepoWriter):
         self.max_concurrency = max(1, max_concurrency)
         self._bucket: Bucket | None = None
         self._bucket_lock = threading.Lock()  # not ``lock``: HEADs run while a batch holds it
+        self.run_started: float | None = None
+        """Monotonic time the reconciliation in progress began (None: HEAD every change)."""
+        self._hinted: dict[RelPath, float] = {}
+        """Keys hints wrote, with when (pruned after ``HINT_MEMORY_S``)."""
+        self._hinting = False
 
     @property
     def bucket(self) -> Bucket:
@@ -314,16 +333,46 @@ class ObjectWriter(RepoWriter):
         assert change.record is not None
         return stat == change.record.stat
 
+    def apply_hinted(self, changes: Sequence[Change]) -> Applied:
+        """Write the changes of a hint (``look_at``): each HEADed, and remembered, so that a
+        reconciliation running meanwhile checks its own view of those keys."""
+        with self.lock:
+            self._hinting = True
+            try:
+                applied = self.apply(changes)
+            finally:
+                self._hinting = False
+            now = time.monotonic()
+            for change in applied.changes:
+                self._hinted[change.path] = now
+            if len(self._hinted) > 10_000 or applied.changes:
+                old = now - HINT_MEMORY_S
+                self._hinted = {p: t for p, t in self._hinted.items() if t >= old}
+            return applied
+
+    def _needs_head(self, change: Change) -> bool:
+        started = self.run_started
+        if self._hinting or started is None:
+            return True
+        hinted = self._hinted.get(change.path)
+        if hinted is None and change.old_path is not None:
+            hinted = self._hinted.get(change.old_path)
+        return hinted is not None and hinted >= started
+
     def _confirmed(
         self, changes: Sequence[Change], confirm: Callable[[Change], bool] | None = None
     ) -> tuple[list[Change], list[Change]]:
         if not self.verify or not changes:
             return list(changes), []
-        if len(changes) == 1:
-            verdicts = [self.object_still_true(changes[0])]
-        else:
-            with ThreadPoolExecutor(min(self.max_concurrency, len(changes))) as pool:
-                verdicts = list(pool.map(self.object_still_true, changes))
+        verdicts = [True] * len(changes)
+        heads = [i for i, c in enumerate(changes) if self._needs_head(c)]
+        if len(heads) == 1:
+            verdicts[heads[0]] = self.object_still_true(changes[heads[0]])
+        elif heads:
+            with ThreadPoolExecutor(min(self.max_concurrency, len(heads))) as pool:
+                found = pool.map(self.object_still_true, [changes[i] for i in heads])
+                for i, ok in zip(heads, found, strict=True):
+                    verdicts[i] = ok
         kept: list[Change] = []
         dropped: list[Change] = []
         for change, ok in zip(changes, verdicts, strict=True):
@@ -497,7 +546,11 @@ def run_bucket(
     run = _BucketRun(
         owner, writer, stats, verify, record_count, progress, prefix, force=force, hold=hold
     )
-    run.run()
+    writer.run_started = time.monotonic()
+    try:
+        run.run()
+    finally:
+        writer.run_started = None
 
 
 def look_at(
@@ -543,4 +596,4 @@ def look_at(
         kind = decide.classify(old, stat, digest, rule)
         if kind is not None:
             changes.append(Change(kind, path, FileRecord(path, stat, digest, utcnow())))
-    return writer.apply(changes) if changes else Applied((), (), None)
+    return writer.apply_hinted(changes) if changes else Applied((), (), None)
