@@ -391,6 +391,13 @@ def test_daemon_applies_event_hints_and_polls(
             resp = httpx.post(f"{base}/api/v1/s3/events", json=minio, headers=auth, timeout=30)
             assert resp.status_code == 200 and resp.json()["applied"] == 1, resp.text
             assert ledger_view(ledger, repo) == bucket_truth(client, hinted)
+            # The API shows the bucket repository and its files as it shows a directory's.
+            repos = httpx.get(f"{base}/api/v1/repositories", headers=auth).json()
+            [shown] = [r for r in repos if r["id"] == str(repo.id)]
+            assert shown["path"] == f"s3://{hinted}" and shown["status"]["state"] == "online"
+            page = httpx.get(f"{base}/api/v1/repositories/{repo.id}/files", headers=auth).json()
+            files = {base64.b64decode(f["path_b64"]): (f["size"], f["hash"]) for f in page["files"]}
+            assert files == bucket_truth(client, hinted)
             # A subscription confirmation is fetched only from AWS's SNS.
             confirm = {"Type": "SubscriptionConfirmation", "SubscribeURL": "http://127.0.0.1:1/x"}
             resp = httpx.post(f"{base}/api/v1/s3/events", json=confirm, headers=auth)
