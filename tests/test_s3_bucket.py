@@ -548,3 +548,34 @@ def test_a_run_checks_its_view_of_keys_a_hint_wrote(
     finally:
         writer.run_started = None  # type: ignore[attr-defined]
     assert ledger_view(ledger, repo) == bucket_truth(client, s3_bucket)
+
+
+def test_versioned_bucket(ledger: Ledger, aws: Any, s3_bucket: str) -> None:
+    """With versioning on, the VersionId is part of the change key: a new version with the
+    same content (same ETag) is looked at and found unchanged
+    (``meta``, not in the feed); a delete marker deletes the record; older versions are not
+    files."""
+    client = aws.client()
+    client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
+    client.put_object(Bucket=s3_bucket, Key="k.jpg", Body=b"same")
+    client.put_object(Bucket=s3_bucket, Key="d.jpg", Body=b"doomed")
+    client.put_object(Bucket=s3_bucket, Key="m.jpg", Body=b"first")
+    repo = add_bucket(ledger, aws, s3_bucket)
+    assert ledger.scan(repo).files_added == 3
+    head = ledger.feed_head()
+    before = gets()
+    assert ledger.scan(repo).files_hashed == 0 and gets() == before
+    client.put_object(Bucket=s3_bucket, Key="k.jpg", Body=b"same")  # a new version, same bytes
+    client.delete_object(Bucket=s3_bucket, Key="d.jpg")  # a delete marker
+    client.put_object(Bucket=s3_bucket, Key="m.jpg", Body=b"second")
+    stats = ledger.scan(repo)
+    assert (stats.metadata_updated, stats.files_removed, stats.files_updated) == (1, 1, 1)
+    assert sorted(feed_kinds(ledger, repo, head)) == [
+        ("deleted", b"d.jpg", None),
+        ("modified", b"m.jpg", None),
+    ]
+    assert ledger_view(ledger, repo) == bucket_truth(client, s3_bucket)
+    before = gets()
+    assert ledger.scan(repo).files_hashed == 0 and gets() == before
+    # A hint agrees with the listing's key (HEAD carries the VersionId too): nothing to do.
+    assert [len(a.changes) for _, a in ledger.object_hints(s3_bucket, ["k.jpg", "m.jpg"])] == [0]

@@ -6,7 +6,8 @@ the prefix, as UTF-8 bytes. Its ``FileStat`` is the object's change key::
 
     size      the object's size
     mtime_ns  LastModified (what the API and ``files --json`` show as the mtime)
-    ctime_ns  LastModified too (objects have no separate metadata clock)
+    ctime_ns  LastModified too, or a fingerprint of the VersionId in a bucket with
+              versioning (listed then with ListObjectVersions, current versions only)
     inode     a 63-bit fingerprint of the ETag (``etag_fingerprint``)
 
 so the merge settles an unchanged object with the same one tuple comparison as a file,
@@ -114,10 +115,15 @@ def etag_fingerprint(etag: str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-def object_stat(size: int, last_modified: datetime, etag: str) -> FileStat:
-    """An object's change key as a ``FileStat`` (see the module's docstring)."""
+def object_stat(
+    size: int, last_modified: datetime, etag: str, version_id: str | None = None
+) -> FileStat:
+    """An object's change key as a ``FileStat`` (see the module's docstring); in a bucket
+    with versioning, the VersionId's fingerprint takes the ctime slot (another version with
+    the same content and LastModified second is then looked at, and found ``META``)."""
     mtime_ns = datetime_to_ns(last_modified)
-    return FileStat(int(size), mtime_ns, mtime_ns, etag_fingerprint(etag))
+    version = mtime_ns if version_id in (None, "", "null") else etag_fingerprint(version_id)
+    return FileStat(int(size), mtime_ns, version, etag_fingerprint(etag))
 
 
 def _problem(exc: BaseException) -> str:
@@ -154,6 +160,26 @@ class Bucket:
         self.location = S3Location.parse(repo.root_str, repo.settings.endpoint_url)
         self.client = make_client(self.location, max_pool=max(max_pool, 4))
         self.client.meta.events.register("before-call.s3", _count_call)
+        self._versioned: bool | None = None
+
+    @property
+    def versioned(self) -> bool:
+        """Whether the bucket has (or had: suspended) versioning, so that VersionIds are part
+        of the change key. Asked once per listing (``refresh_versioning``) or on first use;
+        a server that does not answer (no versioning API, no permission) is unversioned."""
+        if self._versioned is None:
+            self.refresh_versioning()
+        return bool(self._versioned)
+
+    def refresh_versioning(self) -> None:
+        try:
+            status = self.client.get_bucket_versioning(Bucket=self.location.bucket).get("Status")
+        except Exception:  # noqa: BLE001 - not supported or not permitted: plain listing
+            status = None
+        self._versioned = status in {"Enabled", "Suspended"}
+
+    def _version(self, resp: Any) -> str | None:
+        return resp.get("VersionId") if self.versioned else None
 
     def key(self, path: RelPath) -> str:
         return self.location.key(path.decode("utf-8", "surrogateescape"))
@@ -180,22 +206,33 @@ class Bucket:
     def _pages(self, rules: IgnoreRules, below: RelPath) -> Iterator[FlatEntry]:
         prefix = self.location.prefix + (below.decode() + "/" if below else "")
         cut = len(self.location.prefix)
-        paginator = self.client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(
+        self.refresh_versioning()
+        versioned = self.versioned
+        # With versioning, the current versions (``IsLatest``; a key whose latest is a delete
+        # marker has none) and their VersionIds; otherwise the plain listing.
+        operation, field = (
+            ("list_object_versions", "Versions") if versioned else ("list_objects_v2", "Contents")
+        )
+        pages = self.client.get_paginator(operation).paginate(
             Bucket=self.location.bucket,
             Prefix=prefix,
             PaginationConfig={"PageSize": PAGE_KEYS},
         )
         try:
             for page in pages:
-                for obj in page.get("Contents", ()):
+                for obj in page.get(field, ()):
                     key: str = obj["Key"]
-                    if key.endswith("/"):
-                        continue  # a folder marker
+                    if key.endswith("/") or (versioned and not obj.get("IsLatest")):
+                        continue  # a folder marker, or an older version
                     path = key[cut:].encode("utf-8", "surrogateescape")
                     if rules.ignores_path(path):
                         continue
-                    stat = object_stat(obj["Size"], obj["LastModified"], obj["ETag"])
+                    stat = object_stat(
+                        obj["Size"],
+                        obj["LastModified"],
+                        obj["ETag"],
+                        obj.get("VersionId") if versioned else None,
+                    )
                     yield (path, tuple(stat))  # type: ignore[misc]
         except RootUnavailable:
             raise
@@ -216,7 +253,9 @@ class Bucket:
             if _is_missing(exc):
                 return None
             raise
-        return object_stat(resp["ContentLength"], resp["LastModified"], resp["ETag"])
+        return object_stat(
+            resp["ContentLength"], resp["LastModified"], resp["ETag"], self._version(resp)
+        )
 
     def hash_object(self, path: RelPath, algo: str) -> HashOutcome:
         """Hash the object at ``path`` by one streamed GET: the hash with the change key of
@@ -235,7 +274,9 @@ class Bucket:
             if _is_missing(exc):
                 return HashOutcome(None, unsettled=True)
             return HashOutcome(None, error=_problem(exc))
-        stat = object_stat(resp["ContentLength"], resp["LastModified"], resp["ETag"])
+        stat = object_stat(
+            resp["ContentLength"], resp["LastModified"], resp["ETag"], self._version(resp)
+        )
         return HashOutcome(hasher.hexdigest(), *stat)
 
 
