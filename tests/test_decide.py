@@ -45,6 +45,7 @@ rules = st.builds(
     algo=st.sampled_from(["blake3", "sha256"]),
     hashing=st.booleans(),
     verify=st.booleans(),
+    racy=st.booleans(),
 )
 scanned = st.sampled_from([NOW - 50 * NS_PER_S, NOW, NOW + NS_PER_S])
 
@@ -67,7 +68,9 @@ def _row(rec: FileRecord) -> RecordRow:
 @given(records(), stats, rules)
 def test_the_merge_fast_path_is_needs_look(old: FileRecord, now: FileStat, rule: LookRule) -> None:
     """``row_settled`` (the merge's per-file question on flat rows) is ``not needs_look``."""
-    settled = decide.row_settled(_row(old), (*now,), rule.algo, rule.hashing, rule.verify)
+    settled = decide.row_settled(
+        _row(old), (*now,), rule.algo, rule.hashing, rule.verify, rule.racy
+    )
     assert settled == (not decide.needs_look(old, now, rule))
 
 
@@ -183,6 +186,38 @@ def test_pair_moves(
         )
     # Nothing already claimed is paired again.
     assert decide.pair_moves(new, recs, rule, gone, set(taken) | set(gone_paths)) == {}
+
+
+@given(appeared, candidates, st.sets(st.sampled_from([b"o1", b"o2", b"n1"])))
+def test_pair_moves_of_objects(
+    new: list[tuple[bytes, FileStat]], recs: list[FileRecord], gone_paths: set[bytes]
+) -> None:
+    """A bucket's rename is a copy (a new LastModified) and a delete: the ETag (in the inode
+    slot) and the size pair it, whatever the mtime."""
+    rule = LookRule("blake3", racy=False)
+    pairs = decide.pair_moves(
+        new, recs, rule, lambda r: r.path in gone_paths, match=decide.is_object_move_of
+    )
+    stats_of = dict(new)
+    for path, rec in pairs.items():
+        assert rec.path in gone_paths and rec.path != path
+        assert (rec.stat.inode, rec.stat.size) == (stats_of[path].inode, stats_of[path].size)
+    copied = FileRecord(b"o", FileStat(5, NOW, NOW, 9), Digest("blake3", "aa"), ns_to_datetime(NOW))
+    later = FileStat(5, NOW + 7 * NS_PER_S, NOW + 7 * NS_PER_S, 9)
+    assert decide.is_object_move_of(copied, b"n", later, rule)
+    assert not decide.is_move_of(copied, b"n", later, rule)
+    assert not decide.is_object_move_of(copied, b"n", later._replace(inode=8), rule)
+    assert not decide.is_object_move_of(copied, b"n", later._replace(size=6), rule)
+
+
+def test_racy_rule_is_off_for_objects() -> None:
+    key = FileStat(5, NOW, NOW, 7)
+    racy = FileRecord(b"x", key, Digest("blake3", "aa"), ns_to_datetime(NOW + NS_PER_S))
+    assert decide.needs_look(racy, key, LookRule("blake3"))
+    assert not decide.needs_look(racy, key, LookRule("blake3", racy=False))
+    assert (
+        decide.classify(racy, key, Digest("blake3", "aa"), LookRule("blake3", racy=False)) is None
+    )
 
 
 def test_count() -> None:

@@ -268,6 +268,16 @@ def _stats_line(repo: Repository, stats: ScanStats) -> str:
     "tree can write it). Its ignore patterns never retire records without 'scan "
     "--accept-ignores'.",
 )
+@click.option(
+    "--endpoint-url",
+    help="For s3://BUCKET[/PREFIX]: the S3 endpoint (MinIO, SeaweedFS, R2, B2...) [default: "
+    "AWS_ENDPOINT_URL, else AWS]. Credentials come from the AWS variables or profiles only.",
+)
+@click.option(
+    "--quick-interval",
+    type=float,
+    help="Seconds between quick scans under 'fsledger run' (a bucket is polled: default 15).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the repository as JSON.")
 @pass_ctx
 @_guard
@@ -279,18 +289,31 @@ def repo_add(
     if_missing: bool,
     ignore: tuple[str, ...],
     trust_repo_config: bool,
+    endpoint_url: str | None,
+    quick_interval: float | None,
     as_json: bool,
 ) -> None:
-    """Add PATH as a repository and index it."""
+    """Add PATH (a directory, or a bucket as s3://BUCKET[/PREFIX]) as a repository and
+    index it."""
     from fsledger.ledger import normalize_root
     from fsledger.model import OperationType, RepoSettings
+    from fsledger.s3.location import S3Location, is_s3_url
 
-    ledger = ctx.writing_ledger(scanning=not no_scan)
-    wanted = RepoSettings(ignore_patterns=ignore, trust_repo_config=trust_repo_config)
+    if endpoint_url is not None and not is_s3_url(path):
+        raise ConfigError("--endpoint-url is for s3://BUCKET[/PREFIX] repositories")
+    if quick_interval is not None and quick_interval <= 0:
+        raise ConfigError("--quick-interval must be positive")
+    ledger = ctx.writing_ledger(scanning=not no_scan and not is_s3_url(path))
+    wanted = RepoSettings(
+        ignore_patterns=ignore,
+        trust_repo_config=trust_repo_config,
+        endpoint_url=endpoint_url,
+        quick_scan_interval_s=quick_interval,
+    )
     try:
         repository = ledger.add_repository(path, name, wanted)
     except RepositoryExists:
-        root = normalize_root(path)
+        root = str(S3Location.parse(path)).encode() if is_s3_url(path) else normalize_root(path)
         existing = [r for r in ledger.list_repositories() if r.root == root]
         if not (if_missing and existing):
             raise

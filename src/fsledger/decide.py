@@ -48,6 +48,7 @@ __all__ = [
     "corrupted",
     "count",
     "is_move_of",
+    "is_object_move_of",
     "is_racy",
     "needs_look",
     "order_moves",
@@ -68,11 +69,15 @@ class LookRule:
         algo: the hash algorithm in use; a record hashed with another one is looked at.
         hashing: whether files are hashed at all (without, only the ``lstat`` key counts).
         verify: look at every file (a ``--verify`` scan rehashes everything).
+        racy: apply the racy rule (local files); off for objects (see ``fsledger.s3``).
     """
 
     algo: str
     hashing: bool = True
     verify: bool = False
+    racy: bool = True
+    """Whether the key can miss a write (the mtime clock's granularity: git's racy rule).
+    An object store's key cannot: its ETag changes with every write of other content."""
 
 
 def is_racy(mtime_ns: int, scanned_ns: int) -> bool:
@@ -105,11 +110,16 @@ def needs_look(
         return False
     if old.digest is None or old.digest.algo != rule.algo:
         return True
-    return content_hint and record_is_racy(old)
+    return content_hint and rule.racy and record_is_racy(old)
 
 
 def row_settled(
-    row: RecordRow, stat: tuple[int, int, int, int], algo: str, hashing: bool, verify: bool
+    row: RecordRow,
+    stat: tuple[int, int, int, int],
+    algo: str,
+    hashing: bool,
+    verify: bool,
+    racy: bool = True,
 ) -> bool:
     """``not needs_look`` for a stored row and a walked file's flat ``lstat`` key: the merge's
     question, asked once for every file of a rescan, without building a ``FileRecord``.
@@ -120,7 +130,11 @@ def row_settled(
         and row[1:5] == stat
         and (
             not hashing
-            or (row[5] is not None and row[6] == algo and abs(row[2] - row[7]) > RACY_WINDOW_NS)
+            or (
+                row[5] is not None
+                and row[6] == algo
+                and (not racy or abs(row[2] - row[7]) > RACY_WINDOW_NS)
+            )
         )
     )
 
@@ -175,7 +189,7 @@ def classify(
         return ChangeKind.MODIFIED  # no hash of now: size and mtime decide
     if old.stat != stat or (digest is not None and old.digest != digest):
         return ChangeKind.META
-    if digest is not None and rule.hashing and record_is_racy(old):
+    if digest is not None and rule.hashing and rule.racy and record_is_racy(old):
         return ChangeKind.META  # confirmed: record the later look, which is no longer racy
     return None
 
@@ -194,12 +208,32 @@ def is_move_of(record: FileRecord, path: RelPath, stat: FileStat, rule: LookRule
     )
 
 
+def is_object_move_of(record: FileRecord, path: RelPath, stat: FileStat, rule: LookRule) -> bool:
+    """``is_move_of`` for an object store, where a rename is a server-side copy (a new
+    LastModified) and a delete: the same ETag (its fingerprint stands in the inode slot, see
+    ``fsledger.s3.bucket.object_stat``) and size, at another key, and a hash worth keeping.
+    The ETag of a single-part object is the MD5 of its content, so equal ETags and sizes
+    mean the same content; the caller checks that the record's own key is gone."""
+    return (
+        record.path != path
+        and record.stat.inode == stat.inode
+        and record.stat.size == stat.size
+        and (not rule.hashing or (record.digest is not None and record.digest.algo == rule.algo))
+    )
+
+
+MoveMatch = Callable[[FileRecord, RelPath, FileStat, LookRule], bool]
+"""Whether a new path is a record's file moved there: ``is_move_of`` (local trees) or
+``is_object_move_of`` (buckets)."""
+
+
 def pair_moves(
     appeared: Sequence[tuple[RelPath, FileStat]],
     candidates: Iterable[FileRecord],
     rule: LookRule,
     gone: Callable[[FileRecord], bool],
     taken: set[RelPath] | None = None,
+    match: MoveMatch = is_move_of,
 ) -> dict[RelPath, FileRecord]:
     """Pair new paths with the records they are moves of.
 
@@ -211,6 +245,7 @@ def pair_moves(
             asked only of records that match, at most once each.
         taken: record paths already claimed by an earlier pairing of the same run; those
             paired here are added.
+        match: the move predicate (``is_move_of``; ``is_object_move_of`` for buckets).
 
     Returns:
         new path -> the record that moves there. Each record moves to one path at most
@@ -224,7 +259,7 @@ def pair_moves(
     out: dict[RelPath, FileRecord] = {}
     for path, stat in appeared:
         for rec in by_inode.get(stat.inode, ()):
-            if rec.path in taken or not is_move_of(rec, path, stat, rule):
+            if rec.path in taken or not match(rec, path, stat, rule):
                 continue
             if rec.path not in verdict:
                 verdict[rec.path] = gone(rec)

@@ -48,6 +48,7 @@ from fsledger.model import (
 )
 from fsledger.progress import Estimate
 from fsledger.roots import stat_new_root
+from fsledger.s3.location import S3Location, is_s3_url
 from fsledger.store import Store, open_store
 from fsledger.store.base import ServerInfo
 
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from fsledger.hashing import HashPool
     from fsledger.reconcile import Progress, Reconciler
     from fsledger.schedule import Quiet, ScheduleView
-    from fsledger.writer import RepoWriter
+    from fsledger.writer import Applied, RepoWriter
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,8 @@ class Ledger:
             RootUnavailable: the path is not an existing directory.
             RepositoryExists: the name or the root is taken.
         """
+        if is_s3_url(os.fsencode(path)):
+            return self._add_bucket(os.fsdecode(path), name, settings or RepoSettings())
         root = normalize_root(path)
         stat_new_root(root)
         repo_name = name or os.fsdecode(os.path.basename(root)) or "root"
@@ -159,6 +162,47 @@ class Ledger:
         repo = Repository(
             id=uuid.uuid4(), name=repo_name, root=root, settings=settings or RepoSettings()
         )
+        self.store.add_repository(repo)
+        log.info("Repository %s added: %s (%s)", repo.id, repo.name, repo.root_str)
+        return repo
+
+    def _add_bucket(self, url: str, name: str | None, settings: RepoSettings) -> Repository:
+        """Register ``s3://BUCKET[/PREFIX]`` (the URL as its root: no secrets; the endpoint
+        in its settings), once the bucket answered a listing.
+
+        Raises:
+            ConfigError: a bad URL or endpoint, or an option a bucket cannot have.
+            RootUnavailable: the bucket is missing, refuses the credentials or is unreachable.
+            RepositoryExists: the name is taken, or the prefix overlaps another repository's.
+        """
+        location = S3Location.parse(url, settings.endpoint_url)
+        if settings.trust_repo_config:
+            raise ConfigError("a bucket has no .fsledger.yaml to trust")
+        root = str(location).encode()
+        repo = Repository(
+            id=uuid.uuid4(),
+            name=name or (location.prefix.rstrip("/").rpartition("/")[2] or location.bucket),
+            root=root,
+            settings=settings,
+        )
+        for other in self.store.list_repositories():
+            if not other.is_bucket:
+                continue
+            theirs = S3Location.parse(other.root_str, other.settings.endpoint_url)
+            same = theirs.bucket == location.bucket and theirs.endpoint_url == location.endpoint_url
+            if same and (
+                theirs.prefix.startswith(location.prefix)
+                or location.prefix.startswith(theirs.prefix)
+            ):
+                raise RepositoryExists(
+                    f"{location} overlaps repository {other.name!r} ({other.root_str}); "
+                    "repositories cannot nest"
+                )
+        from fsledger.s3.bucket import Bucket
+
+        problem = Bucket(repo).problem()
+        if problem is not None:
+            raise RootUnavailable(f"cannot add {location}: {problem}")
         self.store.add_repository(repo)
         log.info("Repository %s added: %s (%s)", repo.id, repo.name, repo.root_str)
         return repo
@@ -184,7 +228,10 @@ class Ledger:
         for repo in repos:
             if repo.id == rid or repo.name == ref:
                 return repo
-        root = normalize_root(ref) if ref else b""
+        if is_s3_url(ref):
+            root = str(S3Location.parse(ref)).encode()
+        else:
+            root = normalize_root(ref) if ref else b""
         for repo in repos:
             if repo.root == root:
                 return repo
@@ -232,6 +279,17 @@ class Ledger:
         """The one writer of ``repo`` in this process."""
         with self._lock:
             w = self._writers.get(repo.id)
+            if w is None and repo.is_bucket:
+                from fsledger.s3.bucket import ObjectWriter
+
+                w = ObjectWriter(
+                    self.store,
+                    repo,
+                    self.rules(repo),
+                    retire=self.retiring_rules(repo),
+                    max_concurrency=self.settings.max_concurrency,
+                )
+                self._writers[repo.id] = w
             if w is None:
                 from fsledger.writer import RepoWriter
 
@@ -244,6 +302,8 @@ class Ledger:
         the operator trusts it; cleared when the file is gone) and return the repository."""
         from fsledger.repoconfig import follow_file
 
+        if repo.is_bucket:
+            return repo
         updated = follow_file(repo)
         if updated is not repo:
             self.store.update_repository(updated)
@@ -313,6 +373,39 @@ class Ledger:
         if writer.repo.state is not RepoState.ONLINE:
             self.set_state(writer.repo, RepoState.ONLINE)
         return stats
+
+    def object_hints(self, bucket: str, keys: list[str]) -> list[tuple[Repository, Applied]]:
+        """Hints of S3 event notifications: objects ``keys`` of ``bucket`` changed (created,
+        overwritten or removed). Each key below a bucket repository's prefix is looked at
+        (HEAD, and a GET if its change key moved) and its record written through the
+        repository's writer. Returns what each repository concerned wrote.
+
+        Raises:
+            RootUnavailable: a bucket could not be reached (its hints are not applied).
+        """
+        from fsledger.s3.bucket import ObjectWriter, look_at
+
+        out: list[tuple[Repository, Applied]] = []
+        for repo in self.store.list_repositories():
+            if not repo.is_bucket or repo.state is not RepoState.ONLINE:
+                continue
+            location = S3Location.parse(repo.root_str, repo.settings.endpoint_url)
+            if location.bucket != bucket:
+                continue
+            paths = [
+                location.relative(k).encode("utf-8", "surrogateescape")
+                for k in keys
+                if k.startswith(location.prefix) and not k.endswith("/")
+            ]
+            if not paths:
+                continue
+            writer = self.writer(repo)
+            assert isinstance(writer, ObjectWriter)
+            applied = look_at(
+                writer, paths, self.settings.hash_algo, self.settings.calculate_hashes
+            )
+            out.append((repo, applied))
+        return out
 
     # --- reading ------------------------------------------------------------------------
     def files(self, repo: Repository, prefix: RelPath = b"") -> Iterator[FileRecord]:

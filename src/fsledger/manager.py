@@ -77,6 +77,12 @@ REPO_POLL_S = 2.0
 OFFLINE_POLL_S = 5.0
 """How often an offline root is checked for its return."""
 NETWORK_POLL_S = 60.0
+BUCKET_POLL_S = 15.0
+"""Default quick-scan interval of a bucket repository (no inotify; one listing a poll:
+a no-change poll downloads nothing). S3 event notifications (``POST /api/v1/s3/events``)
+bring single changes in at once; ``repo add --quick-interval`` sets another interval."""
+BUCKET_OFFLINE_POLL_S = 15.0
+"""How often an offline bucket is tried again (a reconciliation, whose guard decides)."""
 RECENT_DIRS = 16
 """Directories per repository remembered as recently active (reconciled first after a loss)."""
 """Default rescan interval of a repository on a network filesystem (inotify is blind there)."""
@@ -637,6 +643,13 @@ class SyncManager:
                 self.live.add(repo)
             except FsledgerError as exc:
                 log.warning("Repository %s is not watched live: %s", repo.id, exc)
+        elif repo.is_bucket:
+            log.info(
+                "Repository %s is a bucket: polled every %.0fs, and S3 event notifications "
+                "POSTed to /api/v1/s3/events are applied at once",
+                repo.id,
+                self._network_interval(repo),
+            )
         elif runtime.network:
             log.warning(
                 "Repository %s is on a network filesystem, where inotify sees no changes made by "
@@ -672,7 +685,8 @@ class SyncManager:
         return self.adaptive.initial(self.settings.reconciliation_interval_s)
 
     def _network_interval(self, repo: Repository) -> float:
-        return repo.settings.quick_interval_s or NETWORK_POLL_S
+        default = BUCKET_POLL_S if repo.is_bucket else NETWORK_POLL_S
+        return repo.settings.quick_interval_s or default
 
     # --- requests -----------------------------------------------------------------------
     def _on_resync(self, repo: Repository, prefix: RelPath, reason: str) -> None:
@@ -966,6 +980,12 @@ class SyncManager:
             log.warning("Repository %s: lease lost (database session ended?)", repo.id)
             self._lose(repo)
             return
+        if repo.state is RepoState.OFFLINE and repo.is_bucket:
+            # A bucket's return is only seen by asking it: the reconciliation's guard does.
+            if now - runtime.last_offline_check >= BUCKET_OFFLINE_POLL_S:
+                runtime.last_offline_check = now
+                self._enqueue(repo, b"", OperationType.RECONCILIATION, "bucket retried", 0.5)
+            return
         if repo.state is RepoState.OFFLINE:
             if now - runtime.last_offline_check >= OFFLINE_POLL_S:
                 runtime.last_offline_check = now
@@ -973,7 +993,7 @@ class SyncManager:
                     log.info("Repository %s: root is back, reconciling", repo.id)
                     self._enqueue(repo, b"", OperationType.RECONCILIATION, "root returned", 0.5)
             return
-        if now - runtime.last_offline_check >= OFFLINE_POLL_S:
+        if now - runtime.last_offline_check >= OFFLINE_POLL_S and not repo.is_bucket:
             runtime.last_offline_check = now
             # The watcher sees a root deleted or moved, but not always an unmount: a bind
             # mount detached, or a lazy unmount, sends no event until a file changes. The
@@ -985,7 +1005,7 @@ class SyncManager:
                 self._check_mounts(runtime)
         quick = repo.settings.quick_interval_s
         if runtime.network:
-            quick = quick or NETWORK_POLL_S
+            quick = self._network_interval(repo)
         elif self.live is not None and self.live.degraded(repo.id):
             quick = quick or max(60.0, min(self.settings.reconciliation_interval_s, 3600.0))
         if quick and now - runtime.last_quick >= quick:
@@ -1052,6 +1072,8 @@ def default_pressure() -> Pressure | None:
 
 
 def _network(root: bytes) -> bool:
+    if root.startswith(b"s3://"):
+        return True  # a bucket: polled (and told by S3 event notifications), never watched
     try:
         from fsledger.watch import is_network_fs
     except ImportError:  # pragma: no cover - the watcher package is part of the distribution

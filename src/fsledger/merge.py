@@ -117,7 +117,7 @@ class Merge:
         rows = iter(self._rows)
         row = next(rows, None)
         rule = self.rule
-        algo, hashing, verify = rule.algo, rule.hashing, rule.verify
+        algo, hashing, verify, racy = rule.algo, rule.hashing, rule.verify, rule.racy
         tick, every = self.tick, self.TICK
         settled = row_settled
         scanned = 0
@@ -159,7 +159,7 @@ class Merge:
                 continue
             old, row = row, next(rows, None)
             # The common case, settled without building an object (fsledger.decide).
-            if settled(old, stat, algo, hashing, verify):
+            if settled(old, stat, algo, hashing, verify, racy):
                 continue
             yield Look(_entry(item), old.record())
         while row is not None:

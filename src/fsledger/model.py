@@ -408,6 +408,9 @@ class RepoSettings:
     file_ignore_patterns: tuple[str, ...] = ()
     file_quick_scan_interval_s: float | None = None
     file_full_scan_interval_s: float | None = None
+    endpoint_url: str | None = None
+    """A bucket's S3 endpoint (``repo add s3://... --endpoint-url``; no secrets): ``None``
+    takes the AWS chain's (``AWS_ENDPOINT_URL``, profiles, AWS itself)."""
 
     @property
     def walk_patterns(self) -> tuple[str, ...]:
@@ -432,6 +435,7 @@ class RepoSettings:
             "file_ignore_patterns": list(self.file_ignore_patterns),
             "file_quick_scan_interval_s": self.file_quick_scan_interval_s,
             "file_full_scan_interval_s": self.file_full_scan_interval_s,
+            "endpoint_url": self.endpoint_url,
         }
 
     @classmethod
@@ -446,6 +450,7 @@ class RepoSettings:
             file_ignore_patterns=tuple(data.get("file_ignore_patterns") or ()),
             file_quick_scan_interval_s=data.get("file_quick_scan_interval_s"),
             file_full_scan_interval_s=data.get("file_full_scan_interval_s"),
+            endpoint_url=data.get("endpoint_url"),
         )
 
 
@@ -466,6 +471,11 @@ class Repository:
     @property
     def root_str(self) -> str:
         return os.fsdecode(self.root)
+
+    @property
+    def is_bucket(self) -> bool:
+        """Whether the root is a bucket (``s3://BUCKET[/PREFIX]``) rather than a directory."""
+        return self.root.startswith(b"s3://")
 
     def to_json(self) -> dict[str, Any]:
         return {

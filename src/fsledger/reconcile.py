@@ -59,6 +59,7 @@ from fsledger.model import (
     RelPath,
     Repository,
     ScanStats,
+    SyncOperation,
     utcnow,
 )
 from fsledger.mounts import MountGuard
@@ -224,7 +225,7 @@ class Reconciler:
         repo = writer.repo
         started = utcnow()
         t0 = time.monotonic()
-        if not prefix and self.settings.max_concurrency >= 2:
+        if not prefix and self.settings.max_concurrency >= 2 and not repo.is_bucket:
             self._hash_pool(gentle).start()
         record_count = self.store.count_records(repo.id)
         has_records = record_count > 0
@@ -233,6 +234,22 @@ class Reconciler:
             log.info("Starting %s for repository %s (%s)", op_type.value, repo.id, repo.root_str)
         stats = ScanStats()
         try:
+            if repo.is_bucket:
+                from fsledger.s3.bucket import run_bucket  # boto3 only when a bucket is used
+
+                with fewer_collections():
+                    run_bucket(
+                        self,
+                        writer,
+                        stats,
+                        verify=verify,
+                        record_count=record_count,
+                        progress=progress,
+                        prefix=prefix,
+                        force=force,
+                        hold=hold,
+                    )
+                return self._finish(op, stats, t0)
             dev = check_root(repo, has_records, writer.rules, force)
             mounts = MountGuard.load(self.store, repo, writer.rules, prefix, force)
             with fewer_collections():
@@ -275,6 +292,11 @@ class Reconciler:
             repo = _with_dev(repo, dev)
             self.store.update_repository(repo)
             writer.repo = repo
+        return self._finish(op, stats, t0)
+
+    def _finish(self, op: SyncOperation | None, stats: ScanStats, t0: float) -> ScanStats:
+        """Close a completed run's operation row and log its counts."""
+        stats.duration_ms = int((time.monotonic() - t0) * 1000)
         if op is None:
             return stats
         self.store.finish_operation(op.id, OperationStatus.COMPLETED, stats, None, utcnow())
@@ -666,6 +688,13 @@ class _Run:
         )
         self._finish_jobs(jobs, outcomes)
 
+    move_match: decide.MoveMatch = staticmethod(decide.is_move_of)
+    """Whether a new path is a record's file moved there (buckets: ``is_object_move_of``)."""
+
+    def _looker(self) -> _Looker:
+        """Answers "is a record's file gone from its path?" (buckets: a HEAD)."""
+        return _Looker(self.repo.root)
+
     def _detect_moves(self, jobs: list[_Job]) -> list[_Job]:
         """New paths whose inode, size and mtime match a record whose path is gone are moves:
         the record follows the file and keeps its hash."""
@@ -679,13 +708,14 @@ class _Run:
             return jobs
         self._await_write()  # the records of this run's batches count too
         candidates = self.store.records_by_inode(self.repo.id, [j.entry.stat.inode for j in new])
-        with _Looker(self.repo.root) as looker:
+        with self._looker() as looker:
             pairs = decide.pair_moves(
                 [(j.entry.path, j.entry.stat) for j in new],
                 candidates,
                 self.rule,
                 looker.gone,
                 self.moved_from,
+                match=self.move_match,
             )
         if not pairs:
             return jobs

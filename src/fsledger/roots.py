@@ -9,7 +9,9 @@ deleted (a popular photo server removed 68,811 assets that way). So:
   while the ledger holds files);
 - ``root_present``: the cheap question the watcher asks before each pass and the manager
   every few seconds (a directory, on the device the last scan saw);
-- ``stat_new_root``: what adding a repository requires of its path.
+- ``stat_new_root``: what adding a repository requires of its path;
+- ``check_bucket``: the same guard for a bucket (``s3://BUCKET[/PREFIX]``), as a pure rule
+  over what ``fsledger.s3.bucket`` found out (the I/O stays there).
 
 Filesystems mounted *below* a root are ``fsledger.mounts``'s (``MountGuard``).
 """
@@ -23,7 +25,7 @@ from fsledger.errors import GuardRefused, RootUnavailable
 from fsledger.ignore import IgnoreRules
 from fsledger.model import Repository
 
-__all__ = ["check_root", "root_present", "stat_new_root"]
+__all__ = ["check_bucket", "check_root", "root_present", "stat_new_root"]
 
 
 def root_present(root: bytes, dev: int | None) -> bool:
@@ -95,3 +97,28 @@ def check_root(repo: Repository, has_records: bool, rules: IgnoreRules, force: b
             "scan once with --force."
         )
     return st.st_dev
+
+
+def check_bucket(
+    repo: Repository, *, problem: str | None, empty: bool, has_records: bool, force: bool
+) -> None:
+    """The mass-deletion guard of a bucket, the local rule transposed: a bucket that is
+    missing, refuses us (access denied, wrong credentials) or cannot be reached is
+    ``problem``; a prefix that lists ``empty`` while the ledger holds files is refused, as
+    an empty mount point is, unless ``force``. Either way nothing is deleted (exit code 4).
+
+    Raises:
+        RootUnavailable: ``problem`` (whatever ``force`` says: nothing can be listed).
+        GuardRefused: empty while records exist, without ``force``.
+    """
+    if problem is not None:
+        raise RootUnavailable(
+            f"repository {repo.name!r}: bucket {repo.root_str} is unavailable ({problem}). "
+            "Nothing was changed."
+        )
+    if empty and has_records and not force:
+        raise GuardRefused(
+            f"repository {repo.name!r}: {repo.root_str} lists no objects but the ledger holds "
+            "files: the bucket or prefix may have been replaced or emptied by mistake. Nothing "
+            "was deleted. If the objects really are gone, scan once with --force."
+        )

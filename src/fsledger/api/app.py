@@ -51,6 +51,7 @@ from fsledger.api import schemas
 from fsledger.api.dashboard import add_dashboard_routes
 from fsledger.api.encode import changes_json
 from fsledger.api.metrics import CONTENT_TYPE, Metrics
+from fsledger.api.s3events import add_s3_event_routes
 from fsledger.api.schedule import add_schedule_routes
 from fsledger.api.security import Guard, error_response
 from fsledger.api.webhooks import WebhookDispatcher
@@ -746,6 +747,7 @@ def create_app(
     add_schedule_routes(api, ledger, manager)
     add_dashboard_routes(api, ledger, get_repo)
     app.include_router(api)
+    add_s3_event_routes(app, ledger, token)
     _document_webhooks(app)
     app.add_middleware(Guard, loopback_only=token is None)
     return app

@@ -53,6 +53,9 @@ class RepoSettingsOut(BaseModel):
     )
     file_quick_scan_interval_s: float | None
     file_full_scan_interval_s: float | None
+    endpoint_url: str | None = Field(
+        default=None, description="A bucket's S3 endpoint (s3:// repositories), if set."
+    )
 
 
 _PATTERNS: Any = Field(
@@ -293,3 +296,14 @@ class WebhookResync(BaseModel):
 class DuplicateFilesPage(BaseModel):
     files: list[DuplicateFileOut]
     cursor: str | None = Field(description="Ask again with this cursor for more (null: done).")
+
+
+class S3EventApplied(BaseModel):
+    repository_id: str
+    changes: int = Field(description="Records written for the objects the message named.")
+
+
+class S3EventsOut(BaseModel):
+    applied: int = Field(description="Records written in all (0: every object was known).")
+    repositories: list[S3EventApplied] = Field(default_factory=list)
+    confirmed: bool = Field(default=False, description="An SNS subscription was confirmed.")
