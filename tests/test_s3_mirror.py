@@ -284,3 +284,176 @@ def test_non_utf8_and_control_names_round_trip(
         assert runner.verify().exact
     finally:
         runner.stop()
+
+
+# --- the daemon: `fsledger run` keeps the mirror -------------------------------------------
+EXE = str(Path(sys.executable).with_name("fsledger"))
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run([EXE, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def disk_listing(root: Path) -> dict[bytes, int]:
+    base = os.fsencode(root)
+    out = {}
+    for dirpath, _dirs, files in os.walk(base):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            out[os.path.relpath(full, base)] = os.lstat(full).st_size
+    return out
+
+
+def listing_paths(client: Any, bucket: str) -> dict[bytes, int]:
+    return {path_of("", k): int(o["Size"]) for k, o in bucket_listing(client, bucket).items()}
+
+
+@pytest.fixture
+def daemon_env(store_url: str, s3_server: Any, tmp_path: Path) -> dict[str, str]:
+    return s3_server.env(  # type: ignore[no-any-return]
+        FSLEDGER_DATABASE_URL=store_url,
+        RECONCILIATION_MAX_CONCURRENCY="2",
+        XDG_DATA_HOME=str(tmp_path / "xdg"),
+    )
+
+
+@pytest.fixture
+def daemon(daemon_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        log = open(tmp_path / f"run{len(procs)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [EXE, "run", "--no-http"],
+            env=daemon_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _make_library(at: Path, dirs: int, per_dir: int, seed: int) -> None:
+    for d in range(dirs):
+        sub = at / f"d{d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        for i in range(per_dir):
+            (sub / f"f{i:03}.jpg").write_bytes(f"{seed}/{d}/{i}".encode() * (50 + i))
+
+
+def test_mirror_kept_exact_by_the_daemon_through_tar_rsync_mv_and_rm(
+    daemon_env: dict[str, str], daemon: Any, tmp_path: Path, s3_server: Any, s3_bucket: str
+) -> None:
+    root = tmp_path / "lib"
+    root.mkdir()
+    cli(daemon_env, "repo", "add", str(root), "--name", "lib")
+    cli(
+        daemon_env,
+        "mirror",
+        "add",
+        "lib",
+        f"s3://{s3_bucket}",
+        "--endpoint-url",
+        s3_server.endpoint,
+    )
+    proc = daemon()
+    client = s3_server.client()
+
+    def settle(step: str) -> None:
+        wait_until(
+            f"the bucket to equal the disk after {step}",
+            lambda: listing_paths(client, s3_bucket) == disk_listing(root),
+            timeout=120,
+        )
+        assert bucket_state(client, s3_bucket) == disk_state(root), step
+        assert proc.poll() is None
+
+    # tar: a library extracted into the root
+    src = tmp_path / "src"
+    _make_library(src, dirs=4, per_dir=15, seed=1)
+    archive = tmp_path / "lib.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(src, arcname="photos")
+    subprocess.run(["tar", "-xf", str(archive), "-C", str(root)], check=True)
+    settle("tar -x")
+    # rsync --delete: another version of the library (changed, new, removed files)
+    src2 = tmp_path / "src2"
+    _make_library(src2, dirs=3, per_dir=18, seed=2)
+    subprocess.run(["rsync", "-a", "--delete", f"{src2}/", f"{root}/photos/"], check=True)
+    settle("rsync --delete")
+    # mv of a directory: server-side copies
+    status = json.loads(cli(daemon_env, "mirror", "status", "--json"))["mirrors"][0]
+    copied_before = status["counters"]["copied"]
+    (root / "photos" / "d1").rename(root / "moved")
+    settle("mv")
+    status = json.loads(cli(daemon_env, "mirror", "status", "--json"))["mirrors"][0]
+    assert status["counters"]["copied"] - copied_before == 18
+    # rm -rf
+    shutil.rmtree(root / "photos")
+    settle("rm -rf")
+    assert len(listing_paths(client, s3_bucket)) == 18
+    status = json.loads(cli(daemon_env, "mirror", "status", "--json"))["mirrors"][0]
+    assert status["counters"]["errors"] == 0, status
+    assert status["state"] == "active"
+
+
+def test_kill_9_mid_upload_then_resume_uploads_nothing_twice(
+    daemon_env: dict[str, str], daemon: Any, tmp_path: Path, s3_server: Any, s3_bucket: str
+) -> None:
+    root = tmp_path / "big"
+    root.mkdir()
+    cli(daemon_env, "repo", "add", str(root), "--name", "big")
+    cli(
+        daemon_env,
+        "mirror",
+        "add",
+        "big",
+        f"s3://{s3_bucket}",
+        "--endpoint-url",
+        s3_server.endpoint,
+    )
+    cli(daemon_env, "mirror", "sync", "big")  # synced while empty: from now on, the feed
+    n = 160
+    for i in range(n):
+        (root / f"p{i:03}.raw").write_bytes(os.urandom(1 << 20))
+    (root / "video.mp4").write_bytes(os.urandom(40 << 20))  # multipart (8 MiB parts)
+    client = s3_server.client()
+    proc = daemon()
+    wait_until("some uploads", lambda: len(bucket_listing(client, s3_bucket)) >= 15, every=0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.5)  # a re-upload would show a later LastModified
+    before = bucket_listing(client, s3_bucket)
+    assert len(before) < n + 1, "the kill came too late to test a resume"
+    status = json.loads(cli(daemon_env, "mirror", "status", "--json"))["mirrors"][0]
+    counters_before = status["counters"]
+    daemon()
+    wait_until(
+        "the bucket to equal the disk",
+        lambda: listing_paths(client, s3_bucket) == disk_listing(root),
+        timeout=180,
+    )
+    assert bucket_state(client, s3_bucket) == disk_state(root)
+    after = bucket_listing(client, s3_bucket)
+    for key, obj in before.items():
+        assert after[key]["LastModified"] == obj["LastModified"], f"{key} was uploaded again"
+        assert after[key]["ETag"] == obj["ETag"]
+    status = json.loads(cli(daemon_env, "mirror", "status", "--json"))["mirrors"][0]
+    uploaded = status["counters"]["uploaded"] - counters_before["uploaded"]
+    skipped = status["counters"]["skipped"] - counters_before["skipped"]
+    assert uploaded == n + 1 - len(before), status
+    assert skipped == len(before), status
