@@ -12,20 +12,34 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import blake3
+import httpx
 import pytest
 from click.testing import CliRunner
 
+from api_support import free_port
 from fsledger.cli import main
-from fsledger.ledger import Ledger
 from fsledger.errors import RootUnavailable
-from fsledger.model import MirrorState, RepoState
+from fsledger.ledger import Ledger
+from fsledger.model import ChangeKind, FeedEntry, MirrorState, RepoState, utcnow
 from fsledger.s3.keys import encode, path_of
-from fsledger.s3.mirror import MirrorRunner, compare, plan, deletions_refused, groups
+from fsledger.s3.mirror import (
+    Delete,
+    DirMove,
+    MirrorRunner,
+    Move,
+    Pause,
+    Upload,
+    compare,
+    deletions_refused,
+    groups,
+    plan,
+)
 from fsledger.s3.mirrors import Mirrors
 
 
@@ -105,12 +119,22 @@ def _setup(
 
 # --- pure decisions ------------------------------------------------------------------------
 def test_deletion_guard_and_grouping_rules() -> None:
+    repo_id = uuid.uuid4()
+
+    def entry(kind: ChangeKind, path: bytes, old: bytes | None = None) -> FeedEntry:
+        return FeedEntry(1, repo_id, kind, path, old, 1, "h", "blake3", utcnow())
+
+    assert plan(entry(ChangeKind.CREATED, b"a")) == Upload(b"a")
+    assert plan(entry(ChangeKind.MODIFIED, b"a")) == Upload(b"a")
+    assert plan(entry(ChangeKind.MOVED, b"b", b"a")) == Move(b"a", b"b")
+    assert plan(entry(ChangeKind.DIR_MOVED, b"d", b"c")) == DirMove(b"c", b"d")
+    assert plan(entry(ChangeKind.DELETED, b"a")) == Delete(b"a")
+    assert plan(entry(ChangeKind.REPO_OFFLINE, b"")) is None
+    assert isinstance(plan(entry(ChangeKind.REPO_REMOVED, b"")), Pause)
     assert deletions_refused(0, 100, 1) is None
     assert deletions_refused(5, 0, None) is None
     assert deletions_refused(5, 5, 10) is None
     assert "more than --max-delete 10" in (deletions_refused(6, 5, 10) or "")
-    from fsledger.s3.mirror import Delete, DirMove, Move, Upload
-
     acts = [
         Upload(b"a"),
         Upload(b"b"),
@@ -323,10 +347,10 @@ def daemon_env(store_url: str, s3_server: Any, tmp_path: Path) -> dict[str, str]
 def daemon(daemon_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start() -> subprocess.Popen[bytes]:
+    def start(*args: str) -> subprocess.Popen[bytes]:
         log = open(tmp_path / f"run{len(procs)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [EXE, "run", "--no-http"],
+            [EXE, "run", *(args or ("--no-http",))],
             env=daemon_env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -370,7 +394,8 @@ def test_mirror_kept_exact_by_the_daemon_through_tar_rsync_mv_and_rm(
         "--endpoint-url",
         s3_server.endpoint,
     )
-    proc = daemon()
+    port = free_port()
+    proc = daemon("--listen", f"127.0.0.1:{port}")
     client = s3_server.client()
 
     def settle(step: str) -> None:
@@ -409,6 +434,16 @@ def test_mirror_kept_exact_by_the_daemon_through_tar_rsync_mv_and_rm(
     status = json.loads(cli(daemon_env, "mirror", "status", "--json"))["mirrors"][0]
     assert status["counters"]["errors"] == 0, status
     assert status["state"] == "active"
+    # the API and /metrics say the same
+    api = httpx.get(f"http://127.0.0.1:{port}/api/v1/mirrors", timeout=10).json()["mirrors"][0]
+    assert api["counters"] == status["counters"] and api["backlog"] == status["backlog"]
+    assert api["live"]["state"] in ("idle", "syncing")
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert (
+        f'fsledger_mirror_objects_total{{action="copied",mirror="s3://{s3_bucket}"}} '
+        f"{float(status['counters']['copied'])}" in text
+    )
+    assert f'fsledger_mirror_paused{{mirror="s3://{s3_bucket}"}} 0.0' in text
 
 
 def test_kill_9_mid_upload_then_resume_uploads_nothing_twice(
