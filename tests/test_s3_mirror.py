@@ -492,3 +492,69 @@ def test_kill_9_mid_upload_then_resume_uploads_nothing_twice(
     skipped = status["counters"]["skipped"] - counters_before["skipped"]
     assert uploaded == n + 1 - len(before), status
     assert skipped == len(before), status
+
+
+def test_a_file_changed_since_recorded_is_never_uploaded_as_verified(
+    ledger: Ledger, tmp_path: Path, s3_server: Any, s3_bucket: str, aws_env: dict[str, str]
+) -> None:
+    """The ledger says one content, the disk holds another (not rescanned yet): neither the
+    small file's PUT nor the big file's multipart upload is completed; the entry that
+    records the change uploads it."""
+    root = tmp_path / "r"
+    root.mkdir()
+    (root / "small.bin").write_bytes(b"s" * 5000)
+    (root / "big.bin").write_bytes(b"b" * (20 << 20))
+    repo = ledger.add_repository(str(root), "r")
+    mirror = Mirrors(ledger).add("r", f"s3://{s3_bucket}", s3_server.endpoint)
+    runner = MirrorRunner(ledger.store, mirror.id, concurrency=2)
+    client = s3_server.client()
+    try:
+        runner.sync(30)  # synced while nothing is recorded
+        ledger.scan(repo)
+        for name in ("small.bin", "big.bin"):  # same size, other content, unrecorded
+            with open(root / name, "r+b") as f:
+                f.seek(-1, os.SEEK_END)
+                f.write(b"X")
+        m = runner.sync(60)
+        assert m.counters.deferred == 2 and m.counters.uploaded == 0, m.counters
+        assert bucket_listing(client, s3_bucket) == {}
+        uploads = client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+        assert uploads == []
+        ledger.scan(repo)
+        m = runner.sync(60)
+        assert m.counters.uploaded == 2
+        assert bucket_state(client, s3_bucket) == disk_state(root)
+    finally:
+        runner.stop()
+
+
+def test_a_server_outage_fails_the_step_and_nothing_is_lost(
+    ledger: Ledger,
+    photos: Path,
+    own_s3_server: Any,
+    aws_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = own_s3_server
+    for name, value in server.env().items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    bucket = server.new_bucket()
+    client = server.client()
+    repo, runner = _setup(ledger, photos, bucket, server.endpoint)
+    try:
+        runner.sync(60)
+        (photos / "later.jpg").write_bytes(b"later")
+        (photos / "notes.txt").unlink()
+        ledger.scan(repo)
+        cursor = runner.refresh().cursor_seq
+        server.stop()
+        with pytest.raises(Exception):  # noqa: B017 - botocore's connection error
+            runner.step()
+        assert runner.refresh().cursor_seq == cursor  # nothing recorded as done
+        server.start()
+        m = runner.sync(60)
+        assert m.cursor_seq is not None and m.cursor_seq > (cursor or 0)
+        assert bucket_state(client, bucket) == disk_state(photos)
+    finally:
+        runner.stop()

@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections import deque
@@ -208,6 +210,15 @@ class _Changed(Exception):
     """The file is not what the ledger records any more."""
 
 
+class _LocalError(Exception):
+    """The file could not be opened or read (its OSError is the cause)."""
+
+
+_GONE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EISDIR}
+"""Errors of a path that is not the recorded file any more: its later entries say what
+became of it."""
+
+
 class _HashingReader:
     """A big file's bytes for the transfer manager, hashed as they are read; the read that
     would hand over the last bytes raises ``_Changed`` instead when the bytes do not hash
@@ -230,7 +241,10 @@ class _HashingReader:
         if self.remaining == 0:
             return b""
         n = self.remaining if n is None or n < 0 else min(n, self.remaining)
-        data = _read_exactly(self.fd, n)
+        try:
+            data = _read_exactly(self.fd, n)
+        except OSError as exc:
+            raise _LocalError() from exc
         self.hasher.update(data)
         self.remaining -= len(data)
         if self.remaining == 0 and self.hasher.hexdigest() != self.want:
@@ -484,18 +498,29 @@ class MirrorRunner:
     def _upload_one(
         self, record: FileRecord, below: Beneath, check_first: bool
     ) -> tuple[MirrorCounters, str | None]:
+        """Upload one record's file. A file that is not what the ledger records any more is
+        deferred; one that cannot be read or named is an error of its own (counted, the
+        mirror goes on); a failure of the bucket (unreachable, refused) raises, so that the
+        step fails and its entries are acted on again."""
         try:
             key = key_of(self.prefix, record.path)
-            if check_first and self._holds(key, record):
-                return MirrorCounters(skipped=1), None
+        except ValueError as exc:
+            return MirrorCounters(errors=1), str(exc)
+        if check_first and self._holds(key, record):
+            return MirrorCounters(skipped=1), None
+        try:
             self.put(key, record, below)
-            return MirrorCounters(uploaded=1, uploaded_bytes=record.size), None
-        except (_Changed, FileNotFoundError) as exc:
+        except _Changed as exc:
             log.info("Mirror %s: %r left to a later entry (%s)", self.location, record.path, exc)
             return MirrorCounters(deferred=1), None
-        except Exception as exc:  # noqa: BLE001 - counted and shown; the entry is not retried
-            log.warning("Mirror %s: upload of %r failed: %s", self.location, record.path, exc)
-            return MirrorCounters(errors=1), f"upload of {record.path!r}: {exc}"
+        except _LocalError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno in _GONE:
+                log.info("Mirror %s: %r is gone (%s)", self.location, record.path, cause)
+                return MirrorCounters(deferred=1), None
+            log.warning("Mirror %s: cannot read %r: %s", self.location, record.path, cause)
+            return MirrorCounters(errors=1), f"reading {record.path!r}: {cause}"
+        return MirrorCounters(uploaded=1, uploaded_bytes=record.size), None
 
     def _holds(self, key: str, record: FileRecord) -> bool:
         """The bucket has ``key`` with the record's size and hash (HEAD)."""
@@ -518,10 +543,19 @@ class MirrorRunner:
         digest = record.digest
         assert digest is not None
         metadata = {digest.algo: digest.hex}
-        fd = below.open(record.path, os.O_RDONLY)
+        try:
+            fd = below.open(record.path, os.O_RDONLY)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise _Changed("not a regular file any more")
+        except OSError as exc:
+            raise _LocalError() from exc
         try:
             if record.size < PART_SIZE:
-                data = _read_exactly(fd, record.size)
+                try:
+                    data = _read_exactly(fd, record.size)
+                except OSError as exc:
+                    raise _LocalError() from exc
                 hasher = ALGORITHMS[digest.algo](1)
                 hasher.update(data)
                 if hasher.hexdigest() != digest.hex:
@@ -577,11 +611,11 @@ class MirrorRunner:
         record's content (HEAD), else by an upload."""
         try:
             src, dst = key_of(self.prefix, old), key_of(self.prefix, record.path)
-            if self._holds(src, record):
-                self.copy(src, dst, record)
-                return MirrorCounters(copied=1), None
-        except Exception as exc:  # noqa: BLE001 - counted and shown
-            return MirrorCounters(errors=1), f"copy to {record.path!r}: {exc}"
+        except ValueError as exc:
+            return MirrorCounters(errors=1), str(exc)
+        if self._holds(src, record):
+            self.copy(src, dst, record)
+            return MirrorCounters(copied=1), None
         return self._upload_one(record, below, check_first=True)
 
     def move(
@@ -594,7 +628,7 @@ class MirrorRunner:
             done, error = self._move_one(old, target, below)
             counters += done
             errors += [error] if error else []
-        if old not in records and not (counters.errors or errors):
+        if old not in records and not errors:
             more, errs = self.delete_keys([key_of(self.prefix, old)], count=False)
             counters += more
             errors += errs
@@ -626,8 +660,9 @@ class MirrorRunner:
         return counters + more, errors + errs
 
     def delete_keys(self, keys: list[str], count: bool = True) -> tuple[MirrorCounters, list[str]]:
-        """Delete ``keys`` (a missing one is fine), in batches of 1000."""
-        deleted, errors = 0, []
+        """Delete ``keys`` (a missing one is fine), in batches of 1000; a key the bucket
+        refuses to delete raises."""
+        deleted, errors = 0, list[str]()
         for i in range(0, len(keys), DELETE_BATCH):
             chunk = keys[i : i + DELETE_BATCH]
             response = self.client.delete_objects(
@@ -635,10 +670,14 @@ class MirrorRunner:
                 Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
             )
             failed = response.get("Errors", [])
-            deleted += len(chunk) - len(failed)
-            errors += [f"delete of {e.get('Key')!r}: {e.get('Message')}" for e in failed]
-        counters = MirrorCounters(deleted=deleted if count else 0, errors=len(errors))
-        return counters, errors
+            if failed:  # the bucket refused: the step fails and is done again
+                e = failed[0]
+                raise RuntimeError(
+                    f"{len(failed)} deletions refused, e.g. {e.get('Key')!r}: {e.get('Code')} "
+                    f"{e.get('Message')}"
+                )
+            deleted += len(chunk)
+        return MirrorCounters(deleted=deleted if count else 0), errors
 
     def list_objects(self, prefix: str) -> Iterator[str]:
         """Keys below ``prefix`` (ListObjectsV2, paged)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -29,6 +30,21 @@ log = logging.getLogger(__name__)
 
 class MirrorNotFound(FsledgerError):
     exit_code = 2
+
+
+class MirrorFailed(FsledgerError):
+    """The bucket failed (unreachable, refused): nothing past the failure was recorded as
+    done; the next sync does it again."""
+
+
+@contextmanager
+def _failures(location: str) -> Iterator[None]:
+    try:
+        yield
+    except FsledgerError:
+        raise
+    except Exception as exc:  # botocore's errors, a read-back that did not match
+        raise MirrorFailed(f"mirror {location}: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,16 +194,19 @@ class Mirrors:
 
     def sync(self, ref: str, timeout: float | None = None) -> Mirror:
         """Catch one mirror up with the feed now, in this process (``mirror sync``)."""
-        runner = self.runner(self.get(ref))
+        mirror = self.get(ref)
+        runner = self.runner(mirror)
         try:
-            return runner.sync(timeout)
+            with _failures(mirror.url):
+                return runner.sync(timeout)
         finally:
             runner.stop()
 
     def verify(self, mirror: Mirror, repair: bool = False) -> Comparison:
         runner = self.runner(mirror)
         try:
-            return runner.verify(repair=repair)
+            with _failures(mirror.url):
+                return runner.verify(repair=repair)
         finally:
             runner.stop()
 
@@ -274,4 +293,4 @@ class MirrorSupervisor:
             log.info("Mirror %s: following the change feed", mirror.url)
 
 
-__all__ = ["MirrorNotFound", "MirrorStatus", "MirrorSupervisor", "Mirrors"]
+__all__ = ["MirrorFailed", "MirrorNotFound", "MirrorStatus", "MirrorSupervisor", "Mirrors"]
