@@ -321,6 +321,7 @@ class MirrorRunner:
         self._recent: deque[tuple[float, int]] = deque()
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="fsledger-mirror")
         self._accepted = False
+        self._open_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -544,7 +545,10 @@ class MirrorRunner:
         assert digest is not None
         metadata = {digest.algo: digest.hex}
         try:
-            fd = below.open(record.path, os.O_RDONLY)
+            # Beneath caches directory descriptors and is not thread-safe: one open at a
+            # time (the reads, the hashing and the upload run concurrently).
+            with self._open_lock:
+                fd = below.open(record.path, os.O_RDONLY)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
                 raise _Changed("not a regular file any more")
