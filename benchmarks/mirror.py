@@ -51,6 +51,7 @@ def _server(data_dir: Path) -> Any:
     spec = importlib.util.spec_from_file_location("s3_support", ROOT / "tests" / "s3_support.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules["s3_support"] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     server = module.SeaweedServer(data_dir)
     server.start()
