@@ -84,8 +84,10 @@ def _measure(runner: StoreRun, url: str, work: Path, server: Any) -> list[Measur
         **{k: v for k, v in env.items() if k.startswith("AWS_")},
         "RECONCILIATION_MAX_CONCURRENCY": str(concurrency),
     }
+    # rclone is configured by its own variables only: an AWS_* of the caller's (a CA bundle,
+    # a profile) would change how its S3 client is built.
     rclone_env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))},
         "RCLONE_CONFIG_BENCH_TYPE": "s3",
         "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
         "RCLONE_CONFIG_BENCH_ENDPOINT": server.endpoint,
@@ -117,6 +119,7 @@ def _measure(runner: StoreRun, url: str, work: Path, server: Any) -> list[Measur
     sub_initial, ref_initial = Timing(), Timing()
     sub_initial.add(fsl("mirror", "sync", f"s3://{ours}"))
     ref_initial.add(run(rclone, env=rclone_env))
+    runner.log(f"  fsledger {sub_initial.median:.2f} s, rclone {ref_initial.median:.2f} s")
     initial_check = _verify(fsl)
     changes = apply_changes(work, runner.library)
     fsl("scan", REPO, "--json")
@@ -124,6 +127,7 @@ def _measure(runner: StoreRun, url: str, work: Path, server: Any) -> list[Measur
     sub_catchup, ref_catchup = Timing(), Timing()
     sub_catchup.add(fsl("mirror", "sync", f"s3://{ours}"))
     ref_catchup.add(run(rclone, env=rclone_env))
+    runner.log(f"  fsledger {sub_catchup.median:.2f} s, rclone {ref_catchup.median:.2f} s")
     catchup_check = _verify(fsl)
     status = json.loads(fsl("mirror", "status", "--json").stdout)["mirrors"][0]
     shown = runner.cli.shown("mirror", "sync", "s3://BUCKET")
