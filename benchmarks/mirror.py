@@ -150,7 +150,7 @@ def _measure(runner: StoreRun, url: str, work: Path, server: Any) -> list[Measur
             shown,
             {
                 "concurrency": concurrency,
-                "changes": changes.to_json(),
+                "tree_changes": changes.to_json(),
                 "counters": status["counters"],
                 "verify": catchup_check,
             },
