@@ -19,7 +19,7 @@ from uuid import UUID
 
 from fsledger.errors import ConfigError, FsledgerError
 from fsledger.model import Mirror, MirrorCounters, MirrorState
-from fsledger.s3.location import S3Location
+from fsledger.s3.location import S3Location, is_s3_url
 
 if TYPE_CHECKING:
     from fsledger.ledger import Ledger
@@ -93,6 +93,8 @@ class Mirrors:
         """
         repo = self.ledger.resolve(repo_ref)
         location = S3Location.parse(url, endpoint_url)
+        if is_s3_url(repo.root):
+            raise ConfigError(f"{repo.name} is a bucket: only local repositories are mirrored")
         if max_delete is not None and max_delete < 0:
             raise ConfigError("--max-delete must be 0 or more")
         for other in self.store.list_mirrors():
