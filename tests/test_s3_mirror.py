@@ -145,7 +145,12 @@ def test_deletion_guard_and_grouping_rules() -> None:
         DirMove(b"i", b"j"),
         Upload(b"k"),
     ]
-    assert [len(g) for g in groups(acts)] == [2, 2, 1, 1, 1, 1]
+    assert [len(g) for g in groups(acts)] == [2, 2, 2, 1, 1]
+    # a chain and a swap split the moves: each reads what the one before wrote
+    chain = [Move(b"a", b"b"), Move(b"c", b"d"), Move(b"b", b"e"), Move(b"x", b"a")]
+    assert [len(g) for g in groups(chain)] == [2, 2]
+    swap = [Move(b"a", b"t"), Move(b"c", b"a"), Move(b"t", b"c")]
+    assert [len(g) for g in groups(swap)] == [1, 1, 1]
     from fsledger.s3.mirror import BucketObject, LedgerFile
 
     cmp = compare(

@@ -141,17 +141,29 @@ def deletions_refused(pending: int, recent: int, max_delete: int | None) -> str 
 
 
 def groups(actions: Iterable[Action]) -> Iterator[list[Action]]:
-    """Consecutive actions that may run concurrently: uploads of distinct paths together,
-    deletions together (one batched request), every move on its own (it reads what earlier
-    actions wrote)."""
+    """Consecutive actions that may run concurrently: uploads together (each uploads the
+    path's current record), deletions together (one batched request), moves together as long
+    as no path is in two of them (a chain ``a -> b, b -> c`` or a swap starts a new group:
+    a move reads what the one before it wrote); a directory move or a pause on its own."""
     run: list[Action] = []
+    paths: set[RelPath] = set()
     for action in actions:
-        if run and (type(action) is not type(run[0]) or isinstance(action, (Move, DirMove, Pause))):
+        if run and not _joins(run[0], paths, action):
             yield run
-            run = []
+            run, paths = [], set()
         run.append(action)
+        if isinstance(action, Move):
+            paths.update((action.old, action.new))
     if run:
         yield run
+
+
+def _joins(first: Action, paths: set[RelPath], action: Action) -> bool:
+    if type(action) is not type(first) or isinstance(action, (DirMove, Pause)):
+        return False
+    if isinstance(action, Move):
+        return action.old not in paths and action.new not in paths
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,7 +487,7 @@ class MirrorRunner:
                 self._recent.append((time.monotonic(), counters.deleted))
             return counters, errors
         if isinstance(first, Move):
-            return self.move(first.old, first.new, below, repo_id)
+            return self.move([a for a in group if isinstance(a, Move)], below, repo_id)
         if isinstance(first, DirMove):
             return self.move_dir(first.old, first.new, below, repo_id)
         raise AssertionError(first)
@@ -623,20 +635,29 @@ class MirrorRunner:
         return self._upload_one(record, below, check_first=True)
 
     def move(
-        self, old: RelPath, new: RelPath, below: Beneath, repo_id: UUID
+        self, moves: list[Move], below: Beneath, repo_id: UUID
     ) -> tuple[MirrorCounters, list[str]]:
-        records = self.store.get_records(repo_id, [old, new])
-        counters, errors = MirrorCounters(), []
-        target = records.get(new)
-        if target is not None and target.digest is not None:
-            done, error = self._move_one(old, target, below)
+        """Moves of distinct paths (``groups``), concurrently: each target by a copy (or an
+        upload), then the old keys that no record claims any more, in one request. The old
+        key of a move that failed stays."""
+        records = self.store.get_records(repo_id, [m.old for m in moves] + [m.new for m in moves])
+        counters, errors = MirrorCounters(), list[str]()
+
+        def one(m: Move) -> tuple[MirrorCounters, str | None]:
+            target = records.get(m.new)
+            if target is None or target.digest is None:
+                return MirrorCounters(), None  # moved on or gone: a later entry says where
+            return self._move_one(m.old, target, below)
+
+        olds = []
+        for m, (done, error) in zip(moves, self._pool.map(one, moves), strict=True):
             counters += done
-            errors += [error] if error else []
-        if old not in records and not errors:
-            more, errs = self.delete_keys([key_of(self.prefix, old)], count=False)
-            counters += more
-            errors += errs
-        return counters, errors
+            if error:
+                errors.append(error)
+            elif m.old not in records:
+                olds.append(key_of(self.prefix, m.old))
+        more, errs = self.delete_keys(olds, count=False)
+        return counters + more, errors + errs
 
     def move_dir(
         self, old: RelPath, new: RelPath, below: Beneath, repo_id: UUID
