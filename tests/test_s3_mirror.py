@@ -145,7 +145,13 @@ def test_deletion_guard_and_grouping_rules() -> None:
         DirMove(b"i", b"j"),
         Upload(b"k"),
     ]
-    assert [len(g) for g in groups(acts)] == [2, 2, 2, 1, 1]
+    assert [len(g) for g in groups(acts)] == [6, 1, 1]
+    # the same path twice: the second action waits for the first
+    assert [len(g) for g in groups([Upload(b"a"), Delete(b"a")])] == [1, 1]
+    assert list(groups([Upload(b"a"), Upload(b"b"), Upload(b"a")])) == [
+        [Upload(b"a"), Upload(b"b")]
+    ]
+    assert [len(g) for g in groups([Delete(b"a"), Upload(b"b"), Upload(b"a")])] == [2, 1]
     # a chain and a swap split the moves: each reads what the one before wrote
     chain = [Move(b"a", b"b"), Move(b"c", b"d"), Move(b"b", b"e"), Move(b"x", b"a")]
     assert [len(g) for g in groups(chain)] == [2, 2]

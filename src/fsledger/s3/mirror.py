@@ -141,29 +141,35 @@ def deletions_refused(pending: int, recent: int, max_delete: int | None) -> str 
 
 
 def groups(actions: Iterable[Action]) -> Iterator[list[Action]]:
-    """Consecutive actions that may run concurrently: uploads together (each uploads the
-    path's current record), deletions together (one batched request), moves together as long
-    as no path is in two of them (a chain ``a -> b, b -> c`` or a swap starts a new group:
-    a move reads what the one before it wrote); a directory move or a pause on its own."""
+    """The actions in waves that may run at once: consecutive actions no two of which touch
+    the same path (a move touches its old and its new path). Actions on distinct paths
+    commute, so a wave's uploads and moves run concurrently and its deletions go in one
+    request; an action on a path the wave already touches (a chain ``a -> b, b -> c``, a
+    swap, a deletion after a creation) starts the next wave; a second upload of a path in the
+    wave is dropped (both would upload its current record). A directory move or a pause is a
+    wave of its own."""
     run: list[Action] = []
     paths: set[RelPath] = set()
     for action in actions:
-        if run and not _joins(run[0], paths, action):
+        if isinstance(action, Upload) and Upload(action.path) in run:
+            continue  # both would upload the path's current record
+        touched = _paths(action)
+        if run and (touched is None or _paths(run[0]) is None or not paths.isdisjoint(touched)):
             yield run
             run, paths = [], set()
         run.append(action)
-        if isinstance(action, Move):
-            paths.update((action.old, action.new))
+        paths.update(touched or ())
     if run:
         yield run
 
 
-def _joins(first: Action, paths: set[RelPath], action: Action) -> bool:
-    if type(action) is not type(first) or isinstance(action, (DirMove, Pause)):
-        return False
+def _paths(action: Action) -> tuple[RelPath, ...] | None:
+    """The paths an action touches; None for one that must be alone in its wave."""
+    if isinstance(action, (Upload, Delete)):
+        return (action.path,)
     if isinstance(action, Move):
-        return action.old not in paths and action.new not in paths
-    return True
+        return (action.old, action.new)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,29 +474,36 @@ class MirrorRunner:
         return deletions_refused(pending, recent, mirror.max_delete)
 
     def _act(
-        self, group: list[Action], below: Beneath, repo_id: UUID, check_first: bool
+        self, wave: list[Action], below: Beneath, repo_id: UUID, check_first: bool
     ) -> tuple[MirrorCounters, list[str]]:
-        first = group[0]
+        """One wave (``groups``): its uploads, then its moves, each concurrently, then its
+        deletions in one request (the paths are distinct: the order inside does not
+        matter)."""
+        first = wave[0]
         if isinstance(first, Pause):
             self.store.set_mirror_state(self.mirror.id, MirrorState.PAUSED, first.reason)
             return MirrorCounters(), []
-        if isinstance(first, Upload):
-            paths = list(dict.fromkeys(a.path for a in group if isinstance(a, Upload)))
-            return self.upload_paths(paths, below, repo_id, check_first)
-        if isinstance(first, Delete):
-            paths = [a.path for a in group if isinstance(a, Delete)]
-            records = self.store.get_records(repo_id, paths)
-            # A path that has a record again was created anew: its entry uploads it.
-            gone = [p for p in paths if p not in records]
-            counters, errors = self.delete_keys([key_of(self.prefix, p) for p in gone])
-            if not self._accepted:
-                self._recent.append((time.monotonic(), counters.deleted))
-            return counters, errors
-        if isinstance(first, Move):
-            return self.move([a for a in group if isinstance(a, Move)], below, repo_id)
         if isinstance(first, DirMove):
             return self.move_dir(first.old, first.new, below, repo_id)
-        raise AssertionError(first)
+        counters, errors = MirrorCounters(), list[str]()
+        uploads = [a.path for a in wave if isinstance(a, Upload)]
+        if uploads:
+            done, errs = self.upload_paths(uploads, below, repo_id, check_first)
+            counters, errors = counters + done, errors + errs
+        moves = [a for a in wave if isinstance(a, Move)]
+        if moves:
+            done, errs = self.move(moves, below, repo_id)
+            counters, errors = counters + done, errors + errs
+        deletions = [a.path for a in wave if isinstance(a, Delete)]
+        if deletions:
+            records = self.store.get_records(repo_id, deletions)
+            # A path that has a record again was created anew: its entry uploads it.
+            gone = [p for p in deletions if p not in records]
+            done, errs = self.delete_keys([key_of(self.prefix, p) for p in gone])
+            if not self._accepted:
+                self._recent.append((time.monotonic(), done.deleted))
+            counters, errors = counters + done, errors + errs
+        return counters, errors
 
     # --- uploads ------------------------------------------------------------------------
     def upload_paths(
