@@ -129,6 +129,9 @@ def _measure(runner: StoreRun, url: str, work: Path, server: Any) -> list[Measur
     ref_catchup.add(run(rclone, env=rclone_env))
     runner.log(f"  fsledger {sub_catchup.median:.2f} s, rclone {ref_catchup.median:.2f} s")
     catchup_check = _verify(fsl)
+    # What every `mirror sync` pays whatever it does (start-up, imports, the client, a feed
+    # read): the part of the catch-up that a running daemon does not pay.
+    idle = fsl("mirror", "sync", f"s3://{ours}").seconds
     status = json.loads(fsl("mirror", "status", "--json").stdout)["mirrors"][0]
     shown = runner.cli.shown("mirror", "sync", "s3://BUCKET")
     return [
@@ -153,6 +156,7 @@ def _measure(runner: StoreRun, url: str, work: Path, server: Any) -> list[Measur
                 "tree_changes": changes.to_json(),
                 "counters": status["counters"],
                 "verify": catchup_check,
+                "no_change_sync_s": round(idle, 3),
             },
         ),
     ]
