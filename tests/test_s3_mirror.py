@@ -569,3 +569,46 @@ def test_a_server_outage_fails_the_step_and_nothing_is_lost(
         assert bucket_state(client, bucket) == disk_state(photos)
     finally:
         runner.stop()
+
+
+def test_cli_add_list_remove_and_a_removed_repository_pauses_its_mirror(
+    ledger: Ledger,
+    photos: Path,
+    s3_server: Any,
+    s3_bucket: str,
+    aws_env: dict[str, str],
+    store_url: str,
+) -> None:
+    env = {"FSLEDGER_DATABASE_URL": store_url, **aws_env}
+
+    def invoke(*args: str) -> Any:
+        return CliRunner().invoke(main, list(args), env=env)
+
+    repo = ledger.add_repository(str(photos), "photos")
+    ledger.scan(repo)
+    assert invoke("mirror", "add", "photos", "http://x/y").exit_code == 2
+    assert invoke("mirror", "add", "photos", "s3://user:pw@bucket").exit_code == 2
+    assert invoke("mirror", "add", "nope", f"s3://{s3_bucket}").exit_code == 2
+    missing = invoke("mirror", "add", "photos", "s3://no-such-bucket-fsl")
+    assert missing.exit_code == 2 and "does not answer" in missing.output
+    out = invoke("mirror", "add", "photos", f"s3://{s3_bucket}/a", "--json")
+    assert out.exit_code == 0, out.output
+    added = json.loads(out.stdout)
+    assert added["url"] == f"s3://{s3_bucket}/a" and added["endpoint_url"] is None
+    overlap = invoke("mirror", "add", "photos", f"s3://{s3_bucket}/a/b")
+    assert overlap.exit_code == 2 and "overlaps" in overlap.output
+    assert invoke("mirror", "add", "photos", f"s3://{s3_bucket}/a").exit_code == 2  # exists
+    listed = json.loads(invoke("mirror", "list", "--json").stdout)["mirrors"]
+    assert [m["id"] for m in listed] == [added["id"]] and listed[0]["synced"] is False
+    assert invoke("mirror", "sync", added["id"]).exit_code == 0
+    runner = MirrorRunner(ledger.store, uuid.UUID(added["id"]), concurrency=2)
+    try:
+        ledger.remove_repository(repo)
+        m = runner.sync(30)
+    finally:
+        runner.stop()
+    assert m.state is MirrorState.PAUSED
+    assert m.reason in ("the repository was removed", "the repository is gone")
+    assert invoke("mirror", "remove", f"s3://{s3_bucket}/a").exit_code == 0
+    assert json.loads(invoke("mirror", "list", "--json").stdout)["mirrors"] == []
+    assert invoke("mirror", "remove", added["id"]).exit_code == 2
