@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks import live, report
+from benchmarks import live, mirror, report
 from benchmarks.library import PROFILES, LibrarySpec, ensure_library, working_copy
 from benchmarks.proc import CommandFailed, require_tool
 from benchmarks.scenarios import Cli, Measurement, StoreRun
@@ -33,6 +33,7 @@ SCENARIOS = (
     "api",
     "api_scheduled",
     "watch",
+    "mirror",
 )
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -171,6 +172,16 @@ def run_store(
     if "rescan_nochange" in only:
         log(f"[{name}] no-change rescan")
         out.append(runner.rescan_nochange())
+    if "mirror" in only:
+        if reason := mirror.rclone_missing():
+            skipped.append(f"mirror to a bucket vs rclone sync: {reason}")
+        else:
+            log(f"[{name}] mirror to a bucket (SeaweedFS) vs rclone sync")
+            try:
+                out += mirror.measure_mirror(runner, runner.work.parent.parent)
+            except (RuntimeError, OSError, CommandFailed) as exc:
+                skipped.append(f"mirror on {name}: failed: {exc}")
+                log(f"  mirror failed: {exc}")
     clock = None
     if "rescan_changes" in only:
         if "api" in only and shutil.which("watchman"):

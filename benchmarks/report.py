@@ -104,6 +104,9 @@ TARGETS = (
     # Issue 14: reading the changes through the API no slower than Watchman's since-query
     # on the same changes, measured in the same run.
     Target("change feed ≤ 1× watchman since", "api_changes", "ratio", 1.0, 100_000),
+    # Issue 15: a mirror to a bucket against rclone sync, same endpoint and concurrency.
+    Target("initial mirror ≤ 1× rclone sync", "mirror_initial", "ratio", 1.0, 10_000),
+    Target("mirror catch-up after 1% ≤ 0.1× rclone sync", "mirror_catchup", "ratio", 0.1, 10_000),
 )
 
 
@@ -140,6 +143,8 @@ LABELS = {
     "watch_burst": "live: tar -x burst (10k files; 1k with --quick)",
     "api_changes": "GET /api/v1/changes?since= (the changed rescan's changes)",
     "api_scheduled_scan": "GET /api/v1/repositories/ID/status during a scheduled (gentle) scan",
+    "mirror_initial": "mirror: initial upload to a bucket (SeaweedFS) vs rclone sync",
+    "mirror_catchup": "mirror: catch-up after 1% mod/del/add + folder rename vs rclone sync",
 }
 
 

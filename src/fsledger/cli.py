@@ -816,6 +816,177 @@ def doctor(ctx: Context, as_json: bool) -> None:
     sys.exit(exit_code(findings))
 
 
+# --- mirrors to buckets ----------------------------------------------------------------------
+@main.group()
+def mirror() -> None:
+    """Mirror repositories to S3 buckets, kept from the change feed by 'fsledger run'.
+
+    Credentials, region and endpoint come from the standard AWS chain (AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, profiles); see docs/cloud.md.
+    """
+
+
+def _mirrors(ctx: Context) -> Any:
+    from fsledger.s3.mirrors import Mirrors
+
+    return Mirrors(ctx.ledger)
+
+
+def _mirror_line(status: Any) -> str:
+    m = status.mirror
+    c = m.counters
+    state = m.state.value + (f" ({_show(m.reason)})" if m.reason else "")
+    synced = "not synced yet" if m.cursor_seq is None else f"backlog {status.backlog}"
+    line = (
+        f"{m.url} <- {_show(status.repository)}: {state}, {synced}; uploaded {c.uploaded} "
+        f"({c.uploaded_bytes} bytes), skipped {c.skipped}, copied {c.copied}, deleted "
+        f"{c.deleted}, deferred {c.deferred}, errors {c.errors}"
+    )
+    if m.last_error:
+        line += f"; last error: {_show(m.last_error)}"
+    return line
+
+
+@mirror.command("add")
+@click.argument("ref", metavar="REPO")
+@click.argument("url", metavar="s3://BUCKET[/PREFIX]")
+@click.option("--endpoint-url", metavar="URL", help="S3 endpoint [env AWS_ENDPOINT_URL].")
+@click.option(
+    "--max-delete",
+    type=click.IntRange(0),
+    help="Pause rather than delete more than N objects in one go (as rclone's).",
+)
+@click.option("--no-check", is_flag=True, help="Do not check that the bucket answers.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@_guard
+def mirror_add(
+    ctx: Context,
+    ref: str,
+    url: str,
+    endpoint_url: str | None,
+    max_delete: int | None,
+    no_check: bool,
+    as_json: bool,
+) -> None:
+    """Mirror REPO to a bucket: 'fsledger run' uploads it and keeps it from the feed."""
+    m = _mirrors(ctx).add(ref, url, endpoint_url, max_delete, check=not no_check)
+    if as_json:
+        _emit(m.to_json())
+    else:
+        click.echo(f"added mirror {m.url} as {m.id}")
+
+
+@mirror.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@_guard
+def mirror_list(ctx: Context, as_json: bool) -> None:
+    """List the mirrors."""
+    statuses = _mirrors(ctx).status()
+    if as_json:
+        _emit({"mirrors": [s.to_json() for s in statuses]})
+        return
+    for s in statuses:
+        click.echo(f"{s.mirror.id}  {s.mirror.url}  <- {_show(s.repository)}  {s.mirror.state}")
+
+
+@mirror.command("status")
+@click.argument("ref", metavar="[MIRROR]", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@_guard
+def mirror_status(ctx: Context, ref: str | None, as_json: bool) -> None:
+    """Where each mirror stands: state, backlog, counters, the last error."""
+    statuses = _mirrors(ctx).status()
+    if ref is not None:
+        wanted = _mirrors(ctx).get(ref).id
+        statuses = [s for s in statuses if s.mirror.id == wanted]
+    if as_json:
+        _emit({"mirrors": [s.to_json() for s in statuses]})
+        return
+    for s in statuses:
+        click.echo(_mirror_line(s))
+
+
+@mirror.command("remove")
+@click.argument("ref", metavar="MIRROR")
+@pass_ctx
+@_guard
+def mirror_remove(ctx: Context, ref: str) -> None:
+    """Stop mirroring (by id or URL); the bucket is left as it is."""
+    m = _mirrors(ctx).remove(ref)
+    click.echo(f"removed mirror {m.url}")
+
+
+@mirror.command("resume")
+@click.argument("ref", metavar="MIRROR")
+@click.option("--accept-deletes", is_flag=True, help="Let the deletions that paused it go ahead.")
+@pass_ctx
+@_guard
+def mirror_resume(ctx: Context, ref: str, accept_deletes: bool) -> None:
+    """Resume a paused mirror."""
+    m = _mirrors(ctx).resume(ref, accept_deletes)
+    click.echo(f"resumed mirror {m.url}" + (" (deletions accepted)" if accept_deletes else ""))
+
+
+@mirror.command("sync")
+@click.argument("ref", metavar="MIRROR")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@_guard
+def mirror_sync(ctx: Context, ref: str, as_json: bool) -> None:
+    """Catch a mirror up with the feed now, in this process (as 'fsledger run' does)."""
+    m = _mirrors(ctx).sync(ref)
+    if as_json:
+        _emit(m.to_json())
+    else:
+        click.echo(f"{m.url}: {m.state.value}" + (f" ({_show(m.reason)})" if m.reason else ""))
+
+
+@mirror.command("verify")
+@click.argument("ref", metavar="REPO")
+@click.option("--repair", is_flag=True, help="Upload what is missing or wrong, delete extras.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@_guard
+def mirror_verify(ctx: Context, ref: str, repair: bool, as_json: bool) -> None:
+    """List each mirror of REPO (or the mirror REPO names) and compare it with the ledger:
+    key, size and the hash in each object's metadata. Exit 3 when something differs
+    (and was not repaired)."""
+    mirrors = _mirrors(ctx)
+    targets = mirrors.of_repository(ref) or [mirrors.get(ref)]
+    out = []
+    differs = False
+    for m in targets:
+        result = mirrors.verify(m, repair=repair)
+        after = mirrors.verify(m) if repair and not result.exact else result
+        differs = differs or not after.exact
+        item = {
+            "mirror": m.url,
+            "checked": result.checked,
+            "missing": [_show(p) for p in result.missing],
+            "wrong": [_show(p) for p in result.wrong],
+            "extra": [_show(k) for k in result.extra],
+            "repaired": repair and not result.exact,
+            "exact": after.exact,
+        }
+        out.append(item)
+        if not as_json:
+            click.echo(
+                f"{m.url}: {result.checked} files, {len(result.missing)} missing, "
+                f"{len(result.wrong)} wrong, {len(result.extra)} extra"
+                + ("; repaired" if item["repaired"] else "")
+            )
+            for kind in ("missing", "wrong", "extra"):
+                for p in item[kind]:
+                    click.echo(f"  {kind}: {p}")
+    if as_json:
+        _emit({"mirrors": out})
+    if differs:
+        sys.exit(CorruptionFound.exit_code)
+
+
 # --- the daemon ------------------------------------------------------------------------------
 @main.command()
 @click.option("--no-watch", is_flag=True, help="Reconcile on schedule only, no live watcher.")
@@ -920,6 +1091,7 @@ def run(
             "up within seconds) or 'make run PHOTOS=PATH'"
         )
     manager.start()
+    supervisor = None if once else _mirror_supervisor(ledger, manager)
     try:
         if service is not None:
             service.start()
@@ -930,9 +1102,22 @@ def run(
             while not stop.wait(1.0):
                 pass
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         if service is not None:
             service.stop()
         manager.stop()
+
+
+def _mirror_supervisor(ledger: Ledger, manager: Any) -> Any:
+    """Runs the mirrors (if any: the s3 extra is only needed then) of the repositories this
+    daemon owns."""
+    from fsledger.s3.mirrors import MirrorSupervisor
+
+    supervisor = MirrorSupervisor(ledger, manager.owns)
+    supervisor.start()
+    manager.mirrors = supervisor
+    return supervisor
 
 
 STOP_GRACE_S = 5.0

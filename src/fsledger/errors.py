@@ -5,6 +5,7 @@ FsledgerError                 exit code 1 unless a subclass says otherwise
 │   └── MissingExtra          a command needs an extra that is not installed (exit 2)
 ├── RepositoryNotFound        no repository matches the reference given (exit 2)
 ├── RepositoryExists          a repository with that name or root already exists (exit 2)
+├── MirrorExists              a mirror to that bucket and prefix already exists (exit 2)
 ├── RootUnavailable           the root is missing, not a directory or unreadable (exit 4)
 │   └── GuardRefused          the mass-deletion guard refused a scan (exit 4)
 ├── StoreError                the database failed
@@ -47,6 +48,10 @@ class RepositoryNotFound(FsledgerError):
 
 
 class RepositoryExists(FsledgerError):
+    exit_code = 2
+
+
+class MirrorExists(FsledgerError):
     exit_code = 2
 
 

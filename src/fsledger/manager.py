@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as time_of_day
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from fsledger.config import Settings
@@ -234,6 +234,8 @@ class SyncManager:
         self.progress = ProgressBoard()
         self._tracker: ProgressTracker | None = None
         """The running scan of each repository, for the status route and the SSE stream."""
+        self.mirrors: Any = None
+        """The ``MirrorSupervisor`` of ``fsledger run`` (fsledger.s3.mirrors), if started."""
         self.gate = Gate(
             Policy(
                 busy_changes_per_min=settings.schedule_busy_changes,
@@ -392,6 +394,10 @@ class SyncManager:
 
     def repositories(self) -> list[Repository]:
         return [r.repo for r in self._repos.values()]
+
+    def owns(self, repo_id: UUID) -> bool:
+        """Whether this manager keeps the repository (holds its lease): its mirrors run here."""
+        return repo_id in self._repos
 
     def metrics(self) -> SyncMetrics:
         live = getattr(self.live, "metrics", None)

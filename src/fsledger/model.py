@@ -620,6 +620,100 @@ class SyncOperation:
         }
 
 
+class MirrorState(enum.StrEnum):
+    """Whether a mirror follows the feed (``fsledger.s3.mirror``)."""
+
+    ACTIVE = "active"
+    PAUSED = "paused"
+    """Stopped until ``mirror resume``: ``reason`` says why (too many deletions, say)."""
+
+
+MIRROR_COUNTERS = (
+    "uploaded",
+    "uploaded_bytes",
+    "skipped",
+    "copied",
+    "deleted",
+    "deferred",
+    "errors",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorCounters:
+    """What a mirror has done, cumulative (``Store.advance_mirror`` adds to them)."""
+
+    uploaded: int = 0
+    """Objects uploaded and verified."""
+    uploaded_bytes: int = 0
+    skipped: int = 0
+    """Uploads found unnecessary: the object was there already with the right hash."""
+    copied: int = 0
+    """Server-side copies (moves)."""
+    deleted: int = 0
+    deferred: int = 0
+    """Uploads not made because the file changed since the ledger recorded it (a later feed
+    entry carries the new content)."""
+    errors: int = 0
+
+    def __add__(self, other: MirrorCounters) -> MirrorCounters:
+        return MirrorCounters(*(getattr(self, n) + getattr(other, n) for n in MIRROR_COUNTERS))
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, n) for n in MIRROR_COUNTERS)
+
+    def to_json(self) -> dict[str, int]:
+        return {n: getattr(self, n) for n in MIRROR_COUNTERS}
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """A repository mirrored to a bucket (``fsledger mirror add``): where, and how far the
+    mirror has followed the change feed. No secret is stored: credentials come from the
+    AWS chain of the process that runs it."""
+
+    id: UUID
+    repository_id: UUID
+    url: str
+    """``s3://BUCKET[/PREFIX]``."""
+    endpoint_url: str | None = None
+    max_delete: int | None = None
+    """Pause instead of deleting more than this many objects in one go (None: no limit)."""
+    state: MirrorState = MirrorState.ACTIVE
+    reason: str | None = None
+    cursor_seq: int | None = None
+    """The feed entry everything up to which is in the bucket; None: not synced yet (the
+    mirror starts with a full comparison of the ledger and the bucket)."""
+    cursor_tag: int = 0
+    inflight_seq: int = 0
+    """Entries up to this seq may have been acted on by a run that died: they are checked
+    against the bucket (HEAD) before anything is uploaded again."""
+    accept_deletes_through: int = 0
+    """Deletions up to this feed seq were accepted (``mirror resume --accept-deletes``)."""
+    counters: MirrorCounters = field(default_factory=MirrorCounters)
+    last_error: str | None = None
+    last_error_at: datetime | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    updated_at: datetime = field(default_factory=utcnow)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "repository_id": str(self.repository_id),
+            "url": self.url,
+            "endpoint_url": self.endpoint_url,
+            "max_delete": self.max_delete,
+            "state": self.state.value,
+            "reason": self.reason,
+            "cursor_seq": self.cursor_seq,
+            "counters": self.counters.to_json(),
+            "last_error": self.last_error,
+            "last_error_at": rfc3339(self.last_error_at) if self.last_error_at else None,
+            "created_at": rfc3339(self.created_at),
+            "updated_at": rfc3339(self.updated_at),
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class SyncStatus:
     """The seed's SyncStatus."""

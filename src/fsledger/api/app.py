@@ -541,6 +541,17 @@ def create_app(
         after = _b64_path(cursor, "cursor") if cursor else None
         return ledger.files_page(repo, after, limit, raw).to_json()
 
+    # --- mirrors to buckets --------------------------------------------------------------
+    @api.get("/mirrors", response_model=schemas.MirrorsOut, tags=["mirrors"])
+    def mirrors() -> Any:
+        """Every mirror: state, backlog, counters, the last error and, where this daemon
+        runs it, its current rates (``fsledger mirror status --json``)."""
+        from fsledger.s3.mirrors import Mirrors
+
+        supervisor = getattr(manager, "mirrors", None)
+        live = supervisor.live if supervisor is not None else None
+        return {"mirrors": [s.to_json() for s in Mirrors(ledger).status(live)]}
+
     # --- duplicates ---------------------------------------------------------------------
     @api.get("/duplicates", response_model=schemas.DuplicatesOut, tags=["files"])
     def duplicates(

@@ -129,6 +129,7 @@ class Metrics(Collector):
             yield from self._sync()
         yield from self._feed()
         yield from self._webhooks()
+        yield from self._mirrors()
 
     def _repositories(self) -> Iterator[Metric]:
         g = GaugeMetricFamily(
@@ -280,6 +281,58 @@ class Metrics(Collector):
                 failures.add_metric(label, s.failed_attempts)
                 lag.add_metric(label, max(latest - s.cursor_seq, 0))
         yield from (batches, changes, failures, lag)
+
+    def _mirrors(self) -> Iterator[Metric]:
+        """Mirrors to buckets: counters as stored (every process's work), the state, the
+        backlog and, from this daemon's runners, the current rates."""
+        try:
+            mirrors = self.ledger.store.list_mirrors()
+            head = self.ledger.store.latest_seq() if mirrors else 0
+        except StoreError as exc:
+            log.warning("Metrics: cannot read the mirrors: %s", exc)
+            return
+        if not mirrors:
+            return
+        objects = CounterMetricFamily(
+            "fsledger_mirror_objects",
+            "Objects a mirror handled, by action: uploaded (and verified), skipped (already "
+            "there with the right hash), copied (server-side, for moves), deleted, deferred "
+            "(the file changed since recorded).",
+            labels=["mirror", "action"],
+        )
+        nbytes = CounterMetricFamily(
+            "fsledger_mirror_uploaded_bytes", "Bytes uploaded by a mirror.", labels=["mirror"]
+        )
+        errors = CounterMetricFamily(
+            "fsledger_mirror_errors", "Actions of a mirror that failed.", labels=["mirror"]
+        )
+        backlog = GaugeMetricFamily(
+            "fsledger_mirror_backlog",
+            "Feed sequence numbers after the mirror's cursor (-1: not synced yet).",
+            labels=["mirror"],
+        )
+        paused = GaugeMetricFamily(
+            "fsledger_mirror_paused", "1 while a mirror is paused.", labels=["mirror"]
+        )
+        rate = GaugeMetricFamily(
+            "fsledger_mirror_bytes_per_second",
+            "Upload rate of a mirror over the last minute (this daemon's runner).",
+            labels=["mirror"],
+        )
+        supervisor = getattr(self.manager, "mirrors", None)
+        for m in mirrors:
+            label = [m.url]
+            c = m.counters
+            for action in ("uploaded", "skipped", "copied", "deleted", "deferred"):
+                objects.add_metric([m.url, action], getattr(c, action))
+            nbytes.add_metric(label, c.uploaded_bytes)
+            errors.add_metric(label, c.errors)
+            backlog.add_metric(label, -1 if m.cursor_seq is None else max(head - m.cursor_seq, 0))
+            paused.add_metric(label, 1 if m.state.value == "paused" else 0)
+            live = supervisor.live(m.id) if supervisor is not None else None
+            if live is not None:
+                rate.add_metric(label, live["bytes_per_s"])
+        yield from (objects, nbytes, errors, backlog, paused, rate)
 
     def describe(self) -> list[Any]:
         return []

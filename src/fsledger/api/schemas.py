@@ -273,6 +273,51 @@ class ActivityOut(BaseModel):
     )
 
 
+class MirrorCountersOut(BaseModel):
+    uploaded: int
+    uploaded_bytes: int
+    skipped: int
+    copied: int
+    deleted: int
+    deferred: int
+    errors: int
+
+
+class MirrorLiveOut(BaseModel):
+    state: str = Field(description="syncing, idle, paused, waiting: repository offline, error")
+    backlog: int
+    objects_per_s: float
+    bytes_per_s: float
+
+
+class MirrorOut(BaseModel):
+    """A repository mirrored to a bucket (``fsledger mirror status --json``)."""
+
+    id: str
+    repository_id: str
+    repository: str
+    url: str
+    endpoint_url: str | None
+    max_delete: int | None
+    state: Literal["active", "paused"]
+    reason: str | None
+    cursor_seq: int | None
+    synced: bool
+    backlog: int
+    counters: MirrorCountersOut
+    last_error: str | None
+    last_error_at: str | None
+    created_at: str
+    updated_at: str
+    live: MirrorLiveOut | None = Field(
+        default=None, description="This daemon's runner of the mirror, if it runs one."
+    )
+
+
+class MirrorsOut(BaseModel):
+    mirrors: list[MirrorOut]
+
+
 class WebhookChanges(BaseModel):
     """The body of a webhook delivery that carries changes."""
 

