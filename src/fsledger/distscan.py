@@ -59,6 +59,7 @@ from fsledger.mounts import MountTable
 from fsledger.store.base import Store
 
 if TYPE_CHECKING:
+    from fsledger.s3.bucket import Bucket
     from fsledger.store.scanwork import Claim, Claimer, ScanJob
 
 # fsledger.store.scanwork (and psycopg with it) is imported where it is used: SQLite users
@@ -92,6 +93,12 @@ class JobParams:
     """Digest of the root's top-level names and its mount points below (``root_view``)."""
     hash_timeout_s: float = 60.0
     """The owner's ``FSLEDGER_HASH_TIMEOUT``: a helper's hashes keep to the same budget."""
+    endpoint_url: str | None = None
+    """A bucket's S3 endpoint (the root is then ``s3://BUCKET[/PREFIX]``)."""
+
+    @property
+    def is_bucket(self) -> bool:
+        return self.root.startswith(b"s3://")
 
     @property
     def rules(self) -> IgnoreRules:
@@ -128,6 +135,7 @@ class JobParams:
                 "unreadable": {_s(k): v for k, v in self.unreadable.items()},
                 "fingerprint": self.fingerprint,
                 "hash_timeout_s": self.hash_timeout_s,
+                "endpoint_url": self.endpoint_url,
             }
         ).encode()
 
@@ -147,6 +155,7 @@ class JobParams:
             {_b(k): str(v) for k, v in d["unreadable"].items()},
             str(d["fingerprint"]),
             float(d["hash_timeout_s"]),
+            d.get("endpoint_url"),
         )
 
 
@@ -160,9 +169,14 @@ def _b(text: str) -> bytes:
     return text.encode("latin-1")
 
 
-def root_view(root: bytes, rules: IgnoreRules) -> str | None:
+def root_view(root: bytes, rules: IgnoreRules, endpoint_url: str | None = None) -> str | None:
     """A fingerprint of how this host sees a root: its visible top-level names and the mount
-    points below it. ``None`` when the root is missing or not a directory."""
+    points below it. ``None`` when the root is missing or not a directory. A bucket's: its
+    URL and endpoint, when it can be listed from here (``fsledger.s3.bucket.bucket_view``)."""
+    if root.startswith(b"s3://"):
+        from fsledger.s3.bucket import bucket_view
+
+        return bucket_view(root, endpoint_url)
     try:
         if not stat_mod.S_ISDIR(os.stat(root).st_mode):
             return None
@@ -183,8 +197,29 @@ def root_view(root: bytes, rules: IgnoreRules) -> str | None:
 
 def compute(params: JobParams, lo: RelPath, hi: RelPath | None, store: Store) -> RangeResult:
     """Compute one item: the range's merge and hashes, exactly as a local scan's range
-    workers compute theirs (``fsledger.merge.compute_range``: one result type, one codec)."""
-    return compute_range(params.task(store.url, lo, hi), store)
+    workers compute theirs (``fsledger.merge.compute_range``: one result type, one codec);
+    a bucket's range is listed instead of walked (``fsledger.s3.bucket.compute_bucket_range``)."""
+    task = params.task(store.url, lo, hi)
+    if params.is_bucket:
+        from fsledger.s3.bucket import compute_bucket_range
+
+        return compute_bucket_range(task, store, _bucket(params))
+    return compute_range(task, store)
+
+
+_buckets: dict[tuple[bytes, str | None], Bucket] = {}
+_buckets_lock = threading.Lock()
+
+
+def _bucket(params: JobParams) -> Bucket:
+    """This process's client of a job's bucket, kept for its next items."""
+    from fsledger.s3.bucket import Bucket
+
+    key = (params.root, params.endpoint_url)
+    with _buckets_lock:
+        if key not in _buckets:
+            _buckets[key] = Bucket.at(params.root.decode("utf-8", "surrogateescape"), key[1])
+        return _buckets[key]
 
 
 # --- the worker processes ---------------------------------------------------------------------
@@ -334,6 +369,8 @@ class DistributedMerge:
         tag: ``host:pid`` of the owner.
         hash_timeout_s: the budget of one file's hash (``FSLEDGER_HASH_TIMEOUT``), for every
             agent that computes an item.
+        plan: the cut points of about N ranges (default: ``plan_ranges`` of the root; a
+            bucket's: ``Bucket.plan_cuts``).
     """
 
     def __init__(
@@ -346,11 +383,14 @@ class DistributedMerge:
         workers: int,
         tag: str,
         hash_timeout_s: float = 60.0,
+        plan: Callable[[int], list[RelPath]] | None = None,
     ) -> None:
         self.store = store
         self.repo = repo
         self.rules = rules
-        view = root_view(repo.root, rules)
+        self.plan = plan or (lambda parts: plan_ranges(repo.root, rules, parts))
+        endpoint = repo.settings.endpoint_url if repo.is_bucket else None
+        view = root_view(repo.root, rules, endpoint)
         self.params = JobParams(
             repo.id,
             repo.root,
@@ -361,6 +401,7 @@ class DistributedMerge:
             dict(unreadable or {}),
             view or "",
             hash_timeout_s,
+            endpoint,
         )
         self.workers = LocalWorkers(store.url, workers, tag)
         self.tag = tag
@@ -373,7 +414,7 @@ class DistributedMerge:
         """The results of every range, in range order (the order of a single merge)."""
         from fsledger.store.scanwork import create_job
 
-        cuts = plan_ranges(self.repo.root, self.rules, RANGES)
+        cuts = self.plan(RANGES)
         bounds: list[RelPath | None] = [b"", *cuts, None]
         ranges = [(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False) if lo is not None]
         job = create_job(self.store.url, self.repo.id, self.tag, self.params.encode(), ranges)
@@ -495,9 +536,8 @@ class ScanHelper:
 
     def eligible(self, params: JobParams) -> bool:
         """The root is mounted here as the owner sees it."""
-        return bool(params.fingerprint) and root_view(params.root, params.rules) == (
-            params.fingerprint
-        )
+        view = root_view(params.root, params.rules, params.endpoint_url)
+        return bool(params.fingerprint) and view == params.fingerprint
 
     def _run(self) -> None:
         from fsledger.store.scanwork import open_jobs

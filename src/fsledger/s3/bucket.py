@@ -61,7 +61,15 @@ from fsledger.decide import LookRule
 from fsledger.errors import RootUnavailable
 from fsledger.hashing import ALGORITHMS, HashOutcome
 from fsledger.ignore import IgnoreRules
-from fsledger.merge import Merge
+from fsledger.merge import (
+    RANGE_STALL_FACTOR,
+    Look,
+    Merge,
+    MergeItem,
+    NewFile,
+    RangeResult,
+    RangeTask,
+)
 from fsledger.model import (
     Change,
     ChangeKind,
@@ -74,7 +82,7 @@ from fsledger.model import (
     datetime_to_ns,
     utcnow,
 )
-from fsledger.reconcile import Progress, Reconciler, _Job, _Run
+from fsledger.reconcile import Progress, Reconciler, _Job, _Run, owner_tag
 from fsledger.roots import check_bucket
 from fsledger.s3.location import S3Location, make_client
 from fsledger.store.base import Store
@@ -91,6 +99,8 @@ __all__ = [
     "etag_fingerprint",
     "look_at",
     "object_stat",
+    "bucket_view",
+    "compute_bucket_range",
     "run_bucket",
 ]
 
@@ -100,6 +110,19 @@ PAGE_KEYS = 1000
 """Keys per ListObjectsV2 page (S3's maximum)."""
 RUN_ENTRIES = 100_000
 """Listing entries sorted in memory at once; longer listings are sorted in spilled runs."""
+PLAN_DEPTH = 3
+"""Folder levels a range plan lists at most (``Bucket.plan_cuts``)."""
+PLAN_PAGES = 5
+"""Listing pages of one folder a range plan reads at most: cut points are only hints."""
+PLAN_FOLDERS = 500
+"""A range plan descends no further once a level holds this many folders."""
+RANGE_MIN_RECORDS = 50_000
+"""A rescan of this many records or more lists the bucket in key ranges, in parallel."""
+RANGE_MIN_FOLDERS = 8
+"""A first index lists in key ranges when its plan finds this many ranges or more."""
+RANGE_OBJECTS = 20_000
+"""About how many objects a key range of a rescan holds."""
+MAX_RANGES = 256
 
 CALLS: collections.Counter[str] = collections.Counter()
 """S3 requests this process made, by operation (``GetObject``, ``HeadObject``,
@@ -157,7 +180,18 @@ class Bucket:
     """The I/O of one bucket repository: listing, HEAD, streamed GET (thread-safe)."""
 
     def __init__(self, repo: Repository, max_pool: int = 16) -> None:
-        self.location = S3Location.parse(repo.root_str, repo.settings.endpoint_url)
+        self._setup(S3Location.parse(repo.root_str, repo.settings.endpoint_url), max_pool)
+
+    @classmethod
+    def at(cls, root: str, endpoint_url: str | None, max_pool: int = 16) -> Bucket:
+        """The bucket of a root URL (``s3://BUCKET[/PREFIX]``), for an agent that has the
+        job of a distributed scan rather than the repository (``fsledger.distscan``)."""
+        self = cls.__new__(cls)
+        self._setup(S3Location.parse(root, endpoint_url), max_pool)
+        return self
+
+    def _setup(self, location: S3Location, max_pool: int) -> None:
+        self.location = location
         self.client = make_client(self.location, max_pool=max(max_pool, 4))
         self.client.meta.events.register("before-call.s3", _count_call)
         self._versioned: bool | None = None
@@ -204,24 +238,45 @@ class Bucket:
         return _sorted_runs(self._pages(rules, below))
 
     def _pages(self, rules: IgnoreRules, below: RelPath) -> Iterator[FlatEntry]:
-        prefix = self.location.prefix + (below.decode() + "/" if below else "")
-        cut = len(self.location.prefix)
         self.refresh_versioning()
-        versioned = self.versioned
+        folder = below + b"/" if below else b""
+        for kind, path, stat in self._list(rules, folder, delimited=False):
+            if kind == "o":
+                yield (path, stat)  # type: ignore[misc]
+
+    def _list(
+        self, rules: IgnoreRules, folder: RelPath, delimited: bool, max_pages: int | None = None
+    ) -> Iterator[tuple[str, RelPath, tuple[int, ...]]]:
+        """The listing of ``folder`` (a path below the prefix ending in ``/``, or ``b""``):
+        ``("o", path, stat)`` for each object (folder markers and ignored keys left out)
+        and, ``delimited``, ``("p", folder, ())`` for each common prefix (``a/b/``), in the
+        server's order. ``refresh_versioning`` must have been called.
+
+        Raises:
+            RootUnavailable: a page could not be listed.
+        """
+        prefix = self.location.prefix + folder.decode("utf-8", "surrogateescape")
+        cut = len(self.location.prefix)
+        versioned = bool(self._versioned)
         # With versioning, the current versions (``IsLatest``; a key whose latest is a delete
         # marker has none) and their VersionIds; otherwise the plain listing.
         operation, field = (
             ("list_object_versions", "Versions") if versioned else ("list_objects_v2", "Contents")
         )
-        pages = self.client.get_paginator(operation).paginate(
-            Bucket=self.location.bucket,
-            Prefix=prefix,
-            PaginationConfig={"PageSize": PAGE_KEYS},
-        )
+        args: dict[str, Any] = {"Bucket": self.location.bucket, "Prefix": prefix}
+        if delimited:
+            args["Delimiter"] = "/"
+        config: dict[str, Any] = {"PageSize": PAGE_KEYS}
+        if max_pages is not None:
+            config["MaxItems"] = max_pages * PAGE_KEYS
+        pages = self.client.get_paginator(operation).paginate(**args, PaginationConfig=config)
         try:
             for page in pages:
+                for common in page.get("CommonPrefixes", ()) if delimited else ():
+                    key = common["Prefix"]
+                    yield ("p", key[cut:].encode("utf-8", "surrogateescape"), ())
                 for obj in page.get(field, ()):
-                    key: str = obj["Key"]
+                    key = obj["Key"]
                     if key.endswith("/") or (versioned and not obj.get("IsLatest")):
                         continue  # a folder marker, or an older version
                     path = key[cut:].encode("utf-8", "surrogateescape")
@@ -233,13 +288,76 @@ class Bucket:
                         obj["ETag"],
                         obj.get("VersionId") if versioned else None,
                     )
-                    yield (path, tuple(stat))  # type: ignore[misc]
+                    yield ("o", path, tuple(stat))
         except RootUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - the listing failed part way
             raise RootUnavailable(
                 f"bucket {self.location} could not be listed ({_problem(exc)}); nothing was deleted"
             ) from exc
+
+    # --- key ranges ---------------------------------------------------------------------
+    def plan_cuts(
+        self, parts: int, max_depth: int = PLAN_DEPTH, max_pages: int = PLAN_PAGES
+    ) -> list[RelPath]:
+        """Cut points that split the bucket's key space into about ``parts`` ranges, as
+        ``merge.plan_ranges`` does for a tree: folder keys (``a/b/``) from ``Delimiter="/"``
+        listings of the top ``max_depth`` levels (``max_pages`` pages a folder at most).
+        Every key falls in exactly one range whatever the bucket holds (a stale plan costs
+        balance, never correctness). Returns the sorted cut points ``c1 < c2 < ...``.
+        """
+        self.refresh_versioning()
+        level: list[RelPath] = [b""]
+        keys: list[RelPath] = []
+        none = IgnoreRules((), False)
+        for _depth in range(max_depth):
+            below: list[RelPath] = []
+            for folder in level:
+                below += [p for k, p, _ in self._list(none, folder, True, max_pages) if k == "p"]
+            if not below:
+                break
+            level = below
+            keys = sorted(set(level))
+            if len(keys) >= 4 * parts or len(level) > PLAN_FOLDERS:
+                break
+        if len(keys) < 2:
+            return []
+        step = len(keys) / parts
+        cuts = sorted({keys[int(i * step)] for i in range(1, parts)})
+        return [c for c in cuts if c]
+
+    def range_listing(
+        self, rules: IgnoreRules, lo: RelPath, hi: RelPath | None
+    ) -> Iterator[FlatEntry]:
+        """The objects whose paths fall in ``[lo, hi)``, in path byte order, whatever order
+        the server lists in: the folders wholly inside the range are listed flat (``Prefix``),
+        those the range's bounds cut through are listed with ``Delimiter="/"`` and descended
+        into, and every key is filtered to the range in byte order, then sorted.
+
+        Raises:
+            RootUnavailable: a page could not be listed.
+        """
+        self.refresh_versioning()
+
+        def inside(path: RelPath) -> bool:
+            return lo <= path and (hi is None or path < hi)
+
+        return _sorted_runs(e for e in self._range_pages(rules, b"", lo, hi) if inside(e[0]))
+
+    def _range_pages(
+        self, rules: IgnoreRules, folder: RelPath, lo: RelPath, hi: RelPath | None
+    ) -> Iterator[FlatEntry]:
+        # Every key below ``folder`` lies in [folder, folder_hi): "0" is the byte after "/".
+        folder_hi = folder[:-1] + b"0" if folder else None
+        whole = lo <= folder and (hi is None or (folder_hi is not None and folder_hi <= hi))
+        for kind, path, stat in self._list(rules, folder, delimited=not whole):
+            if kind == "o":
+                yield (path, stat)  # type: ignore[misc]
+                continue
+            sub_hi = path[:-1] + b"0"
+            if (hi is not None and path >= hi) or sub_hi <= lo:
+                continue  # a folder outside the range
+            yield from self._range_pages(rules, path, lo, hi)
 
     def head(self, path: RelPath) -> FileStat | None:
         """The object's change key, or None when there is no object at ``path``.
@@ -501,17 +619,22 @@ class _BucketRun(_Run):
         return _ObjectLooker(self.bucket)
 
     def _merge_all(self) -> None:
-        lo, hi = prefix_range(self.prefix) if self.prefix else (b"", None)
-        merge = Merge(
-            self.bucket.listing(self.writer.rules, self.prefix),
-            self.store.iter_record_rows(self.repo.id, lo, hi),
-            self.rule,
-            self._tick if self.progress else None,
-        )
-        for item in merge:
-            self._take(item)
-        self.listed = merge.scanned
-        self.stats.files_scanned += merge.scanned
+        if self.settings.distributed and self.store.shares_scans and not self.prefix:
+            self._merge_distributed(self.rule)
+        elif (cuts := self._bucket_cuts()) is not None:
+            self._merge_ranges(cuts)
+        else:
+            lo, hi = prefix_range(self.prefix) if self.prefix else (b"", None)
+            merge = Merge(
+                self.bucket.listing(self.writer.rules, self.prefix),
+                self.store.iter_record_rows(self.repo.id, lo, hi),
+                self.rule,
+                self._tick if self.progress else None,
+            )
+            for item in merge:
+                self._take(item)
+            self.listed = merge.scanned
+            self.stats.files_scanned += merge.scanned
         self._dispatch_chunk(final=True)
         while self.gets:
             self._collect_one()
@@ -522,11 +645,98 @@ class _BucketRun(_Run):
         if self.progress:
             self.progress(self.stats)
 
+    def _bucket_cuts(self) -> list[RelPath] | None:
+        """The cut points of a listing in key ranges, or None for one pass: a whole bucket,
+        threads to list it with, and enough of it (``RANGE_MIN_RECORDS`` records, or a first
+        index whose plan finds ``RANGE_MIN_FOLDERS`` ranges)."""
+        threads = self.settings.max_concurrency
+        if self.prefix or threads < 2:
+            return None
+        if self.record_count and self.record_count < RANGE_MIN_RECORDS:
+            return None
+        parts = max(4 * threads, self.record_count // RANGE_OBJECTS)
+        cuts = self.bucket.plan_cuts(min(parts, MAX_RANGES))
+        if not self.record_count and len(cuts) + 1 < RANGE_MIN_FOLDERS:
+            return None
+        return cuts or None
+
+    def _merge_ranges(self, cuts: list[RelPath]) -> None:
+        """The listing in key ranges, each listed, merged with its records and its new or
+        changed objects hashed by a thread (``compute_bucket_range``: the ``RangeResult`` of
+        a tree's range workers), taken in range order as a single merge's items would be."""
+        bounds: list[RelPath | None] = [b"", *cuts, None]
+        tasks = [
+            RangeTask(
+                self.store.url,
+                self.repo.id,
+                self.repo.root,
+                self.writer.rules,
+                self.rule,
+                lo,
+                hi,
+                hash_looks=self.hashing,
+            )
+            for lo, hi in zip(bounds, bounds[1:], strict=False)
+            if lo is not None
+        ]
+        threads = max(1, self.settings.max_concurrency)
+        log.debug("Repository %s: listing %d key ranges", self.repo.id, len(tasks))
+        stall = RANGE_STALL_FACTOR * self.settings.hash_timeout_s
+        running: collections.deque[Future[RangeResult]] = collections.deque()
+        pending = iter(tasks)
+        with ThreadPoolExecutor(threads, thread_name_prefix="s3-range") as ranges:
+            try:
+                for task in pending:
+                    running.append(
+                        ranges.submit(compute_bucket_range, task, self.store, self.bucket)
+                    )
+                    if len(running) >= 2 * threads:
+                        self._take_range(running.popleft().result(stall))
+                while running:
+                    self._take_range(running.popleft().result(stall))
+            except TimeoutError as exc:
+                raise self._stalled(exc) from exc
+            finally:
+                for fut in running:
+                    fut.cancel()
+
+    def _merge_distributed(self, rule: LookRule) -> None:
+        """The ranges as a job other agents on the same PostgreSQL help with (see
+        ``fsledger.distscan``): planned from the bucket's folders, computed by whoever can
+        list the bucket (``compute_bucket_range``)."""
+        from fsledger.distscan import DistributedMerge
+
+        dist = DistributedMerge(
+            self.store,
+            self.repo,
+            self.writer.rules,
+            rule,
+            None,
+            self.settings.max_concurrency,
+            owner_tag(),
+            self.settings.hash_timeout_s,
+            plan=self.bucket.plan_cuts,
+        )
+        try:
+            for result in dist.results():
+                self._take_range(result)
+        except TimeoutError as exc:
+            raise self._stalled(exc) from exc
+
+    def _take_range(self, result: RangeResult) -> None:
+        self.listed += result.scanned
+        super()._take_range(result)
+
     def _dispatch_chunk(self, final: bool) -> None:
         jobs, self.chunk, self.chunk_bytes = self.chunk, [], 0
         if not jobs:
             return
         jobs = self._detect_moves(jobs)
+        if any(j.hashed is not None for j in jobs):
+            # Hashed already by whoever computed their range.
+            done = [j for j in jobs if j.hashed is not None]
+            self._finish_jobs(done, [j.hashed for j in done if j.hashed is not None])
+            jobs = [j for j in jobs if j.hashed is None]
         if not jobs:
             return
         algo = self.algo
@@ -638,3 +848,70 @@ def look_at(
         if kind is not None:
             changes.append(Change(kind, path, FileRecord(path, stat, digest, utcnow())))
     return writer.apply_hinted(changes) if changes else Applied((), (), None)
+
+
+def compute_bucket_range(task: RangeTask, store: Store, bucket: Bucket) -> RangeResult:
+    """One key range of a bucket, as ``merge.compute_range`` computes one of a tree: its
+    listing (``Bucket.range_listing``) merged with its records, and, with
+    ``task.hash_looks``, its new and changed objects hashed by streamed GETs. A new object
+    whose ETag and size match a record elsewhere may be that record moved: it is left
+    unhashed, for the reconciliation's move detection to pair without a GET.
+
+    Raises:
+        RootUnavailable: the range could not be listed (the reconciliation deletes nothing).
+    """
+    merge = Merge(
+        bucket.range_listing(task.rules, task.lo, task.hi),
+        store.iter_record_rows(task.repo_id, task.lo, task.hi),
+        task.rule,
+    )
+    listed: list[MergeItem] = list(merge)
+    if not task.hash_looks:
+        return RangeResult(list(listed), merge.scanned, 0)
+    looks = [
+        it
+        for it in listed
+        if type(it) is Look and (it.old is None or it.old.stat.inode != it.entry.stat.inode)
+    ]
+    suspects: set[tuple[int, int]] = set()
+    if looks:
+        inodes = sorted({it.entry.stat.inode for it in looks})
+        suspects = {
+            (r.stat.inode, r.stat.size) for r in store.records_by_inode(task.repo_id, inodes)
+        }
+    algo = task.rule.algo
+    items: list[MergeItem | NewFile] = []
+    for item in listed:
+        if type(item) is not Look:
+            items.append(item)
+            continue
+        assert isinstance(item, Look)
+        entry, old = item.entry, item.old
+        stat = entry.stat
+        moved_here = (stat.inode, stat.size) in suspects and (
+            old is None or old.stat.inode != stat.inode
+        )
+        if moved_here:
+            items.append(item)
+            continue
+        out = bucket.hash_object(entry.path, algo)
+        if old is None and out.hex is not None:
+            items.append((entry.path, out.hex, out.size, out.mtime_ns, out.ctime_ns, out.inode))
+        else:
+            items.append(Look(entry, old, out))
+    return RangeResult(items, merge.scanned, 0)
+
+
+def bucket_view(root: bytes, endpoint_url: str | None) -> str | None:
+    """What a distributed scan's helper compares for a bucket (``distscan.root_view``):
+    the bucket's URL and endpoint, if the bucket can be listed from here with this agent's
+    credentials; None if it cannot."""
+    try:
+        bucket = Bucket.at(root.decode("utf-8", "surrogateescape"), endpoint_url, 4)
+    except Exception:  # noqa: BLE001 - no client (no boto3, a bad URL): not from here
+        return None
+    if bucket.problem() is not None:
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(root + b"\0" + (endpoint_url or "").encode())
+    return "s3:" + digest.hexdigest()
