@@ -92,6 +92,27 @@ def test_plan_ranges_cuts_at_directories(tree: bytes) -> None:
     assert plan_ranges(tree, RULES, 1) == []
 
 
+def test_plan_ranges_cuts_inside_a_big_folder(tree: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder holding many files (a phone's dump) is cut between its files too, and the
+    ranges still partition the walk; so are deep trees, below the top three levels."""
+    monkeypatch.setattr(fsledger.merge, "FILES_PER_CUT", 10)
+    spec = {f"DCIM/{d}CAM/IMG_{i:03d}.jpg": b"x" for d in (100, 101) for i in range(45)}
+    spec |= {"a/b/c/d/e/f.jpg": b"f", "a/b/c/d/e2/g.jpg": b"g", "a/b/c/d2/h.jpg": b"h"}
+    make_tree(tree, spec)
+    whole = walked(tree)
+    cuts = plan_ranges(tree, RULES, 8)
+    assert cuts == sorted(cuts) and len(cuts) >= 7
+    assert any(c.startswith(b"DCIM/100CAM/IMG_") for c in cuts)
+    assert any(c.startswith(b"DCIM/101CAM/IMG_") for c in cuts)
+    bounds: list[bytes | None] = [b"", *cuts, None]
+    pieces = [
+        walked(tree, lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False) if lo is not None
+    ]
+    assert [f for piece in pieces for f in piece] == whole
+    assert max(len(piece) for piece in pieces) < 45  # no folder is one range
+    assert b"a/b/c/d/e/" in plan_ranges(tree, RULES, 40)
+
+
 def test_plan_ranges_of_a_flat_or_missing_tree(tree: bytes) -> None:
     make_tree(tree, {f"f{i}": b"" for i in range(50)})
     assert plan_ranges(tree, RULES, 4) == []

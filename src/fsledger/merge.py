@@ -344,16 +344,29 @@ def decode_result(data: bytes) -> RangeResult:
     return res
 
 
-def plan_ranges(root: bytes, rules: IgnoreRules, parts: int, max_depth: int = 3) -> list[RelPath]:
+FILES_PER_CUT = 1000
+"""A directory listed while planning that holds more files than this gets cut points between
+its files too (one every ``FILES_PER_CUT``): a phone's folder of 20k photos is several
+ranges, not one that a single worker walks while the other waits."""
+PLAN_DEPTH = 6
+"""Levels ``plan_ranges`` lists at most, stopping as soon as it has enough cut points."""
+
+
+def plan_ranges(
+    root: bytes, rules: IgnoreRules, parts: int, max_depth: int = PLAN_DEPTH
+) -> list[RelPath]:
     """Cut points that split a tree's key space into about ``parts`` ranges.
 
-    The points are directory keys (``a/b/``) found by listing the top ``max_depth`` levels,
-    until there are enough of them; every path falls in exactly one range whatever the
-    tree holds, so a stale plan costs balance, never correctness. Returns the sorted cut
-    points ``c1 < c2 < ...``: the ranges are ``[b"", c1), [c1, c2), ..., [cn, None)``.
+    The points are directory keys (``a/b/``) found by listing the top levels, down to
+    ``max_depth`` until there are enough of them, and the paths of every ``FILES_PER_CUT``-th
+    file of a directory listed meanwhile that holds more (a flat folder). Every path falls
+    in exactly one range whatever the tree holds, so a stale plan costs balance, never
+    correctness. Returns the sorted cut points ``c1 < c2 < ...``: the ranges are
+    ``[b"", c1), [c1, c2), ..., [cn, None)``.
     """
     level: list[RelPath] = [b""]
-    keys: list[RelPath] = []
+    dir_keys: list[RelPath] = []
+    file_keys: list[RelPath] = []
     try:
         tree = Beneath(root)
     except OSError:
@@ -362,13 +375,14 @@ def plan_ranges(root: bytes, rules: IgnoreRules, parts: int, max_depth: int = 3)
         for _depth in range(max_depth):
             below: list[RelPath] = []
             for rel in level:
-                below += _subdirs(tree, rel, rules)
+                below += _subdirs(tree, rel, rules, file_keys)
             if not below:
                 break
             level = below
-            keys = sorted(rel + b"/" for rel in level)
-            if len(keys) >= 4 * parts:
+            dir_keys = [rel + b"/" for rel in level]
+            if len(dir_keys) + len(file_keys) >= 4 * parts:
                 break
+    keys = sorted(dir_keys + file_keys)
     if len(keys) < 2:
         return []
     step = len(keys) / parts
@@ -376,10 +390,14 @@ def plan_ranges(root: bytes, rules: IgnoreRules, parts: int, max_depth: int = 3)
     return [c for c in cuts if c]
 
 
-def _subdirs(tree: Beneath, rel: RelPath, rules: IgnoreRules) -> list[RelPath]:
+def _subdirs(
+    tree: Beneath, rel: RelPath, rules: IgnoreRules, file_keys: list[RelPath]
+) -> list[RelPath]:
     """The directories in ``rel`` that are not ignored; none if it cannot be listed (a cut
-    point is only a hint: the walk reports what it cannot list)."""
+    point is only a hint: the walk reports what it cannot list). Cut points between its
+    files are added to ``file_keys`` when it holds more than ``FILES_PER_CUT`` of them."""
     out: list[RelPath] = []
+    files: list[str] = []
     try:
         fd = tree.open_dir(rel)
     except OSError:
@@ -387,14 +405,23 @@ def _subdirs(tree: Beneath, rel: RelPath, rules: IgnoreRules) -> list[RelPath]:
     try:
         with os.scandir(fd) as it:
             for entry in it:
-                name = os.fsencode(entry.name)
-                child = rel + b"/" + name if rel else name
-                if not rules.ignores_name(name, child) and entry.is_dir(follow_symlinks=False):
-                    out.append(child)
+                if entry.is_dir(follow_symlinks=False):
+                    name = os.fsencode(entry.name)
+                    child = rel + b"/" + name if rel else name
+                    if not rules.ignores_name(name, child):
+                        out.append(child)
+                else:
+                    files.append(entry.name)
     except OSError:
         return []
     finally:
         os.close(fd)
+    if len(files) > FILES_PER_CUT:
+        # Sorted as the walk sorts them (by their bytes); an ignored name is as good a
+        # boundary as any other.
+        names = sorted(os.fsencode(n) for n in files)
+        prefix = rel + b"/" if rel else b""
+        file_keys += [prefix + n for n in names[FILES_PER_CUT::FILES_PER_CUT]]
     return out
 
 

@@ -85,7 +85,8 @@ bounds the incremental work; the first index would be slowed by 100-row transact
 PARALLEL_MIN_RECORDS = 20_000
 """From this many records, a rescan merges key ranges of the tree in worker processes."""
 PARALLEL_MIN_DIRS = 32
-"""A first index goes to worker processes when the tree's top levels hold this many folders."""
+"""A first index goes to worker processes when planning finds this many cut points: folders
+of the tree's top levels, and one every ``FILES_PER_CUT`` files of a big folder there."""
 RANGES_PER_WORKER = 4
 """Ranges a worker gets at least: several, so that uneven subtrees even out."""
 RANGE_FILES = 10_000
@@ -465,8 +466,9 @@ class _Run:
         them for, a store they can open, and at least two of them.
 
         Worth it: a rescan of ``PARALLEL_MIN_RECORDS`` records or more, or a first index of
-        a tree whose top levels hold ``PARALLEL_MIN_DIRS`` directories (its size is not
-        known yet, and a photo library's folders are a fair sign of it).
+        a tree in which planning finds ``PARALLEL_MIN_DIRS`` cut points (its size is not
+        known yet; the folders of its top levels and the files of a big folder there are a
+        fair sign of it).
         """
         if self.prefix or self.settings.max_concurrency < 2 or ":memory:" in self.store.url:
             return False
