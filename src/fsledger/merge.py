@@ -25,7 +25,7 @@ from uuid import UUID
 
 from fsledger.beneath import Beneath
 from fsledger.decide import RACY_WINDOW_NS, LookRule, is_racy, row_settled
-from fsledger.hashing import HashOutcome, hash_at
+from fsledger.hashing import HASH_THREADS, HashOutcome, hash_at
 from fsledger.ignore import IgnoreRules
 from fsledger.model import (
     Digest,
@@ -511,7 +511,8 @@ def compute_range(task: RangeTask, store: Store) -> RangeResult:
         assert isinstance(item, Look)
         # The walk stands at this file: the merge yields a Look as the walk yields it.
         entry = item.entry
-        out = hash_at(cursor.fd, entry.path.rpartition(b"/")[2], algo, expect=entry.stat)
+        name = entry.path.rpartition(b"/")[2]
+        out = hash_at(cursor.fd, name, algo, HASH_THREADS, expect=entry.stat)
         if item.old is None and out.hex is not None:
             append((entry.path, out.hex, out.size, out.mtime_ns, out.ctime_ns, out.inode))
         else:
@@ -533,7 +534,7 @@ def _hash_new_range(
         if kind is tuple or kind is FileEntry:
             path, stat = cast("FlatEntry", item)
             scanned += 1
-            out = hash_at(cursor.fd, path.rpartition(b"/")[2], algo, expect=stat)
+            out = hash_at(cursor.fd, path.rpartition(b"/")[2], algo, HASH_THREADS, expect=stat)
             if out.hex is not None:
                 append((path, out.hex, out.size, out.mtime_ns, out.ctime_ns, out.inode))
             else:
