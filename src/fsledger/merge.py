@@ -345,11 +345,17 @@ def decode_result(data: bytes) -> RangeResult:
 
 
 FILES_PER_CUT = 1000
-"""A directory listed while planning that holds more files than this gets cut points between
-its files too (one every ``FILES_PER_CUT``): a phone's folder of 20k photos is several
+"""A directory met while planning that holds more files than this gets cut points between
+its files too (about one every ``FILES_PER_CUT``): a phone's folder of 20k photos is several
 ranges, not one that a single worker walks while the other waits."""
 PLAN_DEPTH = 6
-"""Levels ``plan_ranges`` lists at most, stopping as soon as it has enough cut points."""
+"""Levels ``plan_ranges`` descends at most, stopping as soon as it has enough cut points."""
+_SAMPLE = 10
+"""One name in this many is kept to place the cut points of a big folder: listing order is
+not name order, but every tenth name of it is a fair sample of the names."""
+_SMALL_DIR_BYTES = 16 << 10
+"""A directory without subdirectories that is smaller than this (ext4: ~500 entries) holds
+too few files to cut: it is not listed at all."""
 
 
 def plan_ranges(
@@ -358,11 +364,12 @@ def plan_ranges(
     """Cut points that split a tree's key space into about ``parts`` ranges.
 
     The points are directory keys (``a/b/``) found by listing the top levels, down to
-    ``max_depth`` until there are enough of them, and the paths of every ``FILES_PER_CUT``-th
-    file of a directory listed meanwhile that holds more (a flat folder). Every path falls
-    in exactly one range whatever the tree holds, so a stale plan costs balance, never
-    correctness. Returns the sorted cut points ``c1 < c2 < ...``: the ranges are
-    ``[b"", c1), [c1, c2), ..., [cn, None)``.
+    ``max_depth`` until there are enough of them (or a level of more directories than
+    ranges, which would cost the planning more than it gains), and the paths of about every
+    ``FILES_PER_CUT``-th file of a directory met meanwhile that holds more (a flat folder).
+    Every path falls in exactly one range whatever the tree holds, so a stale plan costs
+    balance, never correctness. Returns the sorted cut points ``c1 < c2 < ...``: the ranges
+    are ``[b"", c1), [c1, c2), ..., [cn, None)``.
     """
     level: list[RelPath] = [b""]
     dir_keys: list[RelPath] = []
@@ -380,7 +387,7 @@ def plan_ranges(
                 break
             level = below
             dir_keys = [rel + b"/" for rel in level]
-            if len(dir_keys) + len(file_keys) >= 4 * parts:
+            if len(dir_keys) + len(file_keys) >= 4 * parts or len(level) > max(64, parts):
                 break
     keys = sorted(dir_keys + file_keys)
     if len(keys) < 2:
@@ -397,31 +404,44 @@ def _subdirs(
     point is only a hint: the walk reports what it cannot list). Cut points between its
     files are added to ``file_keys`` when it holds more than ``FILES_PER_CUT`` of them."""
     out: list[RelPath] = []
-    files: list[str] = []
+    sample: list[str] = []
+    files = 0
     try:
         fd = tree.open_dir(rel)
     except OSError:
         return out
     try:
-        with os.scandir(fd) as it:
-            for entry in it:
-                if entry.is_dir(follow_symlinks=False):
-                    name = os.fsencode(entry.name)
-                    child = rel + b"/" + name if rel else name
-                    if not rules.ignores_name(name, child):
-                        out.append(child)
-                else:
-                    files.append(entry.name)
+        st = os.fstat(fd)
+        if st.st_nlink == 2:
+            # No subdirectory (ext4, XFS and tmpfs count them in the link count; other
+            # filesystems say 1 and are listed): only the names matter, if there are many.
+            if st.st_size < _SMALL_DIR_BYTES:
+                return out
+            names = os.listdir(fd)
+            files, sample = len(names), names[::_SAMPLE]
+        else:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        name = os.fsencode(entry.name)
+                        child = rel + b"/" + name if rel else name
+                        if not rules.ignores_name(name, child):
+                            out.append(child)
+                    else:
+                        if files % _SAMPLE == 0:
+                            sample.append(entry.name)
+                        files += 1
     except OSError:
         return []
     finally:
         os.close(fd)
-    if len(files) > FILES_PER_CUT:
+    if files > FILES_PER_CUT:
         # Sorted as the walk sorts them (by their bytes); an ignored name is as good a
         # boundary as any other.
-        names = sorted(os.fsencode(n) for n in files)
+        names_b = sorted(os.fsencode(n) for n in sample)
         prefix = rel + b"/" if rel else b""
-        file_keys += [prefix + n for n in names[FILES_PER_CUT::FILES_PER_CUT]]
+        every = FILES_PER_CUT // _SAMPLE
+        file_keys += [prefix + n for n in names_b[every::every]]
     return out
 
 
