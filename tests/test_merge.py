@@ -96,6 +96,7 @@ def test_plan_ranges_cuts_inside_a_big_folder(tree: bytes, monkeypatch: pytest.M
     """A folder holding many files (a phone's dump) is cut between its files too, and the
     ranges still partition the walk; so are deep trees, below the top three levels."""
     monkeypatch.setattr(fsledger.merge, "FILES_PER_CUT", 10)
+    monkeypatch.setattr(fsledger.merge, "_SMALL_DIR_BYTES", 0)
     spec = {f"DCIM/{d}CAM/IMG_{i:03d}.jpg": b"x" for d in (100, 101) for i in range(45)}
     spec |= {"a/b/c/d/e/f.jpg": b"f", "a/b/c/d/e2/g.jpg": b"g", "a/b/c/d2/h.jpg": b"h"}
     make_tree(tree, spec)
