@@ -98,6 +98,7 @@ def test_plan_ranges_cuts_inside_a_big_folder(tree: bytes, monkeypatch: pytest.M
     monkeypatch.setattr(fsledger.merge, "FILES_PER_CUT", 10)
     monkeypatch.setattr(fsledger.merge, "_SMALL_DIR_BYTES", 0)
     spec = {f"DCIM/{d}CAM/IMG_{i:03d}.jpg": b"x" for d in (100, 101) for i in range(45)}
+    spec |= {f"DCIM/loose_{i:02d}.jpg": b"l" for i in range(25)}  # beside subfolders
     spec |= {"a/b/c/d/e/f.jpg": b"f", "a/b/c/d/e2/g.jpg": b"g", "a/b/c/d2/h.jpg": b"h"}
     make_tree(tree, spec)
     whole = walked(tree)
@@ -105,6 +106,7 @@ def test_plan_ranges_cuts_inside_a_big_folder(tree: bytes, monkeypatch: pytest.M
     assert cuts == sorted(cuts) and len(cuts) >= 7
     assert any(c.startswith(b"DCIM/100CAM/IMG_") for c in cuts)
     assert any(c.startswith(b"DCIM/101CAM/IMG_") for c in cuts)
+    assert any(c.startswith(b"DCIM/loose_") for c in plan_ranges(tree, RULES, 40))
     bounds: list[bytes | None] = [b"", *cuts, None]
     pieces = [
         walked(tree, lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False) if lo is not None
