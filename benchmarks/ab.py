@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
             if ref is not None
             else f"{'':10s} {'':9s}"
         )
-        print(f"{label:22s} {med(f.wall):7.2f}s {med(f.cpu):7.2f}s {ratios} {med(f.rss):5.0f} MiB")
+        print(f"{label:22s} {med(f.wall):7.2f}s {med(f.cpu):7.2f}s {ratios}")
     return 0
 
 
