@@ -320,6 +320,36 @@ def test_rescan_in_key_ranges_equals_the_disk_and_the_serial_merge(
     assert added >= 30 and moved >= 2
 
 
+def test_a_big_flat_folder_is_indexed_and_rescanned_in_ranges(
+    store: Store,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A phone's dump (one folder of many files) is cut between its files: its first index
+    goes to the workers although the tree has no folders to speak of, and the ledger equals
+    the disk after it and after a rescan with changes in several of its ranges."""
+    caplog.set_level(logging.DEBUG, logger="fsledger.reconcile")
+    monkeypatch.setattr(fsledger.merge, "FILES_PER_CUT", 10)
+    monkeypatch.setattr(fsledger.merge, "_SMALL_DIR_BYTES", 0)
+    monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_RECORDS", 1)
+    tree = os.fsencode(str(tmp_path / "phone"))
+    make_tree(tree, {f"DCIM/IMG_{i:04d}.jpg": f"photo {i}".encode() for i in range(120)})
+    age_tree(tree)
+    with Ledger(Settings(database_url=store.url, max_concurrency=2), store) as ledger:
+        repo = ledger.add_repository(tree)
+        assert ledger.scan(repo).files_added == 120
+        assert any("key ranges in workers" in r.getMessage() for r in caplog.records)
+        assert_exact(ledger, repo)
+        assert no_change(ledger.scan(repo))
+        for i in (3, 57, 119):
+            os.unlink(p(tree, f"DCIM/IMG_{i:04d}.jpg"))
+        make_tree(tree, {"DCIM/IMG_0057b.jpg": b"new", "DCIM/IMG_9999.jpg": b"last"})
+        stats = ledger.scan(repo)
+        assert (stats.files_added, stats.files_removed) == (2, 3)
+        assert_exact(ledger, repo)
+
+
 @pytest.mark.parametrize("workers_store", ["sqlite", "postgres"])
 def test_a_store_failure_in_a_worker_fails_the_scan(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers_store: str

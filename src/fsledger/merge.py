@@ -344,10 +344,11 @@ def decode_result(data: bytes) -> RangeResult:
     return res
 
 
-FILES_PER_CUT = 1000
+FILES_PER_CUT = 5000
 """A directory met while planning that holds more files than this gets cut points between
 its files too (about one every ``FILES_PER_CUT``): a phone's folder of 20k photos is several
-ranges, not one that a single worker walks while the other waits."""
+ranges, not one that a single worker walks while the other waits. Not fewer files a cut:
+every range that a cut point puts in a directory lists the whole directory again."""
 PLAN_DEPTH = 6
 """Levels ``plan_ranges`` descends at most, stopping as soon as it has enough cut points."""
 _SAMPLE = 10
