@@ -1,16 +1,20 @@
-"""A deterministic synthetic photo library: ``YEAR/YEAR-MM/YEAR-MM-DD Event/IMG_NNNN.jpg``.
+"""Deterministic synthetic libraries of several shapes (``PROFILES``).
 
 The same ``LibrarySpec`` always yields the same paths, sizes, contents and mtimes, so a
 library is generated once under ``bench-data/`` and reused: a manifest beside the tree
 records the spec it was made from, and a library whose manifest differs (or is missing,
 which is also what an interrupted generation leaves) is deleted and made again.
 
-Sizes come from a *profile*, a list of size classes each with a share of the files:
+A *profile* gives the shape of the tree and the sizes of its files (a list of size classes,
+each with a share of the files):
 
-- ``photos`` (the default): mostly small JPEG-like files (thumbnails and phone exports),
-  a few camera-sized photos and a handful of 20 MiB videos. 100k files take about 1.2 GiB.
-- ``tiny``: files of 0-4 KiB only, for the 1M-file run, where the question is the
-  per-file cost (walk, stat, compare), not bytes hashed.
+- ``photos`` (the default): ``YEAR/YEAR-MM/YEAR-MM-DD Event/IMG_NNNN.jpg``, mostly small
+  JPEG-like files, a few camera-sized photos and a handful of 20 MiB videos (100k: 1.3 GiB).
+- ``tiny``: the same shape, files of 0-4 KiB only, for the 1M-file run, where the question
+  is the per-file cost (walk, stat, compare), not bytes hashed.
+- ``flat``: five folders of 20k files (a phone's dumps); ``deep``: 12 levels of folders of
+  3-10 entries (an exported archive); ``video``: 8-64 MiB clips with ``.xmp`` sidecars
+  (bound by hashing); ``mixed``: folders of exactly 100 small files plus 20 videos.
 
 Every mtime is set to the file's event date, years in the past, as a real library's are:
 a freshly written mtime would fall in the reconciler's "racy" window and make it rehash
@@ -45,14 +49,75 @@ class SizeClass:
     ext: str
 
 
-PROFILES: dict[str, tuple[SizeClass, ...]] = {
-    "photos": (
-        SizeClass("small", 0.9955, 2 * KiB, 12 * KiB, ".jpg"),
-        SizeClass("photo", 0.0030, 100 * KiB, 2 * MiB, ".jpg"),
-        SizeClass("video", 0.00015, 20 * MiB, 20 * MiB, ".mp4"),
-        SizeClass("raw", 0.00135, 20 * KiB, 60 * KiB, ".dng"),
+@dataclass(frozen=True)
+class Profile:
+    """A shape of library: how its folders nest, and the sizes of its files."""
+
+    shape: str
+    """``events`` (``YEAR/YEAR-MM/YEAR-MM-DD Event/``, 20-80 files a folder), ``flat`` (five
+    folders of a fifth of the files each), ``deep`` (12 levels of 3-10 entries a folder),
+    ``video`` (one folder a year of clips, each with an ``.xmp`` sidecar) or ``mixed``
+    (``YEAR/NN/eventK/``, 100 files a folder)."""
+    classes: tuple[SizeClass, ...]
+    files: int
+    """Files of the library ``make bench`` measures."""
+    quick_files: int
+    """Files of the ``--quick`` library."""
+    about: str
+
+
+PROFILES: dict[str, Profile] = {
+    "photos": Profile(
+        "events",
+        (
+            SizeClass("small", 0.9955, 2 * KiB, 12 * KiB, ".jpg"),
+            SizeClass("photo", 0.0030, 100 * KiB, 2 * MiB, ".jpg"),
+            SizeClass("video", 0.00015, 20 * MiB, 20 * MiB, ".mp4"),
+            SizeClass("raw", 0.00135, 20 * KiB, 60 * KiB, ".dng"),
+        ),
+        100_000,
+        10_000,
+        "event folders of 20-80 files; 99.55% small JPEG-like 2-12 KiB, a few photos, raws "
+        "and 20 MiB videos",
     ),
-    "tiny": (SizeClass("tiny", 1.0, 0, 4 * KiB, ".jpg"),),
+    "tiny": Profile(
+        "events",
+        (SizeClass("tiny", 1.0, 0, 4 * KiB, ".jpg"),),
+        1_000_000,
+        10_000,
+        "event folders of 20-80 files of 0-4 KiB (the 1M-file run: the per-file cost)",
+    ),
+    "flat": Profile(
+        "flat",
+        (SizeClass("small", 1.0, 2 * KiB, 12 * KiB, ".jpg"),),
+        100_000,
+        10_000,
+        "5 folders of 20k files each (a phone's dumps), 2-12 KiB",
+    ),
+    "deep": Profile(
+        "deep",
+        (SizeClass("small", 1.0, 1 * KiB, 16 * KiB, ".dat"),),
+        100_000,
+        10_000,
+        "12 levels of folders of 3-10 entries each (an exported archive), 1-16 KiB",
+    ),
+    "video": Profile(
+        "video",
+        (SizeClass("video", 1.0, 8 * MiB, 64 * MiB, ".mp4"),),
+        800,
+        80,
+        "clips of 8-64 MiB, each with a 1-4 KiB .xmp sidecar (half the files)",
+    ),
+    "mixed": Profile(
+        "mixed",
+        (
+            SizeClass("small", 1.0, 1 * KiB, 16 * KiB, ".jpg"),
+            SizeClass("video", 0.0, 20 * MiB, 20 * MiB, ".mp4"),
+        ),
+        100_000,
+        10_000,
+        "folders of 100 files of 1-16 KiB (YEAR/NN/eventK/), plus 20 videos of 20 MiB",
+    ),
 }
 
 EVENTS = ("Birthday", "Beach", "Hike", "Wedding", "Trip", "Garden", "Café", "Snow", "Zoo")
@@ -61,6 +126,9 @@ EVENTS = ("Birthday", "Beach", "Hike", "Wedding", "Trip", "Garden", "Café", "Sn
 
 FIRST_DAY = datetime(2004, 1, 1, 9, 0, tzinfo=UTC)
 LAST_DAY = datetime(2023, 12, 31, 9, 0, tzinfo=UTC)
+DEEP_LEVELS = 12
+MIXED_FOLDER = 100
+MIXED_VIDEOS = 20
 
 
 @dataclass(frozen=True)
@@ -92,10 +160,27 @@ class PlannedFile:
     mtime_ns: int
 
 
+def _ns(when: datetime) -> int:
+    return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+
+
 def plan(spec: LibrarySpec) -> Iterator[PlannedFile]:
     """The library's files in generation order (deterministic for a given spec)."""
+    shape = PROFILES[spec.profile].shape
+    if shape == "flat":
+        return _plan_flat(spec)
+    if shape == "deep":
+        return _plan_deep(spec)
+    if shape == "video":
+        return _plan_video(spec)
+    if shape == "mixed":
+        return _plan_mixed(spec)
+    return _plan_events(spec)
+
+
+def _plan_events(spec: LibrarySpec) -> Iterator[PlannedFile]:
     rng = random.Random(spec.seed)
-    classes = PROFILES[spec.profile]
+    classes = PROFILES[spec.profile].classes
     weights = [c.share for c in classes]
     # Events spread over FIRST_DAY..LAST_DAY whatever the library's size: every mtime is
     # in the past (a future mtime is "racy" for the reconciler, and rehashed every scan).
@@ -116,9 +201,107 @@ def plan(spec: LibrarySpec) -> Iterator[PlannedFile]:
             cls = rng.choices(classes, weights)[0]
             size = rng.randint(cls.min_bytes, cls.max_bytes)
             taken = day + timedelta(seconds=37 * n, microseconds=rng.randrange(1_000_000))
-            mtime_ns = int(taken.timestamp()) * 1_000_000_000 + taken.microsecond * 1000
-            yield PlannedFile(index, f"{folder}/IMG_{n:04d}{cls.ext}", size, mtime_ns)
+            yield PlannedFile(index, f"{folder}/IMG_{n:04d}{cls.ext}", size, _ns(taken))
             index += 1
+
+
+def _spread(rng: random.Random, index: int, files: int) -> int:
+    """An mtime for file ``index`` of ``files``: spread over FIRST_DAY..LAST_DAY in order."""
+    span = (LAST_DAY - FIRST_DAY).total_seconds()
+    at = FIRST_DAY + timedelta(seconds=span * index / max(1, files))
+    return _ns(at + timedelta(microseconds=rng.randrange(1_000_000)))
+
+
+def _plan_flat(spec: LibrarySpec) -> Iterator[PlannedFile]:
+    """``DCIM/10NCAMRA/IMG_NNNNN.jpg``: five folders of a fifth of the files each."""
+    rng = random.Random(spec.seed)
+    (cls,) = PROFILES[spec.profile].classes
+    folders = 5
+    per = -(-spec.files // folders)
+    for index in range(spec.files):
+        folder, n = divmod(index, per)
+        path = f"DCIM/{100 + folder}CAMRA/IMG_{n:05d}{cls.ext}"
+        size = rng.randint(cls.min_bytes, cls.max_bytes)
+        yield PlannedFile(index, path, size, _spread(rng, index, spec.files))
+
+
+def _deep_branching(files: int) -> float:
+    """The mean number of subfolders a folder above the last level has, such that a tree of
+    ``DEEP_LEVELS`` levels of folders of 3-10 entries (6.5 on average) holds about ``files``
+    files."""
+
+    def expected(m: float) -> float:
+        inner = sum(m**d for d in range(DEEP_LEVELS - 1))
+        return inner * (6.5 - m) + m ** (DEEP_LEVELS - 1) * 6.5
+
+    lo, hi = 1.0, 3.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected(mid) < files else (lo, mid)
+    return lo
+
+
+def _plan_deep(spec: LibrarySpec) -> Iterator[PlannedFile]:
+    """``DEEP_LEVELS`` levels of folders (``l03-part 7``), each of 3-10 entries: files, and
+    subfolders down to the last level; cut at ``spec.files`` files."""
+    rng = random.Random(spec.seed)
+    (cls,) = PROFILES[spec.profile].classes
+    # Aimed past the count (the branching varies between folders) and cut at it.
+    m = _deep_branching(2 * spec.files)
+    whole, frac = int(m), m - int(m)
+    index = 0
+    # Depth-first: (folder, level); a folder's files first, then its subfolders.
+    stack: list[tuple[str, int]] = [("archive", 0)]
+    while stack and index < spec.files:
+        folder, level = stack.pop()
+        entries = rng.randint(3, 10)
+        subdirs = 0
+        if level < DEEP_LEVELS - 1:
+            subdirs = min(entries - 1, whole + (1 if rng.random() < frac else 0))
+        for n in range(entries - subdirs):
+            if index >= spec.files:
+                break
+            size = rng.randint(cls.min_bytes, cls.max_bytes)
+            path = f"{folder}/doc_{n:02d}{cls.ext}"
+            yield PlannedFile(index, path, size, _spread(rng, index, spec.files))
+            index += 1
+        for k in reversed(range(subdirs)):
+            stack.append((f"{folder}/l{level + 1:02d}-part {k}", level + 1))
+
+
+def _plan_video(spec: LibrarySpec) -> Iterator[PlannedFile]:
+    """``Videos/YEAR/CLIP_NNNN.mp4`` with ``CLIP_NNNN.xmp`` beside each (half the files)."""
+    rng = random.Random(spec.seed)
+    (cls,) = PROFILES[spec.profile].classes
+    clips = spec.files // 2
+    years = LAST_DAY.year - FIRST_DAY.year + 1
+    for k in range(clips):
+        year = FIRST_DAY.year + k * years // max(1, clips)
+        mtime = _spread(rng, k, clips)
+        size = rng.randint(cls.min_bytes, cls.max_bytes)
+        yield PlannedFile(2 * k, f"Videos/{year}/CLIP_{k:04d}{cls.ext}", size, mtime)
+        sidecar = rng.randint(1 * KiB, 4 * KiB)
+        yield PlannedFile(2 * k + 1, f"Videos/{year}/CLIP_{k:04d}.xmp", sidecar, mtime)
+
+
+def _plan_mixed(spec: LibrarySpec) -> Iterator[PlannedFile]:
+    """``YEAR/NN/eventK/IMG_NNN.jpg``, 100 files a folder; ``MIXED_VIDEOS`` of them,
+    spread evenly, are 20 MiB videos."""
+    rng = random.Random(spec.seed)
+    small, video = PROFILES[spec.profile].classes
+    folders = -(-spec.files // MIXED_FOLDER)
+    years = LAST_DAY.year - FIRST_DAY.year + 1
+    per_year = -(-folders // years)
+    every = max(1, spec.files // MIXED_VIDEOS)
+    for index in range(spec.files):
+        f, n = divmod(index, MIXED_FOLDER)
+        year, j = divmod(f, per_year)
+        folder = f"{FIRST_DAY.year + year}/{j // 5 + 1:02d}/event{j % 5 + 1}"
+        cls = video if index % every == every // 2 else small
+        size = rng.randint(cls.min_bytes, cls.max_bytes)
+        yield PlannedFile(
+            index, f"{folder}/IMG_{n:03d}{cls.ext}", size, _spread(rng, index, spec.files)
+        )
 
 
 class ContentSource:
@@ -186,7 +369,7 @@ def ensure_library(
     log(f"generating library {spec.name} in {tree} (once; reused by later runs)")
     content = ContentSource(spec.seed)
     made: set[str] = set()
-    total = 0
+    total = count = 0
     for f in plan(spec):
         folder = f.path.rpartition("/")[0]
         if folder not in made:
@@ -194,12 +377,14 @@ def ensure_library(
             made.add(folder)
         content.write(tree / f.path, f.index, f.size, f.mtime_ns)
         total += f.size
-    directories = len({"/".join(d.split("/")[:i]) for d in made for i in (1, 2, 3)})
+        count += 1
+    parts = [d.split("/") for d in made]
+    directories = len({"/".join(p[:i]) for p in parts for i in range(1, len(p) + 1)})
     # Written last: a manifest exists only for a complete library.
-    saved = {"spec": spec.to_json(), "files": spec.files, "bytes": total}
+    saved = {"spec": spec.to_json(), "files": count, "bytes": total}
     saved["directories"] = directories
     manifest.write_text(json.dumps(saved, indent=2))
-    return Library(spec, tree, spec.files, total, directories)
+    return Library(spec, tree, count, total, directories)
 
 
 def working_copy(library: Library, data_dir: Path) -> Path:

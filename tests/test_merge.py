@@ -92,6 +92,30 @@ def test_plan_ranges_cuts_at_directories(tree: bytes) -> None:
     assert plan_ranges(tree, RULES, 1) == []
 
 
+def test_plan_ranges_cuts_inside_a_big_folder(tree: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder holding many files (a phone's dump) is cut between its files too, and the
+    ranges still partition the walk; so are deep trees, below the top three levels."""
+    monkeypatch.setattr(fsledger.merge, "FILES_PER_CUT", 10)
+    monkeypatch.setattr(fsledger.merge, "_SMALL_DIR_BYTES", 0)
+    spec = {f"DCIM/{d}CAM/IMG_{i:03d}.jpg": b"x" for d in (100, 101) for i in range(45)}
+    spec |= {f"DCIM/loose_{i:02d}.jpg": b"l" for i in range(25)}  # beside subfolders
+    spec |= {"a/b/c/d/e/f.jpg": b"f", "a/b/c/d/e2/g.jpg": b"g", "a/b/c/d2/h.jpg": b"h"}
+    make_tree(tree, spec)
+    whole = walked(tree)
+    cuts = plan_ranges(tree, RULES, 8)
+    assert cuts == sorted(cuts) and len(cuts) >= 7
+    assert any(c.startswith(b"DCIM/100CAM/IMG_") for c in cuts)
+    assert any(c.startswith(b"DCIM/101CAM/IMG_") for c in cuts)
+    assert any(c.startswith(b"DCIM/loose_") for c in plan_ranges(tree, RULES, 40))
+    bounds: list[bytes | None] = [b"", *cuts, None]
+    pieces = [
+        walked(tree, lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False) if lo is not None
+    ]
+    assert [f for piece in pieces for f in piece] == whole
+    assert max(len(piece) for piece in pieces) < 45  # no folder is one range
+    assert b"a/b/c/d/e/" in plan_ranges(tree, RULES, 40)
+
+
 def test_plan_ranges_of_a_flat_or_missing_tree(tree: bytes) -> None:
     make_tree(tree, {f"f{i}": b"" for i in range(50)})
     assert plan_ranges(tree, RULES, 4) == []
@@ -294,6 +318,36 @@ def test_rescan_in_key_ranges_equals_the_disk_and_the_serial_merge(
     assert (scanned, errors) == (604 - 55 + 30, 0)
     # zz/moved.jpg and the unedited files of the moved folder keep their hashes.
     assert added >= 30 and moved >= 2
+
+
+def test_a_big_flat_folder_is_indexed_and_rescanned_in_ranges(
+    store: Store,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A phone's dump (one folder of many files) is cut between its files: its first index
+    goes to the workers although the tree has no folders to speak of, and the ledger equals
+    the disk after it and after a rescan with changes in several of its ranges."""
+    caplog.set_level(logging.DEBUG, logger="fsledger.reconcile")
+    monkeypatch.setattr(fsledger.merge, "FILES_PER_CUT", 10)
+    monkeypatch.setattr(fsledger.merge, "_SMALL_DIR_BYTES", 0)
+    monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_RECORDS", 1)
+    tree = os.fsencode(str(tmp_path / "phone"))
+    make_tree(tree, {f"DCIM/IMG_{i:04d}.jpg": f"photo {i}".encode() for i in range(120)})
+    age_tree(tree)
+    with Ledger(Settings(database_url=store.url, max_concurrency=2), store) as ledger:
+        repo = ledger.add_repository(tree)
+        assert ledger.scan(repo).files_added == 120
+        assert any("key ranges in workers" in r.getMessage() for r in caplog.records)
+        assert_exact(ledger, repo)
+        assert no_change(ledger.scan(repo))
+        for i in (3, 57, 119):
+            os.unlink(p(tree, f"DCIM/IMG_{i:04d}.jpg"))
+        make_tree(tree, {"DCIM/IMG_0057b.jpg": b"new", "DCIM/IMG_9999.jpg": b"last"})
+        stats = ledger.scan(repo)
+        assert (stats.files_added, stats.files_removed) == (2, 3)
+        assert_exact(ledger, repo)
 
 
 @pytest.mark.parametrize("workers_store", ["sqlite", "postgres"])

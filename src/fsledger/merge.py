@@ -25,7 +25,7 @@ from uuid import UUID
 
 from fsledger.beneath import Beneath
 from fsledger.decide import RACY_WINDOW_NS, LookRule, is_racy, row_settled
-from fsledger.hashing import HashOutcome, hash_at
+from fsledger.hashing import HASH_THREADS, HashOutcome, hash_at
 from fsledger.ignore import IgnoreRules
 from fsledger.model import (
     Digest,
@@ -344,16 +344,37 @@ def decode_result(data: bytes) -> RangeResult:
     return res
 
 
-def plan_ranges(root: bytes, rules: IgnoreRules, parts: int, max_depth: int = 3) -> list[RelPath]:
+FILES_PER_CUT = 5000
+"""A directory met while planning that holds more files than this gets cut points between
+its files too (about one every ``FILES_PER_CUT``): a phone's folder of 20k photos is several
+ranges, not one that a single worker walks while the other waits. Not fewer files a cut:
+every range that a cut point puts in a directory lists the whole directory again."""
+PLAN_DEPTH = 6
+"""Levels ``plan_ranges`` descends at most, stopping as soon as it has enough cut points."""
+_SAMPLE = 10
+"""One name in this many is kept to place the cut points of a big folder: listing order is
+not name order, but every tenth name of it is a fair sample of the names."""
+_SMALL_DIR_BYTES = 16 << 10
+"""A directory without subdirectories that is smaller than this (ext4: ~500 entries) holds
+too few files to cut: it is not listed at all."""
+
+
+def plan_ranges(
+    root: bytes, rules: IgnoreRules, parts: int, max_depth: int = PLAN_DEPTH
+) -> list[RelPath]:
     """Cut points that split a tree's key space into about ``parts`` ranges.
 
-    The points are directory keys (``a/b/``) found by listing the top ``max_depth`` levels,
-    until there are enough of them; every path falls in exactly one range whatever the
-    tree holds, so a stale plan costs balance, never correctness. Returns the sorted cut
-    points ``c1 < c2 < ...``: the ranges are ``[b"", c1), [c1, c2), ..., [cn, None)``.
+    The points are directory keys (``a/b/``) found by listing the top levels, down to
+    ``max_depth`` until there are enough of them (or a level of more directories than
+    ranges, which would cost the planning more than it gains), and the paths of about every
+    ``FILES_PER_CUT``-th file of a directory met meanwhile that holds more (a flat folder).
+    Every path falls in exactly one range whatever the tree holds, so a stale plan costs
+    balance, never correctness. Returns the sorted cut points ``c1 < c2 < ...``: the ranges
+    are ``[b"", c1), [c1, c2), ..., [cn, None)``.
     """
     level: list[RelPath] = [b""]
-    keys: list[RelPath] = []
+    dir_keys: list[RelPath] = []
+    file_keys: list[RelPath] = []
     try:
         tree = Beneath(root)
     except OSError:
@@ -362,13 +383,14 @@ def plan_ranges(root: bytes, rules: IgnoreRules, parts: int, max_depth: int = 3)
         for _depth in range(max_depth):
             below: list[RelPath] = []
             for rel in level:
-                below += _subdirs(tree, rel, rules)
+                below += _subdirs(tree, rel, rules, file_keys)
             if not below:
                 break
             level = below
-            keys = sorted(rel + b"/" for rel in level)
-            if len(keys) >= 4 * parts:
+            dir_keys = [rel + b"/" for rel in level]
+            if len(dir_keys) + len(file_keys) >= 4 * parts or len(level) > max(64, parts):
                 break
+    keys = sorted(dir_keys + file_keys)
     if len(keys) < 2:
         return []
     step = len(keys) / parts
@@ -376,25 +398,51 @@ def plan_ranges(root: bytes, rules: IgnoreRules, parts: int, max_depth: int = 3)
     return [c for c in cuts if c]
 
 
-def _subdirs(tree: Beneath, rel: RelPath, rules: IgnoreRules) -> list[RelPath]:
+def _subdirs(
+    tree: Beneath, rel: RelPath, rules: IgnoreRules, file_keys: list[RelPath]
+) -> list[RelPath]:
     """The directories in ``rel`` that are not ignored; none if it cannot be listed (a cut
-    point is only a hint: the walk reports what it cannot list)."""
+    point is only a hint: the walk reports what it cannot list). Cut points between its
+    files are added to ``file_keys`` when it holds more than ``FILES_PER_CUT`` of them."""
     out: list[RelPath] = []
+    sample: list[str] = []
+    files = 0
     try:
         fd = tree.open_dir(rel)
     except OSError:
         return out
     try:
-        with os.scandir(fd) as it:
-            for entry in it:
-                name = os.fsencode(entry.name)
-                child = rel + b"/" + name if rel else name
-                if not rules.ignores_name(name, child) and entry.is_dir(follow_symlinks=False):
-                    out.append(child)
+        st = os.fstat(fd)
+        if st.st_nlink == 2:
+            # No subdirectory (ext4, XFS and tmpfs count them in the link count; other
+            # filesystems say 1 and are listed): only the names matter, if there are many.
+            if st.st_size < _SMALL_DIR_BYTES:
+                return out
+            names = os.listdir(fd)
+            files, sample = len(names), names[::_SAMPLE]
+        else:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        name = os.fsencode(entry.name)
+                        child = rel + b"/" + name if rel else name
+                        if not rules.ignores_name(name, child):
+                            out.append(child)
+                    else:
+                        if files % _SAMPLE == 0:
+                            sample.append(entry.name)
+                        files += 1
     except OSError:
         return []
     finally:
         os.close(fd)
+    if files > FILES_PER_CUT:
+        # Sorted as the walk sorts them (by their bytes); an ignored name is as good a
+        # boundary as any other.
+        names_b = sorted(os.fsencode(n) for n in sample)
+        prefix = rel + b"/" if rel else b""
+        every = FILES_PER_CUT // _SAMPLE
+        file_keys += [prefix + n for n in names_b[every::every]]
     return out
 
 
@@ -484,7 +532,8 @@ def compute_range(task: RangeTask, store: Store) -> RangeResult:
         assert isinstance(item, Look)
         # The walk stands at this file: the merge yields a Look as the walk yields it.
         entry = item.entry
-        out = hash_at(cursor.fd, entry.path.rpartition(b"/")[2], algo, expect=entry.stat)
+        name = entry.path.rpartition(b"/")[2]
+        out = hash_at(cursor.fd, name, algo, HASH_THREADS, expect=entry.stat)
         if item.old is None and out.hex is not None:
             append((entry.path, out.hex, out.size, out.mtime_ns, out.ctime_ns, out.inode))
         else:
@@ -506,7 +555,7 @@ def _hash_new_range(
         if kind is tuple or kind is FileEntry:
             path, stat = cast("FlatEntry", item)
             scanned += 1
-            out = hash_at(cursor.fd, path.rpartition(b"/")[2], algo, expect=stat)
+            out = hash_at(cursor.fd, path.rpartition(b"/")[2], algo, HASH_THREADS, expect=stat)
             if out.hex is not None:
                 append((path, out.hex, out.size, out.mtime_ns, out.ctime_ns, out.inode))
             else:

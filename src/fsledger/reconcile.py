@@ -86,7 +86,8 @@ bounds the incremental work; the first index would be slowed by 100-row transact
 PARALLEL_MIN_RECORDS = 20_000
 """From this many records, a rescan merges key ranges of the tree in worker processes."""
 PARALLEL_MIN_DIRS = 32
-"""A first index goes to worker processes when the tree's top levels hold this many folders."""
+"""A first index goes to worker processes when planning finds this many cut points (folders
+of the tree's top levels), or any between the files of a big folder (``FILES_PER_CUT``)."""
 RANGES_PER_WORKER = 4
 """Ranges a worker gets at least: several, so that uneven subtrees even out."""
 RANGE_FILES = 10_000
@@ -495,8 +496,9 @@ class _Run:
         them for, a store they can open, and at least two of them.
 
         Worth it: a rescan of ``PARALLEL_MIN_RECORDS`` records or more, or a first index of
-        a tree whose top levels hold ``PARALLEL_MIN_DIRS`` directories (its size is not
-        known yet, and a photo library's folders are a fair sign of it).
+        a tree in which planning finds ``PARALLEL_MIN_DIRS`` cut points or a folder big
+        enough to cut (its size is not known yet; the folders of its top levels, and a
+        folder of thousands of files, are a fair sign of it).
         """
         if self.prefix or self.settings.max_concurrency < 2 or ":memory:" in self.store.url:
             return False
@@ -505,7 +507,9 @@ class _Run:
         if self.record_count:
             return False
         self._cuts = plan_ranges(self.repo.root, self.writer.rules, INITIAL_RANGES)
-        return len(self._cuts) + 1 >= PARALLEL_MIN_DIRS
+        # A cut point that is not a directory key lies between the files of a big folder.
+        between_files = any(not cut.endswith(b"/") for cut in self._cuts)
+        return between_files or len(self._cuts) + 1 >= PARALLEL_MIN_DIRS
 
     def _merge_in_workers(self, rule: LookRule) -> None:
         pool = self.owner._hash_pool()

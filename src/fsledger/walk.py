@@ -310,6 +310,11 @@ def _list_dir(
     out: list[tuple[bytes, RelPath, bytes, int]] = []
     prefix = rel + b"/" if rel else b""
     ignores = rules.ignores_name
+    # A directory a range boundary cuts (a big folder cut between its files): entries that
+    # are out of the range as a file and as a directory alike are dropped before any other
+    # work, since every range the cuts make in it lists it whole.
+    cut = bounds is not None and not _holds_all_below(rel, *bounds)
+    lo, hi = bounds if bounds is not None and cut else (b"", None)
     fd = -1
     try:
         fd = os.open(name, _OPEN_DIR, dir_fd=parent_fd)
@@ -319,6 +324,8 @@ def _list_dir(
             for entry in it:
                 bname = entry.name.encode(_FS_ENCODING, _FS_ERRORS)
                 child = prefix + bname
+                if cut and (child + b"0" <= lo or (hi is not None and child >= hi)):
+                    continue
                 if ignores(bname, child):
                     continue
                 # DirEntry answers from d_type and falls back to lstat where d_type is unknown.
@@ -340,8 +347,8 @@ def _list_dir(
         if exc.errno in _GONE_DIR and rel:
             return (-1, [])
         return Unreadable(rel, True, _describe(exc))
-    if bounds is not None and not _holds_all_below(rel, *bounds):
-        out = [e for e in out if _within(e[1], e[3] == _DIR, *bounds)]
+    if cut:
+        out = [e for e in out if _within(e[1], e[3] == _DIR, lo, hi)]
     out.sort(reverse=True)
     return (fd, out)
 
