@@ -206,3 +206,16 @@ def test_schedule_settings_from_env() -> None:
         Settings.from_env({"FSLEDGER_SCHEDULE_BUSY_IO_PRESSURE": "101"})
     with pytest.raises(ConfigError, match="FSLEDGER_INTERVAL_MIN"):
         Settings.from_env({"FSLEDGER_INTERVAL_MIN": "2d", "FSLEDGER_INTERVAL_MAX": "1d"})
+
+
+def test_a_webhook_secret_that_is_not_utf8_is_its_bytes() -> None:
+    """The environment hands a variable's bytes over as surrogate escapes: the key is those
+    bytes, not a crash (found by the fault suite's config fuzzing)."""
+    from fsledger.config import webhook_key
+
+    raw = b"\xff" * 8 + b"sixteen-bytes-ok"
+    assert webhook_key(raw.decode("utf-8", "surrogateescape")) == raw
+    settings = Settings.from_env(
+        {"FSLEDGER_WEBHOOK_SECRET": raw.decode("utf-8", "surrogateescape")}
+    )
+    assert settings is not None

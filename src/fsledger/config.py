@@ -121,7 +121,9 @@ def webhook_key(secret: str) -> bytes:
                 "FSLEDGER_WEBHOOK_SECRET starts with 'whsec_' but the rest is not base64"
             ) from None
     else:
-        key = secret.encode()
+        # The variable's bytes as the environment holds them (os.environ decodes them with
+        # surrogateescape): a key that is not UTF-8 is still a key.
+        key = secret.encode("utf-8", "surrogateescape")
     if len(key) < MIN_SECRET_BYTES:
         raise ConfigError(
             f"FSLEDGER_WEBHOOK_SECRET is too short ({len(key)} bytes): use at least "
