@@ -961,11 +961,21 @@ def test_exchange_inside_a_directory_moved_out_and_back_before_its_scan(
         write(rig.p("d/e/g.jpg"), "g" * 40)
         write(rig.p("d/x/y/deep.jpg"), "deep" * 10)
         write(rig.p("d/top.jpg"), "top")
+        write(rig.p("d/sub/s.jpg"), "sub")
         rig.start()
         time.sleep(0.1)  # every file quiet for the debounce: listed files are recorded at once
+        d_wd = rig.wd("d")
         os.rename(rig.p("d"), rig.outside / "parked")
         rig.emit("d", IN_MOVED_FROM | IN_ISDIR, next(_cookies))
+        # Changed while outside: events of its watches, held back with the move out; the
+        # listing of d-back is what records what they did.
         write(rig.outside / "parked/added-outside.jpg", "added outside")
+        for mask in (IN_CREATE, IN_MODIFY, IN_CLOSE_WRITE):
+            rig.backend.emit(d_wd, mask, b"added-outside.jpg")
+        os.rename(rig.outside / "parked/sub", rig.outside / "parked/sub2")
+        cookie = next(_cookies)
+        rig.backend.emit(d_wd, IN_MOVED_FROM | IN_ISDIR, b"sub", cookie)
+        rig.backend.emit(d_wd, IN_MOVED_TO | IN_ISDIR, b"sub2", cookie)
         os.rename(rig.outside / "parked", rig.p("d-back"))
         rig.emit("d-back", IN_MOVED_TO | IN_ISDIR, next(_cookies))
         rig.watcher.process_due()  # reads both: d-back watched (d's watches), not scanned yet
@@ -981,6 +991,8 @@ def test_exchange_inside_a_directory_moved_out_and_back_before_its_scan(
         rig.created("d-back/e/new.jpg")
         write(rig.p("d-back/x/y/new.jpg"), "new in y")
         rig.created("d-back/x/y/new.jpg")
+        write(rig.p("d-back/sub2/new.jpg"), "new in sub2")
+        rig.created("d-back/sub2/new.jpg")
         rig.watcher.flush()
         rig.assert_exact()
     finally:
