@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -939,6 +940,63 @@ def test_subdirectory_renamed_out_of_a_moved_in_tree_before_its_scan(rig: Rig) -
     rig.renamed("tree/sub", "elsewhere", is_dir=True)
     rig.watcher.flush()
     rig.assert_exact()
+
+
+def test_exchange_inside_a_directory_moved_out_and_back_before_its_scan(
+    tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mv d /elsewhere && mv /elsewhere d-back``, then ``renameat2(RENAME_EXCHANGE)`` of
+    two of its subdirectories, read before the move out's pair wait ends (found by the
+    model-based test under load). Watching ``d-back`` gives its directories the watches
+    they had (a watch follows the inode): the exchange's events, read right after the
+    arrival, must be applied then, not held back with the unpaired IN_MOVED_FROM of ``d``
+    until it expires, by when the subtree's listing has already seen the exchanged disk
+    (replayed then, the exchange swapped the records back to the wrong sides, and the
+    watches with them)."""
+    # The pair wait outlasts the test: the move out is only known at the final flush.
+    monkeypatch.setattr("fsledger.watch.watcher.PAIR_WAIT_S", 60.0)
+    rig = Rig(tmp_path, database_url=store_url, debounce_s=0.05)
+    try:
+        write(rig.p("d/e/a.jpg"), "a" * 30)
+        write(rig.p("d/e/g.jpg"), "g" * 40)
+        write(rig.p("d/x/y/deep.jpg"), "deep" * 10)
+        write(rig.p("d/top.jpg"), "top")
+        write(rig.p("d/sub/s.jpg"), "sub")
+        rig.start()
+        time.sleep(0.1)  # every file quiet for the debounce: listed files are recorded at once
+        d_wd = rig.wd("d")
+        os.rename(rig.p("d"), rig.outside / "parked")
+        rig.emit("d", IN_MOVED_FROM | IN_ISDIR, next(_cookies))
+        # Changed while outside: events of its watches, held back with the move out; the
+        # listing of d-back is what records what they did.
+        write(rig.outside / "parked/added-outside.jpg", "added outside")
+        for mask in (IN_CREATE, IN_MODIFY, IN_CLOSE_WRITE):
+            rig.backend.emit(d_wd, mask, b"added-outside.jpg")
+        os.rename(rig.outside / "parked/sub", rig.outside / "parked/sub2")
+        cookie = next(_cookies)
+        rig.backend.emit(d_wd, IN_MOVED_FROM | IN_ISDIR, b"sub", cookie)
+        rig.backend.emit(d_wd, IN_MOVED_TO | IN_ISDIR, b"sub2", cookie)
+        os.rename(rig.outside / "parked", rig.p("d-back"))
+        rig.emit("d-back", IN_MOVED_TO | IN_ISDIR, next(_cookies))
+        rig.watcher.process_due()  # reads both: d-back watched (d's watches), not scanned yet
+        exchange(rig.p("d-back/e"), rig.p("d-back/x/y"))
+        rig.renamed("d-back/e", "d-back/x/y", is_dir=True)
+        rig.renamed("d-back/x/y", "d-back/e", is_dir=True)
+        time.sleep(0.1)  # the check of d-back is due
+        rig.watcher.process_due()  # reads the exchange, lists d-back
+        rig.watcher.flush()  # the move out of d expires
+        rig.assert_exact()
+        # The watches name the right directories: a file written into each side lands there.
+        write(rig.p("d-back/e/new.jpg"), "new in e")
+        rig.created("d-back/e/new.jpg")
+        write(rig.p("d-back/x/y/new.jpg"), "new in y")
+        rig.created("d-back/x/y/new.jpg")
+        write(rig.p("d-back/sub2/new.jpg"), "new in sub2")
+        rig.created("d-back/sub2/new.jpg")
+        rig.watcher.flush()
+        rig.assert_exact()
+    finally:
+        rig.close()
 
 
 def test_rename_inside_a_directory_renamed_again_in_the_same_batch(rig: Rig) -> None:

@@ -379,11 +379,34 @@ class EventInterpreter:
         then reconcile it, so nothing created before the watch landed is missed."""
         self.tree.watch(state, rel)
         self.update_metrics()
+        self._rewatched(state, rel, now)
         wd = state.index.by_path.get(rel)
         if wd is not None:
             state.pending.check_wd(wd, now + self.settle_s)
         else:
             state.pending.check_path(rel, now + self.settle_s)
+
+    def _rewatched(self, state: RepoWatch, rel: RelPath, now: float) -> None:
+        """Watches of the arrived subtree ``rel`` that were frozen: a directory moved out
+        (its IN_MOVED_FROM unpaired) and back under another name within the pair wait
+        (``mv d /elsewhere && mv /elsewhere d-back``) keeps its watches, as a watch follows
+        the inode and watching it again returns the same descriptor. They name paths below
+        ``rel`` now, and the check just queued makes ``rel`` true from the disk as it is
+        after the walk that watched it, so:
+
+        * the events held back for them came before the arrival, and that disk already
+          shows what they did: replayed when the move out expires, a rename among them
+          (an exchange of two of its subdirectories) would be applied to records and
+          watches that reflect it already, swapping both back (the records then name
+          the wrong side, and pending paths resolve to the wrong directory): dropped;
+        * the events that follow the arrival are about ``rel`` as watched now: read in
+          order as any other, not held back until the move out expires, which would let
+          a pass list the subtree in between and their renames be applied after it."""
+        wds = {wd for _, wd in state.index.subtree_wds(rel)}
+        if not wds & self.frozen:
+            return
+        self.deferred = [ev for ev in self.deferred if ev.wd not in wds]
+        self._refreeze(now)
 
     def _dir_readable(self, state: RepoWatch, rel: RelPath, now: float) -> None:
         """The mode (or owner, ACL) of a directory that could not be watched or listed, or
