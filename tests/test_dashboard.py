@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -273,4 +274,71 @@ def test_token_asked_once_and_phone_width(tmp_path: Path) -> None:
         assert width <= 390, width
         box = page.locator(".card").bounding_box()
         assert box is not None and box["width"] > 330
+        assert errors == []
+
+
+def test_mirrors_table(
+    tmp_path: Path, s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each mirror of the ledger (real SeaweedFS): its bucket, state and reason, cursor lag,
+    counters and last error, names shown as text; the table appears with the first mirror
+    and follows the mirror as it catches up."""
+    from fsledger.model import MirrorCounters, MirrorState
+    from fsledger.s3.mirrors import Mirrors
+
+    env = s3_server.env()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    root = tmp_path / "photos"
+    make_tree(root, 2, 3)
+    (root / XSS).write_bytes(b"markup in a name stays text")
+    with site(tmp_path, {"holiday": root}, watch=False) as s, chromium() as browser:
+        repo = s.repos["holiday"]
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors = _errors(page)
+        page.goto(s.base + "/")
+        expect(page.locator("#connection")).to_have_text("live", timeout=20_000)
+        expect(page.locator("#mirrors-section")).to_be_hidden()  # no mirror yet
+
+        mirrors = Mirrors(s.ledger)
+        synced = mirrors.add("holiday", f"s3://{s3_bucket}/backup", s3_server.endpoint)
+        assert mirrors.sync(str(synced.id)).counters.uploaded == 7
+        (root / "2000-01" / "late.jpg").write_bytes(b"after the sync")
+        s.ledger.scan(repo)
+        lag = s.ledger.store.latest_seq() - (mirrors.get(str(synced.id)).cursor_seq or 0)
+        assert lag > 0
+        # A paused mirror whose reason and error carry markup: they stay text.
+        stuck = mirrors.add("holiday", f"s3://{s3_bucket}/other", s3_server.endpoint, check=False)
+        s.ledger.store.set_mirror_state(stuck.id, MirrorState.PAUSED, "paused by " + XSS)
+        s.ledger.store.advance_mirror(stuck.id, None, MirrorCounters(errors=1), "reading " + XSS)
+
+        expect(page.locator("#mirrors-section")).to_be_visible(timeout=15_000)  # next refresh
+        rows = page.locator("#mirrors tbody tr")
+        expect(rows).to_have_count(2)
+        first = page.locator(f"#mirrors tr[data-mirror-id='{synced.id}']")
+        expect(first.locator("td.repo")).to_have_text("holiday")
+        expect(first.locator("td.bucket")).to_have_text(f"s3://{s3_bucket}/backup")
+        expect(first.locator(".badge.state")).to_have_text("active")
+        expect(first.locator(".reason")).to_be_hidden()
+        expect(first.locator("td.lag")).to_have_text(str(lag))
+        expect(first.locator("td.uploaded")).to_have_text("7")
+        expect(first.locator("td.copied")).to_have_text("0")
+        expect(first.locator("td.deleted")).to_have_text("0")
+        expect(first.locator("td.errors")).to_have_text("0")
+        expect(first.locator("td.last-error")).to_have_text("")
+
+        second = page.locator(f"#mirrors tr[data-mirror-id='{stuck.id}']")
+        expect(second.locator(".badge.state")).to_have_text("paused")
+        expect(second.locator(".reason")).to_have_text("paused by " + XSS)
+        expect(second.locator("td.lag")).to_have_text("not synced")
+        expect(second.locator("td.errors")).to_have_text("1")
+        expect(second.locator("td.last-error")).to_have_text("reading " + XSS)
+        assert page.locator("#mirrors img").count() == 0
+
+        # The mirror catches up: the page follows at its next refresh.
+        assert mirrors.sync(str(synced.id)).counters.uploaded == 8
+        expect(first.locator("td.lag")).to_have_text("0", timeout=15_000)
+        expect(first.locator("td.uploaded")).to_have_text("8")
+        assert page.evaluate("window.pwned") is None
         assert errors == []

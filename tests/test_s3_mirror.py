@@ -612,3 +612,41 @@ def test_cli_add_list_remove_and_a_removed_repository_pauses_its_mirror(
     assert invoke("mirror", "remove", f"s3://{s3_bucket}/a").exit_code == 0
     assert json.loads(invoke("mirror", "list", "--json").stdout)["mirrors"] == []
     assert invoke("mirror", "remove", added["id"]).exit_code == 2
+
+
+def test_running_mirror_wakes_on_the_feed_hub(
+    ledger: Ledger, photos: Path, s3_server: Any, s3_bucket: str, aws_env: dict[str, str]
+) -> None:
+    """Under ``fsledger run`` an idle runner waits on the feed hub: a change is mirrored as
+    soon as the hub hears of it, not at the next poll (HUB_WAIT_S); stopping wakes it."""
+    from fsledger.feed import FeedHub
+    from fsledger.s3.mirror import HUB_WAIT_S
+
+    client = s3_server.client()
+    repo = ledger.add_repository(str(photos), "photos")
+    ledger.scan(repo)
+    mirror = Mirrors(ledger).add("photos", f"s3://{s3_bucket}/live", s3_server.endpoint)
+    hub = FeedHub(ledger, poll_s=60.0)  # no poll: only the writers' news wakes readers
+    hub.start()
+    runner = Mirrors(ledger).runner(mirror, concurrency=2, hub=hub)
+    runner.start()
+    try:
+        wait_until("the first sync", lambda: runner.stats.state == "idle", timeout=60)
+        time.sleep(0.3)  # waiting on the hub now
+        (photos / "late.jpg").write_bytes(b"late")
+        t0 = time.monotonic()
+        ledger.scan(repo)  # this process's writer: the hub hears of it at once
+        head = ledger.store.latest_seq()
+        wait_until(
+            "the cursor at the head",
+            lambda: (ledger.store.get_mirror(mirror.id).cursor_seq or 0) >= head,  # type: ignore[union-attr]
+            timeout=HUB_WAIT_S - 1,
+            every=0.05,
+        )
+        assert time.monotonic() - t0 < HUB_WAIT_S - 1
+        assert bucket_state(client, s3_bucket, "live/") == disk_state(photos)
+    finally:
+        t1 = time.monotonic()
+        runner.stop()
+        hub.stop()
+    assert time.monotonic() - t1 < HUB_WAIT_S - 1  # stop wakes the waiting runner

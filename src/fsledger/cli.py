@@ -1091,7 +1091,11 @@ def run(
             "up within seconds) or 'make run PHOTOS=PATH'"
         )
     manager.start()
-    supervisor = None if once else _mirror_supervisor(ledger, manager)
+    supervisor = (
+        None
+        if once
+        else _mirror_supervisor(ledger, manager, service.hub if service is not None else None)
+    )
     try:
         if service is not None:
             service.start()
@@ -1109,12 +1113,12 @@ def run(
         manager.stop()
 
 
-def _mirror_supervisor(ledger: Ledger, manager: Any) -> Any:
+def _mirror_supervisor(ledger: Ledger, manager: Any, hub: Any) -> Any:
     """Runs the mirrors (if any: the s3 extra is only needed then) of the repositories this
-    daemon owns."""
+    daemon owns; they wake on the feed hub's news."""
     from fsledger.s3.mirrors import MirrorSupervisor
 
-    supervisor = MirrorSupervisor(ledger, manager.owns)
+    supervisor = MirrorSupervisor(ledger, manager.owns, hub=hub)
     supervisor.start()
     manager.mirrors = supervisor
     return supervisor

@@ -53,7 +53,7 @@ from uuid import UUID
 
 from fsledger.beneath import Beneath
 from fsledger.errors import ConfigError, ResyncNeeded, StoreError
-from fsledger.feed import Cursor, Feed
+from fsledger.feed import Cursor, Feed, FeedHub
 from fsledger.hashing import ALGORITHMS
 from fsledger.model import (
     ChangeKind,
@@ -80,6 +80,10 @@ RECENT_S = 60.0
 """Deletions done within this window count with the pending ones against ``max_delete``."""
 DELETE_BATCH = 1000
 """Keys per DeleteObjects request (S3's limit)."""
+IDLE_POLL_S = 0.5
+"""How often a runner without a feed hub (or a paused one) looks again."""
+HUB_WAIT_S = 5.0
+"""The longest an idle runner waits on the feed hub before it looks anyway."""
 
 
 # --- what to do: pure ----------------------------------------------------------------------
@@ -319,10 +323,17 @@ class MirrorRunner:
         mirror_id: which mirror.
         concurrency: requests in flight at most (``RECONCILIATION_MAX_CONCURRENCY``).
         client: a boto3 S3 client (tests); one from the AWS chain when omitted.
+        hub: the daemon's ``FeedHub``: an idle runner waits on it and wakes the moment the
+            feed grows (else it polls the feed every ``IDLE_POLL_S``).
     """
 
     def __init__(
-        self, store: Store, mirror_id: UUID, concurrency: int = 4, client: Any = None
+        self,
+        store: Store,
+        mirror_id: UUID,
+        concurrency: int = 4,
+        client: Any = None,
+        hub: FeedHub | None = None,
     ) -> None:
         mirror = store.get_mirror(mirror_id)
         if mirror is None:
@@ -342,6 +353,9 @@ class MirrorRunner:
         self._open_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.hub = hub
+        self._head = 0
+        """The feed's newest seq when the last step found nothing to do."""
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -352,6 +366,8 @@ class MirrorRunner:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        if self.hub is not None:
+            self.hub.wake()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -371,7 +387,16 @@ class MirrorRunner:
                 self._stop.wait(min(30.0, 0.5 * 2**failures))
                 continue
             if not busy:
-                self._stop.wait(0.5)
+                self._idle()
+
+    def _idle(self) -> None:
+        """Wait for work: until the feed grows past what the last step saw (the hub wakes
+        this at once), or ``IDLE_POLL_S`` (a paused mirror may be resumed, an offline
+        repository come back: those are not feed entries)."""
+        if self.hub is not None and self.stats.state == "idle":
+            self.hub.wait(self._head, HUB_WAIT_S, cancel=self._stop)
+        else:
+            self._stop.wait(IDLE_POLL_S)
 
     def sync(self, timeout: float | None = None) -> Mirror:
         """Act until the mirror has caught up with the feed (or is paused); for the CLI and
@@ -413,8 +438,10 @@ class MirrorRunner:
             log.warning("Mirror %s: %s; comparing the bucket in full", self.location, exc)
             self.full_sync(repair=True)
             return True
-        self.stats.backlog = max(0, self.store.latest_seq() - since.seq)
+        head = self.store.latest_seq()
+        self.stats.backlog = max(0, head - since.seq)
         if not page.entries:
+            self._head = head
             if page.cursor.seq != since.seq:
                 self.store.advance_mirror(
                     mirror.id, (page.cursor.seq, page.cursor.tag or 0), MirrorCounters()

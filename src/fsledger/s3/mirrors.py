@@ -22,6 +22,7 @@ from fsledger.model import Mirror, MirrorCounters, MirrorState
 from fsledger.s3.location import S3Location, is_s3_url
 
 if TYPE_CHECKING:
+    from fsledger.feed import FeedHub
     from fsledger.ledger import Ledger
     from fsledger.s3.mirror import Comparison, MirrorRunner
 
@@ -187,11 +188,13 @@ class Mirrors:
             )
         return out
 
-    def runner(self, mirror: Mirror, concurrency: int | None = None) -> MirrorRunner:
+    def runner(
+        self, mirror: Mirror, concurrency: int | None = None, hub: FeedHub | None = None
+    ) -> MirrorRunner:
         from fsledger.s3.mirror import MirrorRunner
 
         return MirrorRunner(
-            self.store, mirror.id, concurrency or self.ledger.settings.max_concurrency
+            self.store, mirror.id, concurrency or self.ledger.settings.max_concurrency, hub=hub
         )
 
     def sync(self, ref: str, timeout: float | None = None) -> Mirror:
@@ -222,8 +225,10 @@ class MirrorSupervisor:
         ledger: Ledger,
         owns: Callable[[UUID], bool],
         poll_s: float = 2.0,
+        hub: FeedHub | None = None,
     ) -> None:
         self.mirrors = Mirrors(ledger)
+        self.hub = hub
         self.owns = owns
         self.poll_s = poll_s
         self.runners: dict[UUID, MirrorRunner] = {}
@@ -285,7 +290,7 @@ class MirrorSupervisor:
                 if mid in self.runners:
                     continue
             try:
-                runner = self.mirrors.runner(mirror)
+                runner = self.mirrors.runner(mirror, hub=self.hub)
             except FsledgerError as exc:
                 log.error("Mirror %s cannot run: %s", mirror.url, exc)
                 continue

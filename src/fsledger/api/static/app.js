@@ -358,6 +358,39 @@ async function loadRecentChanges() {
   return page.cursor;
 }
 
+// --- mirrors to buckets ----------------------------------------------------------------
+function mirrorRow(m) {
+  const c = m.counters || {};
+  const tr = el("tr", null, "mirror state-" + m.state);
+  tr.dataset.mirrorId = m.id;
+  const bucket = el("td", m.url, "path bucket");
+  if (m.endpoint_url) bucket.title = m.endpoint_url;
+  const stateCell = el("td", null, "mirror-state");
+  const live = m.live ? m.live.state : null;
+  stateCell.append(el("span", m.state, "badge state"));
+  if (live && live !== m.state) stateCell.append(" ", el("span", live, "live"));
+  const reason = el("div", m.reason || "", "reason");
+  reason.hidden = !m.reason;
+  stateCell.append(reason);
+  const lag = el("td", m.synced ? count(m.backlog) : "not synced", "num lag");
+  lag.title = m.cursor_seq === null ? "no cursor yet" : "cursor at #" + m.cursor_seq;
+  const uploaded = el("td", count(c.uploaded), "num uploaded");
+  uploaded.title = bytes(c.uploaded_bytes);
+  const error = el("td", m.last_error || "", "message last-error");
+  if (m.last_error_at) error.title = new Date(m.last_error_at).toLocaleString();
+  tr.append(el("td", m.repository, "repo"), bucket, stateCell, lag, uploaded,
+    el("td", count(c.copied), "num copied"), el("td", count(c.deleted), "num deleted"),
+    el("td", count(c.errors), "num errors" + (c.errors ? " bad" : "")), error);
+  return tr;
+}
+
+async function loadMirrors() {
+  const answer = await api("/api/v1/mirrors");
+  const mirrors = answer.mirrors || [];
+  document.getElementById("mirrors-section").hidden = mirrors.length === 0;
+  document.querySelector("#mirrors tbody").replaceChildren(...mirrors.map(mirrorRow));
+}
+
 // --- operations ----------------------------------------------------------------------
 async function loadOperations() {
   const q = new URLSearchParams({ limit: "50" });
@@ -506,7 +539,10 @@ async function guard(promise) {
 async function refresh() {
   await guard((async () => {
     await loadRepositories();
-    if (view() === "overview") await loadOperations();
+    if (view() === "overview") {
+      await loadMirrors();
+      await loadOperations();
+    }
   })());
 }
 
@@ -591,6 +627,7 @@ async function start() {
     await loadRepositories();
     const cursor = await loadRecentChanges();
     stream(cursor);
+    await loadMirrors();
     await loadOperations();
     await loadActivity();
   } catch (err) {
