@@ -411,6 +411,41 @@ def test_healthz(http: TestClient) -> None:
     assert r.status_code == 200 and r.json()["status"] == "ok"
 
 
+def test_served_connections_send_without_waiting_for_acks(ledger: Ledger) -> None:
+    """Every accepted connection has TCP_NODELAY: uvicorn writes a response's head and body
+    apart, and under Nagle a kept-alive client (httpx, a browser) waited out its delayed ACK
+    (40 ms) on every response. Checked on the server's own accepted socket."""
+    import socket
+
+    import httpx
+
+    service = Service(ledger, None, ledger.settings, listen="127.0.0.1:0")
+    service.bind()
+    service.start()
+    try:
+        host, port = service.address
+        with httpx.Client(base_url=f"http://{host}:{port}") as client:
+            assert client.get("/healthz").status_code == 200
+            accepted = []
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    sock = socket.socket(fileno=os.dup(int(fd)))
+                except OSError:
+                    continue
+                with sock:
+                    if sock.type != socket.SOCK_STREAM or sock.family != socket.AF_INET:
+                        continue
+                    try:
+                        local, peer = sock.getsockname(), sock.getpeername()
+                    except OSError:
+                        continue  # the listener: no peer
+                    if local[1] == port and peer[1] != port:
+                        accepted.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            assert accepted and all(accepted), accepted
+    finally:
+        service.stop()
+
+
 # --- security ---------------------------------------------------------------------------------
 def test_beyond_loopback_needs_a_token(ledger: Ledger) -> None:
     for listen in ("0.0.0.0:8750", "192.0.2.1:80", "[::]:8750", "example.com:8750"):

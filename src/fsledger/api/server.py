@@ -153,6 +153,9 @@ class Service:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         try:
             self._sock = socket.create_server((self.host, self.port), family=family, backlog=128)
+            # Connections inherit it: without, a kept-alive client (httpx, a browser) waited
+            # for its delayed ACK (40 ms) on every response uvicorn writes in two pieces.
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}; pick another "
