@@ -659,15 +659,20 @@ class _Run:
         if len(self.chunk) >= CHUNK_FILES or self.chunk_bytes >= CHUNK_BYTES:
             self._dispatch_chunk(final=False)
 
-    def _dispatch_chunk(self, final: bool) -> None:
+    def _take_chunk(self) -> list[_Job]:
+        """Empty the chunk: moves detected, the jobs hashed already (by whoever computed
+        their range) finished; what is left to hash."""
         jobs, self.chunk, self.chunk_bytes = self.chunk, [], 0
         if not jobs:
-            return
+            return []
         jobs = self._detect_moves(jobs)
-        if any(j.hashed is not None for j in jobs):
-            done = [j for j in jobs if j.hashed is not None]
+        done = [j for j in jobs if j.hashed is not None]
+        if done:
             self._finish_jobs(done, [j.hashed for j in done if j.hashed is not None])
-            jobs = [j for j in jobs if j.hashed is None]
+        return [j for j in jobs if j.hashed is None]
+
+    def _dispatch_chunk(self, final: bool) -> None:
+        jobs = self._take_chunk()
         if not jobs:
             return
         paths = [j.entry.path for j in jobs]

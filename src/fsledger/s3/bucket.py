@@ -728,15 +728,7 @@ class _BucketRun(_Run):
         super()._take_range(result)
 
     def _dispatch_chunk(self, final: bool) -> None:
-        jobs, self.chunk, self.chunk_bytes = self.chunk, [], 0
-        if not jobs:
-            return
-        jobs = self._detect_moves(jobs)
-        if any(j.hashed is not None for j in jobs):
-            # Hashed already by whoever computed their range.
-            done = [j for j in jobs if j.hashed is not None]
-            self._finish_jobs(done, [j.hashed for j in done if j.hashed is not None])
-            jobs = [j for j in jobs if j.hashed is None]
+        jobs = self._take_chunk()
         if not jobs:
             return
         algo = self.algo
