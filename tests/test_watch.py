@@ -37,6 +37,7 @@ from fsledger.watch.backend import (
     IN_MOVED_TO,
     IN_UNMOUNT,
 )
+from scenario_support import follow_identities
 from support import assert_exact, ledger_state, wait_for
 from treeutil import FakeMounts
 from watch_support import digest_of, exchange, write
@@ -1079,3 +1080,58 @@ def test_an_event_between_the_halves_of_a_directory_rename(rig: Rig) -> None:
     rig.watcher.flush()
     rig.assert_exact()
     assert (ChangeKind.DIR_MOVED, b"Z", b"X") in rig.kinds()
+
+
+def test_a_rename_cycle_read_in_two_parts_keeps_every_identity(rig: Rig) -> None:
+    """Watchman's rename cycle a -> t, c -> a, b -> c, t -> b with the reader behind: a pass
+    takes the first two renames while the last two are still in the kernel queue. ``a -> t``
+    finds ``t`` gone (moved on to ``b``) and waits for its next hop; ``c -> a``, which would
+    replace the record ``a -> t`` still has to carry, must wait with it (it was written alone
+    once: ``dir1/a.jpg`` then reached ``b`` as a file created anew)."""
+    write(rig.p("dir1/a.jpg"), b"a" * 100)
+    write(rig.p("dir1/b.jpg"), b"b" * 200)
+    write(rig.p("dir2/c.jpg"), b"c" * 300)
+    rig.start()
+    before = rig.state()
+    os.rename(rig.p("dir1/a.jpg"), rig.p("dir1/t"))
+    os.rename(rig.p("dir2/c.jpg"), rig.p("dir1/a.jpg"))
+    os.rename(rig.p("dir1/b.jpg"), rig.p("dir2/c.jpg"))
+    os.rename(rig.p("dir1/t"), rig.p("dir1/b.jpg"))
+    rig.renamed("dir1/a.jpg", "dir1/t")
+    rig.renamed("dir2/c.jpg", "dir1/a.jpg")
+    rig.watcher._drain(expire=False)  # the reader has read these two
+    rig.renamed("dir1/b.jpg", "dir2/c.jpg")  # queued, not read yet
+    rig.renamed("dir1/t", "dir1/b.jpg")
+    rig.watcher._process(force=False)  # the file renames are due at once
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert {k for k, _, _ in rig.kinds()} == {ChangeKind.MOVED}, rig.kinds()
+    paths = [b"dir1/a.jpg", b"dir1/b.jpg", b"dir2/c.jpg"]
+    assert follow_identities({p: p for p in paths}, rig.feed()) == {
+        b"dir1/b.jpg": b"dir1/a.jpg",
+        b"dir1/a.jpg": b"dir2/c.jpg",
+        b"dir2/c.jpg": b"dir1/b.jpg",
+    }
+    after = rig.state()
+    assert after[b"dir1/b.jpg"] == before[b"dir1/a.jpg"]
+    assert after[b"dir1/a.jpg"] == before[b"dir2/c.jpg"]
+    assert after[b"dir2/c.jpg"] == before[b"dir1/b.jpg"]
+
+
+def test_a_put_back_rename_whose_file_was_deleted_lets_the_rest_through(rig: Rig) -> None:
+    """The file of a rename that waits for its next hop was deleted instead: the rename is
+    dropped on the next pass, and the renames that waited with it are written."""
+    write(rig.p("a.jpg"), b"a" * 10)
+    write(rig.p("c.jpg"), b"c" * 30)
+    rig.start()
+    os.rename(rig.p("a.jpg"), rig.p("t"))
+    os.rename(rig.p("c.jpg"), rig.p("a.jpg"))
+    os.unlink(rig.p("t"))
+    rig.renamed("a.jpg", "t")
+    rig.renamed("c.jpg", "a.jpg")
+    rig.watcher._drain(expire=False)
+    rig.emit("t", IN_DELETE)
+    rig.watcher._process(force=False)
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert (ChangeKind.MOVED, b"a.jpg", b"c.jpg") in rig.kinds()

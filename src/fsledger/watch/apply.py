@@ -54,6 +54,7 @@ from fsledger.watch.state import (
     Dirty,
     DirtyJob,
     FileMove,
+    MoveJob,
     RepoWatch,
     Work,
     below,
@@ -265,55 +266,94 @@ class Applier:
 
     # --- 2. file renames -------------------------------------------------------------------
     def _file_moves(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:
+        """Write the file renames of this pass as one set (``apply_moves`` orders a swap or a
+        cycle). A rename whose file has moved on again (``a -> t`` read, ``t -> b`` done on
+        disk but maybe not read yet) waits for its next hop, and with it every rename that
+        shares a path with it (``c -> a`` would replace the record ``a -> t`` still has to
+        carry) and every dirty look at one of those paths: writing part of an entangled set
+        loses the identity of the file that waits."""
         changes: list[Change] = []
         now = utcnow()
         sources = [job.src for job in work.moves if job.src is not None]
         records = self.store.get_records(repo.id, sources)  # as before any of them is written
         rule = self._rule()
-        moved_on: list[FileMove] = []
+        looked: list[tuple[MoveJob, os.stat_result | None]] = []
+        moved_on: list[MoveJob] = []
         with _Tree(repo.repo.root) as tree:
             for job in work.moves:
                 src, dst = job.src, job.dst
-                if src is None or dst is None or src == dst:
-                    continue
-                old = records.get(src)
-                if old is None:
+                if src is None or dst is None or src == dst or src not in records:
                     continue
                 st = tree.lstat(dst)
                 if st is None and not job.move.retried:
-                    # Renamed on again (a -> t, then t -> b) before this pass looked, and the
-                    # next rename may not be read yet: put it back, to join the next hop.
-                    moved_on.append(job.move)
-                    continue
-                if st is None or not stat_mod.S_ISREG(st.st_mode):
-                    continue
-                stat = FileStat.from_stat(st)
-                if not decide.is_move_of(old, dst, stat, rule):
-                    continue  # not the same content any more: the dirty look at dst decides
-                record = FileRecord(dst, stat, old.digest, now)
-                changes.append(Change(ChangeKind.MOVED, dst, record, old_path=src))
+                    # Renamed on again before this pass looked: put back, to join its next hop.
+                    moved_on.append(job)
+                looked.append((job, st))
+        held: list[MoveJob] = []
+        if moved_on:
+            if self.catch_up is not None:
+                # The next hop happened before our lstat: its events are queued already.
+                # Read them, so that the put-back below joins it now.
+                self.catch_up()
+            held = _entangled(work.moves, moved_on)
+        held_ids = {id(job) for job in held}
+        for job, st in looked:
+            if id(job) in held_ids or st is None or not stat_mod.S_ISREG(st.st_mode):
+                continue
+            src, dst = job.src, job.dst
+            assert src is not None and dst is not None
+            old = records[src]
+            stat = FileStat.from_stat(st)
+            if not decide.is_move_of(old, dst, stat, rule):
+                continue  # not the same content any more: the dirty look at dst decides
+            record = FileRecord(dst, stat, old.digest, now)
+            changes.append(Change(ChangeKind.MOVED, dst, record, old_path=src))
+        if held:
+            self._put_back_moves(repo, held, {id(job.move) for job in moved_on}, work)
         if changes:
             # In an order that never replaces a record still to move (a swap, a cycle).
             self._committed(repo, repo.writer.apply_moves(changes), stats)
         work.moves = []
-        if moved_on:
-            self._put_back_moves(repo, moved_on)
 
-    def _put_back_moves(self, repo: RepoWatch, moves: list[FileMove]) -> None:
-        """File moves whose file had moved on again go back to the pending work, once: a
-        later hop from their target (read now or soon) joins them into one move, as the
-        event reader joins hops it reads together."""
+    def _put_back_moves(
+        self, repo: RepoWatch, held: list[MoveJob], moved_on: set[int], work: Work
+    ) -> None:
+        """Put file renames back into the pending work, in their order, ahead of what was
+        read since (caller does not hold the lock). Those whose file had moved on
+        (``moved_on``: ids of their ``FileMove``) are put back once: a later hop from their
+        target joins them into one move, as the event reader joins hops it reads together;
+        without one (the file was deleted) the next pass drops them. The dirty looks of
+        this pass at any of their paths wait with them: a look now would write a half-done
+        cycle (a file recorded anew at the name another file still has to leave)."""
+        keys = {k for job in held for k in (job.move.src, job.move.dst)}
+        paths = {p for job in held for p in (job.src, job.dst) if p is not None}
         with self.lock:
-            pending = repo.pending.file_moves
-            for move in moves:
+            pending = repo.pending
+            back: list[FileMove] = []
+            for job in held:
+                move = job.move
+                if id(move) not in moved_on:
+                    back.append(move)
+                    continue
                 move.retried = True
-                later = next((m for m in pending if m.src == move.dst), None)
+                later = next((m for m in pending.file_moves if m.src == move.dst), None)
                 if later is not None:
+                    # Joined with its next hop: progress, so it may wait again.
                     later.src = move.src
-                    later.retried = True
+                    later.retried = False
                 else:
-                    pending.insert(0, move)
-            repo.pending.mark(moves[0].dst, time.monotonic() + self.settle_s)
+                    back.append(move)
+            pending.file_moves[:0] = back
+            due = time.monotonic() + self.settle_s
+            for key in keys:
+                pending.requeue(key, due)
+            kept: list[DirtyJob] = []
+            for job in work.dirty:
+                if job.key is not None and (job.key in keys or job.path in paths):
+                    pending.requeue(job.key, due, job.dirty)
+                else:
+                    kept.append(job)
+            work.dirty = kept
 
     def _rule(self) -> decide.LookRule:
         return decide.LookRule(self.settings.hash_algo, self.settings.calculate_hashes)
@@ -799,6 +839,28 @@ class _Tree:
         if self._tree is None:
             return HashOutcome(None, error=str(self._error))
         return hash_below(self._tree, rel, algo, threads, expect)
+
+
+def _entangled(moves: list[MoveJob], seeds: list[MoveJob]) -> list[MoveJob]:
+    """The renames of ``moves`` (in order) that share a path with ``seeds``, directly or
+    through other renames: a set that must be written together or not at all."""
+    names: set[object] = set()
+    for job in seeds:
+        names.update((job.move.src, job.move.dst, job.src, job.dst))
+    names.discard(None)
+    held = {id(job) for job in seeds}
+    grown = True
+    while grown:
+        grown = False
+        for job in moves:
+            if id(job) in held:
+                continue
+            mine = {job.move.src, job.move.dst, job.src, job.dst} - {None}
+            if mine & names:
+                held.add(id(job))
+                names |= mine
+                grown = True
+    return [job for job in moves if id(job) in held]
 
 
 def _units(moves: list[DirMove]) -> list[list[DirMove]]:

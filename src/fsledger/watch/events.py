@@ -295,6 +295,7 @@ class EventInterpreter:
         for move in reversed(moves):
             if move.dst == src.key:  # a -> b, then b -> c: one move a -> c
                 move.dst = key
+                move.retried = False  # its next hop came: it may wait for another
                 break
         else:
             moves.append(FileMove(src.key, key))
