@@ -252,6 +252,26 @@ def test_events_for_ignored_names_never_reach_the_store(rig: Rig) -> None:
     rig.assert_exact()
 
 
+def test_a_write_through_an_ignored_hard_link_refreshes_the_recorded_name(rig: Rig) -> None:
+    """inotify names only the name written: through an ignored link (``.hidden``) of a
+    recorded file, that is the only event, and it must not be dropped unseen. A plain
+    ignored file (one link) costs one lstat and changes nothing."""
+    write(rig.p("a/photo.jpg"), "pixels")
+    os.link(rig.p("a/photo.jpg"), rig.p("a/.hidden"))
+    write(rig.p("a/.plain"), "ignored, one link")
+    rig.start()
+    with open(rig.p("a/.hidden"), "ab") as fh:
+        fh.write(b", edited")
+    rig.emit("a/.hidden", IN_MODIFY)
+    rig.emit("a/.hidden", IN_CLOSE_WRITE)
+    write(rig.p("a/.plain"), "ignored, edited")
+    rig.emit("a/.plain", IN_CLOSE_WRITE)
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert rig.kinds() == [(ChangeKind.MODIFIED, b"a/photo.jpg", None)]
+    assert set(rig.state()) == {b"a/photo.jpg"}
+
+
 def test_rsync_style_hidden_temp_renamed_into_place(rig: Rig) -> None:
     rig.start()
     write(rig.p(".photo.jpg.Xa81k"), "synced content")

@@ -560,6 +560,52 @@ def test_a_write_through_one_hard_link_refreshes_the_others(live_db: Live) -> No
     ]
 
 
+@pytest.mark.parametrize("how", ["written", "linked", "chmod"])
+def test_a_hard_link_under_an_ignored_name_refreshes_the_recorded_name(
+    live_db: Live, how: str
+) -> None:
+    """``.hidden`` (ignored: never recorded, its events not about itself) is a hard link of
+    the recorded ``photo.jpg``. Writing through it changes photo.jpg, yet inotify names only
+    ``.hidden``; a new link or a chmod through it changes photo.jpg's ctime. The record of
+    photo.jpg follows without a rescan."""
+    lv = live_db
+
+    def tree(root: Path) -> None:
+        write(root / "album/photo.jpg", "original pixels")
+        write(root / "album/other.jpg", "unrelated")
+        if how != "linked":
+            os.link(root / "album/photo.jpg", root / "album/.hidden")
+
+    lv.start(tree)
+    assert lv.repo is not None
+    seq0 = lv.ledger.store.latest_seq()
+    if how == "written":
+        with open(lv.p("album/.hidden"), "ab") as fh:
+            fh.write(b", retouched through the hidden name")
+    elif how == "linked":
+        os.link(lv.p("album/photo.jpg"), lv.p("album/.hidden"))
+    else:
+        os.chmod(lv.p("album/.hidden"), 0o600)
+    repo_id, disk = lv.repo.id, os.lstat(lv.p("album/photo.jpg"))
+
+    def recorded() -> tuple[int, int, int] | None:
+        record = lv.ledger.store.get_records(repo_id, [b"album/photo.jpg"]).get(b"album/photo.jpg")
+        return None if record is None else (record.size, record.stat.mtime_ns, record.stat.ctime_ns)
+
+    # The whole lstat key, ctime included (a new link or a chmod changes only the ctime).
+    wait_for(
+        "photo.jpg's record to follow the write through its ignored link",
+        lambda: recorded() == (disk.st_size, disk.st_mtime_ns, disk.st_ctime_ns),
+        20.0,
+        detail=lambda: f"recorded {recorded()}, disk {disk}",
+    )
+    lv.settle()  # ledger == disk (sizes, mtimes, hashes), from events alone
+    entries = lv.ledger.store.changes_since(seq0, 10_000, lv.repo.id)
+    fed = [(ChangeKind.MODIFIED, b"album/photo.jpg")] if how == "written" else []
+    assert [(e.kind, e.path) for e in entries] == fed  # META is not fed
+    assert b"album/.hidden" not in ledger_state(lv.ledger, lv.repo)
+
+
 UNPRIVILEGED_WATCHER = r"""
 import logging, os, sys
 from fsledger.config import Settings

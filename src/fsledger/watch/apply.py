@@ -121,6 +121,7 @@ class Applier:
         self._dir_moves(repo, work, stats)
         self._file_moves(repo, work, stats)
         self._checks(repo, work, stats)
+        self._links(repo, work)
         self._dirty(repo, work, stats)
 
     # --- 1. directory renames --------------------------------------------------------------
@@ -602,6 +603,39 @@ class Applier:
             self._committed(repo, repo.writer.apply(batch), stats)
 
     # --- 4. dirty paths --------------------------------------------------------------------
+    def _links(self, repo: RepoWatch, work: Work) -> None:
+        """Ignored names an event touched (``Pending.links``): when one is a file with other
+        links, the records with its inode are other names of it, and what the event did
+        (a write through the ignored name, a new link) changed them too. They are looked
+        at in this pass, as dirty paths; the ignored name itself is never recorded."""
+        if not work.links:
+            return
+        hints: dict[int, bool] = {}
+        with _Tree(repo.repo.root) as tree:
+            for job in work.links:
+                try:
+                    st = tree.lstat(job.path)
+                except OSError:
+                    continue  # cannot be looked at: its other names wait for a reconciliation
+                if st is not None and stat_mod.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    hints[st.st_ino] = hints.get(st.st_ino, False) or job.dirty.content
+        work.links = []
+        if not hints:
+            return
+        records = self.store.records_by_inode(repo.id, sorted(hints))
+        if not records:
+            return
+        with self.lock:
+            wds = {r.path: repo.index.by_path.get(parent_of(r.path)) for r in records}
+        work.dirty += [
+            DirtyJob(
+                (wd, r.path.rpartition(b"/")[2]) if (wd := wds[r.path]) is not None else None,
+                r.path,
+                Dirty(0.0, content=hints.get(r.stat.inode, True)),
+            )
+            for r in records
+        ]
+
     def _dirty(self, repo: RepoWatch, work: Work, stats: ScanStats) -> None:
         """Look at the dirty paths a batch at a time: one query for the batch's records, then
         each path's lstat (and hash), then one transaction for what changed."""

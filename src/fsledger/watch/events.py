@@ -37,6 +37,12 @@ from fsledger.watch.tree import WatchTree
 
 log = logging.getLogger(__name__)
 
+LINK_EVENTS = IN_MODIFY | IN_CLOSE_WRITE | IN_ATTRIB | IN_CREATE | IN_MOVED_TO
+"""Events on an ignored file name after which it may be a hard link of a recorded file
+whose content or ctime just changed (written through it, linked, chmod-ed, renamed). A
+deleted or renamed-away name cannot be looked at any more: what its unlink changed (the
+other names' ctime) waits for the next reconciliation."""
+
 
 @dataclass(slots=True)
 class PendingMove:
@@ -155,9 +161,30 @@ class EventInterpreter:
         rel = join(dir_rel, ev.name)
         if state.rules.ignores_name(ev.name, rel):
             self.metrics.events_ignored += 1
+            if not ev.mask & IN_ISDIR and ev.mask & LINK_EVENTS:
+                self._ignored_file(state, ev, now)
             return
         self.metrics.events_processed += 1
         self._path_event(state, ev, rel, now)
+
+    def _ignored_file(self, state: RepoWatch, ev: RawEvent, now: float) -> None:
+        """An event on an ignored file name. Its record is never kept, but the file may be a
+        hard link of a recorded one (``ln photo.jpg .hidden``; an editor writing through
+        the hidden name): its content or ctime changed with this event, and inotify names
+        only the ignored name. It is looked at when it settles, as any path: when it has
+        other links, the records with its inode are looked at (``Applier``)."""
+        mask, key, pending = ev.mask, (ev.wd, ev.name), state.pending
+        content = bool(mask & (IN_MODIFY | IN_CLOSE_WRITE))
+        if mask & IN_CLOSE_WRITE:
+            pending.link(key, now + self.rule.after_close(), content=True, writing=False)
+        elif mask & (IN_MODIFY | IN_CREATE):
+            pending.link(key, now + self.rule.after_write(), content=content, writing=True)
+        elif mask & IN_ATTRIB:
+            current = pending.links.get(key)
+            writing = current is not None and current.writing
+            pending.link(key, now + self.rule.after_attrib(writing), content=False, writing=None)
+        else:  # moved in under an ignored name
+            pending.link(key, now + self.rule.after_close(), content=False, writing=None)
 
     def _refreeze(self, now: float) -> None:
         """Recompute the watches below unpaired directory moves; replay the events held back

@@ -187,11 +187,31 @@ class Pending:
     """Directories to reconcile, by watch (resolved to their path when processed)."""
     check_paths: dict[RelPath, float] = field(default_factory=dict)
     """Directories to reconcile or clear, by path (those no longer watched)."""
+    links: dict[Key, Dirty] = field(default_factory=dict)
+    """Ignored names an event touched: never recorded themselves, but one may be another
+    name (a hard link) of a recorded file, whose content or ctime the event changed while
+    inotify names only the ignored name. Looked up by inode when due."""
 
     def __bool__(self) -> bool:
         return bool(
-            self.dirty or self.dir_moves or self.file_moves or self.check_wds or self.check_paths
+            self.dirty
+            or self.dir_moves
+            or self.file_moves
+            or self.check_wds
+            or self.check_paths
+            or self.links
         )
+
+    def link(self, key: Key, due: float, *, content: bool, writing: bool | None) -> None:
+        """Record an event on an ignored name (see ``links``); the last event decides when."""
+        entry = self.links.get(key)
+        if entry is None:
+            self.links[key] = Dirty(due, content, bool(writing))
+            return
+        entry.due = due
+        entry.content |= content
+        if writing is not None:
+            entry.writing = writing
 
     def mark(
         self,
@@ -244,6 +264,7 @@ class Pending:
         dues = [d.due for d in self.dirty.values()]
         dues += self.check_wds.values()
         dues += self.check_paths.values()
+        dues += [d.due for d in self.links.values()]
         return min(dues) if dues else None
 
 
@@ -277,6 +298,8 @@ class Work:
     moves: list[MoveJob]
     checks: list[Check]
     dirty: list[DirtyJob]
+    links: list[DirtyJob] = field(default_factory=list)
+    """Ignored names to look up by inode (``Pending.links``)."""
     covered: list[RelPath] = field(default_factory=list)
     """Subtrees reconciled in this pass: their dirty paths need no separate look."""
     hashed: dict[RelPath, tuple[FileStat, Digest]] = field(default_factory=dict)
@@ -294,7 +317,13 @@ class Work:
         self.taken_moves = list(self.moves)
 
     def __len__(self) -> int:
-        return len(self.dir_moves) + len(self.moves) + len(self.checks) + len(self.dirty)
+        return (
+            len(self.dir_moves)
+            + len(self.moves)
+            + len(self.checks)
+            + len(self.dirty)
+            + len(self.links)
+        )
 
 
 class RepoWatch:

@@ -457,7 +457,13 @@ class Watcher:
                 del pending.dirty[key]
                 if (path := tree.key_path(key)) is not None:
                     dirty.append(DirtyJob(key, path, entry))
-        work = Work(pending.dir_moves, moves, checks, dirty)
+        links: list[DirtyJob] = []
+        for key, entry in list(pending.links.items()):
+            if ready(entry.due) and key[0] not in frozen_wds:
+                del pending.links[key]
+                if (path := tree.key_path(key)) is not None:
+                    links.append(DirtyJob(key, path, entry))
+        work = Work(pending.dir_moves, moves, checks, dirty, links)
         work.frozen_wds, work.frozen_paths = frozen_wds, frozen_paths
         pending.dir_moves = []
         pending.file_moves = kept_moves
@@ -570,6 +576,10 @@ class Watcher:
         for job in work.dirty:
             if job.key is not None:
                 pending.requeue(job.key, now, job.dirty)
+        for job in work.links:
+            if job.key is not None and job.key not in pending.links:
+                pending.links[job.key] = job.dirty
+                job.dirty.due = now
         self._cond.notify_all()
 
     def _recheck_after_moves(self, state: RepoWatch, work: Work) -> None:
