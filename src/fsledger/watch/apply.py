@@ -349,11 +349,11 @@ class Applier:
             for key in keys:
                 pending.requeue(key, due)
             kept: list[DirtyJob] = []
-            for job in work.dirty:
-                if job.key is not None and (job.key in keys or job.path in paths):
-                    pending.requeue(job.key, due, job.dirty)
+            for look in work.dirty:
+                if look.key is not None and (look.key in keys or look.path in paths):
+                    pending.requeue(look.key, due, look.dirty)
                 else:
-                    kept.append(job)
+                    kept.append(look)
             work.dirty = kept
 
     def _rule(self) -> decide.LookRule:
