@@ -380,7 +380,15 @@ def test_quiet_request_from_another_process_holds_runs_until_it_expires(ledger, 
 
 def test_scheduled_run_waits_while_a_real_cp_runs_then_runs_after(ledger, settings, tmp_path):
     """A real `cp -a` into the watched root (an import) holds the scheduled reconciliation;
-    it runs once the copying is over, and the ledger equals the disk."""
+    it runs once the copying is over, and the ledger equals the disk.
+
+    Deterministic under load: the copying goes on until the wait is recorded (its
+    ``deferral`` row, which a poll cannot miss, unlike the transient status), and the
+    activity window (5 s) is far longer than any gap between two passes of the watcher
+    while ``cp`` runs. The watcher's writes count as activity even while a scheduled
+    reconciliation runs (they once did not: under load, each run of a growing tree took
+    longer than the window, the next one found the library "quiet" and ran at once, and
+    the schedule never waited)."""
     from fsledger.watch import Watcher
 
     source = tmp_path / "import"
@@ -390,7 +398,7 @@ def test_scheduled_run_waits_while_a_real_cp_runs_then_runs_after(ledger, settin
             (source / f"roll{d}" / f"{i}.jpg").write_bytes(b"%d-%d" % (d, i))
     root = make_photos(tmp_path / "photos")
     repo = ledger.add_repository(root)
-    busy = periodic(settings, schedule_busy_changes=30.0, schedule_activity_window_s=2.0)
+    busy = periodic(settings, schedule_busy_changes=30.0, schedule_activity_window_s=5.0)
     manager = SyncManager(
         ledger,
         busy,
@@ -411,21 +419,18 @@ def test_scheduled_run_waits_while_a_real_cp_runs_then_runs_after(ledger, settin
         ]
     )
     try:
-        wait_for(
-            "the schedule to wait for the changes",
-            lambda: (
-                "changes/min"
-                in ((ledger.status(repo).schedule or ScheduleView()).waiting_reason or "")
-            ),
-            60,
-        )
+        wait_for("the schedule to wait for the changes", lambda: _waits(ledger, repo), 120)
     finally:
         stop.touch()
         assert copying.wait(60) == 0
     copied = datetime.now(UTC)
     try:
-        wait_for("the wait to end", lambda: any(o.end_time for o in _waits(ledger, repo)), 60)
-        wait = next(o for o in _waits(ledger, repo) if o.end_time)
+
+        def first_wait():  # the one the copying started
+            return min(_waits(ledger, repo), key=lambda o: (o.start_time, o.id))
+
+        wait_for("the wait to end", lambda: first_wait().end_time, 60)
+        wait = first_wait()
         assert "changes/min" in (wait.error_message or "")
         assert "ran when quiet" in (wait.error_message or "")
         assert wait.end_time is not None and wait.end_time >= copied
@@ -438,9 +443,51 @@ def test_scheduled_run_waits_while_a_real_cp_runs_then_runs_after(ledger, settin
             60,
         )
         assert manager.wait_idle(60)
-        assert {r.path for r in ledger.files(repo)} == on_disk(root)
+        wait_for(
+            "the ledger to equal the disk",
+            lambda: {r.path for r in ledger.files(repo)} == on_disk(root),
+            30,
+            detail=lambda: on_disk(root) ^ {r.path for r in ledger.files(repo)},
+        )
     finally:
         manager.stop()
+
+
+def test_the_watchers_writes_during_a_reconciliation_count_as_activity(ledger, settings, tmp_path):
+    """What the schedule weighs as "the library is busy" is the watcher's writes; those it
+    makes while a reconciliation runs count too (the reconciliation's own do not: see
+    ``SyncManager._note_applied``)."""
+    from fsledger.watch import Watcher
+
+    root = make_photos(tmp_path / "photos")
+    repo = ledger.add_repository(root)
+    manager = SyncManager(
+        ledger,
+        replace(settings, reconciliation_interval_s=0.0, daily_at=None),
+        live_factory=lambda led, s, on_resync: Watcher(led, s, on_resync=on_resync),
+        pressure=lambda: None,
+    )
+    manager.start()
+    try:
+        assert manager.wait_idle(30)  # the startup run
+        manager._activity(repo.id)  # (drops what is older than the window)
+        with manager._cv:
+            manager._busy = repo.id  # as while a reconciliation of it runs
+        try:
+            (root / "album" / "new.jpg").write_bytes(b"imported while it runs")
+            wait_for(
+                "the watcher to record it", lambda: b"album/new.jpg" in on_ledger(ledger, repo)
+            )
+            assert manager._activity(repo.id) > 0
+        finally:
+            with manager._cv:
+                manager._busy = None
+    finally:
+        manager.stop()
+
+
+def on_ledger(ledger: Ledger, repo) -> set[bytes]:
+    return {r.path for r in ledger.files(repo)}
 
 
 def _interval(ledger: Ledger, repo) -> tuple[float, str]:

@@ -710,6 +710,11 @@ class SyncManager:
                     self._enqueue(repo, directory, OperationType.RECONCILIATION, reason, 0.2)
         self._enqueue(repo, prefix, OperationType.RECONCILIATION, reason, 0.5)
 
+    def _live_writing(self) -> bool:
+        """Whether the calling thread is the watcher writing (see ``Watcher.writing``)."""
+        writing = getattr(self.live, "writing", None)
+        return bool(writing()) if callable(writing) else False
+
     def _note_applied(self, repo: Repository, applied: Applied) -> None:
         """Writer listener: remember where changes land, for priority processing."""
         runtime = self._repos.get(repo.id)
@@ -719,8 +724,11 @@ class SyncManager:
             return
         now = time.monotonic()
         runtime.last_event = now
-        if self._busy != repo.id:
+        if self._busy != repo.id or self._live_writing():
             # The watcher's work, not a reconciliation's: what "the library is busy" means.
+            # While a reconciliation runs, the watcher goes on writing what is changing
+            # (an import under way): that is activity too, or a run right after a long
+            # one would find the library "quiet" only because its changes went uncounted.
             runtime.activity.append((now, sum(1 for c in applied.changes if c.in_feed)))
         recent = runtime.recent_dirs
         for change in news:

@@ -224,6 +224,11 @@ class Watcher:
             while foreign and (foreign[0][0] < now - FOREIGN_WINDOW_S or len(foreign) > 100_000):
                 foreign.popleft()
 
+    def writing(self) -> bool:
+        """Whether the calling thread is this watcher writing live changes (a writer
+        listener tells the watcher's writes from a reconciliation's with it)."""
+        return bool(getattr(self._own, "active", False))
+
     def check(self, repo_id: UUID, path: RelPath) -> None:
         """Watch ``path`` again and reconcile what is below it, soon (a filesystem mounted
         there again: mounting sends no event, and the old watches are on what it hid)."""
