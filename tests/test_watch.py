@@ -459,6 +459,29 @@ def test_a_write_through_one_hard_link_refreshes_every_name(rig: Rig) -> None:
     ]
 
 
+@pytest.mark.parametrize("how", ["unlinked", "renamed"])
+def test_unlinking_or_renaming_one_hard_link_refreshes_the_others_ctime(rig: Rig, how: str) -> None:
+    """An unlink or a rename of one name of a file changes the ctime of every other name,
+    and inotify names only the one changed: the other records follow (their whole lstat
+    key, as a reconciliation would write it)."""
+    write(rig.p("a/x.dat"), "shared")
+    rig.p("b").mkdir()
+    os.link(rig.p("a/x.dat"), rig.p("b/y.dat"))
+    rig.start()
+    time.sleep(0.01)  # a ctime the change below can differ from (coarse clocks)
+    if how == "unlinked":
+        os.unlink(rig.p("a/x.dat"))
+        rig.emit("a/x.dat", IN_DELETE)
+    else:
+        os.rename(rig.p("a/x.dat"), rig.p("a/w.dat"))
+        rig.renamed("a/x.dat", "a/w.dat")
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert rig.repo is not None
+    record = rig.ledger.store.get_records(rig.repo.id, [b"b/y.dat"])[b"b/y.dat"]
+    assert record.stat.ctime_ns == os.lstat(rig.p("b/y.dat")).st_ctime_ns
+
+
 @pytest.mark.parametrize("had_records", [False, True], ids=["listed", "reconciled"])
 def test_a_file_still_open_in_a_new_directory_is_recorded_once_closed(
     tmp_path: Path, request: pytest.FixtureRequest, had_records: bool

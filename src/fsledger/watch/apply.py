@@ -311,9 +311,15 @@ class Applier:
             changes.append(Change(ChangeKind.MOVED, dst, record, old_path=src))
         if held:
             self._put_back_moves(repo, held, {id(job.move) for job in moved_on}, work)
+            # Pending again: a retry of this pass after a database error must not write them.
+            work.moves = [job for job in work.moves if id(job) not in held_ids]
         if changes:
             # In an order that never replaces a record still to move (a swap, a cycle).
-            self._committed(repo, repo.writer.apply_moves(changes), stats)
+            applied = repo.writer.apply_moves(changes)
+            self._committed(repo, applied, stats)
+            # A rename changes the ctime of the file's other names (hard links).
+            moved = list(applied.changes)
+            work.dirty += self._link_peers(repo, moved, {c.path for c in moved})
         work.moves = []
 
     def _put_back_moves(
@@ -667,23 +673,35 @@ class Applier:
                 batch = self._keep_unmounted(repo, batch)
             self._commit_dirty(repo, batch, jobs, stats)
             del work.dirty[: len(jobs)]
-            work.dirty += self._link_peers(repo, batch, looked)
+            gone = {
+                old.stat.inode
+                for c in batch
+                if c.kind is ChangeKind.DELETED and (old := records.get(c.path)) is not None
+            }
+            work.dirty += self._link_peers(repo, batch, looked, gone)
 
     def _link_peers(
-        self, repo: RepoWatch, batch: list[Change], looked: set[RelPath]
+        self,
+        repo: RepoWatch,
+        batch: list[Change],
+        looked: set[RelPath],
+        gone: set[int] | None = None,
     ) -> list[DirtyJob]:
         """Other names of the files just written (hard links: records with the same inode),
         to be looked at in this pass too. A write through one name changes the content of
         all of them, but inotify reports only the name written (and nothing at all for a
-        name in another directory); a new link changes the others' ctime. Looks are
+        name in another directory); a new link, a rename or an unlink of one name (``gone``:
+        the inodes of records just deleted) changes the others' ctime. Looks are
         state-based, so a record that merely shares an inode number (another filesystem
         mounted below the root) costs one lstat and changes nothing."""
         inodes = {
             c.record.stat.inode
             for c in batch
             if c.record is not None
-            and c.kind in (ChangeKind.CREATED, ChangeKind.MODIFIED, ChangeKind.META)
+            and c.kind
+            in (ChangeKind.CREATED, ChangeKind.MODIFIED, ChangeKind.META, ChangeKind.MOVED)
         }
+        inodes |= gone or set()
         if not inodes:
             return []
         peers = [
