@@ -1178,3 +1178,33 @@ def test_a_put_back_rename_whose_file_was_deleted_lets_the_rest_through(rig: Rig
     rig.watcher.flush()
     rig.assert_exact()
     assert (ChangeKind.MOVED, b"a.jpg", b"c.jpg") in rig.kinds()
+
+
+def test_a_rename_onto_a_name_whose_move_is_held_back_waits_with_it(rig: Rig) -> None:
+    """``mv x dirA/y`` is read, then dirA's IN_MOVED_FROM (its pair not read yet: the move
+    into it is held back, its path unknown), then ``mv z x``. ``z -> x`` would replace the
+    record ``x -> dirA/y`` still has to carry: it waits with it, and so does the look at
+    ``x``; both identities reach the feed once dirA's rename pairs."""
+    write(rig.p("x.jpg"), b"x" * 10)
+    write(rig.p("z.jpg"), b"z" * 20)
+    rig.p("dirA").mkdir()
+    rig.start()
+    wd_a = rig.wd("dirA")
+    os.rename(rig.p("x.jpg"), rig.p("dirA/y.jpg"))
+    os.rename(rig.p("dirA"), rig.p("dirB"))
+    os.rename(rig.p("z.jpg"), rig.p("x.jpg"))
+    cookie = next(_cookies)
+    rig.emit("x.jpg", IN_MOVED_FROM, cookie)
+    rig.backend.emit(wd_a, IN_MOVED_TO, b"y.jpg", cookie)
+    dir_cookie = next(_cookies)
+    rig.emit("dirA", IN_MOVED_FROM | IN_ISDIR, dir_cookie)
+    rig.renamed("z.jpg", "x.jpg")
+    rig.watcher.process_due()  # dirA's pair is not read yet
+    rig.emit("dirB", IN_MOVED_TO | IN_ISDIR, dir_cookie)
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert not any(k in (ChangeKind.CREATED, ChangeKind.DELETED) for k, _, _ in rig.kinds())
+    assert follow_identities({b"x.jpg": b"x.jpg", b"z.jpg": b"z.jpg"}, rig.feed()) == {
+        b"dirB/y.jpg": b"x.jpg",
+        b"x.jpg": b"z.jpg",
+    }

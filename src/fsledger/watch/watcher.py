@@ -48,6 +48,7 @@ from fsledger.watch.state import (
     Check,
     DirtyJob,
     FileMove,
+    Key,
     MoveJob,
     RepoWatch,
     Work,
@@ -441,9 +442,19 @@ class Watcher:
 
         moves: list[MoveJob] = []
         kept_moves: list[FileMove] = []
+        kept_keys: set[Key] = set()
+        """Names of the file renames held back: a later rename onto or from one of them
+        (``mv x dirA/y`` held, then ``mv z x``) and a look at one would be written before
+        it, replacing the record it still has to carry. They wait with it."""
         for move in pending.file_moves:
-            if move.src[0] in frozen_wds or move.dst[0] in frozen_wds:
+            if (
+                move.src[0] in frozen_wds
+                or move.dst[0] in frozen_wds
+                or move.src in kept_keys
+                or move.dst in kept_keys
+            ):
                 kept_moves.append(move)
+                kept_keys.update((move.src, move.dst))
             else:
                 moves.append(MoveJob(move, tree.key_path(move.src), tree.key_path(move.dst)))
         checks: list[Check] = []
@@ -458,7 +469,7 @@ class Watcher:
                 checks.append(Check(path, None))
         dirty: list[DirtyJob] = []
         for key, entry in list(pending.dirty.items()):
-            if ready(entry.due) and key[0] not in frozen_wds:
+            if ready(entry.due) and key[0] not in frozen_wds and key not in kept_keys:
                 del pending.dirty[key]
                 if (path := tree.key_path(key)) is not None:
                     dirty.append(DirtyJob(key, path, entry))
