@@ -20,6 +20,17 @@ inside one repository is a rename (a directory's is one prefix rewrite of its re
 a FROM left unpaired for ``PAIR_WAIT_S`` was moved out (its records are removed); a TO
 without a FROM was moved in (a file is looked at, a directory watched and reconciled).
 
+A file rename whose file moved on before the pass looked (``a -> t`` read, ``t -> b`` not
+yet) waits for its next hop, and every rename and look that shares a name with it waits
+too: part of an entangled set written alone (``c -> a`` replacing the record ``a -> t``
+still has to carry) loses a file's identity. Likewise for renames held back below a
+directory whose pair is not read yet.
+
+Ignored names are never recorded, but an event on an ignored file is not dropped unseen:
+when the file has other links, the records with its inode are looked at (a write through
+``.hidden``, a hard link of ``photo.jpg``, changes photo.jpg; inotify names only
+``.hidden``). An unlink or rename of one link refreshes the other names too (their ctime).
+
 What the watcher cannot repair by itself it hands to the SyncManager through
 ``on_resync(repo, prefix, reason)``: an ``IN_Q_OVERFLOW`` (events were lost), a lost
 watch, a root that went away. The manager runs those reconciliations; the watcher never
