@@ -210,6 +210,7 @@ def test_real_subprocess_run_once(env, photos, tmp_path):
     assert len(out.splitlines()) == 2
 
 
+@pytest.mark.slow  # a daemon on a pseudo-terminal, its startup scan, then Ctrl-C: ~5 s
 def test_ctrl_c_in_a_terminal_stops_run_cleanly(env, tmp_path):
     """Ctrl-C reaches the whole foreground process group, hashing workers included: the daemon
     must still stop, exit 0, print no traceback and leave no process behind."""
