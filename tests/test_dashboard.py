@@ -253,6 +253,7 @@ def test_duplicates_page(tmp_path: Path) -> None:
         assert errors == []
 
 
+@pytest.mark.slow  # Chromium end to end: ~5 s
 def test_token_asked_once_and_phone_width(tmp_path: Path) -> None:
     root = tmp_path / "p"
     root.mkdir()
