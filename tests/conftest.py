@@ -150,18 +150,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     PostgreSQL alone took 70 s of the fast loop's 650 s. The stores have tests of their own,
     on both, in the fast loop (tests/test_store.py, test_reconcile.py, test_feed.py).
 
-    The same goes for the modules in ``_FAST_ON_SQLITE`` (a bucket as a repository, a mirror
-    to a bucket, the live watcher): what they test is above the store, and their PostgreSQL
-    half costs seconds."""
+    The same goes for the modules in ``_FAST_ON_SQLITE`` (the model-based run, a bucket as a
+    repository, a mirror to a bucket, the live watcher): what they test is above the store,
+    and their PostgreSQL half costs seconds."""
     for item in items:
         params = getattr(item, "callspec", None)
-        if params is None or params.params.get("store_url") != "postgres":
+        store = params.params.get("store_url", params.params.get("backend")) if params else None
+        if params is None or store != "postgres":
             continue
         if "scenario" in params.params or item.path.name in _FAST_ON_SQLITE:
             item.add_marker(pytest.mark.slow)
 
 
-_FAST_ON_SQLITE = frozenset({"test_s3_bucket.py", "test_s3_mirror.py", "test_watch_inotify.py"})
+_FAST_ON_SQLITE = frozenset(
+    {"test_model.py", "test_s3_bucket.py", "test_s3_mirror.py", "test_watch_inotify.py"}
+)
 
 
 @pytest.fixture(params=("live", "offline"))
