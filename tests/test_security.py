@@ -339,6 +339,7 @@ def stop_within(proc: subprocess.Popen[str], seconds: float) -> str:
     return err
 
 
+@pytest.mark.slow  # a daemon started, asked over HTTP, then SIGTERM
 def test_a_fifo_named_like_the_repo_config_blocks_nothing(tmp_path: Path) -> None:
     """A FIFO (or a symlink to one) named .fsledger.yaml in a trusted root: the daemon
     starts, indexes, answers, adds another such root through the API at once, and stops on
