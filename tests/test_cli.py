@@ -194,7 +194,7 @@ def test_unreachable_postgres_is_a_clear_error(env):
     assert "PostgreSQL" in err and "Traceback" not in err
 
 
-@pytest.mark.slow  # a whole `run --once` daemon process (test_security runs one at DEBUG in the fast loop)
+@pytest.mark.slow  # a whole `run --once` process (test_security keeps one in the fast loop)
 def test_real_subprocess_run_once(env, photos, tmp_path):
     """The installed entry point, as a user runs it."""
     exe = Path(sys.executable).with_name("fsledger")
