@@ -45,9 +45,10 @@ unit: $(STAMP)
 	$(BIN)/pytest -q $(XDIST) -m "not pg_restart" $(PYTEST_ARGS)
 	$(BIN)/pytest -q -m pg_restart $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-# The edit-test loop: everything but the tests marked slow (and pg_restart), on every core.
+# The edit-test loop: everything but the tests marked slow (and pg_restart), on every core,
+# with the slowest ten shown (a test that takes seconds belongs in `slow`: README, Tests).
 test-fast: $(STAMP)
-	$(BIN)/pytest -q $(XDIST) -m "not slow and not pg_restart" $(PYTEST_ARGS)
+	$(BIN)/pytest -q $(XDIST) -m "not slow and not pg_restart" --durations=10 $(PYTEST_ARGS)
 
 test: system-deps lint unit
 

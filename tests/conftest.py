@@ -143,16 +143,28 @@ def model_examples(request: pytest.FixtureRequest) -> int | None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A live scenario on PostgreSQL is ``slow``: ``make test`` runs every scenario four ways,
-    ``make test-fast`` leaves out this one. Each live case starts a watcher process, and what
-    it checks of the watcher is the same on both stores (the stores have tests of their own,
-    on both, in the fast loop)."""
+    """A scenario on PostgreSQL is ``slow``: ``make test`` runs every scenario four ways (live
+    and offline, on each store), ``make test-fast`` runs the two on SQLite. A scenario checks
+    the watcher and the scan, which are the same on both stores, and on PostgreSQL it pays a
+    fresh migrated schema (~0.3 s) and its server's round trips: the offline half on
+    PostgreSQL alone took 70 s of the fast loop's 650 s. The stores have tests of their own,
+    on both, in the fast loop (tests/test_store.py, test_reconcile.py, test_feed.py).
+
+    The same goes for the modules in ``_FAST_ON_SQLITE`` (the model-based run, a bucket as a
+    repository, a mirror to a bucket, the live watcher): what they test is above the store,
+    and their PostgreSQL half costs seconds."""
     for item in items:
         params = getattr(item, "callspec", None)
-        if params is None or "scenario" not in params.params:
+        store = params.params.get("store_url", params.params.get("backend")) if params else None
+        if params is None or store != "postgres":
             continue
-        if params.params["scenario"] == "live" and params.params.get("store_url") == "postgres":
+        if "scenario" in params.params or item.path.name in _FAST_ON_SQLITE:
             item.add_marker(pytest.mark.slow)
+
+
+_FAST_ON_SQLITE = frozenset(
+    {"test_model.py", "test_s3_bucket.py", "test_s3_mirror.py", "test_watch_inotify.py"}
+)
 
 
 @pytest.fixture(params=("live", "offline"))
@@ -179,7 +191,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(grace=2.0)  # its data goes with the session: no 10 s orderly shutdown
 
 
 @pytest.fixture

@@ -163,14 +163,15 @@ class SeaweedServer:
         path = self.data_dir / "weed.log"
         return path.read_text(errors="replace")[-tail:] if path.exists() else ""
 
-    def stop(self) -> None:
-        """Stop the server (its whole process group) and wait for it."""
+    def stop(self, grace: float = 20.0) -> None:
+        """Stop the server (its whole process group) and wait for it: SIGTERM, then SIGKILL
+        after ``grace`` seconds (a short grace for a server whose data is thrown away)."""
         proc, self.process = self.process, None
         if proc is None or proc.poll() is not None:
             return
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)

@@ -194,6 +194,7 @@ def test_unreachable_postgres_is_a_clear_error(env):
     assert "PostgreSQL" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # a whole `run --once` process (test_security keeps one in the fast loop)
 def test_real_subprocess_run_once(env, photos, tmp_path):
     """The installed entry point, as a user runs it."""
     exe = Path(sys.executable).with_name("fsledger")
@@ -210,6 +211,7 @@ def test_real_subprocess_run_once(env, photos, tmp_path):
     assert len(out.splitlines()) == 2
 
 
+@pytest.mark.slow  # a daemon on a pseudo-terminal, its startup scan, then Ctrl-C: ~5 s
 def test_ctrl_c_in_a_terminal_stops_run_cleanly(env, tmp_path):
     """Ctrl-C reaches the whole foreground process group, hashing workers included: the daemon
     must still stop, exit 0, print no traceback and leave no process behind."""

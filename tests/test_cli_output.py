@@ -115,7 +115,7 @@ def run_on(stdout: str, args: list[str], env: dict[str, str]) -> tuple[int, byte
     return proc.wait(timeout=30), out
 
 
-@pytest.mark.parametrize("stdout", ["tty", "pipe"])
+@pytest.mark.parametrize("stdout", ["tty", pytest.param("pipe", marks=pytest.mark.slow)])
 def test_a_progress_bar_on_a_terminal_only(stdout: str, tmp_path: Path) -> None:
     root = tmp_path / "photos"
     make_tree(root, 2500, size=100)  # the reconciler reports every thousand files

@@ -39,6 +39,7 @@ def _errors(page: Page) -> list[str]:
     return errors
 
 
+@pytest.mark.slow  # Chromium end to end: 5-9 s
 def test_cards_and_changes_on_load_then_live(tmp_path: Path) -> None:
     root = tmp_path / "photos"
     (root / "2024").mkdir(parents=True)
@@ -164,6 +165,7 @@ def test_progress_bar_moves_during_a_real_scan(tmp_path: Path) -> None:
         assert errors == []
 
 
+@pytest.mark.slow  # Chromium end to end: 5-9 s
 def test_offline_banner_when_the_root_disappears(tmp_path: Path) -> None:
     root = tmp_path / "disk"
     root.mkdir()
@@ -194,6 +196,7 @@ def test_offline_banner_when_the_root_disappears(tmp_path: Path) -> None:
         assert errors == []
 
 
+@pytest.mark.slow  # Chromium end to end: 5-9 s
 def test_duplicates_page(tmp_path: Path) -> None:
     root = tmp_path / "dups"
     root.mkdir()
@@ -250,6 +253,7 @@ def test_duplicates_page(tmp_path: Path) -> None:
         assert errors == []
 
 
+@pytest.mark.slow  # Chromium end to end: ~5 s
 def test_token_asked_once_and_phone_width(tmp_path: Path) -> None:
     root = tmp_path / "p"
     root.mkdir()
@@ -277,6 +281,7 @@ def test_token_asked_once_and_phone_width(tmp_path: Path) -> None:
         assert errors == []
 
 
+@pytest.mark.slow  # Chromium end to end: 5-9 s
 def test_mirrors_table(
     tmp_path: Path, s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -209,6 +209,7 @@ def test_claims_skip_locked_items_and_die_with_their_session(pg_url: str) -> Non
 # --- the owner alone -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # worker processes on PostgreSQL: ~6 s
 def test_the_owner_alone_with_its_worker_processes(pg_url: str, tmp_path: Path) -> None:
     """No helper: the owner's worker processes and its reconciler thread do every item. A
     first index, changes all over the tree, a no-change rescan, and a ``--verify`` scan that
@@ -335,6 +336,7 @@ def left_over(url: str) -> tuple[int, int, int]:
     return int(jobs[0]), int(items[0]), int(claims[0])
 
 
+@pytest.mark.slow  # two agent processes and a tree: ~8 s
 def test_two_agents_reconcile_a_tree_exactly(
     pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

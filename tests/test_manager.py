@@ -378,6 +378,7 @@ def test_quiet_request_from_another_process_holds_runs_until_it_expires(ledger, 
         manager.stop()
 
 
+@pytest.mark.slow  # a real cp held for seconds
 def test_scheduled_run_waits_while_a_real_cp_runs_then_runs_after(ledger, settings, tmp_path):
     """A real `cp -a` into the watched root (an import) holds the scheduled reconciliation;
     it runs once the copying is over, and the ledger equals the disk.
@@ -497,6 +498,7 @@ def _interval(ledger: Ledger, repo) -> tuple[float, str]:
     return view.interval.seconds, view.interval.reason
 
 
+@pytest.mark.slow  # waits out real intervals of 1, 2 and 4 s
 def test_clean_runs_lengthen_the_interval_within_bounds_and_a_restart_keeps_it(
     ledger, settings, tmp_path
 ):

@@ -62,6 +62,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
+@pytest.mark.slow  # builds the wheel (both wheel tests)
 def test_the_wheel_carries_the_dashboard_and_the_schema(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     static = [p for p in (SRC / "api" / "static").rglob("*") if p.is_file()]
@@ -74,6 +75,7 @@ def test_the_wheel_carries_the_dashboard_and_the_schema(wheel: Path) -> None:
     assert "fsledger = fsledger.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
+@pytest.mark.slow  # builds the wheel (both wheel tests)
 def test_the_core_install_is_four_packages_and_the_rest_extras(wheel: Path) -> None:
     metadata_name = next(
         n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA")

@@ -885,6 +885,7 @@ def test_peer_scenario(scenario: Scenario, peer_case: Peer) -> None:
     scenario.check_moves(peer_case.moves, peer_case.source)
 
 
+@pytest.mark.slow  # 3,000 files crawled around a chmod: 3-5 s
 def test_directory_unreadable_mid_scan(scenario: Scenario) -> None:
     """Watchman ``test_perms`` during a crawl: a directory is made unreadable while a big
     tree is being walked (offline: one scan; live: the listing of a tree just moved in)

@@ -24,7 +24,9 @@ from fsledger.ledger import Ledger
 from fsledger.model import Change, ChangeKind, RepoSettings, Repository, RepoState
 from fsledger.s3 import bucket as s3bucket
 
-pytestmark = pytest.mark.slow
+# Each test below is marked slow (a bucket scanned, a daemon, a server stopped) but two: the
+# event bodies (no server) and the sorted listing, on the session's server (tests/conftest.py),
+# which keep the module in `make test-fast`.
 
 
 @pytest.fixture
@@ -71,6 +73,7 @@ def gets() -> int:
     return s3bucket.CALLS["GetObject"]
 
 
+@pytest.mark.slow
 def test_puts_overwrites_deletes_copies_and_prefix_renames(
     ledger: Ledger, aws: Any, s3_bucket: str
 ) -> None:
@@ -143,6 +146,7 @@ def test_puts_overwrites_deletes_copies_and_prefix_renames(
     assert any({f.path for f in g.files} == {b"copy/x.jpg", b"renamed/2024/x.jpg"} for g in groups)
 
 
+@pytest.mark.slow
 def test_a_prefix_is_a_repository_of_its_own(ledger: Ledger, aws: Any, s3_bucket: str) -> None:
     client = aws.client()
     for key in ("lib/a.jpg", "lib/sub/b.jpg", "library/c.jpg", "other/d.jpg", "lib.txt"):
@@ -172,6 +176,7 @@ def _refused(ledger: Ledger, repo: Repository, records: dict[bytes, Any]) -> Non
     assert [k for k, _, _ in feed_kinds(ledger, repo, head)] == ["repository_offline"]
 
 
+@pytest.mark.slow
 def test_guard_bucket_deleted(ledger: Ledger, aws: Any) -> None:
     client = aws.client()
     name = aws.new_bucket()
@@ -184,6 +189,7 @@ def test_guard_bucket_deleted(ledger: Ledger, aws: Any) -> None:
     _refused(ledger, repo, records)
 
 
+@pytest.mark.slow
 def test_guard_prefix_emptied(ledger: Ledger, aws: Any, s3_bucket: str) -> None:
     client = aws.client()
     _fill(client, s3_bucket, prefix="lib/")
@@ -201,6 +207,7 @@ def test_guard_prefix_emptied(ledger: Ledger, aws: Any, s3_bucket: str) -> None:
     assert (ledger.repository(repo.id) or repo).state is RepoState.ONLINE
 
 
+@pytest.mark.slow
 def test_guard_wrong_credentials(
     ledger: Ledger, aws: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -220,6 +227,7 @@ def test_guard_wrong_credentials(
         wrong.reconciler.close()
 
 
+@pytest.mark.slow
 def test_guard_server_stopped_then_back(
     ledger: Ledger, own_s3_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -249,6 +257,7 @@ def _fsledger(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[st
     )
 
 
+@pytest.mark.slow
 def test_cli_repo_add_files_json_and_exit_4(s3_server: Any, s3_bucket: str, store_url: str) -> None:
     """The CLI as a user runs it, configured by the standard AWS variables only."""
     client = s3_server.client()
@@ -294,6 +303,7 @@ def _record(bucket: str, key: str, event: str, minio: bool = False) -> dict[str,
     }
 
 
+@pytest.mark.slow
 def test_daemon_applies_event_hints_and_polls(
     s3_server: Any, store_url: str, tmp_path: Path
 ) -> None:
@@ -434,6 +444,7 @@ def _get_ok(url: str) -> bool | None:
         return None
 
 
+@pytest.mark.slow
 def test_hints_in_process_and_no_change_announced_twice(
     ledger: Ledger, aws: Any, s3_bucket: str
 ) -> None:
@@ -517,6 +528,7 @@ def test_event_message_forms() -> None:
             parse_s3_event(bad)
 
 
+@pytest.mark.slow
 def test_a_run_checks_its_view_of_keys_a_hint_wrote(
     ledger: Ledger, aws: Any, s3_bucket: str
 ) -> None:
@@ -550,6 +562,7 @@ def test_a_run_checks_its_view_of_keys_a_hint_wrote(
     assert ledger_view(ledger, repo) == bucket_truth(client, s3_bucket)
 
 
+@pytest.mark.slow
 def test_versioned_bucket(ledger: Ledger, aws: Any, s3_bucket: str) -> None:
     """With versioning on, the VersionId is part of the change key: a new version with the
     same content (same ETag) is looked at and found unchanged

@@ -18,6 +18,7 @@ utf8_names = st.text(
 )
 
 
+@pytest.mark.slow  # 2000 generated paths: 4-8 s
 @given(paths)
 @settings(max_examples=2000)
 def test_round_trip_of_any_path(path: bytes) -> None:
@@ -28,6 +29,7 @@ def test_round_trip_of_any_path(path: bytes) -> None:
     assert key.count("/") == path.count(b"/")
 
 
+@pytest.mark.slow  # 1000 generated names
 @given(st.lists(utf8_names, min_size=1, max_size=4).map("/".join))
 @settings(max_examples=1000)
 def test_printable_utf8_names_are_their_own_keys(text: str) -> None:
@@ -35,6 +37,7 @@ def test_printable_utf8_names_are_their_own_keys(text: str) -> None:
     assert decode(text) == text.encode()
 
 
+@pytest.mark.slow  # 1000 generated pairs
 @given(paths, paths)
 @settings(max_examples=1000)
 def test_distinct_paths_distinct_keys(a: bytes, b: bytes) -> None:

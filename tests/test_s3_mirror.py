@@ -390,6 +390,7 @@ def _make_library(at: Path, dirs: int, per_dir: int, seed: int) -> None:
             (sub / f"f{i:03}.jpg").write_bytes(f"{seed}/{d}/{i}".encode() * (50 + i))
 
 
+@pytest.mark.slow  # a real daemon through tar, rsync, mv and rm: 10-20 s
 def test_mirror_kept_exact_by_the_daemon_through_tar_rsync_mv_and_rm(
     daemon_env: dict[str, str], daemon: Any, tmp_path: Path, s3_server: Any, s3_bucket: str
 ) -> None:
@@ -457,6 +458,7 @@ def test_mirror_kept_exact_by_the_daemon_through_tar_rsync_mv_and_rm(
     assert f'fsledger_mirror_paused{{mirror="s3://{s3_bucket}"}} 0.0' in text
 
 
+@pytest.mark.slow  # a daemon killed mid-upload, then a 1.5 s hold for LastModified
 def test_kill_9_mid_upload_then_resume_uploads_nothing_twice(
     daemon_env: dict[str, str], daemon: Any, tmp_path: Path, s3_server: Any, s3_bucket: str
 ) -> None:
@@ -539,6 +541,7 @@ def test_a_file_changed_since_recorded_is_never_uploaded_as_verified(
         runner.stop()
 
 
+@pytest.mark.slow  # an S3 server of its own, stopped and started again
 def test_a_server_outage_fails_the_step_and_nothing_is_lost(
     ledger: Ledger,
     photos: Path,

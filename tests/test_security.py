@@ -127,17 +127,31 @@ def test_redact_url(url: str, shown: str) -> None:
         assert SECRET not in scrub(f"failed near {SECRET!r} in {url}", url)
 
 
+# Each case is a command process that retries the unreachable database (1.5 s of backoff):
+# ~2-3 s. The fast loop keeps one of each kind; the cases marked slow are shapes whose
+# redaction test_redact_url also checks in-process.
+_SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     "url",
     [
         f"postgresql://postgres:{SECRET}@127.0.0.1:1/none?connect_timeout=1",
         f"postgresql://postgres:{SECRET}%zz@127.0.0.1:5432/none",  # libpq quotes bad escapes
-        f"postgresql://postgres:p@{SECRET}@127.0.0.1:5432/none?connect_timeout=1",
+        pytest.param(
+            f"postgresql://postgres:p@{SECRET}@127.0.0.1:5432/none?connect_timeout=1", marks=_SLOW
+        ),
         f"postgresql://postgres@127.0.0.1:1/none?connect_timeout=1&password={SECRET}",
-        f"postgresql://postgres:{SECRET}@127.0.0.1:5432/none?bogus=1",
+        pytest.param(f"postgresql://postgres:{SECRET}@127.0.0.1:5432/none?bogus=1", marks=_SLOW),
         f"mysql://root:{SECRET}@localhost/photos",
-        f"postgresql://postgres@127.0.0.1:1/none?connect_timeout=1&sslpassword={SECRET}",
-        f"postgresql://postgres@127.0.0.1:1/none?connect_timeout=1&%70assword={SECRET}",
+        pytest.param(
+            f"postgresql://postgres@127.0.0.1:1/none?connect_timeout=1&sslpassword={SECRET}",
+            marks=_SLOW,
+        ),
+        pytest.param(
+            f"postgresql://postgres@127.0.0.1:1/none?connect_timeout=1&%70assword={SECRET}",
+            marks=_SLOW,
+        ),
         f"postgresql://postgres@127.0.0.1:5432/none?%70assword={SECRET}%zz",
         f"host=127.0.0.1 port=1 connect_timeout=1 password={SECRET} dbname=none",
     ],
@@ -154,7 +168,7 @@ def test_database_passwords_never_reach_an_error(url: str) -> None:
         f"host=127.0.0.1 port=1 connect_timeout=1 sslpassword={SECRET} dbname=none",
     ],
 )
-@pytest.mark.parametrize("command", [["status"], ["run", "--once"]])
+@pytest.mark.parametrize("command", [["status"], pytest.param(["run", "--once"], marks=_SLOW)])
 def test_database_passwords_never_reach_status_or_run(url: str, command: list[str]) -> None:
     check_no_password_in_error(url, command)
 
@@ -325,6 +339,7 @@ def stop_within(proc: subprocess.Popen[str], seconds: float) -> str:
     return err
 
 
+@pytest.mark.slow  # a daemon started, asked over HTTP, then SIGTERM
 def test_a_fifo_named_like_the_repo_config_blocks_nothing(tmp_path: Path) -> None:
     """A FIFO (or a symlink to one) named .fsledger.yaml in a trusted root: the daemon
     starts, indexes, answers, adds another such root through the API at once, and stops on
@@ -386,6 +401,7 @@ main(["run", "--no-http", "--no-watch"])
 """
 
 
+@pytest.mark.slow  # a daemon blocked on a FIFO, then SIGTERM: ~6 s
 def test_sigterm_ends_a_daemon_blocked_in_a_system_call(tmp_path: Path) -> None:
     """Whatever the daemon's main thread is blocked on, SIGTERM ends it within seconds."""
     fifo = tmp_path / "fifo"
@@ -414,6 +430,7 @@ def test_sigterm_ends_a_daemon_blocked_in_a_system_call(tmp_path: Path) -> None:
 
 
 # --- 3. no URL credentials or query strings in any log line -------------------------------------
+@pytest.mark.slow  # a daemon at DEBUG delivering to a webhook
 def test_a_debug_daemon_logs_no_url_secret(pg_url: str, tmp_path: Path) -> None:
     """A daemon at DEBUG with secrets in its database URL (user info and sslpassword) and in
     its webhook URL (user info and query string) delivers a batch, then stops: none of the
