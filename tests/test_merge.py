@@ -31,6 +31,7 @@ from fsledger.ignore import IgnoreRules
 from fsledger.ledger import Ledger
 from fsledger.merge import (
     Absent,
+    RANGE_STALL_FACTOR,
     Look,
     LookRule,
     Merge,
@@ -421,6 +422,37 @@ def test_a_stalled_range_fails_the_scan_without_deleting(
     monkeypatch.undo()
     with Ledger(settings) as ledger:
         assert ledger.scan(repo).errors == []
+        assert_exact(ledger, repo)
+
+
+def _slow_hash_at(*args: Any, **kwargs: Any) -> Any:
+    time.sleep(0.02)  # a loaded machine: every file slow, none stuck
+    return fsledger.hashing.hash_at(*args, **kwargs)
+
+
+def test_a_slow_range_that_makes_progress_is_not_a_stall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stall detection counts files, not ranges: a first index whose ranges each take
+    longer than the stall time (five hash timeouts), while every file of them takes a
+    fraction of it, completes."""
+    url = "sqlite://" + str(tmp_path / "ledger.db")
+    tree = os.fsencode(str(tmp_path / "photos"))
+    make_tree(tree, {f"a/{i:03d}.jpg": b"x" * i for i in range(100)})
+    make_tree(tree, {f"b/{i:03d}.jpg": b"y" * i for i in range(100)})
+    monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_DIRS", 1)
+    settings = Settings(database_url=url, max_concurrency=2, hash_timeout_s=0.1)
+    monkeypatch.setattr(fsledger.hashing, "_context", lambda: multiprocessing.get_context("fork"))
+    monkeypatch.setattr(fsledger.merge, "hash_at", _slow_hash_at)
+    with Ledger(settings, pool=start_workers(settings)) as ledger:
+        repo = ledger.add_repository(tree)
+        started = time.monotonic()
+        stats = ledger.scan(repo)
+        assert time.monotonic() - started > RANGE_STALL_FACTOR * 0.1
+        assert stats.errors == []
+        assert stats.files_added == 200
+    monkeypatch.undo()
+    with Ledger(Settings(database_url=url)) as ledger:
         assert_exact(ledger, repo)
 
 
