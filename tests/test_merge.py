@@ -30,8 +30,8 @@ from fsledger.errors import RootUnavailable, StoreError
 from fsledger.ignore import IgnoreRules
 from fsledger.ledger import Ledger
 from fsledger.merge import (
-    Absent,
     RANGE_STALL_FACTOR,
+    Absent,
     Look,
     LookRule,
     Merge,
@@ -42,7 +42,7 @@ from fsledger.merge import (
     plan_ranges,
 )
 from fsledger.model import NS_PER_S, ScanStats
-from fsledger.reconcile import start_workers
+from fsledger.reconcile import scan_wants_workers, start_workers
 from fsledger.store.base import Store
 from fsledger.walk import FileEntry, Unreadable, walk
 from support import assert_exact, wait_for
@@ -506,3 +506,34 @@ def test_a_scans_workers_connect_as_they_start(
         assert list(pool.map_ordered(abs, [-1, -2], 10)) == [1, 2]
     finally:
         pool.close()
+
+
+def test_a_scan_command_starts_workers_only_when_a_repository_may_use_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``scan_wants_workers`` (asked by ``fsledger scan`` before it opens the store): a small
+    repository's rescan merges in-process, so no workers are forked for it; a first index,
+    a big repository, an unknown name or another store than SQLite get them."""
+    url = "sqlite://" + str(tmp_path / "ledger.db")
+    settings = Settings(database_url=url, max_concurrency=2)
+    assert scan_wants_workers(settings, ("photos",))  # no database yet
+    small = os.fsencode(str(tmp_path / "small"))
+    new = os.fsencode(str(tmp_path / "new"))
+    make_tree(small, {"a/1.jpg": b"1", "a/2.jpg": b"2"})
+    make_tree(new, {"b/1.jpg": b"1"})
+    with Ledger(settings) as ledger:
+        repo = ledger.add_repository(small, name="small")
+        ledger.scan(repo)
+        ledger.add_repository(new, name="new")
+    assert not scan_wants_workers(settings, ("small",))
+    assert not scan_wants_workers(settings, (str(repo.id),))
+    assert not scan_wants_workers(settings, (os.fsdecode(small),))
+    assert scan_wants_workers(settings, ("new",))  # a first index may be cut in ranges
+    assert scan_wants_workers(settings, ("small", "new"))
+    assert scan_wants_workers(settings, ())  # every repository, "new" among them
+    assert scan_wants_workers(settings, ("nosuch",))  # the scan reports it
+    monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_RECORDS", 2)
+    assert scan_wants_workers(settings, ("small",))
+    assert not scan_wants_workers(dataclasses.replace(settings, max_concurrency=1), ("new",))
+    pg = dataclasses.replace(settings, database_url="postgresql://nobody@127.0.0.1:1/none")
+    assert scan_wants_workers(pg, ("small",))

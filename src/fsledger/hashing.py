@@ -11,23 +11,26 @@ from __future__ import annotations
 
 import collections
 import gc
-import hashlib
 import itertools
 import logging
-import multiprocessing
-import multiprocessing.pool
 import os
 import signal
 import stat as stat_mod
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from time import monotonic as _monotonic
-from typing import Any, NamedTuple, Protocol, TypeVar
-
-import blake3
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from fsledger.beneath import Beneath, split
 from fsledger.model import RelPath
+
+if TYPE_CHECKING:
+    import multiprocessing.context
+    import multiprocessing.pool
+
+# multiprocessing, blake3 and hashlib (OpenSSL) are imported where they are first used: a
+# command that hashes nothing in-process and starts no workers (a small repository's
+# rescan) does not pay their ~10-20 ms of imports.
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +72,18 @@ class _Hasher(Protocol):
 
 
 def _blake3(threads: int = 1) -> _Hasher:
-    return blake3.blake3(max_threads=threads)
+    global _blake3_new
+    if _blake3_new is None:
+        from blake3 import blake3 as _blake3_new
+    return _blake3_new(max_threads=threads)  # type: ignore[no-any-return]
+
+
+_blake3_new: Any = None
 
 
 def _sha256(threads: int = 1) -> _Hasher:
+    import hashlib
+
     return hashlib.sha256()
 
 
@@ -332,6 +343,8 @@ def _context() -> multiprocessing.context.BaseContext:
     """How workers start: ``fork`` from a single-threaded process (a CLI scan: instant, the
     modules already imported), ``forkserver`` otherwise (the daemon runs threads, the watcher
     and HTTP, which a fork would copy mid-flight; its pool is started once and kept)."""
+    import multiprocessing
+
     if threading.active_count() == 1:
         return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver")
@@ -339,8 +352,9 @@ def _context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-class _Pool(multiprocessing.pool.Pool):
-    """``multiprocessing.pool.Pool`` whose worker-handler thread sleeps until it has work.
+def _pool_class() -> type[multiprocessing.pool.Pool]:
+    """``multiprocessing.pool.Pool`` whose worker-handler thread sleeps until it has work
+    (defined on first use, when multiprocessing is imported).
 
     The stock pool also wakes that thread whenever a result waits in the pipe, and it spins
     until the result thread has read it: measured, 12k wake-ups (half a second of the GIL)
@@ -348,9 +362,19 @@ class _Pool(multiprocessing.pool.Pool):
     nothing to do with results: worker exits wake it through their sentinels, and closing,
     terminating and an emptied task cache through the change notifier, which stays.
     """
+    global _pool_cls
+    if _pool_cls is None:
+        import multiprocessing.pool
 
-    def _get_sentinels(self) -> list[Any]:
-        return [self._change_notifier._reader]  # type: ignore[attr-defined]
+        class _Pool(multiprocessing.pool.Pool):
+            def _get_sentinels(self) -> list[Any]:
+                return [self._change_notifier._reader]  # type: ignore[attr-defined]
+
+        _pool_cls = _Pool
+    return _pool_cls
+
+
+_pool_cls: type[multiprocessing.pool.Pool] | None = None
 
 
 class HashPool:
@@ -384,7 +408,7 @@ class HashPool:
                     # it touches), and so does this process's last one at exit.
                     gc.freeze()
                 self._progress = context.RawValue("d", _monotonic())
-                self._pool = _Pool(
+                self._pool = _pool_class()(
                     self.workers,
                     initializer=_worker_init,
                     initargs=(warm, self.gentle, self._progress),
@@ -409,6 +433,8 @@ class HashPool:
                 file, not per task: on a loaded machine a big range may take longer than
                 ``stall_s`` while every file of it takes milliseconds.
         """
+        import multiprocessing
+
         pool = self._get_pool()
         progress = self._progress
         ahead = 2 * self.workers
@@ -463,6 +489,8 @@ class HashPool:
         sizes: Sequence[int],
     ) -> list[HashOutcome]:
         """Wait for a submitted chunk within its budget; abandon it past that."""
+        import multiprocessing
+
         budget = self.budget(sizes)
         try:
             return result.get(timeout=budget)
