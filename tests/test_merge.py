@@ -30,6 +30,7 @@ from fsledger.errors import RootUnavailable, StoreError
 from fsledger.ignore import IgnoreRules
 from fsledger.ledger import Ledger
 from fsledger.merge import (
+    RANGE_STALL_FACTOR,
     Absent,
     Look,
     LookRule,
@@ -41,7 +42,7 @@ from fsledger.merge import (
     plan_ranges,
 )
 from fsledger.model import NS_PER_S, ScanStats
-from fsledger.reconcile import start_workers
+from fsledger.reconcile import scan_wants_workers, start_workers
 from fsledger.store.base import Store
 from fsledger.walk import FileEntry, Unreadable, walk
 from support import assert_exact, wait_for
@@ -424,6 +425,37 @@ def test_a_stalled_range_fails_the_scan_without_deleting(
         assert_exact(ledger, repo)
 
 
+def _slow_hash_at(*args: Any, **kwargs: Any) -> Any:
+    time.sleep(0.02)  # a loaded machine: every file slow, none stuck
+    return fsledger.hashing.hash_at(*args, **kwargs)
+
+
+def test_a_slow_range_that_makes_progress_is_not_a_stall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stall detection counts files, not ranges: a first index whose ranges each take
+    longer than the stall time (five hash timeouts), while every file of them takes a
+    fraction of it, completes."""
+    url = "sqlite://" + str(tmp_path / "ledger.db")
+    tree = os.fsencode(str(tmp_path / "photos"))
+    make_tree(tree, {f"a/{i:03d}.jpg": b"x" * i for i in range(100)})
+    make_tree(tree, {f"b/{i:03d}.jpg": b"y" * i for i in range(100)})
+    monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_DIRS", 1)
+    settings = Settings(database_url=url, max_concurrency=2, hash_timeout_s=0.1)
+    monkeypatch.setattr(fsledger.hashing, "_context", lambda: multiprocessing.get_context("fork"))
+    monkeypatch.setattr(fsledger.merge, "hash_at", _slow_hash_at)
+    with Ledger(settings, pool=start_workers(settings)) as ledger:
+        repo = ledger.add_repository(tree)
+        started = time.monotonic()
+        stats = ledger.scan(repo)
+        assert time.monotonic() - started > RANGE_STALL_FACTOR * 0.1
+        assert stats.errors == []
+        assert stats.files_added == 200
+    monkeypatch.undo()
+    with Ledger(Settings(database_url=url)) as ledger:
+        assert_exact(ledger, repo)
+
+
 def test_racy_means_hashed_within_the_clock_granularity_of_the_write() -> None:
     """One rule for both tiers (the watcher's applier uses it too): a hash taken within 2 s
     of the last write may predate another write with the same mtime; a future mtime (a
@@ -474,3 +506,34 @@ def test_a_scans_workers_connect_as_they_start(
         assert list(pool.map_ordered(abs, [-1, -2], 10)) == [1, 2]
     finally:
         pool.close()
+
+
+def test_a_scan_command_starts_workers_only_when_a_repository_may_use_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``scan_wants_workers`` (asked by ``fsledger scan`` before it opens the store): a small
+    repository's rescan merges in-process, so no workers are forked for it; a first index,
+    a big repository, an unknown name or another store than SQLite get them."""
+    url = "sqlite://" + str(tmp_path / "ledger.db")
+    settings = Settings(database_url=url, max_concurrency=2)
+    assert scan_wants_workers(settings, ("photos",))  # no database yet
+    small = os.fsencode(str(tmp_path / "small"))
+    new = os.fsencode(str(tmp_path / "new"))
+    make_tree(small, {"a/1.jpg": b"1", "a/2.jpg": b"2"})
+    make_tree(new, {"b/1.jpg": b"1"})
+    with Ledger(settings) as ledger:
+        repo = ledger.add_repository(small, name="small")
+        ledger.scan(repo)
+        ledger.add_repository(new, name="new")
+    assert not scan_wants_workers(settings, ("small",))
+    assert not scan_wants_workers(settings, (str(repo.id),))
+    assert not scan_wants_workers(settings, (os.fsdecode(small),))
+    assert scan_wants_workers(settings, ("new",))  # a first index may be cut in ranges
+    assert scan_wants_workers(settings, ("small", "new"))
+    assert scan_wants_workers(settings, ())  # every repository, "new" among them
+    assert scan_wants_workers(settings, ("nosuch",))  # the scan reports it
+    monkeypatch.setattr(fsledger.reconcile, "PARALLEL_MIN_RECORDS", 2)
+    assert scan_wants_workers(settings, ("small",))
+    assert not scan_wants_workers(dataclasses.replace(settings, max_concurrency=1), ("new",))
+    pg = dataclasses.replace(settings, database_url="postgresql://nobody@127.0.0.1:1/none")
+    assert scan_wants_workers(pg, ("small",))

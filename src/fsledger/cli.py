@@ -448,7 +448,10 @@ def scan(
     as_json: bool,
 ) -> None:
     """Reconcile repositories with the disk (all of them without REPO)."""
-    ctx.writing_ledger(scanning=True)
+    from fsledger.reconcile import scan_wants_workers
+
+    # Small rescans merge in-process: no workers to fork, warm and end.
+    ctx.writing_ledger(scanning=scan_wants_workers(ctx.settings, refs))
     corrupt = 0
     failure: FsledgerError | None = None
     for repository in _repos(ctx, refs):

@@ -11,22 +11,26 @@ from __future__ import annotations
 
 import collections
 import gc
-import hashlib
 import itertools
 import logging
-import multiprocessing
-import multiprocessing.pool
 import os
 import signal
 import stat as stat_mod
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple, Protocol, TypeVar
-
-import blake3
+from time import monotonic as _monotonic
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from fsledger.beneath import Beneath, split
 from fsledger.model import RelPath
+
+if TYPE_CHECKING:
+    import multiprocessing.context
+    import multiprocessing.pool
+
+# multiprocessing, blake3 and hashlib (OpenSSL) are imported where they are first used: a
+# command that hashes nothing in-process and starts no workers (a small repository's
+# rescan) does not pay their ~10-20 ms of imports.
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,18 @@ BLOCK = 1 << 20
 """Read size: large reads keep the per-call overhead of Python out of the way."""
 
 _buffers = threading.local()
+
+_beat: Any = None
+"""In a worker process: its pool's shared progress clock (``HashPool``), a ``RawValue`` of
+the ``time.monotonic()`` at which some worker last finished a file or a directory."""
+
+
+def beat() -> None:
+    """Mark progress: a worker finished a file (or listed a directory). A scan stalls only
+    when no worker has done so for its stall time (``HashPool.map_ordered``). Does nothing
+    outside a pool's workers."""
+    if _beat is not None:
+        _beat.value = _monotonic()
 
 
 def _buffer() -> tuple[bytearray, memoryview]:
@@ -56,10 +72,18 @@ class _Hasher(Protocol):
 
 
 def _blake3(threads: int = 1) -> _Hasher:
-    return blake3.blake3(max_threads=threads)
+    global _blake3_new
+    if _blake3_new is None:
+        from blake3 import blake3 as _blake3_new
+    return _blake3_new(max_threads=threads)  # type: ignore[no-any-return]
+
+
+_blake3_new: Any = None
 
 
 def _sha256(threads: int = 1) -> _Hasher:
+    import hashlib
+
     return hashlib.sha256()
 
 
@@ -183,9 +207,11 @@ def _hash(
 
 def _read_all(fd: int, factory: Callable[[int], _Hasher], threads: int, size: int) -> _Hasher:
     """A new hasher fed the file open at ``fd``, which should hold ``size`` bytes."""
-    hasher = factory(threads if size >= BIG_FILE else 1)
+    big = size >= BIG_FILE
+    hasher = factory(threads if big else 1)
     buf, view = _buffer()
     left = size
+    progress = _beat if big else None
     while n := os.readv(fd, [buf]):
         hasher.update(view[:n])
         left -= n
@@ -193,6 +219,10 @@ def _read_all(fd: int, factory: Callable[[int], _Hasher], threads: int, size: in
             # The size promised, in a short read: skip the read that would return EOF.
             # (A file that grew meanwhile fails the caller's fstat after.)
             break
+        if progress is not None:
+            progress.value = _monotonic()  # a big file on a slow disk is progress too
+    if _beat is not None:
+        _beat.value = _monotonic()
     return hasher
 
 
@@ -283,13 +313,22 @@ def current_priority(_: object = None) -> Priority:
     return Priority(os.getpriority(os.PRIO_PROCESS, 0), io_class)
 
 
-def _worker_init(warm: Callable[[], object] | None = None, gentle: bool = False) -> None:
+def _worker_init(
+    warm: Callable[[], object] | None = None, gentle: bool = False, progress: Any = None
+) -> None:
     """Workers leave Ctrl-C to their parent: a terminal's SIGINT reaches the whole process
     group, and a worker dying mid-queue-operation could leave the pool unable to stop.
 
     A gentle pool's workers lower their priority first (``lower_priority``). ``warm`` is
-    called next (see ``HashPool.start``); it must not raise.
+    called next (see ``HashPool.start``); it must not raise. ``progress``: the pool's shared
+    progress clock (see ``beat``).
     """
+    global _beat
+    _beat = progress
+    if progress is not None:
+        from fsledger import walk
+
+        walk.listed_hook = beat
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if gentle:
         lower_priority()
@@ -304,6 +343,8 @@ def _context() -> multiprocessing.context.BaseContext:
     """How workers start: ``fork`` from a single-threaded process (a CLI scan: instant, the
     modules already imported), ``forkserver`` otherwise (the daemon runs threads, the watcher
     and HTTP, which a fork would copy mid-flight; its pool is started once and kept)."""
+    import multiprocessing
+
     if threading.active_count() == 1:
         return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver")
@@ -311,8 +352,9 @@ def _context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-class _Pool(multiprocessing.pool.Pool):
-    """``multiprocessing.pool.Pool`` whose worker-handler thread sleeps until it has work.
+def _pool_class() -> type[multiprocessing.pool.Pool]:
+    """``multiprocessing.pool.Pool`` whose worker-handler thread sleeps until it has work
+    (defined on first use, when multiprocessing is imported).
 
     The stock pool also wakes that thread whenever a result waits in the pipe, and it spins
     until the result thread has read it: measured, 12k wake-ups (half a second of the GIL)
@@ -320,9 +362,19 @@ class _Pool(multiprocessing.pool.Pool):
     nothing to do with results: worker exits wake it through their sentinels, and closing,
     terminating and an emptied task cache through the change notifier, which stays.
     """
+    global _pool_cls
+    if _pool_cls is None:
+        import multiprocessing.pool
 
-    def _get_sentinels(self) -> list[Any]:
-        return [self._change_notifier._reader]  # type: ignore[attr-defined]
+        class _Pool(multiprocessing.pool.Pool):
+            def _get_sentinels(self) -> list[Any]:
+                return [self._change_notifier._reader]  # type: ignore[attr-defined]
+
+        _pool_cls = _Pool
+    return _pool_cls
+
+
+_pool_cls: type[multiprocessing.pool.Pool] | None = None
 
 
 class HashPool:
@@ -340,6 +392,9 @@ class HashPool:
         self.gentle = gentle
         self._pool: multiprocessing.pool.Pool | None = None
         self._lock = threading.Lock()
+        self._progress: Any = None
+        """The workers' shared progress clock (``beat``): the ``time.monotonic()`` of the last
+        file or directory any of them finished."""
 
     def _get_pool(self, warm: Callable[[], object] | None = None) -> multiprocessing.pool.Pool:
         with self._lock:
@@ -352,10 +407,11 @@ class HashPool:
                     # (~30 ms a time after the imports of a CLI scan, and copies the pages
                     # it touches), and so does this process's last one at exit.
                     gc.freeze()
-                self._pool = _Pool(
+                self._progress = context.RawValue("d", _monotonic())
+                self._pool = _pool_class()(
                     self.workers,
                     initializer=_worker_init,
-                    initargs=(warm, self.gentle),
+                    initargs=(warm, self.gentle, self._progress),
                     context=context,
                 )
             return self._pool
@@ -371,21 +427,37 @@ class HashPool:
         range's results piled up in its memory.
 
         Raises:
-            TimeoutError: no next result came for ``stall_s`` seconds (a read stuck on a dead
-                network mount cannot be interrupted): the workers are abandoned.
+            TimeoutError: for ``stall_s`` seconds, no result came and no worker finished a
+                file or listed a directory (``beat``; a read stuck on a dead network mount
+                cannot be interrupted): the workers are abandoned. Progress is measured per
+                file, not per task: on a loaded machine a big range may take longer than
+                ``stall_s`` while every file of it takes milliseconds.
         """
+        import multiprocessing
+
         pool = self._get_pool()
+        progress = self._progress
         ahead = 2 * self.workers
         pending: collections.deque[multiprocessing.pool.AsyncResult[_R]] = collections.deque()
         queued = iter(tasks)
         for task in itertools.islice(queued, ahead):
             pending.append(pool.apply_async(fn, (task,)))
+        poll = min(stall_s, 1.0)
+        last = _monotonic()
         while pending:
-            try:
-                result = pending.popleft().get(stall_s)
-            except multiprocessing.TimeoutError:
-                self._abandon()
-                raise TimeoutError(f"no result for {stall_s:.0f}s") from None
+            head = pending[0]
+            while True:
+                try:
+                    result = head.get(poll)
+                    break
+                except multiprocessing.TimeoutError:
+                    if progress is not None:
+                        last = max(last, progress.value)
+                    if _monotonic() - last >= stall_s:
+                        self._abandon()
+                        raise TimeoutError(f"no progress for {stall_s:.0f}s") from None
+            pending.popleft()
+            last = _monotonic()
             for task in itertools.islice(queued, 1):
                 pending.append(pool.apply_async(fn, (task,)))
             yield result
@@ -417,6 +489,8 @@ class HashPool:
         sizes: Sequence[int],
     ) -> list[HashOutcome]:
         """Wait for a submitted chunk within its budget; abandon it past that."""
+        import multiprocessing
+
         budget = self.budget(sizes)
         try:
             return result.get(timeout=budget)

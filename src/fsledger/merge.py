@@ -258,8 +258,10 @@ def _unflatten(flat: list[Any], scanned: int, specials: int) -> RangeResult:
 
 
 RANGE_STALL_FACTOR = 5
-"""A scan fails when no key range completes within this many hash timeouts (a read stuck on
-a dead network mount cannot be interrupted), whoever computes the range."""
+"""A scan fails when it makes no progress for this many hash timeouts (a read stuck on a
+dead network mount cannot be interrupted), whoever computes the range. A local scan's
+progress is counted per file and directory in any worker (``fsledger.hashing.beat``), not
+per range completed: a big range on a loaded machine is not a stall."""
 
 FORMAT = 2
 """Version of ``RangeResult.encode``'s JSON (what a distributed scan's ``scan_work`` row

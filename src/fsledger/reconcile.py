@@ -19,15 +19,14 @@ import errno
 import gc
 import logging
 import os
-import socket
 import stat as stat_mod
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
-from multiprocessing.pool import AsyncResult
+from typing import TYPE_CHECKING
 
 from fsledger import decide
 from fsledger.beneath import Beneath, is_dir_below
@@ -69,6 +68,9 @@ from fsledger.store.sql import prefix_range
 from fsledger.walk import FileEntry, Unreadable, walk
 from fsledger.writer import GENTLE_PACE, Applied, Batches, Hold, RepoWriter
 
+if TYPE_CHECKING:
+    from multiprocessing.pool import AsyncResult
+
 log = logging.getLogger(__name__)
 
 __all__ = ["RACY_WINDOW_NS", "Reconciler", "check_root", "owner_tag", "start_workers"]
@@ -104,7 +106,7 @@ Progress = Callable[[ScanStats], None]
 
 def owner_tag() -> str:
     """``host:pid`` of this process, stored with operations it runs."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{os.uname().nodename}:{os.getpid()}"  # socket.gethostname(), without socket
 
 
 @dataclass(slots=True)
@@ -226,9 +228,17 @@ class Reconciler:
         repo = writer.repo
         started = utcnow()
         t0 = time.monotonic()
-        if not prefix and self.settings.max_concurrency >= 2 and not repo.is_bucket:
-            self._hash_pool(gentle).start()
         record_count = self.store.count_records(repo.id)
+        if (
+            not prefix
+            and self.settings.max_concurrency >= 2
+            and not repo.is_bucket
+            and not 0 < record_count < PARALLEL_MIN_RECORDS
+        ):
+            # Ranges in workers (a big rescan, or a first index that may be cut in ranges):
+            # start them while this process opens its operation. A small rescan merges here
+            # and starts them only if it has more than one chunk of files to hash.
+            self._hash_pool(gentle).start()
         has_records = record_count > 0
         op = self.store.start_operation(repo.id, op_type, owner_tag(), started) if record else None
         if record:
@@ -332,6 +342,76 @@ def start_workers(settings: Settings) -> HashPool | None:
     pool = HashPool(settings.max_concurrency, settings.hash_algo, settings.hash_timeout_s)
     pool.start(warm=partial(warm_store, settings.database_url))
     return pool
+
+
+def scan_wants_workers(settings: Settings, refs: Sequence[str] = ()) -> bool:
+    """Whether a command scanning the repositories ``refs`` (every one without) should start
+    worker processes first (``start_workers``), asked before it opens the store.
+
+    Not when every one of them is a rescan of fewer than ``PARALLEL_MIN_RECORDS`` records:
+    such a scan merges in-process, and forking the workers, opening their connections and
+    ending them would be most of a small repository's rescan (800 videos: ~0.05 s on a
+    quiet machine, several times that on a busy one). Asked on SQLite only, with a
+    read-only connection closed before anything forks (~1 ms). When in doubt (another
+    store, a first index, a name it cannot match, a bucket, any error), yes.
+    """
+    if settings.max_concurrency < 2:
+        return False
+    try:
+        found = _repository_counts(settings.database_url)
+    except Exception:
+        log.debug("counting records ahead of a scan", exc_info=True)
+        return True
+    if found is None:
+        return True
+    if refs:
+        chosen = []
+        for ref in refs:
+            match = [r for r in found if ref in (r[0], r[1]) or r[2] == _root_of(ref)]
+            if not match:
+                return True
+            chosen += match
+    else:
+        chosen = found
+    return any(
+        not 0 < count < PARALLEL_MIN_RECORDS or root.startswith(b"s3://")
+        for _id, _name, root, count in chosen
+    )
+
+
+def _root_of(ref: str) -> bytes | None:
+    try:
+        return os.path.realpath(os.path.abspath(os.fsencode(ref))) if ref else None
+    except (ValueError, OSError):
+        return None
+
+
+_COUNTS = (
+    "SELECT r.id, r.name, r.root_path, "
+    "(SELECT count(*) FROM file_records f WHERE f.repository_id = r.id) FROM repositories r"
+)
+
+
+def _repository_counts(url: str) -> list[tuple[str, str, bytes, int]] | None:
+    """(id, name, root, records) of every repository; None for a store it cannot ask."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        import sqlite3
+        from urllib.parse import quote
+
+        path = "/" + url.removeprefix("sqlite://").lstrip("/")
+        if not os.path.exists(path):
+            return None
+        conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=1.0)
+        try:
+            rows = conn.execute(_COUNTS).fetchall()
+        finally:
+            conn.close()
+    else:
+        # PostgreSQL: asking costs a connection of its own in this process, on the path to
+        # the scan (~10-20 ms with the server's new backend), where the workers' warm-up
+        # connections are made on the other core meanwhile: measured, no faster. Workers.
+        return None
+    return [(str(i), str(n), bytes(root), int(c)) for i, n, root, c in rows]
 
 
 def _with_dev(repo: Repository, dev: int) -> Repository:
@@ -448,6 +528,7 @@ class _Run:
                             dev=self.start_dev,
                             mounts=self.mounts,
                             hold=self.hold,
+                            gentle=self.gentle,
                         )._merge()
         finally:
             writer.listeners = [f for f in writer.listeners if f is not note]
@@ -512,7 +593,7 @@ class _Run:
         return between_files or len(self._cuts) + 1 >= PARALLEL_MIN_DIRS
 
     def _merge_in_workers(self, rule: LookRule) -> None:
-        pool = self.owner._hash_pool()
+        pool = self.owner._hash_pool(self.gentle)
         if self._cuts is None:
             # About RANGE_FILES files a range: big enough to repay a task, small enough that
             # a range's differences (a first index: every file) stay a few megabytes.
@@ -680,16 +761,18 @@ class _Run:
         if final and not self.in_flight:
             # Everything fits in one chunk: hashing here beats starting worker processes.
             sizes = [j.entry.stat.size for j in jobs]
-            self._finish_jobs(jobs, self.owner._hash_pool().hash_here(root, paths, sizes))
+            self._finish_jobs(
+                jobs, self.owner._hash_pool(self.gentle).hash_here(root, paths, sizes)
+            )
             return
-        pool = self.owner._hash_pool()
+        pool = self.owner._hash_pool(self.gentle)
         self.in_flight.append((jobs, pool.submit(root, paths)))
         while len(self.in_flight) > 2 * pool.workers:
             self._collect_one()
 
     def _collect_one(self) -> None:
         jobs, result = self.in_flight.popleft()
-        pool = self.owner._hash_pool()
+        pool = self.owner._hash_pool(self.gentle)
         outcomes = pool.collect(
             result,
             [j.entry.path for j in jobs],

@@ -17,7 +17,7 @@ import logging
 import os
 import stat as stat_mod
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, overload
 
@@ -260,6 +260,10 @@ class WalkCursor:
 
 
 _DIR, _FILE, _SPECIAL = 0, 1, 2
+listed_hook: Callable[[], None] | None = None
+"""Called after each directory is listed: in a scan's worker processes, the pool's progress
+clock (``fsledger.hashing.beat``), so that a range of thousands of settled files counts as
+progress while it is walked."""
 MAX_OPEN_DIRS = 64
 """Directory descriptors a walk keeps open at once (one per level of depth); deeper levels
 close their parent's while below it, so a pathological depth cannot exhaust the process's
@@ -350,6 +354,8 @@ def _list_dir(
     if cut:
         out = [e for e in out if _within(e[1], e[3] == _DIR, lo, hi)]
     out.sort(reverse=True)
+    if listed_hook is not None:
+        listed_hook()
     return (fd, out)
 
 

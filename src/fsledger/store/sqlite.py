@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
+from itertools import chain
 from typing import Any
 from uuid import UUID
 
@@ -19,6 +20,33 @@ from fsledger.store.lease import FileLease, Lease, make_private_dirs
 from fsledger.store.sql import DUP_INDEX, Cursor, DeferredIndex, SqlStore, upsert_sql
 
 log = logging.getLogger(__name__)
+
+ROWS_A_STATEMENT = 64
+"""Rows a multi-row INSERT of a big batch of feed rows carries (9 parameters a row)."""
+
+
+_FEED_COLS = SqlStore._FEED_COLS_IN
+_ONE_FEED = f"INSERT INTO change_log ({_FEED_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_MULTI_FEED = f"INSERT INTO change_log ({_FEED_COLS}) VALUES " + ", ".join(
+    ["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * ROWS_A_STATEMENT
+)
+
+
+def _many_rows(cur: Cursor, multi: str, one: str, rows: list[tuple[Any, ...]]) -> None:
+    """``rows`` in order: ``ROWS_A_STATEMENT`` at a time through ``multi``, the rest
+    through ``one``.
+
+    Not for file_records' upsert: a statement of several rows that may update keeps a
+    statement journal, which passes SQLite's 64 KiB spill threshold and goes to a
+    temporary file (measured: 0.3 s less user time and 0.25 s more kernel time on 100k
+    records)."""
+    n = ROWS_A_STATEMENT
+    full = len(rows) - len(rows) % n
+    flat = chain.from_iterable
+    cur.executemany(multi, [tuple(flat(rows[i : i + n])) for i in range(0, full, n)])
+    if full < len(rows):
+        cur.executemany(one, rows[full:])
+
 
 CHECKPOINT_INTERVAL_S = 1.0
 """How often the checkpointer copies the WAL back into the database (see ``_Checkpointer``)."""
@@ -52,6 +80,16 @@ class SqliteStore(SqlStore):
         "strftime('%Y-%m-%dT%H:%M:%S', ?4 / 1000000000 - (?4 % 1000000000 < 0), 'unixepoch') "
         "|| printf('.%06d+00:00', (?4 % 1000000000 + 1000000000) % 1000000000 / 1000)"
     )
+
+    def _insert_feed(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
+        # Big batches (a first index) go ROWS_A_STATEMENT rows to an INSERT: a statement run
+        # a row costs its own bind, step and reset, and the read and write of change_log's
+        # AUTOINCREMENT sequence (measured: 100k rows, 0.39-0.45 s of CPU a row at a time,
+        # 0.28 s 64 at a time). The rows of one statement get their seq in VALUES order.
+        if len(rows) < 2 * ROWS_A_STATEMENT:
+            super()._insert_feed(cur, rows)
+            return
+        _many_rows(cur, _MULTI_FEED, _ONE_FEED, rows)
 
     def __init__(self, path: str) -> None:
         self.path = path
