@@ -359,7 +359,8 @@ class MirrorRunner:
         self._thread: threading.Thread | None = None
         self.hub = hub
         self._head = 0
-        """The feed's newest seq when the last step found nothing to do."""
+        """The feed's newest seq when the last step found nothing (more) to do."""
+        self._feed_id: str | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -437,7 +438,11 @@ class MirrorRunner:
         if mirror.cursor_seq is None:
             self.full_sync(repair=True)
             return True
-        since = Cursor(self.feed.head().feed_id, mirror.cursor_seq, mirror.cursor_tag)
+        if self._feed_id is None:
+            self._feed_id = self.feed.head().feed_id
+        # The feed id read once: a database whose feed is another one (restored elsewhere)
+        # refuses this cursor (ResyncNeeded), as it should.
+        since = Cursor(self._feed_id, mirror.cursor_seq, mirror.cursor_tag)
         try:
             page = self.feed.read(since, PAGE, repo.id)
         except ResyncNeeded as exc:
@@ -483,6 +488,14 @@ class MirrorRunner:
         self.stats.note(
             counters.uploaded + counters.copied + counters.deleted, counters.uploaded_bytes
         )
+        paused = any(isinstance(a, Pause) for a in actions)
+        if not page.has_more and page.cursor.seq >= head and not paused:
+            # The page reached the head read after it: nothing is left to look at now (a
+            # step more would only find that out with another round of queries).
+            self._head = head
+            self.stats.backlog = 0
+            self.stats.state = "idle"
+            return False
         return True
 
     def _deletions_refused(self, entries: tuple[FeedEntry, ...], mirror: Mirror) -> str | None:
@@ -518,24 +531,48 @@ class MirrorRunner:
             return MirrorCounters(), []
         if isinstance(first, DirMove):
             return self.move_dir(first.old, first.new, below, repo_id)
-        counters, errors = MirrorCounters(), list[str]()
         uploads = [a.path for a in wave if isinstance(a, Upload)]
-        if uploads:
-            done, errs = self.upload_paths(uploads, below, repo_id, check_first)
-            counters, errors = counters + done, errors + errs
         moves = [a for a in wave if isinstance(a, Move)]
-        if moves:
-            done, errs = self.move(moves, below, repo_id)
-            counters, errors = counters + done, errors + errs
         deletions = [a.path for a in wave if isinstance(a, Delete)]
-        if deletions:
-            records = self.store.get_records(repo_id, deletions)
-            # A path that has a record again was created anew: its entry uploads it.
-            gone = [p for p in deletions if p not in records]
-            done, errs = self.delete_keys([key_of(self.prefix, p) for p in gone])
+        # One read of every record the wave needs; then its uploads and moves all at once
+        # (distinct paths: no order among them), then one DeleteObjects for its deletions
+        # and the old keys of its moves.
+        records = self.store.get_records(
+            repo_id, uploads + [m.old for m in moves] + [m.new for m in moves] + deletions
+        )
+        jobs: list[Any] = []
+        for path in uploads:
+            record = records.get(path)
+            if record is not None and record.digest is not None:
+                jobs.append((None, record, check_first))
+        for m in moves:
+            record = records.get(m.new)
+            if record is not None and record.digest is not None:
+                jobs.append((m, record, False))
+            # else moved on or gone: a later entry says where
+
+        def one(job: tuple[Move | None, FileRecord, bool]) -> tuple[MirrorCounters, str | None]:
+            move, record, check = job
+            if move is None:
+                return self._upload_one(record, below, check)
+            return self._move_one(move.old, record, below)
+
+        counters, errors = MirrorCounters(), list[str]()
+        olds = []
+        for (move, _, _), (done, error) in zip(jobs, self._pool.map(one, jobs), strict=True):
+            counters += done
+            if error:
+                errors.append(error)
+            elif move is not None and move.old not in records:
+                olds.append(key_of(self.prefix, move.old))  # the old key of a failed move stays
+        # A path that has a record again was created anew: its entry uploads it.
+        gone = [key_of(self.prefix, p) for p in deletions if p not in records]
+        done, errs = self.delete_keys(gone + olds, count=False)
+        counters, errors = counters + done, errors + errs
+        if gone:
+            counters += MirrorCounters(deleted=len(gone))
             if not self._accepted:
-                self._recent.append((time.monotonic(), done.deleted))
-            counters, errors = counters + done, errors + errs
+                self._recent.append((time.monotonic(), len(gone)))
         return counters, errors
 
     # --- uploads ------------------------------------------------------------------------
@@ -759,31 +796,6 @@ class MirrorRunner:
             raise
         etag = response.get("CopyObjectResult", {}).get("ETag", "").strip('"')
         return etag == md5_hex
-
-    def move(
-        self, moves: list[Move], below: Beneath, repo_id: UUID
-    ) -> tuple[MirrorCounters, list[str]]:
-        """Moves of distinct paths (``groups``), concurrently: each target by a copy (or an
-        upload), then the old keys that no record claims any more, in one request. The old
-        key of a move that failed stays."""
-        records = self.store.get_records(repo_id, [m.old for m in moves] + [m.new for m in moves])
-        counters, errors = MirrorCounters(), list[str]()
-
-        def one(m: Move) -> tuple[MirrorCounters, str | None]:
-            target = records.get(m.new)
-            if target is None or target.digest is None:
-                return MirrorCounters(), None  # moved on or gone: a later entry says where
-            return self._move_one(m.old, target, below)
-
-        olds = []
-        for m, (done, error) in zip(moves, self._pool.map(one, moves), strict=True):
-            counters += done
-            if error:
-                errors.append(error)
-            elif m.old not in records:
-                olds.append(key_of(self.prefix, m.old))
-        more, errs = self.delete_keys(olds, count=False)
-        return counters + more, errors + errs
 
     def move_dir(
         self, old: RelPath, new: RelPath, below: Beneath, repo_id: UUID
