@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,12 +139,13 @@ def _measure(runner: StoreRun, url: str, work: Path, server: Any) -> list[Measur
         ours, theirs = server.new_bucket("fsl"), server.new_bucket("rclone")
         fsl("mirror", "add", REPO, f"s3://{ours}", "--endpoint-url", server.endpoint)
         runner.log(f"[{runner.store.name}] mirror: initial upload {r + 1}/{repeats}")
-        steps = [
-            lambda b=ours: sub_initial.add(fsl("mirror", "sync", f"s3://{b}")),
-            lambda b=theirs: ref_initial.add(run(rclone(b), env=rclone_env)),
-        ]
-        for step in steps if r % 2 == 0 else steps[::-1]:
-            step()
+        ours_run = partial(fsl, "mirror", "sync", f"s3://{ours}")
+        theirs_run = partial(run, rclone(theirs), env=rclone_env)
+        for fsledger_turn in (True, False) if r % 2 == 0 else (False, True):
+            if fsledger_turn:
+                sub_initial.add(ours_run())
+            else:
+                ref_initial.add(theirs_run())
         runner.log(
             f"  fsledger {sub_initial.seconds[-1]:.2f} s, rclone {ref_initial.seconds[-1]:.2f} s"
         )
@@ -159,12 +161,11 @@ def _measure(runner: StoreRun, url: str, work: Path, server: Any) -> list[Measur
             changes.append(apply_changes(work, runner.library, round_no=r).to_json())
             fsl("scan", REPO, "--json")
             runner.log(f"[{runner.store.name}] mirror: catch-up {r + 1}/{repeats} after 1%")
-            steps = [
-                lambda: sub_catchup.add(daemon.catch_up()),
-                lambda: ref_catchup.add(run(rclone(theirs), env=rclone_env)),
-            ]
-            for step in steps if r % 2 == 0 else steps[::-1]:
-                step()
+            for fsledger_turn in (True, False) if r % 2 == 0 else (False, True):
+                if fsledger_turn:
+                    sub_catchup.add(daemon.catch_up())
+                else:
+                    ref_catchup.add(run(rclone(theirs), env=rclone_env))
             runner.log(
                 f"  fsledger {sub_catchup.seconds[-1]:.2f} s, "
                 f"rclone {ref_catchup.seconds[-1]:.2f} s"
