@@ -700,5 +700,11 @@ def test_a_move_copies_only_an_old_object_with_the_files_bytes_and_lean_requests
         m = runner.sync(60)
         assert m.last_error is None, m.last_error
         assert bucket_state(client, s3_bucket, "m/") == disk_state(photos)
+        assert lean._refused == 2 and lean.usable  # a PUT and a copy refused, then botocore
+        (photos / "fresh.jpg").write_bytes(b"fresher")
+        ledger.scan(repo)
+        runner.sync(60)
+        assert not lean.usable  # refused 3 times in a row: botocore only from now on
+        assert bucket_state(client, s3_bucket, "m/") == disk_state(photos)
     finally:
         runner.stop()

@@ -674,7 +674,7 @@ class MirrorRunner:
         metadata = {digest.algo: digest.hex}
         content_md5 = base64.b64encode(md5.digest()).decode()
         etag = None
-        if self._lean is not None:
+        if self._lean is not None and self._lean.usable:
             try:
                 etag = self._lean.put(key, data, content_md5, metadata)
             except LeanFailed as exc:
@@ -774,7 +774,7 @@ class MirrorRunner:
         assert digest is not None
         metadata = {digest.algo: digest.hex}
         etag: str | None = None
-        if self._lean is not None:
+        if self._lean is not None and self._lean.usable:
             try:
                 etag = self._lean.copy(src, dst, metadata, md5_hex)
                 return etag == md5_hex

@@ -35,6 +35,9 @@ from urllib.parse import quote, urlsplit
 log = logging.getLogger(__name__)
 
 _PROBE = "fsledger-probe-key"
+REFUSALS = 3
+"""Lean requests refused in a row (a 3xx or 4xx: a bucket in another region, a clock or a
+signature the server disagrees with) after which the lean path is given up for good."""
 
 
 class LeanFailed(Exception):
@@ -75,6 +78,19 @@ class LeanS3:
         self._conns: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._keys: dict[tuple[str, str], bytes] = {}
+        self._refused = 0
+
+    @property
+    def usable(self) -> bool:
+        """False once ``REFUSALS`` requests in a row were refused: botocore knows better
+        (it follows region redirects, corrects clock skew)."""
+        return self._refused < REFUSALS
+
+    def _answer(self, status: int, ok: bool) -> None:
+        if ok:
+            self._refused = 0
+        elif 300 <= status < 500:
+            self._refused += 1
 
     @classmethod
     def of(cls, client: Any, bucket: str) -> LeanS3 | None:
@@ -128,6 +144,7 @@ class LeanS3:
         for name, value in metadata.items():
             headers["x-amz-meta-" + name.lower()] = value
         status, answer, _ = self._request("PUT", key, headers, body)
+        self._answer(status, status == 200)
         if status != 200:
             raise LeanFailed(f"PUT answered {status}", status)
         return (answer.get("etag") or "").strip('"')
@@ -145,9 +162,12 @@ class LeanS3:
             headers["x-amz-meta-" + name.lower()] = value
         status, _, data = self._request("PUT", dst, headers, b"")
         if status == 412:
+            self._answer(status, True)
             return None
         # A copy can fail after its 200 was sent: the error is then the body.
-        if status != 200 or b"<Error>" in data or b"<CopyObjectResult" not in data:
+        ok = status == 200 and b"<Error>" not in data and b"<CopyObjectResult" in data
+        self._answer(status, ok)
+        if not ok:
             raise LeanFailed(f"CopyObject answered {status}", status)
         start, end = data.find(b"<ETag>"), data.find(b"</ETag>")
         if start < 0 or end < start:
