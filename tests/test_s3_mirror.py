@@ -319,6 +319,15 @@ def test_non_utf8_and_control_names_round_trip(
         assert "odd/été.jpg" in keys and "odd/caf\u241bE9.jpg" in keys
         assert bucket_state(client, s3_bucket, "odd/") == disk_state(root)
         assert runner.verify().exact
+        # Moved by server-side copies: the escaped keys as copy sources too.
+        os.rename(os.path.join(base, b"caf\xe9.jpg"), os.path.join(base, b"m caf\xe9 +%&.jpg"))
+        os.rename(os.path.join(base, "été.jpg".encode()), os.path.join(base, b"d\xff\xfe/\x02.jpg"))
+        ledger.scan(repo)
+        m = runner.sync(60)
+        assert m.counters.copied == 2, m.counters
+        assert runner._lean is not None and runner._lean._refused == 0  # signed as botocore
+        assert bucket_state(client, s3_bucket, "odd/") == disk_state(root)
+        assert runner.verify().exact
     finally:
         runner.stop()
 
