@@ -322,7 +322,7 @@ class MirrorRunner:
     Args:
         store: the ledger's store (feed, records, the mirror's row).
         mirror_id: which mirror.
-        concurrency: requests in flight at most (``RECONCILIATION_MAX_CONCURRENCY``).
+        concurrency: requests in flight at most (``FSLEDGER_MIRROR_CONCURRENCY``, 4).
         client: a boto3 S3 client (tests); one from the AWS chain when omitted.
         hub: the daemon's ``FeedHub``: an idle runner waits on it and wakes the moment the
             feed grows (else it polls the feed every ``IDLE_POLL_S``).
