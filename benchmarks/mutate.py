@@ -35,17 +35,24 @@ class ChangeSet:
         }
 
 
-def apply_changes(work: Path, library: Library, share: float = 0.01) -> ChangeSet:
-    """Change ``share`` of the files of ``work`` each way, and rename one event folder."""
+def apply_changes(
+    work: Path, library: Library, share: float = 0.01, round_no: int = 0
+) -> ChangeSet:
+    """Change ``share`` of the files of ``work`` each way, and rename one event folder.
+
+    ``round_no`` > 0: another change set of the same size on a tree that earlier rounds
+    changed (only files and folders still where the library put them are picked)."""
     spec = library.spec
-    rng = random.Random(spec.seed + 1)
+    rng = random.Random(spec.seed + 1 + 7919 * round_no)
     files = list(plan(spec))
+    if round_no:
+        files = [f for f in files if (work / f.path).exists()]
     folders = sorted({f.path.rpartition("/")[0] for f in files})
     renamed = rng.choice(folders)
     others = [f for f in files if f.path.rpartition("/")[0] != renamed]
     n = max(1, int(spec.files * share))
     picked = rng.sample(others, 2 * n)
-    content = ContentSource(spec.seed + 1)
+    content = ContentSource(spec.seed + 1 + 7919 * round_no)
     now_ns = time.time_ns()
 
     for k, f in enumerate(picked[:n]):
@@ -57,14 +64,14 @@ def apply_changes(work: Path, library: Library, share: float = 0.01) -> ChangeSe
         (work / f.path).unlink()
 
     # Half the new files join existing folders, half arrive as a new import.
-    new_folder = work / "9999" / "9999-12" / "9999-12-31 Import"
+    new_folder = work / "9999" / "9999-12" / f"9999-12-{31 - round_no:02d} Import"
     new_folder.mkdir(parents=True)
     hosts = rng.sample([d for d in folders if d != renamed], max(1, n // 20))
     for k in range(n):
         if k % 2:
-            path = new_folder / f"NEW_{k:06d}.jpg"
+            path = new_folder / f"NEW{round_no or ''}_{k:06d}.jpg"
         else:
-            path = work / hosts[k % len(hosts)] / f"NEW_{k:06d}.jpg"
+            path = work / hosts[k % len(hosts)] / f"NEW{round_no or ''}_{k:06d}.jpg"
         content.write(path, 2 * spec.files + k, rng.randint(2048, 12288), now_ns - 86_400 * 10**9)
 
     renamed_files = sum(1 for f in files if f.path.rpartition("/")[0] == renamed)

@@ -4,6 +4,8 @@ listing it and hashing every object's downloaded bytes."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import shutil
@@ -315,6 +317,15 @@ def test_non_utf8_and_control_names_round_trip(
         keys = set(bucket_listing(client, s3_bucket, "odd/"))
         assert keys == {"odd/" + encode(n) for n in names}
         assert "odd/été.jpg" in keys and "odd/caf\u241bE9.jpg" in keys
+        assert bucket_state(client, s3_bucket, "odd/") == disk_state(root)
+        assert runner.verify().exact
+        # Moved by server-side copies: the escaped keys as copy sources too.
+        os.rename(os.path.join(base, b"caf\xe9.jpg"), os.path.join(base, b"m caf\xe9 +%&.jpg"))
+        os.rename(os.path.join(base, "été.jpg".encode()), os.path.join(base, b"d\xff\xfe/\x02.jpg"))
+        ledger.scan(repo)
+        m = runner.sync(60)
+        assert m.counters.copied == 2, m.counters
+        assert runner._lean is not None and runner._lean._refused == 0  # signed as botocore
         assert bucket_state(client, s3_bucket, "odd/") == disk_state(root)
         assert runner.verify().exact
     finally:
@@ -653,3 +664,59 @@ def test_running_mirror_wakes_on_the_feed_hub(
         runner.stop()
         hub.stop()
     assert time.monotonic() - t1 < HUB_WAIT_S - 1  # stop wakes the waiting runner
+
+
+def test_a_move_copies_only_an_old_object_with_the_files_bytes_and_lean_requests_fall_back(
+    ledger: Ledger, photos: Path, s3_server: Any, s3_bucket: str, aws_env: dict[str, str]
+) -> None:
+    """A moved file is copied with x-amz-copy-source-if-match (the MD5 of its checked bytes):
+    an old object with other content (changed behind the mirror's back, or a file modified
+    then moved while the mirror lagged) is not copied; the file is uploaded. The lean
+    requests sign keys botocore would, and any refusal goes through botocore again."""
+    client = s3_server.client()
+    repo, runner = _setup(ledger, photos, s3_bucket, s3_server.endpoint, "m/")
+    try:
+        assert runner._lean is not None  # plain http, no proxy: the lean path is used
+        runner.sync(60)
+        client.put_object(Bucket=s3_bucket, Key="m/2024/b.jpg", Body=b"stale content")
+        (photos / "2024" / "b.jpg").rename(photos / "b-moved.jpg")
+        (photos / "2024" / "trip" / "img01.jpg").rename(photos / "img01.jpg")
+        ledger.scan(repo)
+        before = runner.refresh().counters
+        m = runner.sync(60)
+        assert m.counters.copied - before.copied == 1, m.counters  # img01 by copy
+        assert m.counters.uploaded - before.uploaded == 1, m.counters  # b-moved by upload
+        assert bucket_state(client, s3_bucket, "m/") == disk_state(photos)
+        # Keys that need escaping in the URL and the signature.
+        lean = runner._lean
+        for key in ("m/a b+c%d~e/é ␛1F (1).jpg", "m/x=y&z;?#.jpg"):
+            body = os.urandom(100)
+            md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+            assert lean.put(key, body, md5, {"blake3": "ab"}) == hashlib.md5(body).hexdigest()
+            head = client.head_object(Bucket=s3_bucket, Key=key)
+            assert head["ContentLength"] == 100 and head["Metadata"] == {"blake3": "ab"}
+            assert client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == body
+            client.delete_object(Bucket=s3_bucket, Key=key)
+
+        # Refused lean requests (a wrong secret) are made again through botocore.
+        class Wrong:
+            def get_frozen_credentials(self) -> Any:
+                from botocore.credentials import ReadOnlyCredentials
+
+                return ReadOnlyCredentials(aws_env["AWS_ACCESS_KEY_ID"], "wrong", None)
+
+        lean._credentials = Wrong()
+        (photos / "fresh.jpg").write_bytes(b"fresh")
+        (photos / "img01.jpg").rename(photos / "2024" / "img01.jpg")
+        ledger.scan(repo)
+        m = runner.sync(60)
+        assert m.last_error is None, m.last_error
+        assert bucket_state(client, s3_bucket, "m/") == disk_state(photos)
+        assert lean._refused == 2 and lean.usable  # a PUT and a copy refused, then botocore
+        (photos / "fresh.jpg").write_bytes(b"fresher")
+        ledger.scan(repo)
+        runner.sync(60)
+        assert not lean.usable  # refused 3 times in a row: botocore only from now on
+        assert bucket_state(client, s3_bucket, "m/") == disk_state(photos)
+    finally:
+        runner.stop()

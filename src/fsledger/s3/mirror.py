@@ -67,6 +67,7 @@ from fsledger.model import (
 )
 from fsledger.s3.keys import key_of, path_of
 from fsledger.s3.location import S3Location, make_client
+from fsledger.s3.wire import LeanFailed, LeanS3
 from fsledger.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -321,7 +322,7 @@ class MirrorRunner:
     Args:
         store: the ledger's store (feed, records, the mirror's row).
         mirror_id: which mirror.
-        concurrency: requests in flight at most (``RECONCILIATION_MAX_CONCURRENCY``).
+        concurrency: requests in flight at most (``FSLEDGER_MIRROR_CONCURRENCY``, 4).
         client: a boto3 S3 client (tests); one from the AWS chain when omitted.
         hub: the daemon's ``FeedHub``: an idle runner waits on it and wakes the moment the
             feed grows (else it polls the feed every ``IDLE_POLL_S``).
@@ -345,6 +346,9 @@ class MirrorRunner:
         self.concurrency = max(1, concurrency)
         self.client = client or make_client(self.location, max_pool=self.concurrency * 2 + 2)
         self.bucket = self.location.bucket
+        self._lean = LeanS3.of(self.client, self.bucket)
+        """The small PUTs and the copies without botocore's per-request CPU (None: all
+        through botocore)."""
         self.prefix = self.location.prefix
         self.stats = RunnerStats()
         self._recent: deque[tuple[float, int]] = deque()
@@ -355,7 +359,8 @@ class MirrorRunner:
         self._thread: threading.Thread | None = None
         self.hub = hub
         self._head = 0
-        """The feed's newest seq when the last step found nothing to do."""
+        """The feed's newest seq when the last step found nothing (more) to do."""
+        self._feed_id: str | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -372,6 +377,8 @@ class MirrorRunner:
             self._thread.join(timeout)
             self._thread = None
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._lean is not None:
+            self._lean.close()
 
     def run(self) -> None:
         failures = 0
@@ -431,7 +438,11 @@ class MirrorRunner:
         if mirror.cursor_seq is None:
             self.full_sync(repair=True)
             return True
-        since = Cursor(self.feed.head().feed_id, mirror.cursor_seq, mirror.cursor_tag)
+        if self._feed_id is None:
+            self._feed_id = self.feed.head().feed_id
+        # The feed id read once: a database whose feed is another one (restored elsewhere)
+        # refuses this cursor (ResyncNeeded), as it should.
+        since = Cursor(self._feed_id, mirror.cursor_seq, mirror.cursor_tag)
         try:
             page = self.feed.read(since, PAGE, repo.id)
         except ResyncNeeded as exc:
@@ -477,6 +488,14 @@ class MirrorRunner:
         self.stats.note(
             counters.uploaded + counters.copied + counters.deleted, counters.uploaded_bytes
         )
+        paused = any(isinstance(a, Pause) for a in actions)
+        if not page.has_more and page.cursor.seq >= head and not paused:
+            # The page reached the head read after it: nothing is left to look at now (a
+            # step more would only find that out with another round of queries).
+            self._head = head
+            self.stats.backlog = 0
+            self.stats.state = "idle"
+            return False
         return True
 
     def _deletions_refused(self, entries: tuple[FeedEntry, ...], mirror: Mirror) -> str | None:
@@ -512,24 +531,48 @@ class MirrorRunner:
             return MirrorCounters(), []
         if isinstance(first, DirMove):
             return self.move_dir(first.old, first.new, below, repo_id)
-        counters, errors = MirrorCounters(), list[str]()
         uploads = [a.path for a in wave if isinstance(a, Upload)]
-        if uploads:
-            done, errs = self.upload_paths(uploads, below, repo_id, check_first)
-            counters, errors = counters + done, errors + errs
         moves = [a for a in wave if isinstance(a, Move)]
-        if moves:
-            done, errs = self.move(moves, below, repo_id)
-            counters, errors = counters + done, errors + errs
         deletions = [a.path for a in wave if isinstance(a, Delete)]
-        if deletions:
-            records = self.store.get_records(repo_id, deletions)
-            # A path that has a record again was created anew: its entry uploads it.
-            gone = [p for p in deletions if p not in records]
-            done, errs = self.delete_keys([key_of(self.prefix, p) for p in gone])
+        # One read of every record the wave needs; then its uploads and moves all at once
+        # (distinct paths: no order among them), then one DeleteObjects for its deletions
+        # and the old keys of its moves.
+        records = self.store.get_records(
+            repo_id, uploads + [m.old for m in moves] + [m.new for m in moves] + deletions
+        )
+        jobs: list[Any] = []
+        for path in uploads:
+            record = records.get(path)
+            if record is not None and record.digest is not None:
+                jobs.append((None, record, check_first))
+        for m in moves:
+            record = records.get(m.new)
+            if record is not None and record.digest is not None:
+                jobs.append((m, record, False))
+            # else moved on or gone: a later entry says where
+
+        def one(job: tuple[Move | None, FileRecord, bool]) -> tuple[MirrorCounters, str | None]:
+            move, record, check = job
+            if move is None:
+                return self._upload_one(record, below, check)
+            return self._move_one(move.old, record, below)
+
+        counters, errors = MirrorCounters(), list[str]()
+        olds = []
+        for (move, _, _), (done, error) in zip(jobs, self._pool.map(one, jobs), strict=True):
+            counters += done
+            if error:
+                errors.append(error)
+            elif move is not None and move.old not in records:
+                olds.append(key_of(self.prefix, move.old))  # the old key of a failed move stays
+        # A path that has a record again was created anew: its entry uploads it.
+        gone = [key_of(self.prefix, p) for p in deletions if p not in records]
+        done, errs = self.delete_keys(gone + olds, count=False)
+        counters, errors = counters + done, errors + errs
+        if gone:
+            counters += MirrorCounters(deleted=len(gone))
             if not self._accepted:
-                self._recent.append((time.monotonic(), done.deleted))
-            counters, errors = counters + done, errors + errs
+                self._recent.append((time.monotonic(), len(gone)))
         return counters, errors
 
     # --- uploads ------------------------------------------------------------------------
@@ -590,12 +633,9 @@ class MirrorRunner:
                 return None
             raise
 
-    def put(self, key: str, record: FileRecord, below: Beneath) -> None:
-        """Upload ``record``'s file to ``key``, verified; ``_Changed`` when the file is not
-        what the record says any more (nothing is completed then)."""
-        digest = record.digest
-        assert digest is not None
-        metadata = {digest.algo: digest.hex}
+    def _open(self, record: FileRecord, below: Beneath) -> int:
+        """A descriptor of ``record``'s file; ``_Changed`` when it is not a regular file any
+        more, ``_LocalError`` when it cannot be opened."""
         try:
             # Beneath caches directory descriptors and is not thread-safe: one open at a
             # time (the reads, the hashing and the upload run concurrently).
@@ -606,48 +646,82 @@ class MirrorRunner:
                 raise _Changed("not a regular file any more")
         except OSError as exc:
             raise _LocalError() from exc
-        try:
-            if record.size < PART_SIZE:
-                try:
-                    data = _read_exactly(fd, record.size)
-                except OSError as exc:
-                    raise _LocalError() from exc
-                hasher = ALGORITHMS[digest.algo](1)
-                hasher.update(data)
-                if hasher.hexdigest() != digest.hex:
-                    raise _Changed("the file's content is not the recorded one any more")
-                md5 = hashlib.md5(data, usedforsecurity=False)
-                response = self.client.put_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    Body=data,
-                    ContentMD5=base64.b64encode(md5.digest()).decode(),
-                    Metadata=metadata,
-                )
-                # The server checked Content-MD5; its ETag of a plain PUT is that MD5.
-                if response.get("ETag", "").strip('"') == md5.hexdigest():
-                    return
-            else:
-                from boto3.s3.transfer import TransferConfig
+        return fd
 
-                config = TransferConfig(
-                    multipart_threshold=PART_SIZE,
-                    multipart_chunksize=PART_SIZE,
-                    max_concurrency=self.concurrency,
-                    use_threads=True,
-                )
-                self.client.upload_fileobj(
-                    _HashingReader(fd, record),
-                    self.bucket,
-                    key,
-                    ExtraArgs={"Metadata": metadata},
-                    Config=config,
-                )
+    def _read_small(self, record: FileRecord, below: Beneath) -> tuple[bytes, Any]:
+        """A small file's bytes, checked against the record's hash, and their MD5;
+        ``_Changed`` when they are not the recorded content any more."""
+        digest = record.digest
+        assert digest is not None
+        fd = self._open(record, below)
+        try:
+            data = _read_exactly(fd, record.size)
+        except OSError as exc:
+            raise _LocalError() from exc
         finally:
             os.close(fd)
+        hasher = ALGORITHMS[digest.algo](1)
+        hasher.update(data)
+        if hasher.hexdigest() != digest.hex:
+            raise _Changed("the file's content is not the recorded one any more")
+        return data, hashlib.md5(data, usedforsecurity=False)
+
+    def _put_small(self, key: str, record: FileRecord, data: bytes, md5: Any) -> None:
+        """One PUT of a small file's (checked) bytes with Content-MD5, which the server
+        checks; read back (HEAD) only when its ETag is not that MD5."""
+        digest = record.digest
+        assert digest is not None
+        metadata = {digest.algo: digest.hex}
+        content_md5 = base64.b64encode(md5.digest()).decode()
+        etag = None
+        if self._lean is not None and self._lean.usable:
+            try:
+                etag = self._lean.put(key, data, content_md5, metadata)
+            except LeanFailed as exc:
+                log.debug("Mirror %s: lean PUT of %r: %s", self.location, key, exc)
+        if etag is None:
+            response = self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, ContentMD5=content_md5, Metadata=metadata
+            )
+            etag = response.get("ETag", "").strip('"')
+        # The server checked Content-MD5; its ETag of a plain PUT is that MD5.
+        if etag != md5.hexdigest():
+            self._read_back(key, record)
+
+    def _read_back(self, key: str, record: FileRecord) -> None:
         head = self.head(key)
         if head is None or not _matches(head, record):
             raise RuntimeError(f"{key!r} does not read back with the size and hash uploaded")
+
+    def put(self, key: str, record: FileRecord, below: Beneath) -> None:
+        """Upload ``record``'s file to ``key``, verified; ``_Changed`` when the file is not
+        what the record says any more (nothing is completed then)."""
+        digest = record.digest
+        assert digest is not None
+        if record.size < PART_SIZE:
+            data, md5 = self._read_small(record, below)
+            self._put_small(key, record, data, md5)
+            return
+        from boto3.s3.transfer import TransferConfig
+
+        fd = self._open(record, below)
+        try:
+            config = TransferConfig(
+                multipart_threshold=PART_SIZE,
+                multipart_chunksize=PART_SIZE,
+                max_concurrency=self.concurrency,
+                use_threads=True,
+            )
+            self.client.upload_fileobj(
+                _HashingReader(fd, record),
+                self.bucket,
+                key,
+                ExtraArgs={"Metadata": {digest.algo: digest.hex}},
+                Config=config,
+            )
+        finally:
+            os.close(fd)
+        self._read_back(key, record)
 
     # --- moves and deletions ------------------------------------------------------------
     def copy(self, src: str, dst: str, record: FileRecord) -> None:
@@ -663,41 +737,65 @@ class MirrorRunner:
     def _move_one(
         self, old: RelPath, record: FileRecord, below: Beneath
     ) -> tuple[MirrorCounters, str | None]:
-        """Bring ``record`` to its key by a copy of ``old``'s object when that holds the
-        record's content (HEAD), else by an upload."""
+        """Bring ``record`` to its key by a server-side copy of ``old``'s object when that
+        holds the record's content, else by an upload.
+
+        A small file is read (and checked against its record) first: the copy is then made
+        only if ``old``'s ETag is the MD5 of those bytes (a precondition the server checks,
+        one request instead of a HEAD and a copy), and the copy's own ETag must be that MD5
+        too; otherwise the bytes just read are PUT. A big file, or one that is not its
+        record any more, is looked at with a HEAD first."""
         try:
             src, dst = key_of(self.prefix, old), key_of(self.prefix, record.path)
         except ValueError as exc:
             return MirrorCounters(errors=1), str(exc)
+        if record.size < PART_SIZE:
+            try:
+                data, md5 = self._read_small(record, below)
+            except (_Changed, _LocalError):
+                pass  # the HEAD below decides: a copy of the recorded content, or a deferral
+            else:
+                if self.copy_if(src, dst, record, md5.hexdigest()):
+                    return MirrorCounters(copied=1), None
+                self._put_small(dst, record, data, md5)
+                return MirrorCounters(uploaded=1, uploaded_bytes=record.size), None
         if self._holds(src, record):
             self.copy(src, dst, record)
             return MirrorCounters(copied=1), None
         return self._upload_one(record, below, check_first=True)
 
-    def move(
-        self, moves: list[Move], below: Beneath, repo_id: UUID
-    ) -> tuple[MirrorCounters, list[str]]:
-        """Moves of distinct paths (``groups``), concurrently: each target by a copy (or an
-        upload), then the old keys that no record claims any more, in one request. The old
-        key of a move that failed stays."""
-        records = self.store.get_records(repo_id, [m.old for m in moves] + [m.new for m in moves])
-        counters, errors = MirrorCounters(), list[str]()
+    def copy_if(self, src: str, dst: str, record: FileRecord, md5_hex: str) -> bool:
+        """Copy ``src`` to ``dst`` with the record's hash in the metadata if ``src``'s ETag
+        is ``md5_hex`` (checked by the server) and the copy's ETag is too. False when it was
+        not copied, or the copy is not those bytes (the caller then uploads over it)."""
+        from botocore.exceptions import ClientError
 
-        def one(m: Move) -> tuple[MirrorCounters, str | None]:
-            target = records.get(m.new)
-            if target is None or target.digest is None:
-                return MirrorCounters(), None  # moved on or gone: a later entry says where
-            return self._move_one(m.old, target, below)
-
-        olds = []
-        for m, (done, error) in zip(moves, self._pool.map(one, moves), strict=True):
-            counters += done
-            if error:
-                errors.append(error)
-            elif m.old not in records:
-                olds.append(key_of(self.prefix, m.old))
-        more, errs = self.delete_keys(olds, count=False)
-        return counters + more, errors + errs
+        digest = record.digest
+        assert digest is not None
+        metadata = {digest.algo: digest.hex}
+        etag: str | None = None
+        if self._lean is not None and self._lean.usable:
+            try:
+                etag = self._lean.copy(src, dst, metadata, md5_hex)
+                return etag == md5_hex
+            except LeanFailed as exc:
+                log.debug("Mirror %s: lean copy of %r: %s", self.location, src, exc)
+        try:
+            response = self.client.copy_object(
+                Bucket=self.bucket,
+                Key=dst,
+                CopySource={"Bucket": self.bucket, "Key": src},
+                CopySourceIfMatch=f'"{md5_hex}"',
+                Metadata=metadata,
+                MetadataDirective="REPLACE",
+            )
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "412", "NoSuchKey", "404"):
+                return False
+            raise
+        etag = response.get("CopyObjectResult", {}).get("ETag", "").strip('"')
+        return etag == md5_hex
 
     def move_dir(
         self, old: RelPath, new: RelPath, below: Beneath, repo_id: UUID

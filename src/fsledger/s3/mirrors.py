@@ -9,6 +9,7 @@ other processes within seconds.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,6 +28,25 @@ if TYPE_CHECKING:
     from fsledger.s3.mirror import Comparison, MirrorRunner
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CONCURRENCY = 4
+"""Requests a mirror has in flight at most, unless ``FSLEDGER_MIRROR_CONCURRENCY`` says
+otherwise: a mirror waits on the network, not on the CPU, so this is not the CPU count
+(``RECONCILIATION_MAX_CONCURRENCY``); 4 is rclone's ``--transfers`` default."""
+
+
+def mirror_concurrency() -> int:
+    """``FSLEDGER_MIRROR_CONCURRENCY`` (1..256), else ``DEFAULT_CONCURRENCY``.
+
+    Raises:
+        ConfigError: the variable is not a whole number in range.
+    """
+    from fsledger.config import parse_int
+
+    value = os.environ.get("FSLEDGER_MIRROR_CONCURRENCY")
+    if not value:
+        return DEFAULT_CONCURRENCY
+    return parse_int("FSLEDGER_MIRROR_CONCURRENCY", value, 1, 256)
 
 
 class MirrorNotFound(FsledgerError):
@@ -193,9 +213,7 @@ class Mirrors:
     ) -> MirrorRunner:
         from fsledger.s3.mirror import MirrorRunner
 
-        return MirrorRunner(
-            self.store, mirror.id, concurrency or self.ledger.settings.max_concurrency, hub=hub
-        )
+        return MirrorRunner(self.store, mirror.id, concurrency or mirror_concurrency(), hub=hub)
 
     def sync(self, ref: str, timeout: float | None = None) -> Mirror:
         """Catch one mirror up with the feed now, in this process (``mirror sync``)."""
@@ -300,4 +318,12 @@ class MirrorSupervisor:
             log.info("Mirror %s: following the change feed", mirror.url)
 
 
-__all__ = ["MirrorFailed", "MirrorNotFound", "MirrorStatus", "MirrorSupervisor", "Mirrors"]
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "MirrorFailed",
+    "MirrorNotFound",
+    "MirrorStatus",
+    "MirrorSupervisor",
+    "Mirrors",
+    "mirror_concurrency",
+]
