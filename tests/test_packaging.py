@@ -71,7 +71,7 @@ def test_the_wheel_carries_the_dashboard_and_the_schema(wheel: Path) -> None:
     for module in ("store/migrations.py", "store/sqlite.py", "store/postgres.py", "py.typed"):
         assert f"fsledger/{module}" in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "fsledger = fsledger.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "fsledger = fsledger.entry:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_the_core_install_is_four_packages_and_the_rest_extras(wheel: Path) -> None:
@@ -152,7 +152,13 @@ def test_version_loads_click_and_nothing_of_the_ledger(tmp_path: Path) -> None:
     done, modules = run_cli(tmp_path, "--version")
     assert done.returncode == 0
     assert done.stdout.strip() == f"fsledger, version {__import__('fsledger').__version__}"
-    assert modules["fsledger"] == ["fsledger", "fsledger.cli", "fsledger.errors", "fsledger.human"]
+    assert modules["fsledger"] == [
+        "fsledger",
+        "fsledger.cli",
+        "fsledger.entry",
+        "fsledger.errors",
+        "fsledger.human",
+    ]
 
 
 @pytest.mark.parametrize(
