@@ -120,8 +120,10 @@ def files_json(path: str, ref: str, out: TextIO) -> None:
         except sqlite3.Error:
             raise Declined from None
         scanned: dict[object, str] = {}
+        write = out.write
         while page:
-            out.write("".join([_line(row, scanned) for row in page]))
+            for row in page:  # a line a write, as the click command does (so a reader
+                write(_line(row, scanned))  # that goes away fails the same write)
             try:
                 page = next(pages, None)
             except sqlite3.Error as exc:
