@@ -46,7 +46,10 @@ if __name__ == '__main__':
     sys.exit(main())
 """
 
-HEAVY = ("click", "dataclasses", "typing", "uuid", "fsledger.model", "fsledger.config")
+HEAVY = (
+    *("click", "dataclasses", "typing", "uuid", "inspect", "enum", "re", "json", "base64"),
+    *("fsledger.model", "fsledger.config", "fsledger.store"),
+)
 
 
 @pytest.fixture(scope="module")
