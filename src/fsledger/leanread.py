@@ -117,6 +117,8 @@ def files_json(path: str, ref: str, out: TextIO) -> None:
         try:
             pages = _pages(conn, _resolve(conn, ref))
             page = next(pages, None)
+            # Served from here on: later pages wait for a busy database as the store's do.
+            conn.execute("PRAGMA busy_timeout = 30000")
         except sqlite3.Error:
             raise Declined from None
         scanned: dict[object, str] = {}
