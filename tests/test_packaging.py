@@ -4,6 +4,7 @@ without them), and that commands which serve no HTTP never load the web stack.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -37,11 +38,18 @@ finally:
 
 
 def run_cli(
-    tmp_path: Path, *args: str, hidden: tuple[str, ...] = ()
+    tmp_path: Path, *args: str, hidden: tuple[str, ...] = (), module: str = "fsledger.cli"
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, list[str]]]:
+    """``module``: the click group's (the default), or the console script's entry point
+    (``fsledger.entry``)."""
     out = tmp_path / f"modules-{len(list(tmp_path.iterdir()))}.json"
+    child = CHILD.replace("from fsledger.cli import main", f"from {module} import main")
+    env = dict(os.environ)
+    if module == "fsledger.entry":  # a setting there sends the fast path to the click CLI
+        env = {k: v for k, v in env.items() if not k.startswith("FSLEDGER_")}
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(out), json.dumps(hidden), *args],
+        [sys.executable, "-c", child, str(out), json.dumps(hidden), *args],
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -72,7 +80,7 @@ def test_the_wheel_carries_the_dashboard_and_the_schema(wheel: Path) -> None:
     for module in ("store/migrations.py", "store/sqlite.py", "store/postgres.py", "py.typed"):
         assert f"fsledger/{module}" in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "fsledger = fsledger.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "fsledger = fsledger.entry:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 @pytest.mark.slow  # builds the wheel (both wheel tests)
@@ -154,7 +162,13 @@ def test_version_loads_click_and_nothing_of_the_ledger(tmp_path: Path) -> None:
     done, modules = run_cli(tmp_path, "--version")
     assert done.returncode == 0
     assert done.stdout.strip() == f"fsledger, version {__import__('fsledger').__version__}"
-    assert modules["fsledger"] == ["fsledger", "fsledger.cli", "fsledger.errors", "fsledger.human"]
+    assert modules["fsledger"] == [
+        "fsledger",
+        "fsledger.cli",
+        "fsledger.entry",
+        "fsledger.errors",
+        "fsledger.human",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -196,3 +210,48 @@ def test_run_without_the_server_extra_says_which_to_install(library: str, tmp_pa
     done, modules = run_cli(tmp_path, "--db", library, "run", "--once", hidden=WEB)
     assert done.returncode == 0, done.stderr
     assert not set(WEB) & set(modules["top"])
+
+
+# What the console script's fast path (fsledger.entry) loads: the standard library's
+# sqlite3 and json's C encoder, and none of click, dataclasses, typing, uuid or the model.
+# (CHILD itself loads json, and re with it: tests/test_cli_fast.py checks those, with a
+# harness that loads nothing.)
+HEAVY = {"click", "dataclasses", "typing", "uuid", "inspect", "yaml", "blake3", "base64"}
+
+
+def test_the_console_script_says_its_version_with_nothing_loaded(tmp_path: Path) -> None:
+    done, modules = run_cli(tmp_path, "--version", module="fsledger.entry")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"fsledger, version {__import__('fsledger').__version__}\n"
+    assert modules["fsledger"] == ["fsledger", "fsledger.entry"]
+    assert not HEAVY & set(modules["top"]), modules["top"]
+
+
+def test_the_console_script_lists_files_as_json_with_sqlite3_only(
+    library: str, tmp_path: Path
+) -> None:
+    done, modules = run_cli(
+        tmp_path, "--db", library, "files", "photos", "--json", module="fsledger.entry"
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 10
+    assert modules["fsledger"] == [
+        "fsledger",
+        "fsledger.entry",
+        "fsledger.jsonform",
+        "fsledger.leanread",
+    ]
+    assert not HEAVY & set(modules["top"]), modules["top"]
+    assert "sqlite3" in modules["top"]
+
+
+@pytest.mark.parametrize(
+    "args", [("status",), ("files", "photos"), ("--help",)], ids=lambda a: " ".join(a)
+)
+def test_the_console_script_hands_the_rest_to_the_click_cli(
+    library: str, tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    done, modules = run_cli(tmp_path, "--db", library, *args, module="fsledger.entry")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout
+    assert "fsledger.cli" in modules["fsledger"]

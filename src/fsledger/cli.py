@@ -23,6 +23,7 @@ from uuid import UUID
 import click
 
 from fsledger import __version__, human
+from fsledger.entry import VERSION_MESSAGE
 from fsledger.errors import (
     ConfigError,
     CorruptionFound,
@@ -48,9 +49,9 @@ def _fail(exc: FsledgerError) -> NoReturn:
 
 
 def _dumps(obj: Any) -> str:
-    import json  # here, as every import this module does not need for --version
+    from fsledger.jsonform import dumps  # here, as every import --version does not need
 
-    return json.dumps(obj, ensure_ascii=True)
+    return dumps(obj)
 
 
 def _emit(obj: Any) -> None:
@@ -159,7 +160,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     help="Log level on stderr [env FSLEDGER_LOG_LEVEL; default INFO for run, WARNING otherwise].",
 )
-@click.version_option(__version__, prog_name="fsledger")
+@click.version_option(__version__, prog_name="fsledger", message=VERSION_MESSAGE)
 @click.pass_context
 def main(ctx: click.Context, database_url: str | None, log_level: str | None) -> None:
     """fsledger keeps a database of every file in your directory trees true to disk."""

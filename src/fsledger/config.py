@@ -16,6 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import time
 
+# The database's setting is read where the console script's fast path reads it too.
+from fsledger.entry import default_database_url as default_database_url
+from fsledger.entry import env_database_url
 from fsledger.errors import ConfigError
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|s|m|h|d)")
@@ -90,14 +93,6 @@ def parse_clock(name: str, value: str) -> time | None:
     if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
         raise ConfigError(f"{name}={value!r} is not a time of day: expected HH:MM or off")
     return time(int(m.group(1)), int(m.group(2)))
-
-
-def default_database_url(env: Mapping[str, str]) -> str:
-    """``sqlite:///$XDG_DATA_HOME/fsledger/fsledger.db``, falling back to ``~/.local/share``."""
-    base = env.get("XDG_DATA_HOME") or os.path.join(
-        env.get("HOME") or os.path.expanduser("~"), ".local", "share"
-    )
-    return "sqlite://" + os.path.join(os.path.abspath(base), "fsledger", "fsledger.db")
 
 
 WEBHOOK_SECRET_PREFIX = "whsec_"
@@ -199,9 +194,7 @@ class Settings:
             ConfigError: a variable has a value that cannot be used; the message names it.
         """
         env = os.environ if env is None else env
-        kw: dict[str, object] = {
-            "database_url": env.get("FSLEDGER_DATABASE_URL") or default_database_url(env)
-        }
+        kw: dict[str, object] = {"database_url": env_database_url(env)}
         if v := env.get("RECONCILIATION_INTERVAL"):
             kw["reconciliation_interval_s"] = parse_duration(
                 "RECONCILIATION_INTERVAL", v, MAX_DURATION_S

@@ -28,6 +28,7 @@ from fsledger.errors import (
     RootUnavailable,
 )
 from fsledger.ignore import IgnoreRules
+from fsledger.leanread import FILES_PAGE
 from fsledger.model import (
     Condition,
     ConditionKind,
@@ -411,7 +412,7 @@ class Ledger:
     def files(self, repo: Repository, prefix: RelPath = b"") -> Iterator[FileRecord]:
         """Every record of a repository (below ``prefix``), in path byte order."""
         after: RelPath | None = None
-        while batch := self.store.page_records(repo.id, after, 5000, prefix):
+        while batch := self.store.page_records(repo.id, after, FILES_PAGE, prefix):
             yield from batch
             after = batch[-1].path
 

@@ -16,6 +16,13 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 from uuid import UUID
 
+# The JSON forms of paths and times live in the light module the console script's fast path
+# prints with; re-exported here, where every other module takes them from.
+from fsledger.jsonform import path_text as path_text
+from fsledger.jsonform import path_to_json as path_to_json
+from fsledger.jsonform import record_json
+from fsledger.jsonform import rfc3339 as rfc3339
+
 if TYPE_CHECKING:
     from fsledger.progress import ScanProgress
     from fsledger.schedule import ScheduleView
@@ -34,31 +41,6 @@ def utcnow() -> datetime:
 def ns_to_datetime(ns: int) -> datetime:
     """Convert nanoseconds since the epoch to an aware UTC datetime (microsecond precision)."""
     return datetime.fromtimestamp(ns / NS_PER_S, UTC)
-
-
-def path_text(path: RelPath) -> str:
-    """A path as text that every encoder and every strict JSON parser accepts: UTF-8, with
-    each byte that is not valid UTF-8 shown as U+FFFD.
-
-    Not ``os.fsdecode``: its lone surrogates (``\\udcff``) are refused by pydantic, orjson,
-    browsers and most JSON parsers, so one such name made every page holding it fail. The
-    text is for display and prefix matching; the exact bytes travel beside it as base64.
-    """
-    return path.decode("utf-8", "replace")
-
-
-def path_to_json(path: RelPath) -> dict[str, str]:
-    """The two JSON forms of a path: ``path`` (``path_text``: always encodable, lossy only
-    for names that are not UTF-8) and ``path_b64`` (standard base64 of the exact bytes: the
-    key a consumer should use)."""
-    return {"path": path_text(path), "path_b64": base64.b64encode(path).decode("ascii")}
-
-
-def rfc3339(moment: datetime) -> str:
-    """One RFC 3339 form for every timestamp the API, the feed and the CLI print: UTC, always
-    with microseconds (``isoformat`` drops them when they are zero, which strict parsers with
-    a fixed layout refuse)."""
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 class ChangeKind(enum.StrEnum):
@@ -157,16 +139,17 @@ class FileRecord:
         return self.digest.algo if self.digest else None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            **path_to_json(self.path),
-            "size": self.stat.size,
-            "mtime_ns": self.stat.mtime_ns,
-            "ctime_ns": self.stat.ctime_ns,
-            "inode": self.stat.inode,
-            "hash": self.content_hash,
-            "hash_algo": self.hash_algo,
-            "last_scanned": rfc3339(self.last_scanned),
-        }
+        st = self.stat
+        return record_json(
+            self.path,
+            st.size,
+            st.mtime_ns,
+            st.ctime_ns,
+            st.inode,
+            self.content_hash,
+            self.hash_algo,
+            rfc3339(self.last_scanned),
+        )
 
 
 class RecordRow(NamedTuple):

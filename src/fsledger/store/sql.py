@@ -16,6 +16,12 @@ from functools import lru_cache
 from typing import Any, Protocol
 from uuid import UUID
 
+# The record schema's pieces the lean reader of ``fsledger files`` shares (re-exported).
+from fsledger.leanread import DUP_INDEX as DUP_INDEX
+from fsledger.leanread import RECORD_COLS, records_page_query
+from fsledger.leanread import U64 as _U64
+from fsledger.leanread import inode_out as inode_out
+from fsledger.leanread import prefix_range as prefix_range
 from fsledger.model import (
     MIRROR_COUNTERS,
     Change,
@@ -48,17 +54,12 @@ from fsledger.model import (
 
 log = logging.getLogger(__name__)
 
-_U64 = 1 << 64
 _I63 = 1 << 63
 
 
 def inode_in(inode: int) -> int:
     """Store a 64-bit unsigned inode number in a signed 64-bit column."""
     return inode - _U64 if inode >= _I63 else inode
-
-
-def inode_out(value: int) -> int:
-    return value + _U64 if value < 0 else value
 
 
 @lru_cache(maxsize=1024)
@@ -73,11 +74,6 @@ def _rfc3339_text(text: str) -> str:
     return rfc3339(datetime.fromisoformat(text))
 
 
-def prefix_range(prefix: RelPath) -> tuple[bytes, bytes]:
-    """The half-open byte range [lo, hi) holding every path below directory ``prefix``."""
-    return prefix + b"/", prefix + b"0"  # "0" is the byte after "/"
-
-
 class Cursor(Protocol):
     @property
     def rowcount(self) -> int: ...
@@ -88,9 +84,6 @@ class Cursor(Protocol):
     def fetchall(self) -> list[Any]: ...
 
 
-_RECORD_COLS = (
-    "file_path, file_size, mtime_ns, ctime_ns, inode, content_hash, hash_algo, last_scanned"
-)
 _OP_COLS = (
     "id, repository_id, operation_type, status, start_time, end_time, duration_ms, "
     "files_scanned, files_added, files_updated, files_removed, error_message"
@@ -126,12 +119,6 @@ def upsert_sql(mod_time: str) -> str:
         "last_scanned = excluded.last_scanned, updated_at = excluded.updated_at, "
         "scan_generation = file_records.scan_generation + 1"
     )
-
-
-DUP_INDEX = (
-    "CREATE INDEX IF NOT EXISTS idx_file_records_dup ON file_records(content_hash, file_size)"
-)
-"""The one index ``defer_indexes`` defers, as migration 2 made it (both dialects)."""
 
 
 class DeferredIndex:
@@ -200,7 +187,7 @@ class SqlStore:
         """One page of ``iter_record_rows`` as the driver returns it: the records matching
         ``where`` in path order, ``params`` ending with the LIMIT, path first."""
         cur.execute(
-            f"SELECT {_RECORD_COLS} FROM file_records WHERE {where} ORDER BY file_path LIMIT ?",
+            f"SELECT {RECORD_COLS} FROM file_records WHERE {where} ORDER BY file_path LIMIT ?",
             params,
         )
         return cur.fetchall()
@@ -388,20 +375,9 @@ class SqlStore:
     def page_records(
         self, repo_id: UUID, after: RelPath | None, limit: int, prefix: RelPath = b""
     ) -> list[FileRecord]:
-        where, params = ["repository_id = ?"], [self._uuid_in(repo_id)]
-        if after is not None:
-            where.append("file_path > ?")
-            params.append(after)
-        if prefix:
-            lo, hi = prefix_range(prefix.rstrip(b"/"))
-            where.append("file_path >= ? AND file_path < ?")
-            params += [lo, hi]
+        sql, params = records_page_query(self._uuid_in(repo_id), after, limit, prefix)
         with self._read() as cur:
-            cur.execute(
-                f"SELECT {_RECORD_COLS} FROM file_records WHERE {' AND '.join(where)} "
-                "ORDER BY file_path LIMIT ?",
-                (*params, limit),
-            )
+            cur.execute(sql, params)
             return [self._record(r) for r in cur.fetchall()]
 
     def iter_records(
@@ -442,8 +418,7 @@ class SqlStore:
     def get_record(self, repo_id: UUID, path: RelPath) -> FileRecord | None:
         with self._read() as cur:
             cur.execute(
-                f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
-                "AND file_path = ?",
+                f"SELECT {RECORD_COLS} FROM file_records WHERE repository_id = ? AND file_path = ?",
                 (self._uuid_in(repo_id), path),
             )
             row = cur.fetchone()
@@ -458,7 +433,7 @@ class SqlStore:
                 chunk = paths[i : i + 500]
                 marks = ", ".join("?" * len(chunk))
                 cur.execute(
-                    f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
+                    f"SELECT {RECORD_COLS} FROM file_records WHERE repository_id = ? "
                     f"AND file_path IN ({marks})",
                     (self._uuid_in(repo_id), *chunk),
                 )
@@ -476,7 +451,7 @@ class SqlStore:
                 chunk = [inode_in(n) for n in inodes[i : i + 500]]
                 marks = ", ".join("?" * len(chunk))
                 cur.execute(
-                    f"SELECT {_RECORD_COLS} FROM file_records WHERE repository_id = ? "
+                    f"SELECT {RECORD_COLS} FROM file_records WHERE repository_id = ? "
                     f"AND inode IN ({marks})",
                     (self._uuid_in(repo_id), *chunk),
                 )
