@@ -20,9 +20,7 @@ from fsledger.store.lease import FileLease, Lease, make_private_dirs
 from fsledger.store.sql import DUP_INDEX, Cursor, DeferredIndex, SqlStore, upsert_sql
 
 INODE_INDEX_NAME = "idx_file_records_inode"
-INODE_INDEX = (
-    f"CREATE INDEX IF NOT EXISTS {INODE_INDEX_NAME} ON file_records(repository_id, inode)"
-)
+INODE_INDEX = f"CREATE INDEX IF NOT EXISTS {INODE_INDEX_NAME} ON file_records(repository_id, inode)"
 """Migration 1's inode index, deferred with the duplicate index on SQLite."""
 
 log = logging.getLogger(__name__)
