@@ -151,6 +151,21 @@ def test_a_scan_leaves_the_garbage_collector_as_it_found_it(
     assert gc.get_threshold() == before
 
 
+def test_a_first_index_defers_indexes_as_soon_as_the_store_holds_few_records(
+    ledger: Ledger, store: Store, tree: bytes
+) -> None:
+    """Rebuilding deferred indexes sorts every repository's records: an empty store defers
+    at the first batch, one holding others' records once this scan wrote as many (at most
+    DEFER_INDEXES_AFTER)."""
+    after = fsledger.reconcile.defer_indexes_after
+    assert store.records_bound() == 0
+    assert after(store) == fsledger.reconcile.INITIAL_BATCH
+    make_tree(tree, SPEC)
+    ledger.scan(ledger.add_repository(tree))
+    assert 0 < store.records_bound() <= fsledger.reconcile.INITIAL_BATCH
+    assert after(store) == fsledger.reconcile.INITIAL_BATCH
+
+
 def test_a_big_first_index_defers_the_duplicate_index_and_rebuilds_it(
     ledger: Ledger, store: Store, tree: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:

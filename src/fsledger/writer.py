@@ -24,7 +24,7 @@ from fsledger import decide
 from fsledger.beneath import Beneath
 from fsledger.errors import LeaseLost
 from fsledger.ignore import IgnoreRules
-from fsledger.model import Change, ChangeKind, FileStat, RelPath, Repository, ScanStats
+from fsledger.model import Change, ChangeKind, RelPath, Repository, ScanStats
 from fsledger.store.base import Store
 from fsledger.store.lease import Lease
 
@@ -124,7 +124,17 @@ class RepoWriter:
             st = tree.lstat(change.path)
         except OSError:
             return False
-        return stat_mod.S_ISREG(st.st_mode) and FileStat.from_stat(st) == change.record.stat
+        # A plain tuple equals the record's FileStat (a named tuple): no FileStat a change.
+        return (
+            stat_mod.S_ISREG(st.st_mode)
+            and (
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                st.st_ino,
+            )
+            == change.record.stat
+        )
 
     def apply(
         self, changes: Sequence[Change], confirm: Callable[[Change], bool] | None = None

@@ -111,6 +111,11 @@ class Store(Protocol):
 
     def count_records(self, repo_id: UUID) -> int: ...
 
+    def records_bound(self) -> int:
+        """An upper bound of the records of every repository, found without counting them
+        (what rebuilding a deferred index sorts: see ``defer_indexes``)."""
+        ...
+
     def repository_head(self, repo_id: UUID) -> int:
         """The newest feed sequence number of the repository (0 when it has none). Feed
         appends are serialised in commit order, and every change that adds or removes a
