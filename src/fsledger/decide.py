@@ -12,7 +12,8 @@ computed by other agents) ask these questions here and nowhere else:
 - ``is_move_of`` / ``pair_moves``: whether a new path is a record's file that moved
   (the record follows it and keeps its hash); ``order_moves``: in which order a set of
   moves is written, so that none lands on a record still to move away (a cycle of
-  renames, ``a -> b -> c -> a``, goes through a parking name).
+  renames, ``a -> b -> c -> a``, goes through a parking name); ``after_move_away``: what
+  the file now at a move's source path (another one: a swap, ``mv g c; echo > g``) is.
 - ``count``: what a batch the writer wrote adds to a run's statistics.
 - ``SettleRule``: when the watcher may look at a path an event named, or a file a listing
   found: not while a writer may still have it open (before its ``IN_CLOSE_WRITE``, or
@@ -42,6 +43,7 @@ from fsledger.model import (
 
 __all__ = [
     "RACY_WINDOW_NS",
+    "after_move_away",
     "LookRule",
     "SettleRule",
     "classify",
@@ -268,6 +270,19 @@ def pair_moves(
                 out[path] = rec
                 break
     return out
+
+
+def after_move_away(kind: ChangeKind) -> ChangeKind:
+    """The change a look found at a path whose record a move of the same run takes away
+    (``pair_moves``: the record's file is elsewhere now, and the path holds another file,
+    ``mv g c; echo new > g``). Looked at against that record, a content change or a refresh,
+    but once the move is written the path has no record: for the store and every consumer
+    of the feed, the file there is new. It is written *after* the move (a move replaces
+    whatever record is at its source's path: written before, it would be carried away).
+    Moves and deletions are what they are."""
+    if kind is ChangeKind.MODIFIED or kind is ChangeKind.META:
+        return ChangeKind.CREATED
+    return kind
 
 
 def order_moves(moves: Sequence[Change], park: Callable[[RelPath], RelPath]) -> list[Change]:
