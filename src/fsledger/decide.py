@@ -17,7 +17,8 @@ computed by other agents) ask these questions here and nowhere else:
 - ``count``: what a batch the writer wrote adds to a run's statistics.
 - ``SettleRule``: when the watcher may look at a path an event named, or a file a listing
   found: not while a writer may still have it open (before its ``IN_CLOSE_WRITE``, or
-  until it has been quiet for the debounce time).
+  until it has been quiet for the debounce time); ``SettleRule.held``: a file written and
+  not closed that a writer still holds open waits on, up to ``max_hold_s``.
 
 The I/O (lstat, hashing, the database) stays with the callers; what they pass in is
 plain data: ``FileStat`` keys, ``Digest``s, ``FileRecord``s.
@@ -349,6 +350,12 @@ class SettleRule:
 
     settle_s: float
     debounce_s: float
+    max_hold_s: float = 0.0
+    """How long a file written and not closed since (``IN_MODIFY`` without its
+    ``IN_CLOSE_WRITE``) may wait past its debounce while a writer holds it open: a writer
+    stalled between two writes (``cp`` under load) is not recorded at a partial size. A
+    file held open for good (a log) is recorded once this is over, and again after its
+    next writes: at most once per hold. Zero: no hold, the debounce decides."""
 
     def after_close(self) -> float:
         """Seconds to wait after ``IN_CLOSE_WRITE``, a delete or a rename."""
@@ -362,6 +369,24 @@ class SettleRule:
         """Seconds to wait after ``IN_ATTRIB`` (tar and ``cp -p`` set times after the
         close): it settles fast, unless a write is still in progress."""
         return self.debounce_s if writing else self.settle_s
+
+    def after_unclosed_write(self, now: float, open_since: float) -> float:
+        """When a file written at ``now``, and written without a close since
+        ``open_since``, is due: after the debounce, but a file written on and on (a log
+        kept open) no later than its hold allows (with a hold; without, the debounce
+        alone decides, as for any write)."""
+        due = now + self.debounce_s
+        return min(due, self.hold_until(open_since)) if self.max_hold_s > 0 else due
+
+    def hold_until(self, open_since: float) -> float:
+        """Until when a file written since ``open_since`` (monotonic: its first write
+        without a close since) is held back while a writer holds it open."""
+        return open_since + self.max_hold_s
+
+    def held(self, open_since: float | None, now: float, writer_open: bool) -> bool:
+        """Whether a due file waits on: written without a close since ``open_since`` (None:
+        closed, or no write), a writer holds it open, and its hold is not over."""
+        return open_since is not None and writer_open and now < self.hold_until(open_since)
 
     def found_by_walk(self, ctime_ns: int, wall_ns: int) -> float:
         """Seconds until a file a listing found (with no event history from before its
