@@ -561,13 +561,15 @@ def first_sizes(lv: Live) -> dict[bytes, list[tuple[ChangeKind, int | None]]]:
     return out
 
 
+@pytest.mark.parametrize("split", [131_072, 0], ids=["after-a-prefix", "before-any-write"])
 @pytest.mark.parametrize("where", ["known-dir", "new-dir"])
 def test_a_writer_stalled_past_the_debounce_is_not_recorded_at_a_partial_size(
-    live_db: Live, where: str
+    live_db: Live, where: str, split: int
 ) -> None:
     """A file written in part, then left open without a write for longer than the
     debounce (four times over), then finished and closed: its first record, and its only
-    feed entry, has the full size. Inotify said it was written and not closed, and the
+    feed entry, has the full size (nor is it recorded empty when the stall comes before
+    the first write). Inotify said it was written and not closed, and the
     writer still held it open (``/proc``): it was held back, not recorded at 131072 bytes
     and then modified (the flake of ``test_no_file_of_a_copied_tree_first_appears_at_a_
     partial_size`` under load, made deterministic by a writer of our own)."""
@@ -576,11 +578,35 @@ def test_a_writer_stalled_past_the_debounce_is_not_recorded_at_a_partial_size(
     data = random.Random(7).randbytes(200_000)
     target = lv.p("albums/a0/big.dat" if where == "known-dir" else "fresh/sub/big.dat")
     target.parent.mkdir(parents=True, exist_ok=True)
-    stalled_write(target, data, 131_072, 4 * lv.settings.debounce_s)
+    stalled_write(target, data, split, 4 * lv.settings.debounce_s)
     lv.settle()
     rel = os.fsencode(target.relative_to(lv.root))
     assert first_sizes(lv)[rel] == [(ChangeKind.CREATED, 200_000)]
     assert lv.watcher is not None and lv.watcher.metrics.writes_held >= 1
+
+
+def test_a_real_cp_stalled_by_its_source_is_not_recorded_at_a_partial_size(
+    live_db: Live,
+) -> None:
+    """The real ``cp``, stalled as under load, but deterministically: it copies from a pipe
+    (``cp /dev/stdin``) that gets 131072 bytes, nothing for four debounces, then the rest.
+    The file's first record, and its only feed entry, has the full size."""
+    cp = need("cp")
+    lv = live_db
+    lv.start(base_tree)
+    data = random.Random(11).randbytes(200_000)
+    proc = subprocess.Popen(
+        [cp, "/dev/stdin", str(lv.p("albums/copied.dat"))], stdin=subprocess.PIPE
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(data[:131_072])
+    proc.stdin.flush()
+    time.sleep(4 * lv.settings.debounce_s)
+    proc.stdin.write(data[131_072:])
+    proc.stdin.close()
+    assert proc.wait(30) == 0
+    lv.settle()
+    assert first_sizes(lv)[b"albums/copied.dat"] == [(ChangeKind.CREATED, 200_000)]
 
 
 def test_a_file_kept_open_is_recorded_when_its_hold_is_over(tmp_path: Path) -> None:

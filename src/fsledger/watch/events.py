@@ -248,7 +248,9 @@ class EventInterpreter:
             due = self.rule.after_unclosed_write(now, since)
             pending.mark(key, due, content=True, writing=True, open_since=since)
         elif mask & IN_CREATE:
-            pending.mark(key, now + self.rule.after_write(), writing=True)
+            # Opened to be written (``open(O_CREAT)``), or a link, a node: which, the hold
+            # asks when it is due without a close (``SettleRule.held``).
+            pending.mark(key, now + self.rule.after_write(), writing=True, open_since=now)
         elif mask & IN_ATTRIB:
             current = pending.dirty.get(key)
             writing = current is not None and current.writing
