@@ -510,11 +510,12 @@ class Watcher:
 
     def _hold_open(self, state: RepoWatch, dirty: list[DirtyJob], now: float) -> list[DirtyJob]:
         """The due looks, less the files written and not closed since that a writer still
-        holds open (``SettleRule.held``): put back, looked at again after the debounce, or
-        when their hold is over (caller holds the lock). A writer stalled between two writes
-        longer than the debounce (``cp`` under load) would otherwise leave a record, and a
-        feed entry, of a partial size. Which are open is asked of ``/proc`` once for all of
-        them (``openfiles``), and only for these: the others were closed or not written."""
+        holds open (``SettleRule.held``): put back, due at their close, at the debounce
+        after a later write, or when their hold is over (caller holds the lock). A writer
+        stalled between two writes longer than the debounce (``cp`` under load) would
+        otherwise leave a record, and a feed entry, of a partial size. Which are open is
+        asked of ``/proc`` once for all of them (``openfiles``), and only for these: the
+        others were closed or not written."""
         rule = self._events.rule
         suspects = [
             job
@@ -546,7 +547,9 @@ class Watcher:
             if id(job) in held and job.key is not None:
                 entry = job.dirty
                 assert entry.open_since is not None
-                entry.due = min(now + self.debounce_s, rule.hold_until(entry.open_since))
+                # Its close (IN_CLOSE_WRITE: every writable descriptor sends one) or a
+                # later write makes it due sooner; otherwise the hold's end does.
+                entry.due = rule.hold_until(entry.open_since)
                 newer = state.pending.dirty.get(job.key)
                 if newer is None:
                     state.pending.dirty[job.key] = entry
