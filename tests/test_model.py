@@ -331,10 +331,14 @@ class TreeMachine(RuleBasedStateMachine):
         if d is None:
             return
         names = [b"deep%02d_" % i + b"z" * 42 for i in range(depth)]
-        made = mkdirs_at(self.full(d), names)
-        # The chain may exist already, with a directory exchanged onto its bottom name.
-        bottom = made[-1] + b"/bottom.jpg"
-        attempt(lambda: scenario_support.write_at(self.full(d), bottom, self.content(seed)))
+
+        def build() -> None:
+            # The chain may exist already, with a level turned into a symlink or a file, or
+            # a directory exchanged onto its bottom name: refused like any other operation.
+            made = mkdirs_at(self.full(d), names)
+            scenario_support.write_at(self.full(d), made[-1] + b"/bottom.jpg", self.content(seed))
+
+        attempt(build)
 
     @rule(data=st.data(), name=st.sampled_from(NAMES), seed=st.integers(0, 5000))
     def open_for_writing(self, data: st.DataObject, name: bytes, seed: int) -> None:
