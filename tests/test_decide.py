@@ -6,14 +6,16 @@ once, instead of in each caller's tests.
 
 from __future__ import annotations
 
+import os
 import random
 from datetime import UTC, datetime
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fsledger import decide
-from fsledger.decide import RACY_WINDOW_NS, LookRule
+from fsledger.decide import RACY_WINDOW_NS, LookRule, SettleRule
 from fsledger.model import (
     NS_PER_S,
     Change,
@@ -271,3 +273,33 @@ def test_order_moves_lands_every_record_where_it_moved(
     for dst, src in want.items():
         assert state[dst] == src
     assert not any(p in state for p in parked)
+
+
+def test_settle_rule_holds_an_unclosed_write_only_while_open_and_within_the_hold() -> None:
+    """``SettleRule.held``: a file written and not closed since ``open_since`` waits while
+    a writer holds it open, up to ``max_hold_s``; a closed one (``None``), one nobody holds
+    open (``truncate(2)``, a writer gone) or one past its hold is looked at. A file written
+    on and on is due no later than its hold; without a hold the debounce alone decides."""
+    rule = SettleRule(0.01, 0.5, 30.0)
+    assert rule.held(100.0, 101.0, writer_open=True)
+    assert not rule.held(100.0, 101.0, writer_open=False)
+    assert not rule.held(None, 101.0, writer_open=True)
+    assert not rule.held(100.0, 130.0, writer_open=True)
+    assert rule.after_unclosed_write(101.0, 100.0) == 101.5
+    assert rule.after_unclosed_write(129.9, 100.0) == 130.0
+    assert SettleRule(0.01, 0.5).after_unclosed_write(500.0, 100.0) == 500.5
+    assert not SettleRule(0.01, 0.5).held(100.0, 100.1, writer_open=True)
+
+
+def test_open_for_writing_sees_writers_not_readers(tmp_path: Path) -> None:
+    """``openfiles.open_for_writing``: the files some process (this one too) has open
+    with ``O_WRONLY`` or ``O_RDWR``; a reader does not count."""
+    from fsledger.watch.openfiles import open_for_writing
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for f in (a, b, c):
+        f.write_bytes(b"x")
+    keys = {f: (os.stat(f).st_dev, os.stat(f).st_ino) for f in (a, b, c)}
+    with open(a, "ab"), open(b, "rb"), open(c, "r+b"):
+        assert open_for_writing(keys.values()) == {keys[a], keys[c]}
+    assert open_for_writing(keys.values()) == set()

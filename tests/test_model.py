@@ -333,8 +333,8 @@ class TreeMachine(RuleBasedStateMachine):
         names = [b"deep%02d_" % i + b"z" * 42 for i in range(depth)]
 
         def build() -> None:
-            # A level of an earlier chain may be a symlink or a file by now (exchange,
-            # dir_to_symlink): the chain stops there, as mkdir -p would.
+            # The chain may exist already, with a level turned into a symlink or a file, or
+            # a directory exchanged onto its bottom name: refused like any other operation.
             made = mkdirs_at(self.full(d), names)
             scenario_support.write_at(self.full(d), made[-1] + b"/bottom.jpg", self.content(seed))
 

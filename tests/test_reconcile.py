@@ -335,6 +335,87 @@ def test_replaced_file_is_not_a_move(ledger: Ledger, tree: bytes) -> None:
     assert_exact(ledger, repo)
 
 
+@pytest.mark.parametrize("chunk", [128, 1], ids=["one-chunk", "chunk-per-file"])
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        ("f/g.jpg", "d/e/c.jpg"),  # the source walked after the target (the model's case)
+        ("a/g.jpg", "z/c.jpg"),  # the source walked first
+        ("f/g.jpg", "d/new.jpg"),  # onto a path without a record
+    ],
+)
+@pytest.mark.parametrize("refill", ["write", "hard-link", "swap-in"])
+def test_a_move_whose_source_path_holds_another_file_keeps_both(
+    ledger: Ledger,
+    store: Store,
+    tree: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    chunk: int,
+    source: str,
+    target: str,
+    refill: str,
+) -> None:
+    """``mv g c`` and then another file at ``g`` (written anew, a hard link of another
+    file, or renamed there): the record of ``g`` follows its file to ``c`` and ``g`` gets a
+    record of its own, written after that move. The move onto ``c`` (a record of its own)
+    is written at the end of the run, and used to carry away ``g``'s new record, written
+    before it: ``g`` went missing from the ledger (the model-based test, on PostgreSQL:
+    ``exchange f/g.jpg d/e/c.jpg; atomic_save f/g.jpg`` then a scan). Both stores, with
+    the paths in one hashing chunk and in chunks of their own."""
+    monkeypatch.setattr(fsledger.reconcile, "CHUNK_FILES", chunk)
+    spec: dict[str, bytes | None] = {
+        source: b"gggg",
+        "z/c.jpg" if target == "z/c.jpg" else "d/e/c.jpg": b"cccc",
+        "m/other.jpg": b"other",
+        "m/spare.jpg": b"spare",
+    }
+    repo = scanned(ledger, tree, spec)
+    moved = store.get_record(repo.id, os.fsencode(source))
+    assert moved is not None
+    seq = store.latest_seq()
+    os.rename(p(tree, source), p(tree, target))
+    if refill == "write":
+        make_tree(tree, {source: b"new!"})
+    elif refill == "hard-link":
+        os.link(p(tree, "m/other.jpg"), p(tree, source))
+    else:
+        os.rename(p(tree, "m/spare.jpg"), p(tree, source))
+    age_tree(tree)
+    stats = ledger.scan(repo)
+    assert stats.errors == []
+    assert_exact(ledger, repo)
+    after = store.get_record(repo.id, os.fsencode(target))
+    assert after is not None and after.digest == moved.digest
+    feed = [(c.kind, c.path, c.old_path) for c in store.changes_since(seq, 100, repo.id)]
+    src, dst = os.fsencode(source), os.fsencode(target)
+    assert (ChangeKind.MOVED, dst, src) in feed
+    if refill == "swap-in":
+        assert (ChangeKind.MOVED, src, b"m/spare.jpg") in feed
+        assert feed.index((ChangeKind.MOVED, dst, src)) < feed.index(
+            (ChangeKind.MOVED, src, b"m/spare.jpg")
+        )
+    else:
+        # After the move away from it, the path holds a new file: created, not modified.
+        assert (ChangeKind.CREATED, src, None) in feed
+        assert feed.index((ChangeKind.MOVED, dst, src)) < feed.index(
+            (ChangeKind.CREATED, src, None)
+        )
+
+
+def test_a_new_hard_link_of_a_file_still_in_place_is_not_a_move(
+    ledger: Ledger, store: Store, tree: bytes
+) -> None:
+    """A new name with the inode of a record whose own path still holds it is a new hard
+    link: created (its hash the record's), and the record stays."""
+    repo = scanned(ledger, tree)
+    os.link(p(tree, "b.jpg"), p(tree, "0-first.jpg"))  # walked before b.jpg
+    os.link(p(tree, "b.jpg"), p(tree, "docs/z-last.jpg"))  # and after it
+    age_tree(tree)
+    stats = ledger.scan(repo)
+    assert (stats.files_moved, stats.files_added, stats.files_removed) == (0, 2, 0)
+    assert_exact(ledger, repo)
+
+
 def test_many_files_use_the_worker_pool(ledger: Ledger, tree: bytes) -> None:
     """More files than one hashing chunk: hashing goes to worker processes."""
     spec: dict[str, bytes | None] = {

@@ -52,7 +52,13 @@ def run(*args: str | Path, cwd: Path | None = None) -> None:
 class Live:
     """A ledger, a scanned repository at ``root`` and a started watcher on real inotify."""
 
-    def __init__(self, tmp_path: Path, debounce_s: float = 0.5, url: str | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        debounce_s: float = 0.5,
+        url: str | None = None,
+        write_hold_s: float = 30.0,
+    ) -> None:
         self.root = tmp_path / "lib"
         self.outside = tmp_path / "outside"
         self.root.mkdir()
@@ -61,6 +67,7 @@ class Live:
             database_url=url or "sqlite://" + str(tmp_path / "db.sqlite"),
             max_concurrency=2,
             debounce_s=debounce_s,
+            write_hold_s=write_hold_s,
         )
         self.ledger = Ledger(self.settings)
         self.resyncs: list[tuple[UUID, bytes, str]] = []
@@ -532,6 +539,111 @@ def test_no_file_of_a_copied_tree_first_appears_at_a_partial_size(
     ]
     assert partial == []
     assert [e for e in entries if e.kind is not ChangeKind.CREATED] == []
+
+
+def stalled_write(path: Path, data: bytes, split: int, stall_s: float) -> None:
+    """A writer that writes ``data[:split]``, stalls ``stall_s`` with the file open (longer
+    than the debounce: ``cp`` under load), then writes the rest and closes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data[:split])
+        time.sleep(stall_s)
+        os.write(fd, data[split:])
+    finally:
+        os.close(fd)
+
+
+def first_sizes(lv: Live) -> dict[bytes, list[tuple[ChangeKind, int | None]]]:
+    assert lv.repo is not None
+    out: dict[bytes, list[tuple[ChangeKind, int | None]]] = {}
+    for e in lv.ledger.store.changes_since(lv.seq0, 100_000, lv.repo.id):
+        out.setdefault(e.path, []).append((e.kind, e.size))
+    return out
+
+
+@pytest.mark.parametrize("split", [131_072, 0], ids=["after-a-prefix", "before-any-write"])
+@pytest.mark.parametrize("where", ["known-dir", "new-dir"])
+def test_a_writer_stalled_past_the_debounce_is_not_recorded_at_a_partial_size(
+    live_db: Live, where: str, split: int
+) -> None:
+    """A file written in part, then left open without a write for longer than the
+    debounce (four times over), then finished and closed: its first record, and its only
+    feed entry, has the full size (nor is it recorded empty when the stall comes before
+    the first write). Inotify said it was written and not closed, and the
+    writer still held it open (``/proc``): it was held back, not recorded at 131072 bytes
+    and then modified (the flake of ``test_no_file_of_a_copied_tree_first_appears_at_a_
+    partial_size`` under load, made deterministic by a writer of our own)."""
+    lv = live_db
+    lv.start(base_tree)
+    data = random.Random(7).randbytes(200_000)
+    target = lv.p("albums/a0/big.dat" if where == "known-dir" else "fresh/sub/big.dat")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stalled_write(target, data, split, 4 * lv.settings.debounce_s)
+    lv.settle()
+    rel = os.fsencode(target.relative_to(lv.root))
+    assert first_sizes(lv)[rel] == [(ChangeKind.CREATED, 200_000)]
+    assert lv.watcher is not None and lv.watcher.metrics.writes_held >= 1
+
+
+def test_a_real_cp_stalled_by_its_source_is_not_recorded_at_a_partial_size(
+    live_db: Live,
+) -> None:
+    """The real ``cp``, stalled as under load, but deterministically: it copies from a pipe
+    (``cp /dev/stdin``) that gets 131072 bytes, nothing for four debounces, then the rest.
+    The file's first record, and its only feed entry, has the full size."""
+    cp = need("cp")
+    lv = live_db
+    lv.start(base_tree)
+    data = random.Random(11).randbytes(200_000)
+    proc = subprocess.Popen(
+        [cp, "/dev/stdin", str(lv.p("albums/copied.dat"))], stdin=subprocess.PIPE
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(data[:131_072])
+    proc.stdin.flush()
+    time.sleep(4 * lv.settings.debounce_s)
+    proc.stdin.write(data[131_072:])
+    proc.stdin.close()
+    assert proc.wait(30) == 0
+    lv.settle()
+    assert first_sizes(lv)[b"albums/copied.dat"] == [(ChangeKind.CREATED, 200_000)]
+
+
+def test_a_file_kept_open_is_recorded_when_its_hold_is_over(tmp_path: Path) -> None:
+    """A log: written, and held open without a close. It is recorded once the hold is
+    over (at what it then has), and its later writes after the next one."""
+    lv = Live(tmp_path, debounce_s=0.3, write_hold_s=2.0)
+    try:
+        lv.start(base_tree)
+        assert lv.repo is not None
+        with open(lv.p("app.log"), "wb") as log:
+            log.write(b"line 1\n")
+            log.flush()
+            t0 = time.monotonic()
+            wait_for(
+                "the open log recorded",
+                lambda: lv.ledger.store.get_record(lv.repo.id, b"app.log") is not None,  # type: ignore[union-attr]
+                timeout=15,
+            )
+            assert time.monotonic() - t0 >= 1.5, "held while open, up to the hold"
+            log.write(b"line 2\n")
+            log.flush()
+            wait_exact(lv.ledger, lv.repo, lv.root, 15)
+        lv.settle()
+    finally:
+        lv.close()
+
+
+def test_a_truncate_without_a_descriptor_is_not_held(tmp_path: Path) -> None:
+    """``truncate(2)`` writes (``IN_MODIFY``) with no descriptor, so no close follows: no
+    process holds the file open, and it is recorded after the debounce, not the hold."""
+    lv = Live(tmp_path, debounce_s=0.3, write_hold_s=3600.0)
+    try:
+        lv.start(base_tree)
+        os.truncate(lv.p("readme.txt"), 2)
+        lv.settle(timeout=10)
+    finally:
+        lv.close()
 
 
 def test_a_write_through_one_hard_link_refreshes_the_others(live_db: Live) -> None:

@@ -2,7 +2,8 @@
 
 The environment variable names are the seed design's: RECONCILIATION_INTERVAL,
 FILE_WATCHER_DEBOUNCE, RECONCILIATION_BATCH_SIZE, RECONCILIATION_MAX_CONCURRENCY,
-RECONCILIATION_CALCULATE_HASHES, plus FSLEDGER_* for fsledger's own.
+RECONCILIATION_CALCULATE_HASHES, plus FSLEDGER_* for fsledger's own (and
+FILE_WATCHER_MAX_WRITE_HOLD).
 """
 
 from __future__ import annotations
@@ -158,6 +159,11 @@ class Settings:
     gentle_scans: bool = True
     """Scheduled reconciliations hash at idle I/O priority and nice 10."""
     debounce_s: float = 0.5
+    write_hold_s: float = 30.0
+    """How long the watcher may hold back a file written and not closed since, while a
+    process still has it open for writing (a writer stalled longer than the debounce): it
+    is not recorded at a partial size. A file kept open for good (a log) is recorded when
+    this is over, and again after later writes. Zero: the debounce alone decides."""
     batch_size: int = 100
     max_concurrency: int = os.cpu_count() or 1
     calculate_hashes: bool = True
@@ -225,6 +231,8 @@ class Settings:
             kw["gentle_scans"] = parse_bool("FSLEDGER_GENTLE_SCANS", v)
         if v := env.get("FILE_WATCHER_DEBOUNCE"):
             kw["debounce_s"] = parse_duration("FILE_WATCHER_DEBOUNCE", v, MAX_DURATION_S)
+        if v := env.get("FILE_WATCHER_MAX_WRITE_HOLD"):
+            kw["write_hold_s"] = parse_duration("FILE_WATCHER_MAX_WRITE_HOLD", v, MAX_DURATION_S)
         if v := env.get("RECONCILIATION_BATCH_SIZE"):
             kw["batch_size"] = parse_int("RECONCILIATION_BATCH_SIZE", v, 1, 1_000_000)
         if v := env.get("RECONCILIATION_MAX_CONCURRENCY"):

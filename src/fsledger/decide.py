@@ -12,11 +12,13 @@ computed by other agents) ask these questions here and nowhere else:
 - ``is_move_of`` / ``pair_moves``: whether a new path is a record's file that moved
   (the record follows it and keeps its hash); ``order_moves``: in which order a set of
   moves is written, so that none lands on a record still to move away (a cycle of
-  renames, ``a -> b -> c -> a``, goes through a parking name).
+  renames, ``a -> b -> c -> a``, goes through a parking name); ``after_move_away``: what
+  the file now at a move's source path (another one: a swap, ``mv g c; echo > g``) is.
 - ``count``: what a batch the writer wrote adds to a run's statistics.
 - ``SettleRule``: when the watcher may look at a path an event named, or a file a listing
   found: not while a writer may still have it open (before its ``IN_CLOSE_WRITE``, or
-  until it has been quiet for the debounce time).
+  until it has been quiet for the debounce time); ``SettleRule.held``: a file written and
+  not closed that a writer still holds open waits on, up to ``max_hold_s``.
 
 The I/O (lstat, hashing, the database) stays with the callers; what they pass in is
 plain data: ``FileStat`` keys, ``Digest``s, ``FileRecord``s.
@@ -42,6 +44,7 @@ from fsledger.model import (
 
 __all__ = [
     "RACY_WINDOW_NS",
+    "after_move_away",
     "LookRule",
     "SettleRule",
     "classify",
@@ -270,6 +273,19 @@ def pair_moves(
     return out
 
 
+def after_move_away(kind: ChangeKind) -> ChangeKind:
+    """The change a look found at a path whose record a move of the same run takes away
+    (``pair_moves``: the record's file is elsewhere now, and the path holds another file,
+    ``mv g c; echo new > g``). Looked at against that record, a content change or a refresh,
+    but once the move is written the path has no record: for the store and every consumer
+    of the feed, the file there is new. It is written *after* the move (a move replaces
+    whatever record is at its source's path: written before, it would be carried away).
+    Moves and deletions are what they are."""
+    if kind is ChangeKind.MODIFIED or kind is ChangeKind.META:
+        return ChangeKind.CREATED
+    return kind
+
+
 def order_moves(moves: Sequence[Change], park: Callable[[RelPath], RelPath]) -> list[Change]:
     """The order in which to write ``moves`` (``MOVED`` changes, each a record found at its
     new path, all as the records were before any of them is written): a move whose target
@@ -334,6 +350,12 @@ class SettleRule:
 
     settle_s: float
     debounce_s: float
+    max_hold_s: float = 0.0
+    """How long a file written and not closed since (``IN_MODIFY`` without its
+    ``IN_CLOSE_WRITE``) may wait past its debounce while a writer holds it open: a writer
+    stalled between two writes (``cp`` under load) is not recorded at a partial size. A
+    file held open for good (a log) is recorded once this is over, and again after its
+    next writes: at most once per hold. Zero: no hold, the debounce decides."""
 
     def after_close(self) -> float:
         """Seconds to wait after ``IN_CLOSE_WRITE``, a delete or a rename."""
@@ -347,6 +369,24 @@ class SettleRule:
         """Seconds to wait after ``IN_ATTRIB`` (tar and ``cp -p`` set times after the
         close): it settles fast, unless a write is still in progress."""
         return self.debounce_s if writing else self.settle_s
+
+    def after_unclosed_write(self, now: float, open_since: float) -> float:
+        """When a file written at ``now``, and written without a close since
+        ``open_since``, is due: after the debounce, but a file written on and on (a log
+        kept open) no later than its hold allows (with a hold; without, the debounce
+        alone decides, as for any write)."""
+        due = now + self.debounce_s
+        return min(due, self.hold_until(open_since)) if self.max_hold_s > 0 else due
+
+    def hold_until(self, open_since: float) -> float:
+        """Until when a file written since ``open_since`` (monotonic: its first write
+        without a close since) is held back while a writer holds it open."""
+        return open_since + self.max_hold_s
+
+    def held(self, open_since: float | None, now: float, writer_open: bool) -> bool:
+        """Whether a due file waits on: written without a close since ``open_since`` (None:
+        closed, or no write), a writer holds it open, and its hold is not over."""
+        return open_since is not None and writer_open and now < self.hold_until(open_since)
 
     def found_by_walk(self, ctime_ns: int, wall_ns: int) -> float:
         """Seconds until a file a listing found (with no event history from before its

@@ -491,6 +491,11 @@ class _Run:
         self.moved_from: set[RelPath] = set()
         self.displacing: list[Change] = []
         """Moves onto a path that has a record of its own (see ``_write_displacing``)."""
+        self.vacating: set[RelPath] = set()
+        """The sources of ``displacing``: their record leaves when those are written."""
+        self.after_moves: list[tuple[Change, Change]] = []
+        """Changes of a ``vacating`` path (it holds another file now), held back until the
+        move away from it is written: as found, and as written after that move."""
         self.chunk: list[_Job] = []
         self.chunk_bytes = 0
         self.in_flight: collections.deque[tuple[list[_Job], AsyncResult[list[HashOutcome]]]] = (
@@ -837,6 +842,7 @@ class _Run:
                 # Onto a record that may itself move (a swap, a cycle): written at the end,
                 # after every move to a new path, in an order that keeps each record.
                 self.displacing.append(move)
+                self.vacating.add(source.path)
         return rest
 
     def _finish_jobs(self, jobs: list[_Job], outcomes: list[HashOutcome]) -> None:
@@ -874,6 +880,15 @@ class _Run:
 
     # --- writing ------------------------------------------------------------------------
     def _emit(self, change: Change) -> None:
+        path = change.path
+        if path in self.moved_from:
+            # The path's record moved away in this run: what is there now is another file,
+            # written after that move, or the move would carry its record away.
+            later = replace(change, kind=decide.after_move_away(change.kind))
+            if path in self.vacating:
+                self.after_moves.append((change, later))
+                return
+            change = later
         self.out.emit(change)
 
     def _await_write(self) -> None:
@@ -890,6 +905,15 @@ class _Run:
         applied = self.writer.apply_moves(moves)
         self.stats.unsettled += len(applied.dropped)
         decide.count(self.stats, applied.changes)
+        # The changes of the paths these moves vacated, now that their records are gone (a
+        # move the disk moved past left its source's record: the change as found, then).
+        kept = {m.old_path for m in applied.dropped}
+        held, self.after_moves, self.vacating = self.after_moves, [], set()
+        for found, later in held:
+            self.out.emit(found if found.path in kept else later)
+        if held:
+            self.out.flush()
+            self.out.wait()
 
     def _apply_deletions(self) -> None:
         if not self.deletions:

@@ -85,6 +85,8 @@ class EventInterpreter:
         settle_s: how soon a closed, moved or deleted path is looked at.
         debounce_s: how long after its last event a path possibly still being written waits.
         pair_wait_s: how long an IN_MOVED_FROM waits for its IN_MOVED_TO.
+        max_hold_s: how long a file written and not closed may wait while a writer holds
+            it open (``SettleRule.max_hold_s``; the watcher asks, ``Watcher._hold_open``).
     """
 
     def __init__(
@@ -95,13 +97,14 @@ class EventInterpreter:
         settle_s: float,
         debounce_s: float,
         pair_wait_s: float,
+        max_hold_s: float = 0.0,
     ) -> None:
         self.repos = repos
         self.tree = tree
         self.metrics = metrics
         self.settle_s = settle_s
         self.debounce_s = debounce_s
-        self.rule = SettleRule(settle_s, debounce_s)
+        self.rule = SettleRule(settle_s, debounce_s, max_hold_s)
         """When an event's path may be looked at (``fsledger.decide``)."""
         self.pair_wait_s = pair_wait_s
         self.unpaired: dict[int, PendingMove] = {}
@@ -240,9 +243,14 @@ class EventInterpreter:
                 closed_at=now if closed else None,
             )
         elif mask & IN_MODIFY:
-            pending.mark(key, now + self.rule.after_write(), content=True, writing=True)
+            current = pending.dirty.get(key)
+            since = now if current is None or current.open_since is None else current.open_since
+            due = self.rule.after_unclosed_write(now, since)
+            pending.mark(key, due, content=True, writing=True, open_since=since)
         elif mask & IN_CREATE:
-            pending.mark(key, now + self.rule.after_write(), writing=True)
+            # Opened to be written (``open(O_CREAT)``), or a link, a node: which, the hold
+            # asks when it is due without a close (``SettleRule.held``).
+            pending.mark(key, now + self.rule.after_write(), writing=True, open_since=now)
         elif mask & IN_ATTRIB:
             current = pending.dirty.get(key)
             writing = current is not None and current.writing

@@ -29,6 +29,8 @@ class WatcherMetrics:
     overflows: int = 0
     resyncs_requested: int = 0
     store_retries: int = 0
+    writes_held: int = 0
+    """Due looks put back because a writer still held the file open (``SettleRule.held``)."""
     """Batches that failed against the database and were retried (events kept meanwhile)."""
     latency_ms: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=LATENCY_SAMPLES)

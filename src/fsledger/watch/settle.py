@@ -6,7 +6,8 @@ directory created and filled at once, whose watch landed after the writer opened
 no event history from before its watch; its ctime stands in for it: a file changed within
 the debounce time waits in the pending state, where the events read since its watch landed
 (a close, further writes) take over. Without this, such a file is recorded at a partial
-size and then modified (issue 13, item 4).
+size and then modified (issue 13, item 4). Such a file counts as written and not closed:
+when it comes due, a writer that still holds it open holds it back (``SettleRule.held``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ def wait_quiet(
     quiet_in = SettleRule(0.0, debounce_s).found_by_walk(ctime_ns, wall_ns)
     if quiet_in <= 0:
         return entry is not None  # quiet: looked at now, or when its own event is due
+    # Changed within the debounce, and no close read: a writer may hold it open (stalled
+    # since), as after an IN_MODIFY without its IN_CLOSE_WRITE (``Watcher._hold_open``).
     if entry is None:
-        pending.mark(key, now + quiet_in, writing=True)
+        pending.mark(key, now + quiet_in, writing=True, open_since=now)
     else:
         entry.due, entry.writing = max(entry.due, now + quiet_in), True
+        entry.open_since = now if entry.open_since is None else entry.open_since
     return True

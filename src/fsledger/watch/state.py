@@ -151,6 +151,9 @@ class Dirty:
     """Seen IN_CREATE or IN_MODIFY without an IN_CLOSE_WRITE since."""
     closed_at: float | None = None
     """When the earliest IN_CLOSE_WRITE not yet written was read (monotonic): latency."""
+    open_since: float | None = None
+    """When the first IN_MODIFY not followed by an IN_CLOSE_WRITE (or a delete) was read
+    (monotonic): a writer may still hold the file open (``SettleRule.held``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,16 +224,23 @@ class Pending:
         content: bool = False,
         writing: bool | None = None,
         closed_at: float | None = None,
+        open_since: float | None = None,
     ) -> None:
-        """Record an event for ``key``: the last event decides when the path is due."""
+        """Record an event for ``key``: the last event decides when the path is due.
+        ``open_since``: a write (kept from the first since the last close); ``writing``
+        False (a close, a delete) clears it."""
         entry = self.dirty.get(key)
         if entry is None:
-            self.dirty[key] = Dirty(due, content, bool(writing), closed_at)
+            self.dirty[key] = Dirty(due, content, bool(writing), closed_at, open_since)
             return
         entry.due = due
         entry.content |= content
         if writing is not None:
             entry.writing = writing
+            if not writing:
+                entry.open_since = None
+        if open_since is not None and entry.open_since is None:
+            entry.open_since = open_since
         if closed_at is not None and entry.closed_at is None:
             entry.closed_at = closed_at
 
@@ -239,10 +249,13 @@ class Pending:
         entry = self.dirty.get(key)
         closed_at = old.closed_at if old is not None else None
         content = old.content if old is not None else False
+        open_since = old.open_since if old is not None else None
         if entry is None:
-            self.dirty[key] = Dirty(due, content, False, closed_at)
+            self.dirty[key] = Dirty(due, content, False, closed_at, open_since)
             return
         entry.content |= content
+        if open_since is not None and entry.writing:
+            entry.open_since = min(open_since, entry.open_since or open_since)
         if closed_at is not None and (entry.closed_at is None or closed_at < entry.closed_at):
             entry.closed_at = closed_at
 

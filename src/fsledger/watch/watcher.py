@@ -40,6 +40,8 @@ waits for them.
 from __future__ import annotations
 
 import logging
+import os
+import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +56,7 @@ from fsledger.watch.apply import Applier
 from fsledger.watch.backend import InotifyBackend, WatchBackend
 from fsledger.watch.events import EventInterpreter
 from fsledger.watch.metrics import WatcherMetrics
+from fsledger.watch.openfiles import open_for_writing
 from fsledger.watch.realtime import RealtimeLog
 from fsledger.watch.state import (
     Check,
@@ -106,7 +109,8 @@ class Watcher:
 
     Args:
         ledger: the store, the writers (one per repository) and the reconciler.
-        settings: ``debounce_s``, ``hash_algo``, ``calculate_hashes``, ``batch_size``.
+        settings: ``debounce_s``, ``write_hold_s``, ``hash_algo``, ``calculate_hashes``,
+            ``batch_size``.
         backend: the event source; an ``InotifyBackend`` when omitted.
         on_resync: asks for a reconciliation of ``prefix`` (``b""``: the whole repository)
             of a repository, with a reason; called from the watcher's threads, so it must
@@ -142,7 +146,13 @@ class Watcher:
         self._repos: dict[UUID, RepoWatch] = {}
         self._tree = WatchTree(self.backend)
         self._events = EventInterpreter(
-            self._repos, self._tree, self.metrics, self.settle_s, self.debounce_s, PAIR_WAIT_S
+            self._repos,
+            self._tree,
+            self.metrics,
+            self.settle_s,
+            self.debounce_s,
+            PAIR_WAIT_S,
+            max_hold_s=settings.write_hold_s,
         )
         self._realtime = RealtimeLog(ledger.store)
         self._applier = Applier(
@@ -484,6 +494,8 @@ class Watcher:
                 del pending.dirty[key]
                 if (path := tree.key_path(key)) is not None:
                     dirty.append(DirtyJob(key, path, entry))
+        if not force:
+            dirty = self._hold_open(state, dirty, now)
         links: list[DirtyJob] = []
         for key, entry in list(pending.links.items()):
             if ready(entry.due) and key[0] not in frozen_wds:
@@ -495,6 +507,55 @@ class Watcher:
         pending.dir_moves = []
         pending.file_moves = kept_moves
         return work if work else None
+
+    def _hold_open(self, state: RepoWatch, dirty: list[DirtyJob], now: float) -> list[DirtyJob]:
+        """The due looks, less the files written and not closed since that a writer still
+        holds open (``SettleRule.held``): put back, due at their close, at the debounce
+        after a later write, or when their hold is over (caller holds the lock). A writer
+        stalled between two writes longer than the debounce (``cp`` under load) would
+        otherwise leave a record, and a feed entry, of a partial size. Which are open is
+        asked of ``/proc`` once for all of them (``openfiles``), and only for these: the
+        others were closed or not written."""
+        rule = self._events.rule
+        suspects = [
+            job
+            for job in dirty
+            if job.key is not None
+            and job.dirty.open_since is not None
+            and now < rule.hold_until(job.dirty.open_since)
+        ]
+        if not suspects:
+            return dirty
+        inodes: dict[int, tuple[int, int]] = {}
+        for job in suspects:
+            try:
+                st = os.lstat(os.path.join(state.repo.root, job.path))
+            except OSError:
+                continue
+            if stat_mod.S_ISREG(st.st_mode):
+                inodes[id(job)] = (st.st_dev, st.st_ino)
+        writing = open_for_writing(inodes.values()) if inodes else set()
+        held = {
+            id(job)
+            for job in suspects
+            if rule.held(job.dirty.open_since, now, inodes.get(id(job)) in writing)
+        }
+        if not held:
+            return dirty
+        self.metrics.writes_held += len(held)
+        for job in dirty:
+            if id(job) in held and job.key is not None:
+                entry = job.dirty
+                assert entry.open_since is not None
+                # Its close (IN_CLOSE_WRITE: every writable descriptor sends one) or a
+                # later write makes it due sooner; otherwise the hold's end does.
+                entry.due = rule.hold_until(entry.open_since)
+                newer = state.pending.dirty.get(job.key)
+                if newer is None:
+                    state.pending.dirty[job.key] = entry
+                else:  # cannot happen under the lock; kept the newer's due and flags
+                    newer.content |= entry.content
+        return [job for job in dirty if id(job) not in held]
 
     def _run(self, state: RepoWatch, work: Work) -> None:
         """Process one repository's work, retrying database errors with backoff; what
