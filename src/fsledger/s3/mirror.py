@@ -46,7 +46,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -155,15 +155,18 @@ def groups(actions: Iterable[Action]) -> Iterator[list[Action]]:
     wave of its own."""
     run: list[Action] = []
     paths: set[RelPath] = set()
+    uploads: set[RelPath] = set()
     for action in actions:
-        if isinstance(action, Upload) and Upload(action.path) in run:
+        if isinstance(action, Upload) and action.path in uploads:
             continue  # both would upload the path's current record
         touched = _paths(action)
         if run and (touched is None or _paths(run[0]) is None or not paths.isdisjoint(touched)):
             yield run
-            run, paths = [], set()
+            run, paths, uploads = [], set(), set()
         run.append(action)
         paths.update(touched or ())
+        if isinstance(action, Upload):
+            uploads.add(action.path)
     if run:
         yield run
 
@@ -361,6 +364,7 @@ class MirrorRunner:
         self._head = 0
         """The feed's newest seq when the last step found nothing (more) to do."""
         self._feed_id: str | None = None
+        self._warmed = False
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -421,6 +425,25 @@ class MirrorRunner:
         self.mirror = mirror
         return mirror
 
+    def warm(self) -> None:
+        """Have the pool's threads started and each one's connection to the bucket open
+        (again, if the server closed it while idle), without waiting: the first requests of
+        a step then find them ready instead of paying for them."""
+        self._warmed = True
+        lean = self._lean
+        if lean is None or not lean.usable:
+            return
+        barrier = threading.Barrier(self.concurrency)
+
+        def one() -> None:
+            lean.warm()
+            # Held until every thread has one: each connection is another thread's.
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(1.0)
+
+        for _ in range(self.concurrency):
+            self._pool.submit(one)
+
     # --- one step -----------------------------------------------------------------------
     def step(self) -> bool:
         """Act on the next page of the feed. True when there was work (call again)."""
@@ -438,6 +461,8 @@ class MirrorRunner:
         if mirror.cursor_seq is None:
             self.full_sync(repair=True)
             return True
+        if not self._warmed:
+            self.warm()
         if self._feed_id is None:
             self._feed_id = self.feed.head().feed_id
         # The feed id read once: a database whose feed is another one (restored elsewhere)
@@ -460,6 +485,7 @@ class MirrorRunner:
             self.stats.state = "idle"
             return False
         self.stats.state = "syncing"
+        self.warm()  # while the page's records are read
         actions = [a for e in page.entries if (a := plan(e)) is not None]
         reason = self._deletions_refused(page.entries, mirror)
         if reason is not None:
@@ -502,7 +528,8 @@ class MirrorRunner:
         if mirror.max_delete is None or not any(e.kind is ChangeKind.DELETED for e in entries):
             return None
         pending = 0
-        cursor = Cursor(self.feed.head().feed_id, mirror.cursor_seq or 0, mirror.cursor_tag)
+        feed_id = self._feed_id or self.feed.head().feed_id
+        cursor = Cursor(feed_id, mirror.cursor_seq or 0, mirror.cursor_tag)
         for _ in range(200):  # look ahead through the backlog, at most 100k entries
             page = self.feed.read(cursor, PAGE, mirror.repository_id)
             pending += sum(
@@ -522,9 +549,14 @@ class MirrorRunner:
     def _act(
         self, wave: list[Action], below: Beneath, repo_id: UUID, check_first: bool
     ) -> tuple[MirrorCounters, list[str]]:
-        """One wave (``groups``): its uploads, then its moves, each concurrently, then its
-        deletions in one request (the paths are distinct: the order inside does not
-        matter)."""
+        """One wave (``groups``): its deletions, moves and uploads all at once in the pool.
+
+        The wave's paths are distinct, so the order among its actions does not matter but
+        for a move's old key, which goes only once its copy is made: the deletions of
+        deleted paths are one DeleteObjects sent first, beside the copies and the uploads;
+        the moves are started before the uploads, and the old keys of those made are
+        deleted in one more DeleteObjects while the uploads still run. The wave ends when
+        all of it is done (a later wave may make a key this one deletes)."""
         first = wave[0]
         if isinstance(first, Pause):
             self.store.set_mirror_state(self.mirror.id, MirrorState.PAUSED, first.reason)
@@ -534,41 +566,55 @@ class MirrorRunner:
         uploads = [a.path for a in wave if isinstance(a, Upload)]
         moves = [a for a in wave if isinstance(a, Move)]
         deletions = [a.path for a in wave if isinstance(a, Delete)]
-        # One read of every record the wave needs; then its uploads and moves all at once
-        # (distinct paths: no order among them), then one DeleteObjects for its deletions
-        # and the old keys of its moves.
         records = self.store.get_records(
             repo_id, uploads + [m.old for m in moves] + [m.new for m in moves] + deletions
         )
-        jobs: list[Any] = []
-        for path in uploads:
-            record = records.get(path)
-            if record is not None and record.digest is not None:
-                jobs.append((None, record, check_first))
+        # A path that has a record again was created anew: its entry uploads it.
+        gone = [key_of(self.prefix, p) for p in deletions if p not in records]
+        moved: list[tuple[Move, FileRecord]] = []
         for m in moves:
             record = records.get(m.new)
             if record is not None and record.digest is not None:
-                jobs.append((m, record, False))
+                moved.append((m, record))
             # else moved on or gone: a later entry says where
+        put = [r for p in uploads if (r := records.get(p)) is not None and r.digest is not None]
 
-        def one(job: tuple[Move | None, FileRecord, bool]) -> tuple[MirrorCounters, str | None]:
-            move, record, check = job
-            if move is None:
-                return self._upload_one(record, below, check)
-            return self._move_one(move.old, record, below)
-
+        pool = self._pool
+        futures: list[Future[tuple[MirrorCounters, list[str]]]] = []
+        move_futures: list[Future[tuple[MirrorCounters, str | None]]] = []
+        up_futures: list[Future[tuple[MirrorCounters, str | None]]] = []
         counters, errors = MirrorCounters(), list[str]()
-        olds = []
-        for (move, _, _), (done, error) in zip(jobs, self._pool.map(one, jobs), strict=True):
-            counters += done
-            if error:
-                errors.append(error)
-            elif move is not None and move.old not in records:
-                olds.append(key_of(self.prefix, move.old))  # the old key of a failed move stays
-        # A path that has a record again was created anew: its entry uploads it.
-        gone = [key_of(self.prefix, p) for p in deletions if p not in records]
-        done, errs = self.delete_keys(gone + olds, count=False)
-        counters, errors = counters + done, errors + errs
+        try:
+            if gone:
+                futures.append(pool.submit(self.delete_keys, gone, False))
+            move_futures += [
+                pool.submit(self._move_one, m.old, record, below) for m, record in moved
+            ]
+            up_futures += [pool.submit(self._upload_one, r, below, check_first) for r in put]
+            olds = []
+            for (m, _), future in zip(moved, move_futures, strict=True):
+                done, error = future.result()
+                counters += done
+                if error:
+                    errors.append(error)  # the old key of a failed move stays
+                elif m.old not in records:
+                    olds.append(key_of(self.prefix, m.old))
+            if olds:
+                futures.append(pool.submit(self.delete_keys, olds, False))
+            for future in up_futures:
+                done, error = future.result()
+                counters += done
+                if error:
+                    errors.append(error)
+            for batch in futures:
+                done, errs = batch.result()
+                counters, errors = counters + done, errors + errs
+        except BaseException:
+            # The step fails and is done again: nothing more of this wave is started.
+            for pending in (futures, move_futures, up_futures):
+                for job in pending:
+                    job.cancel()
+            raise
         if gone:
             counters += MirrorCounters(deleted=len(gone))
             if not self._accepted:
