@@ -45,9 +45,10 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -579,47 +580,78 @@ class MirrorRunner:
             # else moved on or gone: a later entry says where
         put = [r for p in uploads if (r := records.get(p)) is not None and r.digest is not None]
 
-        pool = self._pool
-        futures: list[Future[tuple[MirrorCounters, list[str]]]] = []
-        move_futures: list[Future[tuple[MirrorCounters, str | None]]] = []
-        up_futures: list[Future[tuple[MirrorCounters, str | None]]] = []
-        counters, errors = MirrorCounters(), list[str]()
-        try:
-            if gone:
-                futures.append(pool.submit(self.delete_keys, gone, False))
-            move_futures += [
-                pool.submit(self._move_one, m.old, record, below) for m, record in moved
-            ]
-            up_futures += [pool.submit(self._upload_one, r, below, check_first) for r in put]
-            olds = []
-            for (m, _), future in zip(moved, move_futures, strict=True):
-                done, error = future.result()
-                counters += done
-                if error:
-                    errors.append(error)  # the old key of a failed move stays
-                elif m.old not in records:
-                    olds.append(key_of(self.prefix, m.old))
+        # The jobs go to the pool's threads as ``concurrency`` loops that each take the next
+        # job until none is left (not a future each: 270 submissions from this thread while
+        # the workers run contend for the executor's locks).
+        jobs: deque[Callable[[], None]] = deque()
+        batches: list[tuple[MirrorCounters, list[str]]] = []
+        results: list[tuple[MirrorCounters, str | None]] = []
+        move_results: list[tuple[MirrorCounters, str | None] | None] = [None] * len(moved)
+        left = [len(moved)]
+        lock = threading.Lock()
+
+        def delete(keys: list[str]) -> None:
+            batches.append(self.delete_keys(keys, count=False))
+
+        def move(i: int, m: Move, record: FileRecord) -> None:
+            move_results[i] = self._move_one(m.old, record, below)
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            # The last copy is made: the old keys of the moves made go, beside the uploads.
+            olds = [
+                key_of(self.prefix, made.old)
+                for (made, _), done in zip(moved, move_results, strict=True)
+                if done is not None and done[1] is None and made.old not in records
+            ]  # the old key of a failed move stays
             if olds:
-                futures.append(pool.submit(self.delete_keys, olds, False))
-            for future in up_futures:
-                done, error = future.result()
-                counters += done
-                if error:
-                    errors.append(error)
-            for batch in futures:
-                done, errs = batch.result()
-                counters, errors = counters + done, errors + errs
-        except BaseException:
-            # The step fails and is done again: nothing more of this wave is started.
-            for pending in (futures, move_futures, up_futures):
-                for job in pending:
-                    job.cancel()
-            raise
+                jobs.appendleft(partial(delete, olds))
+
+        def upload(record: FileRecord) -> None:
+            results.append(self._upload_one(record, below, check_first))
+
+        if gone:
+            jobs.append(partial(delete, gone))
+        jobs.extend(partial(move, i, m, record) for i, (m, record) in enumerate(moved))
+        jobs.extend(partial(upload, record) for record in put)
+        self._drain(jobs)
+        counters, errors = MirrorCounters(), list[str]()
+        for done, error in [*(r for r in move_results if r is not None), *results]:
+            counters += done
+            if error:
+                errors.append(error)
+        for done, errs in batches:
+            counters, errors = counters + done, errors + errs
         if gone:
             counters += MirrorCounters(deleted=len(gone))
             if not self._accepted:
                 self._recent.append((time.monotonic(), len(gone)))
         return counters, errors
+
+    def _drain(self, jobs: deque[Callable[[], None]]) -> None:
+        """Run ``jobs`` on the pool: ``concurrency`` loops, each taking the next job (a job
+        may add more) until none is left. The first exception stops every loop from
+        taking another job and is raised once they all stopped."""
+        failed: list[BaseException] = []
+
+        def loop() -> None:
+            while not failed:
+                try:
+                    job = jobs.popleft()
+                except IndexError:
+                    return
+                try:
+                    job()
+                except BaseException as exc:  # noqa: BLE001 - raised by _drain
+                    failed.append(exc)
+                    return
+
+        loops = [self._pool.submit(loop) for _ in range(min(self.concurrency, len(jobs)))]
+        for one in loops:
+            one.result()
+        if failed:
+            raise failed[0]
 
     # --- uploads ------------------------------------------------------------------------
     def upload_paths(
