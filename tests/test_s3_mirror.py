@@ -10,9 +10,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,7 +30,14 @@ from api_support import free_port
 from fsledger.cli import main
 from fsledger.errors import RootUnavailable
 from fsledger.ledger import Ledger
-from fsledger.model import ChangeKind, FeedEntry, MirrorState, RepoState, utcnow
+from fsledger.model import (
+    ChangeKind,
+    FeedEntry,
+    MirrorCounters,
+    MirrorState,
+    RepoState,
+    utcnow,
+)
 from fsledger.s3.keys import encode, path_of
 from fsledger.s3.mirror import (
     Delete,
@@ -718,5 +727,84 @@ def test_a_move_copies_only_an_old_object_with_the_files_bytes_and_lean_requests
         runner.sync(60)
         assert not lean.usable  # refused 3 times in a row: botocore only from now on
         assert bucket_state(client, s3_bucket, "m/") == disk_state(photos)
+    finally:
+        runner.stop()
+
+
+def test_a_waves_deletions_run_beside_its_uploads_and_old_keys_go_after_their_copies(
+    ledger: Ledger, photos: Path, s3_server: Any, s3_bucket: str, aws_env: dict[str, str]
+) -> None:
+    """One wave: the DeleteObjects of its deleted paths is its first request (beside the
+    copies and uploads, not after them); the moves' old keys are deleted only once every
+    copy is made, and not for a move that failed. A connection the server closed while idle
+    is opened afresh by ``warm`` before the next step needs it."""
+    client = s3_server.client()
+    repo, runner = _setup(ledger, photos, s3_bucket, s3_server.endpoint, "w/")
+    events: list[tuple[str, Any]] = []
+    lock = threading.Lock()
+    deleting, waited = threading.Event(), []
+    delete_keys, move_one, upload_one = runner.delete_keys, runner._move_one, runner._upload_one
+
+    def logged_delete(keys: list[str], count: bool = True) -> Any:
+        with lock:
+            events.append(("delete", sorted(keys)))
+        deleting.set()
+        return delete_keys(keys, count)
+
+    def waiting_upload(record: Any, below: Any, check_first: bool) -> Any:
+        # An upload does not end before the wave's deletion started (it did not, when the
+        # deletions waited for the uploads).
+        waited.append(deleting.wait(30))
+        return upload_one(record, below, check_first)
+
+    def logged_move(old: bytes, record: Any, below: Any) -> Any:
+        if old.endswith(b"img05.jpg"):
+            with lock:
+                events.append(("move failed", old))
+            return MirrorCounters(errors=1), "refused"
+        done = move_one(old, record, below)
+        with lock:
+            events.append(("moved", old))
+        return done
+
+    try:
+        runner.sync(60)
+        runner.delete_keys = logged_delete  # type: ignore[method-assign]
+        runner._move_one = logged_move  # type: ignore[method-assign]
+        runner._upload_one = waiting_upload  # type: ignore[method-assign]
+        (photos / "notes.txt").unlink()
+        for i in (3, 4, 5):
+            (photos / "2024" / "trip" / f"img{i:02}.jpg").rename(photos / f"moved{i}.jpg")
+        for i in range(6):
+            (photos / f"new{i}.jpg").write_bytes(os.urandom(500 + i))
+        ledger.scan(repo)
+        m = runner.sync(60)
+        assert waited == [True] * 6, waited
+        deletes = [i for i, e in enumerate(events) if e[0] == "delete"]
+        assert [events[i][1] for i in deletes] == [
+            ["w/notes.txt"],
+            ["w/2024/trip/img03.jpg", "w/2024/trip/img04.jpg"],
+        ], events
+        moves = [i for i, e in enumerate(events) if e[0] in ("moved", "move failed")]
+        assert len(moves) == 3 and max(moves) < deletes[1], events
+        assert m.last_error == "refused" and m.counters.deleted == 1
+        keys = set(bucket_state(client, s3_bucket, "w/"))
+        assert b"2024/trip/img05.jpg" in keys and b"moved5.jpg" not in keys  # left as it was
+        assert b"2024/trip/img03.jpg" not in keys and b"moved3.jpg" in keys
+        assert b"notes.txt" not in keys and b"new5.jpg" in keys
+
+        # A kept-alive connection closed (here from our side: the server's close looks the
+        # same to the client, readable at EOF) is replaced by warm, not by a failed request.
+        lean = runner._lean
+        assert lean is not None
+        lean.warm()
+        conn = lean._conn()
+        assert conn.sock is not None
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        lean.warm()
+        assert lean._conn() is not conn and lean._conn().sock is not None
+        body = b"after warm"
+        md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+        assert lean.put("w/warm.jpg", body, md5, {}) == hashlib.md5(body).hexdigest()
     finally:
         runner.stop()

@@ -45,9 +45,10 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -155,15 +156,18 @@ def groups(actions: Iterable[Action]) -> Iterator[list[Action]]:
     wave of its own."""
     run: list[Action] = []
     paths: set[RelPath] = set()
+    uploads: set[RelPath] = set()
     for action in actions:
-        if isinstance(action, Upload) and Upload(action.path) in run:
+        if isinstance(action, Upload) and action.path in uploads:
             continue  # both would upload the path's current record
         touched = _paths(action)
         if run and (touched is None or _paths(run[0]) is None or not paths.isdisjoint(touched)):
             yield run
-            run, paths = [], set()
+            run, paths, uploads = [], set(), set()
         run.append(action)
         paths.update(touched or ())
+        if isinstance(action, Upload):
+            uploads.add(action.path)
     if run:
         yield run
 
@@ -361,6 +365,7 @@ class MirrorRunner:
         self._head = 0
         """The feed's newest seq when the last step found nothing (more) to do."""
         self._feed_id: str | None = None
+        self._warmed = False
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -421,6 +426,25 @@ class MirrorRunner:
         self.mirror = mirror
         return mirror
 
+    def warm(self) -> None:
+        """Have the pool's threads started and each one's connection to the bucket open
+        (again, if the server closed it while idle), without waiting: the first requests of
+        a step then find them ready instead of paying for them."""
+        self._warmed = True
+        lean = self._lean
+        if lean is None or not lean.usable:
+            return
+        barrier = threading.Barrier(self.concurrency)
+
+        def one() -> None:
+            lean.warm()
+            # Held until every thread has one: each connection is another thread's.
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(1.0)
+
+        for _ in range(self.concurrency):
+            self._pool.submit(one)
+
     # --- one step -----------------------------------------------------------------------
     def step(self) -> bool:
         """Act on the next page of the feed. True when there was work (call again)."""
@@ -438,6 +462,8 @@ class MirrorRunner:
         if mirror.cursor_seq is None:
             self.full_sync(repair=True)
             return True
+        if not self._warmed:
+            self.warm()
         if self._feed_id is None:
             self._feed_id = self.feed.head().feed_id
         # The feed id read once: a database whose feed is another one (restored elsewhere)
@@ -460,6 +486,7 @@ class MirrorRunner:
             self.stats.state = "idle"
             return False
         self.stats.state = "syncing"
+        self.warm()  # while the page's records are read
         actions = [a for e in page.entries if (a := plan(e)) is not None]
         reason = self._deletions_refused(page.entries, mirror)
         if reason is not None:
@@ -502,7 +529,8 @@ class MirrorRunner:
         if mirror.max_delete is None or not any(e.kind is ChangeKind.DELETED for e in entries):
             return None
         pending = 0
-        cursor = Cursor(self.feed.head().feed_id, mirror.cursor_seq or 0, mirror.cursor_tag)
+        feed_id = self._feed_id or self.feed.head().feed_id
+        cursor = Cursor(feed_id, mirror.cursor_seq or 0, mirror.cursor_tag)
         for _ in range(200):  # look ahead through the backlog, at most 100k entries
             page = self.feed.read(cursor, PAGE, mirror.repository_id)
             pending += sum(
@@ -522,9 +550,14 @@ class MirrorRunner:
     def _act(
         self, wave: list[Action], below: Beneath, repo_id: UUID, check_first: bool
     ) -> tuple[MirrorCounters, list[str]]:
-        """One wave (``groups``): its uploads, then its moves, each concurrently, then its
-        deletions in one request (the paths are distinct: the order inside does not
-        matter)."""
+        """One wave (``groups``): its deletions, moves and uploads all at once in the pool.
+
+        The wave's paths are distinct, so the order among its actions does not matter but
+        for a move's old key, which goes only once its copy is made: the deletions of
+        deleted paths are one DeleteObjects sent first, beside the copies and the uploads;
+        the moves are started before the uploads, and the old keys of those made are
+        deleted in one more DeleteObjects while the uploads still run. The wave ends when
+        all of it is done (a later wave may make a key this one deletes)."""
         first = wave[0]
         if isinstance(first, Pause):
             self.store.set_mirror_state(self.mirror.id, MirrorState.PAUSED, first.reason)
@@ -534,46 +567,91 @@ class MirrorRunner:
         uploads = [a.path for a in wave if isinstance(a, Upload)]
         moves = [a for a in wave if isinstance(a, Move)]
         deletions = [a.path for a in wave if isinstance(a, Delete)]
-        # One read of every record the wave needs; then its uploads and moves all at once
-        # (distinct paths: no order among them), then one DeleteObjects for its deletions
-        # and the old keys of its moves.
         records = self.store.get_records(
             repo_id, uploads + [m.old for m in moves] + [m.new for m in moves] + deletions
         )
-        jobs: list[Any] = []
-        for path in uploads:
-            record = records.get(path)
-            if record is not None and record.digest is not None:
-                jobs.append((None, record, check_first))
+        # A path that has a record again was created anew: its entry uploads it.
+        gone = [key_of(self.prefix, p) for p in deletions if p not in records]
+        moved: list[tuple[Move, FileRecord]] = []
         for m in moves:
             record = records.get(m.new)
             if record is not None and record.digest is not None:
-                jobs.append((m, record, False))
+                moved.append((m, record))
             # else moved on or gone: a later entry says where
+        put = [r for p in uploads if (r := records.get(p)) is not None and r.digest is not None]
 
-        def one(job: tuple[Move | None, FileRecord, bool]) -> tuple[MirrorCounters, str | None]:
-            move, record, check = job
-            if move is None:
-                return self._upload_one(record, below, check)
-            return self._move_one(move.old, record, below)
+        # The jobs go to the pool's threads as ``concurrency`` loops that each take the next
+        # job until none is left (not a future each: 270 submissions from this thread while
+        # the workers run contend for the executor's locks).
+        jobs: deque[Callable[[], None]] = deque()
+        batches: list[tuple[MirrorCounters, list[str]]] = []
+        results: list[tuple[MirrorCounters, str | None]] = []
+        move_results: list[tuple[MirrorCounters, str | None] | None] = [None] * len(moved)
+        left = [len(moved)]
+        lock = threading.Lock()
 
+        def delete(keys: list[str]) -> None:
+            batches.append(self.delete_keys(keys, count=False))
+
+        def move(i: int, m: Move, record: FileRecord) -> None:
+            move_results[i] = self._move_one(m.old, record, below)
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            # The last copy is made: the old keys of the moves made go, beside the uploads.
+            olds = [
+                key_of(self.prefix, made.old)
+                for (made, _), done in zip(moved, move_results, strict=True)
+                if done is not None and done[1] is None and made.old not in records
+            ]  # the old key of a failed move stays
+            if olds:
+                jobs.appendleft(partial(delete, olds))
+
+        def upload(record: FileRecord) -> None:
+            results.append(self._upload_one(record, below, check_first))
+
+        if gone:
+            jobs.append(partial(delete, gone))
+        jobs.extend(partial(move, i, m, record) for i, (m, record) in enumerate(moved))
+        jobs.extend(partial(upload, record) for record in put)
+        self._drain(jobs)
         counters, errors = MirrorCounters(), list[str]()
-        olds = []
-        for (move, _, _), (done, error) in zip(jobs, self._pool.map(one, jobs), strict=True):
+        for done, error in [*(r for r in move_results if r is not None), *results]:
             counters += done
             if error:
                 errors.append(error)
-            elif move is not None and move.old not in records:
-                olds.append(key_of(self.prefix, move.old))  # the old key of a failed move stays
-        # A path that has a record again was created anew: its entry uploads it.
-        gone = [key_of(self.prefix, p) for p in deletions if p not in records]
-        done, errs = self.delete_keys(gone + olds, count=False)
-        counters, errors = counters + done, errors + errs
+        for done, errs in batches:
+            counters, errors = counters + done, errors + errs
         if gone:
             counters += MirrorCounters(deleted=len(gone))
             if not self._accepted:
                 self._recent.append((time.monotonic(), len(gone)))
         return counters, errors
+
+    def _drain(self, jobs: deque[Callable[[], None]]) -> None:
+        """Run ``jobs`` on the pool: ``concurrency`` loops, each taking the next job (a job
+        may add more) until none is left. The first exception stops every loop from
+        taking another job and is raised once they all stopped."""
+        failed: list[BaseException] = []
+
+        def loop() -> None:
+            while not failed:
+                try:
+                    job = jobs.popleft()
+                except IndexError:
+                    return
+                try:
+                    job()
+                except BaseException as exc:  # noqa: BLE001 - raised by _drain
+                    failed.append(exc)
+                    return
+
+        loops = [self._pool.submit(loop) for _ in range(min(self.concurrency, len(jobs)))]
+        for one in loops:
+            one.result()
+        if failed:
+            raise failed[0]
 
     # --- uploads ------------------------------------------------------------------------
     def upload_paths(

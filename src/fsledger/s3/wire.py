@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import select
 import ssl
 import threading
 from typing import Any
@@ -168,6 +169,22 @@ class LeanS3:
             raise LeanFailed("CopyObject answered without an ETag", status)
         etag = data[start + 6 : end].decode()
         return etag.replace("&quot;", "").replace("&#34;", "").strip('"')
+
+    def warm(self) -> None:
+        """Open this thread's connection now if it is not (or the server closed it while
+        it was idle); never raises (the request that follows finds out)."""
+        try:
+            conn = self._conn()
+            sock = conn.sock
+            if sock is not None and self.scheme == "http":
+                # An idle kept-alive connection is readable only when the server closed it.
+                readable, _, _ = select.select([sock], [], [], 0)
+                if readable:
+                    conn = self._conn(fresh=True)
+            if conn.sock is None:
+                conn.connect()
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            log.debug("Could not open a connection to %s: %s", self.host, exc)
 
     def close(self) -> None:
         with self._lock:
