@@ -167,6 +167,26 @@ _FAST_ON_SQLITE = frozenset(
 )
 
 
+def _encodable(text: str) -> str:
+    """``text`` with lone surrogates (a file name's undecodable bytes) spelt ``\\udcff``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failing test's report may hold a non-UTF-8 file name decoded with surrogateescape
+    (captured logs, an assertion naming the path): pytest-xdist sends reports as UTF-8 and
+    crashed the whole run on one (INTERNALERROR) instead of reporting that test's failure.
+    Such text is made encodable here; everything else is left as it is."""
+    outcome: Any = yield
+    report = outcome.get_result()
+    report.sections = [(title, _encodable(body)) for title, body in report.sections]
+    if report.longrepr is not None:
+        text = str(report.longrepr)
+        if _encodable(text) != text:
+            report.longrepr = _encodable(text)
+
+
 @pytest.fixture(params=("live", "offline"))
 def scenario(
     request: pytest.FixtureRequest, ledger: Ledger, store_url: str, tmp_path: Path
