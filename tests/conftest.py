@@ -161,6 +161,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "scenario" in params.params or item.path.name in _FAST_ON_SQLITE:
             item.add_marker(pytest.mark.slow)
 
+    # The live peer scenarios on SQLite cost ~0.8 s each (a watcher process each): the fast
+    # loop replays every sixth of them live (and every one offline); ``make test`` all.
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if params is None or params.params.get("scenario") != "live":
+            continue
+        index = params.indices.get("peer_case")
+        if index is not None and index % 6:
+            item.add_marker(pytest.mark.slow)
+
 
 _FAST_ON_SQLITE = frozenset(
     {"test_model.py", "test_s3_bucket.py", "test_s3_mirror.py", "test_watch_inotify.py"}

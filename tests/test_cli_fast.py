@@ -279,6 +279,7 @@ def test_a_read_only_database(scripts: dict[str, Path], library: tuple[str, Path
     assert fast.fast == (os.geteuid() == 0)
 
 
+@pytest.mark.slow  # holds a write lock 1.5 s for both paths
 def test_a_database_locked_by_a_writer(scripts: dict[str, Path], library: tuple[str, Path]) -> None:
     url, _ = library
     unlocked = both(scripts, "--db", url, "files", "photos", "--json")
@@ -334,6 +335,7 @@ def test_a_database_the_store_would_change(
     assert not fast.fast
 
 
+@pytest.mark.slow  # 5003 records written, both paths read them
 def test_more_than_a_page_and_a_broken_pipe(scripts: dict[str, Path], tmp_path: Path) -> None:
     root = tmp_path / "many"
     root.mkdir()

@@ -128,8 +128,8 @@ def test_redact_url(url: str, shown: str) -> None:
 
 
 # Each case is a command process that retries the unreachable database (1.5 s of backoff):
-# ~2-3 s. The fast loop keeps one of each kind; the cases marked slow are shapes whose
-# redaction test_redact_url also checks in-process.
+# ~2-3 s. The fast loop keeps one URL, one conninfo string and the MySQL refusal; the cases
+# marked slow are shapes whose redaction test_redact_url also checks in-process.
 _SLOW = pytest.mark.slow
 
 
@@ -137,11 +137,17 @@ _SLOW = pytest.mark.slow
     "url",
     [
         f"postgresql://postgres:{SECRET}@127.0.0.1:1/none?connect_timeout=1",
-        f"postgresql://postgres:{SECRET}%zz@127.0.0.1:5432/none",  # libpq quotes bad escapes
+        pytest.param(
+            f"postgresql://postgres:{SECRET}%zz@127.0.0.1:5432/none",  # libpq quotes bad escapes
+            marks=_SLOW,
+        ),
         pytest.param(
             f"postgresql://postgres:p@{SECRET}@127.0.0.1:5432/none?connect_timeout=1", marks=_SLOW
         ),
-        f"postgresql://postgres@127.0.0.1:1/none?connect_timeout=1&password={SECRET}",
+        pytest.param(
+            f"postgresql://postgres@127.0.0.1:1/none?connect_timeout=1&password={SECRET}",
+            marks=_SLOW,
+        ),
         pytest.param(f"postgresql://postgres:{SECRET}@127.0.0.1:5432/none?bogus=1", marks=_SLOW),
         f"mysql://root:{SECRET}@localhost/photos",
         pytest.param(
@@ -152,7 +158,9 @@ _SLOW = pytest.mark.slow
             f"postgresql://postgres@127.0.0.1:1/none?connect_timeout=1&%70assword={SECRET}",
             marks=_SLOW,
         ),
-        f"postgresql://postgres@127.0.0.1:5432/none?%70assword={SECRET}%zz",
+        pytest.param(
+            f"postgresql://postgres@127.0.0.1:5432/none?%70assword={SECRET}%zz", marks=_SLOW
+        ),
         f"host=127.0.0.1 port=1 connect_timeout=1 password={SECRET} dbname=none",
     ],
 )
@@ -164,7 +172,9 @@ def test_database_passwords_never_reach_an_error(url: str) -> None:
 @pytest.mark.parametrize(
     "url",
     [
-        f"postgresql://postgres@127.0.0.1:5432/none?%70assword={SECRET}%zz",
+        pytest.param(
+            f"postgresql://postgres@127.0.0.1:5432/none?%70assword={SECRET}%zz", marks=_SLOW
+        ),
         f"host=127.0.0.1 port=1 connect_timeout=1 sslpassword={SECRET} dbname=none",
     ],
 )
