@@ -646,6 +646,10 @@ class Applier:
         """Look at the dirty paths a batch at a time: one query for the batch's records, then
         each path's lstat (and hash), then one transaction for what changed."""
         looked: set[RelPath] = set()
+        if work.linked:
+            # Names written through and gone with their directory (``Dirty.inode``).
+            work.dirty += self._link_peers(repo, [], looked, work.linked)
+            work.linked = set()
         while work.dirty:
             jobs = work.dirty[: self.apply_batch]
             todo: list[DirtyJob] = []
@@ -678,6 +682,10 @@ class Applier:
                 for c in batch
                 if c.kind is ChangeKind.DELETED and (old := records.get(c.path)) is not None
             }
+            # A name with other links when its event was read (``Dirty.inode``): they are
+            # looked at too, whatever this look found (the name gone, replaced, unchanged
+            # since a look at another name): a record of it may never have existed.
+            gone |= {job.dirty.inode for job in todo if job.dirty.inode is not None}
             work.dirty += self._link_peers(repo, batch, looked, gone)
 
     def _link_peers(
@@ -691,7 +699,8 @@ class Applier:
         to be looked at in this pass too. A write through one name changes the content of
         all of them, but inotify reports only the name written (and nothing at all for a
         name in another directory); a new link, a rename or an unlink of one name (``gone``:
-        the inodes of records just deleted) changes the others' ctime. Looks are
+        the inodes of records just deleted, or of names that had other links when their
+        event was read, ``Dirty.inode``) changes the others' ctime. Looks are
         state-based, so a record that merely shares an inode number (another filesystem
         mounted below the root) costs one lstat and changes nothing."""
         inodes = {
