@@ -854,3 +854,21 @@ def test_a_directory_readable_again_is_scanned_again(tmp_path: Path, store_url: 
         child.wait(60)
         ledger.close()
     assert "RESYNC" not in rest, rest
+
+
+def test_a_new_link_of_a_file_held_open_is_recorded_at_its_close(tmp_path: Path) -> None:
+    """``ln y x`` while a writer holds y open: x's IN_CREATE is a write without a close
+    whose inode a writer holds (``SettleRule.held``), but the close comes for y alone."""
+    lv = Live(tmp_path, debounce_s=0.3, write_hold_s=3600.0)
+    try:
+        lv.start(base_tree)
+        with open(lv.p("albums/y.dat"), "wb") as fh:
+            fh.write(b"first half ")
+            fh.flush()
+            time.sleep(0.2)
+            os.link(lv.p("albums/y.dat"), lv.p("albums/x.dat"))
+            time.sleep(1.0)  # x comes due and is held: its inode is open for writing
+            fh.write(b"second half")
+        lv.settle(timeout=10)
+    finally:
+        lv.close()
