@@ -672,6 +672,44 @@ def test_a_write_through_one_hard_link_refreshes_the_others(live_db: Live) -> No
     ]
 
 
+@pytest.mark.parametrize("then", ["unlinked", "dir_removed", "replaced"])
+def test_a_truncate_through_a_short_lived_hard_link_refreshes_the_recorded_name(
+    tmp_path: Path, store_url: str, then: str
+) -> None:
+    """``ln f/g.jpg new/café && truncate -s 7 new/café``, then café goes away (unlinked, its
+    directory removed, or replaced by another file) before the watcher looks at it. The
+    write changed f/g.jpg (same inode), yet inotify named only café (a ``truncate(2)``: an
+    IN_MODIFY without a close) and nothing at all for f/; the look at café finds it gone
+    (or another inode) with no record, so its inode would be unknown. The test model's
+    ``hard_link, truncate, rename, rmtree`` (tests/test_model.py) left f/g.jpg's record at
+    its old size. The debounce outlasts the whole sequence, so every look comes after it."""
+    lv = Live(tmp_path, debounce_s=2.0, url=store_url)
+    try:
+
+        def tree(root: Path) -> None:
+            write(root / "f/g.jpg", "golf")
+            write(root / "new/other.jpg", "unrelated")
+
+        lv.start(tree)
+        assert lv.repo is not None
+        cafe = lv.p("new/café")
+        os.link(lv.p("f/g.jpg"), cafe)
+        os.truncate(cafe, 7)
+        time.sleep(0.5)  # the events are read (well within the 2 s debounce)
+        if then == "unlinked":
+            os.unlink(cafe)
+        elif then == "dir_removed":
+            shutil.rmtree(lv.p("new"))
+        else:
+            write(lv.p("new/.café.swp"), "another file")
+            os.replace(lv.p("new/.café.swp"), cafe)
+        assert os.path.getsize(lv.p("f/g.jpg")) == 7
+        lv.settle()
+        assert ledger_state(lv.ledger, lv.repo)[b"f/g.jpg"][0] == 7
+    finally:
+        lv.close()
+
+
 @pytest.mark.parametrize("how", ["written", "linked", "chmod"])
 def test_a_hard_link_under_an_ignored_name_refreshes_the_recorded_name(
     live_db: Live, how: str
@@ -816,3 +854,21 @@ def test_a_directory_readable_again_is_scanned_again(tmp_path: Path, store_url: 
         child.wait(60)
         ledger.close()
     assert "RESYNC" not in rest, rest
+
+
+def test_a_new_link_of_a_file_held_open_is_recorded_at_its_close(tmp_path: Path) -> None:
+    """``ln y x`` while a writer holds y open: x's IN_CREATE is a write without a close
+    whose inode a writer holds (``SettleRule.held``), but the close comes for y alone."""
+    lv = Live(tmp_path, debounce_s=0.3, write_hold_s=3600.0)
+    try:
+        lv.start(base_tree)
+        with open(lv.p("albums/y.dat"), "wb") as fh:
+            fh.write(b"first half ")
+            fh.flush()
+            time.sleep(0.2)
+            os.link(lv.p("albums/y.dat"), lv.p("albums/x.dat"))
+            time.sleep(1.0)  # x comes due and is held: its inode is open for writing
+            fh.write(b"second half")
+        lv.settle(timeout=10)
+    finally:
+        lv.close()

@@ -319,7 +319,9 @@ class Applier:
             self._committed(repo, applied, stats)
             # A rename changes the ctime of the file's other names (hard links).
             moved = list(applied.changes)
-            work.dirty += self._link_peers(repo, moved, {c.path for c in moved})
+            work.dirty += self._link_peers(
+                repo, moved, {c.path for c in moved}, frozen_wds=work.frozen_wds
+            )
         work.moves = []
 
     def _put_back_moves(
@@ -646,6 +648,10 @@ class Applier:
         """Look at the dirty paths a batch at a time: one query for the batch's records, then
         each path's lstat (and hash), then one transaction for what changed."""
         looked: set[RelPath] = set()
+        if work.linked:
+            # Names written through and gone with their directory (``Dirty.inode``).
+            work.dirty += self._link_peers(repo, [], looked, work.linked, work.frozen_wds)
+            work.linked = set()
         while work.dirty:
             jobs = work.dirty[: self.apply_batch]
             todo: list[DirtyJob] = []
@@ -678,7 +684,11 @@ class Applier:
                 for c in batch
                 if c.kind is ChangeKind.DELETED and (old := records.get(c.path)) is not None
             }
-            work.dirty += self._link_peers(repo, batch, looked, gone)
+            # A name with other links when its event was read (``Dirty.inode``): they are
+            # looked at too, whatever this look found (the name gone, replaced, unchanged
+            # since a look at another name): a record of it may never have existed.
+            gone |= {job.dirty.inode for job in todo if job.dirty.inode is not None}
+            work.dirty += self._link_peers(repo, batch, looked, gone, work.frozen_wds)
 
     def _link_peers(
         self,
@@ -686,12 +696,14 @@ class Applier:
         batch: list[Change],
         looked: set[RelPath],
         gone: set[int] | None = None,
+        frozen_wds: set[int] | None = None,
     ) -> list[DirtyJob]:
         """Other names of the files just written (hard links: records with the same inode),
         to be looked at in this pass too. A write through one name changes the content of
         all of them, but inotify reports only the name written (and nothing at all for a
         name in another directory); a new link, a rename or an unlink of one name (``gone``:
-        the inodes of records just deleted) changes the others' ctime. Looks are
+        the inodes of records just deleted, or of names that had other links when their
+        event was read, ``Dirty.inode``) changes the others' ctime. Looks are
         state-based, so a record that merely shares an inode number (another filesystem
         mounted below the root) costs one lstat and changes nothing."""
         inodes = {
@@ -709,11 +721,10 @@ class Applier:
             for r in self.store.records_by_inode(repo.id, sorted(inodes))
             if r.path not in looked
         ]
-        if not peers:
-            return []
         with self.lock:
             wds = {p: repo.index.by_path.get(parent_of(p)) for p in peers}
-        return [
+            waiting = self._pending_peers(repo, inodes, looked, frozen_wds or set())
+        return waiting + [
             DirtyJob(
                 (wd, path.rpartition(b"/")[2]) if (wd := wds[path]) is not None else None,
                 path,
@@ -721,6 +732,26 @@ class Applier:
             )
             for path in peers
         ]
+
+    def _pending_peers(
+        self, repo: RepoWatch, inodes: set[int], looked: set[RelPath], frozen_wds: set[int]
+    ) -> list[DirtyJob]:
+        """Pending names (not recorded yet, or waiting) known to be other links of
+        ``inodes`` (``Dirty.inode``): taken from the pending state into this pass (caller
+        holds the lock). ``ln y x`` while a writer holds y open: x comes due, its inode is
+        open for writing, so it is held (``SettleRule.held``); the writer's close is read
+        for y alone, and x, without a record to find it by, would wait out its hold."""
+        jobs: list[DirtyJob] = []
+        pending = repo.pending.dirty
+        for key, entry in list(pending.items()):
+            if entry.inode is None or entry.inode not in inodes or key[0] in frozen_wds:
+                continue
+            path = self.tree.key_path(key)
+            if path is None or path in looked:
+                continue
+            del pending[key]
+            jobs.append(DirtyJob(key, path, entry))
+        return jobs
 
     def _unmounted(self, repo: RepoWatch) -> list[RelPath]:
         """Remembered mount points below the root that are not mounted now."""

@@ -8,6 +8,8 @@ the watcher's lock), so the kernel queue keeps being drained however slow the wr
 from __future__ import annotations
 
 import logging
+import os
+import stat as stat_mod
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -246,11 +248,15 @@ class EventInterpreter:
             current = pending.dirty.get(key)
             since = now if current is None or current.open_since is None else current.open_since
             due = self.rule.after_unclosed_write(now, since)
-            pending.mark(key, due, content=True, writing=True, open_since=since)
+            inode = _linked_inode(state, rel) if current is None else None
+            pending.mark(key, due, content=True, writing=True, open_since=since, inode=inode)
         elif mask & IN_CREATE:
             # Opened to be written (``open(O_CREAT)``), or a link, a node: which, the hold
             # asks when it is due without a close (``SettleRule.held``).
-            pending.mark(key, now + self.rule.after_write(), writing=True, open_since=now)
+            inode = _linked_inode(state, rel) if key not in pending.dirty else None
+            pending.mark(
+                key, now + self.rule.after_write(), writing=True, open_since=now, inode=inode
+            )
         elif mask & IN_ATTRIB:
             current = pending.dirty.get(key)
             writing = current is not None and current.writing
@@ -553,3 +559,16 @@ class EventInterpreter:
         """Queue a request (caller holds the lock); it is handed over outside the lock."""
         self.metrics.resyncs_requested += 1
         self.resyncs.append((state.writer.repo, prefix, reason))
+
+
+def _linked_inode(state: RepoWatch, rel: RelPath) -> int | None:
+    """The inode of the file at ``rel`` if it has other links (``Dirty.inode``): one
+    ``lstat`` when a name's first event since its last look is read (IN_CREATE: maybe a
+    new link; IN_MODIFY: a write through it), while a short-lived name still exists. None
+    for a single link, anything but a file, or a name already gone (or too long a path:
+    best effort, a reconciliation covers what is missed)."""
+    try:
+        st = os.lstat(os.path.join(state.repo.root, rel))
+    except (OSError, ValueError):
+        return None
+    return st.st_ino if stat_mod.S_ISREG(st.st_mode) and st.st_nlink > 1 else None

@@ -154,6 +154,12 @@ class Dirty:
     open_since: float | None = None
     """When the first IN_MODIFY not followed by an IN_CLOSE_WRITE (or a delete) was read
     (monotonic): a writer may still hold the file open (``SettleRule.held``)."""
+    inode: int | None = None
+    """The inode of the file this name was when its first event (IN_CREATE, IN_MODIFY) was
+    read, if it had other links then: a write through one name changes every other, and
+    inotify names only the one written. The records with this inode (the other names) are
+    looked at with this one, even when the name is gone or replaced by then (a short-lived
+    link written through), which leaves no record to find them by."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,14 +231,17 @@ class Pending:
         writing: bool | None = None,
         closed_at: float | None = None,
         open_since: float | None = None,
+        inode: int | None = None,
     ) -> None:
         """Record an event for ``key``: the last event decides when the path is due.
         ``open_since``: a write (kept from the first since the last close); ``writing``
-        False (a close, a delete) clears it."""
+        False (a close, a delete) clears it. ``inode``: see ``Dirty.inode``."""
         entry = self.dirty.get(key)
         if entry is None:
-            self.dirty[key] = Dirty(due, content, bool(writing), closed_at, open_since)
+            self.dirty[key] = Dirty(due, content, bool(writing), closed_at, open_since, inode)
             return
+        if inode is not None:
+            entry.inode = inode
         entry.due = due
         entry.content |= content
         if writing is not None:
@@ -250,10 +259,13 @@ class Pending:
         closed_at = old.closed_at if old is not None else None
         content = old.content if old is not None else False
         open_since = old.open_since if old is not None else None
+        inode = old.inode if old is not None else None
         if entry is None:
-            self.dirty[key] = Dirty(due, content, False, closed_at, open_since)
+            self.dirty[key] = Dirty(due, content, False, closed_at, open_since, inode)
             return
         entry.content |= content
+        if entry.inode is None:
+            entry.inode = inode
         if open_since is not None and entry.writing:
             entry.open_since = min(open_since, entry.open_since or open_since)
         if closed_at is not None and (entry.closed_at is None or closed_at < entry.closed_at):
@@ -313,6 +325,9 @@ class Work:
     dirty: list[DirtyJob]
     links: list[DirtyJob] = field(default_factory=list)
     """Ignored names to look up by inode (``Pending.links``)."""
+    linked: set[int] = field(default_factory=set)
+    """Inodes of other names to look at (``Dirty.inode``) whose own name is not watched
+    any more (its directory was removed or moved out): nothing else to look at."""
     covered: list[RelPath] = field(default_factory=list)
     """Subtrees reconciled in this pass: their dirty paths need no separate look."""
     hashed: dict[RelPath, tuple[FileStat, Digest]] = field(default_factory=dict)
@@ -336,6 +351,7 @@ class Work:
             + len(self.checks)
             + len(self.dirty)
             + len(self.links)
+            + len(self.linked)
         )
 
 

@@ -489,11 +489,14 @@ class Watcher:
                 del pending.check_paths[path]
                 checks.append(Check(path, None))
         dirty: list[DirtyJob] = []
+        linked: set[int] = set()
         for key, entry in list(pending.dirty.items()):
             if ready(entry.due) and key[0] not in frozen_wds and key not in kept_keys:
                 del pending.dirty[key]
                 if (path := tree.key_path(key)) is not None:
                     dirty.append(DirtyJob(key, path, entry))
+                elif entry.inode is not None:
+                    linked.add(entry.inode)  # its directory is gone: its other names
         if not force:
             dirty = self._hold_open(state, dirty, now)
         links: list[DirtyJob] = []
@@ -502,7 +505,7 @@ class Watcher:
                 del pending.links[key]
                 if (path := tree.key_path(key)) is not None:
                     links.append(DirtyJob(key, path, entry))
-        work = Work(pending.dir_moves, moves, checks, dirty, links)
+        work = Work(pending.dir_moves, moves, checks, dirty, links, linked)
         work.frozen_wds, work.frozen_paths = frozen_wds, frozen_paths
         pending.dir_moves = []
         pending.file_moves = kept_moves
