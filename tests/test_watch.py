@@ -1208,3 +1208,27 @@ def test_a_rename_onto_a_name_whose_move_is_held_back_waits_with_it(rig: Rig) ->
         b"dirB/y.jpg": b"x.jpg",
         b"x.jpg": b"z.jpg",
     }
+
+
+def test_a_linked_names_inode_is_not_read_through_a_symlinked_directory(tmp_path: Path) -> None:
+    """The inode a new multi-link name carries (``Dirty.inode``) is read below the root's
+    descriptor: with ``a`` swapped for a symlink to a directory outside the tree, ``a/f``
+    is not in the tree, and the outside file's inode must not lead a look at records."""
+    from types import SimpleNamespace
+
+    from fsledger.watch.events import _linked_inode
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a").mkdir(parents=True)
+    outside.mkdir()
+    (root / "a" / "f").write_bytes(b"inside")
+    os.link(root / "a" / "f", root / "a" / "g")
+    state: Any = SimpleNamespace(repo=SimpleNamespace(root=os.fsencode(root)))
+    assert _linked_inode(state, b"a/f") == (root / "a" / "f").stat().st_ino
+
+    (outside / "f").write_bytes(b"outside")
+    os.link(outside / "f", outside / "h")
+    (root / "a").rename(root / "a-aside")
+    (root / "a").symlink_to(outside)
+    assert os.stat(root / "a" / "f").st_nlink == 2  # a path string would follow the link
+    assert _linked_inode(state, b"a/f") is None

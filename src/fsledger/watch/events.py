@@ -8,13 +8,13 @@ the watcher's lock), so the kernel queue keeps being drained however slow the wr
 from __future__ import annotations
 
 import logging
-import os
 import stat as stat_mod
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
+from fsledger.beneath import Beneath
 from fsledger.decide import SettleRule
 from fsledger.model import RelPath, Repository
 from fsledger.watch.backend import (
@@ -568,7 +568,10 @@ def _linked_inode(state: RepoWatch, rel: RelPath) -> int | None:
     for a single link, anything but a file, or a name already gone (or too long a path:
     best effort, a reconciliation covers what is missed)."""
     try:
-        st = os.lstat(os.path.join(state.repo.root, rel))
+        # Resolved below the root's descriptor: a directory of the path swapped for a
+        # symlink must not lead the look (and the records it refreshes) outside the tree.
+        with Beneath(state.repo.root) as tree:
+            st = tree.lstat(rel)
     except (OSError, ValueError):
         return None
     return st.st_ino if stat_mod.S_ISREG(st.st_mode) and st.st_nlink > 1 else None

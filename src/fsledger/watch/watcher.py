@@ -40,13 +40,13 @@ waits for them.
 from __future__ import annotations
 
 import logging
-import os
 import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable
 from uuid import UUID
 
+from fsledger.beneath import Beneath
 from fsledger.config import Settings
 from fsledger.errors import FsledgerError, RootUnavailable, StoreError
 from fsledger.ledger import Ledger
@@ -530,13 +530,19 @@ class Watcher:
         if not suspects:
             return dirty
         inodes: dict[int, tuple[int, int]] = {}
-        for job in suspects:
-            try:
-                st = os.lstat(os.path.join(state.repo.root, job.path))
-            except OSError:
-                continue
-            if stat_mod.S_ISREG(st.st_mode):
-                inodes[id(job)] = (st.st_dev, st.st_ino)
+        try:
+            # Below the root's descriptor: no symlinked directory on the way is followed.
+            tree = Beneath(state.repo.root)
+        except OSError:
+            return dirty
+        with tree:
+            for job in suspects:
+                try:
+                    st = tree.lstat(job.path)
+                except (OSError, ValueError):
+                    continue
+                if stat_mod.S_ISREG(st.st_mode):
+                    inodes[id(job)] = (st.st_dev, st.st_ino)
         writing = open_for_writing(inodes.values()) if inodes else set()
         held = {
             id(job)
