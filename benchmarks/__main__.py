@@ -56,7 +56,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=",".join(DEFAULT_PROFILES),
         help="comma-separated library shapes, measured one after the other: "
         + "; ".join(
-            f"{name}: {prof.about} ({prof.files:,} files; --quick {prof.quick_files:,})"
+            f"{name}: {prof.about.replace('%', '%%')} ({prof.files:,} files; --quick {prof.quick_files:,})"
             for name, prof in PROFILES.items()
         ),
     )
