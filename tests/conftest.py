@@ -122,6 +122,19 @@ def tree(tmp_path: Path) -> bytes:
     return os.fsencode(str(root))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The daemons the tests start put their control sockets (``fsledger.control``) in a
+    directory of the run's own, not in the user's ``~/.local/share/fsledger/run``."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if "FSL_TEST_RUNTIME" not in os.environ:
+        runtime = tempfile.mkdtemp(prefix="fsl-rt-")
+        atexit.register(shutil.rmtree, runtime, ignore_errors=True)
+        os.environ["FSL_TEST_RUNTIME"] = os.environ["XDG_RUNTIME_DIR"] = runtime
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--model-examples",

@@ -612,3 +612,44 @@ def test_daily_auto_learns_the_quiet_hour_from_the_feed_and_status_shows_it(
         assert daily["daily_at"] == "05:00" and "quietest" in daily["daily_reason"]
     finally:
         manager.stop()
+
+
+def test_a_requested_reconciliation_hands_its_outcome_to_every_waiter(ledger, settings, tmp_path):
+    """``request_reconciliation`` (what ``fsledger scan`` uses through the control socket):
+    the run's stats reach whoever asked, a request while one is queued joins it, an error
+    that ends the run reaches the waiters as the error, and a request never run (the
+    manager stopped) is told so."""
+    from fsledger.errors import FsledgerError, RootUnavailable
+
+    root = make_photos(tmp_path / "photos")
+    repo = ledger.add_repository(root)
+    manager = SyncManager(ledger, settings)
+    manager.start()
+    try:
+        assert manager.wait_idle(30)
+        (root / "album" / "new.jpg").write_bytes(b"new")
+        with manager._cv:  # hold the worker: both requests are queued before it runs
+            first = manager.request_reconciliation(repo.id, reason="test")
+            second = manager.request_reconciliation(repo.id, reason="test")
+        assert first.result(30) is second.result(30)
+        assert first.result().files_added == 1
+        assert {r.path for r in ledger.files(repo)} == on_disk(root)
+
+        shutil.move(root, tmp_path / "away")
+        with pytest.raises(RootUnavailable):
+            manager.request_reconciliation(repo.id, reason="test").result(30)
+        shutil.move(tmp_path / "away", root)
+        assert manager.request_reconciliation(repo.id).result(30).files_scanned == 6
+
+        with pytest.raises(FsledgerError, match="not kept"):
+            manager.request_reconciliation(__import__("uuid").uuid4())
+        manager._stop.set()  # the worker ends first: the next request stays queued
+        with manager._cv:
+            manager._cv.notify_all()
+        for t in manager._threads:
+            t.join(10)
+        never = manager.request_reconciliation(repo.id)
+    finally:
+        manager.stop()
+    with pytest.raises(FsledgerError, match="stopped before it ran"):
+        never.result(5)

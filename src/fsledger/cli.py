@@ -237,23 +237,9 @@ def _scan_progress(
 
 
 def _stats_line(repo: Repository, stats: ScanStats) -> str:
-    parts = [
-        f"{stats.files_scanned:,} files",
-        f"{stats.files_added:,} added",
-        f"{stats.files_updated:,} updated",
-        f"{stats.files_removed:,} removed",
-        f"{stats.files_moved:,} moved",
-        f"{stats.files_hashed:,} hashed ({human.size(stats.bytes_hashed)})",
-    ]
-    if stats.errors or stats.error_count:
-        parts.append(f"{max(stats.error_count, len(stats.errors)):,} errors")
-    if stats.corrupt:
-        parts.append(f"{len(stats.corrupt):,} CORRUPT")
-    return (
-        f"{_show(repo.name)}: "
-        + ", ".join(parts)
-        + f" in {human.duration(stats.duration_ms / 1000)}"
-    )
+    from fsledger.control_server import stats_line
+
+    return stats_line(repo, stats)
 
 
 @repo.command("add")
@@ -448,17 +434,43 @@ def scan(
     accept_ignores: bool,
     as_json: bool,
 ) -> None:
-    """Reconcile repositories with the disk (all of them without REPO)."""
+    """Reconcile repositories with the disk (all of them without REPO).
+
+    While ``fsledger run`` keeps the repositories asked for, it runs the scan (its writer is
+    the repositories' only one) and this command prints its outcome."""
+    from fsledger.control import Declined, ask_scan
+    from fsledger.control_server import scan_exit, scan_lines
     from fsledger.reconcile import scan_wants_workers
 
+    def echo_out(text: str) -> None:
+        click.echo(text)
+
+    def echo_err(text: str) -> None:
+        click.echo(text, err=True)
+
+    if not force and not accept_ignores:
+        try:
+            code = ask_scan(
+                ctx.settings.database_url,
+                list(refs),
+                verify=verify,
+                as_json=as_json,
+                env=os.environ,
+                out=echo_out,
+                err=echo_err,
+            )
+        except Declined:
+            pass
+        else:
+            sys.exit(code)
     # Small rescans merge in-process: no workers to fork, warm and end.
     ctx.writing_ledger(scanning=scan_wants_workers(ctx.settings, refs))
-    corrupt = 0
-    failure: FsledgerError | None = None
+    outcomes: list[ScanStats | BaseException] = []
     for repository in _repos(ctx, refs):
+        outcome: ScanStats | BaseException
         try:
             with _scan_progress(ctx, repository, as_json, verify) as progress:
-                stats = ctx.ledger.scan(
+                outcome = ctx.ledger.scan(
                     repository,
                     verify=verify,
                     force=force,
@@ -466,26 +478,12 @@ def scan(
                     accept_ignores=accept_ignores,
                 )
         except FsledgerError as exc:
-            click.echo(f"fsledger: error: {_show(str(exc))}", err=True)
-            if as_json:
-                _emit({"repository": repository.name, "id": str(repository.id), "error": str(exc)})
-            failure = failure or exc
-            continue
-        corrupt += len(stats.corrupt)
-        if as_json:
-            _emit({"repository": repository.name, "id": str(repository.id), **stats.to_json()})
-        else:
-            click.echo(_stats_line(repository, stats))
-            for err in stats.errors[:20]:
-                click.echo(f"  error: {_show(str(err))}", err=True)
-            for note in stats.notes:
-                click.echo(f"  note: {_show(note)}", err=True)
-            for path in stats.corrupt:
-                click.echo(f"  CORRUPT: {_show(path)}", err=True)
-    if failure is not None:
-        sys.exit(failure.exit_code)
-    if corrupt:
-        sys.exit(CorruptionFound.exit_code)
+            outcome = exc
+        outcomes.append(outcome)
+        for to_err, text in scan_lines(repository, outcome, as_json):
+            click.echo(text, err=to_err)
+    if code := scan_exit(outcomes):
+        sys.exit(code)
 
 
 @main.command()
@@ -1051,6 +1049,7 @@ def run(
     import logging
     from dataclasses import replace
 
+    from fsledger.control_server import serve_for
     from fsledger.manager import SyncManager
 
     log = logging.getLogger("fsledger")
@@ -1100,6 +1099,8 @@ def run(
         if once
         else _mirror_supervisor(ledger, manager, service.hub if service is not None else None)
     )
+    # 'fsledger scan' of a repository kept here is run by this process (fsledger.control).
+    control = None if once else serve_for(ledger, manager, ctx.settings.database_url)
     try:
         if service is not None:
             service.start()
@@ -1110,6 +1111,8 @@ def run(
             while not stop.wait(1.0):
                 pass
     finally:
+        if control is not None:
+            control.stop()
         if supervisor is not None:
             supervisor.stop()
         if service is not None:

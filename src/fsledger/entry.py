@@ -1,6 +1,9 @@
 """The console script ``fsledger`` (``[project.scripts]``): the full CLI (``fsledger.cli``,
 on click), with a fast path for the two commands that should start as fast as Python does.
 
+``fsledger [--db URL] scan [REPO]... [--json] [--verify]`` is handed to the running daemon
+that keeps the repositories, if there is one (``fsledger.control``: the daemon's writer is
+the repositories' only one), with the standard library only.
 ``fsledger --version`` and ``fsledger [--db URL] files REPO --json`` on a SQLite ledger are
 served here with the standard library, ``fsledger.jsonform`` and ``fsledger.leanread``: no
 click (whose import alone costs 4× a bare interpreter's start), no dataclasses, no settings
@@ -47,7 +50,16 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     """Run ``fsledger`` with ``argv`` (``sys.argv[1:]`` when None); its exit code."""
     args = sys.argv[1:] if argv is None else list(argv)
     env = os.environ
-    if not any(k.startswith(_SETTINGS) and k != "FSLEDGER_DATABASE_URL" for k in env):
+    settings = [k for k in env if k.startswith(_SETTINGS) and k != "FSLEDGER_DATABASE_URL"]
+    if not settings or (
+        settings == ["FSLEDGER_LOG_LEVEL"]
+        and env["FSLEDGER_LOG_LEVEL"].upper() in ("DEBUG", "INFO", "WARNING", "ERROR")
+    ):
+        # The log level decides nothing a served scan prints (the daemon logs its own).
+        served = _served_scan(args, env)
+        if served is not None:
+            return served
+    if not settings:
         if args == ["--version"]:
             from fsledger import __version__
 
@@ -67,13 +79,63 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     return full(args)  # type: ignore[no-any-return]
 
 
+def _split_db(args: list[str]) -> tuple[str | None, list[str]]:
+    """The ``--db`` option in front of the command, and the rest."""
+    if args[:1] == ["--db"] and len(args) > 1:
+        return args[1], args[2:]
+    if args[:1] and args[0].startswith("--db="):
+        return args[0].removeprefix("--db="), args[1:]
+    return None, args
+
+
+def _served_scan(args: list[str], env: Mapping[str, str]) -> int | None:
+    """``[--db URL] scan [REPO]... [--json] [--verify]`` run by the daemon that keeps the
+    repositories (``fsledger.control``), or None (not served: nothing printed)."""
+    url, args = _split_db(args)
+    if args[:1] != ["scan"]:
+        return None
+    flags = {"--json", "--verify"}
+    refs = [a for a in args[1:] if a not in flags]
+    if any(a.startswith("-") for a in refs) or "--" in args:
+        return None  # options for the full CLI (--force, --help, ...)
+    from fsledger.control import Declined, ask_scan
+
+    def out(text: str) -> None:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    def err(text: str) -> None:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    try:
+        return ask_scan(
+            url or env_database_url(env),
+            refs,
+            verify="--verify" in args,
+            as_json="--json" in args,
+            env=env,
+            out=out,
+            err=err,
+        )
+    except Declined:
+        return None
+    except BrokenPipeError:
+        _pacify()
+        return 1
+
+
+def _pacify() -> None:
+    """As click does when the reader went away (``| head``): no traceback at exit."""
+    from click.utils import _PacifyFlushWrapper
+
+    sys.stdout = _PacifyFlushWrapper(sys.stdout)
+    sys.stderr = _PacifyFlushWrapper(sys.stderr)
+
+
 def _files_json(args: list[str], env: Mapping[str, str]) -> int | None:
     """``[--db URL] files REPO --json`` on SQLite, or None (not served: nothing printed)."""
-    url = None
-    if args[:1] == ["--db"] and len(args) > 1:
-        url, args = args[1], args[2:]
-    elif args[:1] and args[0].startswith("--db="):
-        url, args = args[0].removeprefix("--db="), args[1:]
+    url, args = _split_db(args)
     if len(args) != 3 or args[0] != "files" or "--json" not in args[1:]:
         return None
     (ref,) = [a for a in args[1:] if a != "--json"] or [""]
@@ -88,11 +150,7 @@ def _files_json(args: list[str], env: Mapping[str, str]) -> int | None:
     except Declined:
         return None
     except BrokenPipeError:
-        # As click does: the reader went away (``| head``); no traceback at exit either.
-        from click.utils import _PacifyFlushWrapper
-
-        sys.stdout = _PacifyFlushWrapper(sys.stdout)
-        sys.stderr = _PacifyFlushWrapper(sys.stderr)
+        _pacify()
         return 1
     return 0
 

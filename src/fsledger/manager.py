@@ -25,6 +25,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as time_of_day
@@ -141,6 +142,10 @@ class _Request:
     verify: bool = field(compare=False, default=False)
     scheduled: bool = field(compare=False, default=False)
     """A scheduled run: gentle while it runs, and its drift adapts the interval."""
+    waiters: list[Future[ScanStats]] = field(compare=False, default_factory=list)
+    """Who waits for this run's outcome (``request_reconciliation``): its stats, or the
+    error that ended it."""
+    outcome: ScanStats | BaseException | None = field(compare=False, default=None)
 
 
 @dataclass
@@ -309,6 +314,9 @@ class SyncManager:
             self._helper.stop()
         for t in self._threads:
             t.join(timeout)
+        with self._cv:
+            for req in self._queue:  # never run: whoever waits is told
+                _settle(req)
         for runtime in self._repos.values():
             for due in runtime.due.values():
                 self._end_wait(runtime, due, "not run: fsledger stopped while it waited")
@@ -351,6 +359,27 @@ class SyncManager:
         if runtime is None:
             raise FsledgerError(f"repository {repo_id} not found")
         self._enqueue(runtime.repo, b"", OperationType.RECONCILIATION, reason, 0.0, verify)
+
+    def request_reconciliation(
+        self, repo_id: UUID, *, verify: bool = False, reason: str = "manual"
+    ) -> Future[ScanStats]:
+        """Queue a reconciliation of a repository this manager owns, ahead of scheduled
+        ones, and return its outcome to come: the run's stats, or the error that ended it
+        (``RootUnavailable``, ``LeaseLost``, ...). A run of the same repository already
+        queued (not yet started) serves the request too; a running one does not (it may
+        have walked past a change made before the request).
+
+        Raises:
+            FsledgerError: this manager does not own the repository.
+        """
+        runtime = self._repos.get(repo_id)
+        if runtime is None:
+            raise FsledgerError(f"repository {repo_id} is not kept by this process")
+        done: Future[ScanStats] = Future()
+        self._enqueue(
+            runtime.repo, b"", OperationType.RECONCILIATION, reason, 0.0, verify, waiter=done
+        )
+        return done
 
     def get_sync_status(self, repo_id: UUID) -> SyncStatus:
         runtime = self._repos.get(repo_id)
@@ -753,6 +782,7 @@ class SyncManager:
         base_priority: float,
         verify: bool = False,
         scheduled: bool = False,
+        waiter: Future[ScanStats] | None = None,
     ) -> None:
         runtime = self._repos.get(repo.id)
         # Repositories with recent events come first: lower is sooner.
@@ -760,11 +790,15 @@ class SyncManager:
         priority = base_priority + min(recency, 1e9) / 1e10
         key = (repo.id, prefix, verify)
         with self._cv:
-            if key in self._queued:
+            if (queued := self._queued.get(key)) is not None:
+                if waiter is not None:
+                    queued.waiters.append(waiter)
                 return
             req = _Request(
                 priority, next(self._seq), repo.id, prefix, op_type, reason, verify, scheduled
             )
+            if waiter is not None:
+                req.waiters.append(waiter)
             heapq.heappush(self._queue, req)
             self._queued[key] = req
             self._cv.notify_all()
@@ -782,11 +816,13 @@ class SyncManager:
                 self._busy = req.repo_id
             try:
                 self._run_request(req)
-            except Exception:
+            except Exception as exc:
                 # This thread runs every reconciliation of the process: it must outlive any
                 # one of them (a dead worker would leave every later request queued forever).
                 log.exception("Reconciliation request for repository %s failed", req.repo_id)
+                req.outcome = exc
             finally:
+                _settle(req)
                 tracker, self._tracker = self._tracker, None
                 if tracker is not None and tracker.current.running:
                     tracker.failed("stopped before it finished")  # stopping, lease lost
@@ -797,6 +833,7 @@ class SyncManager:
     def _run_request(self, req: _Request) -> None:
         runtime = self._repos.get(req.repo_id)
         if runtime is None:
+            req.outcome = LeaseLost(f"repository {req.repo_id} is no longer kept by this process")
             return
         try:
             stored = self.ledger.store.get_repository(req.repo_id)
@@ -838,10 +875,12 @@ class SyncManager:
                 log.error("Repository %s is offline, records kept: %s", repo.id, exc)
                 if tracker:
                     tracker.failed(offline_reason(str(exc)))
+                req.outcome = exc
                 return
             except LeaseLost as exc:
                 log.warning("%s: standing by", exc)
                 self._lose(runtime.repo)
+                req.outcome = exc
                 return
             except StoreError as exc:
                 # The database went away: wait and retry, the files will still be there.
@@ -859,7 +898,9 @@ class SyncManager:
                 log.exception("Reconciliation failed for repository %s", repo.id)
                 if tracker:
                     tracker.failed(str(exc)[:200])
+                req.outcome = exc
                 return
+            req.outcome = stats
             if tracker:
                 tracker.done(stats)
             # The scan re-read the settings (the root's file may have changed them).
@@ -1077,6 +1118,20 @@ class SyncManager:
             if rid not in self._repos:
                 # New here, or a standby whose owner may have gone: try to own it.
                 self._attach(repo, OperationType.STARTUP)
+
+
+def _settle(req: _Request) -> None:
+    """Hand a finished request's outcome to whoever waits for it."""
+    outcome = req.outcome
+    for waiter in req.waiters:
+        if waiter.done():
+            continue
+        if isinstance(outcome, ScanStats):
+            waiter.set_result(outcome)
+        elif isinstance(outcome, BaseException):
+            waiter.set_exception(outcome)
+        else:
+            waiter.set_exception(FsledgerError("the reconciliation was stopped before it ran"))
 
 
 def default_pressure() -> Pressure | None:

@@ -1,0 +1,304 @@
+"""``fsledger scan`` while ``fsledger run`` keeps the repository: the daemon runs the scan
+(its writer stays the only one) and the command prints what it would have printed.
+
+Real daemons and real commands, both stores; the ledger is compared with the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fsledger.control import socket_path
+from fsledger.store import open_store
+from support import assert_exact, wait_for
+
+EXE = str(Path(sys.executable).with_name("fsledger"))
+ASKED = "asked for by 'fsledger scan'"
+
+
+def cli(
+    env: dict[str, str], *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EXE, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+        timeout=120,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture
+def env(store_url: str, tmp_path: Path) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FSLEDGER_")}
+    runtime = tmp_path / "rt"
+    runtime.mkdir(mode=0o700)
+    return {
+        **base,
+        "FSLEDGER_DATABASE_URL": store_url,
+        "RECONCILIATION_MAX_CONCURRENCY": "2",
+        "XDG_RUNTIME_DIR": str(runtime),
+    }
+
+
+@pytest.fixture
+def library(tmp_path: Path, env: dict[str, str]) -> Path:
+    root = tmp_path / "lib"
+    for d in range(3):
+        (root / f"d{d}").mkdir(parents=True)
+        for i in range(5):
+            (root / f"d{d}" / f"{i}.jpg").write_bytes(b"%d-%d" % (d, i) * 100)
+    done = cli(env, "repo", "add", str(root), "--name", "lib", "--json")
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+class Daemon:
+    """``fsledger run`` without its watcher: what changes on disk is found by the scans."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [EXE, "run", "--no-http", "--no-watch"],
+                env={**env, "FSLEDGER_LOG_LEVEL": "INFO"},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for("the control socket", lambda: "Control socket at" in self.text(), 60)
+        wait_for("the startup scan", lambda: "Reconciliation completed" in self.text(), 60)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def asked(self) -> int:
+        return self.text().count(ASKED)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def daemon(env: dict[str, str], tmp_path: Path, library: Path) -> Iterator[Daemon]:
+    d = Daemon(env, tmp_path / "run.log")
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def _exact(env: dict[str, str], root: Path) -> None:
+    store = open_store(env["FSLEDGER_DATABASE_URL"])
+    try:
+        (repo,) = store.list_repositories()
+        assert_exact(store, repo, root)
+    finally:
+        store.close()
+
+
+def test_scan_is_run_by_the_daemon_and_printed_as_the_command_prints_it(
+    env: dict[str, str], daemon: Daemon, library: Path
+) -> None:
+    (library / "d0" / "0.jpg").unlink()
+    (library / "d1" / "new.jpg").write_bytes(b"new")
+    os.rename(library / "d2", library / "moved")
+    served = cli(env, "scan", "lib", "--json")
+    assert served.returncode == 0, served.stderr
+    assert daemon.asked() == 1
+    data = json.loads(served.stdout)
+    assert data["repository"] == "lib"
+    assert data["files_removed"] >= 1 and data["files_added"] >= 1
+    assert data["files_moved"] + data["files_added"] >= 6  # the renamed folder's files
+    _exact(env, library)
+
+    # The text form, and the command's own scan once the daemon is gone: the same lines
+    # but the figures (a file written within the racy window is hashed again by a scan).
+    text_served = cli(env, "scan", "lib")
+    assert daemon.asked() == 2
+    daemon.stop()
+    alone = cli(env, "scan", "lib", "--json")
+    text_alone = cli(env, "scan", "lib")
+    assert daemon.asked() == 2
+    assert alone.returncode == text_alone.returncode == text_served.returncode == 0
+    assert json.loads(alone.stdout).keys() == data.keys()
+    figures = re.compile(r"[0-9][0-9,.]*( ?[kMG]?B| ?m?s)?")
+    assert figures.sub("N", text_served.stdout) == figures.sub("N", text_alone.stdout)
+    assert re.fullmatch(
+        r"lib: N files, N added, N updated, N removed, N moved, N hashed \(N\) in N\n",
+        figures.sub("N", text_served.stdout),
+    )
+    assert text_served.stderr == text_alone.stderr == ""
+    _exact(env, library)
+
+
+def test_every_form_of_the_command_is_served(
+    env: dict[str, str], daemon: Daemon, library: Path, tmp_path: Path
+) -> None:
+    """By name, id, root path relative to the command's directory, every repository (no
+    REPO), --verify; through the fast entry and through click (a setting in the
+    environment sends the command to click, which asks the daemon too)."""
+    repo_id = json.loads(cli(env, "status", "lib", "--json").stdout)["repository_id"]
+    forms: list[tuple[list[str], dict[str, str], Path | None]] = [
+        (["scan", repo_id, "--json"], env, None),
+        (["scan", "lib", "--json"], env, library / "d1"),
+        (["scan", "..", "--json"], env, library / "d1"),
+        (["scan", "--json"], env, None),
+        (["scan", "--verify", "--json", "lib"], env, None),
+        (["scan", "lib", "--json"], {**env, "FSLEDGER_HASH_ALGO": "blake3"}, None),
+        (["--db", env["FSLEDGER_DATABASE_URL"], "scan", "lib", "--json"], env, tmp_path),
+    ]
+    for n, (args, form_env, cwd) in enumerate(forms, start=1):
+        out = cli(form_env, *args, cwd=cwd)
+        assert out.returncode == 0, (args, out.stderr)
+        assert json.loads(out.stdout)["files_scanned"] == 15, args
+        assert daemon.asked() == n, args
+    verified = json.loads(cli(env, "scan", "--verify", "lib", "--json").stdout)
+    assert verified["files_hashed"] == 15 and not verified["corrupt"]
+
+
+def test_errors_of_a_served_scan_are_the_commands_errors(
+    env: dict[str, str], daemon: Daemon, library: Path
+) -> None:
+    """The root gone: the daemon's scan fails as the command's would (same line, same exit
+    code), and the records are kept."""
+    shutil.move(library, library.with_name("away"))
+    served = cli(env, "scan", "lib", "--json")
+    assert daemon.asked() == 1
+    daemon.stop()
+    alone = cli(env, "scan", "lib", "--json")
+    assert served.returncode == alone.returncode != 0
+    assert served.stderr == alone.stderr
+    assert "fsledger: error:" in served.stderr
+    assert json.loads(served.stdout) == json.loads(alone.stdout)
+    shutil.move(library.with_name("away"), library)
+    _exact(env, library)
+
+
+def test_what_the_daemon_cannot_serve_is_scanned_by_the_command(
+    env: dict[str, str], daemon: Daemon, library: Path, tmp_path: Path
+) -> None:
+    # An unknown repository: the command's own error, exit 2.
+    unknown = cli(env, "scan", "nosuch")
+    assert unknown.returncode == 2 and "no repository 'nosuch'" in unknown.stderr
+    # --force and --accept-ignores are the command's own.
+    assert cli(env, "scan", "lib", "--force").returncode == 0
+    assert daemon.asked() == 0
+    # A socket directory others could enter is not trusted: the command scans by itself.
+    runtime = Path(env["XDG_RUNTIME_DIR"])
+    os.chmod(runtime / "fsledger", 0o755)
+    try:
+        assert cli(env, "scan", "lib", "--json").returncode == 0
+        assert daemon.asked() == 0
+    finally:
+        os.chmod(runtime / "fsledger", 0o700)
+    assert cli(env, "scan", "lib", "--json").returncode == 0
+    assert daemon.asked() == 1
+
+
+def test_a_socket_left_by_a_killed_daemon_is_passed_over_then_replaced(
+    env: dict[str, str], daemon: Daemon, library: Path, tmp_path: Path
+) -> None:
+    daemon.stop(signal.SIGKILL)
+    path = socket_path(env["FSLEDGER_DATABASE_URL"], env)
+    assert path is not None and os.path.exists(path)
+    (library / "d0" / "late.jpg").write_bytes(b"late")
+    alone = cli(env, "scan", "lib", "--json")
+    assert alone.returncode == 0 and json.loads(alone.stdout)["files_added"] == 1
+    _exact(env, library)
+    again = Daemon(env, tmp_path / "run2.log")
+    try:
+        (library / "d0" / "later.jpg").write_bytes(b"later")
+        served = cli(env, "scan", "lib", "--json")
+        assert served.returncode == 0 and again.asked() == 1
+        _exact(env, library)
+    finally:
+        again.stop()
+    assert not os.path.exists(path), "a clean stop removes the daemon's socket"
+
+
+def test_a_second_daemon_leaves_the_first_ones_socket(
+    env: dict[str, str], daemon: Daemon, tmp_path: Path
+) -> None:
+    log = tmp_path / "second.log"
+    with open(log, "wb") as out:
+        second = subprocess.Popen(
+            [EXE, "run", "--no-http"],
+            env={**env, "FSLEDGER_LOG_LEVEL": "INFO"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for("the second daemon", lambda: "served by another daemon" in log.read_text(), 60)
+        assert cli(env, "scan", "lib", "--json").returncode == 0
+        assert daemon.asked() == 1
+    finally:
+        os.killpg(second.pid, signal.SIGTERM)
+        second.wait(timeout=30)
+    assert cli(env, "scan", "lib", "--json").returncode == 0
+    assert daemon.asked() == 2, "the first daemon still serves its socket"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs another uid to connect as (root)")
+def test_another_user_is_refused_even_through_an_open_socket(
+    env: dict[str, str], library: Path, tmp_path: Path
+) -> None:
+    """The directory keeps other users out; if it were opened, the daemon still checks the
+    peer's uid."""
+    import tempfile
+
+    runtime = Path(tempfile.mkdtemp(prefix="fsl-rt-"))  # below /tmp: others can reach it
+    try:
+        env = {**env, "XDG_RUNTIME_DIR": str(runtime)}
+        daemon = Daemon(env, tmp_path / "run.log")
+        try:
+            _refused(env, daemon, runtime)
+        finally:
+            daemon.stop()
+    finally:
+        shutil.rmtree(runtime)
+
+
+def _refused(env: dict[str, str], daemon: Daemon, runtime: Path) -> None:
+    path = socket_path(env["FSLEDGER_DATABASE_URL"], env)
+    assert path is not None
+    probe = (
+        "import socket,sys\n"
+        "s=socket.socket(socket.AF_UNIX)\n"
+        "try:\n s.connect(sys.argv[1])\n"
+        "except OSError as e:\n print('refused', e.errno); sys.exit()\n"
+        "try:\n"
+        " s.sendall(b'scan\\0' + sys.argv[2].encode() + b'\\0/\\0j\\0lib'); s.shutdown(1)\n"
+        " print('answer', s.recv(100))\n"
+        "except OSError:\n print('answer', b'')\n"  # closed unanswered: a reset, a pipe
+    )
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    args = [*nobody, "/usr/bin/python3", "-c", probe, path, env["FSLEDGER_DATABASE_URL"]]
+    os.chmod(runtime, 0o711)  # nobody may pass through to fsledger/ (itself 0700)
+    closed = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    assert closed.stdout.startswith("refused 13"), closed  # EACCES: the 0700 directory
+    os.chmod(runtime / "fsledger", 0o711)
+    os.chmod(path, 0o666)
+    try:
+        opened = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    finally:
+        os.chmod(runtime / "fsledger", 0o700)
+    assert opened.stdout.strip() == "answer b''", opened
+    wait_for("the refusal", lambda: "refused a connection of uid 65534" in daemon.text(), 10)
+    assert daemon.asked() == 0
