@@ -30,6 +30,7 @@ from benchmarks.stores import DEFAULT_PG_URL, make_store
 SCENARIOS = (
     "initial_index",
     "rescan_nochange",
+    "rescan_served",
     "rescan_changes",
     "api",
     "api_scheduled",
@@ -39,7 +40,7 @@ SCENARIOS = (
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILES = ("photos", "flat", "deep", "video", "mixed")
 """What ``make bench`` measures; ``tiny`` is the 1M-file run's, asked for by name."""
-COMPARED = ["initial_index", "rescan_nochange"]
+COMPARED = ["initial_index", "rescan_nochange", "rescan_served"]
 """The lines measured on a profile other than ``photos`` unless ``--only`` says otherwise:
 the two with a reference (``find``, ``b3sum``); the rest does not depend on the tree's
 shape, and would make a full run last an hour."""
@@ -56,7 +57,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=",".join(DEFAULT_PROFILES),
         help="comma-separated library shapes, measured one after the other: "
         + "; ".join(
-            f"{name}: {prof.about.replace('%', '%%')} ({prof.files:,} files; --quick {prof.quick_files:,})"
+            f"{name}: {prof.about.replace('%', '%%')} "
+            f"({prof.files:,} files; --quick {prof.quick_files:,})"
             for name, prof in PROFILES.items()
         ),
     )
@@ -212,6 +214,9 @@ def run_store(
     if "rescan_nochange" in only:
         log(f"[{name}] no-change rescan")
         out.append(runner.rescan_nochange())
+    if "rescan_served" in only:
+        log(f"[{name}] no-change rescan, run by the daemon ('fsledger run')")
+        out.append(runner.rescan_served())
     if "mirror" in only:
         if reason := mirror.rclone_missing():
             skipped.append(f"mirror to a bucket vs rclone sync: {reason}")

@@ -4,6 +4,8 @@ reference tool over the same files in the same run:
 - ``initial_index``: ``fsledger repo add ROOT`` on an empty database, against
   ``find ROOT -type f -print0 | xargs -0 -P2 -n 500 b3sum`` (two hashing jobs);
 - ``rescan_nochange``: ``fsledger scan``, against ``find ROOT -type f -printf '%s %T@ %p\\n'``;
+- ``rescan_served``: the same command while ``fsledger run`` keeps the repository (the
+  daemon runs the scan), against the same ``find``;
 - ``rescan_changes``: ``fsledger scan`` after ``mutate.apply_changes``, against the same
   ``find``; then the ledger is compared with an independent walk (``verify``).
 """
@@ -107,6 +109,14 @@ def _counts(stats: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _peak_rss(pid: int) -> int:
+    """A running process's peak resident set (``VmHWM``), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def _changed(counts: dict[str, Any]) -> bool:
     return any(v for k, v in counts.items() if k != "files_scanned")
 
@@ -188,6 +198,73 @@ class StoreRun:
             find_command(Path("ROOT")),
             self.cli.shown(*args),
             {"counts": _counts(_scan_stats(runs[-1])), "unexpected_changes": unexpected},
+        )
+
+    # --- 2b. the same rescan, run by the daemon that keeps the repository ---------------
+    def rescan_served(self) -> Measurement:
+        """``fsledger scan`` while ``fsledger run`` (watching, no HTTP) keeps the
+        repository: the command hands the scan to the daemon (``fsledger.control``). Timed
+        at the command, as ``rescan_nochange``; the scan's own time in the daemon
+        (``duration_ms``) and the daemon's peak RSS go in the details."""
+        import signal
+        import subprocess
+        import tempfile
+        import time
+
+        args = ("scan", REPO, "--json")
+        runs: list[Run] = []
+        with tempfile.TemporaryDirectory(prefix="fsl-rt-") as runtime:
+            env = {**self.cli.env, "XDG_RUNTIME_DIR": runtime}
+            log_path = Path(runtime) / "run.log"
+            with open(log_path, "wb") as log_file:
+                daemon = subprocess.Popen(
+                    [*self.cli.argv(self.url, "run", "--no-http")],
+                    env={**env, "FSLEDGER_LOG_LEVEL": "INFO"},
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            try:
+                deadline = time.monotonic() + 600
+                while "Reconciliation completed" not in log_path.read_text(errors="replace"):
+                    if daemon.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("the daemon did not start: " + log_path.read_text())
+                    time.sleep(0.05)
+
+                def scan_once() -> Run:
+                    out = run(self.cli.argv(self.url, *args), env=env, capture=True)
+                    runs.append(out)
+                    return out
+
+                ref, sub = interleaved(
+                    self.repeats, lambda: shell(find_command(self.work)), scan_once
+                )
+                asked = log_path.read_text(errors="replace").count("asked for by 'fsledger scan'")
+                hwm = _peak_rss(daemon.pid)
+            finally:
+                os.killpg(daemon.pid, signal.SIGTERM)
+                daemon.wait(60)
+        if asked != len(runs):
+            raise RuntimeError(f"{len(runs)} scans, {asked} served by the daemon")
+        in_daemon = sorted(_scan_stats(r)["duration_ms"] for r in runs)
+        unexpected = [c for c in (_counts(_scan_stats(r)) for r in runs) if _changed(c)]
+        sub.peak_rss_bytes = max(sub.peak_rss_bytes, hwm)
+        return Measurement(
+            "rescan_served",
+            self.store.name,
+            sub,
+            ref,
+            find_command(Path("ROOT")),
+            self.cli.shown(*args) + "  # served by 'fsledger run'",
+            {
+                "counts": _counts(_scan_stats(runs[-1])),
+                "unexpected_changes": unexpected,
+                "in_daemon_ms": in_daemon,
+                "in_daemon_ratio": round(
+                    in_daemon[len(in_daemon) // 2] / 1000 / ref.median, 3
+                ),
+                "daemon_peak_rss_bytes": hwm,
+            },
         )
 
     # --- 3. rescan after a day of edits, then exactness --------------------------------
