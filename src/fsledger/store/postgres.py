@@ -6,13 +6,13 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from functools import lru_cache, partial
 from operator import itemgetter
 from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg.types.string import BytesBinaryDumper
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from fsledger.errors import StoreError, StoreUnavailable
@@ -73,6 +73,9 @@ class _PgCursor:
     ) -> None:
         """``COPY ... FROM STDIN`` the rows in binary, the columns being of ``types``: no
         text to format here nor to parse in the server."""
+        # bytea by oid is psycopg's dbapi20 dumper (a Python call a value, for its Binary
+        # wrapper, which fsledger never passes): the C one instead.
+        self._cur.adapters.register_dumper(bytes, BytesBinaryDumper)
         with self._cur.copy(statement + " (FORMAT BINARY)") as copy:
             copy.set_types(types)
             for row in rows:
@@ -110,16 +113,24 @@ _UPSERT_TYPES = (
     "uuid", "bytea", "int8", "int8", "int8", "int8", "int8", "text", "text",
     "timestamptz", "timestamptz", "timestamptz",
 )  # fmt: skip
-_NEW_TYPES = (*_UPSERT_TYPES[:3], "timestamptz", *_UPSERT_TYPES[4:])
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NEW_TYPES = ("bytea", *_UPSERT_TYPES[1:])
+"""``_copy_new``'s columns as psycopg dumps them. In a binary COPY the server reads each
+field with its column's own type, psycopg only writes the bytes: a UUID is its 16 bytes
+(``UUID.bytes``, dumped in C as a bytea is), a ``timestamptz`` its int8 count of
+microseconds since 2000-01-01 (``_pg_time``): no Python call a value, no datetime a row."""
+_PG_EPOCH_US = 946_684_800_000_000
+"""2000-01-01T00:00:00Z, PostgreSQL's epoch, in Unix microseconds."""
 
 
-def _mod_time(mtime_ns: int) -> datetime:
-    """``_MOD_TIME`` in Python: whole microseconds, floored."""
-    return _EPOCH + timedelta(microseconds=mtime_ns // 1000)
+def _pg_time(mtime_ns: int) -> int:
+    """``_MOD_TIME`` as a binary ``timestamptz``: whole microseconds (floored) since
+    PostgreSQL's epoch."""
+    return mtime_ns // 1000 - _PG_EPOCH_US
 
 
-_FEED_TYPES = ("uuid", "text", "bytea", "bytea", "int8", "text", "text", "timestamptz", "int8")
+_FEED_TYPES = ("bytea", "text", "bytea", "bytea", "int8", "text", "text", "timestamptz", "int8")
+"""``_insert_feed``'s columns as psycopg dumps them (the repository as ``UUID.bytes``:
+see ``_NEW_TYPES``)."""
 
 
 def _connect(url: str, timeout_s: float, autocommit: bool = False) -> psycopg.Connection[Any]:
@@ -264,7 +275,7 @@ class PostgresStore(SqlStore):
         """COPY records of new files straight into file_records; False (and nothing
         written) if one of the paths has a record already."""
         # COPY cannot compute a column: mod_time is the one value made in Python here.
-        rows = [(*r[:3], _mod_time(r[3]), *r[4:]) for r in rows]
+        rows = [(r[0].bytes, r[1], r[2], _pg_time(r[3]), *r[4:]) for r in rows]
         cur.execute("SAVEPOINT fsledger_copy_new")
         try:
             cur.copy_rows(f"COPY file_records ({_UPSERT_COLS}) FROM STDIN", rows, _NEW_TYPES)
@@ -280,6 +291,7 @@ class PostgresStore(SqlStore):
             return
         assert isinstance(cur, _PgCursor)
         # COPY assigns seq from the column default in row order, as the INSERTs would.
+        rows = [(r[0].bytes, *r[1:]) for r in rows]
         cur.copy_rows(f"COPY change_log ({self._FEED_COLS_IN}) FROM STDIN", rows, _FEED_TYPES)
 
     def _drop_dup_index(self) -> bool:
