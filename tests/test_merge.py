@@ -117,6 +117,82 @@ def test_plan_ranges_cuts_inside_a_big_folder(tree: bytes, monkeypatch: pytest.M
     assert b"a/b/c/d/e/" in plan_ranges(tree, RULES, 40)
 
 
+@pytest.mark.parametrize("subfolders", [False, True], ids=["files-only", "with-subfolders"])
+def test_ranges_walk_the_planners_listing_of_a_big_folder_as_their_own(
+    tree: bytes, monkeypatch: pytest.MonkeyPatch, subfolders: bool
+) -> None:
+    """A folder cut between its files is listed once, by the planner; each range's walk
+    takes its slice of that listing and yields exactly what listing it again would: the
+    same files in the same order, FIFOs as special files, symlinks and ignored names left
+    out, non-UTF-8 names, and (with subfolders, listed with their types) the subtrees."""
+    monkeypatch.setattr(fsledger.merge, "FILES_PER_CUT", 10)
+    monkeypatch.setattr(fsledger.merge, "_SMALL_DIR_BYTES", 0)
+    spec: dict[str, bytes | None] = {f"big/IMG_{i:03d}.jpg": b"x" * i for i in range(120)}
+    spec |= {"big/.hidden.jpg": b"h", "big/Thumbs.db": b"t", "a.jpg": b"a", "zz/z.jpg": b"z"}
+    if subfolders:
+        spec |= {"big/IMG_050/inner.jpg": b"i", "big/IMG_05/x.jpg": b"x", "big/sub/y": b"y"}
+    make_tree(tree, spec)
+    big = os.path.join(tree, b"big")
+    os.mkfifo(os.path.join(big, b"IMG_077.fifo"))
+    os.symlink(b"IMG_001.jpg", os.path.join(big, b"IMG_078.link"))
+    with open(os.path.join(big, b"IMG_\xff\xfe.jpg"), "wb") as f:
+        f.write(b"latin")
+    listings: dict[bytes, Any] = {}
+    cuts = plan_ranges(tree, RULES, 12, listings=listings)
+    assert set(listings) == {b"big"}, "only the folder cut between its files is kept"
+    assert sum(not c.endswith(b"/") for c in cuts) >= 5
+    whole = list(walk(tree, RULES, flat=True))
+    bounds: list[bytes | None] = [b"", *cuts, None]
+    pieces: list[Any] = []
+    handed = 0
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        assert lo is not None
+        slices = fsledger.merge.listing_slices(listings, lo, hi)
+        own = list(walk(tree, RULES, lo=lo, hi=hi, flat=True))
+        given = list(walk(tree, RULES, lo=lo, hi=hi, flat=True, listings=slices))
+        assert given == own, (lo, hi)
+        handed += len(slices[b"big"].keys) if slices else 0
+        pieces += given
+    assert pieces == whole
+    assert handed <= len(listings[b"big"].keys) + 2 * len(cuts), "each range its slice, not all"
+    # Any cut points (files, directory keys, paths below a subfolder) slice exactly too.
+    rng = random.Random(5)
+    keys = [i[0] if type(i) is tuple else i.path for i in whole]
+    keys += [b"big/", b"big/IMG_05/", b"big/IMG_050/", b"big/IMG_050/inner.jpg", b"big/sub/"]
+    for _ in range(30):
+        chosen = sorted(set(rng.sample(keys, 4)))
+        ends: list[bytes | None] = [b"", *chosen, None]
+        for lo, hi in zip(ends, ends[1:], strict=False):
+            assert lo is not None
+            slices = fsledger.merge.listing_slices(listings, lo, hi)
+            assert list(walk(tree, RULES, lo=lo, hi=hi, flat=True, listings=slices)) == list(
+                walk(tree, RULES, lo=lo, hi=hi, flat=True)
+            ), (lo, hi)
+    assert any(type(i).__name__ == "Special" for i in whole)
+    # A file gone since the planner listed it is not there; one created since is the next
+    # pass's (as for any listing made before the file).
+    os.unlink(os.path.join(big, b"IMG_030.jpg"))
+    (lo, hi) = next(
+        (lo, hi)
+        for lo, hi in zip(bounds, bounds[1:], strict=False)
+        if lo is not None and lo <= b"big/IMG_030.jpg" and (hi is None or hi > b"big/IMG_030.jpg")
+    )
+    assert lo is not None
+    got = [
+        i[0]
+        for i in walk(
+            tree,
+            RULES,
+            lo=lo,
+            hi=hi,
+            flat=True,
+            listings=fsledger.merge.listing_slices(listings, lo, hi),
+        )
+        if type(i) is tuple
+    ]
+    assert b"big/IMG_030.jpg" not in got and got == sorted(got)
+
+
 def test_plan_ranges_of_a_flat_or_missing_tree(tree: bytes) -> None:
     make_tree(tree, {f"f{i}": b"" for i in range(50)})
     assert plan_ranges(tree, RULES, 4) == []

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
@@ -37,7 +39,20 @@ from fsledger.model import (
     ns_to_datetime,
 )
 from fsledger.store.base import Store
-from fsledger.walk import FileEntry, FlatEntry, Special, Unreadable, WalkCursor, WalkItem, walk
+from fsledger.walk import (
+    DIR,
+    FILE,
+    NOT_DIR,
+    FileEntry,
+    FlatEntry,
+    Listing,
+    Special,
+    Unreadable,
+    WalkCursor,
+    WalkItem,
+    listed_kind,
+    walk,
+)
 
 __all__ = [
     "RACY_WINDOW_NS",
@@ -193,6 +208,9 @@ class RangeTask:
     """Directories to walk as unreadable (see ``walk``)."""
     hash_looks: bool = False
     """Hash the files to look at here, in the worker, with ``rule.algo``."""
+    listings: Mapping[RelPath, Listing] | None = None
+    """The entries of the big folders this range cuts, as the planner listed them (see
+    ``plan_ranges`` and ``walk``), so that the range does not list all of them again."""
 
 
 NewFile = tuple[RelPath, str, int, int, int, int]
@@ -362,7 +380,11 @@ too few files to cut: it is not listed at all."""
 
 
 def plan_ranges(
-    root: bytes, rules: IgnoreRules, parts: int, max_depth: int = PLAN_DEPTH
+    root: bytes,
+    rules: IgnoreRules,
+    parts: int,
+    max_depth: int = PLAN_DEPTH,
+    listings: dict[RelPath, Listing] | None = None,
 ) -> list[RelPath]:
     """Cut points that split a tree's key space into about ``parts`` ranges.
 
@@ -373,6 +395,11 @@ def plan_ranges(
     Every path falls in exactly one range whatever the tree holds, so a stale plan costs
     balance, never correctness. Returns the sorted cut points ``c1 < c2 < ...``: the ranges
     are ``[b"", c1), [c1, c2), ..., [cn, None)``.
+
+    ``listings``, if given, receives the entries of each folder cut between its files, as
+    listed here (up to ``LISTED_MAX`` entries in all): ``listing_slices`` hands each range
+    its share, and the walk of a range takes it instead of listing the whole folder again
+    (a folder of 100k files cut in 20 ranges was listed 20 times).
     """
     level: list[RelPath] = [b""]
     dir_keys: list[RelPath] = []
@@ -385,7 +412,7 @@ def plan_ranges(
         for _depth in range(max_depth):
             below: list[RelPath] = []
             for rel in level:
-                below += _subdirs(tree, rel, rules, file_keys)
+                below += _subdirs(tree, rel, rules, file_keys, listings)
             if not below:
                 break
             level = below
@@ -401,7 +428,11 @@ def plan_ranges(
 
 
 def _subdirs(
-    tree: Beneath, rel: RelPath, rules: IgnoreRules, file_keys: list[RelPath]
+    tree: Beneath,
+    rel: RelPath,
+    rules: IgnoreRules,
+    file_keys: list[RelPath],
+    listings: dict[RelPath, Listing] | None = None,
 ) -> list[RelPath]:
     """The directories in ``rel`` that are not ignored; none if it cannot be listed (a cut
     point is only a hint: the walk reports what it cannot list). Cut points between its
@@ -409,6 +440,9 @@ def _subdirs(
     out: list[RelPath] = []
     sample: list[str] = []
     files = 0
+    names: list[str] | None = None
+    typed: list[tuple[str, int | None]] | None = None  # every entry, with its type
+    keep = listings is not None and sum(map(len, listings.values())) < LISTED_MAX
     try:
         fd = tree.open_dir(rel)
     except OSError:
@@ -423,6 +457,7 @@ def _subdirs(
             names = os.listdir(fd)
             files, sample = len(names), names[::_SAMPLE]
         else:
+            typed = [] if keep and st.st_size >= _SMALL_DIR_BYTES else None
             with os.scandir(fd) as it:
                 for entry in it:
                     if entry.is_dir(follow_symlinks=False):
@@ -434,6 +469,8 @@ def _subdirs(
                         if files % _SAMPLE == 0:
                             sample.append(entry.name)
                         files += 1
+                    if typed is not None:
+                        typed.append((entry.name, listed_kind(entry)))
     except OSError:
         return []
     finally:
@@ -441,11 +478,78 @@ def _subdirs(
     if files > FILES_PER_CUT:
         # Sorted as the walk sorts them (by their bytes); an ignored name is as good a
         # boundary as any other.
-        names_b = sorted(os.fsencode(n) for n in sample)
         prefix = rel + b"/" if rel else b""
-        every = FILES_PER_CUT // _SAMPLE
-        file_keys += [prefix + n for n in names_b[every::every]]
+        if keep and listings is not None and (names is not None or typed is not None):
+            listing = listings[rel] = _listed(names, typed)
+            every = max(1, len(listing.keys) * FILES_PER_CUT // files)
+            file_keys += [prefix + k for k in listing.keys[every::every] if k[-1:] != b"/"]
+        else:
+            names_b = sorted(os.fsencode(n) for n in sample)
+            every = FILES_PER_CUT // _SAMPLE
+            file_keys += [prefix + n for n in names_b[every::every]]
     return out
+
+
+LISTED_MAX = 500_000
+"""Entries ``plan_ranges`` keeps for the ranges' walks, at most (~60 bytes each)."""
+
+
+def _listed(names: list[str] | None, typed: list[tuple[str, int | None]] | None) -> Listing:
+    """A planner's listing as the walk takes it (``Listing``)."""
+    enc, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+    if typed is None:  # a folder without subdirectories, listed without types
+        return Listing(sorted([n.encode(enc, errors) for n in names or ()]), {}, NOT_DIR)
+    keys: list[bytes] = []
+    kinds: dict[bytes, int] = {}
+    for n, kind in typed:
+        if kind is None:
+            continue  # a symlink: never listed
+        key = n.encode(enc, errors)
+        if kind != FILE:
+            if kind == DIR:
+                key += b"/"
+            kinds[key] = kind
+        keys.append(key)
+    keys.sort()
+    return Listing(keys, kinds, FILE)
+
+
+def listing_slices(
+    listings: Mapping[RelPath, Listing], lo: RelPath, hi: RelPath | None
+) -> dict[RelPath, Listing] | None:
+    """The entries of the planner's listings that the range [lo, hi) needs: those of the
+    folders its bounds cut (a bound cuts each folder above it), one entry more on each
+    side of the range (the walk filters them exactly)."""
+    out: dict[RelPath, Listing] = {}
+    for bound in (lo, hi):
+        if not bound:
+            continue
+        parts = bound.rstrip(b"/").split(b"/")
+        for depth in range(len(parts)):
+            folder = b"/".join(parts[:depth])
+            entries = listings.get(folder)
+            if entries is None or folder in out:
+                continue
+            prefix = folder + b"/" if folder else b""
+            keys = entries.keys
+            first, last = 0, len(keys)
+            if lo.startswith(prefix):
+                first = max(0, bisect_left(keys, _entry_key(lo, prefix)) - 1)
+            if hi is not None and hi.startswith(prefix):
+                last = bisect_left(keys, _entry_key(hi, prefix)) + 1
+            part = keys[first:last]
+            kinds = entries.kinds
+            if kinds and part:
+                kinds = {k: v for k, v in kinds.items() if part[0] <= k <= part[-1]}
+            out[folder] = Listing(part, kinds, entries.usual)
+    return out or None
+
+
+def _entry_key(bound: RelPath, prefix: RelPath) -> bytes:
+    """The key of the entry of the folder ``prefix`` that ``bound`` is at or below
+    (``name``, or ``name/`` for a path below a directory of that folder)."""
+    head, sep, _rest = bound[len(prefix) :].partition(b"/")
+    return head + sep
 
 
 _worker_stores: dict[str, Store] = {}
@@ -518,6 +622,7 @@ def compute_range(task: RangeTask, store: Store) -> RangeResult:
         unreadable=task.unreadable,
         flat=True,
         cursor=cursor,
+        listings=task.listings,
     )
     rows = iter(store.iter_record_rows(task.repo_id, task.lo, task.hi))
     first = next(rows, None)

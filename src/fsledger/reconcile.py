@@ -43,6 +43,7 @@ from fsledger.merge import (
     NewFile,
     RangeResult,
     RangeTask,
+    listing_slices,
     merge_range,
     plan_ranges,
     warm_store,
@@ -65,7 +66,7 @@ from fsledger.mounts import MountGuard
 from fsledger.roots import check_root
 from fsledger.store.base import Store
 from fsledger.store.sql import prefix_range
-from fsledger.walk import FileEntry, Unreadable, walk
+from fsledger.walk import FileEntry, Listing, Unreadable, walk
 from fsledger.writer import GENTLE_PACE, Applied, Batches, Hold, RepoWriter
 
 if TYPE_CHECKING:
@@ -488,6 +489,8 @@ class _Run:
         self.deletions: set[RelPath] = set()
         self._last_unreadable: Unreadable | None = None
         self._cuts: list[RelPath] | None = None
+        self._listings: dict[RelPath, Listing] = {}
+        """The planner's listings of the big folders its cuts fall in (``plan_ranges``)."""
         self.moved_from: set[RelPath] = set()
         self.displacing: list[Change] = []
         """Moves onto a path that has a record of its own (see ``_write_displacing``)."""
@@ -603,7 +606,9 @@ class _Run:
             return True
         if self.record_count:
             return False
-        self._cuts = plan_ranges(self.repo.root, self.writer.rules, INITIAL_RANGES)
+        self._cuts = plan_ranges(
+            self.repo.root, self.writer.rules, INITIAL_RANGES, listings=self._listings
+        )
         # A cut point that is not a directory key lies between the files of a big folder.
         between_files = any(not cut.endswith(b"/") for cut in self._cuts)
         return between_files or len(self._cuts) + 1 >= PARALLEL_MIN_DIRS
@@ -614,7 +619,12 @@ class _Run:
             # About RANGE_FILES files a range: big enough to repay a task, small enough that
             # a range's differences (a first index: every file) stay a few megabytes.
             parts = max(RANGES_PER_WORKER * pool.workers, self.record_count // RANGE_FILES)
-            self._cuts = plan_ranges(self.repo.root, self.writer.rules, min(parts, MAX_RANGES))
+            self._cuts = plan_ranges(
+                self.repo.root,
+                self.writer.rules,
+                min(parts, MAX_RANGES),
+                listings=self._listings,
+            )
         bounds: list[RelPath | None] = [b"", *self._cuts, None]
         keep = self._keep()
         tasks = [
@@ -628,10 +638,12 @@ class _Run:
                 hi,
                 keep,
                 hash_looks=self.hashing,
+                listings=listing_slices(self._listings, lo, hi) if self._listings else None,
             )
             for lo, hi in zip(bounds, bounds[1:], strict=False)
             if lo is not None
         ]
+        self._listings = {}  # handed out: the parent need not keep them
         log.debug("Repository %s: merging %d key ranges in workers", self.repo.id, len(tasks))
         stall = RANGE_STALL_FACTOR * self.settings.hash_timeout_s
         try:

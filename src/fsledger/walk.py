@@ -99,6 +99,7 @@ def walk(
     unreadable: Mapping[RelPath, str] | None = None,
     flat: Literal[True],
     cursor: WalkCursor | None = None,
+    listings: Mapping[RelPath, Listing] | None = None,
 ) -> Iterator[WalkItem | FlatEntry]: ...
 
 
@@ -112,6 +113,7 @@ def walk(
     unreadable: Mapping[RelPath, str] | None = None,
     flat: bool = False,
     cursor: WalkCursor | None = None,
+    listings: Mapping[RelPath, Listing] | None = None,
 ) -> Iterator[WalkItem | FlatEntry]:
     """Walk ``root`` (or its subdirectory ``start``) and yield what is found, in path byte order.
 
@@ -136,6 +138,13 @@ def walk(
 
     With ``flat``, regular files come as ``FlatEntry`` tuples instead of ``FileEntry``.
     With ``cursor``, the descriptor of each file's directory is left there (``WalkCursor``).
+
+    ``listings`` gives the entries of some directories, as their listing would (the
+    planner's: ``fsledger.merge.plan_ranges`` lists a big folder once, and each range that
+    cuts it gets its own slice instead of listing all of it again); they are opened as any
+    other, and each entry is ``lstat``-ed as it is yielded, so only which names there are
+    comes from that earlier listing (a file created since is seen by the watcher or the
+    next pass, as one created after any directory's listing is).
     """
     # Stack of [directory fd, its entries as (key, relpath, name, kind), its relpath], each
     # list reversed so pop() gives the next entry. Every directory is opened relative to its
@@ -169,12 +178,12 @@ def walk(
                     yield Unreadable(start, True, _describe(exc))
                 return
             try:
-                listed = _list_dir(start, rules, parent_fd, name, bounds)
+                listed = _list_dir(start, rules, parent_fd, name, bounds, listings)
             finally:
                 if parent_fd != root_fd:
                     os.close(parent_fd)
         else:
-            listed = _list_dir(start, rules, root_fd, b".", bounds)
+            listed = _list_dir(start, rules, root_fd, b".", bounds, listings)
         if isinstance(listed, Unreadable):
             yield listed
             return
@@ -200,12 +209,17 @@ def walk(
                     stack.pop()
                     continue
             _key, rel, name, kind = top.pop()
-            if kind == _FILE:
+            if kind in (_FILE, _NOT_DIR):
                 try:
                     st = os.lstat(name, dir_fd=fd)
                 except OSError as exc:
                     if exc.errno not in _GONE:
                         yield Unreadable(rel, False, _describe(exc))
+                    continue
+                if kind == _NOT_DIR and not stat_mod.S_ISREG(st.st_mode):
+                    # Listed without its type: what its d_type would have said.
+                    if not (stat_mod.S_ISLNK(st.st_mode) or stat_mod.S_ISDIR(st.st_mode)):
+                        yield Special(rel)
                     continue
                 if stat_mod.S_ISREG(st.st_mode):
                     if cursor is not None:
@@ -223,7 +237,7 @@ def walk(
                 if unreadable and rel in unreadable:
                     yield Unreadable(rel, True, unreadable[rel])
                     continue
-                listed = _list_dir(rel, rules, fd, name, bounds)
+                listed = _list_dir(rel, rules, fd, name, bounds, listings)
                 if isinstance(listed, Unreadable):
                     yield listed
                     continue
@@ -259,7 +273,24 @@ class WalkCursor:
         self.fd = -1
 
 
-_DIR, _FILE, _SPECIAL = 0, 1, 2
+_DIR, _FILE, _SPECIAL, _NOT_DIR = 0, 1, 2, 3
+"""Kinds of listed entries; ``_NOT_DIR``: not a directory, its type unknown until its
+``lstat`` (a planner's ``os.listdir`` of a folder without subdirectories)."""
+DIR, FILE, NOT_DIR = _DIR, _FILE, _NOT_DIR
+
+
+class Listing(NamedTuple):
+    """A directory's entries as a planner listed them (see ``walk``)."""
+
+    keys: list[bytes]
+    """The entries' keys in the walk's order: the name, ``name + b"/"`` for a directory
+    (symlinks are left out, as a listing leaves them)."""
+    kinds: dict[bytes, int]
+    """The kind of each key that is not ``usual``."""
+    usual: int
+    """``FILE``, or ``NOT_DIR`` when the entries were listed without their types."""
+
+
 listed_hook: Callable[[], None] | None = None
 """Called after each directory is listed: in a scan's worker processes, the pool's progress
 clock (``fsledger.hashing.beat``), so that a range of thousands of settled files counts as
@@ -304,9 +335,11 @@ def _list_dir(
     parent_fd: int,
     name: bytes,
     bounds: tuple[RelPath, RelPath | None] | None = None,
+    listings: Mapping[RelPath, Listing] | None = None,
 ) -> tuple[int, list[tuple[bytes, RelPath, bytes, int]]] | Unreadable:
     """Open and list one directory, sorted for the walk (reversed: pop() gives the smallest
-    key). ``name`` is one component relative to ``parent_fd`` (``.`` for the root).
+    key). ``name`` is one component relative to ``parent_fd`` (``.`` for the root). Its
+    entries come from ``listings`` instead if it has them (see ``walk``).
 
     Returns the directory's open descriptor with the entries; a directory that is gone (or
     became a symlink) since its parent was listed lists as empty.
@@ -320,31 +353,33 @@ def _list_dir(
     cut = bounds is not None and not _holds_all_below(rel, *bounds)
     lo, hi = bounds if bounds is not None and cut else (b"", None)
     fd = -1
+    given = listings.get(rel) if listings else None
     try:
         fd = os.open(name, _OPEN_DIR, dir_fd=parent_fd)
-        # scandir of a descriptor yields str names, decoded as os.fsdecode does, so encoding
-        # them back the same way gives the exact bytes; d_type answers is_file/is_dir free.
-        with os.scandir(fd) as it:
-            for entry in it:
-                bname = entry.name.encode(_FS_ENCODING, _FS_ERRORS)
+        if given is not None:
+            kinds, usual = given.kinds, given.usual
+            for key in given.keys:
+                kind = kinds.get(key, usual) if kinds else usual
+                bname = key[:-1] if kind == _DIR else key
                 child = prefix + bname
                 if cut and (child + b"0" <= lo or (hi is not None and child >= hi)):
                     continue
-                if ignores(bname, child):
-                    continue
-                # DirEntry answers from d_type and falls back to lstat where d_type is unknown.
-                try:
-                    # Most entries are files: one question settles them (a symlink is
-                    # neither a file nor a directory without following it).
-                    if entry.is_file(follow_symlinks=False):
-                        out.append((bname, child, bname, _FILE))
-                    elif entry.is_dir(follow_symlinks=False):
-                        out.append((bname + b"/", child, bname, _DIR))
-                    elif not entry.is_symlink():
-                        out.append((bname, child, bname, _SPECIAL))
-                except OSError:
-                    # Kind unknown: let the walk's lstat of it decide (or report it).
-                    out.append((bname, child, bname, _FILE))
+                if not ignores(bname, child):
+                    out.append((key, child, bname, kind))
+        else:
+            # scandir of a descriptor yields str names, decoded as os.fsdecode does, so encoding
+            # them back the same way gives the exact bytes; d_type answers is_file/is_dir free.
+            with os.scandir(fd) as it:
+                for entry in it:
+                    bname = entry.name.encode(_FS_ENCODING, _FS_ERRORS)
+                    child = prefix + bname
+                    if cut and (child + b"0" <= lo or (hi is not None and child >= hi)):
+                        continue
+                    if ignores(bname, child):
+                        continue
+                    what = listed_kind(entry)
+                    if what is not None:
+                        out.append((bname + b"/" if what == _DIR else bname, child, bname, what))
     except OSError as exc:
         if fd >= 0:
             os.close(fd)
@@ -357,6 +392,23 @@ def _list_dir(
     if listed_hook is not None:
         listed_hook()
     return (fd, out)
+
+
+def listed_kind(entry: os.DirEntry[str]) -> int | None:
+    """How a walk takes a directory entry: ``_FILE``, ``_DIR``, ``_SPECIAL``, or None (a
+    symlink: never followed nor yielded). ``DirEntry`` answers from d_type, and falls back
+    to ``lstat`` where d_type is unknown; a kind it cannot tell is ``_FILE``, which the
+    walk's own ``lstat`` of it settles (or reports)."""
+    try:
+        # Most entries are files: one question settles them (a symlink is neither a file
+        # nor a directory without following it).
+        if entry.is_file(follow_symlinks=False):
+            return _FILE
+        if entry.is_dir(follow_symlinks=False):
+            return _DIR
+        return None if entry.is_symlink() else _SPECIAL
+    except OSError:
+        return _FILE
 
 
 def _holds_all_below(rel: RelPath, lo: RelPath, hi: RelPath | None) -> bool:
