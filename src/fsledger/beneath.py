@@ -135,7 +135,8 @@ def resolve_dir(dir_fd: int, rel: RelPath) -> int:
     try:
         for piece in pieces:
             try:
-                if _have_openat2 is False:
+                if _have_openat2 is False or b"/" not in piece:
+                    # One component: O_NOFOLLOW is all openat2 would add (no ctypes call).
                     nxt = _by_component(fd, piece)
                 else:
                     try:
@@ -219,7 +220,11 @@ class Beneath:
         if fd is not None:
             self._dirs.move_to_end(rel)
             return fd
-        fd = resolve_dir(self.fd, rel)
+        # Beside a directory looked at just before (a batch in path order): from its
+        # parent's descriptor, when it is cached, one component is left to resolve.
+        up, _sep, last = rel.rpartition(b"/")
+        base = self._dirs.get(up) if up else None
+        fd = resolve_dir(self.fd, rel) if base is None else resolve_dir(base, last)
         self._dirs[rel] = fd
         if len(self._dirs) > MAX_CACHED_DIRS:
             _old, stale = self._dirs.popitem(last=False)

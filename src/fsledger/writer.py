@@ -30,6 +30,9 @@ from fsledger.store.lease import Lease
 
 log = logging.getLogger(__name__)
 
+_FILE_KINDS = frozenset(ChangeKind) - {ChangeKind.DELETED, ChangeKind.DIR_MOVED}
+"""Changes that say what a file is now (its record): true while ``lstat`` shows that."""
+
 
 @dataclass(frozen=True, slots=True)
 class Applied:
@@ -169,9 +172,34 @@ class RepoWriter:
             tree: Beneath | None = Beneath(self.repo.root)
         except OSError:
             tree = None
+        # Files first, in path order: a batch's files share few directories, so each
+        # directory is resolved once and each file costs one lstat relative to it (what
+        # still_true does, without its dispatch and lookups a file).
+        parent: RelPath | None = None
+        fd = -1
         try:
             for change in changes:
-                ok = tree is not None and self.still_true(change, tree)
+                record = change.record
+                if tree is not None and record is not None and change.kind in _FILE_KINDS:
+                    up, _sep, name = change.path.rpartition(b"/")
+                    if up != parent:
+                        parent = up
+                        try:
+                            fd = tree.dir_fd(up)
+                        except OSError:
+                            fd = -1
+                    try:
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False) if fd >= 0 else None
+                    except OSError:
+                        st = None
+                    ok = (
+                        st is not None
+                        and stat_mod.S_ISREG(st.st_mode)
+                        and (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == record.stat
+                    )
+                else:
+                    parent = None  # still_true may turn the cached descriptors over
+                    ok = tree is not None and self.still_true(change, tree)
                 ok = ok or (confirm is not None and confirm(change))
                 (kept if ok else dropped).append(change)
         finally:
