@@ -38,7 +38,7 @@ SCENARIOS = (
     "mirror",
 )
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PROFILES = ("photos", "flat", "deep", "video", "mixed")
+DEFAULT_PROFILES = ("photos", "flat", "deep", "video", "mixed", "wide", "single")
 """What ``make bench`` measures; ``tiny`` is the 1M-file run's, asked for by name."""
 COMPARED = ["initial_index", "rescan_nochange", "rescan_served"]
 """The lines measured on a profile other than ``photos`` unless ``--only`` says otherwise:

@@ -14,7 +14,9 @@ each with a share of the files):
   is the per-file cost (walk, stat, compare), not bytes hashed.
 - ``flat``: five folders of 20k files (a phone's dumps); ``deep``: 12 levels of folders of
   3-10 entries (an exported archive); ``video``: 8-64 MiB clips with ``.xmp`` sidecars
-  (bound by hashing); ``mixed``: folders of exactly 100 small files plus 20 videos.
+  (bound by hashing); ``mixed``: folders of exactly 100 small files plus 20 videos;
+  ``wide``: 20k folders of 5 files (the per-folder cost); ``single``: every file in one
+  folder (100k: a folder cut between its files in many ranges).
 
 Every mtime is set to the file's event date, years in the past, as a real library's are:
 a freshly written mtime would fall in the reconciler's "racy" window and make it rehash
@@ -108,6 +110,20 @@ PROFILES: dict[str, Profile] = {
         80,
         "clips of 8-64 MiB, each with a 1-4 KiB .xmp sidecar (half the files)",
     ),
+    "wide": Profile(
+        "wide",
+        (SizeClass("small", 1.0, 1 * KiB, 8 * KiB, ".jpg"),),
+        100_000,
+        10_000,
+        "20k folders of 5 files of 1-8 KiB (an album per day, a sidecar tree): the per-folder cost",
+    ),
+    "single": Profile(
+        "single",
+        (SizeClass("small", 1.0, 1 * KiB, 8 * KiB, ".jpg"),),
+        100_000,
+        10_000,
+        "every file in one folder (a camera dump, a sync client's inbox), 1-8 KiB",
+    ),
     "mixed": Profile(
         "mixed",
         (
@@ -175,6 +191,10 @@ def plan(spec: LibrarySpec) -> Iterator[PlannedFile]:
         return _plan_video(spec)
     if shape == "mixed":
         return _plan_mixed(spec)
+    if shape == "wide":
+        return _plan_wide(spec)
+    if shape == "single":
+        return _plan_single(spec)
     return _plan_events(spec)
 
 
@@ -223,6 +243,33 @@ def _plan_flat(spec: LibrarySpec) -> Iterator[PlannedFile]:
         path = f"DCIM/{100 + folder}CAMRA/IMG_{n:05d}{cls.ext}"
         size = rng.randint(cls.min_bytes, cls.max_bytes)
         yield PlannedFile(index, path, size, _spread(rng, index, spec.files))
+
+
+WIDE_FOLDER = 5
+
+
+def _plan_wide(spec: LibrarySpec) -> Iterator[PlannedFile]:
+    """``albums/YEAR-MM-DD NNNNN/IMG_N.jpg``: folders of ``WIDE_FOLDER`` files, all at one
+    level."""
+    rng = random.Random(spec.seed)
+    (cls,) = PROFILES[spec.profile].classes
+    for index in range(spec.files):
+        f, n = divmod(index, WIDE_FOLDER)
+        mtime = _spread(rng, index, spec.files)
+        day = datetime.fromtimestamp(mtime // 1_000_000_000, UTC)
+        path = f"albums/{day:%Y-%m-%d} {f:05d}/IMG_{n}{cls.ext}"
+        yield PlannedFile(index, path, rng.randint(cls.min_bytes, cls.max_bytes), mtime)
+
+
+def _plan_single(spec: LibrarySpec) -> Iterator[PlannedFile]:
+    """``Camera/IMG_YYYYMMDD_NNNNNN.jpg``: every file in one folder."""
+    rng = random.Random(spec.seed)
+    (cls,) = PROFILES[spec.profile].classes
+    for index in range(spec.files):
+        mtime = _spread(rng, index, spec.files)
+        day = datetime.fromtimestamp(mtime // 1_000_000_000, UTC)
+        path = f"Camera/IMG_{day:%Y%m%d}_{index:06d}{cls.ext}"
+        yield PlannedFile(index, path, rng.randint(cls.min_bytes, cls.max_bytes), mtime)
 
 
 def _deep_branching(files: int) -> float:

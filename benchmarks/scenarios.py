@@ -260,9 +260,7 @@ class StoreRun:
                 "counts": _counts(_scan_stats(runs[-1])),
                 "unexpected_changes": unexpected,
                 "in_daemon_ms": in_daemon,
-                "in_daemon_ratio": round(
-                    in_daemon[len(in_daemon) // 2] / 1000 / ref.median, 3
-                ),
+                "in_daemon_ratio": round(in_daemon[len(in_daemon) // 2] / 1000 / ref.median, 3),
                 "daemon_peak_rss_bytes": hwm,
             },
         )

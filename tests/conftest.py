@@ -164,7 +164,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     on both, in the fast loop (tests/test_store.py, test_reconcile.py, test_feed.py).
 
     The same goes for the modules in ``_FAST_ON_SQLITE`` (the model-based run, a bucket as a
-    repository, a mirror to a bucket, the live watcher): what they test is above the store,
+    repository, a mirror to a bucket, the live watcher, scans handed to a daemon): what they
+    test is above the store,
     and their PostgreSQL half costs seconds."""
     for item in items:
         params = getattr(item, "callspec", None)
@@ -186,7 +187,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 _FAST_ON_SQLITE = frozenset(
-    {"test_model.py", "test_s3_bucket.py", "test_s3_mirror.py", "test_watch_inotify.py"}
+    {
+        "test_control.py",
+        "test_model.py",
+        "test_s3_bucket.py",
+        "test_s3_mirror.py",
+        "test_watch_inotify.py",
+    }
 )
 
 
