@@ -172,6 +172,26 @@ def test_every_form_of_the_command_is_served(
     assert verified["files_hashed"] == 15 and not verified["corrupt"]
 
 
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs script(1) for a terminal")
+def test_on_a_terminal_the_command_says_the_daemon_runs_its_scan(
+    env: dict[str, str], daemon: Daemon
+) -> None:
+    from fsledger.control import ACCEPTED_NOTE
+
+    shown = subprocess.run(
+        ["script", "-qec", f"{EXE} scan lib", "/dev/null"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown
+    assert ACCEPTED_NOTE in shown.stdout and "lib: 15 files" in shown.stdout
+    assert daemon.asked() == 1
+    piped = cli(env, "scan", "lib")
+    assert ACCEPTED_NOTE not in piped.stderr + piped.stdout
+
+
 def test_errors_of_a_served_scan_are_the_commands_errors(
     env: dict[str, str], daemon: Daemon, library: Path
 ) -> None:

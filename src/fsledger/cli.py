@@ -438,7 +438,7 @@ def scan(
 
     While ``fsledger run`` keeps the repositories asked for, it runs the scan (its writer is
     the repositories' only one) and this command prints its outcome."""
-    from fsledger.control import Declined, ask_scan
+    from fsledger.control import ACCEPTED_NOTE, Declined, ask_scan
     from fsledger.control_server import scan_exit, scan_lines
     from fsledger.reconcile import scan_wants_workers
 
@@ -458,6 +458,7 @@ def scan(
                 env=os.environ,
                 out=echo_out,
                 err=echo_err,
+                accepted=(lambda: echo_err(ACCEPTED_NOTE)) if sys.stderr.isatty() else None,
             )
         except Declined:
             pass

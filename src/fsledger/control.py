@@ -20,8 +20,9 @@ Protocol (both directions UTF-8, ``surrogateescape``):
 * request: NUL-separated fields ``scan``, the database key (``database_key``), the
   client's working directory, flags (``j`` for ``--json``, ``v`` for ``--verify``), then
   the REPO arguments; the client then shuts its side down.
-* answer: lines, each a one-letter tag and a text: ``o`` a line of stdout, ``e`` a line of
-  stderr, ``x`` the exit code (last), or a lone ``d`` line: declined, with why (the
+* answer: lines, each a one-letter tag and a text: ``a`` accepted (the scans are queued),
+  ``o`` a line of stdout, ``e`` a line of stderr, ``x`` the exit code (last), or a lone
+  ``d`` line: declined, with why (the
   daemon does not keep every repository asked for, or the request is not its own); the
   command then scans by itself, as it did before. The texts never hold a newline (the
   CLI escapes control characters in what it prints).
@@ -90,6 +91,13 @@ def private_dir(directory: str) -> bool:
     return st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
 
+ACCEPTED_NOTE = (
+    "fsledger: the running 'fsledger run' keeps this repository and runs the scan "
+    "(its progress: fsledger status, or the dashboard)"
+)
+"""What a command prints on a terminal's stderr when the daemon has taken its scan."""
+
+
 class Declined(Exception):
     """No daemon serves this request: the command does the work itself."""
 
@@ -103,9 +111,11 @@ def ask_scan(
     env: Mapping[str, str],
     out: Callable[[str], None],
     err: Callable[[str], None],
+    accepted: Callable[[], None] | None = None,
 ) -> int:
     """Have the daemon serving ``url`` scan ``refs`` (every repository if empty); its
-    output goes to ``out``/``err`` line by line. Returns the command's exit code.
+    output goes to ``out``/``err`` line by line, and ``accepted`` is called once the daemon
+    has queued the scans. Returns the command's exit code.
 
     Raises:
         Declined: no daemon serves the database here, or it does not keep every
@@ -132,7 +142,10 @@ def ask_scan(
             if tag == "d" and not answered:
                 raise Declined(text)
             answered = True
-            if tag == "o":
+            if tag == "a":
+                if accepted is not None:
+                    accepted()
+            elif tag == "o":
                 out(text)
             elif tag == "e":
                 err(text)

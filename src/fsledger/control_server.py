@@ -214,6 +214,7 @@ class ControlServer:
                 repo.id, verify="v" in flags, reason="fsledger scan"
             )
             pending.append((repo, done))
+        send("a", "")
         outcomes: list[ScanStats | BaseException] = []
         for repo, done in pending:
             try:

@@ -98,7 +98,7 @@ def _served_scan(args: list[str], env: Mapping[str, str]) -> int | None:
     refs = [a for a in args[1:] if a not in flags]
     if any(a.startswith("-") for a in refs) or "--" in args:
         return None  # options for the full CLI (--force, --help, ...)
-    from fsledger.control import Declined, ask_scan
+    from fsledger.control import ACCEPTED_NOTE, Declined, ask_scan
 
     def out(text: str) -> None:
         sys.stdout.write(text + "\n")
@@ -117,6 +117,7 @@ def _served_scan(args: list[str], env: Mapping[str, str]) -> int | None:
             env=env,
             out=out,
             err=err,
+            accepted=(lambda: err(ACCEPTED_NOTE)) if sys.stderr.isatty() else None,
         )
     except Declined:
         return None
