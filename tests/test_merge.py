@@ -157,7 +157,7 @@ def test_ranges_walk_the_planners_listing_of_a_big_folder_as_their_own(
     assert handed <= len(listings[b"big"].keys) + 2 * len(cuts), "each range its slice, not all"
     # Any cut points (files, directory keys, paths below a subfolder) slice exactly too.
     rng = random.Random(5)
-    keys = [i[0] if type(i) is tuple else i.path for i in whole]
+    keys: list[bytes] = [i[0] if isinstance(i, tuple) else i.path for i in whole]
     keys += [b"big/", b"big/IMG_05/", b"big/IMG_050/", b"big/IMG_050/inner.jpg", b"big/sub/"]
     for _ in range(30):
         chosen = sorted(set(rng.sample(keys, 4)))
