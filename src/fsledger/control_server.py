@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
 """The longest request read (a command line's REPO arguments)."""
+IO_TIMEOUT_S = 30.0
+"""How long a connection may take to send its request, or to take a line of the answer."""
 
 
 def stats_line(repo: Repository, stats: ScanStats) -> str:
@@ -157,6 +159,9 @@ class ControlServer:
             ).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        # A command sends its request at once and reads the answer as it comes: one that
+        # does neither within IO_TIMEOUT_S is dropped (its scans, once queued, run on).
+        conn.settimeout(IO_TIMEOUT_S)
         with conn:
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             _pid, uid, _gid = struct.unpack("3i", creds)
