@@ -407,6 +407,9 @@ class Applier:
             else:
                 self._reconcile_below(repo, path, work, stats)
         for path in gone:
+            with self.lock:
+                for p in [p for p in repo.disputed if under(p, path)]:
+                    del repo.disputed[p]
             self._clear_below(repo, path, stats)
             parent = repo.index.by_path.get(parent_of(path))
             if parent is not None:  # a file may have taken the directory's name
@@ -594,6 +597,8 @@ class Applier:
                 del pending.check_wds[wd]
                 work.seen_checks.append(Check(path, wd))
         for path in [p for p in pending.check_paths if under(p, top)]:
+            if path in repo.disputed:
+                continue  # to be walked again once the events that explain it are read
             if not any(under(path, f) for f in work.frozen_paths):
                 del pending.check_paths[path]
                 work.seen_checks.append(Check(path, None))

@@ -373,6 +373,9 @@ class RepoWatch:
         """Directory renames (old, new, wd) read since the current pass took its work."""
         self.foreign: collections.deque[tuple[float, RelPath]] = collections.deque()
         """Paths other writers (a reconciliation) changed lately, with when (monotonic)."""
+        self.disputed: dict[RelPath, float] = {}
+        """Directories a walk found otherwise than the watch tree has them, with since
+        when (monotonic): walked again shortly (``WatchTree._place``)."""
         self.failed: set[RelPath] = set()
         """Directories that could not be watched, listed or looked into (EACCES, EIO...):
         an attribute change on one of them or an ancestor (``chmod 755``) has the subtree
