@@ -449,7 +449,7 @@ class Applier:
                 repo.writer,
                 prefix=path,
                 record=False,
-                hold=lambda changes: self._hold(repo, changes),
+                hold=lambda changes: self._hold(repo, changes, work),
             )
         except RootUnavailable as exc:
             # The guard looks at the root; for a subtree it means the directory went away
@@ -561,10 +561,11 @@ class Applier:
                 jobs.append(DirtyJob(key, file.path, Dirty(0.0)))
         return jobs
 
-    def _hold(self, repo: RepoWatch, changes: list[Change]) -> list[Change]:
+    def _hold(self, repo: RepoWatch, changes: list[Change], work: Work) -> list[Change]:
         """Of the created/modified records a subtree reconciliation is about to write, those
         that may be written now; the others (files not closed or quiet yet: ``wait_quiet``)
-        wait in the pending state, to be looked at as any path an event touched."""
+        wait in the pending state, to be looked at as any path an event touched (and are
+        not covered by the reconciliation: ``Work.held``)."""
         now, wall_ns = time.monotonic(), time.time_ns()
         kept: list[Change] = []
         with self.lock:
@@ -577,6 +578,8 @@ class Applier:
                     repo.pending, key, ctime_ns, now, wall_ns, self.debounce_s
                 ):
                     kept.append(change)
+                else:
+                    work.held.add(change.path)
         return kept
 
     def _failed(self, repo: RepoWatch, path: RelPath) -> None:
@@ -662,7 +665,9 @@ class Applier:
             todo: list[DirtyJob] = []
             for job in jobs:
                 work.seen_dirty.append(job)
-                if job.path in looked or any(below(job.path, top) for top in work.covered):
+                if job.path in looked or (
+                    job.path not in work.held and any(below(job.path, t) for t in work.covered)
+                ):
                     continue  # looked at already, or reconciled after the event was read
                 looked.add(job.path)
                 todo.append(job)

@@ -330,6 +330,10 @@ class Work:
     any more (its directory was removed or moved out): nothing else to look at."""
     covered: list[RelPath] = field(default_factory=list)
     """Subtrees reconciled in this pass: their dirty paths need no separate look."""
+    held: set[RelPath] = field(default_factory=set)
+    """Files those reconciliations found but left pending to settle (``Applier._hold``):
+    not covered by them, whichever way they come back into this pass (as the other
+    names of a file just written, ``Applier._pending_peers``)."""
     hashed: dict[RelPath, tuple[FileStat, Digest]] = field(default_factory=dict)
     """Hashes computed in this pass, reused by a retry when the file has not changed."""
     taken_moves: list[MoveJob] = field(default_factory=list)
