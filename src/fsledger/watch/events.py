@@ -78,6 +78,9 @@ class Displaced:
     watches: list[tuple[RelPath, int]]
     checks: dict[RelPath, float]
     """Its subtree's checks queued by path (suffixes), which must not follow the rename."""
+    failed: set[RelPath]
+    """Its subtree's directories that could not be read (``RepoWatch.failed``, suffixes):
+    they come back with it."""
     at: float
 
 
@@ -346,6 +349,7 @@ class EventInterpreter:
             self.tree.rename(state, old_path, rel)
             wd = state.index.by_path.get(rel)
             pending.renamed(old_path, rel)
+            state.renamed(old_path, rel)
             pending.dir_moves.append(DirMove(wd, old_path, rel, now))
             state.move_log.append((old_path, rel, wd))
             if unchecked:
@@ -382,6 +386,7 @@ class EventInterpreter:
         now_at = self.tree.path_of(src.wd)
         pending = state.pending
         pending.renamed(old_path, rel)
+        state.renamed(old_path, rel)
         wd = src.wd if now_at is not None else None
         pending.dir_moves.append(DirMove(wd, old_path, rel, now))
         state.move_log.append((old_path, rel, src.wd))
@@ -396,10 +401,13 @@ class EventInterpreter:
         checks = {p[len(rel) :]: d for p, d in pending.check_paths.items() if under(p, rel)}
         for suffix in checks:
             del pending.check_paths[rel + suffix]
+        failed = {f[len(rel) :] for f in state.failed if under(f, rel)}
+        state.failed -= {rel + suffix for suffix in failed}
         old = self.displaced.pop(key, None)
         if old is not None:
             self._drop_displaced(old)
-        self.displaced[key] = Displaced(state, key, rel, self.tree.detach(state, rel), checks, now)
+        watches = self.tree.detach(state, rel)
+        self.displaced[key] = Displaced(state, key, rel, watches, checks, failed, now)
         self._refreeze(now)
 
     def _exchanged(self, state: RepoWatch, gone: Displaced, rel: RelPath, now: float) -> None:
@@ -409,6 +417,7 @@ class EventInterpreter:
         self.tree.attach(state, rel, gone.watches)
         for suffix, due in gone.checks.items():
             state.pending.check_path(rel + suffix, due)
+        state.failed |= {rel + suffix for suffix in gone.failed}
         wd = state.index.by_path.get(rel)
         state.pending.dir_moves.append(DirMove(wd, gone.path, rel, now, exchange=True))
         state.move_log.append((gone.path, rel, wd))

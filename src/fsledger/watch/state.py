@@ -385,6 +385,14 @@ class RepoWatch:
         an attribute change on one of them or an ancestor (``chmod 755``) has the subtree
         watched and reconciled again, as nothing else would tell what changed meanwhile."""
 
+    def renamed(self, old: RelPath, new: RelPath) -> None:
+        """Directory ``old`` was renamed to ``new`` (over whatever was at ``new``): the
+        directories that failed below it are below ``new`` now. A directory closed
+        (``chmod 000``) and renamed is scanned again when it is opened under its new
+        name (``had_failed``)."""
+        if any(under(f, old) or under(f, new) for f in self.failed):
+            self.failed = {moved(f, old, new) for f in self.failed if not under(f, new)}
+
     def had_failed(self, top: RelPath) -> bool:
         """Whether a directory at or below ``top`` failed (see ``failed``)."""
         return any(under(f, top) for f in self.failed)
