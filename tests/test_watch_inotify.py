@@ -881,7 +881,9 @@ def test_a_closed_directory_renamed_is_scanned_again_when_opened(
     its ancestors is), then opened again under its new name (found by the model-based
     test: ``mv d d-aside`` of a closed ``d``): the watcher remembered it could not read
     ``d`` by its old path, so opening ``d-aside`` was not known to need a scan, and what
-    changed behind the closed door (a file created, one deleted) was never recorded. The
+    changed behind the closed door (a file created, one deleted) was never recorded. A
+    file renamed into the closed directory is one the watcher cannot look at either (it
+    failed the whole pass, which asked for a reconciliation of the repository). The
     watcher runs without the capabilities that let root read through any mode."""
     prefix: list[str] = []
     if os.geteuid() == 0:
@@ -890,6 +892,7 @@ def test_a_closed_directory_renamed_is_scanned_again_when_opened(
     write(root / "d/old.txt", "old")
     write(root / "d/keep.txt", "keep")
     write(root / "x/sub/old.txt", "old below")
+    write(root / "moved.txt", "moved into a closed directory")
     write(root / "probe/p.txt", "probe")
     (root / "probe").chmod(0)
     child = subprocess.Popen(
@@ -916,6 +919,7 @@ def test_a_closed_directory_renamed_is_scanned_again_when_opened(
             (root / closed).chmod(0)
             write(root / closed / "new.txt", "created while closed")
             (root / closed / "old.txt").unlink()
+        os.rename(root / "moved.txt", root / "d/moved.txt")  # where it cannot be looked at
         wait_for(
             "the failed looks logged",
             lambda: sum("cannot look at" in line for line in log) >= 4,

@@ -285,7 +285,21 @@ class Applier:
                 src, dst = job.src, job.dst
                 if src is None or dst is None or src == dst or src not in records:
                     continue
-                st = tree.lstat(dst)
+                try:
+                    st = tree.lstat(dst)
+                except OSError as exc:
+                    # Moved into a directory that cannot be searched (chmod 000): which
+                    # file is there cannot be known. The record stays; the look at each
+                    # name (queued with the rename) marks the directory, which is scanned
+                    # again when it can be read (RepoWatch.failed).
+                    log.info(
+                        "Repository %s: cannot look at %s (%s); its rename waits for a scan",
+                        repo.id,
+                        show(dst),
+                        exc,
+                    )
+                    self._failed(repo, parent_of(dst))
+                    continue
                 if st is None and not job.move.retried:
                     # Renamed on again before this pass looked: put back, to join its next hop.
                     moved_on.append(job)
