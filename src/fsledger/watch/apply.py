@@ -455,6 +455,7 @@ class Applier:
     ) -> None:
         # Watched first (a no-op for directories the reader already watched), so that what
         # is created during the scan is seen by one or the other.
+        self._caught_up_if_disputed(repo, path)
         with self.lock:
             self.tree.watch(repo, path)
             self._absorb_checks(repo, path, work)
@@ -490,9 +491,20 @@ class Applier:
             result.files_moved,
         )
 
+    def _caught_up_if_disputed(self, repo: RepoWatch, path: RelPath) -> None:
+        """Before walking ``path`` again for a directory an earlier walk found otherwise
+        than the watch tree had it (``RepoWatch.disputed``), let the reader read every
+        event queued until now: the disk's word is taken on this walk, which must not be
+        ahead of events that were merely slow to be read (a busy machine)."""
+        with self.lock:
+            disputed = any(under(p, path) for p in repo.disputed)
+        if disputed and self.catch_up is not None:
+            self.catch_up()
+
     def _list_new(self, repo: RepoWatch, path: RelPath, work: Work, stats: ScanStats) -> None:
         """A directory with nothing stored below it (created, or moved in): no reconciliation
         needed, its files join this pass's dirty paths (and its large batches)."""
+        self._caught_up_if_disputed(repo, path)
         with self.lock:
             self.tree.watch(repo, path)
             self._absorb_checks(repo, path, work)
