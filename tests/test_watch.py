@@ -1318,3 +1318,38 @@ def test_a_directory_moved_into_a_new_one_before_its_watch_stays_watched(rig: Ri
     rig.created("n/a/s/new.jpg")  # on the watch n/a/s has now (the kernel's, by inode)
     rig.watcher.flush()
     rig.assert_exact()
+
+
+def test_a_name_looked_at_before_a_write_through_its_other_link_is_looked_at_again(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two names of one file looked at in one pass, the second as the first one's peer, and
+    a write through them landing between the two looks (found by the model-based test:
+    ``d/e/c.jpg`` recorded empty, looked at while ``f/photo with space.jpg``, its new
+    link, was being rewritten). The first name's record is behind what the pass recorded
+    for the second: it is looked at again, not skipped as looked at already."""
+    rig = make_rig(tmp_path, request, debounce_s=5.0)
+    write(rig.p("a/f.jpg"), "first version")
+    rig.p("b").mkdir()
+    rig.start()
+    os.link(rig.p("a/f.jpg"), rig.p("b/g.jpg"))
+    rig.emit("b/g.jpg", IN_CREATE)  # a new link: looked at with a/f.jpg, as its peer
+    rig.watcher.process_due()
+    os.truncate(rig.p("a/f.jpg"), 0)  # a rewrite through a/f.jpg begins
+    rig.emit("a/f.jpg", IN_MODIFY)
+    rig.emit("a/f.jpg", IN_CLOSE_WRITE)
+    applier = rig.watcher._applier  # the rest of the write lands between the two looks
+    original = applier._look
+
+    def look(repo: Any, tree: Any, path: bytes, *args: Any) -> Any:
+        if path == b"b/g.jpg":
+            with open(rig.p("a/f.jpg"), "r+b") as fh:
+                fh.write(b"second version, longer")
+        return original(repo, tree, path, *args)
+
+    monkeypatch.setattr(applier, "_look", look)
+    rig.watcher.process_due()  # read: a/f.jpg is due once settled, b/g.jpg is not
+    time.sleep(0.05)
+    rig.watcher.process_due()  # a/f.jpg looked at (empty), then b/g.jpg as its peer
+    rig.watcher.flush()
+    rig.assert_exact()

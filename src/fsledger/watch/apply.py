@@ -682,6 +682,7 @@ class Applier:
         """Look at the dirty paths a batch at a time: one query for the batch's records, then
         each path's lstat (and hash), then one transaction for what changed."""
         looked: set[RelPath] = set()
+        relooked: set[RelPath] = set()
         if work.linked:
             # Names written through and gone with their directory (``Dirty.inode``).
             work.dirty += self._link_peers(repo, [], looked, work.linked, work.frozen_wds)
@@ -724,7 +725,7 @@ class Applier:
             # looked at too, whatever this look found (the name gone, replaced, unchanged
             # since a look at another name): a record of it may never have existed.
             gone |= {job.dirty.inode for job in todo if job.dirty.inode is not None}
-            work.dirty += self._link_peers(repo, batch, looked, gone, work.frozen_wds)
+            work.dirty += self._link_peers(repo, batch, looked, gone, work.frozen_wds, relooked)
 
     def _link_peers(
         self,
@@ -733,6 +734,7 @@ class Applier:
         looked: set[RelPath],
         gone: set[int] | None = None,
         frozen_wds: set[int] | None = None,
+        relooked: set[RelPath] | None = None,
     ) -> list[DirtyJob]:
         """Other names of the files just written (hard links: records with the same inode),
         to be looked at in this pass too. A write through one name changes the content of
@@ -741,7 +743,21 @@ class Applier:
         the inodes of records just deleted, or of names that had other links when their
         event was read, ``Dirty.inode``) changes the others' ctime. Looks are
         state-based, so a record that merely shares an inode number (another filesystem
-        mounted below the root) costs one lstat and changes nothing."""
+        mounted below the root) costs one lstat and changes nothing.
+
+        A name looked at earlier in the pass (``looked``) is looked at once more
+        (``relooked``) when its record is not what this batch recorded for its file: its
+        look raced the write through the other name (``ln c.jpg p.jpg``, then a write
+        through p.jpg that truncates first: c.jpg recorded empty)."""
+        fresh: dict[int, set[FileStat]] = {}
+        for c in batch:
+            if c.record is not None and c.kind in (
+                ChangeKind.CREATED,
+                ChangeKind.MODIFIED,
+                ChangeKind.META,
+                ChangeKind.MOVED,
+            ):
+                fresh.setdefault(c.record.stat.inode, set()).add(c.record.stat)
         inodes = {
             c.record.stat.inode
             for c in batch
@@ -752,11 +768,19 @@ class Applier:
         inodes |= gone or set()
         if not inodes:
             return []
-        peers = [
-            r.path
-            for r in self.store.records_by_inode(repo.id, sorted(inodes))
-            if r.path not in looked
-        ]
+        peers: list[RelPath] = []
+        for r in self.store.records_by_inode(repo.id, sorted(inodes)):
+            if r.path not in looked:
+                peers.append(r.path)
+            elif (
+                relooked is not None
+                and r.path not in relooked
+                and (stats := fresh.get(r.stat.inode)) is not None
+                and (len(stats) > 1 or r.stat not in stats)
+            ):
+                relooked.add(r.path)
+                looked.discard(r.path)
+                peers.append(r.path)
         with self.lock:
             wds = {p: repo.index.by_path.get(parent_of(p)) for p in peers}
             waiting = self._pending_peers(repo, inodes, looked, frozen_wds or set())
