@@ -1232,3 +1232,124 @@ def test_a_linked_names_inode_is_not_read_through_a_symlinked_directory(tmp_path
     (root / "a").symlink_to(outside)
     assert os.stat(root / "a" / "f").st_nlink == 2  # a path string would follow the link
     assert _linked_inode(state, b"a/f") is None
+
+
+def test_a_walk_ahead_of_the_events_leaves_the_watches_to_them(rig: Rig) -> None:
+    """A directory's check walks the disk as it is now, which may be ahead of the events
+    read so far (found by the model-based test: a deep chain's listing ran while
+    ``renameat2(RENAME_EXCHANGE)`` of one of its levels and another directory was still
+    in the kernel queue). The walk finds the other directory's watch where the chain's
+    level was: taking the disk's word there removed the level's watch as if it were gone
+    (it had only moved) and made the exchange, read next, swap the wrong watches. The
+    watches follow the events; every directory stays watched under its own path."""
+    write(rig.p("f/n/m/k/bottom.jpg"), "bottom")
+    write(rig.p("d/e/c.jpg"), "c")
+    rig.start()
+    n_wd, d_wd = rig.wd("f/n"), rig.wd("d")
+    rig.watcher.check(rig.repo.id if rig.repo else UUID(int=0), b"f/n")
+    exchange(rig.p("f/n/m"), rig.p("d/e"))  # its events are read after the check's walk
+    rig.watcher.process_due()
+    c1, c2 = next(_cookies), next(_cookies)
+    rig.backend.emit(n_wd, IN_MOVED_FROM | IN_ISDIR, b"m", c1)
+    rig.backend.emit(d_wd, IN_MOVED_TO | IN_ISDIR, b"e", c1)
+    rig.backend.emit(d_wd, IN_MOVED_FROM | IN_ISDIR, b"e", c2)
+    rig.backend.emit(n_wd, IN_MOVED_TO | IN_ISDIR, b"m", c2)
+    rig.watcher.flush()
+    rig.assert_exact()
+    # Every directory is still watched, under its own path: new files in each are seen.
+    for rel in ("d/e/k/new.jpg", "d/e/new.jpg", "f/n/m/new.jpg"):
+        write(rig.p(rel), rel)
+        rig.created(rel)
+    rig.watcher.flush()
+    rig.assert_exact()
+
+
+def test_a_link_a_subtree_scan_left_to_settle_is_looked_at_with_its_peer(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A subtree reconciliation leaves a file it finds still settling in the pending state
+    (``ln a/f.jpg b/link.jpg``: its IN_CREATE, a write not closed yet as far as inotify
+    says). Written in the same pass through its other name, the file's pending names are
+    taken into the pass as its peers (found by the model-based test: ``f/photo with
+    space.jpg`` linked into a directory that was scanned); such a name is not covered by
+    the reconciliation that held it back, and must be looked at, not dropped."""
+    rig = make_rig(tmp_path, request, debounce_s=5.0)
+    write(rig.p("a/f.jpg"), "first")
+    write(rig.p("b/old.jpg"), "old")
+    rig.start()
+    assert rig.repo is not None
+    os.link(rig.p("a/f.jpg"), rig.p("b/link.jpg"))
+    rig.emit("b/link.jpg", IN_CREATE)  # read while the link exists: its inode is known
+    rig.watcher.process_due()
+    with open(rig.p("a/f.jpg"), "ab") as fh:
+        fh.write(b" and more")
+    rig.emit("a/f.jpg", IN_MODIFY)
+    rig.emit("a/f.jpg", IN_CLOSE_WRITE)
+    rig.watcher.process_due()  # read: a/f.jpg is due once settled
+    rig.watcher.check(rig.repo.id, b"b")  # b is scanned in the pass that looks at a/f.jpg
+    time.sleep(0.05)
+    rig.watcher.process_due()  # b/link.jpg's debounce is not over: the scan holds it back
+    rig.watcher.flush()
+    rig.assert_exact()
+
+
+def test_a_directory_moved_into_a_new_one_before_its_watch_stays_watched(rig: Rig) -> None:
+    """``mkdir n && mv a n/``: the walk of ``n`` finds ``a``'s watch there before the
+    IN_MOVED_FROM of ``a`` is read (its IN_MOVED_TO went nowhere: ``n`` was not watched
+    yet). The walk leaves the watch tree to the events for a moment; the move out of
+    ``a`` expires, and ``n/a`` is walked again: it stays watched."""
+    write(rig.p("a/s/x.jpg"), "x")
+    rig.start()
+    rig.p("n").mkdir()
+    os.rename(rig.p("a"), rig.p("n/a"))
+    rig.emit("n", IN_CREATE | IN_ISDIR)
+    rig.watcher.process_due()  # n watched and walked: n/a is a's watch, not known there yet
+    rig.emit("a", IN_MOVED_FROM | IN_ISDIR, next(_cookies))
+    # Read; then the move out expires (its pair wait) and n/a is walked again.
+    wait_for(
+        "n/a/s/x.jpg recorded",
+        lambda: (rig.watcher.process_due(), rig.state())[1].get(b"n/a/s/x.jpg") is not None,
+    )
+    time.sleep(0.3)
+    rig.watcher.process_due()
+    rig.watcher.flush()
+    rig.assert_exact()
+    write(rig.p("n/a/s/new.jpg"), "new")
+    rig.created("n/a/s/new.jpg")  # on the watch n/a/s has now (the kernel's, by inode)
+    rig.watcher.flush()
+    rig.assert_exact()
+
+
+def test_a_name_looked_at_before_a_write_through_its_other_link_is_looked_at_again(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two names of one file looked at in one pass, the second as the first one's peer, and
+    a write through them landing between the two looks (found by the model-based test:
+    ``d/e/c.jpg`` recorded empty, looked at while ``f/photo with space.jpg``, its new
+    link, was being rewritten). The first name's record is behind what the pass recorded
+    for the second: it is looked at again, not skipped as looked at already."""
+    rig = make_rig(tmp_path, request, debounce_s=5.0)
+    write(rig.p("a/f.jpg"), "first version")
+    rig.p("b").mkdir()
+    rig.start()
+    os.link(rig.p("a/f.jpg"), rig.p("b/g.jpg"))
+    rig.emit("b/g.jpg", IN_CREATE)  # a new link: looked at with a/f.jpg, as its peer
+    rig.watcher.process_due()
+    os.truncate(rig.p("a/f.jpg"), 0)  # a rewrite through a/f.jpg begins
+    rig.emit("a/f.jpg", IN_MODIFY)
+    rig.emit("a/f.jpg", IN_CLOSE_WRITE)
+    applier = rig.watcher._applier  # the rest of the write lands between the two looks
+    original = applier._look
+
+    def look(repo: Any, tree: Any, path: bytes, *args: Any) -> Any:
+        if path == b"b/g.jpg":
+            with open(rig.p("a/f.jpg"), "r+b") as fh:
+                fh.write(b"second version, longer")
+        return original(repo, tree, path, *args)
+
+    monkeypatch.setattr(applier, "_look", look)
+    rig.watcher.process_due()  # read: a/f.jpg is due once settled, b/g.jpg is not
+    time.sleep(0.05)
+    rig.watcher.process_due()  # a/f.jpg looked at (empty), then b/g.jpg as its peer
+    rig.watcher.flush()
+    rig.assert_exact()

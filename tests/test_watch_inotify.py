@@ -872,3 +872,76 @@ def test_a_new_link_of_a_file_held_open_is_recorded_at_its_close(tmp_path: Path)
         lv.settle(timeout=10)
     finally:
         lv.close()
+
+
+def test_a_closed_directory_renamed_is_scanned_again_when_opened(
+    tmp_path: Path, store_url: str
+) -> None:
+    """A directory closed (``chmod 000``) while files in it change, then renamed (or one of
+    its ancestors is), then opened again under its new name (found by the model-based
+    test: ``mv d d-aside`` of a closed ``d``): the watcher remembered it could not read
+    ``d`` by its old path, so opening ``d-aside`` was not known to need a scan, and what
+    changed behind the closed door (a file created, one deleted) was never recorded. A
+    file renamed into the closed directory is one the watcher cannot look at either (it
+    failed the whole pass, which asked for a reconciliation of the repository). The
+    watcher runs without the capabilities that let root read through any mode."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        prefix = [need("setpriv"), "--bounding-set=-dac_override,-dac_read_search"]
+    root = tmp_path / "lib"
+    write(root / "d/old.txt", "old")
+    write(root / "d/keep.txt", "keep")
+    write(root / "x/sub/old.txt", "old below")
+    write(root / "moved.txt", "moved into a closed directory")
+    write(root / "probe/p.txt", "probe")
+    (root / "probe").chmod(0)
+    child = subprocess.Popen(
+        [*prefix, sys.executable, "-c", UNPRIVILEGED_WATCHER, store_url, root, root / "probe"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(child.stderr or ()), daemon=True)
+    reader.start()
+    ledger = Ledger(Settings(database_url=store_url))
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "DENIED\n", "the watcher must not read through modes"
+        ready = child.stdout.readline().split()
+        assert ready[:1] == ["READY"], (ready, "".join(log))
+        repo = ledger.store.get_repository(UUID(ready[1]))
+        assert repo is not None
+        (root / "probe").chmod(0o755)
+        wait_exact(ledger, repo, root)
+        for closed in ("d", "x/sub"):
+            (root / closed).chmod(0)
+            write(root / closed / "new.txt", "created while closed")
+            (root / closed / "old.txt").unlink()
+        os.rename(root / "moved.txt", root / "d/moved.txt")  # where it cannot be looked at
+        wait_for(
+            "the failed looks logged",
+            lambda: sum("cannot look at" in line for line in log) >= 4,
+            detail=lambda: "".join(log),
+        )
+        # The pass that failed to look ends before the renames: renamed while it ran, the
+        # paths it looked at would be looked at again (and fail) under their new names.
+        time.sleep(0.5)
+        os.rename(root / "d", root / "d-aside")
+        os.rename(root / "x", root / "y")
+        time.sleep(0.5)  # the renames are written before the doors open
+        (root / "d-aside").chmod(0o755)
+        (root / "y/sub").chmod(0o755)
+        wait_exact(ledger, repo, root)
+    finally:
+        for path in ("probe", "d", "d-aside", "x/sub", "y/sub"):
+            if (root / path).exists():
+                (root / path).chmod(0o755)
+        assert child.stdin is not None
+        child.stdin.write("stop\n")
+        child.stdin.close()
+        rest = child.stdout.read() if child.stdout else ""
+        child.wait(60)
+        ledger.close()
+    assert "RESYNC" not in rest, rest

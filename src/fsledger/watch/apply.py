@@ -285,7 +285,21 @@ class Applier:
                 src, dst = job.src, job.dst
                 if src is None or dst is None or src == dst or src not in records:
                     continue
-                st = tree.lstat(dst)
+                try:
+                    st = tree.lstat(dst)
+                except OSError as exc:
+                    # Moved into a directory that cannot be searched (chmod 000): which
+                    # file is there cannot be known. The record stays; the look at each
+                    # name (queued with the rename) marks the directory, which is scanned
+                    # again when it can be read (RepoWatch.failed).
+                    log.info(
+                        "Repository %s: cannot look at %s (%s); its rename waits for a scan",
+                        repo.id,
+                        show(dst),
+                        exc,
+                    )
+                    self._failed(repo, parent_of(dst))
+                    continue
                 if st is None and not job.move.retried:
                     # Renamed on again before this pass looked: put back, to join its next hop.
                     moved_on.append(job)
@@ -407,6 +421,9 @@ class Applier:
             else:
                 self._reconcile_below(repo, path, work, stats)
         for path in gone:
+            with self.lock:
+                for p in [p for p in repo.disputed if under(p, path)]:
+                    del repo.disputed[p]
             self._clear_below(repo, path, stats)
             parent = repo.index.by_path.get(parent_of(path))
             if parent is not None:  # a file may have taken the directory's name
@@ -438,6 +455,7 @@ class Applier:
     ) -> None:
         # Watched first (a no-op for directories the reader already watched), so that what
         # is created during the scan is seen by one or the other.
+        self._caught_up_if_disputed(repo, path)
         with self.lock:
             self.tree.watch(repo, path)
             self._absorb_checks(repo, path, work)
@@ -446,7 +464,7 @@ class Applier:
                 repo.writer,
                 prefix=path,
                 record=False,
-                hold=lambda changes: self._hold(repo, changes),
+                hold=lambda changes: self._hold(repo, changes, work),
             )
         except RootUnavailable as exc:
             # The guard looks at the root; for a subtree it means the directory went away
@@ -473,9 +491,20 @@ class Applier:
             result.files_moved,
         )
 
+    def _caught_up_if_disputed(self, repo: RepoWatch, path: RelPath) -> None:
+        """Before walking ``path`` again for a directory an earlier walk found otherwise
+        than the watch tree had it (``RepoWatch.disputed``), let the reader read every
+        event queued until now: the disk's word is taken on this walk, which must not be
+        ahead of events that were merely slow to be read (a busy machine)."""
+        with self.lock:
+            disputed = any(under(p, path) for p in repo.disputed)
+        if disputed and self.catch_up is not None:
+            self.catch_up()
+
     def _list_new(self, repo: RepoWatch, path: RelPath, work: Work, stats: ScanStats) -> None:
         """A directory with nothing stored below it (created, or moved in): no reconciliation
         needed, its files join this pass's dirty paths (and its large batches)."""
+        self._caught_up_if_disputed(repo, path)
         with self.lock:
             self.tree.watch(repo, path)
             self._absorb_checks(repo, path, work)
@@ -558,10 +587,11 @@ class Applier:
                 jobs.append(DirtyJob(key, file.path, Dirty(0.0)))
         return jobs
 
-    def _hold(self, repo: RepoWatch, changes: list[Change]) -> list[Change]:
+    def _hold(self, repo: RepoWatch, changes: list[Change], work: Work) -> list[Change]:
         """Of the created/modified records a subtree reconciliation is about to write, those
         that may be written now; the others (files not closed or quiet yet: ``wait_quiet``)
-        wait in the pending state, to be looked at as any path an event touched."""
+        wait in the pending state, to be looked at as any path an event touched (and are
+        not covered by the reconciliation: ``Work.held``)."""
         now, wall_ns = time.monotonic(), time.time_ns()
         kept: list[Change] = []
         with self.lock:
@@ -574,6 +604,8 @@ class Applier:
                     repo.pending, key, ctime_ns, now, wall_ns, self.debounce_s
                 ):
                     kept.append(change)
+                else:
+                    work.held.add(change.path)
         return kept
 
     def _failed(self, repo: RepoWatch, path: RelPath) -> None:
@@ -594,6 +626,8 @@ class Applier:
                 del pending.check_wds[wd]
                 work.seen_checks.append(Check(path, wd))
         for path in [p for p in pending.check_paths if under(p, top)]:
+            if path in repo.disputed:
+                continue  # to be walked again once the events that explain it are read
             if not any(under(path, f) for f in work.frozen_paths):
                 del pending.check_paths[path]
                 work.seen_checks.append(Check(path, None))
@@ -648,6 +682,7 @@ class Applier:
         """Look at the dirty paths a batch at a time: one query for the batch's records, then
         each path's lstat (and hash), then one transaction for what changed."""
         looked: set[RelPath] = set()
+        relooked: set[RelPath] = set()
         if work.linked:
             # Names written through and gone with their directory (``Dirty.inode``).
             work.dirty += self._link_peers(repo, [], looked, work.linked, work.frozen_wds)
@@ -657,7 +692,9 @@ class Applier:
             todo: list[DirtyJob] = []
             for job in jobs:
                 work.seen_dirty.append(job)
-                if job.path in looked or any(below(job.path, top) for top in work.covered):
+                if job.path in looked or (
+                    job.path not in work.held and any(below(job.path, t) for t in work.covered)
+                ):
                     continue  # looked at already, or reconciled after the event was read
                 looked.add(job.path)
                 todo.append(job)
@@ -688,7 +725,7 @@ class Applier:
             # looked at too, whatever this look found (the name gone, replaced, unchanged
             # since a look at another name): a record of it may never have existed.
             gone |= {job.dirty.inode for job in todo if job.dirty.inode is not None}
-            work.dirty += self._link_peers(repo, batch, looked, gone, work.frozen_wds)
+            work.dirty += self._link_peers(repo, batch, looked, gone, work.frozen_wds, relooked)
 
     def _link_peers(
         self,
@@ -697,6 +734,7 @@ class Applier:
         looked: set[RelPath],
         gone: set[int] | None = None,
         frozen_wds: set[int] | None = None,
+        relooked: set[RelPath] | None = None,
     ) -> list[DirtyJob]:
         """Other names of the files just written (hard links: records with the same inode),
         to be looked at in this pass too. A write through one name changes the content of
@@ -705,7 +743,21 @@ class Applier:
         the inodes of records just deleted, or of names that had other links when their
         event was read, ``Dirty.inode``) changes the others' ctime. Looks are
         state-based, so a record that merely shares an inode number (another filesystem
-        mounted below the root) costs one lstat and changes nothing."""
+        mounted below the root) costs one lstat and changes nothing.
+
+        A name looked at earlier in the pass (``looked``) is looked at once more
+        (``relooked``) when its record is not what this batch recorded for its file: its
+        look raced the write through the other name (``ln c.jpg p.jpg``, then a write
+        through p.jpg that truncates first: c.jpg recorded empty)."""
+        fresh: dict[int, set[FileStat]] = {}
+        for c in batch:
+            if c.record is not None and c.kind in (
+                ChangeKind.CREATED,
+                ChangeKind.MODIFIED,
+                ChangeKind.META,
+                ChangeKind.MOVED,
+            ):
+                fresh.setdefault(c.record.stat.inode, set()).add(c.record.stat)
         inodes = {
             c.record.stat.inode
             for c in batch
@@ -716,11 +768,19 @@ class Applier:
         inodes |= gone or set()
         if not inodes:
             return []
-        peers = [
-            r.path
-            for r in self.store.records_by_inode(repo.id, sorted(inodes))
-            if r.path not in looked
-        ]
+        peers: list[RelPath] = []
+        for r in self.store.records_by_inode(repo.id, sorted(inodes)):
+            if r.path not in looked:
+                peers.append(r.path)
+            elif (
+                relooked is not None
+                and r.path not in relooked
+                and (stats := fresh.get(r.stat.inode)) is not None
+                and (len(stats) > 1 or r.stat not in stats)
+            ):
+                relooked.add(r.path)
+                looked.discard(r.path)
+                peers.append(r.path)
         with self.lock:
             wds = {p: repo.index.by_path.get(parent_of(p)) for p in peers}
             waiting = self._pending_peers(repo, inodes, looked, frozen_wds or set())

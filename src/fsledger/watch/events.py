@@ -58,6 +58,11 @@ class PendingMove:
     displaced: Displaced | None = None
     """Set when the directory moving is one another rename just took the name of (the
     second half of an exchange)."""
+    wd: int | None = None
+    """The moving directory's own watch (None: a file, or a directory not watched). The
+    name it left may hold another directory before the move pairs or expires (``mv d
+    /elsewhere; mkdir d``), and a walk may have found it at its new place first: its
+    watch tells which directory is which (``EventInterpreter._moving_path``)."""
 
 
 @dataclass(slots=True)
@@ -73,6 +78,9 @@ class Displaced:
     watches: list[tuple[RelPath, int]]
     checks: dict[RelPath, float]
     """Its subtree's checks queued by path (suffixes), which must not follow the rename."""
+    failed: set[RelPath]
+    """Its subtree's directories that could not be read (``RepoWatch.failed``, suffixes):
+    they come back with it."""
     at: float
 
 
@@ -119,6 +127,8 @@ class EventInterpreter:
         """Reconciliations to ask for, handed over by the watcher outside its lock."""
         self.displaced: dict[Key, Displaced] = {}
         """Directories another rename took the name of, by that name's key."""
+        tree.in_flight = lambda wd: wd in self.frozen
+        tree.on_rehome = lambda state, path: self._rewatched(state, path, time.monotonic())
 
     def displacing(self, state: RepoWatch) -> bool:
         """Whether a rename of ``state`` landed on a watched directory and whether that was
@@ -131,8 +141,19 @@ class EventInterpreter:
         return [
             path
             for s in self.unpaired.values()
-            if s.repo is state and s.is_dir and (path := self.tree.key_path(s.key)) is not None
+            if s.repo is state and (path := self._moving_path(s)) is not None
         ]
+
+    def _moving_path(self, src: PendingMove) -> RelPath | None:
+        """Where the directory of an unpaired IN_MOVED_FROM is known, while it is still
+        known at the name it left (its watch there): None for a file, a directory whose
+        parent is gone from the tree, or one whose name another directory took meanwhile
+        or that a walk found at its new place already (its watch moved or was dropped)."""
+        if not src.is_dir or (path := self.tree.key_path(src.key)) is None:
+            return None
+        if src.wd is not None and src.repo.index.by_path.get(path) != src.wd:
+            return None
+        return path
 
     def oldest_unpaired(self) -> float | None:
         return min((f.at for f in self.unpaired.values()), default=None)
@@ -197,7 +218,7 @@ class EventInterpreter:
         self.frozen = {
             wd
             for s in self.unpaired.values()
-            if s.is_dir and (path := self.tree.key_path(s.key)) is not None
+            if (path := self._moving_path(s)) is not None
             for _, wd in s.repo.index.subtree_wds(path)
         }
         self.frozen.update(wd for d in self.displaced.values() for _, wd in d.watches)
@@ -219,7 +240,8 @@ class EventInterpreter:
             if displaced is not None and displaced.repo is not state:
                 self._drop_displaced(displaced)
                 displaced = None
-            self.unpaired[ev.cookie] = PendingMove(state, key, is_dir, now, displaced)
+            wd = state.index.by_path.get(rel) if is_dir else None
+            self.unpaired[ev.cookie] = PendingMove(state, key, is_dir, now, displaced, wd)
             if is_dir:
                 self._refreeze(now)
             else:
@@ -298,6 +320,9 @@ class EventInterpreter:
             if old_path is None:  # its parent is gone from the tree: count it as moved in
                 self._dir_arrived(state, rel, now)
                 return
+            if src.wd is not None and state.index.by_path.get(old_path) != src.wd:
+                self._rehomed(state, src, old_path, rel, now)
+                return
             if rel != old_path and under(rel, old_path):
                 # Impossible on disk (a directory inside itself): the tree is stale. Make
                 # both places true from the disk rather than trust it.
@@ -324,6 +349,7 @@ class EventInterpreter:
             self.tree.rename(state, old_path, rel)
             wd = state.index.by_path.get(rel)
             pending.renamed(old_path, rel)
+            state.renamed(old_path, rel)
             pending.dir_moves.append(DirMove(wd, old_path, rel, now))
             state.move_log.append((old_path, rel, wd))
             if unchecked:
@@ -349,6 +375,25 @@ class EventInterpreter:
             closed_at=old.closed_at if old is not None else None,
         )
 
+    def _rehomed(
+        self, state: RepoWatch, src: PendingMove, old_path: RelPath, rel: RelPath, now: float
+    ) -> None:
+        """A rename ``old_path -> rel`` whose directory's watch is not at ``old_path`` any
+        more when its pair is read: a walk of ``rel`` (or of a later place) found it
+        first, or another directory took ``old_path`` and the watches of the one that
+        left were dropped. The records follow the rename as always; the watches are
+        where the walk put them, or are made again at ``rel`` (which is then listed)."""
+        now_at = self.tree.path_of(src.wd)
+        pending = state.pending
+        pending.renamed(old_path, rel)
+        state.renamed(old_path, rel)
+        wd = src.wd if now_at is not None else None
+        pending.dir_moves.append(DirMove(wd, old_path, rel, now))
+        state.move_log.append((old_path, rel, src.wd))
+        if now_at is None:
+            self.tree.unwatch(state, rel)  # what the rename replaced there
+            self._dir_arrived(state, rel, now)
+
     def _displace(self, state: RepoWatch, key: Key, rel: RelPath, now: float) -> None:
         """A directory is being renamed onto the watched directory ``rel``: detach ``rel``'s
         watches until it is known whether it is gone or comes back (see ``Displaced``)."""
@@ -356,10 +401,13 @@ class EventInterpreter:
         checks = {p[len(rel) :]: d for p, d in pending.check_paths.items() if under(p, rel)}
         for suffix in checks:
             del pending.check_paths[rel + suffix]
+        failed = {f[len(rel) :] for f in state.failed if under(f, rel)}
+        state.failed -= {rel + suffix for suffix in failed}
         old = self.displaced.pop(key, None)
         if old is not None:
             self._drop_displaced(old)
-        self.displaced[key] = Displaced(state, key, rel, self.tree.detach(state, rel), checks, now)
+        watches = self.tree.detach(state, rel)
+        self.displaced[key] = Displaced(state, key, rel, watches, checks, failed, now)
         self._refreeze(now)
 
     def _exchanged(self, state: RepoWatch, gone: Displaced, rel: RelPath, now: float) -> None:
@@ -369,6 +417,7 @@ class EventInterpreter:
         self.tree.attach(state, rel, gone.watches)
         for suffix, due in gone.checks.items():
             state.pending.check_path(rel + suffix, due)
+        state.failed |= {rel + suffix for suffix in gone.failed}
         wd = state.index.by_path.get(rel)
         state.pending.dir_moves.append(DirMove(wd, gone.path, rel, now, exchange=True))
         state.move_log.append((gone.path, rel, wd))
@@ -394,8 +443,15 @@ class EventInterpreter:
             src.displaced = None
         if not src.is_dir:
             src.repo.pending.mark(src.key, now + self.settle_s)
-        elif (path := self.tree.key_path(src.key)) is not None:
+        elif (path := self._moving_path(src)) is not None and (
+            src.wd is not None or path not in src.repo.index.by_path
+        ):
             self._dir_gone(src.repo, path, now)
+        elif (path := self.tree.key_path(src.key)) is not None:
+            # The name it left holds another directory now, or the directory was found
+            # (walked) at its new place already: those watches stay; the records of the
+            # name are made true from the disk.
+            src.repo.pending.check_path(path, now + self.settle_s)
         # else its parent left the tree too, and that parent's records are cleared.
 
     def expire(self, now: float, force: bool) -> None:

@@ -330,6 +330,10 @@ class Work:
     any more (its directory was removed or moved out): nothing else to look at."""
     covered: list[RelPath] = field(default_factory=list)
     """Subtrees reconciled in this pass: their dirty paths need no separate look."""
+    held: set[RelPath] = field(default_factory=set)
+    """Files those reconciliations found but left pending to settle (``Applier._hold``):
+    not covered by them, whichever way they come back into this pass (as the other
+    names of a file just written, ``Applier._pending_peers``)."""
     hashed: dict[RelPath, tuple[FileStat, Digest]] = field(default_factory=dict)
     """Hashes computed in this pass, reused by a retry when the file has not changed."""
     taken_moves: list[MoveJob] = field(default_factory=list)
@@ -373,10 +377,21 @@ class RepoWatch:
         """Directory renames (old, new, wd) read since the current pass took its work."""
         self.foreign: collections.deque[tuple[float, RelPath]] = collections.deque()
         """Paths other writers (a reconciliation) changed lately, with when (monotonic)."""
+        self.disputed: dict[RelPath, float] = {}
+        """Directories a walk found otherwise than the watch tree has them, with since
+        when (monotonic): walked again shortly (``WatchTree._place``)."""
         self.failed: set[RelPath] = set()
         """Directories that could not be watched, listed or looked into (EACCES, EIO...):
         an attribute change on one of them or an ancestor (``chmod 755``) has the subtree
         watched and reconciled again, as nothing else would tell what changed meanwhile."""
+
+    def renamed(self, old: RelPath, new: RelPath) -> None:
+        """Directory ``old`` was renamed to ``new`` (over whatever was at ``new``): the
+        directories that failed below it are below ``new`` now. A directory closed
+        (``chmod 000``) and renamed is scanned again when it is opened under its new
+        name (``had_failed``)."""
+        if any(under(f, old) or under(f, new) for f in self.failed):
+            self.failed = {moved(f, old, new) for f in self.failed if not under(f, new)}
 
     def had_failed(self, top: RelPath) -> bool:
         """Whether a directory at or below ``top`` failed (see ``failed``)."""

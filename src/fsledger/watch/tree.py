@@ -10,16 +10,21 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
+from collections.abc import Callable
 
 from fsledger.beneath import Beneath
 from fsledger.model import RelPath
 from fsledger.watch.backend import WatchBackend, WatchLimitReached, max_user_watches
-from fsledger.watch.state import DirIndex, Key, RepoWatch, join, show
+from fsledger.watch.state import DirIndex, Key, RepoWatch, join, show, under
 
 log = logging.getLogger(__name__)
 
 GONE = (errno.ENOENT, errno.ENOTDIR)
 """Errors that mean "not there any more" (every other error means "cannot know")."""
+RECHECK_S = 0.1
+"""How long a walk that found the disk ahead of the events (``WatchTree._place``) leaves
+them to be read before it walks that directory again and takes the disk's word."""
 
 
 class WatchTree:
@@ -34,6 +39,14 @@ class WatchTree:
         """wd -> (repository, path of the directory)."""
         self.deleted: set[int] = set()
         """Watches whose directory reported IN_DELETE_SELF: their IN_IGNORED is expected."""
+        self.in_flight: Callable[[int], bool] = lambda wd: False
+        """Whether a watch's directory is between two known places: below a directory
+        whose IN_MOVED_FROM is unpaired, or displaced by a rename onto it (set by the
+        ``EventInterpreter``). Where such a directory is now, only the disk can say."""
+        self.on_rehome: Callable[[RepoWatch, RelPath], None] = lambda repo, path: None
+        """Called after a walk placed a directory in flight (or one the tree knew
+        elsewhere) at ``path``: the events held back for its watches are about where
+        it was (set by the ``EventInterpreter``)."""
 
     def __len__(self) -> int:
         return len(self.owners)
@@ -54,10 +67,12 @@ class WatchTree:
         """Watch ``top`` and every non-ignored directory below it; returns how many.
 
         The watch limit stops the walk and marks the repository degraded (with a warning);
-        a directory that vanished meanwhile is skipped.
+        a directory that vanished meanwhile is skipped. The walk reads the disk as it is
+        now, which may be ahead of the events read so far (see ``_place``).
         """
         added = 0
-        stack = [top]
+        stack: list[tuple[RelPath, bool]] = [(top, False)]
+        rehomed: list[RelPath] = []
         try:
             below = Beneath(repo.repo.root)
         except OSError as exc:
@@ -65,7 +80,7 @@ class WatchTree:
             return 0
         with below:
             while stack:
-                rel = stack.pop()
+                rel, trusted = stack.pop()
                 try:
                     # The directory reached below the root without following a symlink, and
                     # watched through its descriptor's /proc name: no path string below the
@@ -79,9 +94,16 @@ class WatchTree:
                         log.warning("Cannot watch %s in repository %s: %s", show(rel), repo.id, exc)
                         repo.failed.add(rel)
                     continue
-                self._map(repo, rel, wd)
+                placed = self._place(repo, rel, wd, trusted)
+                if placed is None:
+                    continue
+                moved, trusted = placed
+                if moved and not any(under(rel, r) for r in rehomed):
+                    rehomed.append(rel)
                 added += 1
-                stack += self._subdirs(repo, below, rel)
+                stack += [(sub, trusted) for sub in self._subdirs(repo, below, rel)]
+        for path in rehomed:
+            self.on_rehome(repo, path)
         return added
 
     @staticmethod
@@ -113,9 +135,12 @@ class WatchTree:
             os.close(fd)
         return out
 
-    def unwatch(self, repo: RepoWatch, top: RelPath) -> None:
-        """Remove the watches of ``top`` and everything below it."""
+    def unwatch(self, repo: RepoWatch, top: RelPath, keep: frozenset[int] = frozenset()) -> None:
+        """Remove the watches of ``top`` and everything below it (but those in ``keep``,
+        which are only taken out of the path index)."""
         for _path, wd in repo.index.remove_subtree(top):
+            if wd in keep:
+                continue
             self.owners.pop(wd, None)
             self.deleted.discard(wd)
             self.backend.remove_watch(wd)
@@ -143,8 +168,8 @@ class WatchTree:
         return [(path[len(top) :], wd) for path, wd in repo.index.remove_subtree(top)]
 
     def attach(self, repo: RepoWatch, top: RelPath, watches: list[tuple[RelPath, int]]) -> None:
-        """Put a detached subtree back, at ``top``."""
-        self.unwatch(repo, top)
+        """Put a detached subtree back, at ``top`` (a walk may have found it there first)."""
+        self.unwatch(repo, top, keep=frozenset(wd for _, wd in watches))
         for suffix, wd in watches:
             if wd in self.owners:
                 repo.index.add(top + suffix, wd)
@@ -164,10 +189,57 @@ class WatchTree:
         for wd in before:
             self.owners.pop(wd, None)
         repo.index = DirIndex()
+        repo.disputed.clear()
         self.watch(repo, b"")
         for wd in before - set(repo.index.by_path.values()):
             self.backend.remove_watch(wd)
         return b"" in repo.index.by_path
+
+    def _place(
+        self, repo: RepoWatch, path: RelPath, wd: int, trusted: bool
+    ) -> tuple[bool, bool] | None:
+        """Map the watch ``wd`` a walk got for the directory at ``path``, unless the tree
+        may know better for now. Returns None when it did not (the walk does not go
+        below it), else whether it was known otherwise (in flight, or the disk's word
+        was taken) and whether the disk's word is taken below it too (``trusted``).
+
+        The tree follows the events in their order; a walk reads the disk as it is now.
+        When they disagree (``wd`` known at another path, or another watch known at
+        ``path``), the operation that explains it may still be in the kernel queue:
+        ``mv a b`` not read yet, ``renameat2(RENAME_EXCHANGE)`` of ``path`` and another
+        directory, a directory deleted and another made at its name. Its events rewrite
+        the tree in order (a rename carries the watches of a subtree, a displacement
+        detaches them, a deletion drops them); a walk that took the disk's word first
+        made them act on the wrong watches (the exchange put the new occupant's watch
+        back where it came from, and the watch of a directory that had only moved was
+        removed as if it were gone, found by the model-based test). So the tree is left
+        as it is, and ``path`` is walked again a little later (``RECHECK_S``): by then
+        the events have been read, or the disagreement was not theirs, and the disk is
+        taken at its word (the place the tree knew the directory at is walked again
+        too). A directory in flight (``in_flight``) is the exception: where it went,
+        only the disk can say."""
+        prev = self.owners.get(wd)
+        elsewhere = prev is not None and prev[0] is repo and prev[1] != path
+        old = repo.index.by_path.get(path)
+        other = old is not None and old != wd
+        now = time.monotonic()
+        if (elsewhere and not self.in_flight(wd)) or (
+            other and old is not None and not self.in_flight(old)
+        ):
+            since = repo.disputed.setdefault(path, now)
+            if now - since < RECHECK_S and not trusted:
+                repo.pending.check_path(path, since + RECHECK_S)
+                return None
+            trusted = True
+            if elsewhere and prev is not None:
+                repo.pending.check_path(prev[1], now)
+        repo.disputed.pop(path, None)
+        if other:
+            # Another directory took the name of the one known there (one in flight, or
+            # the disk's word is taken): that one's watches go with it.
+            self.unwatch(repo, path, keep=frozenset({wd}))
+        self._map(repo, path, wd)
+        return elsewhere or other, trusted
 
     def _map(self, repo: RepoWatch, path: RelPath, wd: int) -> None:
         prev = self.owners.get(wd)
