@@ -139,7 +139,8 @@ def test_ranges_walk_the_planners_listing_of_a_big_folder_as_their_own(
         f.write(b"latin")
     listings: dict[bytes, Any] = {}
     cuts = plan_ranges(tree, RULES, 12, listings=listings)
-    assert set(listings) == {b"big"}, "only the folder cut between its files is kept"
+    # The big folder, and (every folder being "big" here) the root, cut between its folders.
+    assert set(listings) == {b"", b"big"}
     assert sum(not c.endswith(b"/") for c in cuts) >= 5
     whole = list(walk(tree, RULES, flat=True))
     bounds: list[bytes | None] = [b"", *cuts, None]
@@ -151,7 +152,7 @@ def test_ranges_walk_the_planners_listing_of_a_big_folder_as_their_own(
         own = list(walk(tree, RULES, lo=lo, hi=hi, flat=True))
         given = list(walk(tree, RULES, lo=lo, hi=hi, flat=True, listings=slices))
         assert given == own, (lo, hi)
-        handed += len(slices[b"big"].keys) if slices else 0
+        handed += len(slices[b"big"].keys) if slices and b"big" in slices else 0
         pieces += given
     assert pieces == whole
     assert handed <= len(listings[b"big"].keys) + 2 * len(cuts), "each range its slice, not all"

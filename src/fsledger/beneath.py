@@ -176,6 +176,10 @@ def _pieces(rel: RelPath) -> list[bytes]:
     return out
 
 
+RECURSE_LEVELS = 32
+"""``Beneath.dir_fd`` resolves (and caches) the parents of a directory up to this depth."""
+
+
 class Beneath:
     """A repository root, opened once, and what lies below it, reached without symlinks.
 
@@ -220,11 +224,14 @@ class Beneath:
         if fd is not None:
             self._dirs.move_to_end(rel)
             return fd
-        # Beside a directory looked at just before (a batch in path order): from its
-        # parent's descriptor, when it is cached, one component is left to resolve.
+        # From the parent's (cached) descriptor, one component is left to resolve: a batch
+        # in path order meets siblings one after the other, below a parent resolved once.
+        # (Past RECURSE_LEVELS levels with no ancestor cached, the path is resolved whole.)
         up, _sep, last = rel.rpartition(b"/")
-        base = self._dirs.get(up) if up else None
-        fd = resolve_dir(self.fd, rel) if base is None else resolve_dir(base, last)
+        if up and up not in self._dirs and rel.count(b"/") > RECURSE_LEVELS:
+            fd = resolve_dir(self.fd, rel)
+        else:
+            fd = resolve_dir(self.dir_fd(up), last)
         self._dirs[rel] = fd
         if len(self._dirs) > MAX_CACHED_DIRS:
             _old, stale = self._dirs.popitem(last=False)

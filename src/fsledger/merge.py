@@ -396,8 +396,9 @@ def plan_ranges(
     balance, never correctness. Returns the sorted cut points ``c1 < c2 < ...``: the ranges
     are ``[b"", c1), [c1, c2), ..., [cn, None)``.
 
-    ``listings``, if given, receives the entries of each folder cut between its files, as
-    listed here (up to ``LISTED_MAX`` entries in all): ``listing_slices`` hands each range
+    ``listings``, if given, receives the entries of each big folder listed here (one of
+    more than ``FILES_PER_CUT`` files, or a big one with subfolders: up to ``LISTED_MAX``
+    entries in all): ``listing_slices`` hands each range
     its share, and the walk of a range takes it instead of listing the whole folder again
     (a folder of 100k files cut in 20 ranges was listed 20 times).
     """
@@ -475,12 +476,16 @@ def _subdirs(
         return []
     finally:
         os.close(fd)
+    listing = None
+    if keep and listings is not None and (typed is not None or files > FILES_PER_CUT):
+        # A big folder: whatever cut points fall in it (its subfolders', or its files'),
+        # every range they make lists it; the ranges take their slices of this listing.
+        listing = listings[rel] = _listed(names, typed)
     if files > FILES_PER_CUT:
         # Sorted as the walk sorts them (by their bytes); an ignored name is as good a
         # boundary as any other.
         prefix = rel + b"/" if rel else b""
-        if keep and listings is not None and (names is not None or typed is not None):
-            listing = listings[rel] = _listed(names, typed)
+        if listing is not None:
             every = max(1, len(listing.keys) * FILES_PER_CUT // files)
             file_keys += [prefix + k for k in listing.keys[every::every] if k[-1:] != b"/"]
         else:
