@@ -7,6 +7,7 @@ equal an independent walk of the disk.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -786,23 +787,19 @@ ledger.close()
 """
 
 
-def test_a_directory_readable_again_is_scanned_again(tmp_path: Path, store_url: str) -> None:
-    """A directory that could not be read (``chmod 000``: one from before the watcher
-    started, which it could not watch, and one closed while watched, whose files it could
-    not look at) and becomes readable again (``chmod 755``): the watcher alone makes what
-    changed meanwhile true. The watcher runs in a child without the capabilities that let
-    root read through any mode, so the directories are really unreadable to it."""
+@contextlib.contextmanager
+def unprivileged_watcher(
+    store_url: str, root: Path, closed: Path
+) -> Iterator[tuple[Ledger, Repository, list[str]]]:
+    """A watcher of ``root`` in a child process without the capabilities that let root read
+    through any mode (``closed`` is the directory it checks it cannot read); yields a ledger
+    of the store, the repository and the child's log lines, and checks at the end that the
+    watcher never asked for a reconciliation of the whole repository."""
     prefix: list[str] = []
     if os.geteuid() == 0:
         prefix = [need("setpriv"), "--bounding-set=-dac_override,-dac_read_search"]
-    root = tmp_path / "lib"
-    write(root / "open/old.txt", "old")
-    write(root / "open/keep.txt", "keep")
-    write(root / "closed/x.txt", "behind a closed door from the start")
-    write(root / "other.txt", "other")
-    (root / "closed").chmod(0)
     child = subprocess.Popen(
-        [*prefix, sys.executable, "-c", UNPRIVILEGED_WATCHER, store_url, root, root / "closed"],
+        [*prefix, sys.executable, "-c", UNPRIVILEGED_WATCHER, store_url, root, closed],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -819,34 +816,8 @@ def test_a_directory_readable_again_is_scanned_again(tmp_path: Path, store_url: 
         assert ready[:1] == ["READY"], (ready, "".join(log))
         repo = ledger.store.get_repository(UUID(ready[1]))
         assert repo is not None
-        seq0 = ledger.store.latest_seq()
-        assert b"closed/x.txt" not in ledger_state(ledger, repo)
-        # Closed while watched: a file created and one deleted behind the closed door.
-        (root / "open").chmod(0)
-        write(root / "open/new.txt", "created while unreadable")
-        (root / "open/old.txt").unlink()
-        write(root / "closed/y.txt", "also created while unreadable")
-        wait_for(
-            "two failed looks logged",
-            lambda: sum("cannot look at open/" in line for line in log) >= 2,
-            detail=lambda: "".join(log),
-        )
-        (root / "open").chmod(0o755)
-        (root / "closed").chmod(0o755)
-        wait_exact(ledger, repo, root)
-        entries = ledger.store.changes_since(seq0, 1000, repo.id)
-        assert sorted((e.kind, e.path) for e in entries) == [
-            (ChangeKind.CREATED, b"closed/x.txt"),
-            (ChangeKind.CREATED, b"closed/y.txt"),
-            (ChangeKind.CREATED, b"open/new.txt"),
-            (ChangeKind.DELETED, b"open/old.txt"),
-        ]
-        # The directory that could not be watched is watched now.
-        write(root / "closed/z.txt", "after")
-        wait_exact(ledger, repo, root)
+        yield ledger, repo, log
     finally:
-        (root / "open").chmod(0o755)
-        (root / "closed").chmod(0o755)
         assert child.stdin is not None
         child.stdin.write("stop\n")
         child.stdin.close()
@@ -854,6 +825,50 @@ def test_a_directory_readable_again_is_scanned_again(tmp_path: Path, store_url: 
         child.wait(60)
         ledger.close()
     assert "RESYNC" not in rest, rest
+
+
+def test_a_directory_readable_again_is_scanned_again(tmp_path: Path, store_url: str) -> None:
+    """A directory that could not be read (``chmod 000``: one from before the watcher
+    started, which it could not watch, and one closed while watched, whose files it could
+    not look at) and becomes readable again (``chmod 755``): the watcher alone makes what
+    changed meanwhile true. The watcher runs in a child without the capabilities that let
+    root read through any mode, so the directories are really unreadable to it."""
+    root = tmp_path / "lib"
+    write(root / "open/old.txt", "old")
+    write(root / "open/keep.txt", "keep")
+    write(root / "closed/x.txt", "behind a closed door from the start")
+    write(root / "other.txt", "other")
+    (root / "closed").chmod(0)
+    with unprivileged_watcher(store_url, root, root / "closed") as (ledger, repo, log):
+        try:
+            seq0 = ledger.store.latest_seq()
+            assert b"closed/x.txt" not in ledger_state(ledger, repo)
+            # Closed while watched: a file created and one deleted behind the closed door.
+            (root / "open").chmod(0)
+            write(root / "open/new.txt", "created while unreadable")
+            (root / "open/old.txt").unlink()
+            write(root / "closed/y.txt", "also created while unreadable")
+            wait_for(
+                "two failed looks logged",
+                lambda: sum("cannot look at open/" in line for line in log) >= 2,
+                detail=lambda: "".join(log),
+            )
+            (root / "open").chmod(0o755)
+            (root / "closed").chmod(0o755)
+            wait_exact(ledger, repo, root)
+            entries = ledger.store.changes_since(seq0, 1000, repo.id)
+            assert sorted((e.kind, e.path) for e in entries) == [
+                (ChangeKind.CREATED, b"closed/x.txt"),
+                (ChangeKind.CREATED, b"closed/y.txt"),
+                (ChangeKind.CREATED, b"open/new.txt"),
+                (ChangeKind.DELETED, b"open/old.txt"),
+            ]
+            # The directory that could not be watched is watched now.
+            write(root / "closed/z.txt", "after")
+            wait_exact(ledger, repo, root)
+        finally:
+            (root / "open").chmod(0o755)
+            (root / "closed").chmod(0o755)
 
 
 def test_a_new_link_of_a_file_held_open_is_recorded_at_its_close(tmp_path: Path) -> None:
@@ -885,9 +900,6 @@ def test_a_closed_directory_renamed_is_scanned_again_when_opened(
     file renamed into the closed directory is one the watcher cannot look at either (it
     failed the whole pass, which asked for a reconciliation of the repository). The
     watcher runs without the capabilities that let root read through any mode."""
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        prefix = [need("setpriv"), "--bounding-set=-dac_override,-dac_read_search"]
     root = tmp_path / "lib"
     write(root / "d/old.txt", "old")
     write(root / "d/keep.txt", "keep")
@@ -895,53 +907,30 @@ def test_a_closed_directory_renamed_is_scanned_again_when_opened(
     write(root / "moved.txt", "moved into a closed directory")
     write(root / "probe/p.txt", "probe")
     (root / "probe").chmod(0)
-    child = subprocess.Popen(
-        [*prefix, sys.executable, "-c", UNPRIVILEGED_WATCHER, store_url, root, root / "probe"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    log: list[str] = []
-    reader = threading.Thread(target=lambda: log.extend(child.stderr or ()), daemon=True)
-    reader.start()
-    ledger = Ledger(Settings(database_url=store_url))
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline() == "DENIED\n", "the watcher must not read through modes"
-        ready = child.stdout.readline().split()
-        assert ready[:1] == ["READY"], (ready, "".join(log))
-        repo = ledger.store.get_repository(UUID(ready[1]))
-        assert repo is not None
-        (root / "probe").chmod(0o755)
-        wait_exact(ledger, repo, root)
-        for closed in ("d", "x/sub"):
-            (root / closed).chmod(0)
-            write(root / closed / "new.txt", "created while closed")
-            (root / closed / "old.txt").unlink()
-        os.rename(root / "moved.txt", root / "d/moved.txt")  # where it cannot be looked at
-        wait_for(
-            "the failed looks logged",
-            lambda: sum("cannot look at" in line for line in log) >= 4,
-            detail=lambda: "".join(log),
-        )
-        # The pass that failed to look ends before the renames: renamed while it ran, the
-        # paths it looked at would be looked at again (and fail) under their new names.
-        time.sleep(0.5)
-        os.rename(root / "d", root / "d-aside")
-        os.rename(root / "x", root / "y")
-        time.sleep(0.5)  # the renames are written before the doors open
-        (root / "d-aside").chmod(0o755)
-        (root / "y/sub").chmod(0o755)
-        wait_exact(ledger, repo, root)
-    finally:
-        for path in ("probe", "d", "d-aside", "x/sub", "y/sub"):
-            if (root / path).exists():
-                (root / path).chmod(0o755)
-        assert child.stdin is not None
-        child.stdin.write("stop\n")
-        child.stdin.close()
-        rest = child.stdout.read() if child.stdout else ""
-        child.wait(60)
-        ledger.close()
-    assert "RESYNC" not in rest, rest
+    with unprivileged_watcher(store_url, root, root / "probe") as (ledger, repo, log):
+        try:
+            (root / "probe").chmod(0o755)
+            wait_exact(ledger, repo, root)
+            for closed in ("d", "x/sub"):
+                (root / closed).chmod(0)
+                write(root / closed / "new.txt", "created while closed")
+                (root / closed / "old.txt").unlink()
+            os.rename(root / "moved.txt", root / "d/moved.txt")  # where it cannot be looked at
+            wait_for(
+                "the failed looks logged",
+                lambda: sum("cannot look at" in line for line in log) >= 4,
+                detail=lambda: "".join(log),
+            )
+            # The pass that failed to look ends before the renames: renamed while it ran, the
+            # paths it looked at would be looked at again (and fail) under their new names.
+            time.sleep(0.5)
+            os.rename(root / "d", root / "d-aside")
+            os.rename(root / "x", root / "y")
+            time.sleep(0.5)  # the renames are written before the doors open
+            (root / "d-aside").chmod(0o755)
+            (root / "y/sub").chmod(0o755)
+            wait_exact(ledger, repo, root)
+        finally:
+            for path in ("probe", "d", "d-aside", "x/sub", "y/sub"):
+                if (root / path).exists():
+                    (root / path).chmod(0o755)

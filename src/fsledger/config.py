@@ -17,9 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import time
 
+from fsledger.entry import LOG_LEVELS, env_database_url
+
 # The database's setting is read where the console script's fast path reads it too.
 from fsledger.entry import default_database_url as default_database_url
-from fsledger.entry import env_database_url
 from fsledger.errors import ConfigError
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|s|m|h|d)")
@@ -253,7 +254,7 @@ class Settings:
         if v := env.get("FSLEDGER_HASH_TIMEOUT"):
             kw["hash_timeout_s"] = parse_duration("FSLEDGER_HASH_TIMEOUT", v, MAX_DURATION_S)
         if v := env.get("FSLEDGER_LOG_LEVEL"):
-            if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            if v.upper() not in LOG_LEVELS:
                 raise ConfigError(
                     f"FSLEDGER_LOG_LEVEL={v!r} is not a log level: expected DEBUG, INFO, "
                     "WARNING or ERROR"

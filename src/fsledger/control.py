@@ -53,10 +53,9 @@ def socket_dir(env: Mapping[str, str]) -> str:
     ``$XDG_DATA_HOME/fsledger/run`` (``~/.local/share`` by default)."""
     if runtime := env.get("XDG_RUNTIME_DIR"):
         return os.path.join(runtime, "fsledger")
-    base = env.get("XDG_DATA_HOME") or os.path.join(
-        env.get("HOME") or os.path.expanduser("~"), ".local", "share"
-    )
-    return os.path.join(os.path.abspath(base), "fsledger", "run")
+    from fsledger.entry import data_home  # loaded already: the console script is entry
+
+    return os.path.join(data_home(env), "run")
 
 
 def database_key(url: str) -> str:

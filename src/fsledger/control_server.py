@@ -202,7 +202,7 @@ class ControlServer:
     ) -> None:
         try:
             repos = (
-                [self._resolve(ref, cwd) for ref in refs]
+                [self.ledger.resolve(ref, base=cwd) for ref in refs]
                 if refs
                 else self.ledger.list_repositories()
             )
@@ -230,16 +230,6 @@ class ControlServer:
             for to_err, text in scan_lines(repo, outcome, "j" in flags):
                 send("e" if to_err else "o", text)
         send("x", str(scan_exit(outcomes)))
-
-    def _resolve(self, ref: str, cwd: str) -> Repository:
-        """A repository by id or name, else by root path (relative to the command's
-        working directory)."""
-        for repo in self.ledger.list_repositories():
-            if str(repo.id) == ref or repo.name == ref:
-                return repo
-        if "://" in ref:
-            return self.ledger.resolve(ref)
-        return self.ledger.resolve(os.path.join(cwd, ref))
 
 
 def serve_for(ledger: Ledger, manager: SyncManager, url: str) -> ControlServer | None:

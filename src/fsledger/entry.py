@@ -32,12 +32,21 @@ _SETTINGS = ("FSLEDGER_", "RECONCILIATION_", "FILE_WATCHER_", "_FSLEDGER_")
 completion ``_FSLEDGER_COMPLETE``): any of it but the database URL sends a command there."""
 
 
-def default_database_url(env: Mapping[str, str]) -> str:
-    """``sqlite:///$XDG_DATA_HOME/fsledger/fsledger.db``, falling back to ``~/.local/share``."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+"""The values ``FSLEDGER_LOG_LEVEL`` takes (any case)."""
+
+
+def data_home(env: Mapping[str, str]) -> str:
+    """``$XDG_DATA_HOME/fsledger``, falling back to ``~/.local/share/fsledger``."""
     base = env.get("XDG_DATA_HOME") or os.path.join(
         env.get("HOME") or os.path.expanduser("~"), ".local", "share"
     )
-    return "sqlite://" + os.path.join(os.path.abspath(base), "fsledger", "fsledger.db")
+    return os.path.join(os.path.abspath(base), "fsledger")
+
+
+def default_database_url(env: Mapping[str, str]) -> str:
+    """``sqlite:///$XDG_DATA_HOME/fsledger/fsledger.db``, falling back to ``~/.local/share``."""
+    return "sqlite://" + os.path.join(data_home(env), "fsledger.db")
 
 
 def env_database_url(env: Mapping[str, str]) -> str:
@@ -52,8 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     env = os.environ
     settings = [k for k in env if k.startswith(_SETTINGS) and k != "FSLEDGER_DATABASE_URL"]
     if not settings or (
-        settings == ["FSLEDGER_LOG_LEVEL"]
-        and env["FSLEDGER_LOG_LEVEL"].upper() in ("DEBUG", "INFO", "WARNING", "ERROR")
+        settings == ["FSLEDGER_LOG_LEVEL"] and env["FSLEDGER_LOG_LEVEL"].upper() in LOG_LEVELS
     ):
         # The log level decides nothing a served scan prints (the daemon logs its own).
         served = _served_scan(args, env)

@@ -215,8 +215,9 @@ class Ledger:
         """The stored repository with that id, if any."""
         return self.store.get_repository(repo_id)
 
-    def resolve(self, ref: str) -> Repository:
-        """Find a repository by id, name or root path.
+    def resolve(self, ref: str, base: str | None = None) -> Repository:
+        """Find a repository by id, name or root path (relative to ``base``, a client's
+        working directory, when given; else to this process's).
 
         Raises:
             RepositoryNotFound: nothing matches.
@@ -232,7 +233,7 @@ class Ledger:
         if is_s3_url(ref):
             root = str(S3Location.parse(ref)).encode()
         else:
-            root = normalize_root(ref) if ref else b""
+            root = normalize_root(os.path.join(base, ref) if base else ref) if ref else b""
         for repo in repos:
             if repo.root == root:
                 return repo

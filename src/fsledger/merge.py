@@ -461,7 +461,10 @@ def _subdirs(
             typed = [] if keep and st.st_size >= _SMALL_DIR_BYTES else None
             with os.scandir(fd) as it:
                 for entry in it:
-                    if entry.is_dir(follow_symlinks=False):
+                    kind = listed_kind(entry)
+                    if typed is not None:
+                        typed.append((entry.name, kind))
+                    if kind == DIR:
                         name = os.fsencode(entry.name)
                         child = rel + b"/" + name if rel else name
                         if not rules.ignores_name(name, child):
@@ -470,8 +473,6 @@ def _subdirs(
                         if files % _SAMPLE == 0:
                             sample.append(entry.name)
                         files += 1
-                    if typed is not None:
-                        typed.append((entry.name, listed_kind(entry)))
     except OSError:
         return []
     finally:

@@ -24,11 +24,27 @@ from fsledger import decide
 from fsledger.beneath import Beneath
 from fsledger.errors import LeaseLost
 from fsledger.ignore import IgnoreRules
-from fsledger.model import Change, ChangeKind, RelPath, Repository, ScanStats
+from fsledger.model import Change, ChangeKind, FileStat, RelPath, Repository, ScanStats
 from fsledger.store.base import Store
 from fsledger.store.lease import Lease
 
 log = logging.getLogger(__name__)
+
+
+def _shows(st: os.stat_result, key: FileStat) -> bool:
+    """Whether ``lstat`` shows the regular file a record's key says."""
+    # A plain tuple equals the record's FileStat (a named tuple): no FileStat a change.
+    return (
+        stat_mod.S_ISREG(st.st_mode)
+        and (
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            st.st_ino,
+        )
+        == key
+    )
+
 
 _FILE_KINDS = frozenset(ChangeKind) - {ChangeKind.DELETED, ChangeKind.DIR_MOVED}
 """Changes that say what a file is now (its record): true while ``lstat`` shows that."""
@@ -127,17 +143,7 @@ class RepoWriter:
             st = tree.lstat(change.path)
         except OSError:
             return False
-        # A plain tuple equals the record's FileStat (a named tuple): no FileStat a change.
-        return (
-            stat_mod.S_ISREG(st.st_mode)
-            and (
-                st.st_size,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-                st.st_ino,
-            )
-            == change.record.stat
-        )
+        return _shows(st, change.record.stat)
 
     def apply(
         self, changes: Sequence[Change], confirm: Callable[[Change], bool] | None = None
@@ -192,11 +198,7 @@ class RepoWriter:
                         st = os.stat(name, dir_fd=fd, follow_symlinks=False) if fd >= 0 else None
                     except OSError:
                         st = None
-                    ok = (
-                        st is not None
-                        and stat_mod.S_ISREG(st.st_mode)
-                        and (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == record.stat
-                    )
+                    ok = st is not None and _shows(st, record.stat)
                 else:
                     parent = None  # still_true may turn the cached descriptors over
                     ok = tree is not None and self.still_true(change, tree)
