@@ -545,8 +545,10 @@ def listing_slices(
                 last = bisect_left(keys, _entry_key(hi, prefix)) + 1
             part = keys[first:last]
             kinds = entries.kinds
-            if kinds and part:
-                kinds = {k: v for k, v in kinds.items() if part[0] <= k <= part[-1]}
+            if kinds:
+                # From the slice, not the whole folder: 255 ranges of 20k album folders
+                # filtered 20k kinds each (0.4-0.8 s before the first range started).
+                kinds = {k: kinds[k] for k in part if k in kinds}
             out[folder] = Listing(part, kinds, entries.usual)
     return out or None
 
