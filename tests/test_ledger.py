@@ -169,6 +169,45 @@ def test_writer_drops_changes_the_disk_has_moved_past(ledger: Ledger, tree: byte
     assert [r.path for r in ledger.files(repo)] == [b"a.jpg"]
 
 
+def test_a_check_made_ahead_holds_until_another_run_writes(ledger: Ledger, tree: bytes) -> None:
+    """A batch checked against the disk before the writer's lock (``check_ahead``, what a
+    scan does while its previous batch is written) is checked again if another run of the
+    same writer (the watcher) wrote in between: its newer record stays."""
+    make_tree(tree, {"a.jpg": b"a", "b.jpg": b"b"})
+    repo = ledger.add_repository(tree)
+    writer = ledger.writer(repo)
+
+    def record(name: bytes) -> FileRecord:
+        return FileRecord(
+            name, FileStat.from_stat(os.lstat(os.path.join(tree, name))), None, utcnow()
+        )
+
+    scan, other = writer.ticket(), writer.ticket()
+    batch = [Change(ChangeKind.CREATED, b"a.jpg", record(b"a.jpg"))]
+    checked = writer.check_ahead(batch, scan)
+    assert checked is not None and checked.kept == batch and checked.dropped == []
+    # The file grows; the watcher looks and writes what it is now, before the scan's write.
+    with open(os.path.join(tree, b"a.jpg"), "ab") as f:
+        f.write(b"more")
+    newer = record(b"a.jpg")
+    assert writer.apply([Change(ChangeKind.MODIFIED, b"a.jpg", newer)]).changes
+    applied = writer.apply(batch, checked=checked)
+    assert applied.changes == () and applied.dropped == tuple(batch)
+    assert [(r.path, r.stat) for r in ledger.files(repo)] == [(b"a.jpg", newer.stat)]
+
+    # Unspoilt by the run's own writes: its verdict is taken as it was (a disk changed
+    # after the check is the next look's to write, as after a check under the lock).
+    first = [Change(ChangeKind.CREATED, b"b.jpg", record(b"b.jpg"))]
+    second = [Change(ChangeKind.MODIFIED, b"a.jpg", record(b"a.jpg"))]
+    ahead = [writer.check_ahead(first, scan), writer.check_ahead(second, scan)]
+    assert writer.apply(first, checked=ahead[0]).changes == tuple(first)
+    os.unlink(os.path.join(tree, b"a.jpg"))
+    assert writer.apply(second, checked=ahead[1]).changes == tuple(second)
+    assert [r.path for r in ledger.files(repo)] == [b"a.jpg", b"b.jpg"]
+    # For any other run, every write but its own counts: the watcher's and the scan's two.
+    assert (scan.others, other.others) == (1, 3)
+
+
 def test_files_below_a_prefix(ledger: Ledger, tree: bytes) -> None:
     make_tree(tree, {"a/x": b"", "a/y/z": b"", "a.txt": b"", "a0": b"", "b": b""})
     repo = ledger.add_repository(tree)

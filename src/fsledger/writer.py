@@ -16,6 +16,7 @@ import os
 import stat as stat_mod
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -62,6 +63,28 @@ class Applied:
     """The change feed's last sequence number written, if any."""
 
 
+class Ticket:
+    """One run's count of the writes others made through the same writer since it began
+    (``RepoWriter.ticket``): a check made ahead of a write holds while it is unchanged."""
+
+    __slots__ = ("others", "__weakref__")
+
+    def __init__(self) -> None:
+        self.others = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A batch confirmed against the disk ahead of its write (``RepoWriter.check_ahead``)."""
+
+    changes: Sequence[Change]
+    kept: list[Change]
+    dropped: list[Change]
+    ticket: Ticket
+    others: int
+    """``ticket.others`` when the check began."""
+
+
 Listener = Callable[[Repository, Applied], None]
 Hold = Callable[[list[Change]], list[Change]]
 """Given the created and modified changes of a batch, those that may be written now (see
@@ -104,6 +127,21 @@ class RepoWriter:
         self.listeners: list[Listener] = []
         self.lease: Lease | None = None
         """Set by an agent that owns the repository among several: checked before each write."""
+        self._tickets: weakref.WeakSet[Ticket] = weakref.WeakSet()
+
+    def ticket(self) -> Ticket:
+        """A ticket for a run that checks its batches ahead (``check_ahead``)."""
+        ticket = Ticket()
+        with self.lock:
+            self._tickets.add(ticket)
+        return ticket
+
+    def _wrote(self, by: Ticket | None = None) -> None:
+        """Under the lock, after a write (or a change of root or rules) by ``by``: every other
+        run's checks made ahead no longer hold."""
+        for ticket in self._tickets:
+            if ticket is not by:
+                ticket.others += 1
 
     def refresh(
         self, repo: Repository, rules: IgnoreRules, retire: IgnoreRules | None = None
@@ -113,6 +151,7 @@ class RepoWriter:
             self.repo = repo
             self.rules = rules
             self.retire = rules if retire is None else retire
+            self._wrote()
 
     def still_true(self, change: Change, tree: Beneath | None = None) -> bool:
         """Whether the disk still shows what ``change`` says, looked at below the root
@@ -145,8 +184,26 @@ class RepoWriter:
             return False
         return _shows(st, change.record.stat)
 
+    def check_ahead(self, changes: Sequence[Change], ticket: Ticket) -> Checked | None:
+        """Confirm a batch against the disk before taking the lock, while the run's previous
+        batch is still being written (``apply(checked=)``); ``None``: this writer confirms
+        only under its lock.
+
+        Why this is as good as a check under the lock: a check can only be spoilt by a
+        newer record written in between by another run (the watcher) of this writer, and
+        every such write is counted on ``ticket``; a disk that changes after the check is
+        written by the run that sees that change, after this batch, as it would be after a
+        check under the lock.
+        """
+        others = ticket.others  # before the first lstat
+        kept, dropped = self._confirmed(changes)
+        return Checked(changes, kept, dropped, ticket, others)
+
     def apply(
-        self, changes: Sequence[Change], confirm: Callable[[Change], bool] | None = None
+        self,
+        changes: Sequence[Change],
+        confirm: Callable[[Change], bool] | None = None,
+        checked: Checked | None = None,
     ) -> Applied:
         """Confirm and write a batch of changes in one transaction.
 
@@ -156,15 +213,33 @@ class RepoWriter:
                 written: a directory rename whose directory has since been renamed again
                 (the watcher has read the later rename and writes it after this one; each
                 hop is a pure path rewrite, and consumers of the feed need every hop).
+            checked: ``check_ahead``'s verdict on ``changes``: taken if no other run wrote
+                since it began, else the batch is confirmed again.
 
         Raises:
             StoreError: the store failed; nothing of the batch was written.
         """
         with self.lock:
             self._check_lease()
-            kept, dropped = self._confirmed(changes, confirm)
-            last_seq = self.store.apply(self.repo.id, kept) if kept else None
+            if (
+                checked is not None
+                and confirm is None
+                and checked.changes is changes
+                and checked.ticket.others == checked.others
+            ):
+                kept, dropped = checked.kept, checked.dropped
+            else:
+                kept, dropped = self._confirmed(changes, confirm)
+            last_seq = self._write(kept, checked.ticket if checked is not None else None)
             return self._tell(Applied(tuple(kept), tuple(dropped), last_seq))
+
+    def _write(self, changes: Sequence[Change], by: Ticket | None = None) -> int | None:
+        """Under the lock: write confirmed changes (``Store.apply``) and count the write."""
+        if not changes:
+            return None
+        last_seq = self.store.apply(self.repo.id, changes)
+        self._wrote(by)
+        return last_seq
 
     def _confirmed(
         self, changes: Sequence[Change], confirm: Callable[[Change], bool] | None = None
@@ -224,7 +299,7 @@ class RepoWriter:
             kept, dropped = self._confirmed(moves)
             # Parking hops are confirmed by the moves they are part of, checked above.
             ordered = decide.order_moves(kept, self._unused_path)
-            last_seq = self.store.apply(self.repo.id, ordered) if ordered else None
+            last_seq = self._write(ordered)
             return self._tell(Applied(tuple(ordered), tuple(dropped), last_seq))
 
     def exchange(self, a: RelPath, b: RelPath) -> Applied:
@@ -254,7 +329,7 @@ class RepoWriter:
                 Change(ChangeKind.DIR_MOVED, a, old_path=b),
                 Change(ChangeKind.DIR_MOVED, b, old_path=via),
             )
-            last_seq = self.store.apply(self.repo.id, changes)
+            last_seq = self._write(changes)
             return self._tell(Applied(changes, (), last_seq))
 
     def _unused_prefix(self, near: RelPath) -> RelPath:
@@ -306,9 +381,10 @@ MAX_PACE_S = 0.5
 class Batches:
     """Changes handed to a ``RepoWriter`` a batch at a time, each batch written in a thread
     of its own while the next is built: the database's work on batch n (SQLite's and
-    psycopg's C code, outside the GIL) overlaps the walk, the hashing and the building of
-    batch n + 1. One batch in flight at most, so batches are written in order and a failure
-    surfaces at the next flush (or ``wait``).
+    psycopg's C code, outside the GIL) overlaps the walk, the hashing, the building of
+    batch n + 1 and its check against the disk (``RepoWriter.check_ahead``, in the thread
+    that flushes). One batch in flight at most, so batches are written in order and a
+    failure surfaces at the next flush (or ``wait``).
 
     Args:
         writer: the repository's writer.
@@ -346,6 +422,7 @@ class Batches:
         self._error: BaseException | None = None
         self._flushed = 0
         self._deferral: AbstractContextManager[None] | None = None
+        self._ticket = writer.ticket()
 
     def emit(self, change: Change) -> None:
         self.pending.append(change)
@@ -357,6 +434,9 @@ class Batches:
         batch, self.pending = self.pending, []
         if not batch:
             return
+        # Confirmed against the disk here, while the batch in flight is written (its
+        # thread waits on the database mostly): the writer thread only writes.
+        checked = self.writer.check_ahead(batch, self._ticket) if self.hold is None else None
         self.wait()
         if self.pace and self._write_s:
             time.sleep(min(self._write_s * self.pace, MAX_PACE_S))
@@ -367,21 +447,21 @@ class Batches:
                 self._deferral = self.writer.store.defer_indexes()
                 self._deferral.__enter__()
         self._thread = threading.Thread(
-            target=self._write, args=(batch,), name="reconcile-writer", daemon=True
+            target=self._write, args=(batch, checked), name="reconcile-writer", daemon=True
         )
         self._thread.start()
 
-    def _write(self, batch: list[Change]) -> None:
+    def _write(self, batch: list[Change], checked: Checked | None) -> None:
         t0 = time.monotonic()
         try:
-            self._written = self._apply(batch)
+            self._written = self._apply(batch, checked)
         except BaseException as exc:
             self._error = exc
         self._write_s = time.monotonic() - t0
 
-    def _apply(self, batch: list[Change]) -> Applied:
+    def _apply(self, batch: list[Change], checked: Checked | None) -> Applied:
         if self.hold is None:
-            return self.writer.apply(batch)
+            return self.writer.apply(batch, checked=checked)
         candidates = [c for c in batch if c.kind in HELD_KINDS and c.record is not None]
         free = {id(c) for c in self.hold(candidates)} if candidates else set()
         held = tuple(c for c in candidates if id(c) not in free)

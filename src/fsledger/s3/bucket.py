@@ -88,7 +88,7 @@ from fsledger.s3.location import S3Location, make_client
 from fsledger.store.base import Store
 from fsledger.store.sql import prefix_range
 from fsledger.walk import FlatEntry
-from fsledger.writer import Applied, Hold, RepoWriter
+from fsledger.writer import Applied, Checked, Hold, RepoWriter, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -475,6 +475,11 @@ class ObjectWriter(RepoWriter):
             if self._bucket is None:
                 self._bucket = Bucket(self.repo, max_pool=2 * self.max_concurrency)
             return self._bucket
+
+    def check_ahead(self, changes: Sequence[Change], ticket: Ticket) -> Checked | None:
+        """Never ahead: which keys are HEADed depends on the hints written until the lock is
+        taken (``_needs_head``), and the records are decided again under it."""
+        return None
 
     def object_still_true(self, change: Change) -> bool:
         """Whether the bucket still shows what ``change`` says (one HEAD)."""
