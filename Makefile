@@ -9,14 +9,20 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: install system-deps run test test-fast lint unit bench bench-quick clean
 
-$(RUNTIME): pyproject.toml
+# native/install.sh: the `fsledger` command becomes the native launcher (native/fsledger.c),
+# which serves `fsledger scan` through a running daemon and execs the Python console script,
+# moved to $(VENV)/libexec/fsledger, for the rest. Again after each pip install, which writes
+# bin/fsledger anew.
+$(RUNTIME): pyproject.toml native/fsledger.c native/install.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[all]'
+	bash native/install.sh $(VENV)
 	touch $(RUNTIME)
 
 $(STAMP): $(RUNTIME)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	bash native/install.sh $(VENV)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -322,3 +322,133 @@ def _refused(env: dict[str, str], daemon: Daemon, runtime: Path) -> None:
     assert opened.stdout.strip() == "answer b''", opened
     wait_for("the refusal", lambda: "refused a connection of uid 65534" in daemon.text(), 10)
     assert daemon.asked() == 0
+
+
+# --- the native launcher (native/fsledger.c) ---------------------------------------------
+PYTHON_SCRIPT = Path(sys.executable).parent.parent / "libexec" / "fsledger"
+"""Where native/install.sh moves pip's console script, which the launcher execs."""
+
+
+def _native() -> bool:
+    with open(EXE, "rb") as f:
+        return f.read(4) == b"\x7fELF"
+
+
+def test_the_command_is_the_native_launcher() -> None:
+    """``make install`` puts it in front of the Python console script (native/install.sh);
+    only a machine without a C compiler keeps the script, never CI."""
+    if not _native() and os.environ.get("CI") != "true" and shutil.which("cc") is None:
+        pytest.skip("no C compiler on this machine: the command is the Python script")
+    assert _native()
+    assert PYTHON_SCRIPT.read_bytes().startswith(b"#!")
+
+
+needs_native = pytest.mark.skipif(
+    not _native(), reason="no native launcher (see test_the_command_is_the_native_launcher)"
+)
+
+
+def _both(
+    env: dict[str, str], *args: str, cwd: Path | None = None
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """The command through the native launcher, then through the Python console script."""
+    runs = []
+    for exe in (EXE, str(PYTHON_SCRIPT)):
+        runs.append(
+            subprocess.run(
+                [exe, *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                errors="surrogateescape",
+                timeout=120,
+                cwd=cwd,
+            )
+        )
+    return runs[0], runs[1]
+
+
+FIGURES = re.compile(r"[0-9][0-9,.]*( ?[kMG]?B| ?m?s)?")
+
+
+def _alike(a: subprocess.CompletedProcess[str], b: subprocess.CompletedProcess[str]) -> None:
+    """Same exit code and stderr; same stdout but the figures (two scans one after the
+    other: the first may hash files written within the racy window, the second not)."""
+    assert a.returncode == b.returncode, (a.stderr, b.stderr)
+    assert a.stderr == b.stderr
+    assert FIGURES.sub("N", a.stdout) == FIGURES.sub("N", b.stdout)
+
+
+@needs_native
+def test_the_native_launcher_answers_as_the_python_client(
+    env: dict[str, str], daemon: Daemon, library: Path, tmp_path: Path
+) -> None:
+    """Every form the launcher serves, against the Python client's answer to the same
+    command (both served by the daemon: it counts two requests a form), then its errors."""
+    clean = {k: v for k, v in env.items() if not k.startswith("RECONCILIATION_")}
+    url = clean["FSLEDGER_DATABASE_URL"]
+    repo_id = json.loads(cli(env, "status", "lib", "--json").stdout)["repository_id"]
+    forms: list[tuple[list[str], Path | None]] = [
+        (["scan", "lib", "--json"], None),
+        (["scan", "lib"], None),
+        (["scan"], None),
+        (["scan", "..", "--verify"], library / "d1"),
+        ([f"--db={url}", "scan", repo_id, "--json"], tmp_path),
+        (["--db", url, "scan", "--json", "--verify", "lib"], tmp_path),
+    ]
+    (library / "d0" / "new.jpg").write_bytes(b"new")
+    first = cli(clean, "scan", "lib", "--json", cwd=tmp_path)
+    assert first.returncode == 0 and json.loads(first.stdout)["files_added"] == 1
+    assert daemon.asked() == 1
+    _exact(env, library)
+    for n, (args, cwd) in enumerate(forms):
+        native, python = _both(clean, *args, cwd=cwd)
+        assert daemon.asked() == 2 * n + 3, (args, native.stderr, python.stderr)
+        assert native.returncode == 0, (args, native.stderr)
+        _alike(native, python)
+
+    # The root gone: both print the daemon's error and exit with its code.
+    shutil.move(library, library.with_name("away"))
+    native, python = _both(clean, "scan", "lib", "--json")
+    assert daemon.asked() == 2 * len(forms) + 3
+    assert native.returncode != 0 and "fsledger: error:" in native.stderr
+    _alike(native, python)
+    shutil.move(library.with_name("away"), library)
+
+
+@needs_native
+def test_what_the_native_launcher_does_not_serve_goes_to_python(
+    env: dict[str, str], daemon: Daemon, library: Path
+) -> None:
+    """Declined requests, options and settings it does not know, other commands, a socket
+    directory others could enter, no daemon: the Python command's own answer."""
+    clean = {k: v for k, v in env.items() if not k.startswith("RECONCILIATION_")}
+    for args, env_ in [
+        (["scan", "nosuch"], clean),  # declined by the daemon
+        (["scan", "lib", "--force", "--json"], clean),
+        (["--version"], clean),
+        (["scan", "--help"], clean),
+        (["--db="], clean),
+    ]:
+        native, python = _both(env_, *args)
+        _alike(native, python)
+    assert daemon.asked() == 0
+    # A setting in the environment: the click CLI, which asks the daemon too.
+    native, python = _both({**clean, "FSLEDGER_HASH_ALGO": "blake3"}, "scan", "lib", "--json")
+    assert native.returncode == 0 and daemon.asked() == 2
+    _alike(native, python)
+    # A socket directory others could enter is not trusted: each scans by itself.
+    runtime = Path(clean["XDG_RUNTIME_DIR"])
+    os.chmod(runtime / "fsledger", 0o755)
+    try:
+        native, python = _both(clean, "scan", "lib", "--json")
+        _alike(native, python)
+        assert native.returncode == 0 and daemon.asked() == 2
+    finally:
+        os.chmod(runtime / "fsledger", 0o700)
+    # A socket left by a killed daemon: the command scans by itself.
+    daemon.stop(signal.SIGKILL)
+    (library / "d0" / "late.jpg").write_bytes(b"late")
+    native = cli(clean, "scan", "lib", "--json")
+    assert native.returncode == 0 and json.loads(native.stdout)["files_added"] == 1
+    _exact(env, library)
