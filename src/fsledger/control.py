@@ -27,6 +27,11 @@ Protocol (both directions UTF-8, ``surrogateescape``):
   command then scans by itself, as it did before. The texts never hold a newline (the
   CLI escapes control characters in what it prints).
 
+A second client speaks this protocol: the native launcher ``make install`` builds as the
+``fsledger`` command (native/fsledger.c), with the same rules (``entry._served_scan``,
+``socket_path``, ``private_dir``); a change to either is made to both, and
+tests/test_control.py runs both against the same daemons.
+
 This module imports the standard library's C parts only (``_socket``, not ``socket``,
 whose import with ``enum`` and ``selectors`` costs as much as the rest of the command):
 ``fsledger.entry`` uses it before click or anything else is loaded.
