@@ -27,10 +27,10 @@ ASKED = "asked for by 'fsledger scan'"
 
 
 def cli(
-    env: dict[str, str], *args: str, cwd: Path | None = None
+    env: dict[str, str], *args: str, cwd: Path | None = None, exe: str = EXE
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [EXE, *args],
+        [exe, *args],
         env=env,
         capture_output=True,
         text=True,
@@ -352,20 +352,7 @@ def _both(
     env: dict[str, str], *args: str, cwd: Path | None = None
 ) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
     """The command through the native launcher, then through the Python console script."""
-    runs = []
-    for exe in (EXE, str(PYTHON_SCRIPT)):
-        runs.append(
-            subprocess.run(
-                [exe, *args],
-                env=env,
-                capture_output=True,
-                text=True,
-                errors="surrogateescape",
-                timeout=120,
-                cwd=cwd,
-            )
-        )
-    return runs[0], runs[1]
+    return cli(env, *args, cwd=cwd), cli(env, *args, cwd=cwd, exe=str(PYTHON_SCRIPT))
 
 
 FIGURES = re.compile(r"[0-9][0-9,.]*( ?[kMG]?B| ?m?s)?")
