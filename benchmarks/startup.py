@@ -98,7 +98,12 @@ def console_script(installed: str, tmp: Path) -> tuple[str, str | None]:
     pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
     entry = tomllib.loads(pyproject.read_text())["project"]["scripts"]["fsledger"]
     module, func = entry.split(":")
-    text = Path(installed).read_text()
+    python_script = Path(installed)
+    if python_script.read_bytes()[:4] == b"\x7fELF":
+        # The native launcher `make install` builds (native/): it execs pip's script, moved
+        # to the venv's libexec; the command timed is the launcher, as a user types it.
+        python_script = Path(installed).parent.parent / "libexec" / "fsledger"
+    text = python_script.read_text()
     wanted = f"from {module} import {func}\n"
     if wanted in text:
         return installed, None
