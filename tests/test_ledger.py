@@ -207,6 +207,21 @@ def test_a_check_made_ahead_holds_until_another_run_writes(ledger: Ledger, tree:
     # For any other run, every write but its own counts: the watcher's and the scan's two.
     assert (scan.others, other.others) == (1, 3)
 
+    # With a live run attached (the watcher, which writes nothing where the records already
+    # show the disk), nothing is checked ahead, and a check made before it came is made
+    # again: b.jpg deleted after the check, the watcher finding no record to remove.
+    stale = [Change(ChangeKind.MODIFIED, b"b.jpg", record(b"b.jpg"))]
+    early = writer.check_ahead(stale, scan)
+    assert early is not None and early.kept == stale
+    os.unlink(os.path.join(tree, b"b.jpg"))
+    writer.attach_live()
+    try:
+        assert writer.check_ahead(stale, scan) is None
+        assert writer.apply(stale, checked=early).changes == ()
+    finally:
+        writer.detach_live()
+    assert writer.check_ahead(stale, scan) is not None
+
 
 def test_files_below_a_prefix(ledger: Ledger, tree: bytes) -> None:
     make_tree(tree, {"a/x": b"", "a/y/z": b"", "a.txt": b"", "a0": b"", "b": b""})

@@ -128,20 +128,43 @@ class RepoWriter:
         self.lease: Lease | None = None
         """Set by an agent that owns the repository among several: checked before each write."""
         self._tickets: weakref.WeakSet[Ticket] = weakref.WeakSet()
+        self._tickets_lock = threading.Lock()
+        """Guards the tickets and ``_live``; taken last (under ``lock``, or under the watcher's
+        own lock, which a listener called under ``lock`` takes: never ``lock`` itself)."""
+        self._live = 0
+        """Live runs attached (``attach_live``): while any, no check is made ahead."""
+
+    def attach_live(self) -> None:
+        """A live run (the watcher) now decides from this repository's records as well. It
+        writes nothing for a change it finds the records already show, and that decision is
+        counted on no ticket: a batch checked ahead could be overtaken by a change such a
+        run saw and wrote nothing for (a file deleted after the check, before the batch's
+        record of it is written). So while one is attached, batches are confirmed under the
+        lock only, and checks made ahead before it came no longer hold."""
+        with self._tickets_lock:
+            self._live += 1
+            for ticket in self._tickets:
+                ticket.others += 1
+
+    def detach_live(self) -> None:
+        """The live run of ``attach_live`` has stopped deciding for this repository."""
+        with self._tickets_lock:
+            self._live = max(0, self._live - 1)
 
     def ticket(self) -> Ticket:
         """A ticket for a run that checks its batches ahead (``check_ahead``)."""
         ticket = Ticket()
-        with self.lock:
+        with self._tickets_lock:
             self._tickets.add(ticket)
         return ticket
 
     def _wrote(self, by: Ticket | None = None) -> None:
         """Under the lock, after a write (or a change of root or rules) by ``by``: every other
         run's checks made ahead no longer hold."""
-        for ticket in self._tickets:
-            if ticket is not by:
-                ticket.others += 1
+        with self._tickets_lock:
+            for ticket in self._tickets:
+                if ticket is not by:
+                    ticket.others += 1
 
     def refresh(
         self, repo: Repository, rules: IgnoreRules, retire: IgnoreRules | None = None
@@ -187,14 +210,17 @@ class RepoWriter:
     def check_ahead(self, changes: Sequence[Change], ticket: Ticket) -> Checked | None:
         """Confirm a batch against the disk before taking the lock, while the run's previous
         batch is still being written (``apply(checked=)``); ``None``: this writer confirms
-        only under its lock.
+        only under its lock (a live run is attached: see ``attach_live``).
 
-        Why this is as good as a check under the lock: a check can only be spoilt by a
-        newer record written in between by another run (the watcher) of this writer, and
-        every such write is counted on ``ticket``; a disk that changes after the check is
-        written by the run that sees that change, after this batch, as it would be after a
-        check under the lock.
+        Why this is as good as a check under the lock when no live run is attached: the
+        runs of this writer then are reconciliations, one at a time, and a write by any
+        other run in between is counted on ``ticket`` (the batch is then confirmed again);
+        a disk that changes after the check is found by the next look at it (the next
+        scan, or the watcher once attached, against the records as this batch leaves them),
+        as after a check under the lock.
         """
+        if self._live:
+            return None
         others = ticket.others  # before the first lstat
         kept, dropped = self._confirmed(changes)
         return Checked(changes, kept, dropped, ticket, others)

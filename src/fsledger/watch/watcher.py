@@ -198,6 +198,7 @@ class Watcher:
             if self._on_write not in writer.listeners:
                 # Replaced, not appended to: another thread may be iterating over the list.
                 writer.listeners = [*writer.listeners, self._on_write]
+                writer.attach_live()  # scans of it confirm under the writer's lock only
             self._tree.watch(state, b"")
             watched = b"" in state.index.by_path
             if not watched and not state.degraded:
@@ -225,7 +226,9 @@ class Watcher:
 
     def _unlisten(self, state: RepoWatch) -> None:
         writer = state.writer
-        writer.listeners = [f for f in writer.listeners if f != self._on_write]
+        if self._on_write in writer.listeners:
+            writer.listeners = [f for f in writer.listeners if f != self._on_write]
+            writer.detach_live()
 
     def _on_write(self, repo: Repository, applied: Applied) -> None:
         """Writer listener: remember what other writers (reconciliations) changed, so that a
