@@ -219,9 +219,11 @@ class RepoWriter:
         scan, or the watcher once attached, against the records as this batch leaves them),
         as after a check under the lock.
         """
+        # In this order: a watcher attaching after ``others`` is read bumps it (the batch is
+        # then confirmed again under the lock); one attached before is seen in ``_live``.
+        others = ticket.others
         if self._live:
             return None
-        others = ticket.others  # before the first lstat
         kept, dropped = self._confirmed(changes)
         return Checked(changes, kept, dropped, ticket, others)
 
