@@ -143,8 +143,7 @@ class RepoWriter:
         lock only, and checks made ahead before it came no longer hold."""
         with self._tickets_lock:
             self._live += 1
-            for ticket in self._tickets:
-                ticket.others += 1
+        self._wrote()  # after the count: a check ahead sees one or the other
 
     def detach_live(self) -> None:
         """The live run of ``attach_live`` has stopped deciding for this repository."""
@@ -159,8 +158,8 @@ class RepoWriter:
         return ticket
 
     def _wrote(self, by: Ticket | None = None) -> None:
-        """Under the lock, after a write (or a change of root or rules) by ``by``: every other
-        run's checks made ahead no longer hold."""
+        """After a write (or a change of root or rules) by ``by``, or a live run attached:
+        every other run's checks made ahead no longer hold."""
         with self._tickets_lock:
             for ticket in self._tickets:
                 if ticket is not by:

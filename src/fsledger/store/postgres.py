@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache, partial
 from operator import itemgetter
 from typing import Any
@@ -214,26 +214,27 @@ class PostgresStore(SqlStore):
         return map(_as_record_row, rows)
 
     @contextmanager
-    def _tx(self) -> Iterator[Cursor]:
+    def _cursor(self, transaction: bool) -> Iterator[Cursor]:
+        """A pooled connection's cursor, inside a transaction or not (the pool autocommits)."""
         try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            with (
+                self._pool.connection() as conn,
+                conn.transaction() if transaction else nullcontext(),
+                conn.cursor() as cur,
+            ):
                 yield _PgCursor(cur)
         except PoolTimeout as exc:
             raise StoreUnavailable(f"PostgreSQL at {_redact(self.url)} is unreachable") from exc
         except psycopg.Error as exc:
             raise _store_error(self.url, exc) from exc
 
-    @contextmanager
-    def _read(self) -> Iterator[Cursor]:
+    def _tx(self) -> AbstractContextManager[Cursor]:
+        return self._cursor(transaction=True)
+
+    def _read(self) -> AbstractContextManager[Cursor]:
         # No BEGIN/COMMIT around reads (see the pool's autocommit): a no-change rescan of a
         # small tree reads in six of them, 12 round trips of its ~20.
-        try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
-                yield _PgCursor(cur)
-        except PoolTimeout as exc:
-            raise StoreUnavailable(f"PostgreSQL at {_redact(self.url)} is unreachable") from exc
-        except psycopg.Error as exc:
-            raise _store_error(self.url, exc) from exc
+        return self._cursor(transaction=False)
 
     def migrate(self) -> None:
         with self._tx() as cur:
