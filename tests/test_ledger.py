@@ -17,6 +17,7 @@ from fsledger.ledger import Ledger, normalize_root
 from fsledger.model import (
     Change,
     ChangeKind,
+    Digest,
     FileRecord,
     FileStat,
     OperationStatus,
@@ -221,6 +222,41 @@ def test_a_check_made_ahead_holds_until_another_run_writes(ledger: Ledger, tree:
     finally:
         writer.detach_live()
     assert writer.check_ahead(stale, scan) is not None
+
+
+def test_a_run_no_other_wrote_beside_writes_what_it_saw(ledger: Ledger, tree: bytes) -> None:
+    """While no other run has written since a run began and no live run is attached, the
+    run's created, modified and metadata changes are written as it saw them, unlooked at
+    (``check_ahead``): a file deleted after its look keeps the record written for it until
+    the next scan removes it, as after a deletion just after the write. Deletions are
+    still looked at; once another run writes, everything is."""
+    make_tree(tree, {"a.jpg": b"a", "b.jpg": b"b"})
+    repo = ledger.add_repository(tree)
+    writer = ledger.writer(repo)
+    a_stat = FileStat.from_stat(os.lstat(os.path.join(tree, b"a.jpg")))
+    a = FileRecord(b"a.jpg", a_stat, Digest("blake3", "00" * 32), utcnow())
+    unread = FileRecord(b"b.jpg", a_stat, None, utcnow())  # a look that failed: no hash
+    scan = writer.ticket()
+    batch = [
+        Change(ChangeKind.CREATED, b"a.jpg", a),
+        Change(ChangeKind.DELETED, b"b.jpg"),  # b.jpg is still there
+        Change(ChangeKind.CREATED, b"b.jpg", unread),  # b.jpg is not that
+    ]
+    os.unlink(os.path.join(tree, b"a.jpg"))
+    checked = writer.check_ahead(batch, scan)
+    assert checked is not None
+    assert checked.kept == batch[:1] and checked.dropped == batch[1:]
+    assert writer.apply(batch, checked=checked).changes == tuple(batch[:1])
+    assert [r.path for r in ledger.files(repo)] == [b"a.jpg"]
+    stats = ledger.scan(repo)
+    assert (stats.files_removed, stats.files_added) == (1, 1)
+    assert [r.path for r in ledger.files(repo)] == [b"b.jpg"]
+
+    # The scan wrote: for this older run, every change is looked at again.
+    assert scan.others > 0
+    gone = [Change(ChangeKind.MODIFIED, b"a.jpg", a)]
+    checked = writer.check_ahead(gone, scan)
+    assert checked is not None and checked.kept == [] and checked.dropped == gone
 
 
 def test_files_below_a_prefix(ledger: Ledger, tree: bytes) -> None:

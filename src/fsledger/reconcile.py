@@ -657,8 +657,8 @@ class _Run:
         ``RECONCILIATION_DISTRIBUTED``; see ``fsledger.distscan``). The results come back in
         range order and go the way of a local merge's, except that a ``Look`` file hashed
         by whoever computed its range is not hashed again: its outcome, with the ``fstat``
-        key it belongs to, is taken as the hashing workers' would be (and the writer checks
-        that key against ``lstat`` before writing)."""
+        key it belongs to, is taken as the hashing workers' would be (and written as the
+        writer writes theirs: see ``RepoWriter.check_ahead``)."""
         from fsledger.distscan import DistributedMerge
 
         dist = DistributedMerge(

@@ -50,6 +50,20 @@ def _shows(st: os.stat_result, key: FileStat) -> bool:
 _FILE_KINDS = frozenset(ChangeKind) - {ChangeKind.DELETED, ChangeKind.DIR_MOVED}
 """Changes that say what a file is now (its record): true while ``lstat`` shows that."""
 
+_SEEN_KINDS = frozenset({ChangeKind.CREATED, ChangeKind.MODIFIED, ChangeKind.META})
+
+
+def _as_seen(change: Change) -> bool:
+    """Whether ``change`` may be written as the run saw it when no other run has written
+    since the run began (``check_ahead``): what one path is now, by a look that succeeded.
+    Its record carries a hash: the hasher read the file after the walk listed it and vouches
+    (by ``fstat``) that it was this regular file, with this key, when read. A record without
+    one is of a file that could not be read (it may have gone since the walk) or of a run
+    that does not hash; moves (two paths, paired against records) and deletions (what cannot
+    be seen is kept) are always looked at again."""
+    record = change.record
+    return change.kind in _SEEN_KINDS and record is not None and record.digest is not None
+
 
 @dataclass(frozen=True, slots=True)
 class Applied:
@@ -217,13 +231,22 @@ class RepoWriter:
         a disk that changes after the check is found by the next look at it (the next
         scan, or the watcher once attached, against the records as this batch leaves them),
         as after a check under the lock.
+
+        When, besides, no other run has written since this run began (``ticket.others`` is
+        still 0: the ticket is taken before the run reads a record or lists a directory),
+        a created, modified or metadata change whose record carries a hash is written as
+        the run saw it, unlooked at (``_as_seen``): the run's look is then the newest any
+        writer of the repository made, and a disk that changed after it is found by the
+        next look just as one that changes after a check is. This is the whole first index
+        of a repository no watcher follows; it saves an ``lstat`` a file on the thread that
+        builds the batches.
         """
         # In this order: a watcher attaching after ``others`` is read bumps it (the batch is
         # then confirmed again under the lock); one attached before is seen in ``_live``.
         others = ticket.others
         if self._live:
             return None
-        kept, dropped = self._confirmed(changes)
+        kept, dropped = self._confirmed(changes, seen_hold=others == 0)
         return Checked(changes, kept, dropped, ticket, others)
 
     def apply(
@@ -269,11 +292,26 @@ class RepoWriter:
         return last_seq
 
     def _confirmed(
-        self, changes: Sequence[Change], confirm: Callable[[Change], bool] | None = None
+        self,
+        changes: Sequence[Change],
+        confirm: Callable[[Change], bool] | None = None,
+        seen_hold: bool = False,
     ) -> tuple[list[Change], list[Change]]:
-        """The changes the disk still shows (or ``confirm`` vouches for), and the others."""
+        """The changes the disk still shows (or ``confirm`` vouches for), and the others;
+        ``seen_hold``: the changes ``_as_seen`` hold as seen (see ``check_ahead``)."""
         if not self.verify:
             return list(changes), []
+        if seen_hold:
+            seen = [c for c in changes if _as_seen(c)]
+            if len(seen) == len(changes):
+                return seen, []
+            ids = {id(c) for c in seen}
+            looked, lost = self._confirmed([c for c in changes if id(c) not in ids])
+            if looked and seen:
+                # Back in the batch's order (a deletion before a creation at its path...).
+                ids.update(id(c) for c in looked)
+                return [c for c in changes if id(c) in ids], lost
+            return seen or looked, lost
         kept: list[Change] = []
         dropped: list[Change] = []
         try:
