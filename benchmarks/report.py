@@ -138,6 +138,8 @@ def judge(results: list[Measurement], files: int, full_size: bool = True) -> lis
                     "limit": t.show(t.limit),
                     "met": value <= t.limit if t.figure != "seconds" else value < t.limit,
                     "by": round(value / t.limit, 2),
+                    # A Python command's own floor on this line (benchmarks/floor.py).
+                    "floor": m.details.get("floor_ratio") if t.figure == "ratio" else None,
                 }
             )
     return out
@@ -234,6 +236,14 @@ def markdown(
                     else "."
                 )
             )
+        if "floor_ratio" in m.details:
+            lines.append(
+                f"\n{LABELS[m.scenario]} ({m.store}): the Python floor of this line "
+                f"(`{m.details['floor_command']}`: the interpreter without site, the "
+                "store's driver, the records' keys, an `lstat` a file below directory "
+                f"descriptors) took {_seconds(m.details['floor']['median_s'])}, "
+                f"{m.details['floor_ratio']:.2f}× `find`."
+            )
         if "in_daemon_ms" in m.details:
             ms = m.details["in_daemon_ms"]
             lines.append(
@@ -269,6 +279,8 @@ def markdown(
         lines += ["", "| target | store | measured | met |", "|---|---|---:|---|"]
         for v in verdicts:
             met = "met" if v["met"] else f"**missed** ({v['by']:.2f}× the limit)"
+            if not v["met"] and v.get("floor"):
+                met += f"; the Python floor alone is {v['floor']:.2f}×"
             lines.append(f"| {v['target']} | {v['store']} | {v['measured']} | {met} |")
     if not full_size:
         lines.append(

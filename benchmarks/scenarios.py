@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import sys
+import sysconfig
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -180,10 +182,15 @@ class StoreRun:
 
     # --- 2. no-change rescan vs find ---------------------------------------------------
     def rescan_nochange(self) -> Measurement:
+        """The rescan against ``find``; beside each, the Python floor of the line
+        (``benchmarks.floor``, the least a Python command must do for it), in the details."""
         args = ("scan", REPO, "--json")
         runs: list[Run] = []
+        floor = Timing()
+        floor_argv = self._floor_argv()
 
         def scan_once() -> Run:
+            floor.add(run(floor_argv, env=self._floor_env()))
             out = self.cli(self.url, *args)
             runs.append(out)
             return out
@@ -197,8 +204,24 @@ class StoreRun:
             ref,
             find_command(Path("ROOT")),
             self.cli.shown(*args),
-            {"counts": _counts(_scan_stats(runs[-1])), "unexpected_changes": unexpected},
+            {
+                "counts": _counts(_scan_stats(runs[-1])),
+                "unexpected_changes": unexpected,
+                "floor": floor.to_json(),
+                "floor_ratio": round(floor.median / ref.median, 3),
+                "floor_command": "python -I -S benchmarks/floor.py URL REPO_ID ROOT",
+            },
         )
+
+    def _floor_argv(self) -> list[str]:
+        listed = json.loads(self.cli(self.url, "repo", "list", "--json").stdout)
+        repo_id = next(r["id"] for r in listed if r["name"] == REPO)
+        script = Path(__file__).with_name("floor.py")
+        return [sys.executable, "-I", "-S", str(script), self.url, repo_id, str(self.work)]
+
+    @staticmethod
+    def _floor_env() -> dict[str, str]:
+        return {"FLOOR_SITE": sysconfig.get_paths()["purelib"]}
 
     # --- 2b. the same rescan, run by the daemon that keeps the repository ---------------
     def rescan_served(self) -> Measurement:
