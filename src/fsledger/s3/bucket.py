@@ -524,8 +524,12 @@ class ObjectWriter(RepoWriter):
         return hinted is not None and hinted >= started
 
     def _confirmed(
-        self, changes: Sequence[Change], confirm: Callable[[Change], bool] | None = None
+        self,
+        changes: Sequence[Change],
+        confirm: Callable[[Change], bool] | None = None,
+        seen_hold: bool = False,
     ) -> tuple[list[Change], list[Change]]:
+        # seen_hold: never asked here (this writer checks nothing ahead: see check_ahead).
         if not self.verify or not changes:
             return list(changes), []
         verdicts = [True] * len(changes)
