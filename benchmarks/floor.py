@@ -46,26 +46,35 @@ def records(url: str, repo_id: str) -> dict[bytes, tuple[int, int, int, int]]:
 def differences(root: bytes, known: dict[bytes, tuple[int, int, int, int]]) -> int:
     """Files whose lstat differs from their record, new files, and records with no file."""
     seen = matched = 0
-    stack = [(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), b"")]
-    while stack:
-        fd, rel = stack.pop()
-        try:
-            with os.scandir(fd) as entries:
-                names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
-            for name, is_dir in names:
-                path = rel + os.fsencode(name)
-                if is_dir:
-                    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-                    stack.append((sub, path + b"/"))
-                    continue
-                st = os.lstat(name, dir_fd=fd)
-                if not stat.S_ISREG(st.st_mode):
-                    continue
+
+    def walk(fd: int, rel: bytes) -> None:
+        nonlocal seen, matched
+        with os.scandir(fd) as entries:
+            names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+        for name, is_dir in names:
+            path = rel + os.fsencode(name)
+            if is_dir:
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                try:
+                    walk(sub, path + b"/")
+                finally:
+                    os.close(sub)
+                continue
+            st = os.lstat(name, dir_fd=fd)
+            if stat.S_ISREG(st.st_mode):
                 seen += 1
-                key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                matched += known.get(path) == key
-        finally:
-            os.close(fd)
+                matched += known.get(path) == (
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ctime_ns,
+                    st.st_ino,
+                )
+
+    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        walk(top, b"")
+    finally:
+        os.close(top)
     return (seen - matched) + (len(known) - matched)
 
 
