@@ -301,17 +301,8 @@ class RepoWriter:
         ``seen_hold``: the changes ``_as_seen`` hold as seen (see ``check_ahead``)."""
         if not self.verify:
             return list(changes), []
-        if seen_hold:
-            seen = [c for c in changes if _as_seen(c)]
-            if len(seen) == len(changes):
-                return seen, []
-            ids = {id(c) for c in seen}
-            looked, lost = self._confirmed([c for c in changes if id(c) not in ids])
-            if looked and seen:
-                # Back in the batch's order (a deletion before a creation at its path...).
-                ids.update(id(c) for c in looked)
-                return [c for c in changes if id(c) in ids], lost
-            return seen or looked, lost
+        if seen_hold and all(map(_as_seen, changes)):
+            return list(changes), []  # a first index's batch: nothing to open the root for
         kept: list[Change] = []
         dropped: list[Change] = []
         try:
@@ -326,6 +317,9 @@ class RepoWriter:
         try:
             for change in changes:
                 record = change.record
+                if seen_hold and _as_seen(change):
+                    kept.append(change)
+                    continue
                 if tree is not None and record is not None and change.kind in _FILE_KINDS:
                     up, _sep, name = change.path.rpartition(b"/")
                     if up != parent:
