@@ -13,12 +13,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fsledger.control import socket_path
+from fsledger.manager import REPO_POLL_S
 from fsledger.store import open_store
 from support import assert_exact, wait_for
 
@@ -208,6 +210,71 @@ def test_errors_of_a_served_scan_are_the_commands_errors(
     assert json.loads(served.stdout) == json.loads(alone.stdout)
     shutil.move(library.with_name("away"), library)
     _exact(env, library)
+
+
+def _operations(env: dict[str, str], name: str) -> list[str]:
+    """The operation types of repository ``name``, oldest first."""
+    store = open_store(env["FSLEDGER_DATABASE_URL"])
+    try:
+        (repo,) = [r for r in store.list_repositories() if r.name == name]
+        return [op.operation_type.value for op in reversed(store.recent_operations(repo.id, 50))]
+    finally:
+        store.close()
+
+
+def _tree(root: Path, files: int) -> None:
+    for i in range(files):
+        (root / f"e{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / f"e{i % 3}" / f"{i}.jpg").write_bytes(b"%d" % i * 50)
+
+
+def test_a_repository_added_while_the_daemon_runs_is_indexed_by_the_daemon_once(
+    env: dict[str, str], daemon: Daemon, tmp_path: Path
+) -> None:
+    """``repo add`` hands its first index to the daemon, which would otherwise pick the new
+    repository up at its next poll and index it a second time beside the command's own
+    index; the command prints what it prints when it indexes by itself."""
+    second, third = tmp_path / "second", tmp_path / "third"
+    _tree(second, 20)
+    _tree(third, 7)
+    added = cli(env, "repo", "add", str(second), "--name", "second", "--json")
+    assert added.returncode == 0, added.stderr
+    data = json.loads(added.stdout)
+    assert data["name"] == "second" and data["path"] == str(second)
+    assert data["scan"]["files_added"] == 20 and data["scan"]["files_hashed"] == 20
+    assert daemon.text().count("asked for by 'fsledger repo add'") == 1
+    _exact_named(env, "second", second)
+
+    shown = cli(env, "repo", "add", str(third), "--name", "third")
+    assert shown.returncode == 0 and shown.stderr == "", shown
+    assert daemon.text().count("asked for by 'fsledger repo add'") == 2
+    # Past the daemon's poll of the repository list: no second index of either.
+    time.sleep(REPO_POLL_S + 1.5)
+    assert _operations(env, "second") == _operations(env, "third") == ["startup"]
+
+    # Without the daemon, the command's own index prints the same lines.
+    daemon.stop()
+    alone = tmp_path / "alone"
+    _tree(alone, 7)
+    by_itself = cli(env, "repo", "add", str(alone), "--name", "alone")
+    assert by_itself.returncode == 0 and by_itself.stderr == "", by_itself
+    figures = re.compile(r"[0-9a-f-]{36}|/[^ )]*|[0-9][0-9,.]*( ?[kMG]?B| ?m?s)?")
+    assert figures.sub("N", shown.stdout).replace("third", "X") == figures.sub(
+        "N", by_itself.stdout
+    ).replace("alone", "X")
+    alone_json = cli(env, "repo", "add", str(tmp_path / "lib"), "--if-missing", "--json")
+    assert alone_json.returncode == 0, alone_json.stderr
+    assert json.loads(alone_json.stdout)["scan"].keys() == data["scan"].keys()
+    _exact_named(env, "third", third)
+
+
+def _exact_named(env: dict[str, str], name: str, root: Path) -> None:
+    store = open_store(env["FSLEDGER_DATABASE_URL"])
+    try:
+        (repo,) = [r for r in store.list_repositories() if r.name == name]
+        assert_exact(store, repo, root)
+    finally:
+        store.close()
 
 
 def test_what_the_daemon_cannot_serve_is_scanned_by_the_command(

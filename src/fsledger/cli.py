@@ -290,7 +290,12 @@ def repo_add(
         raise ConfigError("--endpoint-url is for s3://BUCKET[/PREFIX] repositories")
     if quick_interval is not None and quick_interval <= 0:
         raise ConfigError("--quick-interval must be positive")
-    ledger = ctx.writing_ledger(scanning=not no_scan and not is_s3_url(path))
+    from fsledger.control import serving
+
+    # While 'fsledger run' serves this database, the first index is the daemon's (handed
+    # over below): scanning here too would index the tree twice, side by side.
+    to_daemon = not no_scan and serving(ctx.settings.database_url, os.environ)
+    ledger = ctx.writing_ledger(scanning=not no_scan and not to_daemon and not is_s3_url(path))
     wanted = RepoSettings(
         ignore_patterns=ignore,
         trust_repo_config=trust_repo_config,
@@ -315,6 +320,8 @@ def repo_add(
                 f"added {_show(repository.name)} ({_show(repository.root)}) as {repository.id}"
             )
     out = repository.to_json()
+    if to_daemon and _daemon_indexes(ctx, repository, out, as_json):
+        return
     if not no_scan:
         with _scan_progress(ctx, repository, as_json) as progress:
             stats = ledger.scan(repository, op_type=OperationType.STARTUP, progress=progress)
@@ -323,6 +330,47 @@ def repo_add(
             click.echo(_stats_line(repository, stats))
     if as_json:
         _emit(out)
+
+
+def _daemon_indexes(
+    ctx: Context, repository: Repository, out: dict[str, Any], as_json: bool
+) -> bool:
+    """Have the running daemon index a repository ``repo add`` has just added, and print
+    what the command prints when it indexes it itself. False (nothing printed) if the
+    daemon declines: the command indexes it."""
+    import json
+
+    from fsledger.control import ACCEPTED_NOTE, Declined, ask_scan
+
+    lines: list[str] = []
+    try:
+        code = ask_scan(
+            ctx.settings.database_url,
+            [str(repository.id)],
+            verify=False,
+            as_json=as_json,
+            env=os.environ,
+            out=lines.append if as_json else click.echo,
+            err=lambda text: click.echo(text, err=True),
+            accepted=(
+                (lambda: click.echo(ACCEPTED_NOTE, err=True)) if sys.stderr.isatty() else None
+            ),
+            new=True,
+        )
+    except Declined:
+        return False
+    if as_json:
+        # The scan's own JSON line, under "scan"; on an error (told on stderr), nothing,
+        # as when the command's own index fails.
+        scanned = json.loads(lines[0]) if lines else {"error": "no answer"}
+        if "error" not in scanned:
+            scanned.pop("repository", None)
+            scanned.pop("id", None)
+            out["scan"] = scanned
+            _emit(out)
+    if code:
+        sys.exit(code)
+    return True
 
 
 @repo.command("list")

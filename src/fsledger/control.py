@@ -1,5 +1,5 @@
 """The daemon's control socket, client side: ``fsledger scan`` asks the running
-``fsledger run`` to scan.
+``fsledger run`` to scan, and ``fsledger repo add`` to index the repository it added.
 
 A repository has one writer (ARCHITECTURE.md): while ``fsledger run`` keeps a repository,
 a ``fsledger scan`` of it from the command line would be a second writer beside the
@@ -18,8 +18,10 @@ reads the watched trees. The daemon's end is ``fsledger.control_server``.
 Protocol (both directions UTF-8, ``surrogateescape``):
 
 * request: NUL-separated fields ``scan``, the database key (``database_key``), the
-  client's working directory, flags (``j`` for ``--json``, ``v`` for ``--verify``), then
-  the REPO arguments; the client then shuts its side down.
+  client's working directory, flags (``j`` for ``--json``, ``v`` for ``--verify``, ``n``
+  for repositories ``repo add`` has just added, which the daemon picks up at once), then
+  the REPO arguments; the client then shuts its side down. A connection that sends
+  nothing is a probe (``serving``), answered with nothing.
 * answer: lines, each a one-letter tag and a text: ``a`` accepted (the scans are queued),
   ``o`` a line of stdout, ``e`` a line of stderr, ``x`` the exit code (last), or a lone
   ``d`` line: declined, with why (the
@@ -116,10 +118,12 @@ def ask_scan(
     out: Callable[[str], None],
     err: Callable[[str], None],
     accepted: Callable[[], None] | None = None,
+    new: bool = False,
 ) -> int:
     """Have the daemon serving ``url`` scan ``refs`` (every repository if empty); its
     output goes to ``out``/``err`` line by line, and ``accepted`` is called once the daemon
-    has queued the scans. Returns the command's exit code.
+    has queued the scans. Returns the command's exit code. ``new``: the command has just
+    added the repositories (``repo add``), which the daemon picks up at once to index them.
 
     Raises:
         Declined: no daemon serves the database here, or it does not keep every
@@ -136,7 +140,7 @@ def ask_scan(
             sock.connect(path)
         except OSError as exc:  # no daemon (no socket, or one left by a dead process)
             raise Declined(str(exc)) from None
-        flags = ("j" if as_json else "") + ("v" if verify else "")
+        flags = ("j" if as_json else "") + ("v" if verify else "") + ("n" if new else "")
         fields = ["scan", database_key(url), os.getcwd(), flags, *refs]
         sock.sendall("\0".join(fields).encode(*ENCODING))
         sock.shutdown(_socket.SHUT_WR)
@@ -161,6 +165,25 @@ def ask_scan(
         return 1
     finally:
         sock.close()
+
+
+def serving(url: str, env: Mapping[str, str]) -> bool:
+    """Whether a daemon (``fsledger run``) answers on the control socket of ``url``: a
+    command that will ask it for a scan (``repo add``) then starts no workers of its own.
+    The daemon may still decline (``Declined``)."""
+    import _socket
+
+    path = socket_path(url, env)
+    if path is None or not private_dir(os.path.dirname(path)):
+        return False
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
 
 
 def _lines(sock: socket) -> Iterator[str]:

@@ -174,8 +174,8 @@ class ControlServer:
 
             try:
                 request = self._read(conn)
-                if request is None:
-                    return
+                if not request:
+                    return  # too long, or nothing: a probe (``control.serving``)
                 fields = request.decode(*ENCODING).split("\0")
                 if fields[0] != "scan" or len(fields) < 4:
                     send("d", f"unknown request {fields[0]!r}")
@@ -209,16 +209,22 @@ class ControlServer:
         except Exception as exc:  # the command's own run gives the error its usual form
             send("d", str(exc))
             return
-        if not repos or not all(self.manager.owns(r.id) for r in repos):
+        command = "fsledger repo add" if "n" in flags else "fsledger scan"
+        # One the command has just added (``repo add``) is kept from now on, not from the
+        # next poll of the list: its first index is this daemon's, not a second one beside.
+        waits = (
+            self.manager.request_reconciliations(
+                [r.id for r in repos], verify="v" in flags, reason=command
+            )
+            if repos
+            else None
+        )
+        if waits is None:
             send("d", "a repository asked for is not kept by this daemon")
             return
-        pending = []
         for repo in repos:
-            log.info("Repository %s: reconciliation asked for by 'fsledger scan'", repo.id)
-            done = self.manager.request_reconciliation(
-                repo.id, verify="v" in flags, reason="fsledger scan"
-            )
-            pending.append((repo, done))
+            log.info("Repository %s: reconciliation asked for by '%s'", repo.id, command)
+        pending = list(zip(repos, waits, strict=True))
         send("a", "")
         outcomes: list[ScanStats | BaseException] = []
         for repo, done in pending:

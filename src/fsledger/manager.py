@@ -21,10 +21,11 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
@@ -75,6 +76,9 @@ log = logging.getLogger(__name__)
 
 REPO_POLL_S = 2.0
 """How often the repository list is re-read (repositories added by another process)."""
+PICK_UP_S = 10.0
+"""How long ``request_reconciliations`` waits for the scheduler's next read of the
+repository list (a tick runs a second apart; a slow database may hold one up)."""
 OFFLINE_POLL_S = 5.0
 """How often an offline root is checked for its return."""
 NETWORK_POLL_S = 60.0
@@ -231,6 +235,13 @@ class SyncManager:
         self._busy: UUID | None = None
         self._last_daily: date | None = None
         self._last_repo_poll = 0.0
+        self._polls_begun = 0
+        self._polls_done = 0
+        """Reads of the repository list begun and finished (``_sync_repo_list``), for
+        ``request_reconciliations``."""
+        self._first_waiters: dict[UUID, Future[ScanStats]] = {}
+        """Who waits for the first index of a repository not kept yet: handed to the startup
+        scan queued when it is attached (``request_reconciliations``)."""
         self._last_stats: ScanStats | None = None
         self._last_reconciliation: datetime | None = None
         self._reconciliation_errors = 0
@@ -427,6 +438,47 @@ class SyncManager:
     def owns(self, repo_id: UUID) -> bool:
         """Whether this manager keeps the repository (holds its lease): its mirrors run here."""
         return repo_id in self._repos
+
+    def request_reconciliations(
+        self,
+        repo_ids: Collection[UUID],
+        *,
+        verify: bool = False,
+        reason: str = "manual",
+        timeout: float = PICK_UP_S,
+    ) -> list[Future[ScanStats]] | None:
+        """``request_reconciliation`` of each of ``repo_ids``, with the repositories another
+        process has just added (``fsledger repo add``) kept from now on rather than from
+        the next poll of the list: the scheduler reads the list again at its next tick
+        (within a second) and attaches them, and the startup scan it queues for one, its
+        first index, serves the request. None, and nothing asked, if this manager does not
+        keep every one then: another agent owns one (answered at once), one is not in the
+        store, the list cannot be read or the manager stops (within ``timeout``)."""
+        new = [rid for rid in repo_ids if rid not in self._repos]
+        if any(rid in self._standby for rid in new):
+            return None
+        firsts: dict[UUID, Future[ScanStats]] = {rid: Future() for rid in new}
+        if new:
+            self._first_waiters.update(firsts)
+            # A read of the list begun before the waiters were there may attach a
+            # repository without its waiter: then a request of its own serves it.
+            wanted = self._polls_begun + 1
+            self._last_repo_poll = -math.inf
+            deadline = time.monotonic() + timeout
+            while self._polls_done < wanted:
+                if self._stop.wait(0.02) or time.monotonic() >= deadline:
+                    break
+            for rid in new:
+                if self._first_waiters.pop(rid, None) is not None:
+                    del firsts[rid]  # not handed to a startup scan
+            if not all(rid in self._repos for rid in new):
+                return None
+        return [
+            firsts[rid]
+            if rid in firsts
+            else self.request_reconciliation(rid, verify=verify, reason=reason)
+            for rid in repo_ids
+        ]
 
     def metrics(self) -> SyncMetrics:
         live = getattr(self.live, "metrics", None)
@@ -693,7 +745,9 @@ class SyncManager:
                 self._network_interval(repo),
             )
         log.info("Repository %s added to sync manager", repo.id)
-        self._enqueue(repo, b"", op_type, "startup", 1.0)
+        self._enqueue(
+            repo, b"", op_type, "startup", 1.0, waiter=self._first_waiters.pop(repo.id, None)
+        )
 
     def _detach(self, repo_id: UUID) -> None:
         runtime = self._repos.pop(repo_id, None)
@@ -1107,6 +1161,8 @@ class SyncManager:
 
     def _sync_repo_list(self) -> None:
         """Pick up repositories added or removed by another process (the CLI)."""
+        self._polls_begun += 1
+        begun = self._polls_begun
         try:
             stored = {r.id: r for r in self.ledger.list_repositories()}
         except StoreError as exc:
@@ -1118,6 +1174,7 @@ class SyncManager:
             if rid not in self._repos:
                 # New here, or a standby whose owner may have gone: try to own it.
                 self._attach(repo, OperationType.STARTUP)
+        self._polls_done = begun
 
 
 def _settle(req: _Request) -> None:
