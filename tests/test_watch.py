@@ -1043,6 +1043,85 @@ def test_exchange_inside_a_directory_moved_out_and_back_before_its_scan(
         rig.close()
 
 
+@pytest.mark.parametrize("arrival", ["moved-in", "made"])
+def test_an_exchange_with_a_directory_whose_walk_found_it_exchanged_already(
+    tmp_path: Path, store_url: str, arrival: str
+) -> None:
+    """A directory arrives at ``n`` (moved in, or made) and is exchanged with ``d/e``
+    (``renameat2(RENAME_EXCHANGE)``) before its arrival is read (found by a targeted
+    fuzzer of the model-based test's operations: ``mv f /elsewhere && mv /elsewhere
+    f-back``, then an exchange of ``d/e`` and ``f-back``). The walk of ``n`` finds
+    ``d/e``'s directory there and leaves ``n`` unplaced until the events explain it; the
+    exchange's first half then lands on a name with no known watch. Read as a rename and
+    its reverse, the second half took ``d/e``'s watches (and the check of ``n``) back to
+    ``d/e``: the records stayed at ``d/e``, the watch of the directory really at ``n``
+    was removed as that of a directory gone, and nothing below ``n`` was recorded. The
+    arrived directory is the exchange's other side: both land where they are."""
+    rig = Rig(tmp_path, database_url=store_url)
+    try:
+        write(rig.p("d/e/c.jpg"), "c" * 40)
+        write(rig.p("d/e/s/deep.jpg"), "deep")
+        write(rig.p("keep.jpg"), "keep")
+        rig.start()
+        if arrival == "moved-in":
+            write(rig.outside / "x/sub/moved.jpg", "moved in")
+            write(rig.outside / "x/top.jpg", "top")
+            os.rename(rig.outside / "x", rig.p("n"))
+            mask = IN_MOVED_TO | IN_ISDIR
+        else:
+            rig.p("n").mkdir()
+            mask = IN_CREATE | IN_ISDIR
+        exchange(rig.p("d/e"), rig.p("n"))
+        rig.emit("n", mask, next(_cookies) if arrival == "moved-in" else 0)
+        rig.watcher.process_due()  # the walk of n is ahead: d/e's directory is there
+        c1, c2 = next(_cookies), next(_cookies)
+        rig.emit("d/e", IN_MOVED_FROM | IN_ISDIR, c1)
+        rig.emit("n", IN_MOVED_TO | IN_ISDIR, c1)
+        rig.emit("n", IN_MOVED_FROM | IN_ISDIR, c2)
+        rig.emit("d/e", IN_MOVED_TO | IN_ISDIR, c2)
+        time.sleep(0.15)  # past a disputed walk's recheck (tree.RECHECK_S)
+        rig.watcher.flush()
+        rig.assert_exact()
+        # Both sides are watched under their own paths: files written in each are seen.
+        for rel in ("n/new.jpg", "n/s/new.jpg", "d/e/new.jpg"):
+            write(rig.p(rel), rel)
+            rig.created(rel)
+        rig.watcher.flush()
+        rig.assert_exact()
+    finally:
+        rig.close()
+
+
+def test_a_rename_over_a_directory_left_unplaced_then_on_again(rig: Rig) -> None:
+    """``mkdir n``, then ``mv a n`` (over the empty ``n``) and ``mv n z`` before the
+    IN_CREATE of ``n`` is read: the walk of ``n`` finds ``a``'s directory there and leaves
+    ``n`` unplaced, so the rename onto it displaces a directory without a watch, whose
+    overwriting nothing reports. The rename from ``n`` to ``z`` is not the other half
+    of an exchange (that goes back to ``a``): ``a``'s directory moves on, with its
+    watches."""
+    write(rig.p("a/s/x.jpg"), "x")
+    write(rig.p("a/y.jpg"), "y")
+    rig.start()
+    rig.p("n").mkdir()
+    os.rename(rig.p("a"), rig.p("n"))
+    os.rename(rig.p("n"), rig.p("z"))
+    rig.emit("n", IN_CREATE | IN_ISDIR, wd=rig.wd(""))
+    rig.watcher.process_due()  # the walk of n finds a's directory there
+    rig.renamed("a", "n", is_dir=True)
+    c = next(_cookies)
+    rig.backend.emit(rig.wd(""), IN_MOVED_FROM | IN_ISDIR, b"n", c)
+    rig.backend.emit(rig.wd(""), IN_MOVED_TO | IN_ISDIR, b"z", c)
+    time.sleep(0.15)  # past a disputed walk's recheck (tree.RECHECK_S)
+    rig.watcher.flush()
+    rig.assert_exact()
+    assert (ChangeKind.DIR_MOVED, b"z", b"n") in rig.kinds()
+    for rel in ("z/new.jpg", "z/s/new.jpg"):
+        write(rig.p(rel), rel)
+        rig.created(rel)
+    rig.watcher.flush()
+    rig.assert_exact()
+
+
 def test_rename_inside_a_directory_renamed_again_in_the_same_batch(rig: Rig) -> None:
     write(rig.p("c/x/y/f.jpg"), "f")
     write(rig.p("c/x/g.jpg"), "g")

@@ -34,7 +34,17 @@ from fsledger.watch.backend import (
     RawEvent,
 )
 from fsledger.watch.metrics import WatcherMetrics
-from fsledger.watch.state import DirMove, FileMove, Key, Pending, RepoWatch, join, show, under
+from fsledger.watch.state import (
+    DirMove,
+    FileMove,
+    Key,
+    Pending,
+    RepoWatch,
+    join,
+    parent_of,
+    show,
+    under,
+)
 from fsledger.watch.tree import WatchTree
 
 log = logging.getLogger(__name__)
@@ -63,14 +73,19 @@ class PendingMove:
     name it left may hold another directory before the move pairs or expires (``mv d
     /elsewhere; mkdir d``), and a walk may have found it at its new place first: its
     watch tells which directory is which (``EventInterpreter._moving_path``)."""
+    unplaced: bool = False
+    """The moving directory is one the tree knows without a watch (``RepoWatch.unplaced``):
+    so it is at the name it goes to."""
 
 
 @dataclass(slots=True)
 class Displaced:
-    """A watched directory another directory was renamed onto. Either it was empty and is
-    gone (a plain rename over it), or it is the other side of ``renameat2(RENAME_EXCHANGE)``,
-    whose rename pair comes right after, from the same name. Until one is known (the pair
-    wait), its watches are detached from the path index and their events held back."""
+    """A directory another directory was renamed onto: a watched one, or one the tree
+    knows is there without its watch (``EventInterpreter._unwatched_dir``). Either it was
+    empty and is gone (a plain rename over it), or it is the other side of
+    ``renameat2(RENAME_EXCHANGE)``, whose rename pair comes right after, from the same
+    name, to the name the first one left (``source``). Until one is known (the pair wait),
+    its watches are detached from the path index and their events held back."""
 
     repo: RepoWatch
     key: Key
@@ -82,6 +97,11 @@ class Displaced:
     """Its subtree's directories that could not be read (``RepoWatch.failed``, suffixes):
     they come back with it."""
     at: float
+    source: Key
+    """The name the directory that took its place came from: an exchange's other half
+    goes there, and a rename from its name to anywhere else is not that half (the
+    directory that moves on is the one that came: this one was overwritten, which a
+    directory without a watch does not report)."""
 
 
 class EventInterpreter:
@@ -241,7 +261,9 @@ class EventInterpreter:
                 self._drop_displaced(displaced)
                 displaced = None
             wd = state.index.by_path.get(rel) if is_dir else None
-            self.unpaired[ev.cookie] = PendingMove(state, key, is_dir, now, displaced, wd)
+            unplaced = is_dir and wd is None and key in state.unplaced
+            state.unplaced.discard(key)
+            self.unpaired[ev.cookie] = PendingMove(state, key, is_dir, now, displaced, wd, unplaced)
             if is_dir:
                 self._refreeze(now)
             else:
@@ -253,6 +275,7 @@ class EventInterpreter:
             if mask & IN_CREATE:
                 self._dir_arrived(state, rel, now)
             elif mask & IN_DELETE:
+                state.unplaced.discard(key)
                 self._dir_gone(state, rel, now)
             elif mask & IN_ATTRIB and state.had_failed(rel):
                 self._dir_readable(state, rel, now)
@@ -313,8 +336,13 @@ class EventInterpreter:
                 state.pending.mark(key, now + self.settle_s)
             return
         if is_dir and src.displaced is not None:
-            self._exchanged(state, src.displaced, rel, now)
-            return
+            if key == src.displaced.source:
+                self._exchanged(state, src.displaced, key, rel, now)
+                return
+            # Not back to where the displacing rename came from, so not an exchange: the
+            # displaced directory was overwritten, and the one that took its name moves on.
+            self._drop_displaced(src.displaced)
+            src.displaced = None
         if is_dir:
             old_path = self.tree.key_path(src.key)
             if old_path is None:  # its parent is gone from the tree: count it as moved in
@@ -344,12 +372,16 @@ class EventInterpreter:
                 for w in pending.check_wds
             )
             target = state.index.by_path.get(rel)
-            if target is not None and target != state.index.by_path.get(old_path):
-                self._displace(state, key, rel, now)
+            if (
+                target is not None and target != state.index.by_path.get(old_path)
+            ) or self._unwatched_dir(state, key, rel):
+                self._displace(state, key, rel, src.key, now)
             self.tree.rename(state, old_path, rel)
             wd = state.index.by_path.get(rel)
             pending.renamed(old_path, rel)
             state.renamed(old_path, rel)
+            if src.unplaced:
+                state.unplaced.add(key)
             pending.dir_moves.append(DirMove(wd, old_path, rel, now))
             state.move_log.append((old_path, rel, wd))
             if unchecked:
@@ -394,10 +426,27 @@ class EventInterpreter:
             self.tree.unwatch(state, rel)  # what the rename replaced there
             self._dir_arrived(state, rel, now)
 
-    def _displace(self, state: RepoWatch, key: Key, rel: RelPath, now: float) -> None:
-        """A directory is being renamed onto the watched directory ``rel``: detach ``rel``'s
-        watches until it is known whether it is gone or comes back (see ``Displaced``)."""
+    def _unwatched_dir(self, state: RepoWatch, key: Key, rel: RelPath) -> bool:
+        """Whether, by the events read, a directory the tree has no watch for is at ``rel``
+        (named ``key``): one that arrived and was left unplaced (``RepoWatch.unplaced``),
+        or one that could not be watched (``RepoWatch.failed``). A rename onto it displaces
+        it as it does a watched one: read as a plain rename, the second half of an
+        exchange with it would take the first half's directory back (found by a targeted
+        fuzzer of the model-based test's operations: a directory moved in and exchanged
+        before its arrival was read)."""
+        if rel in state.index.by_path:
+            return False
+        return key in state.unplaced or rel in state.failed
+
+    def _displace(self, state: RepoWatch, key: Key, rel: RelPath, source: Key, now: float) -> None:
+        """A directory (from ``source``) is being renamed onto the directory ``rel``, watched
+        or known without its watch: detach ``rel``'s watches until it is known whether it
+        is gone or comes back (see ``Displaced``). A walk's disagreement at ``rel`` was
+        about the directory leaving: what is there now is the one the rename brings."""
         pending = state.pending
+        state.unplaced.discard(key)
+        for path in [p for p in state.disputed if under(p, rel)]:
+            del state.disputed[path]
         checks = {p[len(rel) :]: d for p, d in pending.check_paths.items() if under(p, rel)}
         for suffix in checks:
             del pending.check_paths[rel + suffix]
@@ -407,14 +456,19 @@ class EventInterpreter:
         if old is not None:
             self._drop_displaced(old)
         watches = self.tree.detach(state, rel)
-        self.displaced[key] = Displaced(state, key, rel, watches, checks, failed, now)
+        self.displaced[key] = Displaced(state, key, rel, watches, checks, failed, now, source)
         self._refreeze(now)
 
-    def _exchanged(self, state: RepoWatch, gone: Displaced, rel: RelPath, now: float) -> None:
+    def _exchanged(
+        self, state: RepoWatch, gone: Displaced, key: Key, rel: RelPath, now: float
+    ) -> None:
         """The second half of an exchange: the displaced directory reappears at ``rel``
-        (where the first half's directory came from). Its watches follow it, and the
-        rename is queued right after the first half, marked to be written with it."""
+        (where the first half's directory came from). Its watches follow it (one without
+        its own is known there without it), and the rename is queued right after the
+        first half, marked to be written with it."""
         self.tree.attach(state, rel, gone.watches)
+        if not any(not suffix for suffix, _ in gone.watches):
+            state.unplaced.add(key)
         for suffix, due in gone.checks.items():
             state.pending.check_path(rel + suffix, due)
         state.failed |= {rel + suffix for suffix in gone.failed}
@@ -474,7 +528,11 @@ class EventInterpreter:
 
     def _dir_arrived(self, state: RepoWatch, rel: RelPath, now: float) -> None:
         """A directory was created or moved in: watch it (and what it already holds) first,
-        then reconcile it, so nothing created before the watch landed is missed."""
+        then reconcile it, so nothing created before the watch landed is missed.
+
+        The walk may leave it unplaced (the disk is ahead of the events: another
+        directory's watch is at its name already, ``WatchTree._place``; or it could not
+        be watched): by the events it is there all the same (``RepoWatch.unplaced``)."""
         self.tree.watch(state, rel)
         self.update_metrics()
         self._rewatched(state, rel, now)
@@ -483,6 +541,13 @@ class EventInterpreter:
             state.pending.check_wd(wd, now + self.settle_s)
         else:
             state.pending.check_path(rel, now + self.settle_s)
+        parent = state.index.by_path.get(parent_of(rel)) if rel else None
+        if parent is not None:
+            key = (parent, rel.rpartition(b"/")[2])
+            if wd is None:
+                state.unplaced.add(key)
+            else:
+                state.unplaced.discard(key)
 
     def _rewatched(self, state: RepoWatch, rel: RelPath, now: float) -> None:
         """Watches of the arrived subtree ``rel`` that were frozen: a directory moved out
@@ -570,6 +635,7 @@ class EventInterpreter:
         self.frozen.clear()
         self.deferred.clear()
         for state in list(self.repos.values()):
+            state.unplaced.clear()  # the rewatch places what is there
             if state.lost:
                 continue
             if not self.tree.rewatch(state) and not state.degraded:
@@ -591,6 +657,7 @@ class EventInterpreter:
         """Drop everything known about a repository's watches and pending work."""
         self.tree.unwatch(state, b"")
         state.pending = Pending()
+        state.unplaced.clear()
         for cookie, src in list(self.unpaired.items()):
             if src.repo is state:
                 del self.unpaired[cookie]

@@ -380,6 +380,14 @@ class RepoWatch:
         self.disputed: dict[RelPath, float] = {}
         """Directories a walk found otherwise than the watch tree has them, with since
         when (monotonic): walked again shortly (``WatchTree._place``)."""
+        self.unplaced: set[Key] = set()
+        """Directories that arrived (created, moved in) but that the walk watching them
+        did not place, by name (``Key``: it follows renames of its parent): the disk was
+        ahead of the events (another directory's watch is at that name already, the
+        rename explaining it not read yet), or no watch could be added. By the events a
+        directory is there, its watch unknown, and a rename onto it displaces it as it
+        does a watched one (``EventInterpreter._unwatched_dir``); it follows its own
+        renames, and is forgotten when deleted, moved out or placed."""
         self.failed: set[RelPath] = set()
         """Directories that could not be watched, listed or looked into (EACCES, EIO...):
         an attribute change on one of them or an ancestor (``chmod 755``) has the subtree
