@@ -871,6 +871,40 @@ def test_a_directory_readable_again_is_scanned_again(tmp_path: Path, store_url: 
             (root / "closed").chmod(0o755)
 
 
+def test_an_exchange_with_a_directory_that_could_not_be_watched(
+    tmp_path: Path, store_url: str
+) -> None:
+    """``renameat2(RENAME_EXCHANGE)`` of a watched directory and one the watcher could not
+    watch (``chmod 000`` from before it started). The first rename pair lands on a name
+    without a watch; read as a plain rename, the second pair took the watched
+    directory's watches and records back to where it came from, and the closed
+    directory, no longer remembered as unreadable, was not scanned when opened under its
+    new name. Both sides land where they are: the records swap, the closed directory is
+    scanned once opened, and new files on both sides are seen."""
+    root = tmp_path / "lib"
+    write(root / "open/a.txt", "a")
+    write(root / "open/sub/b.txt", "b")
+    write(root / "closed/x.txt", "behind a closed door from the start")
+    write(root / "other.txt", "other")
+    (root / "closed").chmod(0)
+    with unprivileged_watcher(store_url, root, root / "closed") as (ledger, repo, _log):
+        try:
+            exchange(root / "open", root / "closed")
+            wait_for(
+                "the watched directory's records at its new name",
+                lambda: b"closed/sub/b.txt" in ledger_state(ledger, repo),
+                detail=lambda: str(sorted(ledger_state(ledger, repo))),
+            )
+            (root / "open").chmod(0o755)  # the closed directory, under its new name
+            wait_exact(ledger, repo, root)
+            write(root / "closed/sub/new.txt", "new below the watched directory")
+            write(root / "open/new.txt", "new in the directory opened")
+            wait_exact(ledger, repo, root)
+        finally:
+            for path in ("open", "closed"):
+                (root / path).chmod(0o755)
+
+
 def test_a_new_link_of_a_file_held_open_is_recorded_at_its_close(tmp_path: Path) -> None:
     """``ln y x`` while a writer holds y open: x's IN_CREATE is a write without a close
     whose inode a writer holds (``SettleRule.held``), but the close comes for y alone."""
