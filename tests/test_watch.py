@@ -1092,6 +1092,46 @@ def test_an_exchange_with_a_directory_whose_walk_found_it_exchanged_already(
         rig.close()
 
 
+@pytest.mark.parametrize("first", ["arrived", "other"])
+def test_an_exchange_out_of_a_directory_not_scanned_yet(
+    tmp_path: Path, store_url: str, first: str
+) -> None:
+    """A directory arrives (``mkdir -p``: a deep chain made by the model-based test) and
+    one of its subdirectories is exchanged with ``f`` before the arrival is scanned (found
+    by the model-based test: ``f/deep10.../bottom.jpg`` missing after an exchange of ``f``
+    and ``deep00/.../deep09``). The records of the subdirectory were not stored yet, so
+    the swap could not carry them to ``f``, and the scan of the arrival covers only what
+    is below it now: the directory that left it is scanned where it went, whichever half
+    of the exchange (``renameat2``'s first name or its second) moved it."""
+    rig = Rig(tmp_path, database_url=store_url)
+    try:
+        write(rig.p("f/g.jpg"), "g")
+        write(rig.p("keep.jpg"), "keep")
+        rig.start()
+        write(rig.outside / "n/sub/s/x.jpg", "x" * 30)
+        write(rig.outside / "n/sub/y.jpg", "y")
+        write(rig.outside / "n/top.jpg", "top")
+        os.rename(rig.outside / "n", rig.p("n"))
+        rig.emit("n", IN_MOVED_TO | IN_ISDIR, next(_cookies))
+        rig.watcher.process_due()  # n watched, its scan not due yet
+        a, b = ("n/sub", "f") if first == "arrived" else ("f", "n/sub")
+        exchange(rig.p(a), rig.p(b))
+        c1, c2 = next(_cookies), next(_cookies)
+        rig.emit(a, IN_MOVED_FROM | IN_ISDIR, c1)
+        rig.emit(b, IN_MOVED_TO | IN_ISDIR, c1)
+        rig.emit(b, IN_MOVED_FROM | IN_ISDIR, c2)
+        rig.emit(a, IN_MOVED_TO | IN_ISDIR, c2)
+        rig.watcher.flush()
+        rig.assert_exact()
+        for rel in ("f/s/new.jpg", "n/sub/new.jpg"):
+            write(rig.p(rel), rel)
+            rig.created(rel)
+        rig.watcher.flush()
+        rig.assert_exact()
+    finally:
+        rig.close()
+
+
 def test_a_rename_over_a_directory_left_unplaced_then_on_again(rig: Rig) -> None:
     """``mkdir n``, then ``mv a n`` (over the empty ``n``) and ``mv n z`` before the
     IN_CREATE of ``n`` is read: the walk of ``n`` finds ``a``'s directory there and leaves

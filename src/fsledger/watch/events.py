@@ -364,13 +364,7 @@ class EventInterpreter:
                 self._dir_arrived(state, rel, now)
                 return
             pending = state.pending
-            # Leaving a subtree whose check is still pending: the records it should carry
-            # may not be stored yet, so the rename alone cannot put them at the new path.
-            unchecked = any(under(old_path, p) and p != old_path for p in pending.check_paths)
-            unchecked = unchecked or any(
-                (p := self.tree.path_of(w)) is not None and under(old_path, p) and p != old_path
-                for w in pending.check_wds
-            )
+            unchecked = self._leaves_unchecked(state, old_path)
             target = state.index.by_path.get(rel)
             if (
                 target is not None and target != state.index.by_path.get(old_path)
@@ -385,10 +379,7 @@ class EventInterpreter:
             pending.dir_moves.append(DirMove(wd, old_path, rel, now))
             state.move_log.append((old_path, rel, wd))
             if unchecked:
-                if wd is not None:
-                    pending.check_wd(wd, now + self.settle_s)
-                else:
-                    pending.check_path(rel, now + self.settle_s)
+                self._check_moved(state, rel, now)
             return
         moves = state.pending.file_moves
         for move in reversed(moves):
@@ -406,6 +397,26 @@ class EventInterpreter:
             content=old is not None and old.content,
             closed_at=old.closed_at if old is not None else None,
         )
+
+    def _leaves_unchecked(self, state: RepoWatch, old_path: RelPath) -> bool:
+        """Whether a directory renamed away from ``old_path`` leaves a subtree whose check
+        is still pending (a directory that arrived and is not scanned yet): the records
+        it should carry may not be stored yet, so the rename alone cannot put them at its
+        new path, and the check covers only what is below its own path then."""
+        pending = state.pending
+        return any(under(old_path, p) and p != old_path for p in pending.check_paths) or any(
+            (p := self.tree.path_of(w)) is not None and under(old_path, p) and p != old_path
+            for w in pending.check_wds
+        )
+
+    def _check_moved(self, state: RepoWatch, rel: RelPath, now: float) -> None:
+        """Make the directory just renamed to ``rel`` true from the disk (see
+        ``_leaves_unchecked``), by its watch when it has one (it may move on)."""
+        wd = state.index.by_path.get(rel)
+        if wd is not None:
+            state.pending.check_wd(wd, now + self.settle_s)
+        else:
+            state.pending.check_path(rel, now + self.settle_s)
 
     def _rehomed(
         self, state: RepoWatch, src: PendingMove, old_path: RelPath, rel: RelPath, now: float
@@ -465,7 +476,9 @@ class EventInterpreter:
         """The second half of an exchange: the displaced directory reappears at ``rel``
         (where the first half's directory came from). Its watches follow it (one without
         its own is known there without it), and the rename is queued right after the
-        first half, marked to be written with it."""
+        first half, marked to be written with it. Like any rename, it may leave a
+        subtree not scanned yet (``_leaves_unchecked``)."""
+        unchecked = self._leaves_unchecked(state, gone.path)
         self.tree.attach(state, rel, gone.watches)
         if not any(not suffix for suffix, _ in gone.watches):
             state.unplaced.add(key)
@@ -475,6 +488,8 @@ class EventInterpreter:
         wd = state.index.by_path.get(rel)
         state.pending.dir_moves.append(DirMove(wd, gone.path, rel, now, exchange=True))
         state.move_log.append((gone.path, rel, wd))
+        if unchecked:
+            self._check_moved(state, rel, now)
 
     def _overwritten(self, wd: int, now: float) -> bool:
         """IN_DELETE_SELF of a displaced directory: the rename onto it replaced it (the
