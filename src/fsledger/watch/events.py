@@ -557,12 +557,8 @@ class EventInterpreter:
         else:
             state.pending.check_path(rel, now + self.settle_s)
         parent = state.index.by_path.get(parent_of(rel)) if rel else None
-        if parent is not None:
-            key = (parent, rel.rpartition(b"/")[2])
-            if wd is None:
-                state.unplaced.add(key)
-            else:
-                state.unplaced.discard(key)
+        if wd is None and parent is not None:
+            state.unplaced.add((parent, rel.rpartition(b"/")[2]))
 
     def _rewatched(self, state: RepoWatch, rel: RelPath, now: float) -> None:
         """Watches of the arrived subtree ``rel`` that were frozen: a directory moved out

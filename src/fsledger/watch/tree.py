@@ -16,7 +16,7 @@ from collections.abc import Callable
 from fsledger.beneath import Beneath
 from fsledger.model import RelPath
 from fsledger.watch.backend import WatchBackend, WatchLimitReached, max_user_watches
-from fsledger.watch.state import DirIndex, Key, RepoWatch, join, show, under
+from fsledger.watch.state import DirIndex, Key, RepoWatch, join, parent_of, show, under
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,8 @@ class WatchTree:
         repo.index.add(path, wd)
         self.owners[wd] = (repo, path)
         self.deleted.discard(wd)
+        if path and (parent := repo.index.by_path.get(parent_of(path))) is not None:
+            repo.unplaced.discard((parent, path.rpartition(b"/")[2]))  # placed now
 
     def _degrade(self, repo: RepoWatch, exc: WatchLimitReached) -> None:
         if not repo.degraded:
