@@ -109,6 +109,12 @@ class Rig:
         self.emit(src, IN_MOVED_FROM | flag, cookie)
         self.emit(dst, IN_MOVED_TO | flag, cookie)
 
+    def exchanged(self, a: str, b: str) -> None:
+        """The events of ``renameat2(RENAME_EXCHANGE)`` of the directories ``a`` and ``b``:
+        two rename pairs, ``a`` onto ``b``, then ``b`` onto ``a``."""
+        self.renamed(a, b, is_dir=True)
+        self.renamed(b, a, is_dir=True)
+
     # --- what the ledger says ---------------------------------------------------------
     def mark(self) -> None:
         self.seq0 = self.ledger.store.latest_seq()
@@ -1074,11 +1080,7 @@ def test_an_exchange_with_a_directory_whose_walk_found_it_exchanged_already(
         exchange(rig.p("d/e"), rig.p("n"))
         rig.emit("n", mask, next(_cookies) if arrival == "moved-in" else 0)
         rig.watcher.process_due()  # the walk of n is ahead: d/e's directory is there
-        c1, c2 = next(_cookies), next(_cookies)
-        rig.emit("d/e", IN_MOVED_FROM | IN_ISDIR, c1)
-        rig.emit("n", IN_MOVED_TO | IN_ISDIR, c1)
-        rig.emit("n", IN_MOVED_FROM | IN_ISDIR, c2)
-        rig.emit("d/e", IN_MOVED_TO | IN_ISDIR, c2)
+        rig.exchanged("d/e", "n")
         time.sleep(0.15)  # past a disputed walk's recheck (tree.RECHECK_S)
         rig.watcher.flush()
         rig.assert_exact()
@@ -1116,11 +1118,7 @@ def test_an_exchange_out_of_a_directory_not_scanned_yet(
         rig.watcher.process_due()  # n watched, its scan not due yet
         a, b = ("n/sub", "f") if first == "arrived" else ("f", "n/sub")
         exchange(rig.p(a), rig.p(b))
-        c1, c2 = next(_cookies), next(_cookies)
-        rig.emit(a, IN_MOVED_FROM | IN_ISDIR, c1)
-        rig.emit(b, IN_MOVED_TO | IN_ISDIR, c1)
-        rig.emit(b, IN_MOVED_FROM | IN_ISDIR, c2)
-        rig.emit(a, IN_MOVED_TO | IN_ISDIR, c2)
+        rig.exchanged(a, b)
         rig.watcher.flush()
         rig.assert_exact()
         for rel in ("f/s/new.jpg", "n/sub/new.jpg"):
