@@ -105,10 +105,11 @@ def daemon(env: dict[str, str], tmp_path: Path, library: Path) -> Iterator[Daemo
         d.stop()
 
 
-def _exact(env: dict[str, str], root: Path) -> None:
+def _exact(env: dict[str, str], root: Path, name: str = "lib") -> None:
+    """The records of repository ``name`` equal the disk below ``root``."""
     store = open_store(env["FSLEDGER_DATABASE_URL"])
     try:
-        (repo,) = store.list_repositories()
+        (repo,) = [r for r in store.list_repositories() if r.name == name]
         assert_exact(store, repo, root)
     finally:
         store.close()
@@ -243,7 +244,7 @@ def test_a_repository_added_while_the_daemon_runs_is_indexed_by_the_daemon_once(
     assert data["name"] == "second" and data["path"] == str(second)
     assert data["scan"]["files_added"] == 20 and data["scan"]["files_hashed"] == 20
     assert daemon.text().count("asked for by 'fsledger repo add'") == 1
-    _exact_named(env, "second", second)
+    _exact(env, second, "second")
 
     shown = cli(env, "repo", "add", str(third), "--name", "third")
     assert shown.returncode == 0 and shown.stderr == "", shown
@@ -265,16 +266,7 @@ def test_a_repository_added_while_the_daemon_runs_is_indexed_by_the_daemon_once(
     alone_json = cli(env, "repo", "add", str(tmp_path / "lib"), "--if-missing", "--json")
     assert alone_json.returncode == 0, alone_json.stderr
     assert json.loads(alone_json.stdout)["scan"].keys() == data["scan"].keys()
-    _exact_named(env, "third", third)
-
-
-def _exact_named(env: dict[str, str], name: str, root: Path) -> None:
-    store = open_store(env["FSLEDGER_DATABASE_URL"])
-    try:
-        (repo,) = [r for r in store.list_repositories() if r.name == name]
-        assert_exact(store, repo, root)
-    finally:
-        store.close()
+    _exact(env, third, "third")
 
 
 def test_what_the_daemon_cannot_serve_is_scanned_by_the_command(

@@ -131,15 +131,8 @@ def ask_scan(
     """
     import _socket  # the C module ``socket`` wraps (see the module's docstring)
 
-    path = socket_path(url, env)
-    if path is None or not private_dir(os.path.dirname(path)):
-        raise Declined("no control socket")
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock = _connect(url, env)
     try:
-        try:
-            sock.connect(path)
-        except OSError as exc:  # no daemon (no socket, or one left by a dead process)
-            raise Declined(str(exc)) from None
         flags = ("j" if as_json else "") + ("v" if verify else "") + ("n" if new else "")
         fields = ["scan", database_key(url), os.getcwd(), flags, *refs]
         sock.sendall("\0".join(fields).encode(*ENCODING))
@@ -171,19 +164,32 @@ def serving(url: str, env: Mapping[str, str]) -> bool:
     """Whether a daemon (``fsledger run``) answers on the control socket of ``url``: a
     command that will ask it for a scan (``repo add``) then starts no workers of its own.
     The daemon may still decline (``Declined``)."""
+    try:
+        _connect(url, env).close()  # sends nothing: a probe, answered with nothing
+    except Declined:
+        return False
+    return True
+
+
+def _connect(url: str, env: Mapping[str, str]) -> socket:
+    """A connection to the daemon serving ``url``.
+
+    Raises:
+        Declined: no control socket here (or one in a directory others can enter), or
+            nobody answers on it (no daemon, or a socket left by a dead process).
+    """
     import _socket
 
     path = socket_path(url, env)
     if path is None or not private_dir(os.path.dirname(path)):
-        return False
+        raise Declined("no control socket")
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
-    except OSError:
-        return False
-    finally:
+    except OSError as exc:
         sock.close()
-    return True
+        raise Declined(str(exc)) from None
+    return sock
 
 
 def _lines(sock: socket) -> Iterator[str]:
